@@ -1,0 +1,171 @@
+"""The `minibatch` command: parse, build library objects, call one function, map errors to exits."""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import cached_property
+from typing import Any
+
+import click
+
+from minibatch.config import Config, ConfigError, load_config
+from minibatch.units import parse_size
+
+EXIT_DEAD_LETTERS, EXIT_USAGE, EXIT_LOCKED = 1, 2, 3
+
+
+class State:
+    """The group's ctx.obj: loads the config once, on first use (so `--help` never needs it)."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+
+    @cached_property
+    def config(self) -> Config:
+        from minibatch.log import configure_logging
+
+        config = load_config(self.config_path)
+        configure_logging(config.engine.log_format, config.engine.log_level)
+        return config
+
+
+class Group(click.Group):
+    """Turns the library's exceptions into one readable line and the spec's exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from minibatch.lock import JobLocked
+        from minibatch.manifest import ManifestBusy
+
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+        except JobLocked as exc:
+            click.echo(f"error: {exc}; not starting a second run", err=True)
+            sys.exit(EXIT_LOCKED)
+        except ManifestBusy as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    try:
+        return None if value is None else parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH", envvar="MINIBATCH_CONFIG",
+              help="config.toml to use [default: $MINIBATCH_CONFIG, else ./config.toml]")  # fmt: skip
+@click.version_option(package_name="minibatch")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """minibatch: run batch jobs over Parquet in a memory-bounded pool of worker processes.
+
+    Jobs are defined in config.toml. Every finished chunk is recorded in a DuckDB manifest,
+    so a stopped or crashed run resumes where it was.
+
+    Exit status: 0 success; 1 some chunks were dead-lettered (or input files were bad);
+    2 usage or configuration error; 3 the job is already running elsewhere.
+    """
+    ctx.obj = State(config_path)
+
+
+@main.command("run-now")
+@click.argument("job")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes (overrides config).")
+@click.option("--memory-limit", callback=_size, metavar="SIZE",
+              help='Budget for chunk data in flight, e.g. "512MiB" (overrides config).')  # fmt: skip
+@click.option("--fresh", is_flag=True, help="Forget the checkpoint and rebuild the output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.pass_obj
+def run_now(state: State, job: str, workers: int | None, memory_limit: int | None,
+            fresh: bool, quiet: bool) -> None:  # fmt: skip
+    """Run JOB now, resuming its checkpoint; print a summary at the end."""
+    from minibatch.progress import progress_listener
+    from minibatch.runner import RunOptions, run_job
+    from minibatch.summary import print_summary
+
+    listener = progress_listener(quiet)
+    options = RunOptions(workers=workers, memory_limit=memory_limit, fresh=fresh)
+    summary = run_job(state.config, job, options, [listener] if listener else [])
+    print_summary(summary)
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("job")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.pass_obj
+def retry(state: State, job: str, quiet: bool) -> None:
+    """Run JOB again, including the chunks and files that were dead-lettered."""
+    from minibatch.progress import progress_listener
+    from minibatch.runner import RunOptions, run_job
+    from minibatch.summary import print_summary
+
+    listener = progress_listener(quiet)
+    summary = run_job(state.config, job, RunOptions(retry_dead=True), [listener] if listener else [])
+    print_summary(summary)
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.pass_obj
+def validate(state: State) -> None:
+    """Check config.toml and import every job's function."""
+    from minibatch.config import check_imports
+
+    config = state.config
+    check_imports(config)
+    click.echo(f"{config.path}: OK, {len(config.jobs)} job(s): {', '.join(sorted(config.jobs))}")
+
+
+@main.command("list")
+@click.pass_obj
+def list_jobs(state: State) -> None:
+    """Jobs, their schedules and next fire times."""
+    from minibatch.summary import print_jobs
+
+    print_jobs(state.config)
+
+
+@main.command()
+@click.argument("job", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def status(state: State, job: str | None, as_json: bool) -> None:
+    """Last run of each job (or JOB): chunks done / failed / pending, rows, bytes, time."""
+    from minibatch.status import job_status
+    from minibatch.summary import print_status
+
+    config = state.config
+    if job is not None:
+        config.job(job)
+    rows = job_status(config, job)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+    else:
+        print_status(rows)
+
+
+@main.command()
+@click.argument("job")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def reset(state: State, job: str, yes: bool) -> None:
+    """Forget JOB's checkpoint and remove its output."""
+    from minibatch.status import reset_job
+
+    config = state.config
+    config.job(job)
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Remove the output of {job} and forget its checkpoint?", abort=True)
+    reset_job(config, job)
+    click.echo(f"{job}: checkpoint forgotten, output removed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""config.toml -> frozen dataclasses, validated in one place that collects every error."""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from minibatch.units import parse_duration, parse_size
+
+JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+PROCESS_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, one per line."""
+
+    def __init__(self, errors: list[str], path: Path | None = None) -> None:
+        self.errors = errors
+        self.path = path
+        where = f"{path}: " if path else ""
+        super().__init__("\n".join(f"{where}{e}" for e in errors))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    state_dir: Path
+    workers: int
+    memory_limit: int
+    timezone: str = "UTC"
+    log_format: str = "console"
+    log_level: str = "info"
+    metrics_addr: str = "127.0.0.1:9464"
+    stop_grace: float = 30.0
+    worker_memory_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str
+    inputs: tuple[str, ...]
+    output: Path
+    process: str | None = None
+    sql: str | None = None
+    reduce_sql: str | None = None
+    description: str = ""
+    columns: tuple[str, ...] | None = None
+    chunk_bytes: int = 64 * 2**20
+    schedule: str | None = None
+    timezone: str = "UTC"
+    watch: float | None = None
+    retries: int = 2
+    retry_backoff: float = 1.0
+    timeout: float = 3600.0
+    depends_on: tuple[str, ...] = ()
+    workers: int = 1
+    memory_limit: int = 2**30
+    stop_grace: float = 30.0
+    worker_memory_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    base_dir: Path
+    engine: EngineConfig
+    jobs: dict[str, JobConfig] = field(default_factory=dict)
+
+    def job(self, name: str) -> JobConfig:
+        if name not in self.jobs:
+            known = ", ".join(sorted(self.jobs)) or "none"
+            raise ConfigError([f"unknown job {name!r} (jobs in this config: {known})"], self.path)
+        return self.jobs[name]
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _Checker:
+    """Reads typed values out of one TOML table, recording errors instead of raising."""
+
+    def __init__(self, table: dict[str, Any], where: str, errors: list[str]) -> None:
+        self.table = table
+        self.where = where
+        self.errors = errors
+
+    def error(self, key: str, message: str) -> None:
+        self.errors.append(f"{self.where}.{key}: {message}")
+
+    def get(self, key: str, kinds: type | tuple[type, ...], default: Any = None) -> Any:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+            self.error(key, f"expected {_kind_name(kinds)}, got {value!r}")
+            return default
+        if not isinstance(value, kinds):
+            self.error(key, f"expected {_kind_name(kinds)}, got {type(value).__name__} {value!r}")
+            return default
+        return value
+
+    def parsed(self, key: str, parse: Callable[[object], Any], default: Any) -> Any:
+        if key not in self.table:
+            return default
+        try:
+            return parse(self.table[key])
+        except ValueError as exc:
+            self.error(key, str(exc))
+            return default
+
+    def positive_int(self, key: str, default: int) -> int:
+        value = self.get(key, int, default)
+        if value < 1:
+            self.error(key, f"must be at least 1, got {value}")
+            return default
+        return value
+
+    def string_list(self, key: str) -> tuple[str, ...] | None:
+        value = self.get(key, (str, list))
+        if value is None:
+            return None
+        items = [value] if isinstance(value, str) else value
+        if not all(isinstance(item, str) and item for item in items):
+            self.error(key, "expected a string or a list of non-empty strings")
+            return None
+        return tuple(items)
+
+    def unknown_keys(self, allowed: set[str]) -> None:
+        for key in sorted(set(self.table) - allowed):
+            self.error(key, "unknown key")
+
+
+def _kind_name(kinds: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", list: "a list", bool: "true/false"}
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+ENGINE_KEYS = {
+    "state_dir", "workers", "memory_limit", "timezone", "log_format", "log_level",
+    "metrics_addr", "stop_grace", "worker_memory_limit",
+}  # fmt: skip
+JOB_KEYS = {
+    "description", "input", "output", "process", "sql", "reduce_sql", "columns", "chunk_bytes",
+    "schedule", "timezone", "watch", "retries", "retry_backoff", "timeout", "depends_on",
+    "workers", "memory_limit", "stop_grace", "worker_memory_limit",
+}  # fmt: skip
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate a config file; raise ConfigError listing every problem."""
+    config_path = Path(path or os.environ.get("MINIBATCH_CONFIG") or "config.toml").absolute()
+    try:
+        with config_path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError([f"config file not found: {config_path}"]) from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError([f"cannot read config: {exc}"], config_path) from None
+    return parse_config(raw, config_path)
+
+
+def parse_config(raw: dict[str, Any], config_path: Path) -> Config:
+    errors: list[str] = []
+    base_dir = config_path.parent
+    for key in sorted(set(raw) - {"minibatch", "jobs"}):
+        errors.append(f"{key}: unknown top-level table (expected [minibatch] and [jobs.NAME])")
+    engine = _engine(_table(raw, "minibatch", errors), base_dir, errors)
+    jobs_raw = _table(raw, "jobs", errors)
+    jobs: dict[str, JobConfig] = {}
+    for name, table in jobs_raw.items():
+        if not JOB_NAME_RE.match(name):
+            errors.append(f"jobs.{name!r}: job names must match ^[A-Za-z0-9_-]{{1,64}}$")
+        elif not isinstance(table, dict):
+            errors.append(f"jobs.{name}: expected a table [jobs.{name}]")
+        else:
+            jobs[name] = _job(name, table, engine, base_dir, errors)
+    _check_dependencies(jobs, errors)
+    if errors:
+        raise ConfigError(errors, config_path)
+    return Config(path=config_path, base_dir=base_dir, engine=engine, jobs=jobs)
+
+
+def _table(raw: dict[str, Any], key: str, errors: list[str]) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        errors.append(f"{key}: expected a table [{key}]")
+        return {}
+    return value
+
+
+def _engine(table: dict[str, Any], base_dir: Path, errors: list[str]) -> EngineConfig:
+    c = _Checker(table, "minibatch", errors)
+    c.unknown_keys(ENGINE_KEYS)
+    log_format = c.get("log_format", str, "console")
+    if log_format not in ("console", "json"):
+        c.error("log_format", f'expected "console" or "json", got {log_format!r}')
+    log_level = c.get("log_level", str, "info").lower()
+    if log_level not in LOG_LEVELS:
+        c.error("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    return EngineConfig(
+        state_dir=base_dir / c.get("state_dir", str, ".minibatch"),
+        workers=c.positive_int("workers", default_workers()),
+        memory_limit=_positive_size(c, "memory_limit", 2**30),
+        timezone=_timezone(c, "UTC"),
+        log_format=log_format,
+        log_level=log_level,
+        metrics_addr=c.get("metrics_addr", str, "127.0.0.1:9464"),
+        stop_grace=c.parsed("stop_grace", parse_duration, 30.0),
+        worker_memory_limit=c.parsed("worker_memory_limit", parse_size, None),
+    )
+
+
+def _positive_size(c: _Checker, key: str, default: int) -> int:
+    value = c.parsed(key, parse_size, default)
+    if value < 1:
+        c.error(key, "must be greater than zero")
+        return default
+    return value
+
+
+def _timezone(c: _Checker, default: str) -> str:
+    name = c.get("timezone", str, default)
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        c.error("timezone", f"unknown time zone {name!r} (expected an IANA name like 'Europe/Berlin')")
+        return default
+    return name
+
+
+def _job(
+    name: str, table: dict[str, Any], engine: EngineConfig, base_dir: Path, errors: list[str]
+) -> JobConfig:
+    c = _Checker(table, f"jobs.{name}", errors)
+    c.unknown_keys(JOB_KEYS)
+    inputs = c.string_list("input")
+    if inputs is None and "input" not in table:
+        c.error("input", "missing (a glob or a list of globs of Parquet files)")
+    output = c.get("output", str)
+    if output is None and "output" not in table:
+        c.error("output", "missing (a directory the job owns)")
+    output_path = (base_dir / output).resolve() if output else base_dir / f"out/{name}"
+    _check_process_sql(c, table)
+    _check_output_outside_inputs(c, inputs or (), output_path, base_dir)
+    retries = c.get("retries", int, 2)
+    if retries < 0:
+        c.error("retries", f"must be 0 or more, got {retries}")
+    return JobConfig(
+        name=name,
+        inputs=inputs or (),
+        output=output_path,
+        process=c.get("process", str),
+        sql=c.get("sql", str),
+        reduce_sql=c.get("reduce_sql", str),
+        description=c.get("description", str, ""),
+        columns=c.string_list("columns"),
+        chunk_bytes=_positive_size(c, "chunk_bytes", 64 * 2**20),
+        schedule=_schedule(c),
+        timezone=_timezone(c, engine.timezone),
+        watch=c.parsed("watch", parse_duration, None),
+        retries=max(retries, 0),
+        retry_backoff=c.parsed("retry_backoff", parse_duration, 1.0),
+        timeout=c.parsed("timeout", parse_duration, 3600.0),
+        depends_on=c.string_list("depends_on") or (),
+        workers=c.positive_int("workers", engine.workers),
+        memory_limit=_positive_size(c, "memory_limit", engine.memory_limit),
+        stop_grace=c.parsed("stop_grace", parse_duration, engine.stop_grace),
+        worker_memory_limit=c.parsed("worker_memory_limit", parse_size, engine.worker_memory_limit),
+    )
+
+
+def _check_process_sql(c: _Checker, table: dict[str, Any]) -> None:
+    process, sql = c.get("process", str), c.get("sql", str)
+    if "process" in table and "sql" in table:
+        c.error("process", "set exactly one of process / sql, not both")
+    elif "process" not in table and "sql" not in table:
+        c.error("process", 'missing: set process = "module:function" or sql = "SELECT ..."')
+    if process is not None and not PROCESS_RE.match(process):
+        c.error("process", f'expected "package.module:function", got {process!r}')
+    if sql is not None and not sql.strip():
+        c.error("sql", "is empty")
+
+
+def _check_output_outside_inputs(
+    c: _Checker, inputs: tuple[str, ...], output: Path, base_dir: Path
+) -> None:
+    for pattern in inputs:
+        root = glob_root(base_dir, pattern)
+        if output == root or root in output.parents:
+            c.error("output", f"{output} is inside the directory of input glob {pattern!r}")
+
+
+def glob_root(base_dir: Path, pattern: str) -> Path:
+    """The directory part of a glob before its first wildcard."""
+    parts = Path(pattern).parts
+    literal = _takewhile_literal(parts)
+    if len(literal) == len(parts):  # a plain file name: its directory
+        literal = literal[:-1]
+    return (base_dir / Path(*literal)).resolve() if literal else base_dir.resolve()
+
+
+def _takewhile_literal(parts: tuple[str, ...]) -> list[str]:
+    literal: list[str] = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        literal.append(part)
+    return literal
+
+
+def _schedule(c: _Checker) -> str | None:
+    schedule = c.get("schedule", str)
+    if schedule is None:
+        return None
+    from minibatch.schedule import parse_crontab  # APScheduler only when a job has a schedule
+
+    try:
+        parse_crontab(schedule, "UTC")
+    except ValueError as exc:
+        c.error("schedule", str(exc))
+        return None
+    return schedule
+
+
+def _check_dependencies(jobs: dict[str, JobConfig], errors: list[str]) -> None:
+    for job in jobs.values():
+        for dep in job.depends_on:
+            if dep not in jobs:
+                errors.append(f"jobs.{job.name}.depends_on: unknown job {dep!r}")
+    cycle = _find_cycle({name: [d for d in j.depends_on if d in jobs] for name, j in jobs.items()})
+    if cycle:
+        errors.append(f"jobs.{cycle[0]}.depends_on: dependency cycle {' -> '.join(cycle)}")
+
+
+def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return path[path.index(node) :] + [node]
+        if node in done:
+            return None
+        for dep in graph[node]:
+            if found := visit(dep, path + [node]):
+                return found
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        if found := visit(start, []):
+            return found
+    return None
+
+
+def import_process(job: JobConfig, base_dir: Path) -> Callable[..., Any]:
+    """Import a job's `module:function` with the config directory on sys.path."""
+    assert job.process is not None
+    module_name, _, func_name = job.process.partition(":")
+    if str(base_dir) not in sys.path:
+        sys.path.insert(0, str(base_dir))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # user code: any import failure is a config error
+        raise ConfigError(
+            [f"jobs.{job.name}.process: cannot import {module_name!r}: {type(exc).__name__}: {exc}"]
+        ) from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ConfigError([f"jobs.{job.name}.process: {module_name} has no function {func_name!r}"])
+    return func
+
+
+def check_imports(config: Config, names: list[str] | None = None) -> None:
+    """Import the `process` of the named jobs (all by default); raise one ConfigError for all."""
+    errors: list[str] = []
+    for job in config.jobs.values():
+        if job.process and (names is None or job.name in names):
+            try:
+                import_process(job, config.base_dir)
+            except ConfigError as exc:
+                errors.extend(exc.errors)
+    if errors:
+        raise ConfigError(errors, config.path)

@@ -1,0 +1,181 @@
+"""The coordinator's loop: admit chunks within the memory budget, retry, time out, stop."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from minibatch.planner import Chunk
+from minibatch.pool import Failed, Finished, Lost, MemoryBudget, Started, WorkerPool
+from minibatch.worker import JobSpec, Task, TaskError
+
+if TYPE_CHECKING:
+    from minibatch.config import JobConfig
+    from minibatch.runner import Run
+    from minibatch.signals import StopSignals
+
+FLUSH_INTERVAL = 1.0  # seconds between manifest commits of finished chunks
+BACKOFF_CAP = 60.0
+MEMORY_FACTOR = 2.0  # working memory of a chunk ~ its uncompressed input + its result
+
+
+def backoff(attempt: int, base: float, cap: float = BACKOFF_CAP) -> float:
+    """Full-jitter exponential backoff before attempt number `attempt + 1`."""
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+def memory_estimate(chunk: Chunk) -> int:
+    return int(chunk.nbytes * MEMORY_FACTOR)
+
+
+def worker_memory_cap(job: JobConfig) -> int:
+    """Default per-worker address-space cap: a fair share of the budget plus the runtime's own."""
+    if job.worker_memory_limit:
+        return job.worker_memory_limit
+    return 2 * 2**30 + 4 * job.memory_limit // job.workers
+
+
+@dataclass
+class _InFlight:
+    chunk: Chunk
+    attempt: int
+    reserved: int
+
+
+class Executor:
+    def __init__(self, run: Run, todo: list[Chunk], signals: StopSignals) -> None:
+        self.owner = run
+        self.job = run.job
+        self.signals = signals
+        self.pending: deque[Chunk] = deque(todo)
+        self.retry_at: list[tuple[float, int, Chunk]] = []  # heap of (ready time, seq, chunk)
+        self.attempts: dict[str, int] = {}
+        self.in_flight: dict[int, _InFlight] = {}
+        self.budget = MemoryBudget(self.job.memory_limit)
+        self.ids = itertools.count()
+        self.stopped = False
+        self.stop_deadline: float | None = None
+        self.last_flush = time.monotonic()
+        self.spec = JobSpec(
+            name=self.job.name, process=self.job.process, sql=self.job.sql,
+            columns=self.job.columns, base_dir=str(run.config.base_dir),
+            parts_dir=str(run.layout.parts), staging_dir=str(run.layout.staging),
+        )  # fmt: skip
+        self.pool = WorkerPool(min(self.job.workers, len(todo)), worker_memory_cap(self.job))
+
+    def run(self) -> None:
+        try:
+            while self._work_left():
+                self._admit()
+                self._step()
+        finally:
+            if self.signals.immediate or self._grace_over():
+                self.pool.terminate()
+            else:
+                self.pool.close()
+        self.stopped = self.signals.requested and bool(self.pending or self.retry_at)
+
+    def _work_left(self) -> bool:
+        if self.signals.immediate or self._grace_over():
+            return False
+        if self.signals.requested:
+            return bool(self.in_flight)
+        return bool(self.pending or self.retry_at or self.in_flight)
+
+    def _grace_over(self) -> bool:
+        return self.stop_deadline is not None and time.monotonic() > self.stop_deadline
+
+    def _admit(self) -> None:
+        if self.signals.requested:
+            return
+        now = time.monotonic()
+        while self.retry_at and self.retry_at[0][0] <= now:
+            self.pending.appendleft(heapq.heappop(self.retry_at)[2])
+        while self.pending and self.pool.has_room():
+            chunk = self.pending[0]
+            need = memory_estimate(chunk)
+            if not self.budget.fits(need):
+                break
+            self.pending.popleft()
+            self._submit(chunk, need)
+
+    def _submit(self, chunk: Chunk, need: int) -> None:
+        from minibatch.output import part_name
+
+        attempt = self.attempts.get(chunk.chunk_id, 0) + 1
+        task_id = next(self.ids)
+        self.budget.reserve(need)
+        self.in_flight[task_id] = _InFlight(chunk, attempt, need)
+        self.pool.submit(Task(task_id, chunk, self.spec, self.owner.record.run_id, attempt,
+                              part_name(chunk.chunk_id)))  # fmt: skip
+
+    def _step(self) -> None:
+        events = self.pool.poll(self._wait_time(), extra=[self.signals.wakeup])
+        self._on_signals()
+        for event in events:
+            if isinstance(event, Started):
+                item = self.in_flight[event.task_id]
+                self.owner.emit("chunk_started", chunk=item.chunk.chunk_id, attempt=item.attempt,
+                              pid=event.pid)  # fmt: skip
+            else:
+                self._complete(event)
+        self._kill_overdue()
+        if time.monotonic() - self.last_flush > FLUSH_INTERVAL:
+            self.owner.flush()
+            self.last_flush = time.monotonic()
+
+    def _wait_time(self) -> float:
+        now = time.monotonic()
+        deadlines = [self.last_flush + FLUSH_INTERVAL, now + 1.0]
+        if self.retry_at:
+            deadlines.append(self.retry_at[0][0])
+        if self.stop_deadline is not None:
+            deadlines.append(self.stop_deadline)
+        return max(0.0, min(deadlines) - now)
+
+    def _on_signals(self) -> None:
+        self.signals.drain()
+        if self.signals.requested and self.stop_deadline is None:
+            self.stop_deadline = time.monotonic() + self.job.stop_grace
+            self.owner.emit("stop_requested", signal=self.signals.last, in_flight=len(self.in_flight),
+                          grace_seconds=self.job.stop_grace)  # fmt: skip
+
+    def _complete(self, event: Finished | Failed | Lost) -> None:
+        item = self.in_flight.pop(event.task_id)
+        self.budget.release(item.reserved)
+        if isinstance(event, Lost):
+            self.pending.appendleft(item.chunk)
+            return
+        self.attempts[item.chunk.chunk_id] = item.attempt
+        if isinstance(event, Finished):
+            self.owner.chunk_done(item.chunk, item.attempt, event.result)
+        else:
+            self._failed(item, event.error)
+
+    def _failed(self, item: _InFlight, error: TaskError) -> None:
+        if error.kind == "input_changed":
+            self.owner.emit("chunk_input_changed", chunk=item.chunk.chunk_id, error=error.message)
+            return
+        if item.attempt > self.job.retries:
+            self.owner.chunk_dead(item.chunk, item.attempt, error)
+            return
+        delay = backoff(item.attempt, self.job.retry_backoff)
+        heapq.heappush(self.retry_at, (time.monotonic() + delay, next(self.ids), item.chunk))
+        self.owner.emit("chunk_retry", chunk=item.chunk.chunk_id, label=item.chunk.label,
+                      attempt=item.attempt, delay=round(delay, 3),
+                      error=f"{error.type}: {error.message}")  # fmt: skip
+
+    def _kill_overdue(self) -> None:
+        for index in self.pool.overdue(self.job.timeout):
+            error = TaskError(kind="timeout", type="ChunkTimeout",
+                              message=f"chunk attempt exceeded timeout of {self.job.timeout:g}s",
+                              traceback="")  # fmt: skip
+            for event in self.pool.kill(index, error):
+                if not isinstance(event, Started):
+                    self._complete(event)
+

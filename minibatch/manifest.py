@@ -1,0 +1,248 @@
+"""The DuckDB manifest: runs, chunks, bad files. The only module that talks to DuckDB's file.
+
+DuckDB lets one process hold the file for writing and no other process open it meanwhile,
+so every user (a run's coordinator, `status`, another job's run) opens it briefly and
+retries while someone else has it. Runs buffer chunk records and commit them in batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import duckdb
+
+SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
+
+
+class ManifestBusy(Exception):
+    """The manifest stayed locked by another process for longer than the deadline."""
+
+
+@dataclass
+class ChunkRecord:
+    job: str
+    chunk_id: str
+    file: str
+    fingerprint: str
+    row_start: int
+    row_end: int
+    status: str  # done | dead
+    run_id: str
+    attempts: int
+    rows_in: int = 0
+    rows_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    output_file: str | None = None
+    seconds: float = 0.0
+    finished_at: float = 0.0  # unix time; stored as TIMESTAMPTZ
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    job: str
+    pid: int
+    started_at: float
+    status: str = "running"  # running | succeeded | failed | stopped | crashed
+    ended_at: float | None = None
+    chunks_total: int = 0
+    chunks_done: int = 0  # done in this run
+    chunks_reused: int = 0  # done by earlier runs
+    chunks_dead: int = 0  # dead-lettered in this run
+    chunks_skipped: int = 0  # dead letters of earlier runs, not retried
+    bad_files: int = 0
+    rows_in: int = 0
+    rows_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error: str | None = None
+
+
+CHUNK_COLUMNS = [f.name for f in fields(ChunkRecord)]
+RUN_COLUMNS = [f.name for f in fields(RunRecord)]
+
+
+class Manifest:
+    def __init__(self, path: Path, *, deadline: float = 60.0) -> None:
+        self.path = path
+        self.deadline = deadline
+        self._initialised = False
+
+    @contextlib.contextmanager
+    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection; waits (with jittered backoff) while another process holds it."""
+        import duckdb
+
+        if read_only and not self.path.exists():
+            con = duckdb.connect(":memory:")
+            con.execute(SCHEMA)
+        else:
+            con = self._open(duckdb, read_only)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def _open(self, duckdb: Any, read_only: bool) -> duckdb.DuckDBPyConnection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        give_up = time.monotonic() + self.deadline
+        delay = 0.005
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > give_up:
+                    raise ManifestBusy(f"manifest {self.path} is busy: {exc}") from exc
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.2)
+        if not read_only and not self._initialised:
+            con.execute(SCHEMA)
+            self._initialised = True
+        return con
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def start_run(self, run: RunRecord) -> None:
+        with self.connect() as con:
+            con.execute(
+                "UPDATE runs SET status = 'crashed', ended_at = now() "
+                "WHERE job = ? AND status = 'running'",
+                [run.job],
+            )
+            self._upsert_run(con, run)
+
+    def commit(self, run: RunRecord, chunks: Sequence[ChunkRecord]) -> None:
+        """Record finished chunks and the run's counters in one transaction."""
+        with self.connect() as con:
+            con.execute("BEGIN")
+            if chunks:
+                _insert_chunks(con, chunks)
+            self._upsert_run(con, run)
+            con.execute("COMMIT")
+
+    def _upsert_run(self, con: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
+        values = asdict(run)
+        placeholders = ", ".join(
+            "to_timestamp(?)" if c in ("started_at", "ended_at") else "?" for c in RUN_COLUMNS
+        )
+        con.execute(
+            f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({placeholders})",
+            [values[c] for c in RUN_COLUMNS],
+        )
+
+    # -- chunks and files -------------------------------------------------------------------
+
+    def chunk_states(self, job: str) -> dict[str, tuple[str, str | None]]:
+        """chunk_id -> (status, output_file) for every chunk the manifest holds for a job."""
+        with self.connect() as con:
+            rows = con.execute(
+                "SELECT chunk_id, status, output_file FROM chunks WHERE job = ?", [job]
+            ).fetchall()
+        return {chunk_id: (status, output) for chunk_id, status, output in rows}
+
+    def forget_chunks(self, job: str, chunk_ids: Sequence[str]) -> None:
+        if not chunk_ids:
+            return
+        import pyarrow as pa
+
+        with self.connect() as con:
+            con.register("forget_ids", pa.table({"chunk_id": list(chunk_ids)}))
+            con.execute(
+                "DELETE FROM chunks WHERE job = ? AND chunk_id IN (SELECT chunk_id FROM forget_ids)",
+                [job],
+            )
+
+    def revive_dead(self, job: str) -> int:
+        """Forget a job's dead letters and bad files so the next run tries them again."""
+        with self.connect() as con:
+            (count,) = con.execute(
+                "SELECT count(*) FROM chunks WHERE job = ? AND status = 'dead'", [job]
+            ).fetchone()
+            con.execute("DELETE FROM chunks WHERE job = ? AND status = 'dead'", [job])
+            con.execute("DELETE FROM bad_files WHERE job = ?", [job])
+        return int(count)
+
+    def known_bad_files(self, job: str) -> set[tuple[str, str]]:
+        with self.connect() as con:
+            rows = con.execute("SELECT file, fingerprint FROM bad_files WHERE job = ?", [job])
+            return {(file, fingerprint) for file, fingerprint in rows.fetchall()}
+
+    def record_bad_files(self, job: str, run_id: str, bad: Sequence[Any]) -> None:
+        with self.connect() as con:
+            for item in bad:
+                con.execute(
+                    "INSERT OR REPLACE INTO bad_files (job, file, fingerprint, size, error, run_id, "
+                    "seen_at) VALUES (?, ?, ?, ?, ?, ?, now())",
+                    [job, item.path, item.fingerprint, item.size, item.error, run_id],
+                )
+
+    def reset(self, job: str) -> None:
+        with self.connect() as con:
+            for table in ("chunks", "bad_files"):
+                con.execute(f"DELETE FROM {table} WHERE job = ?", [job])
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def status(self, job: str | None = None) -> list[dict[str, Any]]:
+        """The latest run of each job (or of one), with its manifest-wide chunk counts."""
+        with self.connect(read_only=True) as con:
+            return _dicts(con.execute(_STATUS_SQL, [job, job]))
+
+    def dead_letters(self, job: str) -> list[dict[str, Any]]:
+        with self.connect(read_only=True) as con:
+            return _dicts(
+                con.execute(
+                    "SELECT chunk_id, file, row_start, row_end, attempts, error_type, error_message, "
+                    "finished_at FROM chunks WHERE job = ? AND status = 'dead' ORDER BY file, row_start",
+                    [job],
+                )
+            )
+
+
+def _insert_chunks(con: duckdb.DuckDBPyConnection, chunks: Sequence[ChunkRecord]) -> None:
+    import pyarrow as pa
+
+    con.register("chunk_batch", pa.Table.from_pylist([asdict(c) for c in chunks]))
+    select = ", ".join(
+        "to_timestamp(finished_at)" if c == "finished_at" else c for c in CHUNK_COLUMNS
+    )
+    columns = ", ".join(CHUNK_COLUMNS)
+    con.execute(f"INSERT OR REPLACE INTO chunks ({columns}) SELECT {select} FROM chunk_batch")
+    con.unregister("chunk_batch")
+
+
+def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+_STATUS_SQL = """
+WITH latest AS (
+    SELECT * FROM runs
+    WHERE ? IS NULL OR job = ?
+    QUALIFY row_number() OVER (PARTITION BY job ORDER BY started_at DESC) = 1
+), totals AS (
+    SELECT job,
+           count(*) FILTER (WHERE status = 'done') AS done_total,
+           count(*) FILTER (WHERE status = 'dead') AS dead_total,
+           sum(rows_out) FILTER (WHERE status = 'done') AS rows_out_total
+    FROM chunks GROUP BY job
+)
+SELECT latest.*, coalesce(totals.done_total, 0) AS done_total,
+       coalesce(totals.dead_total, 0) AS dead_total,
+       coalesce(totals.rows_out_total, 0) AS rows_out_total
+FROM latest LEFT JOIN totals USING (job)
+ORDER BY job
+"""

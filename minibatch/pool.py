@@ -1,0 +1,211 @@
+"""Worker processes, one pipe each, supervised by the coordinator.
+
+Not `ProcessPoolExecutor`: one dead worker there fails every in-flight future and the pool
+with it, and a running task cannot be stopped. Here each slot is one process; a death or a
+timeout costs only the task that was running in it, and the slot is restarted.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from minibatch.worker import Task, TaskError, TaskResult, worker_main
+
+QUEUE_DEPTH = 2  # tasks sent ahead per worker, so no worker idles for a round trip
+
+
+@dataclass
+class Started:
+    task_id: int
+    pid: int
+
+
+@dataclass
+class Finished:
+    task_id: int
+    result: TaskResult
+
+
+@dataclass
+class Failed:
+    task_id: int
+    error: TaskError
+
+
+@dataclass
+class Lost:
+    """Sent to a worker that died before starting it: resubmit without charging an attempt."""
+
+    task_id: int
+
+
+Event = Started | Finished | Failed | Lost
+
+
+@dataclass
+class _Slot:
+    process: BaseProcess
+    conn: Connection
+    queue: deque[int] = field(default_factory=deque)
+    started_at: float | None = None  # monotonic time the head of the queue started
+
+
+class MemoryBudget:
+    """Admission: reserve a chunk's estimated bytes before submit, release when it completes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self.peak = 0
+
+    def fits(self, nbytes: int) -> bool:
+        return self.in_flight == 0 or self.in_flight + nbytes <= self.limit
+
+    def reserve(self, nbytes: int) -> None:
+        self.in_flight += nbytes
+        self.peak = max(self.peak, self.in_flight)
+
+    def release(self, nbytes: int) -> None:
+        self.in_flight -= nbytes
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    # Forking a process whose pyarrow/DuckDB threads are running is unsafe, and forked children
+    # inherit descriptors such as the job lock; the forkserver is a clean process that
+    # imports the heavy modules once and forks workers from there.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["minibatch.worker"])
+    return ctx
+
+
+class WorkerPool:
+    def __init__(self, size: int, memory_cap: int | None) -> None:
+        self.size = size
+        self.memory_cap = memory_cap
+        self._ctx = _context()
+        self._slots: list[_Slot] = [self._spawn() for _ in range(size)]
+
+    def _spawn(self) -> _Slot:
+        parent, child = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=worker_main, args=(child, self.memory_cap), daemon=True, name="minibatch-worker"
+        )
+        process.start()
+        child.close()
+        return _Slot(process=process, conn=parent)
+
+    @property
+    def idle(self) -> bool:
+        return not any(slot.queue for slot in self._slots)
+
+    def has_room(self) -> bool:
+        return any(len(slot.queue) < QUEUE_DEPTH for slot in self._slots)
+
+    def submit(self, task: Task) -> None:
+        slot = min(self._slots, key=lambda s: len(s.queue))
+        slot.queue.append(task.task_id)
+        try:
+            slot.conn.send(task)
+        except OSError:
+            pass  # the worker died; its sentinel reports it and the task comes back as Lost
+
+    def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[Event]:
+        """Wait for messages or deaths (or a ready object in `extra`); return what happened."""
+        by_conn = {slot.conn: slot for slot in self._slots}
+        by_sentinel = {slot.process.sentinel: slot for slot in self._slots}
+        ready = wait([*by_conn, *by_sentinel, *extra], timeout)
+        events: list[Event] = []
+        for item in ready:
+            if item in by_conn:
+                events.extend(self._drain(by_conn[item]))
+        for item in ready:
+            if item in by_sentinel:
+                events.extend(self._replace(by_sentinel[item], None))
+        return events
+
+    def overdue(self, timeout: float, now: float | None = None) -> list[int]:
+        """Indexes of slots whose running task has run longer than `timeout` seconds."""
+        now = time.monotonic() if now is None else now
+        return [
+            i
+            for i, slot in enumerate(self._slots)
+            if slot.started_at is not None and now - slot.started_at > timeout
+        ]
+
+    def kill(self, index: int, error: TaskError) -> list[Event]:
+        """Stop slot `index` at once (its running task fails with `error`) and restart it."""
+        slot = self._slots[index]
+        slot.process.kill()
+        slot.process.join()
+        return self._replace(slot, error)
+
+    def _drain(self, slot: _Slot) -> list[Event]:
+        events: list[Event] = []
+        try:
+            while slot.conn.poll():
+                events.append(self._message(slot, slot.conn.recv()))
+        except (EOFError, OSError):
+            pass  # died; the sentinel will say so
+        return events
+
+    def _message(self, slot: _Slot, message: tuple[str, int, Any]) -> Event:
+        kind, task_id, payload = message
+        if kind == "start":
+            slot.started_at = time.monotonic()
+            return Started(task_id, slot.process.pid or 0)
+        slot.queue.popleft()
+        slot.started_at = None
+        return Finished(task_id, payload) if kind == "done" else Failed(task_id, payload)
+
+    def _replace(self, slot: _Slot, error: TaskError | None) -> list[Event]:
+        events = self._drain(slot)
+        slot.process.join()
+        events.extend(self._orphans(slot, error or _death(slot.process)))
+        slot.conn.close()
+        self._slots[self._slots.index(slot)] = self._spawn()
+        return events
+
+    def _orphans(self, slot: _Slot, error: TaskError) -> list[Event]:
+        events: list[Event] = []
+        if slot.queue and slot.started_at is not None:
+            events.append(Failed(slot.queue.popleft(), error))
+        events.extend(Lost(task_id) for task_id in slot.queue)
+        slot.queue.clear()
+        return events
+
+    def close(self, grace: float = 5.0) -> None:
+        for slot in self._slots:
+            try:
+                slot.conn.send(None)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        for slot in self._slots:
+            slot.process.join(max(0.0, deadline - time.monotonic()))
+        self.terminate()
+
+    def terminate(self) -> None:
+        for slot in self._slots:
+            if slot.process.is_alive():
+                slot.process.kill()
+            slot.process.join()
+            slot.conn.close()
+
+
+def _death(process: BaseProcess) -> TaskError:
+    code = process.exitcode
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name
+        hint = " (killed: out of memory or by an operator?)" if name == "SIGKILL" else ""
+        message = f"worker pid {process.pid} died with signal {name}{hint}"
+    else:
+        message = f"worker pid {process.pid} exited with code {code} mid-chunk"
+    return TaskError(kind="died", type="WorkerDied", message=message, traceback="")

@@ -1,0 +1,28 @@
+"""`reduce_sql` over every chunk result of a job, published as one file atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from minibatch.output import REDUCED_NAME, OutputLayout, write_atomically
+
+
+def reduce_parts(sql: str, parts: list[Path], layout: OutputLayout) -> int:
+    """Run `sql` with the parts as table `parts`; replace the job's output with the result."""
+    import duckdb
+
+    target = layout.output / REDUCED_NAME
+    if not parts:
+        target.unlink(missing_ok=True)
+        return 0
+    con = duckdb.connect(":memory:")
+    try:
+        con.read_parquet([str(p) for p in parts], union_by_name=True).create_view("parts")
+        result = con.sql(sql).to_arrow_table()
+    finally:
+        con.close()
+    write_atomically(result, target, layout.staging)
+    for other in layout.output.iterdir():
+        if other.name != REDUCED_NAME:
+            other.unlink(missing_ok=True)
+    return result.num_rows

@@ -1,0 +1,258 @@
+"""One run of one job: plan -> skip what is done -> execute -> commit -> reduce."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from minibatch.config import Config, JobConfig, check_imports
+from minibatch.events import Emitter, Listener, LogListener
+from minibatch.lock import job_lock
+from minibatch.manifest import ChunkRecord, Manifest, RunRecord
+from minibatch.output import OutputLayout, part_name
+from minibatch.planner import BadFile, Chunk, expand_inputs, plan_chunks, scan_inputs
+from minibatch.signals import StopSignals
+
+if TYPE_CHECKING:
+    from minibatch.worker import TaskError, TaskResult
+
+
+@dataclass
+class RunOptions:
+    workers: int | None = None
+    memory_limit: int | None = None
+    fresh: bool = False
+    retry_dead: bool = False
+
+
+@dataclass
+class RunSummary:
+    record: RunRecord
+    dead: list[ChunkRecord] = field(default_factory=list)
+    bad_files: list[BadFile] = field(default_factory=list)
+    stopped: bool = False
+    seconds: float = 0.0
+    peak_in_flight: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.record.status == "failed" else 0
+
+
+def run_job(
+    config: Config, name: str, options: RunOptions | None = None,
+    listeners: list[Listener] | None = None,
+) -> RunSummary:  # fmt: skip
+    """Run job `name` now, resuming its checkpoint. Raises JobLocked, ConfigError."""
+    options = options or RunOptions()
+    job = config.job(name)
+    job = replace(
+        job,
+        workers=options.workers or job.workers,
+        memory_limit=options.memory_limit or job.memory_limit,
+    )
+    check_imports(config, [name])
+    emitter = Emitter([LogListener(), *(listeners or [])])
+    with job_lock(config.engine.state_dir, name):
+        return Run(config, job, options, emitter).execute()
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+class Run:
+    def __init__(self, config: Config, job: JobConfig, options: RunOptions, emitter: Emitter):
+        self.config = config
+        self.job = job
+        self.options = options
+        self.emitter = emitter
+        self.manifest = Manifest(config.engine.state_dir / "manifest.duckdb")
+        self.layout = OutputLayout(job.output, reduce=job.reduce_sql is not None)
+        self.record = RunRecord(
+            run_id=new_run_id(), job=job.name, pid=os.getpid(), started_at=time.time()
+        )
+        self.summary = RunSummary(record=self.record)
+        self.pending_records: list[ChunkRecord] = []
+        self.done_outputs: dict[str, str | None] = {}  # chunk_id -> part file, for reduce
+        self.changed = False
+
+    def emit(self, name: str, **data: object) -> None:
+        self.emitter.emit(name, self.job.name, self.record.run_id, **data)
+
+    def execute(self) -> RunSummary:
+        started = time.monotonic()
+        if self.options.fresh:
+            self.manifest.reset(self.job.name)
+            self.layout.remove_all()
+        if self.options.retry_dead:
+            self.manifest.revive_dead(self.job.name)
+        leftovers = self.layout.prepare()
+        self.manifest.start_run(self.record)
+        self.emit("run_started", workers=self.job.workers, memory_limit=self.job.memory_limit,
+                  temp_files_removed=leftovers)  # fmt: skip
+        todo = self._plan()
+        if todo:
+            self.changed = True
+            self._execute_chunks(todo)
+        self._finish(time.monotonic() - started)
+        return self.summary
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def _plan(self) -> list[Chunk]:
+        paths = expand_inputs(self.config.base_dir, self.job.inputs)
+        files, bad = scan_inputs(paths, self.job.columns)
+        self._report_bad_files(bad)
+        chunks = plan_chunks(files, self.job.chunk_bytes)
+        self.record.chunks_total = len(chunks)
+        todo = self._reconcile(chunks)
+        self.emit("run_planned", files=len(files), chunks=len(chunks), todo=len(todo),
+                  bytes=sum(c.nbytes for c in todo))  # fmt: skip
+        return todo
+
+    def _report_bad_files(self, bad: list[BadFile]) -> None:
+        known = self.manifest.known_bad_files(self.job.name)
+        new = [b for b in bad if (b.path, b.fingerprint) not in known]
+        for item in bad:
+            name = "bad_file" if item in new else "known_bad_file"
+            self.emit(name, file=item.path, error=item.error)
+        if new:
+            self.manifest.record_bad_files(self.job.name, self.record.run_id, new)
+        self.summary.bad_files = new
+        self.record.bad_files = len(new)
+
+    def _reconcile(self, chunks: list[Chunk]) -> list[Chunk]:
+        """Chunks still to compute; forgets stale records, adopts and removes stray files."""
+        states = self.manifest.chunk_states(self.job.name)
+        planned = {c.chunk_id: c for c in chunks}
+        stale = [chunk_id for chunk_id in states if chunk_id not in planned]
+        self.manifest.forget_chunks(self.job.name, stale)
+        on_disk = self.layout.part_files()
+        adopted = [c for c in chunks if c.chunk_id not in states and part_name(c.chunk_id) in on_disk]
+        self._adopt(adopted)
+        for chunk_id, (status, output) in states.items():
+            if status == "done" and chunk_id in planned:
+                self.done_outputs[chunk_id] = output
+        self._remove_strays(on_disk, stale)
+        dead = [c for c in chunks if states.get(c.chunk_id, ("",))[0] == "dead"]
+        if dead:
+            self.emit("dead_letters_skipped", chunks=len(dead), hint=f"minibatch retry {self.job.name}")
+        self.record.chunks_skipped = len(dead)
+        self.record.chunks_reused = len(self.done_outputs) - len(adopted)
+        return [c for c in chunks if c.chunk_id not in states and c.chunk_id not in self.done_outputs]
+
+    def _adopt(self, chunks: list[Chunk]) -> None:
+        """Results renamed into place by a killed run before it could record them."""
+        import pyarrow.parquet as pq
+
+        for chunk in chunks:
+            name = part_name(chunk.chunk_id)
+            path = self.layout.parts / name
+            rows = pq.read_metadata(path).num_rows
+            self.pending_records.append(self._record(chunk, "done", 1, rows_in=chunk.num_rows,
+                                                     rows_out=rows, output_file=name,
+                                                     bytes_out=path.stat().st_size))  # fmt: skip
+            self.done_outputs[chunk.chunk_id] = name
+
+    def _remove_strays(self, on_disk: set[str], stale: list[str]) -> None:
+        keep = {name for name in self.done_outputs.values() if name}
+        strays = on_disk - keep
+        self.layout.remove_parts(strays)
+        if strays or stale:
+            self.changed = True
+            self.emit("stale_outputs_removed", files=len(strays), records=len(stale))
+
+    def _record(self, chunk: Chunk, status: str, attempts: int, **values: Any) -> ChunkRecord:
+        return ChunkRecord(
+            job=self.job.name, chunk_id=chunk.chunk_id, file=chunk.path,
+            fingerprint=chunk.fingerprint, row_start=chunk.row_start, row_end=chunk.row_end,
+            status=status, run_id=self.record.run_id, attempts=attempts,
+            finished_at=time.time(), **values,
+        )  # fmt: skip
+
+    # -- execution --------------------------------------------------------------------------
+
+    def _execute_chunks(self, todo: list[Chunk]) -> None:
+        from minibatch.execute import Executor
+
+        with StopSignals() as signals:
+            executor = Executor(self, todo, signals)
+            executor.run()
+        self.summary.stopped = executor.stopped
+        self.summary.peak_in_flight = executor.budget.peak
+
+    def chunk_done(self, chunk: Chunk, attempts: int, result: TaskResult) -> None:
+        record = self._record(
+            chunk, "done", attempts, rows_in=result.rows_in, rows_out=result.rows_out,
+            bytes_in=result.bytes_in, bytes_out=result.bytes_out, output_file=result.output_file,
+            seconds=result.seconds,
+        )  # fmt: skip
+        self._count(record)
+        self.done_outputs[chunk.chunk_id] = record.output_file
+        self.emit("chunk_done", chunk=chunk.chunk_id, label=chunk.label, rows=record.rows_out,
+                  bytes_in=record.bytes_in, seconds=round(record.seconds, 3))  # fmt: skip
+
+    def chunk_dead(self, chunk: Chunk, attempts: int, error: TaskError) -> None:
+        record = self._record(
+            chunk, "dead", attempts, error_type=error.type, error_message=error.message,
+            traceback=error.traceback,
+        )  # fmt: skip
+        self.record.chunks_dead += 1
+        self.pending_records.append(record)
+        self.summary.dead.append(record)
+        self.emit("chunk_dead", chunk=chunk.chunk_id, label=chunk.label, attempts=attempts,
+                  error=f"{error.type}: {error.message}")  # fmt: skip
+
+    def _count(self, record: ChunkRecord) -> None:
+        self.record.chunks_done += 1
+        self.record.rows_in += record.rows_in
+        self.record.rows_out += record.rows_out
+        self.record.bytes_in += record.bytes_in
+        self.record.bytes_out += record.bytes_out
+        self.pending_records.append(record)
+
+    def flush(self) -> None:
+        self.manifest.commit(self.record, self.pending_records)
+        self.pending_records = []
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def _finish(self, seconds: float) -> None:
+        record = self.record
+        if self.summary.stopped:
+            record.status = "stopped"
+        elif record.chunks_dead or record.bad_files:
+            record.status = "failed"
+        else:
+            record.status = "succeeded"
+        if record.status == "succeeded" and self.job.reduce_sql and self._needs_reduce():
+            self._reduce()
+        record.ended_at = time.time()
+        self.summary.seconds = seconds
+        self.flush()
+        self.emit("run_finished", status=record.status, chunks_done=record.chunks_done,
+                  chunks_dead=record.chunks_dead, rows=record.rows_out, seconds=round(seconds, 3))  # fmt: skip
+
+    def _needs_reduce(self) -> bool:
+        from minibatch.output import REDUCED_NAME
+
+        return self.changed or not (self.layout.output / REDUCED_NAME).exists()
+
+    def _reduce(self) -> None:
+        from minibatch.reduce import reduce_parts
+
+        parts = sorted(self.layout.parts / name for name in self.done_outputs.values() if name)
+        assert self.job.reduce_sql is not None
+        try:
+            rows = reduce_parts(self.job.reduce_sql, parts, self.layout)
+        except Exception as exc:  # the user's SQL: its error ends the run as failed, readably
+            self.record.status = "failed"
+            self.record.error = f"reduce_sql failed: {type(exc).__name__}: {exc}"
+            self.emit("reduce_failed", error=self.record.error)
+            return
+        self.emit("reduce_done", parts=len(parts), rows=rows)
+

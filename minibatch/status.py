@@ -1,0 +1,61 @@
+"""What `status` and `reset` need: the manifest's view of each job, live runs included."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from minibatch.config import Config
+from minibatch.lock import holder_pid, job_lock
+from minibatch.manifest import Manifest
+from minibatch.output import OutputLayout
+
+
+def manifest_for(config: Config) -> Manifest:
+    return Manifest(config.engine.state_dir / "manifest.duckdb")
+
+
+def job_status(config: Config, job: str | None = None) -> list[dict[str, Any]]:
+    """One entry per job: its latest run, with done / failed / pending chunks."""
+    rows = {row["job"]: row for row in manifest_for(config).status(job)}
+    names = [job] if job else sorted(config.jobs)
+    return [_entry(config, name, rows.get(name)) for name in names]
+
+
+def _entry(config: Config, name: str, row: dict[str, Any] | None) -> dict[str, Any]:
+    if row is None:
+        return {"job": name, "status": "never run"}
+    status = row["status"]
+    if status == "running" and holder_pid(config.engine.state_dir, name) is None:
+        status = "crashed"  # the run's process is gone without recording its end
+    total = row["chunks_total"] or 0
+    done = row["chunks_done"] + row["chunks_reused"]
+    failed = row["dead_total"]
+    ended, started = row["ended_at"], row["started_at"]
+    return {
+        "job": name,
+        "run_id": row["run_id"],
+        "status": status,
+        "pid": row["pid"],
+        "started_at": started.isoformat() if started else None,
+        "ended_at": ended.isoformat() if ended else None,
+        "seconds": (ended - started).total_seconds() if ended and started else None,
+        "chunks_total": total,
+        "chunks_done": done,
+        "chunks_failed": failed,
+        "chunks_pending": max(total - done - failed, 0),
+        "bad_files": row["bad_files"],
+        "rows_in": row["rows_in"],
+        "rows_out": row["rows_out"],
+        "bytes_in": row["bytes_in"],
+        "bytes_out": row["bytes_out"],
+        "rows_out_total": row["rows_out_total"],
+        "error": row["error"],
+    }
+
+
+def reset_job(config: Config, name: str) -> None:
+    """Forget a job's checkpoint and remove its output (refused while the job runs)."""
+    job = config.job(name)
+    with job_lock(config.engine.state_dir, name):
+        manifest_for(config).reset(name)
+        OutputLayout(job.output, reduce=job.reduce_sql is not None).remove_all()

@@ -1,0 +1,86 @@
+"""Command output on stdout: the end-of-run summary and the `status` / `list` tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from minibatch.config import Config
+from minibatch.runner import RunSummary
+from minibatch.units import format_size
+
+
+def print_summary(summary: RunSummary) -> None:
+    r = summary.record
+    seconds = max(summary.seconds, 1e-9)
+    click.echo(f"{r.job} run {r.run_id}: {r.status}" + (f" ({r.error})" if r.error else ""))
+    click.echo(
+        f"  chunks: {r.chunks_done} done now, {r.chunks_reused} already done, "
+        f"{r.chunks_dead} dead-lettered, {r.chunks_skipped} dead letters skipped, "
+        f"{r.chunks_total} planned"
+    )
+    click.echo(
+        f"  rows: {r.rows_in:,} in, {r.rows_out:,} out; bytes: {format_size(r.bytes_in)} in, "
+        f"{format_size(r.bytes_out)} written"
+    )
+    click.echo(
+        f"  time: {summary.seconds:.2f}s, {r.rows_in / seconds:,.0f} rows/s, "
+        f"{format_size(r.bytes_in / seconds)}/s"
+    )
+    for item in summary.bad_files:
+        click.echo(f"  bad input file: {item.path}: {item.error}")
+    for dead in summary.dead:
+        click.echo(
+            f"  dead letter: {dead.file} rows {dead.row_start}-{dead.row_end} after "
+            f"{dead.attempts} attempt(s): {dead.error_type}: {dead.error_message}"
+        )
+    if summary.dead:
+        click.echo(f"  fix the cause, then: minibatch retry {r.job}")
+    if summary.stopped:
+        click.echo("  stopped by a signal; run again to resume")
+
+
+STATUS_COLUMNS = [
+    ("job", "JOB"), ("status", "STATUS"), ("chunks_done", "DONE"), ("chunks_failed", "FAILED"),
+    ("chunks_pending", "PENDING"), ("rows_out", "ROWS"), ("bytes_out", "BYTES"),
+    ("seconds", "SECONDS"), ("started_at", "STARTED"),
+]  # fmt: skip
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "bytes_out":
+        return format_size(value)
+    if key == "seconds":
+        return f"{value:.1f}"
+    if key == "started_at":
+        return str(value)[:19]
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
+    cells = [[_cell(key, row.get(key)) for key, _ in columns] for row in rows]
+    headers = [title for _, title in columns]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    for line in [headers, *cells]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+def print_status(rows: list[dict[str, Any]]) -> None:
+    print_table(rows, STATUS_COLUMNS)
+
+
+def print_jobs(config: Config) -> None:
+    from minibatch.schedule import next_fire_times
+
+    rows = []
+    for job in config.jobs.values():
+        fires = next_fire_times(job.schedule, job.timezone, 1) if job.schedule else []
+        rows.append({
+            "job": job.name, "schedule": job.schedule or "-", "timezone": job.timezone,
+            "next": fires[0].isoformat() if fires else "-", "description": job.description,
+        })  # fmt: skip
+    print_table(rows, [("job", "JOB"), ("schedule", "SCHEDULE"), ("timezone", "TZ"),
+                       ("next", "NEXT RUN"), ("description", "DESCRIPTION")])  # fmt: skip

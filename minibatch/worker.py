@@ -1,0 +1,244 @@
+"""What runs inside a worker process: read one chunk, run the job on it, publish its result.
+
+Preloaded by the forkserver, so pyarrow and DuckDB are imported once, before any fork.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from minibatch.output import write_atomically
+from minibatch.planner import Chunk
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """The parts of a job's config a worker needs; small, sent with every task."""
+
+    name: str
+    process: str | None
+    sql: str | None
+    columns: tuple[str, ...] | None
+    base_dir: str
+    parts_dir: str
+    staging_dir: str
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """The `ctx` argument of a job's function."""
+
+    job: str
+    run_id: str
+    file: str
+    row_start: int
+    row_end: int
+    attempt: int
+    chunk_id: str
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: int
+    chunk: Chunk
+    job: JobSpec
+    run_id: str
+    attempt: int
+    output_name: str
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    rows_in: int
+    rows_out: int
+    bytes_in: int
+    bytes_out: int
+    output_file: str | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TaskError:
+    kind: str  # error | memory | input_changed | died | timeout
+    type: str
+    message: str
+    traceback: str
+
+
+class InputChanged(Exception):
+    """The input file is no longer the one the chunk was planned from."""
+
+
+_functions: dict[str, Any] = {}
+_sql: duckdb.DuckDBPyConnection | None = None
+
+
+def run_task(task: Task) -> TaskResult:
+    started = time.perf_counter()
+    table = read_chunk(task.chunk, task.job.columns)
+    ctx = ChunkContext(
+        job=task.job.name,
+        run_id=task.run_id,
+        file=task.chunk.path,
+        row_start=task.chunk.row_start,
+        row_end=task.chunk.row_end,
+        attempt=task.attempt,
+        chunk_id=task.chunk.chunk_id,
+    )
+    result = _compute(task.job, table, ctx)
+    bytes_out, output = 0, None
+    if result is not None and result.num_rows:
+        target = Path(task.job.parts_dir) / task.output_name
+        bytes_out = write_atomically(result, target, Path(task.job.staging_dir))
+        output = task.output_name
+    return TaskResult(
+        rows_in=table.num_rows,
+        rows_out=result.num_rows if result is not None else 0,
+        bytes_in=table.nbytes,
+        bytes_out=bytes_out,
+        output_file=output,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def read_chunk(chunk: Chunk, columns: tuple[str, ...] | None) -> pa.Table:
+    """The chunk's rows, read by the worker itself from the file (never sent through a pipe)."""
+    with open(chunk.path, "rb") as handle:
+        _check_unchanged(chunk, os.fstat(handle.fileno()))
+        parquet = pq.ParquetFile(handle)
+        cols = list(columns) if columns else None
+        groups = range(chunk.rg_start, chunk.rg_end)
+        group_rows = sum(parquet.metadata.row_group(i).num_rows for i in groups)
+        if chunk.row_start == chunk.rg_row_offset and chunk.num_rows == group_rows:
+            table = parquet.read_row_groups(list(groups), columns=cols)
+        else:
+            table = _read_slice(parquet, chunk, cols)
+    table.validate(full=True)  # untrusted input: fail here, not inside the job's code
+    return table
+
+
+def _read_slice(parquet: pq.ParquetFile, chunk: Chunk, cols: list[str] | None) -> pa.Table:
+    """Rows of part of one row group, decoding batch by batch to keep memory near the chunk's."""
+    skip = chunk.row_start - chunk.rg_row_offset
+    wanted = chunk.num_rows
+    batches = []
+    for batch in parquet.iter_batches(
+        batch_size=min(65536, max(wanted, 1)), row_groups=[chunk.rg_start], columns=cols
+    ):
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        piece = batch.slice(skip, wanted)
+        skip = 0
+        batches.append(piece)
+        wanted -= piece.num_rows
+        if wanted <= 0:
+            break
+    schema = parquet.schema_arrow
+    if cols is not None:
+        schema = pa.schema([schema.field(c) for c in cols])
+    return pa.Table.from_batches(batches, schema=schema)
+
+
+def _check_unchanged(chunk: Chunk, stat: os.stat_result) -> None:
+    size, mtime_ns, _ = chunk.fingerprint.split("-", 2)
+    if (stat.st_size, stat.st_mtime_ns) != (int(size), int(mtime_ns)):
+        raise InputChanged(f"{chunk.path} changed since it was planned")
+
+
+def _compute(job: JobSpec, table: pa.Table, ctx: ChunkContext) -> pa.Table | None:
+    if job.sql is not None:
+        return _run_sql(job.sql, table)
+    result = _function(job)(table, ctx)
+    if result is None or isinstance(result, pa.Table):
+        return result
+    if isinstance(result, pa.RecordBatch):
+        return pa.Table.from_batches([result])
+    return pa.table(result)
+
+
+def _function(job: JobSpec) -> Any:
+    assert job.process is not None
+    func = _functions.get(job.process)
+    if func is None:
+        from minibatch.config import JobConfig, import_process
+
+        spec = JobConfig(name=job.name, inputs=(), output=Path(), process=job.process)
+        func = _functions[job.process] = import_process(spec, Path(job.base_dir))
+    return func
+
+
+def _run_sql(sql: str, table: pa.Table) -> pa.Table:
+    global _sql
+    if _sql is None:
+        _sql = duckdb.connect(":memory:", config={"threads": 1})
+    _sql.register("chunk", table)
+    try:
+        return _sql.sql(sql).to_arrow_table()
+    finally:
+        _sql.unregister("chunk")
+
+
+def describe_error(exc: BaseException) -> TaskError:
+    if isinstance(exc, InputChanged):
+        kind = "input_changed"
+    elif isinstance(exc, MemoryError | pa.ArrowMemoryError) or "memory" in str(exc).lower():
+        kind = "memory"
+    else:
+        kind = "error"
+    message = str(exc)
+    if kind == "memory":
+        message = f"out of memory in worker (worker_memory_limit reached): {message}"
+    return TaskError(
+        kind=kind, type=type(exc).__name__, message=message, traceback=traceback.format_exc()
+    )
+
+
+def set_memory_cap(limit: int | None) -> None:
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when the process that forked it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def worker_main(conn: Connection, memory_cap: int | None) -> None:
+    """Serve tasks from the coordinator until it closes the pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the coordinator's
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
+    set_memory_cap(memory_cap)
+    pool = pa.default_memory_pool()
+    while True:
+        try:
+            task: Task | None = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        conn.send(("start", task.task_id, time.time()))
+        try:
+            reply: tuple[str, int, Any] = ("done", task.task_id, run_task(task))
+        except BaseException as exc:  # the process boundary: every failure becomes data
+            reply = ("error", task.task_id, describe_error(exc))
+        pool.release_unused()
+        conn.send(reply)
