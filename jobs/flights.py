@@ -10,9 +10,7 @@ import pyarrow.compute as pc
 
 def delays(table: pa.Table, ctx: Any) -> pa.Table:
     """Per chunk: sum and count of departure delays per carrier and day (reduce_sql averages)."""
-    grouped = table.group_by(["carrier", "day"]).aggregate(
-        [("dep_delay", "sum"), ("dep_delay", "count")]
-    )
+    grouped = table.group_by(["carrier", "day"]).aggregate([("dep_delay", "sum"), ("dep_delay", "count")])
     return grouped.rename_columns(["carrier", "day", "delay_sum", "flights"])
 
 

@@ -20,14 +20,16 @@ AIRPORTS = ["ATL", "DFW", "DEN", "ORD", "LAX", "JFK", "LAS", "MCO", "SEA", "SFO"
 def flights(start_id: int, rows: int, month: int, seed: int) -> pa.Table:
     rng = random.Random(seed)
     first = dt.date(2024, month, 1)
-    return pa.table({
-        "id": pa.array(range(start_id, start_id + rows), pa.int64()),
-        "day": pa.array([first + dt.timedelta(days=rng.randrange(28)) for _ in range(rows)]),
-        "carrier": pa.array([rng.choice(CARRIERS) for _ in range(rows)]),
-        "origin": pa.array([rng.choice(AIRPORTS) for _ in range(rows)]),
-        "dep_delay": pa.array([round(rng.expovariate(1 / 15) - 5, 1) for _ in range(rows)]),
-        "distance": pa.array([rng.randrange(100, 3000) for _ in range(rows)], pa.int32()),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "id": pa.array(range(start_id, start_id + rows), pa.int64()),
+            "day": pa.array([first + dt.timedelta(days=rng.randrange(28)) for _ in range(rows)]),
+            "carrier": pa.array([rng.choice(CARRIERS) for _ in range(rows)]),
+            "origin": pa.array([rng.choice(AIRPORTS) for _ in range(rows)]),
+            "dep_delay": pa.array([round(rng.expovariate(1 / 15) - 5, 1) for _ in range(rows)]),
+            "distance": pa.array([rng.randrange(100, 3000) for _ in range(rows)], pa.int32()),
+        }
+    )
 
 
 def generate(directory: Path, files: int = 6, rows: int = 50_000, row_group: int = 10_000) -> None:

@@ -9,6 +9,14 @@ from minibatch.runner import RunOptions, RunSummary, run_job
 from minibatch.status import job_status, reset_job
 
 __all__ = [
-    "Config", "ConfigError", "JobConfig", "JobLocked", "RunOptions", "RunSummary",
-    "job_status", "load_config", "reset_job", "run_job",
-]  # fmt: skip
+    "Config",
+    "ConfigError",
+    "JobConfig",
+    "JobLocked",
+    "RunOptions",
+    "RunSummary",
+    "job_status",
+    "load_config",
+    "reset_job",
+    "run_job",
+]

@@ -58,8 +58,13 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", metavar="PATH", envvar="MINIBATCH_CONFIG",
-              help="config.toml to use [default: $MINIBATCH_CONFIG, else ./config.toml]")  # fmt: skip
+@click.option(
+    "--config",
+    "config_path",
+    metavar="PATH",
+    envvar="MINIBATCH_CONFIG",
+    help="config.toml to use [default: $MINIBATCH_CONFIG, else ./config.toml]",
+)
 @click.version_option(package_name="minibatch")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
@@ -77,13 +82,18 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 @main.command("run-now")
 @click.argument("job")
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (overrides config).")
-@click.option("--memory-limit", callback=_size, metavar="SIZE",
-              help='Budget for chunk data in flight, e.g. "512MiB" (overrides config).')  # fmt: skip
+@click.option(
+    "--memory-limit",
+    callback=_size,
+    metavar="SIZE",
+    help='Budget for chunk data in flight, e.g. "512MiB" (overrides config).',
+)
 @click.option("--fresh", is_flag=True, help="Forget the checkpoint and rebuild the output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @click.pass_obj
-def run_now(state: State, job: str, workers: int | None, memory_limit: int | None,
-            fresh: bool, quiet: bool) -> None:  # fmt: skip
+def run_now(
+    state: State, job: str, workers: int | None, memory_limit: int | None, fresh: bool, quiet: bool
+) -> None:
     """Run JOB now, resuming its checkpoint; print a summary at the end."""
     from minibatch.progress import progress_listener
     from minibatch.runner import RunOptions, run_job

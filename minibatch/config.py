@@ -140,20 +140,49 @@ class _Checker:
 
 
 def _kind_name(kinds: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", list: "a list", bool: "true/false"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        list: "a list",
+        bool: "true/false",
+    }
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
 ENGINE_KEYS = {
-    "state_dir", "workers", "memory_limit", "timezone", "log_format", "log_level",
-    "metrics_addr", "stop_grace", "worker_memory_limit",
-}  # fmt: skip
+    "state_dir",
+    "workers",
+    "memory_limit",
+    "timezone",
+    "log_format",
+    "log_level",
+    "metrics_addr",
+    "stop_grace",
+    "worker_memory_limit",
+}
 JOB_KEYS = {
-    "description", "input", "output", "process", "sql", "reduce_sql", "columns", "chunk_bytes",
-    "schedule", "timezone", "watch", "retries", "retry_backoff", "timeout", "depends_on",
-    "workers", "memory_limit", "stop_grace", "worker_memory_limit",
-}  # fmt: skip
+    "description",
+    "input",
+    "output",
+    "process",
+    "sql",
+    "reduce_sql",
+    "columns",
+    "chunk_bytes",
+    "schedule",
+    "timezone",
+    "watch",
+    "retries",
+    "retry_backoff",
+    "timeout",
+    "depends_on",
+    "workers",
+    "memory_limit",
+    "stop_grace",
+    "worker_memory_limit",
+}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -292,9 +321,7 @@ def _check_process_sql(c: _Checker, table: dict[str, Any]) -> None:
         c.error("sql", "is empty")
 
 
-def _check_output_outside_inputs(
-    c: _Checker, inputs: tuple[str, ...], output: Path, base_dir: Path
-) -> None:
+def _check_output_outside_inputs(c: _Checker, inputs: tuple[str, ...], output: Path, base_dir: Path) -> None:
     for pattern in inputs:
         root = glob_root(base_dir, pattern)
         if output == root or root in output.parents:

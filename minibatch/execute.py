@@ -62,10 +62,14 @@ class Executor:
         self.stop_deadline: float | None = None
         self.last_flush = time.monotonic()
         self.spec = JobSpec(
-            name=self.job.name, process=self.job.process, sql=self.job.sql,
-            columns=self.job.columns, base_dir=str(run.config.base_dir),
-            parts_dir=str(run.layout.parts), staging_dir=str(run.layout.staging),
-        )  # fmt: skip
+            name=self.job.name,
+            process=self.job.process,
+            sql=self.job.sql,
+            columns=self.job.columns,
+            base_dir=str(run.config.base_dir),
+            parts_dir=str(run.layout.parts),
+            staging_dir=str(run.layout.staging),
+        )
         self.pool = WorkerPool(min(self.job.workers, len(todo)), worker_memory_cap(self.job))
 
     def run(self) -> None:
@@ -111,8 +115,9 @@ class Executor:
         task_id = next(self.ids)
         self.budget.reserve(need)
         self.in_flight[task_id] = _InFlight(chunk, attempt, need)
-        self.pool.submit(Task(task_id, chunk, self.spec, self.owner.record.run_id, attempt,
-                              part_name(chunk.chunk_id)))  # fmt: skip
+        self.pool.submit(
+            Task(task_id, chunk, self.spec, self.owner.record.run_id, attempt, part_name(chunk.chunk_id))
+        )
 
     def _step(self) -> None:
         events = self.pool.poll(self._wait_time(), extra=[self.signals.wakeup])
@@ -120,8 +125,9 @@ class Executor:
         for event in events:
             if isinstance(event, Started):
                 item = self.in_flight[event.task_id]
-                self.owner.emit("chunk_started", chunk=item.chunk.chunk_id, attempt=item.attempt,
-                              pid=event.pid)  # fmt: skip
+                self.owner.emit(
+                    "chunk_started", chunk=item.chunk.chunk_id, attempt=item.attempt, pid=event.pid
+                )
             else:
                 self._complete(event)
         self._kill_overdue()
@@ -142,8 +148,12 @@ class Executor:
         self.signals.drain()
         if self.signals.requested and self.stop_deadline is None:
             self.stop_deadline = time.monotonic() + self.job.stop_grace
-            self.owner.emit("stop_requested", signal=self.signals.last, in_flight=len(self.in_flight),
-                          grace_seconds=self.job.stop_grace)  # fmt: skip
+            self.owner.emit(
+                "stop_requested",
+                signal=self.signals.last,
+                in_flight=len(self.in_flight),
+                grace_seconds=self.job.stop_grace,
+            )
 
     def _complete(self, event: Finished | Failed | Lost) -> None:
         item = self.in_flight.pop(event.task_id)
@@ -166,16 +176,23 @@ class Executor:
             return
         delay = backoff(item.attempt, self.job.retry_backoff)
         heapq.heappush(self.retry_at, (time.monotonic() + delay, next(self.ids), item.chunk))
-        self.owner.emit("chunk_retry", chunk=item.chunk.chunk_id, label=item.chunk.label,
-                      attempt=item.attempt, delay=round(delay, 3),
-                      error=f"{error.type}: {error.message}")  # fmt: skip
+        self.owner.emit(
+            "chunk_retry",
+            chunk=item.chunk.chunk_id,
+            label=item.chunk.label,
+            attempt=item.attempt,
+            delay=round(delay, 3),
+            error=f"{error.type}: {error.message}",
+        )
 
     def _kill_overdue(self) -> None:
         for index in self.pool.overdue(self.job.timeout):
-            error = TaskError(kind="timeout", type="ChunkTimeout",
-                              message=f"chunk attempt exceeded timeout of {self.job.timeout:g}s",
-                              traceback="")  # fmt: skip
+            error = TaskError(
+                kind="timeout",
+                type="ChunkTimeout",
+                message=f"chunk attempt exceeded timeout of {self.job.timeout:g}s",
+                traceback="",
+            )
             for event in self.pool.kill(index, error):
                 if not isinstance(event, Started):
                     self._complete(event)
-

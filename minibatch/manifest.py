@@ -117,8 +117,7 @@ class Manifest:
     def start_run(self, run: RunRecord) -> None:
         with self.connect() as con:
             con.execute(
-                "UPDATE runs SET status = 'crashed', ended_at = now() "
-                "WHERE job = ? AND status = 'running'",
+                "UPDATE runs SET status = 'crashed', ended_at = now() WHERE job = ? AND status = 'running'",
                 [run.job],
             )
             self._upsert_run(con, run)
@@ -215,9 +214,7 @@ def _insert_chunks(con: duckdb.DuckDBPyConnection, chunks: Sequence[ChunkRecord]
     import pyarrow as pa
 
     con.register("chunk_batch", pa.Table.from_pylist([asdict(c) for c in chunks]))
-    select = ", ".join(
-        "to_timestamp(finished_at)" if c == "finished_at" else c for c in CHUNK_COLUMNS
-    )
+    select = ", ".join("to_timestamp(finished_at)" if c == "finished_at" else c for c in CHUNK_COLUMNS)
     columns = ", ".join(CHUNK_COLUMNS)
     con.execute(f"INSERT OR REPLACE INTO chunks ({columns}) SELECT {select} FROM chunk_batch")
     con.unregister("chunk_batch")

@@ -140,9 +140,7 @@ def expand_inputs(base_dir: Path, patterns: Iterable[str]) -> list[str]:
     return sorted(os.path.abspath(p) for p in found)
 
 
-def scan_inputs(
-    paths: Iterable[str], columns: Sequence[str] | None
-) -> tuple[list[FileMeta], list[BadFile]]:
+def scan_inputs(paths: Iterable[str], columns: Sequence[str] | None) -> tuple[list[FileMeta], list[BadFile]]:
     """Read each file's footer; a file whose footer cannot be read is a BadFile, never a crash."""
     good: list[FileMeta] = []
     bad: list[BadFile] = []

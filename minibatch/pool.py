@@ -7,6 +7,7 @@ timeout costs only the task that was running in it, and the slot is restarted.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import signal
 import time
@@ -112,10 +113,9 @@ class WorkerPool:
     def submit(self, task: Task) -> None:
         slot = min(self._slots, key=lambda s: len(s.queue))
         slot.queue.append(task.task_id)
-        try:
+        # If the worker died, its sentinel reports it and the task comes back as Lost.
+        with contextlib.suppress(OSError):
             slot.conn.send(task)
-        except OSError:
-            pass  # the worker died; its sentinel reports it and the task comes back as Lost
 
     def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[Event]:
         """Wait for messages or deaths (or a ready object in `extra`); return what happened."""
@@ -183,10 +183,8 @@ class WorkerPool:
 
     def close(self, grace: float = 5.0) -> None:
         for slot in self._slots:
-            try:
+            with contextlib.suppress(OSError):
                 slot.conn.send(None)
-            except OSError:
-                pass
         deadline = time.monotonic() + grace
         for slot in self._slots:
             slot.process.join(max(0.0, deadline - time.monotonic()))

@@ -49,9 +49,13 @@ class LogProgress(Listener):
             c = self.counts
             elapsed = max(now - c.started, 1e-9)
             get_logger(job=event.job, run_id=event.run_id).info(
-                "progress", done=c.done, total=c.total, failed=c.failed,
-                rows_per_s=round(c.rows / elapsed), mb_per_s=round(c.bytes / elapsed / 1e6, 1),
-            )  # fmt: skip
+                "progress",
+                done=c.done,
+                total=c.total,
+                failed=c.failed,
+                rows_per_s=round(c.rows / elapsed),
+                mb_per_s=round(c.bytes / elapsed / 1e6, 1),
+            )
 
 
 class BarProgress(Listener):
@@ -60,16 +64,25 @@ class BarProgress(Listener):
     def __init__(self) -> None:
         from rich.console import Console
         from rich.progress import (
-            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
             TimeRemainingColumn,
-        )  # fmt: skip
+        )
 
         self.counts = _Counts()
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=Console(stderr=True), transient=True,
-        )  # fmt: skip
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
         self.task: Any = None
 
     def on_event(self, event: Event) -> None:
@@ -78,8 +91,9 @@ class BarProgress(Listener):
             self.progress.start()
             self.task = self.progress.add_task(event.job, total=self.counts.total, rate="")
         elif self.task is not None and event.name in ("chunk_done", "chunk_dead"):
-            self.progress.update(self.task, completed=self.counts.done + self.counts.failed,
-                                 rate=self._rate())  # fmt: skip
+            self.progress.update(
+                self.task, completed=self.counts.done + self.counts.failed, rate=self._rate()
+            )
         elif event.name == "run_finished" and self.task is not None:
             self.progress.stop()
 

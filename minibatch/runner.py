@@ -43,9 +43,11 @@ class RunSummary:
 
 
 def run_job(
-    config: Config, name: str, options: RunOptions | None = None,
+    config: Config,
+    name: str,
+    options: RunOptions | None = None,
     listeners: list[Listener] | None = None,
-) -> RunSummary:  # fmt: skip
+) -> RunSummary:
     """Run job `name` now, resuming its checkpoint. Raises JobLocked, ConfigError."""
     options = options or RunOptions()
     job = config.job(name)
@@ -72,9 +74,7 @@ class Run:
         self.emitter = emitter
         self.manifest = Manifest(config.engine.state_dir / "manifest.duckdb")
         self.layout = OutputLayout(job.output, reduce=job.reduce_sql is not None)
-        self.record = RunRecord(
-            run_id=new_run_id(), job=job.name, pid=os.getpid(), started_at=time.time()
-        )
+        self.record = RunRecord(run_id=new_run_id(), job=job.name, pid=os.getpid(), started_at=time.time())
         self.summary = RunSummary(record=self.record)
         self.pending_records: list[ChunkRecord] = []
         self.done_outputs: dict[str, str | None] = {}  # chunk_id -> part file, for reduce
@@ -92,9 +92,14 @@ class Run:
             self.manifest.revive_dead(self.job.name)
         leftovers = self.layout.prepare()
         self.manifest.start_run(self.record)
-        self.emit("run_started", workers=self.job.workers, memory_limit=self.job.memory_limit,
-                  temp_files_removed=leftovers)  # fmt: skip
+        self.emit(
+            "run_started",
+            workers=self.job.workers,
+            memory_limit=self.job.memory_limit,
+            temp_files_removed=leftovers,
+        )
         todo = self._plan()
+        self.flush()  # the plan's totals, and any adopted chunks, are visible to `status` now
         if todo:
             self.changed = True
             self._execute_chunks(todo)
@@ -110,8 +115,13 @@ class Run:
         chunks = plan_chunks(files, self.job.chunk_bytes)
         self.record.chunks_total = len(chunks)
         todo = self._reconcile(chunks)
-        self.emit("run_planned", files=len(files), chunks=len(chunks), todo=len(todo),
-                  bytes=sum(c.nbytes for c in todo))  # fmt: skip
+        self.emit(
+            "run_planned",
+            files=len(files),
+            chunks=len(chunks),
+            todo=len(todo),
+            bytes=sum(c.nbytes for c in todo),
+        )
         return todo
 
     def _report_bad_files(self, bad: list[BadFile]) -> None:
@@ -153,9 +163,17 @@ class Run:
             name = part_name(chunk.chunk_id)
             path = self.layout.parts / name
             rows = pq.read_metadata(path).num_rows
-            self.pending_records.append(self._record(chunk, "done", 1, rows_in=chunk.num_rows,
-                                                     rows_out=rows, output_file=name,
-                                                     bytes_out=path.stat().st_size))  # fmt: skip
+            self.pending_records.append(
+                self._record(
+                    chunk,
+                    "done",
+                    1,
+                    rows_in=chunk.num_rows,
+                    rows_out=rows,
+                    output_file=name,
+                    bytes_out=path.stat().st_size,
+                )
+            )
             self.done_outputs[chunk.chunk_id] = name
 
     def _remove_strays(self, on_disk: set[str], stale: list[str]) -> None:
@@ -168,11 +186,18 @@ class Run:
 
     def _record(self, chunk: Chunk, status: str, attempts: int, **values: Any) -> ChunkRecord:
         return ChunkRecord(
-            job=self.job.name, chunk_id=chunk.chunk_id, file=chunk.path,
-            fingerprint=chunk.fingerprint, row_start=chunk.row_start, row_end=chunk.row_end,
-            status=status, run_id=self.record.run_id, attempts=attempts,
-            finished_at=time.time(), **values,
-        )  # fmt: skip
+            job=self.job.name,
+            chunk_id=chunk.chunk_id,
+            file=chunk.path,
+            fingerprint=chunk.fingerprint,
+            row_start=chunk.row_start,
+            row_end=chunk.row_end,
+            status=status,
+            run_id=self.record.run_id,
+            attempts=attempts,
+            finished_at=time.time(),
+            **values,
+        )
 
     # -- execution --------------------------------------------------------------------------
 
@@ -187,25 +212,46 @@ class Run:
 
     def chunk_done(self, chunk: Chunk, attempts: int, result: TaskResult) -> None:
         record = self._record(
-            chunk, "done", attempts, rows_in=result.rows_in, rows_out=result.rows_out,
-            bytes_in=result.bytes_in, bytes_out=result.bytes_out, output_file=result.output_file,
+            chunk,
+            "done",
+            attempts,
+            rows_in=result.rows_in,
+            rows_out=result.rows_out,
+            bytes_in=result.bytes_in,
+            bytes_out=result.bytes_out,
+            output_file=result.output_file,
             seconds=result.seconds,
-        )  # fmt: skip
+        )
         self._count(record)
         self.done_outputs[chunk.chunk_id] = record.output_file
-        self.emit("chunk_done", chunk=chunk.chunk_id, label=chunk.label, rows=record.rows_out,
-                  bytes_in=record.bytes_in, seconds=round(record.seconds, 3))  # fmt: skip
+        self.emit(
+            "chunk_done",
+            chunk=chunk.chunk_id,
+            label=chunk.label,
+            rows=record.rows_out,
+            bytes_in=record.bytes_in,
+            seconds=round(record.seconds, 3),
+        )
 
     def chunk_dead(self, chunk: Chunk, attempts: int, error: TaskError) -> None:
         record = self._record(
-            chunk, "dead", attempts, error_type=error.type, error_message=error.message,
+            chunk,
+            "dead",
+            attempts,
+            error_type=error.type,
+            error_message=error.message,
             traceback=error.traceback,
-        )  # fmt: skip
+        )
         self.record.chunks_dead += 1
         self.pending_records.append(record)
         self.summary.dead.append(record)
-        self.emit("chunk_dead", chunk=chunk.chunk_id, label=chunk.label, attempts=attempts,
-                  error=f"{error.type}: {error.message}")  # fmt: skip
+        self.emit(
+            "chunk_dead",
+            chunk=chunk.chunk_id,
+            label=chunk.label,
+            attempts=attempts,
+            error=f"{error.type}: {error.message}",
+        )
 
     def _count(self, record: ChunkRecord) -> None:
         self.record.chunks_done += 1
@@ -234,8 +280,14 @@ class Run:
         record.ended_at = time.time()
         self.summary.seconds = seconds
         self.flush()
-        self.emit("run_finished", status=record.status, chunks_done=record.chunks_done,
-                  chunks_dead=record.chunks_dead, rows=record.rows_out, seconds=round(seconds, 3))  # fmt: skip
+        self.emit(
+            "run_finished",
+            status=record.status,
+            chunks_done=record.chunks_done,
+            chunks_dead=record.chunks_dead,
+            rows=record.rows_out,
+            seconds=round(seconds, 3),
+        )
 
     def _needs_reduce(self) -> bool:
         from minibatch.output import REDUCED_NAME
@@ -255,4 +307,3 @@ class Run:
             self.emit("reduce_failed", error=self.record.error)
             return
         self.emit("reduce_done", parts=len(parts), rows=rows)
-

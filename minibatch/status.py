@@ -28,7 +28,7 @@ def _entry(config: Config, name: str, row: dict[str, Any] | None) -> dict[str, A
     if status == "running" and holder_pid(config.engine.state_dir, name) is None:
         status = "crashed"  # the run's process is gone without recording its end
     total = row["chunks_total"] or 0
-    done = row["chunks_done"] + row["chunks_reused"]
+    done = row["done_total"]  # the checkpoint as it stands, not the run's own counters
     failed = row["dead_total"]
     ended, started = row["ended_at"], row["started_at"]
     return {

@@ -42,10 +42,16 @@ def print_summary(summary: RunSummary) -> None:
 
 
 STATUS_COLUMNS = [
-    ("job", "JOB"), ("status", "STATUS"), ("chunks_done", "DONE"), ("chunks_failed", "FAILED"),
-    ("chunks_pending", "PENDING"), ("rows_out", "ROWS"), ("bytes_out", "BYTES"),
-    ("seconds", "SECONDS"), ("started_at", "STARTED"),
-]  # fmt: skip
+    ("job", "JOB"),
+    ("status", "STATUS"),
+    ("chunks_done", "DONE"),
+    ("chunks_failed", "FAILED"),
+    ("chunks_pending", "PENDING"),
+    ("rows_out", "ROWS"),
+    ("bytes_out", "BYTES"),
+    ("seconds", "SECONDS"),
+    ("started_at", "STARTED"),
+]
 
 
 def _cell(key: str, value: Any) -> str:
@@ -78,9 +84,22 @@ def print_jobs(config: Config) -> None:
     rows = []
     for job in config.jobs.values():
         fires = next_fire_times(job.schedule, job.timezone, 1) if job.schedule else []
-        rows.append({
-            "job": job.name, "schedule": job.schedule or "-", "timezone": job.timezone,
-            "next": fires[0].isoformat() if fires else "-", "description": job.description,
-        })  # fmt: skip
-    print_table(rows, [("job", "JOB"), ("schedule", "SCHEDULE"), ("timezone", "TZ"),
-                       ("next", "NEXT RUN"), ("description", "DESCRIPTION")])  # fmt: skip
+        rows.append(
+            {
+                "job": job.name,
+                "schedule": job.schedule or "-",
+                "timezone": job.timezone,
+                "next": fires[0].isoformat() if fires else "-",
+                "description": job.description,
+            }
+        )
+    print_table(
+        rows,
+        [
+            ("job", "JOB"),
+            ("schedule", "SCHEDULE"),
+            ("timezone", "TZ"),
+            ("next", "NEXT RUN"),
+            ("description", "DESCRIPTION"),
+        ],
+    )

@@ -26,13 +26,13 @@ _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 def parse_size(value: object) -> int:
     """Bytes from `"512MiB"`, `"2GiB"`, `"64MB"` or a plain non-negative number."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a size such as \"512MiB\", got {value!r}")
+        raise ValueError(f'expected a size such as "512MiB", got {value!r}')
     if isinstance(value, int | float):
         if value < 0 or not math.isfinite(value):
             raise ValueError(f"size must be a non-negative number of bytes, got {value!r}")
         return int(value)
     if not isinstance(value, str):
-        raise ValueError(f"expected a size such as \"512MiB\", got {value!r}")
+        raise ValueError(f'expected a size such as "512MiB", got {value!r}')
     match = _SIZE_RE.match(value)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in SIZE_UNITS:

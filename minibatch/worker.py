@@ -201,9 +201,7 @@ def describe_error(exc: BaseException) -> TaskError:
     message = str(exc)
     if kind == "memory":
         message = f"out of memory in worker (worker_memory_limit reached): {message}"
-    return TaskError(
-        kind=kind, type=type(exc).__name__, message=message, traceback=traceback.format_exc()
-    )
+    return TaskError(kind=kind, type=type(exc).__name__, message=message, traceback=traceback.format_exc())
 
 
 def set_memory_cap(limit: int | None) -> None:

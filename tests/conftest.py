@@ -1,0 +1,133 @@
+"""Shared fixtures: a throwaway project (config.toml, job module, Parquet inputs) and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+JOB_MODULE = """
+import os, time
+import pyarrow as pa
+import pyarrow.compute as pc
+
+def _count(ctx):
+    path = os.environ.get("MB_COUNT_FILE")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{ctx.chunk_id} {ctx.attempt}\\n")
+
+def ident(table, ctx):
+    _count(ctx)
+    time.sleep(float(os.environ.get("MB_SLEEP", "0")))
+    return table.append_column("doubled", pc.multiply(table["value"], 2))
+
+def nothing(table, ctx):
+    _count(ctx)
+    return None
+"""
+
+
+@dataclass
+class Project:
+    root: Path
+    count_file: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def out(self, job: str) -> Path:
+        return self.root / "out" / job
+
+    def write_config(self, body: str, engine: str = "") -> None:
+        head = f'[minibatch]\nstate_dir = ".state"\nworkers = 2\nlog_format = "json"\n{engine}\n'
+        (self.root / "config.toml").write_text(head + textwrap.dedent(body))
+
+    def write_input(self, name: str, start: int, rows: int, row_group: int = 100) -> Path:
+        self.data.mkdir(exist_ok=True)
+        table = pa.table(
+            {
+                "id": pa.array(range(start, start + rows), pa.int64()),
+                "value": pa.array([i % 97 for i in range(start, start + rows)], pa.int64()),
+                "name": pa.array([f"row-{i}" for i in range(start, start + rows)]),
+            }
+        )
+        path = self.data / name
+        pq.write_table(table, path, row_group_size=row_group)
+        return path
+
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 120, **kwargs: object
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "minibatch", "--config", str(self.root / "config.toml"), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env(env),
+            **kwargs,
+        )
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "minibatch", "--config", str(self.root / "config.toml"), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env(env),
+            start_new_session=True,
+        )
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env["MB_COUNT_FILE"] = str(self.count_file)
+        env.pop("MINIBATCH_CONFIG", None)
+        env.update(extra or {})
+        return env
+
+    def computations(self) -> list[str]:
+        if not self.count_file.exists():
+            return []
+        return self.count_file.read_text().split()[::2]
+
+    def output_table(self, job: str) -> pa.Table:
+        return ds.dataset(self.out(job), format="parquet").to_table()
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    root = tmp_path / "proj"
+    (root / "myjobs").mkdir(parents=True)
+    (root / "myjobs" / "__init__.py").write_text("")
+    (root / "myjobs" / "basic.py").write_text(JOB_MODULE)
+    return Project(root=root, count_file=tmp_path / "count.txt")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def shared_testdata() -> Path:
+    path = SHARED / "testdata" / "parquet-bad"
+    if not path.is_dir():
+        pytest.skip("../shared/testdata is absent")
+    return path

@@ -1,0 +1,175 @@
+"""End to end through the real CLI in a subprocess: outputs checked row by row."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import duckdb
+import pyarrow.parquet as pq
+from conftest import Project, wait_for
+
+MAP_JOB = """
+[jobs.ident]
+input = "data/*.parquet"
+output = "out/ident"
+process = "myjobs.basic:ident"
+chunk_bytes = "3KB"
+"""
+
+
+def ids_of(project: Project, job: str) -> list[int]:
+    return sorted(project.output_table(job).column("id").to_pylist())
+
+
+def duckdb_ids(project: Project, job: str) -> list[int]:
+    glob = str(project.out(job) / "**" / "*.parquet")
+    return sorted(r[0] for r in duckdb.sql(f"SELECT id FROM read_parquet('{glob}')").fetchall())
+
+
+def test_map_job_outputs_every_row_once_and_rerun_computes_nothing(project: Project) -> None:
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 1000)
+    project.write_input("b.parquet", 1000, 500)
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 0, result.stderr
+    assert "succeeded" in result.stdout
+    assert ids_of(project, "ident") == list(range(1500))
+    assert duckdb_ids(project, "ident") == list(range(1500))
+    table = project.output_table("ident")
+    pairs = zip(table["doubled"].to_pylist(), table["value"].to_pylist(), strict=True)
+    assert all(d == v * 2 for d, v in pairs)
+    computed = len(project.computations())
+    assert computed >= 2
+    again = project.cli("run-now", "ident")
+    assert again.returncode == 0
+    assert len(project.computations()) == computed  # nothing recomputed
+    assert "0 done now" in again.stdout
+
+
+def test_new_rewritten_and_removed_files_follow_the_inputs(project: Project) -> None:
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 300)
+    project.write_input("b.parquet", 300, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    project.write_input("c.parquet", 600, 100)  # new
+    project.write_input("a.parquet", 5000, 200)  # rewritten with other rows
+    (project.data / "b.parquet").unlink()  # removed
+    assert project.cli("run-now", "ident").returncode == 0
+    assert ids_of(project, "ident") == list(range(600, 700)) + list(range(5000, 5200))
+    assert duckdb_ids(project, "ident") == ids_of(project, "ident")
+
+
+def test_sql_job_matches_duckdb_on_the_same_files(project: Project) -> None:
+    project.write_config("""
+    [jobs.evens]
+    input = "data/*.parquet"
+    output = "out/evens"
+    sql = "SELECT id, value * 3 AS tripled FROM chunk WHERE id % 2 = 0"
+    chunk_bytes = "3KB"
+    """)
+    project.write_input("a.parquet", 0, 800)
+    assert project.cli("run-now", "evens").returncode == 0
+    expected = duckdb.sql(
+        f"SELECT id, value * 3 FROM read_parquet('{project.data}/*.parquet') WHERE id % 2 = 0 ORDER BY id"
+    ).fetchall()
+    got = project.output_table("evens").sort_by("id")
+    assert list(zip(got["id"].to_pylist(), got["tripled"].to_pylist(), strict=True)) == expected
+
+
+def test_reduce_job_matches_duckdb_and_replaces_its_output(project: Project) -> None:
+    project.write_config("""
+    [jobs.totals]
+    input = "data/*.parquet"
+    output = "out/totals"
+    sql = "SELECT value % 5 AS k, sum(value) AS s, count(*) AS n FROM chunk GROUP BY k"
+    reduce_sql = "SELECT k, sum(s) AS s, sum(n) AS n FROM parts GROUP BY k ORDER BY k"
+    chunk_bytes = "3KB"
+    """)
+    project.write_input("a.parquet", 0, 700)
+    project.write_input("b.parquet", 700, 300)
+    query = (
+        f"SELECT value % 5 AS k, sum(value), count(*) FROM read_parquet('{project.data}/*.parquet') "
+        "GROUP BY k ORDER BY k"
+    )
+    assert project.cli("run-now", "totals").returncode == 0
+    files = sorted(p.name for p in project.out("totals").iterdir())
+    assert files == ["part-reduced.parquet"]
+    got = pq.read_table(project.out("totals") / files[0])
+    assert [tuple(r.values()) for r in got.to_pylist()] == duckdb.sql(query).fetchall()
+    project.write_input("c.parquet", 1000, 200)
+    assert project.cli("run-now", "totals").returncode == 0
+    got = project.output_table("totals")
+    assert [tuple(r.values()) for r in got.to_pylist()] == duckdb.sql(query).fetchall()
+
+
+def test_fresh_rebuilds_and_reset_removes(project: Project) -> None:
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 400)
+    assert project.cli("run-now", "ident").returncode == 0
+    first = len(project.computations())
+    assert project.cli("run-now", "ident", "--fresh").returncode == 0
+    assert len(project.computations()) == 2 * first
+    assert ids_of(project, "ident") == list(range(400))
+    result = project.cli("reset", "ident", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert not project.out("ident").exists()
+    status = json.loads(project.cli("status", "ident", "--json").stdout)
+    assert status[0]["chunks_done"] == 0
+
+
+def test_sigkill_at_several_points_then_resume_gives_each_row_once(project: Project) -> None:
+    project.write_config(MAP_JOB)
+    for i in range(4):
+        project.write_input(f"f{i}.parquet", i * 1000, 1000)
+    env = {"MB_SLEEP": "0.05"}
+    kills = 0
+    for done_before_kill in (0, 5, 12, 25):
+        process = project.start("run-now", "ident", env=env)
+        wait_for(lambda n=done_before_kill: len(project.computations()) >= n, what="chunks to run")
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        kills += 1
+    result = project.cli("run-now", "ident", env=env)
+    assert result.returncode == 0, result.stderr
+    assert ids_of(project, "ident") == list(range(4000))
+    assert duckdb_ids(project, "ident") == list(range(4000))
+    chunks = len(set(project.computations()))
+    assert len(project.computations()) <= chunks + kills * 2  # at most the in-flight ones again
+    assert not list(project.out("ident").parent.glob(".ident.minibatch-staging/*"))
+
+
+def test_status_json_while_running_and_second_run_refused(project: Project) -> None:
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 3000)
+    process = project.start("run-now", "ident", env={"MB_SLEEP": "0.1"})
+    try:
+        wait_for(lambda: len(project.computations()) >= 2, what="the run to start")
+        second = project.cli("run-now", "ident")
+        assert second.returncode == 3
+        assert f"process {process.pid}" in second.stderr
+        status = project.cli("status", "--json")
+        assert status.returncode == 0, status.stderr
+        (entry,) = json.loads(status.stdout)
+        assert entry["status"] == "running"
+        assert entry["chunks_total"] > entry["chunks_done"]
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert process.returncode == 0
+
+
+def test_unknown_job_and_bad_config_exit_2_without_traceback(project: Project) -> None:
+    project.write_config(MAP_JOB + 'bogus = 1\nchunk_bytes2 = "x"\n')
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 2
+    assert "jobs.ident.bogus: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
+    project.write_config(MAP_JOB)
+    result = project.cli("run-now", "nope")
+    assert result.returncode == 2
+    assert "unknown job 'nope'" in result.stderr
+    result = project.cli("run-now", "ident", "--memory-limit", "lots")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
