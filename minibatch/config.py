@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from minibatch.breaker import BreakerSettings
 from minibatch.units import parse_duration, parse_size
 
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -65,6 +66,7 @@ class JobConfig:
     memory_limit: int = 2**30
     stop_grace: float = 30.0
     worker_memory_limit: int | None = None
+    breaker: BreakerSettings = BreakerSettings()
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,25 @@ def _job(
         memory_limit=_positive_size(c, "memory_limit", engine.memory_limit),
         stop_grace=c.parsed("stop_grace", parse_duration, engine.stop_grace),
         worker_memory_limit=c.parsed("worker_memory_limit", parse_size, engine.worker_memory_limit),
+        breaker=_breaker(c),
+    )
+
+
+def _breaker(c: _Checker) -> BreakerSettings:
+    default = BreakerSettings()
+    rate = c.get("breaker_rate", (int, float), default.rate)
+    if not 0 < rate <= 1:
+        c.error("breaker_rate", f"must be in (0, 1], got {rate}")
+        rate = default.rate
+    failures = c.get("breaker_failures", int, default.failures)
+    if failures < 0:
+        c.error("breaker_failures", f"must be 0 (off) or more, got {failures}")
+        failures = default.failures
+    return BreakerSettings(
+        failures=failures,
+        rate=float(rate),
+        window=c.positive_int("breaker_window", default.window),
+        cooldown=c.parsed("breaker_cooldown", parse_duration, default.cooldown),
     )
 
 

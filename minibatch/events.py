@@ -53,6 +53,8 @@ LOGGED = {
     "chunk_retry": "warning",
     "chunk_dead": "error",
     "stop_requested": "warning",
+    "breaker_open": "error",
+    "breaker_tripped": "error",
     "reduce_done": "info",
     "reduce_failed": "error",
     "chunk_input_changed": "warning",

@@ -10,6 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from minibatch.breaker import CircuitBreaker
 from minibatch.planner import Chunk
 from minibatch.pool import Failed, Finished, Lost, MemoryBudget, Started, WorkerPool
 from minibatch.worker import JobSpec, Task, TaskError
@@ -59,6 +60,7 @@ class Executor:
         self.budget = MemoryBudget(self.job.memory_limit)
         self.ids = itertools.count()
         self.stopped = False
+        self.breaker_error: str | None = None
         self.stop_deadline: float | None = None
         self.last_flush = time.monotonic()
         self.spec = JobSpec(
@@ -71,6 +73,9 @@ class Executor:
             staging_dir=str(run.layout.staging),
         )
         self.pool = WorkerPool(min(self.job.workers, len(todo)), worker_memory_cap(self.job))
+        self.breaker = CircuitBreaker(self.job.breaker)
+        self.probe: int | None = None  # the task let through by a half-open breaker
+        self.schema = run.schema  # results must match it; until known, one chunk at a time
 
     def run(self) -> None:
         try:
@@ -83,11 +88,17 @@ class Executor:
             else:
                 self.pool.close()
         self.stopped = self.signals.requested and bool(self.pending or self.retry_at)
+        if self.breaker.tripped:
+            untried = len({c.chunk_id for c in self.pending} | {c.chunk_id for _, _, c in self.retry_at})
+            self.breaker_error = (
+                f"circuit breaker opened ({self.breaker.reason}) and the trial chunk after the "
+                f"{self.job.breaker.cooldown:g}s cool-down failed too; {untried} chunks left pending"
+            )
 
     def _work_left(self) -> bool:
         if self.signals.immediate or self._grace_over():
             return False
-        if self.signals.requested:
+        if self.signals.requested or self.breaker.tripped:
             return bool(self.in_flight)
         return bool(self.pending or self.retry_at or self.in_flight)
 
@@ -103,21 +114,26 @@ class Executor:
         while self.pending and self.pool.has_room():
             chunk = self.pending[0]
             need = memory_estimate(chunk)
-            if not self.budget.fits(need):
+            if not self.budget.fits(need) or (self.schema is None and self.in_flight):
+                break
+            if not self.breaker.allow(now):
                 break
             self.pending.popleft()
-            self._submit(chunk, need)
+            task_id = self._submit(chunk, need)
+            if self.breaker.state == "half_open":
+                self.probe = task_id
 
-    def _submit(self, chunk: Chunk, need: int) -> None:
+    def _submit(self, chunk: Chunk, need: int) -> int:
         from minibatch.output import part_name
 
         attempt = self.attempts.get(chunk.chunk_id, 0) + 1
         task_id = next(self.ids)
         self.budget.reserve(need)
         self.in_flight[task_id] = _InFlight(chunk, attempt, need)
-        self.pool.submit(
-            Task(task_id, chunk, self.spec, self.owner.record.run_id, attempt, part_name(chunk.chunk_id))
-        )
+        run_id = self.owner.record.run_id
+        name = part_name(chunk.chunk_id)
+        self.pool.submit(Task(task_id, chunk, self.spec, run_id, attempt, name, self.schema))
+        return task_id
 
     def _step(self) -> None:
         events = self.pool.poll(self._wait_time(), extra=[self.signals.wakeup])
@@ -142,6 +158,8 @@ class Executor:
             deadlines.append(self.retry_at[0][0])
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
+        if self.breaker.state == "open":
+            deadlines.append(self.breaker.open_until)
         return max(0.0, min(deadlines) - now)
 
     def _on_signals(self) -> None:
@@ -162,10 +180,27 @@ class Executor:
             self.pending.appendleft(item.chunk)
             return
         self.attempts[item.chunk.chunk_id] = item.attempt
+        probe = event.task_id == self.probe
         if isinstance(event, Finished):
+            self.breaker.record(True, time.monotonic(), probe)
+            if self.schema is None:
+                self.schema = event.result.schema
             self.owner.chunk_done(item.chunk, item.attempt, event.result)
         else:
+            if event.error.kind != "input_changed":
+                self._breaker_failure(probe)
             self._failed(item, event.error)
+
+    def _breaker_failure(self, probe: bool) -> None:
+        was = self.breaker.state
+        self.breaker.record(False, time.monotonic(), probe)
+        if self.breaker.state != was:
+            self.owner.emit(
+                f"breaker_{self.breaker.state}",
+                reason=self.breaker.reason,
+                cooldown=self.job.breaker.cooldown,
+                pending=len(self.pending),
+            )
 
     def _failed(self, item: _InFlight, error: TaskError) -> None:
         if error.kind == "input_changed":

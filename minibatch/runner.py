@@ -17,6 +17,8 @@ from minibatch.planner import BadFile, Chunk, expand_inputs, plan_chunks, scan_i
 from minibatch.signals import StopSignals
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from minibatch.worker import TaskError, TaskResult
 
 
@@ -78,6 +80,7 @@ class Run:
         self.summary = RunSummary(record=self.record)
         self.pending_records: list[ChunkRecord] = []
         self.done_outputs: dict[str, str | None] = {}  # chunk_id -> part file, for reduce
+        self.schema: pa.Schema | None = None  # the output's, read from a finished part
         self.changed = False
 
     def emit(self, name: str, **data: object) -> None:
@@ -148,6 +151,7 @@ class Run:
             if status == "done" and chunk_id in planned:
                 self.done_outputs[chunk_id] = output
         self._remove_strays(on_disk, stale)
+        self._read_schema()
         dead = [c for c in chunks if states.get(c.chunk_id, ("",))[0] == "dead"]
         if dead:
             self.emit("dead_letters_skipped", chunks=len(dead), hint=f"minibatch retry {self.job.name}")
@@ -175,6 +179,14 @@ class Run:
                 )
             )
             self.done_outputs[chunk.chunk_id] = name
+
+    def _read_schema(self) -> None:
+        import pyarrow.parquet as pq
+
+        for name in self.done_outputs.values():
+            if name:
+                self.schema = pq.read_schema(self.layout.parts / name)
+                return
 
     def _remove_strays(self, on_disk: set[str], stale: list[str]) -> None:
         keep = {name for name in self.done_outputs.values() if name}
@@ -208,6 +220,7 @@ class Run:
             executor = Executor(self, todo, signals)
             executor.run()
         self.summary.stopped = executor.stopped
+        self.record.error = executor.breaker_error
         self.summary.peak_in_flight = executor.budget.peak
 
     def chunk_done(self, chunk: Chunk, attempts: int, result: TaskResult) -> None:
@@ -271,7 +284,7 @@ class Run:
         record = self.record
         if self.summary.stopped:
             record.status = "stopped"
-        elif record.chunks_dead or record.bad_files:
+        elif record.chunks_dead or record.bad_files or record.error:
             record.status = "failed"
         else:
             record.status = "succeeded"

@@ -57,6 +57,7 @@ class Task:
     run_id: str
     attempt: int
     output_name: str
+    schema: pa.Schema | None = None  # the output's schema, once known: results must match it
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class TaskResult:
     bytes_out: int
     output_file: str | None
     seconds: float
+    schema: pa.Schema | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,10 @@ class TaskError:
 
 class InputChanged(Exception):
     """The input file is no longer the one the chunk was planned from."""
+
+
+class SchemaMismatch(Exception):
+    """A chunk's result does not fit the schema of the job's output so far."""
 
 
 _functions: dict[str, Any] = {}
@@ -98,6 +104,8 @@ def run_task(task: Task) -> TaskResult:
         chunk_id=task.chunk.chunk_id,
     )
     result = _compute(task.job, table, ctx)
+    if result is not None and task.schema is not None:
+        check_schema(result.schema, task.schema)
     bytes_out, output = 0, None
     if result is not None and result.num_rows:
         target = Path(task.job.parts_dir) / task.output_name
@@ -110,7 +118,21 @@ def run_task(task: Task) -> TaskResult:
         bytes_out=bytes_out,
         output_file=output,
         seconds=time.perf_counter() - started,
+        schema=result.schema if result is not None else None,
     )
+
+
+def check_schema(got: pa.Schema, expected: pa.Schema) -> None:
+    """Same column names and types, in order (nullability and metadata aside)."""
+    have = {f.name: f.type for f in got}
+    want = {f.name: f.type for f in expected}
+    if list(have.items()) == list(want.items()):
+        return
+    problems = [f"{n} is {t}, expected {want[n]}" for n, t in have.items() if n in want and want[n] != t]
+    problems += [f"{n} ({t}) missing" for n, t in want.items() if n not in have]
+    problems += [f"{n} ({t}) unexpected" for n, t in have.items() if n not in want]
+    detail = "; ".join(problems) or "columns in another order"
+    raise SchemaMismatch(f"result does not match the output schema: {detail}")
 
 
 def read_chunk(chunk: Chunk, columns: tuple[str, ...] | None) -> pa.Table:
