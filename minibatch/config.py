@@ -154,37 +154,15 @@ def _kind_name(kinds: type | tuple[type, ...]) -> str:
 
 
 ENGINE_KEYS = {
-    "state_dir",
-    "workers",
-    "memory_limit",
-    "timezone",
-    "log_format",
-    "log_level",
-    "metrics_addr",
-    "stop_grace",
-    "worker_memory_limit",
-}
+    "state_dir", "workers", "memory_limit", "timezone", "log_format",
+    "log_level", "metrics_addr", "stop_grace", "worker_memory_limit",
+}  # fmt: skip
 JOB_KEYS = {
-    "description",
-    "input",
-    "output",
-    "process",
-    "sql",
-    "reduce_sql",
-    "columns",
-    "chunk_bytes",
-    "schedule",
-    "timezone",
-    "watch",
-    "retries",
-    "retry_backoff",
-    "timeout",
-    "depends_on",
-    "workers",
-    "memory_limit",
-    "stop_grace",
-    "worker_memory_limit",
-}
+    "description", "input", "output", "process", "sql", "reduce_sql", "columns", "chunk_bytes", "schedule",
+    "timezone", "watch", "retries", "retry_backoff", "timeout", "depends_on", "workers", "memory_limit",
+    "stop_grace", "worker_memory_limit",
+    "breaker_failures", "breaker_rate", "breaker_window", "breaker_cooldown",
+}  # fmt: skip
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ def project(tmp_path: Path) -> Project:
     (root / "myjobs").mkdir(parents=True)
     (root / "myjobs" / "__init__.py").write_text("")
     (root / "myjobs" / "basic.py").write_text(JOB_MODULE)
+    (root / "myjobs" / "faulty.py").write_text((Path(__file__).parent / "faulty_jobs.py").read_text())
     return Project(root=root, count_file=tmp_path / "count.txt")
 
 
@@ -123,6 +125,19 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def watch_stderr(process: subprocess.Popen[str]) -> list[str]:
+    """Collect a running process's stderr lines in the background; returns the live list."""
+    lines: list[str] = []
+
+    def pump() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
 
 
 @pytest.fixture

@@ -1,0 +1,97 @@
+"""Job functions that misbehave on one target chunk, for the fault-injection tests.
+
+The target is `MB_TARGET="file.parquet:row_start"`; every call is logged to MB_COUNT_FILE as
+"chunk_id attempt" so tests can count computations.
+"""
+
+import ctypes
+import os
+import signal
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def _log(ctx):
+    path = os.environ.get("MB_COUNT_FILE")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{ctx.chunk_id} {ctx.attempt}\n")
+
+
+def _is_target(ctx) -> bool:
+    return os.environ.get("MB_TARGET") == f"{os.path.basename(ctx.file)}:{ctx.row_start}"
+
+
+def _ok(table):
+    time.sleep(float(os.environ.get("MB_SLEEP", "0")))
+    return table.append_column("doubled", pc.multiply(table["value"], 2))
+
+
+def flaky(table, ctx):
+    _log(ctx)
+    if _is_target(ctx) and ctx.attempt == 1:
+        raise RuntimeError("flaky service said no")
+    return _ok(table)
+
+
+def poison(table, ctx):
+    _log(ctx)
+    if _is_target(ctx) and not os.path.exists(os.environ["MB_FIXED"]):
+        raise ValueError("cannot parse this chunk")
+    return _ok(table)
+
+
+def exit_once(table, ctx):
+    _log(ctx)
+    if _is_target(ctx) and ctx.attempt == 1:
+        os._exit(7)
+    return _ok(table)
+
+
+def segfault_once(table, ctx):
+    _log(ctx)
+    if _is_target(ctx) and ctx.attempt == 1:
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    return _ok(table)
+
+
+def sigkill_once(table, ctx):
+    _log(ctx)
+    if _is_target(ctx) and ctx.attempt == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
+    return _ok(table)
+
+
+def hang(table, ctx):
+    _log(ctx)
+    if _is_target(ctx):
+        time.sleep(3600)
+    return _ok(table)
+
+
+def hog(table, ctx):
+    _log(ctx)
+    if _is_target(ctx):
+        block = bytearray(64 * 2**30)
+        block[:: 2**20] = b"x" * len(block[:: 2**20])
+    return _ok(table)
+
+
+def always_fail(table, ctx):
+    _log(ctx)
+    raise ConnectionError("upstream service unavailable")
+
+
+def drift(table, ctx):
+    _log(ctx)
+    result = _ok(table)
+    if _is_target(ctx):
+        result = result.set_column(1, "value", pc.cast(result["value"], pa.string()))
+    return result
+
+
+def slow(table, ctx):
+    _log(ctx)
+    return _ok(table)

@@ -1,0 +1,193 @@
+"""Fault injection through the real CLI: raising, crashing, hanging and hogging chunks,
+signals, concurrent runs, and what the manifest and the output say afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+
+import duckdb
+import pytest
+from conftest import Project, wait_for, watch_stderr
+
+
+def faulty_job(process: str, extra: str = "") -> str:
+    return f"""
+    [jobs.f]
+    input = "data/*.parquet"
+    output = "out/f"
+    process = "myjobs.faulty:{process}"
+    chunk_bytes = "3KB"
+    retry_backoff = "10ms"
+    {extra}
+    """
+
+
+def setup(project: Project, process: str, extra: str = "", files: int = 2, rows: int = 500) -> None:
+    project.write_config(faulty_job(process, extra))
+    for i in range(files):
+        project.write_input(f"f{i}.parquet", i * rows, rows)
+
+
+def ids(project: Project) -> list[int]:
+    return sorted(project.output_table("f").column("id").to_pylist())
+
+
+def attempts(project: Project) -> Counter[str]:
+    return Counter(project.computations())
+
+
+def manifest_rows(project: Project, sql: str) -> list[tuple]:
+    con = duckdb.connect(str(project.root / ".state" / "manifest.duckdb"), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_raising_chunk_is_retried_with_the_attempt_number_in_ctx(project: Project) -> None:
+    setup(project, "flaky")
+    result = project.cli("run-now", "f", env={"MB_TARGET": "f1.parquet:0"})
+    assert result.returncode == 0, result.stderr
+    assert ids(project) == list(range(1000))
+    lines = project.count_file.read_text().split("\n")
+    assert sum(line.endswith(" 2") for line in lines) == 1  # the target's second attempt
+    assert "chunk_retry" in result.stderr and "flaky service said no" in result.stderr
+
+
+def test_poison_chunk_is_dead_lettered_skipped_then_retried(project: Project) -> None:
+    setup(project, "poison", "retries = 1")
+    fixed = project.root / "fixed"
+    env = {"MB_TARGET": "f0.parquet:0", "MB_FIXED": str(fixed)}
+    result = project.cli("run-now", "f", env=env)
+    assert result.returncode == 1
+    assert "dead letter:" in result.stdout and "f0.parquet rows 0-" in result.stdout
+    assert "ValueError: cannot parse this chunk" in result.stdout
+    assert "minibatch retry f" in result.stdout
+    (dead,) = manifest_rows(project, "SELECT attempts, error_type, traceback FROM chunks WHERE status='dead'")
+    assert dead[0] == 2 and dead[1] == "ValueError" and "in poison" in dead[2]
+    status = json.loads(project.cli("status", "f", "--json").stdout)[0]
+    assert status["chunks_failed"] == 1 and status["status"] == "failed"
+    missing = set(range(1000)) - set(ids(project))
+    assert missing and min(missing) == 0 and len(ids(project)) == 1000 - len(missing)
+
+    again = project.cli("run-now", "f", env=env)  # a nightly run: skips the dead letter, exit 0
+    assert again.returncode == 0, again.stderr
+    assert "dead_letters_skipped" in again.stderr
+    assert "1 dead letters skipped" in again.stdout
+
+    fixed.touch()
+    retried = project.cli("retry", "f", env=env)
+    assert retried.returncode == 0, retried.stderr
+    assert ids(project) == list(range(1000))
+    assert manifest_rows(project, "SELECT count(*) FROM chunks WHERE status='dead'") == [(0,)]
+
+
+@pytest.mark.parametrize("process", ["exit_once", "segfault_once", "sigkill_once"])
+def test_worker_death_costs_only_its_chunk(project: Project, process: str) -> None:
+    setup(project, process, files=3)
+    result = project.cli("run-now", "f", env={"MB_TARGET": "f1.parquet:0", "MB_SLEEP": "0.02"})
+    assert result.returncode == 0, result.stderr
+    assert ids(project) == list(range(1500))
+    assert "worker pid" in result.stderr  # the death was logged as the chunk's error
+    lines = [line.split() for line in project.count_file.read_text().splitlines()]
+    second_attempts = [chunk for chunk, attempt in lines if attempt == "2"]
+    assert len(second_attempts) == 1  # only the chunk that killed its worker was charged
+
+
+def test_hanging_chunk_is_stopped_by_its_timeout(project: Project) -> None:
+    setup(project, "hang", 'timeout = "1s"\nretries = 1')
+    started = time.monotonic()
+    result = project.cli("run-now", "f", env={"MB_TARGET": "f0.parquet:0"}, timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert "ChunkTimeout" in result.stdout and "timeout of 1s" in result.stdout
+    assert elapsed < 20
+    assert len(ids(project)) > 0 and 0 not in ids(project)
+
+
+def test_runaway_allocation_fails_in_its_worker_with_a_memory_error(project: Project) -> None:
+    setup(project, "hog", 'worker_memory_limit = "3GiB"\nretries = 0')
+    result = project.cli("run-now", "f", env={"MB_TARGET": "f1.parquet:0"})
+    assert result.returncode == 1
+    assert "MemoryError" in result.stdout and "memory" in result.stdout
+    assert 500 not in ids(project) and 499 in ids(project)
+
+
+def test_two_concurrent_runs_second_exits_3(project: Project) -> None:
+    setup(project, "slow")
+    first = project.start("run-now", "f", env={"MB_SLEEP": "0.2"})
+    try:
+        wait_for(lambda: len(project.computations()) >= 1, what="first run to start")
+        second = project.cli("run-now", "f")
+        assert second.returncode == 3
+        assert f"already running in process {first.pid}" in second.stderr
+        assert project.cli("status", "f").returncode == 0
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+
+def test_sigterm_finishes_in_flight_chunks_exits_0_and_resumes(project: Project) -> None:
+    setup(project, "slow", files=4)
+    env = {"MB_SLEEP": "0.1"}
+    process = project.start("run-now", "f", env=env)
+    wait_for(lambda: len(project.computations()) >= 4, what="chunks to run")
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    stop_seconds = time.monotonic() - sent
+    assert process.returncode == 0, err
+    assert "stopped by a signal" in out and "stop_requested" in err
+    assert stop_seconds < 5
+    status = json.loads(project.cli("status", "f", "--json").stdout)[0]
+    assert status["status"] == "stopped" and status["chunks_pending"] > 0
+    done_before = status["chunks_done"]
+    assert done_before == len(set(project.computations()))  # every started chunk was recorded
+    result = project.cli("run-now", "f", env=env)
+    assert result.returncode == 0
+    assert ids(project) == list(range(2000))
+    assert len(project.computations()) == len(set(project.computations()))  # none computed twice
+
+
+def test_second_signal_stops_at_once(project: Project) -> None:
+    setup(project, "slow", 'stop_grace = "60s"')
+    process = project.start("run-now", "f", env={"MB_SLEEP": "30"})
+    wait_for(lambda: len(project.computations()) >= 1, what="a chunk to start")
+    err = watch_stderr(process)
+    process.send_signal(signal.SIGINT)
+    # Unhandled signals of one kind coalesce, so wait until the first one was acted on.
+    wait_for(lambda: "stop_requested" in "".join(err), what="the first signal to be handled")
+    process.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    process.wait(timeout=15)
+    assert time.monotonic() - started < 10  # not the 30 s the chunk would take
+    assert process.returncode == 0
+    status = json.loads(project.cli("status", "f", "--json").stdout)[0]
+    assert status["status"] == "stopped" and status["chunks_done"] == 0
+
+
+def test_circuit_breaker_ends_the_run_and_leaves_untried_chunks_pending(project: Project) -> None:
+    extra = 'retries = 0\nbreaker_failures = 3\nbreaker_cooldown = "200ms"'
+    setup(project, "always_fail", extra, files=4)
+    result = project.cli("run-now", "f")
+    assert result.returncode == 1
+    assert "circuit breaker opened (3 consecutive failed attempts)" in result.stdout
+    assert "breaker_open" in result.stderr
+    status = json.loads(project.cli("status", "f", "--json").stdout)[0]
+    assert status["chunks_failed"] <= 6  # the attempts before and at the trial, nothing after
+    assert status["chunks_pending"] >= status["chunks_total"] - 6
+    assert len(project.computations()) == status["chunks_failed"]
+
+
+def test_chunk_with_a_different_schema_fails_naming_the_column(project: Project) -> None:
+    setup(project, "drift", "retries = 0")
+    result = project.cli("run-now", "f", env={"MB_TARGET": "f1.parquet:0"})
+    assert result.returncode == 1
+    assert "SchemaMismatch" in result.stdout and "value is string, expected int64" in result.stdout
+    table = project.output_table("f")  # still readable as one table
+    assert table.schema.field("value").type == "int64"
+    assert 500 not in table.column("id").to_pylist()
