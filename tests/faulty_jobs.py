@@ -95,3 +95,13 @@ def drift(table, ctx):
 def slow(table, ctx):
     _log(ctx)
     return _ok(table)
+
+
+def crash_at(table, ctx):
+    """Kill the whole run (coordinator, forkserver, workers) when the Nth computation starts."""
+    _log(ctx)
+    with open(os.environ["MB_COUNT_FILE"]) as f:
+        started = sum(1 for _ in f)
+    if started == int(os.environ.get("MB_CRASH_AT", "0")):
+        os.killpg(0, signal.SIGKILL)
+    return _ok(table)

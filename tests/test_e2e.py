@@ -8,6 +8,7 @@ import signal
 
 import duckdb
 import pyarrow.parquet as pq
+
 from conftest import Project, wait_for
 
 MAP_JOB = """

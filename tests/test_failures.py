@@ -11,6 +11,7 @@ from collections import Counter
 
 import duckdb
 import pytest
+
 from conftest import Project, wait_for, watch_stderr
 
 

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
 from conftest import Project
 
 MAP_JOB = """

@@ -9,6 +9,7 @@ import signal
 import time
 
 import duckdb
+
 from conftest import Project, wait_for
 
 JOB = """
