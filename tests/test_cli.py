@@ -1,0 +1,138 @@
+"""The command line: help, validate, list, status, bad configs (exit 2, no traceback), JSON logs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from minibatch.cli import main
+
+from conftest import Project
+
+COMMANDS = ["run-now", "validate", "list", "status", "retry", "reset"]
+
+GOOD = """
+[jobs.ok]
+input = "data/*.parquet"
+output = "out/ok"
+process = "myjobs.basic:ident"
+"""
+
+CYCLE_PARTNER = "[jobs.b]\ninput = 'x/*.parquet'\noutput = 'out/b'\nsql = 'SELECT 1'\ndepends_on = ['ok']\n"
+
+# (config body, text the error must contain)
+BAD_CONFIGS = [
+    (GOOD + "colour = 'red'\n", "jobs.ok.colour: unknown key"),
+    (GOOD + "retries = 'three'\n", "jobs.ok.retries: expected an integer"),
+    (GOOD + "chunk_bytes = '12XB'\n", "jobs.ok.chunk_bytes: bad size"),
+    (GOOD + "timeout = 'soon'\n", "jobs.ok.timeout: bad duration"),
+    (GOOD + "schedule = '61 * * * *'\n", "jobs.ok.schedule: bad crontab"),
+    (GOOD + "schedule = '* * *'\n", "jobs.ok.schedule: bad crontab"),
+    (GOOD + "timezone = 'Mars/Olympus'\n", "jobs.ok.timezone: unknown time zone"),
+    (GOOD + "sql = 'SELECT 1'\n", "jobs.ok.process: set exactly one of process / sql"),
+    (GOOD.replace('process = "myjobs.basic:ident"', ""), "jobs.ok.process: missing"),
+    (GOOD.replace("myjobs.basic:ident", "myjobs.nope:ident"), "jobs.ok.process: cannot import 'myjobs.nope'"),
+    (
+        GOOD.replace("myjobs.basic:ident", "myjobs.basic:gone"),
+        "jobs.ok.process: myjobs.basic has no function",
+    ),
+    (GOOD.replace("myjobs.basic:ident", "not a function"), "jobs.ok.process: expected"),
+    (GOOD + "depends_on = ['ghost']\n", "jobs.ok.depends_on: unknown job 'ghost'"),
+    (GOOD + "depends_on = ['b']\n" + CYCLE_PARTNER, "dependency cycle"),
+    (GOOD.replace('output = "out/ok"', 'output = "data/out"'), "jobs.ok.output:"),
+    (GOOD.replace("[jobs.ok]", "[jobs.'bad name!']"), "job names must match"),
+    ("[minibatch]\nworkers = 0\n" + GOOD, "minibatch.workers: must be at least 1"),
+    ("[minibatch]\nmemory_limit = 'lots'\n" + GOOD, "minibatch.memory_limit: bad size"),
+    (GOOD.replace('input = "data/*.parquet"', ""), "jobs.ok.input: missing"),
+]
+
+
+def write_raw_config(project: Project, body: str) -> None:
+    (project.root / "config.toml").write_text(body)
+
+
+@pytest.mark.parametrize(("body", "expected"), BAD_CONFIGS, ids=[e for _, e in BAD_CONFIGS])
+def test_bad_config_exits_2_naming_job_and_key(project: Project, body: str, expected: str) -> None:
+    write_raw_config(project, body)
+    result = project.cli("run-now", "ok")
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (project.root / "out").exists()  # nothing was done
+
+
+def test_every_error_is_reported_at_once(project: Project) -> None:
+    write_raw_config(project, GOOD + "retries = -1\ntimeout = 'x'\ncolour = 1\n")
+    result = project.cli("validate")
+    assert result.returncode == 2
+    for key in ("jobs.ok.retries", "jobs.ok.timeout", "jobs.ok.colour"):
+        assert key in result.stderr
+
+
+def test_missing_config_file_is_a_readable_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "minibatch", "--config", str(tmp_path / "nope.toml"), "status"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "config file not found" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_without_a_config(command: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["--config", str(tmp_path / "absent.toml"), command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.output and len(result.output.splitlines()) > 3
+
+
+def test_help_is_fast_and_lists_exit_codes() -> None:
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "minibatch", "--help"], capture_output=True, text=True)
+    assert time.monotonic() - started < 2.0
+    assert result.returncode == 0
+    assert "Exit status" in result.stdout
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+def test_validate_list_and_status_of_the_example_config() -> None:
+    config = str(Path(__file__).parents[1] / "config.toml")
+    runner = CliRunner()
+    validate = runner.invoke(main, ["--config", config, "validate"])
+    assert validate.exit_code == 0, validate.output
+    assert "OK, 3 job(s)" in validate.output
+    listing = runner.invoke(main, ["--config", config, "list"])
+    assert listing.exit_code == 0
+    assert "carrier_delays  0 2 * * *  Europe/Berlin" in listing.output
+
+
+def test_json_logs_carry_job_run_id_and_chunk(project: Project) -> None:
+    project.write_config(GOOD)
+    project.write_input("a.parquet", 0, 300)
+    (project.root / "config.toml").write_text(
+        (project.root / "config.toml")
+        .read_text()
+        .replace('log_format = "json"', 'log_format = "json"\nlog_level = "debug"')
+    )
+    result = project.cli("run-now", "ok")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert lines and all(line["job"] == "ok" and line["run_id"] for line in lines)
+    done = [line for line in lines if line["event"] == "chunk_done"]
+    assert done and all(line["chunk"] for line in done)
+    assert "rows: 300 in" in result.stdout and "rows/s" in result.stdout
+
+
+def test_status_of_a_job_never_run(project: Project) -> None:
+    project.write_config(GOOD)
+    result = project.cli("status", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [{"job": "ok", "status": "never run"}]
+    assert project.cli("status", "nope").returncode == 2
