@@ -45,6 +45,7 @@ class Emitter:
 LOGGED = {
     "run_started": "info",
     "run_planned": "info",
+    "no_input_files": "warning",
     "bad_file": "error",
     "known_bad_file": "warning",
     "dead_letters_skipped": "warning",

@@ -94,8 +94,9 @@ class BarProgress(Listener):
             self.progress.update(
                 self.task, completed=self.counts.done + self.counts.failed, rate=self._rate()
             )
-        elif event.name == "run_finished" and self.task is not None:
+        elif event.name in ("reduce_done", "run_finished") and self.task is not None:
             self.progress.stop()
+            self.task = None
 
     def _rate(self) -> str:
         c = self.counts

@@ -59,7 +59,7 @@ def run_job(
         memory_limit=options.memory_limit or job.memory_limit,
     )
     check_imports(config, [name])
-    emitter = Emitter([LogListener(), *(listeners or [])])
+    emitter = Emitter([*(listeners or []), LogListener()])  # the bar stops before the last log line
     with job_lock(config.engine.state_dir, name):
         return Run(config, job, options, emitter).execute()
 
@@ -113,6 +113,8 @@ class Run:
 
     def _plan(self) -> list[Chunk]:
         paths = expand_inputs(self.config.base_dir, self.job.inputs)
+        if not paths:
+            self.emit("no_input_files", input=list(self.job.inputs), base_dir=str(self.config.base_dir))
         files, bad = scan_inputs(paths, self.job.columns)
         self._report_bad_files(bad)
         chunks = plan_chunks(files, self.job.chunk_bytes)
