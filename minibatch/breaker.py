@@ -59,6 +59,10 @@ class CircuitBreaker:
             self.state = "open"
             self.open_until = now + self.settings.cooldown
 
+    def cancel_probe(self) -> None:
+        """The trial chunk ended without an outcome (lost with its worker, input changed)."""
+        self.probing = False
+
     def _after_probe(self, success: bool) -> None:
         self.probing = False
         if success:

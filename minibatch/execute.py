@@ -27,7 +27,7 @@ MEMORY_FACTOR = 2.0  # working memory of a chunk ~ its uncompressed input + its 
 
 def backoff(attempt: int, base: float, cap: float = BACKOFF_CAP) -> float:
     """Full-jitter exponential backoff before attempt number `attempt + 1`."""
-    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+    return random.uniform(0, min(cap, base * 2 ** min(attempt - 1, 64)))
 
 
 def memory_estimate(chunk: Chunk) -> int:
@@ -176,20 +176,25 @@ class Executor:
     def _complete(self, event: Finished | Failed | Lost) -> None:
         item = self.in_flight.pop(event.task_id)
         self.budget.release(item.reserved)
+        probe = event.task_id == self.probe
         if isinstance(event, Lost):
             self.pending.appendleft(item.chunk)
-            return
-        self.attempts[item.chunk.chunk_id] = item.attempt
-        probe = event.task_id == self.probe
-        if isinstance(event, Finished):
+        elif isinstance(event, Finished):
+            self.attempts[item.chunk.chunk_id] = item.attempt
             self.breaker.record(True, time.monotonic(), probe)
             if self.schema is None:
                 self.schema = event.result.schema
             self.owner.chunk_done(item.chunk, item.attempt, event.result)
-        else:
-            if event.error.kind != "input_changed":
-                self._breaker_failure(probe)
+            return
+        elif event.error.kind != "input_changed":
+            self.attempts[item.chunk.chunk_id] = item.attempt
+            self._breaker_failure(probe)
             self._failed(item, event.error)
+            return
+        else:
+            self.owner.emit("chunk_input_changed", chunk=item.chunk.chunk_id, error=event.error.message)
+        if probe:  # no outcome to judge the breaker by: let another chunk try
+            self.breaker.cancel_probe()
 
     def _breaker_failure(self, probe: bool) -> None:
         was = self.breaker.state
@@ -203,9 +208,6 @@ class Executor:
             )
 
     def _failed(self, item: _InFlight, error: TaskError) -> None:
-        if error.kind == "input_changed":
-            self.owner.emit("chunk_input_changed", chunk=item.chunk.chunk_id, error=error.message)
-            return
         if item.attempt > self.job.retries:
             self.owner.chunk_dead(item.chunk, item.attempt, error)
             return

@@ -124,13 +124,15 @@ def run_task(task: Task) -> TaskResult:
 
 def check_schema(got: pa.Schema, expected: pa.Schema) -> None:
     """Same column names and types, in order (nullability and metadata aside)."""
-    have = {f.name: f.type for f in got}
-    want = {f.name: f.type for f in expected}
-    if list(have.items()) == list(want.items()):
+    have = [(f.name, f.type) for f in got]
+    want = [(f.name, f.type) for f in expected]
+    if have == want:
         return
-    problems = [f"{n} is {t}, expected {want[n]}" for n, t in have.items() if n in want and want[n] != t]
-    problems += [f"{n} ({t}) missing" for n, t in want.items() if n not in have]
-    problems += [f"{n} ({t}) unexpected" for n, t in have.items() if n not in want]
+    wanted, had = dict(want), dict(have)
+    problems = [f"{n} is {t}, expected {wanted[n]}" for n, t in had.items() if n in wanted and wanted[n] != t]
+    problems += [f"{n} ({t}) missing" for n, t in want if n not in had]
+    problems += [f"{n} ({t}) unexpected" for n, t in have if n not in wanted]
+    problems += [f"{n} appears {got.names.count(n)} times" for n in had if got.names.count(n) > 1]
     detail = "; ".join(problems) or "columns in another order"
     raise SchemaMismatch(f"result does not match the output schema: {detail}")
 

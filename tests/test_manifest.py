@@ -1,0 +1,279 @@
+"""The DuckDB manifest (minibatch/manifest.py): records round trip through a real DuckDB file,
+and a second real process holding the file makes `connect()` wait, or give up at its deadline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from minibatch.manifest import ChunkRecord, Manifest, ManifestBusy, RunRecord
+from minibatch.planner import BadFile
+
+T0 = 1_750_000_000.0  # a fixed unix time, so timestamps can be compared exactly
+
+
+def run_record(run_id: str, job: str = "j", started_at: float = T0, **kwargs: object) -> RunRecord:
+    return RunRecord(run_id=run_id, job=job, pid=4242, started_at=started_at, **kwargs)
+
+
+def chunk(chunk_id: str, job: str = "j", status: str = "done", **kwargs: object) -> ChunkRecord:
+    fields: dict[str, object] = {
+        "file": f"/data/{chunk_id}.parquet",
+        "fingerprint": "100-200-abcdef",
+        "row_start": 0,
+        "row_end": 100,
+        "run_id": "r1",
+        "attempts": 1,
+        "finished_at": T0 + 5,
+    }
+    fields.update(kwargs)
+    return ChunkRecord(job=job, chunk_id=chunk_id, status=status, **fields)
+
+
+def dead(chunk_id: str, job: str = "j") -> ChunkRecord:
+    return chunk(
+        chunk_id,
+        job,
+        status="dead",
+        attempts=3,
+        error_type="RuntimeError",
+        error_message="poisoned row",
+        traceback="Traceback ...",
+    )
+
+
+def query(path: Path, sql: str, params: list | None = None) -> list[tuple]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "manifest.duckdb"
+
+
+# ---------------------------------------------------------------- records
+
+
+def test_status_of_a_missing_manifest_is_empty_and_creates_nothing(path: Path) -> None:
+    assert Manifest(path).status() == []
+    assert Manifest(path).status("j") == []
+    assert not path.exists()
+    assert Manifest(path).chunk_states("j") == {}
+    assert path.exists()  # a write connection creates it, with the schema
+    assert query(path, "SELECT count(*) FROM runs") == [(0,)]
+
+
+def test_commit_chunk_states_status_round_trip(path: Path) -> None:
+    manifest = Manifest(path)
+    run = run_record("r1", chunks_total=4)
+    manifest.start_run(run)
+    (row,) = manifest.status("j")
+    assert row["status"] == "running" and row["done_total"] == 0 and row["dead_total"] == 0
+
+    run.chunks_done, run.chunks_dead, run.rows_out = 2, 1, 10
+    records = [
+        chunk("c1", rows_in=100, rows_out=10, output_file="part-c1.parquet"),
+        chunk("c2", rows_in=100, rows_out=0, output_file=None),
+        dead("c3"),
+    ]
+    manifest.commit(run, records)
+    assert manifest.chunk_states("j") == {
+        "c1": ("done", "part-c1.parquet"),
+        "c2": ("done", None),
+        "c3": ("dead", None),
+    }
+
+    run.status, run.ended_at = "failed", T0 + 60
+    manifest.commit(run, [])
+    (row,) = manifest.status("j")
+    assert row["run_id"] == "r1" and row["status"] == "failed" and row["pid"] == 4242
+    assert (row["chunks_total"], row["chunks_done"], row["chunks_dead"], row["rows_out"]) == (4, 2, 1, 10)
+    assert (row["done_total"], row["dead_total"], row["rows_out_total"]) == (2, 1, 10)
+    assert row["started_at"] == datetime.fromtimestamp(T0, UTC)
+    assert row["ended_at"] == datetime.fromtimestamp(T0 + 60, UTC)
+
+    (letter,) = manifest.dead_letters("j")
+    assert letter["chunk_id"] == "c3" and letter["attempts"] == 3
+    assert (letter["error_type"], letter["error_message"]) == ("RuntimeError", "poisoned row")
+    assert letter["finished_at"] == datetime.fromtimestamp(T0 + 5, UTC)
+    assert query(path, "SELECT traceback FROM chunks WHERE chunk_id = 'c3'") == [("Traceback ...",)]
+
+
+def test_recommitting_a_chunk_replaces_it(path: Path) -> None:
+    manifest = Manifest(path)
+    run = run_record("r1")
+    manifest.commit(run, [dead("c1")])
+    manifest.commit(run, [chunk("c1", attempts=4, output_file="part-c1.parquet")])
+    assert manifest.chunk_states("j") == {"c1": ("done", "part-c1.parquet")}
+    assert query(path, "SELECT count(*), max(attempts) FROM chunks") == [(1, 4)]
+
+
+def test_status_shows_the_latest_run_of_each_job(path: Path) -> None:
+    manifest = Manifest(path)
+    manifest.commit(run_record("r1", status="succeeded"), [chunk("c1")])
+    manifest.commit(run_record("r2", started_at=T0 + 100, status="stopped"), [chunk("c2")])
+    manifest.commit(run_record("k1", job="k", status="succeeded"), [chunk("c1", job="k"), dead("c9", "k")])
+    rows = manifest.status()
+    assert [(r["job"], r["run_id"], r["status"]) for r in rows] == [
+        ("j", "r2", "stopped"),
+        ("k", "k1", "succeeded"),
+    ]
+    assert [(r["done_total"], r["dead_total"]) for r in rows] == [(2, 0), (1, 1)]
+    assert [r["run_id"] for r in manifest.status("k")] == ["k1"]
+
+
+def test_start_run_marks_a_left_over_running_run_crashed(path: Path) -> None:
+    manifest = Manifest(path)
+    manifest.start_run(run_record("r1"))
+    manifest.start_run(run_record("other", job="k"))
+    manifest.start_run(run_record("r2", started_at=T0 + 10))
+    statuses = dict(query(path, "SELECT run_id, status FROM runs"))
+    assert statuses == {"r1": "crashed", "r2": "running", "other": "running"}
+    assert query(path, "SELECT ended_at IS NOT NULL FROM runs WHERE run_id = 'r1'") == [(True,)]
+
+
+def test_forget_chunks_only_forgets_the_named_chunks_of_that_job(path: Path) -> None:
+    manifest = Manifest(path)
+    manifest.commit(run_record("r1"), [chunk("c1"), chunk("c2"), dead("c3")])
+    manifest.commit(run_record("k1", job="k"), [chunk("c1", job="k")])
+    manifest.forget_chunks("j", [])
+    assert set(manifest.chunk_states("j")) == {"c1", "c2", "c3"}
+    manifest.forget_chunks("j", ["c1", "c3", "not-there"])
+    assert set(manifest.chunk_states("j")) == {"c2"}
+    assert set(manifest.chunk_states("k")) == {"c1"}
+
+
+def test_bad_files_recorded_once_per_fingerprint(path: Path) -> None:
+    manifest = Manifest(path)
+    assert manifest.known_bad_files("j") == set()
+    first = BadFile(path="/data/x.parquet", fingerprint="10-1-aa", size=10, error="ArrowInvalid: nope")
+    manifest.record_bad_files("j", "r1", [first])
+    manifest.record_bad_files("j", "r2", [first])  # seen again: still one row
+    changed = BadFile(path="/data/x.parquet", fingerprint="12-2-bb", size=12, error="ValueError: worse")
+    manifest.record_bad_files("j", "r2", [changed])
+    manifest.record_bad_files("k", "k1", [first])
+    assert manifest.known_bad_files("j") == {("/data/x.parquet", "10-1-aa"), ("/data/x.parquet", "12-2-bb")}
+    assert manifest.known_bad_files("k") == {("/data/x.parquet", "10-1-aa")}
+    rows = query(
+        path, "SELECT fingerprint, size, error, run_id FROM bad_files WHERE job = 'j' ORDER BY fingerprint"
+    )
+    assert rows == [("10-1-aa", 10, "ArrowInvalid: nope", "r2"), ("12-2-bb", 12, "ValueError: worse", "r2")]
+
+
+def test_revive_dead_forgets_dead_letters_and_bad_files_of_one_job(path: Path) -> None:
+    manifest = Manifest(path)
+    manifest.commit(run_record("r1"), [chunk("c1"), dead("c2"), dead("c3")])
+    manifest.commit(run_record("k1", job="k"), [dead("c2", "k")])
+    bad = BadFile(path="/data/x.parquet", fingerprint="f", size=1, error="e")
+    manifest.record_bad_files("j", "r1", [bad])
+    manifest.record_bad_files("k", "k1", [bad])
+
+    assert manifest.revive_dead("j") == 2
+    assert manifest.chunk_states("j") == {"c1": ("done", None)}
+    assert manifest.known_bad_files("j") == set()
+    assert manifest.chunk_states("k") == {"c2": ("dead", None)}
+    assert manifest.known_bad_files("k") == {("/data/x.parquet", "f")}
+    assert manifest.revive_dead("j") == 0
+
+
+def test_reset_forgets_a_jobs_checkpoint_but_keeps_its_history(path: Path) -> None:
+    manifest = Manifest(path)
+    manifest.commit(run_record("r1", status="succeeded"), [chunk("c1"), dead("c2")])
+    manifest.commit(run_record("k1", job="k"), [chunk("c1", job="k")])
+    bad = BadFile(path="/data/x.parquet", fingerprint="f", size=1, error="e")
+    manifest.record_bad_files("j", "r1", [bad])
+    manifest.record_bad_files("k", "k1", [bad])
+
+    manifest.reset("j")
+    assert manifest.chunk_states("j") == {}
+    assert manifest.known_bad_files("j") == set()
+    (row,) = manifest.status("j")
+    assert row["run_id"] == "r1" and (row["done_total"], row["dead_total"]) == (0, 0)
+    assert manifest.chunk_states("k") == {"c1": ("done", None)}
+    assert manifest.known_bad_files("k") == {("/data/x.parquet", "f")}
+
+
+# ---------------------------------------------------------------- another process holds the file
+
+HOLDER = """
+import sys, time, duckdb
+con = duckdb.connect(sys.argv[1])
+con.execute("SELECT 1")
+print("ready", flush=True)
+if sys.argv[2] == "stdin":
+    sys.stdin.readline()
+else:
+    time.sleep(float(sys.argv[2]))
+con.close()
+print("released", flush=True)
+"""
+
+
+def hold(path: Path, how: str) -> subprocess.Popen[str]:
+    """A real process holding the manifest open for writing; returns once it holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path), how],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    line = holder.stdout.readline()
+    if line != "ready\n":
+        holder.kill()
+        raise AssertionError(f"holder failed: {line!r} {holder.communicate()[1]}")
+    return holder
+
+
+def test_connect_waits_while_another_process_holds_the_file(path: Path) -> None:
+    Manifest(path).start_run(run_record("r1"))
+    holder = hold(path, "1.0")
+    try:
+        started = time.monotonic()
+        with Manifest(path, deadline=30).connect() as con:
+            waited = time.monotonic() - started
+            assert con.execute("SELECT run_id FROM runs").fetchall() == [("r1",)]
+        out, _ = holder.communicate(timeout=10)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert waited >= 0.7, f"connect returned after {waited:.2f}s while the holder kept the file for 1s"
+    assert waited < 10
+    assert out == "released\n" and holder.returncode == 0
+
+
+def test_connect_gives_up_at_its_deadline_while_held(path: Path) -> None:
+    Manifest(path).start_run(run_record("r1"))
+    holder = hold(path, "stdin")
+    try:
+        manifest = Manifest(path, deadline=0.2)
+        for read_only in (False, True):
+            started = time.monotonic()
+            with pytest.raises(ManifestBusy, match="busy"), manifest.connect(read_only=read_only):
+                pass
+            gave_up = time.monotonic() - started
+            assert 0.2 <= gave_up < 3.0, gave_up
+        with pytest.raises(ManifestBusy):
+            manifest.status("j")
+        assert holder.poll() is None  # still holding it: the failures were real waits
+        assert holder.stdin is not None
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.wait(timeout=10) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    (row,) = Manifest(path, deadline=0.2).status("j")  # free again: no wait needed
+    assert row["run_id"] == "r1"

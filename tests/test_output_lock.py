@@ -1,0 +1,197 @@
+"""Atomic publication (minibatch/output.py) and the per-job lock (minibatch/lock.py), the latter
+held by a real second process and released by the kernel when that process is SIGKILLed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from minibatch.lock import JobLocked, holder_pid, job_lock, lock_path
+from minibatch.output import REDUCED_NAME, OutputLayout, part_name, write_atomically
+
+TABLE = pa.table({"id": pa.array(range(50), pa.int64()), "s": pa.array([f"v{i}" for i in range(50)])})
+
+
+# ---------------------------------------------------------------- output
+
+
+def test_write_atomically_publishes_the_whole_file_and_leaves_no_temp(tmp_path: Path) -> None:
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    out.mkdir()
+    staging.mkdir()
+    target = out / part_name("abc")
+    size = write_atomically(TABLE, target, staging)
+    assert size == target.stat().st_size > 0
+    assert pq.read_table(target).equals(TABLE)
+    assert list(staging.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == ["part-abc.parquet"]
+
+    # writing again replaces the file in place
+    smaller = TABLE.slice(0, 5)
+    write_atomically(smaller, target, staging)
+    assert pq.read_table(target).equals(smaller)
+    assert list(staging.iterdir()) == [] and len(list(out.iterdir())) == 1
+
+
+def test_write_atomically_failure_leaves_neither_temp_nor_target(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    target = tmp_path / "missing-dir" / "part-x.parquet"
+    with pytest.raises(FileNotFoundError):
+        write_atomically(TABLE, target, staging)
+    assert list(staging.iterdir()) == []
+    assert not target.exists()
+
+
+def test_prepare_creates_dirs_and_removes_leftovers_from_staging(tmp_path: Path) -> None:
+    layout = OutputLayout(tmp_path / "out" / "job", reduce=True)
+    assert layout.prepare() == 0
+    for directory in (layout.output, layout.staging, layout.parts):
+        assert directory.is_dir()
+
+    (layout.staging / "part-a.parquet.123.tmp").write_bytes(b"half a file")
+    (layout.staging / "junk-dir").mkdir()
+    (layout.staging / "junk-dir" / "inner").write_text("x")
+    (layout.parts / "part-keep.parquet").write_bytes(b"a finished part")
+    (layout.output / REDUCED_NAME).write_bytes(b"published")
+    assert layout.prepare() == 2
+    assert list(layout.staging.iterdir()) == []
+    # finished results are not leftovers
+    assert (layout.parts / "part-keep.parquet").read_bytes() == b"a finished part"
+    assert (layout.output / REDUCED_NAME).read_bytes() == b"published"
+
+
+def test_reduce_layout_keeps_staging_and_parts_beside_the_output(tmp_path: Path) -> None:
+    output = tmp_path / "out" / "job"
+    layout = OutputLayout(output, reduce=True)
+    for directory in (layout.staging, layout.parts):
+        assert directory.parent == output.parent
+        assert directory.name.startswith(".")
+        assert output not in directory.parents and directory != output
+    assert layout.staging != layout.parts
+
+    layout.prepare()
+    write_atomically(TABLE, layout.parts / part_name("p1"), layout.staging)
+    write_atomically(TABLE.slice(0, 3), layout.output / REDUCED_NAME, layout.staging)
+    (layout.staging / "in-flight.tmp").write_bytes(b"not parquet")
+    # readers of the output see only the published result, never parts or staging
+    assert ds.dataset(output, format="parquet").to_table().num_rows == 3
+    glob = str(output / "**" / "*.parquet")
+    con = duckdb.connect()
+    try:
+        assert con.execute("SELECT count(*) FROM read_parquet(?)", [glob]).fetchall() == [(3,)]
+    finally:
+        con.close()
+    assert layout.part_files() == {part_name("p1")}
+
+
+def test_map_layout_writes_parts_into_the_output(tmp_path: Path) -> None:
+    layout = OutputLayout(tmp_path / "out" / "job", reduce=False)
+    assert layout.parts == layout.output
+    assert layout.staging.parent == layout.output.parent and layout.staging.name.startswith(".")
+    layout.prepare()
+    write_atomically(TABLE, layout.parts / part_name("a"), layout.staging)
+    write_atomically(TABLE, layout.parts / part_name("b"), layout.staging)
+    assert layout.part_files() == {part_name("a"), part_name("b")}
+    layout.remove_parts({part_name("a")})
+    assert layout.part_files() == {part_name("b")}
+    layout.remove_all()
+    assert not layout.output.exists() and not layout.staging.exists()
+
+
+# ---------------------------------------------------------------- lock
+
+HOLDER = """
+import sys
+from pathlib import Path
+from minibatch.lock import job_lock
+with job_lock(Path(sys.argv[1]), sys.argv[2]):
+    print("locked", flush=True)
+    sys.stdin.readline()
+print("unlocked", flush=True)
+"""
+
+
+def hold_lock(state_dir: Path, job: str) -> subprocess.Popen[str]:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(state_dir), job],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    line = holder.stdout.readline()
+    if line != "locked\n":
+        holder.kill()
+        raise AssertionError(f"lock holder failed: {line!r} {holder.communicate()[1]}")
+    return holder
+
+
+def test_a_held_lock_is_refused_with_the_holders_pid(tmp_path: Path) -> None:
+    holder = hold_lock(tmp_path, "nightly")
+    try:
+        with pytest.raises(JobLocked) as excinfo, job_lock(tmp_path, "nightly"):
+            pytest.fail("took a lock another process holds")
+        assert excinfo.value.pid == holder.pid
+        assert excinfo.value.job == "nightly"
+        assert f"process {holder.pid}" in str(excinfo.value)
+        assert holder_pid(tmp_path, "nightly") == holder.pid
+        with job_lock(tmp_path, "other-job"):  # locks are per job
+            pass
+
+        # a clean release by the holder frees it
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.wait(timeout=10) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    with job_lock(tmp_path, "nightly"):
+        assert holder_pid(tmp_path, "nightly") == os.getpid()
+
+
+def test_sigkilled_holder_releases_the_lock_at_once(tmp_path: Path) -> None:
+    holder = hold_lock(tmp_path, "nightly")
+    try:
+        with pytest.raises(JobLocked), job_lock(tmp_path, "nightly"):
+            pass
+        os.kill(holder.pid, signal.SIGKILL)
+        assert holder.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        holder.kill()
+        holder.wait()
+    # the dead holder's pid is still in the file, but it names no live process
+    assert lock_path(tmp_path, "nightly").read_text().strip() == str(holder.pid)
+    assert holder_pid(tmp_path, "nightly") is None
+    with job_lock(tmp_path, "nightly"):  # no wait, no stale-lock cleanup needed
+        assert holder_pid(tmp_path, "nightly") == os.getpid()
+
+
+def test_holder_pid_without_a_usable_lock_file(tmp_path: Path) -> None:
+    assert holder_pid(tmp_path, "never") is None
+    path = lock_path(tmp_path, "garbled")
+    path.parent.mkdir(parents=True)
+    path.write_text("not a pid\n")
+    assert holder_pid(tmp_path, "garbled") is None
+    path.write_text("")
+    assert holder_pid(tmp_path, "garbled") is None
+
+
+def test_lock_is_exclusive_within_one_process_too(tmp_path: Path) -> None:
+    with job_lock(tmp_path, "j"):
+        with pytest.raises(JobLocked) as excinfo, job_lock(tmp_path, "j"):
+            pass
+        assert excinfo.value.pid == os.getpid()
+    with job_lock(tmp_path, "j"):  # released on exit
+        pass

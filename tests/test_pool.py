@@ -1,0 +1,345 @@
+"""The worker pool (minibatch/pool.py) and what runs inside a worker (minibatch/worker.py):
+real forkserver workers, real Parquet chunks, real process deaths."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from minibatch.planner import Chunk, plan_chunks, read_file_meta
+from minibatch.pool import Failed, Finished, Lost, MemoryBudget, Started, WorkerPool
+from minibatch.worker import InputChanged, JobSpec, SchemaMismatch, Task, TaskError, check_schema, read_chunk
+
+JOBS = """
+import os, time
+import pyarrow.compute as pc
+
+def double(table, ctx):
+    return table.append_column("doubled", pc.multiply(table["value"], 2))
+
+def die(table, ctx):
+    os._exit(7)
+
+def sleepy(table, ctx):
+    time.sleep(60)
+    return table
+"""
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def write_parquet(path: Path, rows: int, row_group: int, start: int = 0) -> Path:
+    ids = range(start, start + rows)
+    table = pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "value": pa.array([i % 97 for i in ids], pa.int64()),
+            "name": pa.array([f"row-{i}" for i in ids]),
+        }
+    )
+    pq.write_table(table, path, row_group_size=row_group)
+    return path
+
+
+def chunks_of(path: Path, chunk_bytes: int, columns: tuple[str, ...] | None = None) -> list[Chunk]:
+    return plan_chunks([read_file_meta(str(path), columns)], chunk_bytes)
+
+
+def group_chunks(path: Path) -> list[Chunk]:
+    """One chunk per row group: chunk_bytes is the largest group's size."""
+    meta = read_file_meta(str(path), None)
+    chunks = plan_chunks([meta], max(g.nbytes for g in meta.row_groups))
+    assert len(chunks) == len(meta.row_groups)
+    return chunks
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, Path]:
+    base = tmp_path / "project"
+    base.mkdir()
+    (base / "pooljobs.py").write_text(textwrap.dedent(JOBS))
+    dirs = {"base": base, "parts": tmp_path / "parts", "staging": tmp_path / "staging"}
+    dirs["parts"].mkdir()
+    dirs["staging"].mkdir()
+    dirs["input"] = write_parquet(tmp_path / "in.parquet", rows=300, row_group=100)
+    return dirs
+
+
+def spec(env: dict[str, Path], process: str | None = "pooljobs:double", sql: str | None = None) -> JobSpec:
+    return JobSpec(
+        name="t",
+        process=process,
+        sql=sql,
+        columns=None,
+        base_dir=str(env["base"]),
+        parts_dir=str(env["parts"]),
+        staging_dir=str(env["staging"]),
+    )
+
+
+def task(task_id: int, chunk: Chunk, job: JobSpec) -> Task:
+    return Task(task_id, chunk, job, run_id="run-1", attempt=1, output_name=f"part-{task_id}.parquet")
+
+
+def collect(pool: WorkerPool, task_ids: set[int], timeout: float = 20.0) -> tuple[dict, list[Started]]:
+    """Poll until every task in `task_ids` has its one final event (Finished, Failed or Lost)."""
+    final: dict[int, Finished | Failed | Lost] = {}
+    started: list[Started] = []
+    deadline = time.monotonic() + timeout
+    while task_ids - final.keys():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no final event for tasks {sorted(task_ids - final.keys())}")
+        for event in pool.poll(min(left, 1.0)):
+            if isinstance(event, Started):
+                started.append(event)
+            else:
+                assert event.task_id not in final, f"two final events for task {event.task_id}"
+                final[event.task_id] = event
+    return final, started
+
+
+def wait_started(pool: WorkerPool, task_id: int, timeout: float = 20.0) -> Started:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in pool.poll(0.5):
+            assert not isinstance(event, Failed | Finished | Lost), f"unexpected {event}"
+            if isinstance(event, Started) and event.task_id == task_id:
+                return event
+    raise AssertionError(f"task {task_id} never started")
+
+
+def ids_of(path: Path) -> list[int]:
+    return pq.read_table(path).column("id").to_pylist()
+
+
+# ---------------------------------------------------------------- pool
+
+
+def test_tasks_finish_and_write_their_results(env: dict[str, Path]) -> None:
+    chunks = group_chunks(env["input"])
+    job = spec(env)
+    pool = WorkerPool(2, memory_cap=None)
+    try:
+        for i, chunk in enumerate(chunks):
+            pool.submit(task(i, chunk, job))
+        final, started = collect(pool, set(range(len(chunks))))
+    finally:
+        pool.close()
+    assert {s.task_id for s in started} == set(range(len(chunks)))
+    assert all(s.pid > 0 and s.pid != os.getpid() for s in started)
+    for i, chunk in enumerate(chunks):
+        event = final[i]
+        assert isinstance(event, Finished), event
+        assert event.result.rows_in == event.result.rows_out == chunk.num_rows
+        assert event.result.output_file == f"part-{i}.parquet"
+        assert event.result.bytes_out == (env["parts"] / f"part-{i}.parquet").stat().st_size
+        table = pq.read_table(env["parts"] / f"part-{i}.parquet")
+        assert table.column("id").to_pylist() == list(range(chunk.row_start, chunk.row_end))
+        assert table.column("doubled").to_pylist() == [
+            2 * (r % 97) for r in range(chunk.row_start, chunk.row_end)
+        ]
+    assert list(env["staging"].iterdir()) == []
+
+
+def test_sql_task_and_empty_result(env: dict[str, Path]) -> None:
+    chunk = group_chunks(env["input"])[1]
+    pool = WorkerPool(1, memory_cap=None)
+    try:
+        pool.submit(task(0, chunk, spec(env, process=None, sql="SELECT id FROM chunk WHERE id % 10 = 0")))
+        pool.submit(task(1, chunk, spec(env, process=None, sql="SELECT id FROM chunk WHERE id < 0")))
+        final, _ = collect(pool, {0, 1})
+    finally:
+        pool.close()
+    assert isinstance(final[0], Finished) and isinstance(final[1], Finished)
+    assert final[0].result.rows_out == 10
+    assert sorted(ids_of(env["parts"] / "part-0.parquet")) == list(range(100, 200, 10))
+    # no rows: no file, no output name
+    assert final[1].result.rows_out == 0 and final[1].result.output_file is None
+    assert not (env["parts"] / "part-1.parquet").exists()
+
+
+def test_job_exception_is_a_failed_event(env: dict[str, Path]) -> None:
+    chunk = group_chunks(env["input"])[0]
+    pool = WorkerPool(1, memory_cap=None)
+    try:
+        pool.submit(task(0, chunk, spec(env, process=None, sql="SELECT no_such_column FROM chunk")))
+        pool.submit(task(1, chunk, spec(env)))
+        final, _ = collect(pool, {0, 1})
+    finally:
+        pool.close()
+    assert isinstance(final[0], Failed)
+    assert final[0].error.kind == "error" and "no_such_column" in final[0].error.message
+    assert final[0].error.traceback  # the worker's traceback travels with the error
+    # the same worker carries on with the next task
+    assert isinstance(final[1], Finished)
+
+
+def test_worker_death_fails_its_task_loses_the_queued_one_and_pool_recovers(env: dict[str, Path]) -> None:
+    chunks = group_chunks(env["input"])
+    pool = WorkerPool(1, memory_cap=None)
+    try:
+        pool.submit(task(0, chunks[0], spec(env, process="pooljobs:die")))
+        pool.submit(task(1, chunks[1], spec(env)))  # queued behind it on the only slot
+        final, started = collect(pool, {0, 1})
+        dead_pid = next(s.pid for s in started if s.task_id == 0)
+
+        assert isinstance(final[0], Failed), final[0]
+        assert final[0].error.kind == "died"
+        assert "exited with code 7" in final[0].error.message
+        assert str(dead_pid) in final[0].error.message
+        # never started there: Lost (resubmit without charging an attempt), not Failed
+        assert isinstance(final[1], Lost), final[1]
+        assert 1 not in {s.task_id for s in started}
+        assert not (env["parts"] / "part-1.parquet").exists()
+
+        # the slot was restarted with a new process; the pool keeps working
+        pool.submit(task(2, chunks[1], spec(env)))
+        final, started = collect(pool, {2})
+    finally:
+        pool.close()
+    assert isinstance(final[2], Finished), final[2]
+    assert started[0].pid != dead_pid
+    assert ids_of(env["parts"] / "part-2.parquet") == list(range(100, 200))
+
+
+def test_kill_fails_the_running_task_with_the_given_error(env: dict[str, Path]) -> None:
+    chunks = group_chunks(env["input"])
+    pool = WorkerPool(1, memory_cap=None)
+    try:
+        pool.submit(task(0, chunks[0], spec(env, process="pooljobs:sleepy")))
+        pool.submit(task(1, chunks[1], spec(env)))
+        victim = wait_started(pool, 0).pid
+        error = TaskError(kind="timeout", type="ChunkTimeout", message="too slow", traceback="")
+        events = pool.kill(0, error)
+        assert [e for e in events if not isinstance(e, Started)] == [Failed(0, error), Lost(1)]
+        with pytest.raises(ProcessLookupError):
+            os.kill(victim, 0)  # killed and reaped
+        assert pool.idle
+        pool.submit(task(2, chunks[2], spec(env)))
+        final, _ = collect(pool, {2})
+    finally:
+        pool.terminate()
+    assert isinstance(final[2], Finished)
+
+
+def test_overdue_reports_only_a_started_task(env: dict[str, Path]) -> None:
+    chunk = group_chunks(env["input"])[0]
+    pool = WorkerPool(2, memory_cap=None)
+    try:
+        far_future = time.monotonic() + 1e6
+        assert pool.overdue(0.0, now=far_future) == []  # nothing running
+        pool.submit(task(0, chunk, spec(env, process="pooljobs:sleepy")))
+        wait_started(pool, 0)
+        assert pool.overdue(5.0, now=time.monotonic() + 10) == [0]
+        assert pool.overdue(5.0, now=time.monotonic()) == []
+        assert pool.overdue(5.0) == []
+        error = TaskError(kind="timeout", type="ChunkTimeout", message="overdue", traceback="")
+        events = pool.kill(0, error)
+        assert Failed(0, error) in events
+        assert pool.overdue(0.0, now=far_future) == []  # the new worker runs nothing
+    finally:
+        pool.terminate()
+
+
+# ---------------------------------------------------------------- admission budget
+
+
+def test_memory_budget_fits_reserve_release() -> None:
+    budget = MemoryBudget(100)
+    assert budget.fits(60)
+    budget.reserve(60)
+    assert budget.fits(40)
+    assert not budget.fits(41)
+    budget.reserve(40)
+    assert budget.in_flight == 100 and not budget.fits(1)
+    budget.release(60)
+    assert budget.in_flight == 40 and budget.fits(60) and not budget.fits(61)
+    budget.release(40)
+    assert budget.in_flight == 0 and budget.peak == 100
+
+
+def test_memory_budget_oversized_chunk_runs_alone() -> None:
+    budget = MemoryBudget(100)
+    assert budget.fits(10_000)  # nothing in flight: a chunk bigger than the budget may run
+    budget.reserve(10_000)
+    assert not budget.fits(1)  # ... but alone
+    budget.release(10_000)
+    assert budget.fits(1) and budget.peak == 10_000
+
+
+# ---------------------------------------------------------------- inside a worker
+
+
+def test_check_schema_names_the_differing_column() -> None:
+    expected = pa.schema([("id", pa.int64()), ("name", pa.string())])
+    check_schema(pa.schema([pa.field("id", pa.int64(), nullable=False), ("name", pa.string())]), expected)
+    with pytest.raises(SchemaMismatch, match=r"name is int32, expected string"):
+        check_schema(pa.schema([("id", pa.int64()), ("name", pa.int32())]), expected)
+    with pytest.raises(SchemaMismatch) as excinfo:
+        check_schema(pa.schema([("id", pa.int64()), ("extra", pa.float64())]), expected)
+    assert "name (string) missing" in str(excinfo.value)
+    assert "extra (double) unexpected" in str(excinfo.value)
+    with pytest.raises(SchemaMismatch, match="order"):
+        check_schema(pa.schema([("name", pa.string()), ("id", pa.int64())]), expected)
+
+
+def test_check_schema_rejects_a_duplicated_column() -> None:
+    expected = pa.schema([("id", pa.int64()), ("v", pa.int64())])
+    with pytest.raises(SchemaMismatch):
+        check_schema(pa.schema([("id", pa.int64()), ("v", pa.int64()), ("id", pa.int64())]), expected)
+
+
+def test_read_chunk_row_ranges_of_one_big_row_group(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "big.parquet", rows=1000, row_group=1000)
+    meta = read_file_meta(str(path), None)
+    (group,) = meta.row_groups
+    chunks = chunks_of(path, group.nbytes // 3 + 1)
+    assert len(chunks) == 3
+    assert all((c.rg_start, c.rg_end) == (0, 1) for c in chunks)
+    seen: list[int] = []
+    for chunk in chunks:
+        table = read_chunk(chunk, ("id",))
+        assert table.column_names == ["id"]
+        ids = table.column("id").to_pylist()
+        assert ids == list(range(chunk.row_start, chunk.row_end))
+        seen.extend(ids)
+    assert seen == list(range(1000))
+
+
+def test_read_chunk_row_ranges_of_a_later_row_group(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "two.parquet", rows=2000, row_group=1000, start=5000)
+    meta = read_file_meta(str(path), ("name", "id"))
+    chunks = chunks_of(path, min(g.nbytes for g in meta.row_groups) // 7, ("name", "id"))
+    later = [c for c in chunks if c.rg_start == 1]
+    assert len(later) >= 7 and all(c.rg_row_offset == 1000 for c in later)
+    for chunk in chunks:
+        table = read_chunk(chunk, ("name", "id"))
+        assert table.column_names == ["name", "id"]
+        expected = list(range(5000 + chunk.row_start, 5000 + chunk.row_end))
+        assert table.column("id").to_pylist() == expected
+        assert table.column("name").to_pylist() == [f"row-{i}" for i in expected]
+
+
+def test_read_chunk_whole_row_groups_and_all_columns(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "groups.parquet", rows=300, row_group=100)
+    meta = read_file_meta(str(path), None)
+    (chunk,) = chunks_of(path, sum(g.nbytes for g in meta.row_groups))  # all three coalesced
+    table = read_chunk(chunk, None)
+    assert table.column_names == ["id", "value", "name"]
+    assert table.column("id").to_pylist() == list(range(300))
+
+
+def test_read_chunk_refuses_a_rewritten_file(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "f.parquet", rows=100, row_group=100)
+    (chunk,) = chunks_of(path, 2**30)
+    write_parquet(path, rows=150, row_group=100)
+    with pytest.raises(InputChanged):
+        read_chunk(chunk, None)
