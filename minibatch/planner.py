@@ -77,9 +77,11 @@ def _plan_file(meta: FileMeta, chunk_bytes: int) -> list[Chunk]:
     run_bytes = 0
     offsets = _row_offsets(meta.row_groups)
     for index, group in enumerate(meta.row_groups):
-        if run and run_bytes + group.nbytes > chunk_bytes:
+        if run and (group.num_rows == 0 or run_bytes + group.nbytes > chunk_bytes):
             chunks.append(_coalesced(meta, run, offsets))
             run, run_bytes = [], 0
+        if group.num_rows == 0:
+            continue  # no rows to cover, and no chunk spans it
         if group.nbytes > chunk_bytes:
             chunks.extend(_split(meta, index, offsets[index], chunk_bytes))
         else:
@@ -136,8 +138,8 @@ def expand_inputs(base_dir: Path, patterns: Iterable[str]) -> list[str]:
     found: set[str] = set()
     for pattern in patterns:
         full = pattern if os.path.isabs(pattern) else str(base_dir / pattern)
-        found.update(p for p in glob.glob(full, recursive=True) if os.path.isfile(p))
-    return sorted(os.path.abspath(p) for p in found)
+        found.update(os.path.abspath(p) for p in glob.glob(full, recursive=True) if os.path.isfile(p))
+    return sorted(found)
 
 
 def scan_inputs(paths: Iterable[str], columns: Sequence[str] | None) -> tuple[list[FileMeta], list[BadFile]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 SIZE_UNITS = {
     "": 1,
@@ -37,7 +38,7 @@ def parse_size(value: object) -> int:
     unit = match.group(2).lower() if match else None
     if match is None or unit not in SIZE_UNITS:
         raise ValueError(f'bad size {value!r} (expected e.g. "512MiB", "2GiB", "64MB" or bytes)')
-    return int(float(match.group(1)) * SIZE_UNITS[unit])
+    return int(Decimal(match.group(1)) * SIZE_UNITS[unit])  # exact, unlike float
 
 
 def parse_duration(value: object) -> float:
