@@ -158,7 +158,7 @@ class Executor:
             deadlines.append(self.retry_at[0][0])
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
-        if self.breaker.state == "open":
+        if self.breaker.state == "open" and self.breaker.open_until > now:
             deadlines.append(self.breaker.open_until)
         return max(0.0, min(deadlines) - now)
 
@@ -166,6 +166,7 @@ class Executor:
         self.signals.drain()
         if self.signals.requested and self.stop_deadline is None:
             self.stop_deadline = time.monotonic() + self.job.stop_grace
+            self.pool.stop_starting()
             self.owner.emit(
                 "stop_requested",
                 signal=self.signals.last,

@@ -92,12 +92,16 @@ class WorkerPool:
         self.size = size
         self.memory_cap = memory_cap
         self._ctx = _context()
+        self._stopping = self._ctx.Event()
         self._slots: list[_Slot] = [self._spawn() for _ in range(size)]
 
     def _spawn(self) -> _Slot:
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=worker_main, args=(child, self.memory_cap), daemon=True, name="minibatch-worker"
+            target=worker_main,
+            args=(child, self.memory_cap, self._stopping),
+            daemon=True,
+            name="minibatch-worker",
         )
         process.start()
         child.close()
@@ -131,6 +135,10 @@ class WorkerPool:
                 events.extend(self._replace(by_sentinel[item], None))
         return events
 
+    def stop_starting(self) -> None:
+        """Workers hand back the tasks queued with them instead of starting them."""
+        self._stopping.set()
+
     def overdue(self, timeout: float, now: float | None = None) -> list[int]:
         """Indexes of slots whose running task has run longer than `timeout` seconds."""
         now = time.monotonic() if now is None else now
@@ -163,6 +171,8 @@ class WorkerPool:
             return Started(task_id, slot.process.pid or 0)
         slot.queue.popleft()
         slot.started_at = None
+        if kind == "unstarted":
+            return Lost(task_id)
         return Finished(task_id, payload) if kind == "done" else Failed(task_id, payload)
 
     def _replace(self, slot: _Slot, error: TaskError | None) -> list[Event]:

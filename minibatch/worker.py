@@ -243,8 +243,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def worker_main(conn: Connection, memory_cap: int | None) -> None:
-    """Serve tasks from the coordinator until it closes the pipe."""
+def worker_main(conn: Connection, memory_cap: int | None, stopping: Any) -> None:
+    """Serve tasks from the coordinator until it closes the pipe.
+
+    Once `stopping` (an Event) is set, tasks still queued here are handed back unstarted.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the coordinator's
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_parent()
@@ -257,6 +260,9 @@ def worker_main(conn: Connection, memory_cap: int | None) -> None:
             return
         if task is None:
             return
+        if stopping.is_set():
+            conn.send(("unstarted", task.task_id, None))
+            continue
         conn.send(("start", task.task_id, time.time()))
         try:
             reply: tuple[str, int, Any] = ("done", task.task_id, run_task(task))

@@ -29,6 +29,10 @@ def die(table, ctx):
 def sleepy(table, ctx):
     time.sleep(60)
     return table
+
+def nap(table, ctx):
+    time.sleep(0.5)
+    return table
 """
 
 
@@ -228,6 +232,22 @@ def test_kill_fails_the_running_task_with_the_given_error(env: dict[str, Path]) 
     finally:
         pool.terminate()
     assert isinstance(final[2], Finished)
+
+
+def test_stop_starting_hands_back_queued_tasks_unstarted(env: dict[str, Path]) -> None:
+    chunks = group_chunks(env["input"])
+    pool = WorkerPool(1, memory_cap=None)
+    try:
+        pool.submit(task(0, chunks[0], spec(env, process="pooljobs:nap")))
+        pool.submit(task(1, chunks[1], spec(env)))
+        wait_started(pool, 0)
+        pool.stop_starting()  # what a first SIGTERM does: the running task finishes, no new one starts
+        final, started = collect(pool, {0, 1})
+    finally:
+        pool.close()
+    assert isinstance(final[0], Finished)
+    assert final[1] == Lost(1)
+    assert not [s for s in started if s.task_id == 1]
 
 
 def test_overdue_reports_only_a_started_task(env: dict[str, Path]) -> None:
