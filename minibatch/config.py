@@ -254,10 +254,10 @@ def _job(
     c = _Checker(table, f"jobs.{name}", errors)
     c.unknown_keys(JOB_KEYS)
     inputs = c.string_list("input")
-    if inputs is None and "input" not in table:
+    if not inputs and ("input" not in table or inputs is not None):
         c.error("input", "missing (a glob or a list of globs of Parquet files)")
     output = c.get("output", str)
-    if output is None and "output" not in table:
+    if not output and ("output" not in table or output is not None):
         c.error("output", "missing (a directory the job owns)")
     output_path = (base_dir / output).resolve() if output else base_dir / f"out/{name}"
     _check_process_sql(c, table)
@@ -325,6 +325,8 @@ def _check_output_outside_inputs(c: _Checker, inputs: tuple[str, ...], output: P
         root = glob_root(base_dir, pattern)
         if output == root or root in output.parents:
             c.error("output", f"{output} is inside the directory of input glob {pattern!r}")
+        elif output in root.parents:
+            c.error("output", f"{output} contains input glob {pattern!r} (reset would delete inputs)")
 
 
 def glob_root(base_dir: Path, pattern: str) -> Path:

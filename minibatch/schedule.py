@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 if TYPE_CHECKING:
-    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.base import BaseTrigger
 
 SHORTCUTS = {
     "@yearly": "0 0 1 1 *",
@@ -22,8 +22,13 @@ SHORTCUTS = {
 DAY_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
 
 
-def parse_crontab(expr: str, timezone: str) -> CronTrigger:
-    """A CronTrigger for a 5-field crontab or an @shortcut; ValueError naming the problem."""
+def parse_crontab(expr: str, timezone: str) -> BaseTrigger:
+    """A trigger for a 5-field crontab or an @shortcut; ValueError naming the problem.
+
+    As in cron, when both day-of-month and day-of-week are restricted a day matching either
+    fires (APScheduler alone would require both).
+    """
+    from apscheduler.triggers.combining import OrTrigger
     from apscheduler.triggers.cron import CronTrigger
 
     fields = SHORTCUTS.get(expr.strip().lower(), expr).split()
@@ -31,16 +36,16 @@ def parse_crontab(expr: str, timezone: str) -> CronTrigger:
         raise ValueError(f"bad crontab {expr!r}: expected 5 fields (minute hour day month weekday)")
     minute, hour, day, month, weekday = fields
     try:
-        return CronTrigger(
-            minute=minute,
-            hour=hour,
-            day=day,
-            month=month,
-            day_of_week=_weekday_names(weekday),
-            timezone=timezone,
-        )
+        days = [(day, _weekday_names(weekday))]
+        if day != "*" and weekday != "*":
+            days = [(day, "*"), ("*", _weekday_names(weekday))]
+        triggers = [
+            CronTrigger(minute=minute, hour=hour, day=d, month=month, day_of_week=w, timezone=timezone)
+            for d, w in days
+        ]
     except ValueError as exc:
         raise ValueError(f"bad crontab {expr!r}: {exc}") from None
+    return triggers[0] if len(triggers) == 1 else OrTrigger(triggers)
 
 
 def _weekday_names(field: str) -> str:
@@ -72,8 +77,8 @@ def _weekday_number(text: str) -> int:
     text = text.strip()
     if text.isdigit() and int(text) <= 7:
         return int(text)
-    if text[:3] in DAY_NAMES:
-        return DAY_NAMES.index(text[:3])
+    if text in DAY_NAMES:
+        return DAY_NAMES.index(text)
     raise ValueError(f"bad weekday {text!r} (expected 0-7 or sun..sat)")
 
 

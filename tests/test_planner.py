@@ -82,6 +82,7 @@ def _check_file_chunks(meta: FileMeta, chunks: list[Chunk], chunk_bytes: int) ->
         assert chunk.row_end <= offsets[chunk.rg_end], chunk
         assert chunk.rg_row_offset == offsets[chunk.rg_start], chunk
         assert chunk.num_rows == chunk.row_end - chunk.row_start
+        assert chunk.num_rows >= 1, f"empty chunk {chunk}"  # empty row groups get no chunk
         groups = meta.row_groups[chunk.rg_start : chunk.rg_end]
         if len(groups) > 1:  # coalesced: whole row groups, never above chunk_bytes
             assert _is_whole_groups(chunk, offsets), chunk
