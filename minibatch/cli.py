@@ -124,6 +124,23 @@ def retry(state: State, job: str, quiet: bool) -> None:
 
 @main.command()
 @click.pass_obj
+def daemon(state: State) -> None:
+    """Run the scheduler in the foreground until SIGTERM (what systemd's unit starts).
+
+    Fires every job with a `schedule` in its time zone, catches up runs missed while down,
+    waits for `depends_on`, reloads config.toml on SIGHUP, speaks systemd's notify protocol,
+    serves Prometheus metrics at `metrics_addr`, and logs to stdout.
+    """
+    from minibatch.daemon import load_daemon_config, run_daemon
+    from minibatch.log import configure_logging
+
+    config = load_daemon_config(state.config_path)
+    configure_logging(config.engine.log_format, config.engine.log_level, stream=sys.stdout)
+    sys.exit(run_daemon(config, state.config_path))
+
+
+@main.command()
+@click.pass_obj
 def validate(state: State) -> None:
     """Check config.toml and import every job's function."""
     from minibatch.config import check_imports

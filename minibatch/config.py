@@ -67,6 +67,7 @@ class JobConfig:
     stop_grace: float = 30.0
     worker_memory_limit: int | None = None
     breaker: BreakerSettings = BreakerSettings()
+    catchup: str = "once"  # once | skip: what to do about fire times missed while down
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ JOB_KEYS = {
     "description", "input", "output", "process", "sql", "reduce_sql", "columns", "chunk_bytes", "schedule",
     "timezone", "watch", "retries", "retry_backoff", "timeout", "depends_on", "workers", "memory_limit",
     "stop_grace", "worker_memory_limit",
-    "breaker_failures", "breaker_rate", "breaker_window", "breaker_cooldown",
+    "breaker_failures", "breaker_rate", "breaker_window", "breaker_cooldown", "catchup",
 }  # fmt: skip
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -224,10 +225,19 @@ def _engine(table: dict[str, Any], base_dir: Path, errors: list[str]) -> EngineC
         timezone=_timezone(c, "UTC"),
         log_format=log_format,
         log_level=log_level,
-        metrics_addr=c.get("metrics_addr", str, "127.0.0.1:9464"),
+        metrics_addr=_metrics_addr(c),
         stop_grace=c.parsed("stop_grace", parse_duration, 30.0),
         worker_memory_limit=c.parsed("worker_memory_limit", parse_size, None),
     )
+
+
+def _metrics_addr(c: _Checker) -> str:
+    addr = c.get("metrics_addr", str, "127.0.0.1:9464")
+    host, _, port = addr.rpartition(":")
+    if addr and not (host and port.isdigit() and 0 < int(port) < 65536):
+        c.error("metrics_addr", f'expected "host:port" or "" (off), got {addr!r}')
+        return "127.0.0.1:9464"
+    return addr
 
 
 def _positive_size(c: _Checker, key: str, default: int) -> int:
@@ -287,7 +297,16 @@ def _job(
         stop_grace=c.parsed("stop_grace", parse_duration, engine.stop_grace),
         worker_memory_limit=c.parsed("worker_memory_limit", parse_size, engine.worker_memory_limit),
         breaker=_breaker(c),
+        catchup=_choice(c, "catchup", ("once", "skip"), "once"),
     )
+
+
+def _choice(c: _Checker, key: str, choices: tuple[str, ...], default: str) -> str:
+    value = c.get(key, str, default)
+    if value not in choices:
+        c.error(key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return default
+    return value
 
 
 def _breaker(c: _Checker) -> BreakerSettings:

@@ -44,4 +44,6 @@ def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO 
 
 
 def get_logger(**bound: object) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger("minibatch").bind(**bound)
+    """A logger; without `bound` values it stays lazy, following later configure_logging calls."""
+    logger = structlog.get_logger("minibatch")
+    return logger.bind(**bound) if bound else logger

@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -192,6 +193,23 @@ class Manifest:
             for table in ("chunks", "bad_files"):
                 con.execute(f"DELETE FROM {table} WHERE job = ?", [job])
 
+    # -- the daemon's schedule --------------------------------------------------------------
+
+    def last_fires(self) -> dict[str, datetime]:
+        with self.connect() as con:
+            rows = con.execute("SELECT job, last_fire_at FROM schedule_state").fetchall()
+        return {job: at for job, at in rows}
+
+    def record_fire(self, job: str, at: datetime) -> None:
+        with self.connect() as con:
+            con.execute("INSERT OR REPLACE INTO schedule_state (job, last_fire_at) VALUES (?, ?)", [job, at])
+
+    def unmet_dependencies(self, job: str, depends_on: Sequence[str]) -> list[str]:
+        """The dependencies that have not succeeded since `job`'s own last run started."""
+        with self.connect() as con:
+            rows = con.execute(_DEPENDENCIES_SQL, [job, list(depends_on)]).fetchall()
+        return [dep for dep, ok in rows if not ok]
+
     # -- reading ----------------------------------------------------------------------------
 
     def status(self, job: str | None = None) -> list[dict[str, Any]]:
@@ -224,6 +242,16 @@ def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
+
+_DEPENDENCIES_SQL = """
+WITH mine AS (SELECT max(started_at) AS since FROM runs WHERE job = ?)
+SELECT dep, EXISTS (
+    SELECT 1 FROM runs
+    WHERE runs.job = dep AND runs.status = 'succeeded'
+      AND (mine.since IS NULL OR runs.ended_at > mine.since)
+) AS ok
+FROM unnest(?::VARCHAR[]) AS deps(dep), mine
+"""
 
 _STATUS_SQL = """
 WITH latest AS (

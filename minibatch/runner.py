@@ -28,6 +28,7 @@ class RunOptions:
     memory_limit: int | None = None
     fresh: bool = False
     retry_dead: bool = False
+    stop: StopSignals | None = None  # the daemon's handle to stop this run from another thread
 
 
 @dataclass
@@ -218,7 +219,7 @@ class Run:
     def _execute_chunks(self, todo: list[Chunk]) -> None:
         from minibatch.execute import Executor
 
-        with StopSignals() as signals:
+        with self.options.stop or StopSignals() as signals:
             executor = Executor(self, todo, signals)
             executor.run()
         self.summary.stopped = executor.stopped

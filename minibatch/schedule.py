@@ -1,13 +1,23 @@
-"""Crontab strings with the semantics cron users expect, on top of APScheduler 3's CronTrigger."""
+"""Crontab strings with the semantics cron users expect, on APScheduler 3's triggers.
+
+APScheduler's CronTrigger differs from cron in three ways that this module corrects:
+day-of-week 0 is Monday there (Sunday in cron); day-of-month and day-of-week are ANDed
+(cron fires when either matches); and at a DST fall-back a time in the repeated hour fires
+twice. Here fire times are computed on the local wall clock and then placed in the zone:
+a wall time that occurs twice fires once (the first time), and one that a spring-forward
+skips fires once, at the moment the clocks jump.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
+from apscheduler.triggers.base import BaseTrigger
+
 if TYPE_CHECKING:
-    from apscheduler.triggers.base import BaseTrigger
+    from apscheduler.triggers.cron import CronTrigger
 
 SHORTCUTS = {
     "@yearly": "0 0 1 1 *",
@@ -20,15 +30,45 @@ SHORTCUTS = {
 }
 # cron counts Sunday as 0 (and 7); APScheduler counts Monday as 0, so days are passed by name.
 DAY_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+TICK = timedelta(microseconds=1)
 
 
-def parse_crontab(expr: str, timezone: str) -> BaseTrigger:
-    """A trigger for a 5-field crontab or an @shortcut; ValueError naming the problem.
+class CronSchedule(BaseTrigger):
+    """An APScheduler trigger for one crontab in one time zone."""
 
-    As in cron, when both day-of-month and day-of-week are restricted a day matching either
-    fires (APScheduler alone would require both).
-    """
-    from apscheduler.triggers.combining import OrTrigger
+    def __init__(self, expr: str, timezone: str) -> None:
+        self.expr = expr
+        self.timezone = ZoneInfo(timezone)
+        self._wall = _wall_triggers(expr)  # evaluated on naive wall-clock times (as UTC)
+
+    def __str__(self) -> str:
+        return f"cron[{self.expr}, {self.timezone.key}]"
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
+        start = previous_fire_time + TICK if previous_fire_time else now
+        wall = start.astimezone(self.timezone).replace(tzinfo=None, fold=0)
+        for _ in range(1000):  # a handful of steps at most; bounded for safety
+            candidate = _next_wall(self._wall, wall)
+            if candidate is None:
+                return None
+            fire = self._place(candidate)
+            if fire >= start:
+                return fire
+            wall = candidate + TICK  # already passed (e.g. in a repeated hour): look further
+        return None
+
+    def _place(self, wall: datetime) -> datetime:
+        """The instant a wall-clock time happens: the first of two, or the jump over a gap."""
+        aware = wall.replace(tzinfo=self.timezone, fold=0)
+        if aware.astimezone(UTC).astimezone(self.timezone).replace(tzinfo=None) == wall:
+            return aware
+        moment = wall.replace(tzinfo=self.timezone, fold=1).astimezone(UTC).replace(second=0, microsecond=0)
+        while moment.astimezone(self.timezone).replace(tzinfo=None) <= wall:
+            moment += timedelta(minutes=1)
+        return moment.astimezone(self.timezone)
+
+
+def _wall_triggers(expr: str) -> list[CronTrigger]:
     from apscheduler.triggers.cron import CronTrigger
 
     fields = SHORTCUTS.get(expr.strip().lower(), expr).split()
@@ -39,13 +79,23 @@ def parse_crontab(expr: str, timezone: str) -> BaseTrigger:
         days = [(day, _weekday_names(weekday))]
         if day != "*" and weekday != "*":
             days = [(day, "*"), ("*", _weekday_names(weekday))]
-        triggers = [
-            CronTrigger(minute=minute, hour=hour, day=d, month=month, day_of_week=w, timezone=timezone)
+        return [
+            CronTrigger(minute=minute, hour=hour, day=d, month=month, day_of_week=w, timezone=UTC)
             for d, w in days
         ]
     except ValueError as exc:
         raise ValueError(f"bad crontab {expr!r}: {exc}") from None
-    return triggers[0] if len(triggers) == 1 else OrTrigger(triggers)
+
+
+def _next_wall(triggers: list[CronTrigger], wall: datetime) -> datetime | None:
+    now = wall.replace(tzinfo=UTC)
+    fires = [f for t in triggers if (f := t.get_next_fire_time(None, now)) is not None]
+    return min(fires).replace(tzinfo=None) if fires else None
+
+
+def parse_crontab(expr: str, timezone: str) -> CronSchedule:
+    """A trigger for a 5-field crontab or an @shortcut; ValueError naming the problem."""
+    return CronSchedule(expr, timezone)
 
 
 def _weekday_names(field: str) -> str:
@@ -93,5 +143,5 @@ def next_fire_times(expr: str, timezone: str, count: int, now: datetime | None =
         if fire is None:
             break
         fires.append(fire)
-        previous, current = fire, fire + timedelta(microseconds=1)
+        previous = fire
     return fires

@@ -52,3 +52,9 @@ CREATE TABLE IF NOT EXISTS bad_files (
     seen_at        TIMESTAMPTZ,
     PRIMARY KEY (job, file, fingerprint)
 );
+
+-- The daemon's schedule: the last time each job was fired, for catch-up after downtime.
+CREATE TABLE IF NOT EXISTS schedule_state (
+    job            VARCHAR PRIMARY KEY,
+    last_fire_at   TIMESTAMPTZ NOT NULL
+);

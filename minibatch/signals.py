@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import threading
@@ -33,6 +34,13 @@ class StopSignals:
     @property
     def immediate(self) -> bool:
         return self.count >= 2
+
+    def request(self) -> None:
+        """Ask for a stop from code (the daemon stopping a run in a thread): like a signal."""
+        self.count += 1
+        self.last = self.last or "daemon stop"
+        with contextlib.suppress(OSError):
+            self._writer.send(b"\0")
 
     def drain(self) -> None:
         try:

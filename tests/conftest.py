@@ -127,13 +127,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "
         time.sleep(0.01)
 
 
-def watch_stderr(process: subprocess.Popen[str]) -> list[str]:
-    """Collect a running process's stderr lines in the background; returns the live list."""
+def watch_stderr(process: subprocess.Popen[str], stream: str = "stderr") -> list[str]:
+    """Collect a running process's stderr (or stdout) lines in the background; the live list."""
     lines: list[str] = []
 
     def pump() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
+        pipe = getattr(process, stream)
+        assert pipe is not None
+        for line in pipe:
             lines.append(line)
 
     threading.Thread(target=pump, daemon=True).start()

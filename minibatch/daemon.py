@@ -1,0 +1,250 @@
+"""`minibatch daemon`: APScheduler fires jobs on their crontabs; systemd supervises it.
+
+Runs go through `run_job`, the same path as `run-now` (the job lock included), in
+APScheduler's thread pool. The scheduler's own loop sends the systemd watchdog pings, so a
+stuck scheduler gets the service restarted. The main thread only waits for signals:
+SIGHUP reloads config.toml, SIGTERM/SIGINT stop gracefully (twice: at once).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from minibatch.config import Config, ConfigError, load_config
+from minibatch.lock import JobLocked
+from minibatch.log import get_logger
+from minibatch.manifest import Manifest
+from minibatch.metrics import Metrics
+from minibatch.notify import Notifier
+from minibatch.schedule import parse_crontab
+from minibatch.signals import StopSignals
+
+log = get_logger()
+
+
+def check_permissions(config: Config) -> None:
+    """Like sshd's StrictModes: refuse config or job code that others could have changed."""
+    import importlib.util
+    import sys
+
+    paths = [config.path]
+    if str(config.base_dir) not in sys.path:
+        sys.path.insert(0, str(config.base_dir))
+    for job in config.jobs.values():
+        if job.process:
+            spec = importlib.util.find_spec(job.process.partition(":")[0])
+            if spec is not None and spec.origin and os.path.exists(spec.origin):
+                paths.append(Path(spec.origin))
+    errors = [
+        f"{path} is writable by group or others; refusing to run it (chmod go-w {path})"
+        for path in paths
+        if os.stat(path).st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ]
+    if errors:
+        raise ConfigError(errors)
+
+
+def load_daemon_config(path: str | None) -> Config:
+    config = load_config(path)
+    from minibatch.config import check_imports
+
+    check_imports(config)
+    check_permissions(config)
+    return config
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: str | None, notifier: Notifier | None = None):
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier.from_env()
+        self.metrics = Metrics()
+        self.manifest = Manifest(config.engine.state_dir / "manifest.duckdb")
+        self.active: dict[str, StopSignals] = {}
+        self.waiting: set[str] = set()  # fired, waiting for their dependencies
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.pending_signals: list[int] = []
+        self.stopping = False
+        self.scheduler: Any = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from apscheduler.executors.pool import ThreadPoolExecutor
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        if self.config.engine.metrics_addr:
+            self.metrics.serve(self.config.engine.metrics_addr)
+        workers = max(4, len(self.config.jobs) + 1)
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(workers), "watchdog": ThreadPoolExecutor(1)},
+        )
+        self._schedule_jobs()
+        self._catch_up()
+        if self.notifier.watchdog_interval:
+            self.scheduler.add_job(
+                self._watchdog, "interval", seconds=self.notifier.watchdog_interval,
+                id="minibatch-watchdog", executor="watchdog",
+            )  # fmt: skip
+        self._install_signals()
+        self.scheduler.start()
+        self.notifier.ready(self._status())
+        self.notifier.watchdog()
+        log.info("daemon_started", jobs=sorted(self._scheduled()), pid=os.getpid())
+        return self._wait_for_signals()
+
+    def _wait_for_signals(self) -> int:
+        stopping = 0
+        while True:
+            self.wake.wait(timeout=60)
+            self.wake.clear()
+            with self.lock:
+                received, self.pending_signals = self.pending_signals, []
+            for signum in received:
+                if signum == signal.SIGHUP:
+                    self.reload()
+                else:
+                    stopping += 1
+                    self._stop(immediate=stopping > 1)
+            if stopping and not self.active:
+                self.scheduler.shutdown(wait=False)
+                log.info("daemon_stopped")
+                return 0
+
+    def _install_signals(self) -> None:
+        def handle(signum: int, frame: object) -> None:
+            self.pending_signals.append(signum)
+            self.wake.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, handle)
+
+    def _stop(self, immediate: bool) -> None:
+        self.stopping = True
+        self.notifier.stopping()
+        log.warning("daemon_stopping", immediate=immediate, running=sorted(self.active))
+        self.scheduler.pause()
+        for stop in list(self.active.values()):
+            stop.request()
+            if immediate:
+                stop.request()
+
+    def reload(self) -> None:
+        """SIGHUP: load config.toml again; an invalid one is logged and the old one kept."""
+        self.notifier.reloading()
+        try:
+            config = load_daemon_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload_rejected", errors=exc.errors)
+            self.notifier.ready(self._status())
+            return
+        self.config = config
+        self._schedule_jobs()
+        log.info("config_reloaded", jobs=sorted(self._scheduled()))
+        self.notifier.ready(self._status())
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    def _scheduled(self) -> dict[str, Any]:
+        return {name: job for name, job in self.config.jobs.items() if job.schedule}
+
+    def _schedule_jobs(self) -> None:
+        for existing in self.scheduler.get_jobs():
+            if existing.id != "minibatch-watchdog":
+                existing.remove()
+        for name, job in self._scheduled().items():
+            self.scheduler.add_job(
+                self.fire, parse_crontab(job.schedule, job.timezone), args=[name], id=name,
+                coalesce=True, max_instances=1,
+                misfire_grace_time=None if job.catchup == "once" else 1,
+            )  # fmt: skip
+
+    def _catch_up(self, now: datetime | None = None) -> None:
+        """Fire once each job that missed fire times while the daemon was down."""
+        now = now or datetime.now(UTC)
+        last = self.manifest.last_fires()
+        for name, job in self._scheduled().items():
+            if name not in last:
+                self.manifest.record_fire(name, now)  # a baseline: nothing missed before now
+                continue
+            missed = parse_crontab(job.schedule, job.timezone).get_next_fire_time(last[name], last[name])
+            if missed is None or missed > now:
+                continue
+            if job.catchup == "once":
+                log.info("catching_up", job=name, missed_since=missed.isoformat())
+                self.scheduler.add_job(self.fire, args=[name, "catch-up"], id=f"{name}-catch-up")
+            else:
+                log.info("missed_runs_skipped", job=name, missed_since=missed.isoformat())
+                self.manifest.record_fire(name, now)
+
+    def fire(self, name: str, reason: str = "schedule") -> None:
+        self.manifest.record_fire(name, datetime.now(UTC))
+        job = self.config.jobs.get(name)
+        if job is None:
+            return
+        missing = self.manifest.unmet_dependencies(name, job.depends_on) if job.depends_on else []
+        if missing:
+            with self.lock:
+                self.waiting.add(name)
+            log.info("waiting_for_dependencies", job=name, waiting_for=missing)
+            return
+        self._run(name, reason)
+
+    def _run(self, name: str, reason: str) -> None:
+        from minibatch.runner import RunOptions, run_job
+
+        stop = StopSignals()
+        with self.lock:
+            self.active[name] = stop
+        try:
+            log.info("run_fired", job=name, reason=reason)
+            run_job(self.config, name, RunOptions(stop=stop), [self.metrics])
+        except JobLocked as exc:
+            log.warning("run_skipped_locked", job=name, holder_pid=exc.pid)
+        except Exception:  # a broken run must not take the daemon down
+            log.exception("run_crashed", job=name)
+        finally:
+            with self.lock:
+                self.active.pop(name, None)
+            self.wake.set()
+            self._release_waiting()
+
+    def _release_waiting(self) -> None:
+        """Start the waiting jobs whose dependencies have now succeeded."""
+        with self.lock:
+            waiting = sorted(self.waiting)
+        for name in waiting:
+            job = self.config.jobs.get(name)
+            if job is not None and self.manifest.unmet_dependencies(name, job.depends_on):
+                continue
+            with self.lock:
+                self.waiting.discard(name)
+            if job is not None and not self.stopping:
+                self.scheduler.add_job(self._run, args=[name, "dependencies met"])
+
+    def _watchdog(self) -> None:
+        self.notifier.watchdog()
+        self.notifier.status(self._status())
+
+    def _status(self) -> str:
+        running = ", ".join(sorted(self.active)) or "nothing"
+        upcoming = [
+            (job.next_run_time, job.id)
+            for job in self.scheduler.get_jobs()
+            if job.next_run_time and job.id != "minibatch-watchdog"
+        ]
+        following = f"; next {min(upcoming)[1]} at {min(upcoming)[0]:%Y-%m-%d %H:%M %Z}" if upcoming else ""
+        return f"running {running}{following}"
+
+
+def run_daemon(config: Config, config_path: str | None) -> int:
+    """Schedule until SIGTERM; `config_path` is read again on SIGHUP. Returns the exit status."""
+    return Daemon(config, config_path).run()

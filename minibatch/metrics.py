@@ -1,0 +1,67 @@
+"""Prometheus metrics for the daemon: a listener on run events, served over HTTP."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from minibatch.events import Event, Listener
+
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class Metrics(Listener):
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+        disable_created_metrics()  # the *_created series only add noise to dashboards
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.chunks = Counter("minibatch_chunks", "Chunk attempts by outcome (done, failed, dead)",
+                              ["job", "status"], registry=r)  # fmt: skip
+        self.rows = Counter("minibatch_rows", "Rows written by finished chunks", ["job"], registry=r)
+        self.bytes_in = Counter("minibatch_input_bytes", "Uncompressed bytes read", ["job"], registry=r)
+        self.chunk_seconds = Histogram("minibatch_chunk_duration_seconds", "Seconds per finished chunk",
+                                       ["job"], buckets=DURATION_BUCKETS, registry=r)  # fmt: skip
+        self.runs = Counter("minibatch_runs", "Finished runs by status", ["job", "status"], registry=r)
+        self.run_seconds = Histogram("minibatch_run_duration_seconds", "Seconds per run", ["job"],
+                                     buckets=DURATION_BUCKETS, registry=r)  # fmt: skip
+        self.last_success = Gauge("minibatch_last_success_timestamp_seconds",
+                                  "Unix time the job last succeeded", ["job"], registry=r)  # fmt: skip
+        self.running = Gauge(
+            "minibatch_running", "1 while a run of the job is in progress", ["job"], registry=r
+        )
+
+    def on_event(self, event: Event) -> None:
+        handler = getattr(self, f"_on_{event.name}", None)
+        if handler is not None:
+            handler(event.job, event.data)
+
+    def _on_run_started(self, job: str, data: dict[str, Any]) -> None:
+        self.running.labels(job).set(1)
+
+    def _on_chunk_done(self, job: str, data: dict[str, Any]) -> None:
+        self.chunks.labels(job, "done").inc()
+        self.rows.labels(job).inc(data.get("rows", 0))
+        self.bytes_in.labels(job).inc(data.get("bytes_in", 0))
+        self.chunk_seconds.labels(job).observe(data.get("seconds", 0.0))
+
+    def _on_chunk_retry(self, job: str, data: dict[str, Any]) -> None:
+        self.chunks.labels(job, "failed").inc()
+
+    def _on_chunk_dead(self, job: str, data: dict[str, Any]) -> None:
+        self.chunks.labels(job, "dead").inc()
+
+    def _on_run_finished(self, job: str, data: dict[str, Any]) -> None:
+        self.running.labels(job).set(0)
+        self.runs.labels(job, data["status"]).inc()
+        self.run_seconds.labels(job).observe(data.get("seconds", 0.0))
+        if data["status"] == "succeeded":
+            self.last_success.labels(job).set(time.time())
+
+    def serve(self, addr: str) -> None:
+        """Serve /metrics at "host:port" in a background thread."""
+        from prometheus_client import start_http_server
+
+        host, _, port = addr.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry)

@@ -1,0 +1,253 @@
+"""`minibatch daemon` as a real process: systemd notify over a real socket, catch-up,
+dependencies, locks, reload on SIGHUP, graceful stop, Prometheus metrics, strict modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from minibatch.lock import job_lock
+from minibatch.manifest import Manifest
+
+from conftest import Project, wait_for, watch_stderr
+
+ENV_JOB = """
+import os
+import pyarrow as pa
+
+def notify_env(table, ctx):
+    return pa.table({"notify": [os.environ.get("NOTIFY_SOCKET", "")]})
+"""
+
+
+class NotifySocket:
+    """A stand-in for systemd's end of NOTIFY_SOCKET: collects every datagram."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except OSError:
+                return
+
+    def count(self, field: str) -> int:
+        return sum(field in message.split("\n") for message in self.messages)
+
+
+class Daemon:
+    def __init__(self, project: Project, env: dict[str, str] | None = None) -> None:
+        self.project = project
+        self.notify = NotifySocket(project.root.parent / "notify.sock")
+        extra = {"NOTIFY_SOCKET": str(self.notify.path), "WATCHDOG_USEC": "200000", **(env or {})}
+        self.process = project.start("daemon", env=extra)
+        self.out = watch_stderr(self.process, "stdout")
+        self.err = watch_stderr(self.process, "stderr")
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in list(self.out) if line.startswith("{")]
+
+    def wait_event(self, name: str, timeout: float = 30.0, **match: object) -> dict:
+        def found() -> dict | None:
+            for event in self.events():
+                if event["event"] == name and all(event.get(k) == v for k, v in match.items()):
+                    return event
+            return None
+
+        wait_for(lambda: found() is not None or self.process.poll() is not None, timeout, what=name)
+        event = found()
+        assert event is not None, f"daemon exited without {name}: {''.join(self.err)}"
+        return event
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config(project: Project, jobs: str, port: int | None = None) -> None:
+    metrics = f'metrics_addr = "127.0.0.1:{port}"' if port else 'metrics_addr = ""'
+    project.write_config(jobs, engine=metrics)
+
+
+def seed_last_fire(project: Project, job: str, hours_ago: float) -> None:
+    Manifest(project.root / ".state" / "manifest.duckdb").record_fire(
+        job, datetime.now(UTC) - timedelta(hours=hours_ago)
+    )
+
+
+def runs(project: Project) -> list[tuple]:
+    con = __import__("duckdb").connect(str(project.root / ".state" / "manifest.duckdb"), read_only=True)
+    try:
+        return con.execute(
+            "SELECT job, status, started_at, ended_at FROM runs ORDER BY started_at"
+        ).fetchall()
+    finally:
+        con.close()
+
+
+HOURLY = """
+[jobs.{name}]
+input = "data/*.parquet"
+output = "out/{name}"
+process = "myjobs.basic:ident"
+schedule = "0 * * * *"
+{extra}
+"""
+
+
+def hourly(name: str, extra: str = "") -> str:
+    return HOURLY.format(name=name, extra=extra)
+
+
+def test_notify_protocol_reload_and_stop(project: Project) -> None:
+    project.write_input("a.parquet", 0, 200)
+    (project.root / "myjobs" / "envjob.py").write_text(ENV_JOB)
+    config(project, hourly("a") + '[jobs.env]\ninput = "data/*.parquet"\noutput = "out/env"\n'
+           'process = "myjobs.envjob:notify_env"\nschedule = "0 0 1 1 *"\n')  # fmt: skip
+    seed_last_fire(project, "env", hours_ago=24 * 400)  # missed: caught up at start
+    daemon = Daemon(project)
+    try:
+        wait_for(lambda: daemon.notify.count("READY=1") >= 1, what="READY=1")
+        assert any(m.startswith("READY=1\nSTATUS=") for m in daemon.notify.messages)
+        wait_for(lambda: daemon.notify.count("WATCHDOG=1") >= 4, timeout=10, what="watchdog pings")
+        daemon.wait_event("run_finished", job="env")
+        notify = project.output_table("env").column("notify").to_pylist()
+        assert notify == [""]  # the workers never saw NOTIFY_SOCKET
+
+        good = (project.root / "config.toml").read_text()
+        (project.root / "config.toml").write_text(good + "\n[jobs.bad]\nbogus = 1\n")
+        daemon.process.send_signal(signal.SIGHUP)
+        rejected = daemon.wait_event("reload_rejected")
+        assert any("jobs.bad.bogus: unknown key" in e for e in rejected["errors"])
+        assert daemon.process.poll() is None  # the old config keeps running
+        assert daemon.notify.count("RELOADING=1") == 1
+
+        (project.root / "config.toml").write_text(good + hourly("c"))
+        daemon.process.send_signal(signal.SIGHUP)
+        reloaded = daemon.wait_event("config_reloaded")
+        assert reloaded["jobs"] == ["a", "c", "env"]
+        wait_for(lambda: daemon.notify.count("READY=1") >= 3, what="READY=1 after reloads")
+    finally:
+        code = daemon.stop()
+    assert code == 0
+    assert daemon.notify.count("STOPPING=1") == 1
+
+
+def test_catch_up_runs_a_missed_job_once_or_skips_it(project: Project) -> None:
+    project.write_input("a.parquet", 0, 200)
+    config(project, hourly("once") + hourly("skip", 'catchup = "skip"') + hourly("fresh"))
+    seed_last_fire(project, "once", hours_ago=5)  # five missed hourly fires: one run
+    seed_last_fire(project, "skip", hours_ago=5)
+    daemon = Daemon(project)
+    try:
+        daemon.wait_event("run_finished", job="once")
+        daemon.wait_event("missed_runs_skipped", job="skip")
+    finally:
+        assert daemon.stop() == 0
+    assert [r[0] for r in runs(project)] == ["once"]  # 'fresh' has no history: nothing missed
+    last = Manifest(project.root / ".state" / "manifest.duckdb").last_fires()
+    assert set(last) == {"once", "skip", "fresh"}
+    assert last["skip"] > datetime.now(UTC) - timedelta(minutes=5)
+
+
+def test_dependent_job_waits_for_its_dependency_to_succeed(project: Project) -> None:
+    project.write_input("a.parquet", 0, 300)
+    failing = hourly("broken", "retries = 0\nbreaker_failures = 0").replace(
+        "basic:ident", "faulty:always_fail"
+    )
+    jobs = (
+        hourly("first", "depends_on = []")
+        + hourly("second", 'depends_on = ["first"]')
+        + failing
+        + hourly("blocked", 'depends_on = ["broken"]')
+    )
+    config(project, jobs)
+    for name in ("first", "second", "broken", "blocked"):
+        seed_last_fire(project, name, hours_ago=2)
+    daemon = Daemon(project, env={"MB_SLEEP": "0.05"})
+    try:
+        daemon.wait_event("run_finished", job="second")
+        daemon.wait_event("run_finished", job="broken")
+        daemon.wait_event("waiting_for_dependencies", job="blocked")
+    finally:
+        assert daemon.stop() == 0
+    history = {job: (status, started, ended) for job, status, started, ended in runs(project)}
+    assert history["first"][0] == "succeeded"
+    assert history["second"][1] > history["first"][2]  # started after its dependency ended
+    assert history["broken"][0] == "failed"
+    assert "blocked" not in history
+
+
+def test_a_locked_job_is_skipped_not_queued(project: Project) -> None:
+    project.write_input("a.parquet", 0, 200)
+    config(project, hourly("a"))
+    seed_last_fire(project, "a", hours_ago=2)
+    with job_lock(project.root / ".state", "a"):
+        daemon = Daemon(project)
+        try:
+            skipped = daemon.wait_event("run_skipped_locked", job="a")
+        finally:
+            assert daemon.stop() == 0
+    assert skipped["holder_pid"] == os.getpid()
+    assert runs(project) == []
+
+
+def test_sigterm_mid_run_stops_it_gracefully_and_serves_metrics(project: Project) -> None:
+    for i in range(3):
+        project.write_input(f"f{i}.parquet", i * 1000, 1000)
+    port = free_port()
+    config(project, hourly("slow", 'chunk_bytes = "5KB"').replace("basic:ident", "faulty:slow"), port)
+    seed_last_fire(project, "slow", hours_ago=2)
+    daemon = Daemon(project, env={"MB_SLEEP": "0.1"})
+    try:
+        wait_for(lambda: len(project.computations()) >= 4, what="chunks to run")
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert 'minibatch_chunks_total{job="slow",status="done"}' in scrape
+        assert 'minibatch_running{job="slow"} 1.0' in scrape
+    finally:
+        code = daemon.stop()
+    assert code == 0
+    assert daemon.notify.count("STOPPING=1") == 1
+    (status,) = [r[1] for r in runs(project)]
+    assert status == "stopped"
+
+
+def test_refuses_a_config_writable_by_others(project: Project) -> None:
+    project.write_input("a.parquet", 0, 100)
+    config(project, hourly("a"))
+    (project.root / "config.toml").chmod(0o666)
+    result = project.cli("daemon", timeout=30)
+    assert result.returncode == 2
+    assert "writable by group or others" in result.stderr and "chmod go-w" in result.stderr
+    (project.root / "config.toml").chmod(0o644)
+    (project.root / "myjobs" / "basic.py").chmod(0o664)
+    result = project.cli("daemon", timeout=30)
+    assert result.returncode == 2
+    assert "basic.py is writable by group or others" in result.stderr
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_daemons() -> object:
+    yield
+    subprocess.run(["pkill", "-f", "minibatch --config .*/proj/config.toml daemon"], check=False)
