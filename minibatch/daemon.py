@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from minibatch.config import Config, ConfigError, load_config
+from minibatch.config import Config, ConfigError, JobConfig, load_config
 from minibatch.lock import JobLocked
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest
@@ -26,6 +26,7 @@ from minibatch.schedule import parse_crontab
 from minibatch.signals import StopSignals
 
 log = get_logger()
+WATCH_REASON = "inputs changed"
 
 
 def check_permissions(config: Config) -> None:
@@ -73,6 +74,7 @@ class Daemon:
         self.pending_signals: list[int] = []
         self.stopping = False
         self.scheduler: Any = None
+        self.seen_inputs: dict[str, tuple[Any, Any]] = {}  # job -> (fired on, last seen) signatures
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -98,7 +100,8 @@ class Daemon:
         self.scheduler.start()
         self.notifier.ready(self._status())
         self.notifier.watchdog()
-        log.info("daemon_started", jobs=sorted(self._scheduled()), pid=os.getpid())
+        watched = sorted(name for name, job in self.config.jobs.items() if job.watch)
+        log.info("daemon_started", jobs=sorted(self._scheduled()), watched=watched, pid=os.getpid())
         return self._wait_for_signals()
 
     def _wait_for_signals(self) -> int:
@@ -166,6 +169,27 @@ class Daemon:
                 coalesce=True, max_instances=1,
                 misfire_grace_time=None if job.catchup == "once" else 1,
             )  # fmt: skip
+        for name, job in self.config.jobs.items():
+            if job.watch:
+                if name not in self.seen_inputs:  # the baseline: changes from now on fire
+                    signature = self._input_signature(job)
+                    self.seen_inputs[name] = (signature, signature)
+                self.scheduler.add_job(
+                    self._watch, "interval", seconds=job.watch, args=[name], id=f"{name}-watch",
+                    coalesce=True, max_instances=1,
+                )  # fmt: skip
+
+    def _watch(self, name: str) -> None:
+        """Fire `name` when its input files changed and then stayed the same for one interval."""
+        job = self.config.jobs.get(name)
+        if job is None or name in self.active:
+            return
+        signature = self._input_signature(job)
+        fired_on, last_seen = self.seen_inputs.get(name, (signature, signature))
+        self.seen_inputs[name] = (fired_on, signature)
+        if signature != fired_on and signature == last_seen:  # changed, and settled
+            self.seen_inputs[name] = (signature, signature)
+            self.fire(name, WATCH_REASON)
 
     def _catch_up(self, now: datetime | None = None) -> None:
         """Fire once each job that missed fire times while the daemon was down."""
@@ -185,11 +209,18 @@ class Daemon:
                 log.info("missed_runs_skipped", job=name, missed_since=missed.isoformat())
                 self.manifest.record_fire(name, now)
 
+    def _input_signature(self, job: JobConfig) -> tuple[tuple[str, int, int], ...]:
+        from minibatch.planner import expand_inputs
+
+        paths = expand_inputs(self.config.base_dir, job.inputs)
+        return tuple((p, st.st_size, st.st_mtime_ns) for p in paths if (st := _stat(p)))
+
     def fire(self, name: str, reason: str = "schedule") -> None:
-        self.manifest.record_fire(name, datetime.now(UTC))
         job = self.config.jobs.get(name)
         if job is None:
             return
+        if reason != WATCH_REASON:  # catch-up follows the schedule's fire times only
+            self.manifest.record_fire(name, datetime.now(UTC))
         missing = self.manifest.unmet_dependencies(name, job.depends_on) if job.depends_on else []
         if missing:
             with self.lock:
@@ -243,6 +274,13 @@ class Daemon:
         ]
         following = f"; next {min(upcoming)[1]} at {min(upcoming)[0]:%Y-%m-%d %H:%M %Z}" if upcoming else ""
         return f"running {running}{following}"
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def run_daemon(config: Config, config_path: str | None) -> int:

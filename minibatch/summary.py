@@ -89,6 +89,7 @@ def print_jobs(config: Config) -> None:
                 "job": job.name,
                 "schedule": job.schedule or "-",
                 "timezone": job.timezone,
+                "watch": f"{job.watch:g}s" if job.watch else "-",
                 "next": fires[0].isoformat() if fires else "-",
                 "description": job.description,
             }
@@ -99,6 +100,7 @@ def print_jobs(config: Config) -> None:
             ("job", "JOB"),
             ("schedule", "SCHEDULE"),
             ("timezone", "TZ"),
+            ("watch", "WATCH"),
             ("next", "NEXT RUN"),
             ("description", "DESCRIPTION"),
         ],

@@ -251,3 +251,19 @@ def test_refuses_a_config_writable_by_others(project: Project) -> None:
 def _no_stray_daemons() -> object:
     yield
     subprocess.run(["pkill", "-f", "minibatch --config .*/proj/config.toml daemon"], check=False)
+
+
+def test_watch_runs_the_job_when_inputs_change_and_settle(project: Project) -> None:
+    project.write_input("a.parquet", 0, 100)
+    config(project, '[jobs.w]\ninput = "data/*.parquet"\noutput = "out/w"\nprocess = "myjobs.basic:ident"\n'
+           'watch = "200ms"\n')  # fmt: skip
+    daemon = Daemon(project)
+    try:
+        daemon.wait_event("daemon_started")
+        project.write_input("b.parquet", 100, 100)
+        fired = daemon.wait_event("run_fired", job="w")
+        assert fired["reason"] == "inputs changed"
+        daemon.wait_event("run_finished", job="w")
+    finally:
+        assert daemon.stop() == 0
+    assert sorted(project.output_table("w").column("id").to_pylist()) == list(range(200))
