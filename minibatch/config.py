@@ -252,7 +252,7 @@ def _timezone(c: _Checker, default: str) -> str:
     name = c.get("timezone", str, default)
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # "Europe" is a directory of zones
         c.error("timezone", f"unknown time zone {name!r} (expected an IANA name like 'Europe/Berlin')")
         return default
     return name

@@ -8,12 +8,14 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minibatch.breaker import CircuitBreaker
+from minibatch.output import publish
 from minibatch.planner import Chunk
 from minibatch.pool import Failed, Finished, Lost, MemoryBudget, Started, WorkerPool
-from minibatch.worker import JobSpec, Task, TaskError
+from minibatch.worker import JobSpec, SchemaMismatch, Task, TaskError, TaskResult, check_schema
 
 if TYPE_CHECKING:
     from minibatch.config import JobConfig
@@ -75,7 +77,7 @@ class Executor:
         self.pool = WorkerPool(min(self.job.workers, len(todo)), worker_memory_cap(self.job))
         self.breaker = CircuitBreaker(self.job.breaker)
         self.probe: int | None = None  # the task let through by a half-open breaker
-        self.schema = run.schema  # results must match it; until known, one chunk at a time
+        self.schema = run.schema  # results must match it; until known, workers leave them staged
 
     def run(self) -> None:
         try:
@@ -114,7 +116,7 @@ class Executor:
         while self.pending and self.pool.has_room():
             chunk = self.pending[0]
             need = memory_estimate(chunk)
-            if not self.budget.fits(need) or (self.schema is None and self.in_flight):
+            if not self.budget.fits(need):
                 break
             if not self.breaker.allow(now):
                 break
@@ -181,11 +183,7 @@ class Executor:
         if isinstance(event, Lost):
             self.pending.appendleft(item.chunk)
         elif isinstance(event, Finished):
-            self.attempts[item.chunk.chunk_id] = item.attempt
-            self.breaker.record(True, time.monotonic(), probe)
-            if self.schema is None:
-                self.schema = event.result.schema
-            self.owner.chunk_done(item.chunk, item.attempt, event.result)
+            self._finished(item, event.result, probe)
             return
         elif event.error.kind != "input_changed":
             self.attempts[item.chunk.chunk_id] = item.attempt
@@ -196,6 +194,31 @@ class Executor:
             self.owner.emit("chunk_input_changed", chunk=item.chunk.chunk_id, error=event.error.message)
         if probe:  # no outcome to judge the breaker by: let another chunk try
             self.breaker.cancel_probe()
+
+    def _finished(self, item: _InFlight, result: TaskResult, probe: bool) -> None:
+        self.attempts[item.chunk.chunk_id] = item.attempt
+        if self.schema is None:
+            self.schema = result.schema
+        error = self._publish_staged(result) if result.staged else None
+        if error is not None:
+            self._breaker_failure(probe)
+            self._failed(item, error)
+            return
+        self.breaker.record(True, time.monotonic(), probe)
+        self.owner.chunk_done(item.chunk, item.attempt, result)
+
+    def _publish_staged(self, result: TaskResult) -> TaskError | None:
+        """A result written before the output schema was known: check it, then publish it."""
+        assert result.staged is not None and result.output_file is not None
+        staged = Path(result.staged)
+        try:
+            if self.schema is not None and result.schema is not None:
+                check_schema(result.schema, self.schema)
+        except SchemaMismatch as exc:
+            staged.unlink(missing_ok=True)
+            return TaskError(kind="error", type="SchemaMismatch", message=str(exc), traceback="")
+        publish(staged, self.owner.layout.parts / result.output_file)
+        return None
 
     def _breaker_failure(self, probe: bool) -> None:
         was = self.breaker.state

@@ -62,21 +62,35 @@ def part_name(chunk_id: str) -> str:
 
 def write_atomically(table: pa.Table, target: Path, staging: Path) -> int:
     """Write `table` to `target` so readers see either nothing or the whole file; returns bytes."""
+    temp = staging / f"{target.name}.{os.getpid()}.tmp"
+    size = write_durably(table, temp)
+    publish(temp, target)
+    return size
+
+
+def write_durably(table: pa.Table, path: Path) -> int:
+    """Write and fsync a Parquet file (removed again if writing fails); returns its size."""
     import pyarrow.parquet as pq
 
-    temp = staging / f"{target.name}.{os.getpid()}.tmp"
     try:
-        with open(temp, "wb") as handle:
+        with open(path, "wb") as handle:
             pq.write_table(table, handle)
             handle.flush()
             os.fsync(handle.fileno())
-            size = handle.tell()
-        os.replace(temp, target)
+            return handle.tell()
     except BaseException:
-        temp.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        raise
+
+
+def publish(staged: Path, target: Path) -> None:
+    """Rename a durable staged file into place; the directory entry is made durable too."""
+    try:
+        os.replace(staged, target)
+    except BaseException:
+        staged.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
-    return size
 
 
 def fsync_dir(path: Path) -> None:

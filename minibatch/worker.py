@@ -19,7 +19,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from minibatch.output import write_atomically
+from minibatch.output import write_atomically, write_durably
 from minibatch.planner import Chunk
 
 
@@ -69,6 +69,7 @@ class TaskResult:
     output_file: str | None
     seconds: float
     schema: pa.Schema | None = None
+    staged: str | None = None  # written but not yet published: the coordinator decides
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,33 @@ _sql: duckdb.DuckDBPyConnection | None = None
 
 def run_task(task: Task) -> TaskResult:
     started = time.perf_counter()
-    table = read_chunk(task.chunk, task.job.columns)
-    ctx = ChunkContext(
+    chunk = task.chunk
+    if task.job.sql is not None:
+        result = _sql_on_file(task.job, chunk)  # DuckDB reads the rows itself: no Arrow round trip
+        rows_in, bytes_in = chunk.num_rows, chunk.nbytes
+    else:
+        table = read_chunk(chunk, task.job.columns)
+        result = _call(task.job, table, _context(task))
+        rows_in, bytes_in = table.num_rows, table.nbytes
+    if result is not None and task.schema is not None:
+        check_schema(result.schema, task.schema)
+    bytes_out, staged = 0, None
+    if result is not None and result.num_rows:
+        bytes_out, staged = _write(task, result)
+    return TaskResult(
+        rows_in=rows_in,
+        rows_out=result.num_rows if result is not None else 0,
+        bytes_in=bytes_in,
+        bytes_out=bytes_out,
+        output_file=task.output_name if bytes_out else None,
+        seconds=time.perf_counter() - started,
+        schema=result.schema if result is not None else None,
+        staged=staged,
+    )
+
+
+def _context(task: Task) -> ChunkContext:
+    return ChunkContext(
         job=task.job.name,
         run_id=task.run_id,
         file=task.chunk.path,
@@ -103,23 +129,15 @@ def run_task(task: Task) -> TaskResult:
         attempt=task.attempt,
         chunk_id=task.chunk.chunk_id,
     )
-    result = _compute(task.job, table, ctx)
-    if result is not None and task.schema is not None:
-        check_schema(result.schema, task.schema)
-    bytes_out, output = 0, None
-    if result is not None and result.num_rows:
-        target = Path(task.job.parts_dir) / task.output_name
-        bytes_out = write_atomically(result, target, Path(task.job.staging_dir))
-        output = task.output_name
-    return TaskResult(
-        rows_in=table.num_rows,
-        rows_out=result.num_rows if result is not None else 0,
-        bytes_in=table.nbytes,
-        bytes_out=bytes_out,
-        output_file=output,
-        seconds=time.perf_counter() - started,
-        schema=result.schema if result is not None else None,
-    )
+
+
+def _write(task: Task, result: pa.Table) -> tuple[int, str | None]:
+    """Publish the result; with no output schema known yet, leave it staged for the coordinator."""
+    staging = Path(task.job.staging_dir)
+    if task.schema is None:
+        staged = staging / f"{task.output_name}.{os.getpid()}.staged"
+        return write_durably(result, staged), str(staged)
+    return write_atomically(result, Path(task.job.parts_dir) / task.output_name, staging), None
 
 
 def check_schema(got: pa.Schema, expected: pa.Schema) -> None:
@@ -182,9 +200,7 @@ def _check_unchanged(chunk: Chunk, stat: os.stat_result) -> None:
         raise InputChanged(f"{chunk.path} changed since it was planned")
 
 
-def _compute(job: JobSpec, table: pa.Table, ctx: ChunkContext) -> pa.Table | None:
-    if job.sql is not None:
-        return _run_sql(job.sql, table)
+def _call(job: JobSpec, table: pa.Table, ctx: ChunkContext) -> pa.Table | None:
     result = _function(job)(table, ctx)
     if result is None or isinstance(result, pa.Table):
         return result
@@ -204,15 +220,29 @@ def _function(job: JobSpec) -> Any:
     return func
 
 
-def _run_sql(sql: str, table: pa.Table) -> pa.Table:
+def _sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
+    """Run the job's SQL with `chunk` a view of the chunk's rows, read by DuckDB from the file."""
     global _sql
     if _sql is None:
         _sql = duckdb.connect(":memory:", config={"threads": 1})
-    _sql.register("chunk", table)
-    try:
-        return _sql.sql(sql).to_arrow_table()
-    finally:
-        _sql.unregister("chunk")
+    before = _stat_unchanged(chunk)
+    rows = _sql.read_parquet(chunk.path, file_row_number=True)
+    row = duckdb.ColumnExpression("file_row_number")
+    rows = rows.filter(
+        (row >= duckdb.ConstantExpression(chunk.row_start)) & (row < duckdb.ConstantExpression(chunk.row_end))
+    )
+    names = list(job.columns) if job.columns else [c for c in rows.columns if c != "file_row_number"]
+    rows.project(*[duckdb.ColumnExpression(name) for name in names]).create_view("chunk", replace=True)
+    result = _sql.sql(job.sql).to_arrow_table()
+    if _stat_unchanged(chunk) != before:
+        raise InputChanged(f"{chunk.path} changed while it was read")
+    return result
+
+
+def _stat_unchanged(chunk: Chunk) -> os.stat_result:
+    stat = os.stat(chunk.path)
+    _check_unchanged(chunk, stat)
+    return stat
 
 
 def describe_error(exc: BaseException) -> TaskError:

@@ -179,8 +179,9 @@ def test_circuit_breaker_ends_the_run_and_leaves_untried_chunks_pending(project:
     assert "circuit breaker opened (3 consecutive failed attempts)" in result.stdout
     assert "breaker_open" in result.stderr
     status = json.loads(project.cli("status", "f", "--json").stdout)[0]
-    assert status["chunks_failed"] <= 6  # the attempts before and at the trial, nothing after
-    assert status["chunks_pending"] >= status["chunks_total"] - 6
+    # the 3 that opened it, up to 4 already in flight (2 workers x 2 queued), the trial; no more
+    assert status["chunks_failed"] <= 8
+    assert status["chunks_pending"] >= status["chunks_total"] - 8
     assert len(project.computations()) == status["chunks_failed"]
 
 

@@ -4,6 +4,7 @@ processed exactly once; the run exits 1; later runs skip what is known bad."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -60,23 +61,40 @@ def test_corrupt_files_from_the_parquet_project(project: Project, shared_testdat
     [jobs.count]
     input = "{shared_testdata}/*.parquet"
     output = "out/count"
-    sql = "SELECT count(*) AS n FROM chunk"
+    process = "myjobs.faulty:count_rows"
     retries = 0
     """)
     files = sorted(p.name for p in shared_testdata.glob("*.parquet"))
     result = project.cli("run-now", "count")
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
-    reported = [name for name in files if name in result.stdout]
-    readable = []
-    for path in sorted(shared_testdata.glob("*.parquet")):
-        try:
-            readable.append((path.name, pq.read_table(path).num_rows))
-        except Exception:
-            continue
-    # every file is either reported (bad footer or dead-lettered chunk) or fully processed
-    assert set(reported) | {name for name, _ in readable} == set(files)
-    counts = sorted(project.output_table("count").column("n").to_pylist())
-    assert counts == sorted(n for _, n in readable)
+    reported = {name for name in files if name in result.stdout}
+    output = project.output_table("count").to_pylist()
+    processed = {row["file"] for row in output}
+    assert reported | processed == set(files)  # every file: reported with its error, or processed
+    assert not reported & processed
+    for name in reported:  # each report names the file and carries the reader's error
+        line = next(x for x in result.stdout.splitlines() if name in x)
+        assert line.startswith(("  bad input file:", "  dead letter:"))
+        assert re.search(r"(Error|Invalid|Exception)\w*: \S", line.split(name, 1)[1]), line
+    for row in output:  # what was processed, was processed whole
+        assert row["n"] == pq.read_table(shared_testdata / row["file"]).num_rows
     status = json.loads(project.cli("status", "count", "--json").stdout)[0]
-    assert status["chunks_failed"] == len(files) - len(readable) - status["bad_files"]
+    assert status["chunks_failed"] + status["bad_files"] == len(reported)
+
+
+def test_sql_job_over_corrupt_files_reports_and_survives(project: Project, shared_testdata: Path) -> None:
+    project.write_config(f"""
+    [jobs.scan]
+    input = "{shared_testdata}/*.parquet"
+    output = "out/scan"
+    sql = "SELECT count(*) AS n FROM (SELECT * FROM chunk)"
+    retries = 0
+    """)
+    result = project.cli("run-now", "scan")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "bad input file:" in result.stdout  # the footer that no reader can parse
+    again = project.cli("run-now", "scan")  # known bad files and dead letters: skipped, exit 0
+    assert again.returncode == 0, again.stderr
+    assert "0 done now" in again.stdout

@@ -88,8 +88,16 @@ def spec(env: dict[str, Path], process: str | None = "pooljobs:double", sql: str
     )
 
 
-def task(task_id: int, chunk: Chunk, job: JobSpec) -> Task:
-    return Task(task_id, chunk, job, run_id="run-1", attempt=1, output_name=f"part-{task_id}.parquet")
+def task(task_id: int, chunk: Chunk, job: JobSpec, schema: pa.Schema | None = None) -> Task:
+    """A task; with `schema` (the output's, once known) the worker publishes, else it stages."""
+    return Task(
+        task_id, chunk, job, run_id="run-1", attempt=1, output_name=f"part-{task_id}.parquet", schema=schema
+    )
+
+
+DOUBLED = pa.schema(
+    [("id", pa.int64()), ("value", pa.int64()), ("name", pa.string()), ("doubled", pa.int64())]
+)
 
 
 def collect(pool: WorkerPool, task_ids: set[int], timeout: float = 20.0) -> tuple[dict, list[Started]]:
@@ -133,7 +141,7 @@ def test_tasks_finish_and_write_their_results(env: dict[str, Path]) -> None:
     pool = WorkerPool(2, memory_cap=None)
     try:
         for i, chunk in enumerate(chunks):
-            pool.submit(task(i, chunk, job))
+            pool.submit(task(i, chunk, job, DOUBLED))
         final, started = collect(pool, set(range(len(chunks))))
     finally:
         pool.close()
@@ -153,12 +161,29 @@ def test_tasks_finish_and_write_their_results(env: dict[str, Path]) -> None:
     assert list(env["staging"].iterdir()) == []
 
 
+def test_without_a_known_schema_the_result_is_staged_not_published(env: dict[str, Path]) -> None:
+    chunk = group_chunks(env["input"])[0]
+    pool = WorkerPool(1, memory_cap=None)
+    try:
+        pool.submit(task(0, chunk, spec(env)))
+        final, _ = collect(pool, {0})
+    finally:
+        pool.close()
+    result = final[0].result
+    assert result.staged is not None and Path(result.staged).parent == env["staging"]
+    assert not (env["parts"] / "part-0.parquet").exists()  # the coordinator publishes it
+    assert pq.read_schema(result.staged).names == DOUBLED.names
+
+
 def test_sql_task_and_empty_result(env: dict[str, Path]) -> None:
     chunk = group_chunks(env["input"])[1]
     pool = WorkerPool(1, memory_cap=None)
     try:
-        pool.submit(task(0, chunk, spec(env, process=None, sql="SELECT id FROM chunk WHERE id % 10 = 0")))
-        pool.submit(task(1, chunk, spec(env, process=None, sql="SELECT id FROM chunk WHERE id < 0")))
+        ids = pa.schema([("id", pa.int64())])
+        pool.submit(
+            task(0, chunk, spec(env, process=None, sql="SELECT id FROM chunk WHERE id % 10 = 0"), ids)
+        )
+        pool.submit(task(1, chunk, spec(env, process=None, sql="SELECT id FROM chunk WHERE id < 0"), ids))
         final, _ = collect(pool, {0, 1})
     finally:
         pool.close()
@@ -175,7 +200,7 @@ def test_job_exception_is_a_failed_event(env: dict[str, Path]) -> None:
     pool = WorkerPool(1, memory_cap=None)
     try:
         pool.submit(task(0, chunk, spec(env, process=None, sql="SELECT no_such_column FROM chunk")))
-        pool.submit(task(1, chunk, spec(env)))
+        pool.submit(task(1, chunk, spec(env), DOUBLED))
         final, _ = collect(pool, {0, 1})
     finally:
         pool.close()
@@ -191,7 +216,7 @@ def test_worker_death_fails_its_task_loses_the_queued_one_and_pool_recovers(env:
     pool = WorkerPool(1, memory_cap=None)
     try:
         pool.submit(task(0, chunks[0], spec(env, process="pooljobs:die")))
-        pool.submit(task(1, chunks[1], spec(env)))  # queued behind it on the only slot
+        pool.submit(task(1, chunks[1], spec(env), DOUBLED))  # queued behind it on the only slot
         final, started = collect(pool, {0, 1})
         dead_pid = next(s.pid for s in started if s.task_id == 0)
 
@@ -205,7 +230,7 @@ def test_worker_death_fails_its_task_loses_the_queued_one_and_pool_recovers(env:
         assert not (env["parts"] / "part-1.parquet").exists()
 
         # the slot was restarted with a new process; the pool keeps working
-        pool.submit(task(2, chunks[1], spec(env)))
+        pool.submit(task(2, chunks[1], spec(env), DOUBLED))
         final, started = collect(pool, {2})
     finally:
         pool.close()
@@ -219,7 +244,7 @@ def test_kill_fails_the_running_task_with_the_given_error(env: dict[str, Path]) 
     pool = WorkerPool(1, memory_cap=None)
     try:
         pool.submit(task(0, chunks[0], spec(env, process="pooljobs:sleepy")))
-        pool.submit(task(1, chunks[1], spec(env)))
+        pool.submit(task(1, chunks[1], spec(env), DOUBLED))
         victim = wait_started(pool, 0).pid
         error = TaskError(kind="timeout", type="ChunkTimeout", message="too slow", traceback="")
         events = pool.kill(0, error)
@@ -227,7 +252,7 @@ def test_kill_fails_the_running_task_with_the_given_error(env: dict[str, Path]) 
         with pytest.raises(ProcessLookupError):
             os.kill(victim, 0)  # killed and reaped
         assert pool.idle
-        pool.submit(task(2, chunks[2], spec(env)))
+        pool.submit(task(2, chunks[2], spec(env), DOUBLED))
         final, _ = collect(pool, {2})
     finally:
         pool.terminate()
@@ -239,7 +264,7 @@ def test_stop_starting_hands_back_queued_tasks_unstarted(env: dict[str, Path]) -
     pool = WorkerPool(1, memory_cap=None)
     try:
         pool.submit(task(0, chunks[0], spec(env, process="pooljobs:nap")))
-        pool.submit(task(1, chunks[1], spec(env)))
+        pool.submit(task(1, chunks[1], spec(env), DOUBLED))
         wait_started(pool, 0)
         pool.stop_starting()  # what a first SIGTERM does: the running task finishes, no new one starts
         final, started = collect(pool, {0, 1})
