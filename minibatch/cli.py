@@ -35,7 +35,7 @@ class Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         from minibatch.lock import JobLocked
-        from minibatch.manifest import ManifestBusy
+        from minibatch.manifest import ManifestError
 
         try:
             return super().invoke(ctx)
@@ -45,8 +45,12 @@ class Group(click.Group):
         except JobLocked as exc:
             click.echo(f"error: {exc}; not starting a second run", err=True)
             sys.exit(EXIT_LOCKED)
-        except ManifestBusy as exc:
+        except ManifestError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:  # a state_dir or output we may not write, a full disk, ...
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             sys.exit(1)
 
 

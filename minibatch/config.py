@@ -196,6 +196,7 @@ def parse_config(raw: dict[str, Any], config_path: Path) -> Config:
         else:
             jobs[name] = _job(name, table, engine, base_dir, errors)
     _check_dependencies(jobs, errors)
+    _check_outputs_apart(jobs, engine.state_dir, errors)
     if errors:
         raise ConfigError(errors, config_path)
     return Config(path=config_path, base_dir=base_dir, engine=engine, jobs=jobs)
@@ -378,6 +379,20 @@ def _schedule(c: _Checker) -> str | None:
         c.error("schedule", str(exc))
         return None
     return schedule
+
+
+def _check_outputs_apart(jobs: dict[str, JobConfig], state_dir: Path, errors: list[str]) -> None:
+    """Each job owns its output: no two may overlap, and none may hold the state directory."""
+    state = state_dir.resolve()
+    names = sorted(jobs)
+    for i, name in enumerate(names):
+        output = jobs[name].output
+        if state == output or output in state.parents:
+            errors.append(f"jobs.{name}.output: {output} contains the state_dir {state}")
+        for other in names[i + 1 :]:
+            theirs = jobs[other].output
+            if output == theirs or output in theirs.parents or theirs in output.parents:
+                errors.append(f"jobs.{other}.output: {theirs} overlaps the output of job {name!r}")
 
 
 def _check_dependencies(jobs: dict[str, JobConfig], errors: list[str]) -> None:

@@ -82,8 +82,11 @@ class Daemon:
         from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
 
-        if self.config.engine.metrics_addr:
-            self.metrics.serve(self.config.engine.metrics_addr)
+        if addr := self.config.engine.metrics_addr:
+            try:
+                self.metrics.serve(addr)
+            except OSError as exc:
+                raise ConfigError([f"minibatch.metrics_addr: cannot listen on {addr}: {exc}"]) from None
         workers = max(4, len(self.config.jobs) + 1)
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
@@ -144,6 +147,7 @@ class Daemon:
         """SIGHUP: load config.toml again; an invalid one is logged and the old one kept."""
         self.notifier.reloading()
         try:
+            _validate_in_fresh_process(self.config_path)  # job modules already imported here are stale
             config = load_daemon_config(self.config_path)
         except ConfigError as exc:
             log.error("reload_rejected", errors=exc.errors)
@@ -160,12 +164,12 @@ class Daemon:
         return {name: job for name, job in self.config.jobs.items() if job.schedule}
 
     def _schedule_jobs(self) -> None:
-        for existing in self.scheduler.get_jobs():
-            if existing.id != "minibatch-watchdog":
+        for existing in self.scheduler.get_jobs():  # one-off runs (catch-up, dependencies met) stay
+            if existing.id.startswith(("cron:", "watch:")):
                 existing.remove()
         for name, job in self._scheduled().items():
             self.scheduler.add_job(
-                self.fire, parse_crontab(job.schedule, job.timezone), args=[name], id=name,
+                self.fire, parse_crontab(job.schedule, job.timezone), args=[name], id=f"cron:{name}",
                 coalesce=True, max_instances=1,
                 misfire_grace_time=None if job.catchup == "once" else 1,
             )  # fmt: skip
@@ -175,7 +179,7 @@ class Daemon:
                     signature = self._input_signature(job)
                     self.seen_inputs[name] = (signature, signature)
                 self.scheduler.add_job(
-                    self._watch, "interval", seconds=job.watch, args=[name], id=f"{name}-watch",
+                    self._watch, "interval", seconds=job.watch, args=[name], id=f"watch:{name}",
                     coalesce=True, max_instances=1,
                 )  # fmt: skip
 
@@ -234,6 +238,11 @@ class Daemon:
 
         stop = StopSignals()
         with self.lock:
+            if name in self.active or self.stopping:
+                log.info(
+                    "run_skipped", job=name, reason="already running" if name in self.active else "stopping"
+                )
+                return
             self.active[name] = stop
         try:
             log.info("run_fired", job=name, reason=reason)
@@ -270,10 +279,29 @@ class Daemon:
         upcoming = [
             (job.next_run_time, job.id)
             for job in self.scheduler.get_jobs()
-            if job.next_run_time and job.id != "minibatch-watchdog"
+            if job.next_run_time and job.id.startswith("cron:")
         ]
-        following = f"; next {min(upcoming)[1]} at {min(upcoming)[0]:%Y-%m-%d %H:%M %Z}" if upcoming else ""
+        following = (
+            f"; next {min(upcoming)[1][5:]} at {min(upcoming)[0]:%Y-%m-%d %H:%M %Z}" if upcoming else ""
+        )
         return f"running {running}{following}"
+
+
+def _validate_in_fresh_process(config_path: str | None) -> None:
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "minibatch",
+        *(["--config", config_path] if config_path else []),
+        "validate",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        lines = [line.removeprefix("error: ") for line in result.stderr.splitlines() if line.strip()]
+        raise ConfigError(lines or [f"validate exited with status {result.returncode}"])
 
 
 def _stat(path: str) -> os.stat_result | None:

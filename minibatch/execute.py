@@ -89,7 +89,8 @@ class Executor:
                 self.pool.terminate()
             else:
                 self.pool.close()
-        self.stopped = self.signals.requested and bool(self.pending or self.retry_at)
+        # in_flight is non-empty when the grace period ran out or a second signal came
+        self.stopped = self.signals.requested and bool(self.pending or self.retry_at or self.in_flight)
         if self.breaker.tripped:
             untried = len({c.chunk_id for c in self.pending} | {c.chunk_id for _, _, c in self.retry_at})
             self.breaker_error = (
@@ -156,10 +157,10 @@ class Executor:
     def _wait_time(self) -> float:
         now = time.monotonic()
         deadlines = [self.last_flush + FLUSH_INTERVAL, now + 1.0]
-        if self.retry_at:
-            deadlines.append(self.retry_at[0][0])
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
+        elif self.retry_at:  # once stopping, due retries are not admitted: don't wake for them
+            deadlines.append(self.retry_at[0][0])
         if self.breaker.state == "open" and self.breaker.open_until > now:
             deadlines.append(self.breaker.open_until)
         return max(0.0, min(deadlines) - now)

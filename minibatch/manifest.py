@@ -22,7 +22,11 @@ if TYPE_CHECKING:
 SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
 
 
-class ManifestBusy(Exception):
+class ManifestError(Exception):
+    """The manifest cannot be used (unreadable, corrupt, not a DuckDB file)."""
+
+
+class ManifestBusy(ManifestError):
     """The manifest stayed locked by another process for longer than the deadline."""
 
 
@@ -104,7 +108,9 @@ class Manifest:
                 con = duckdb.connect(str(self.path), read_only=read_only)
                 break
             except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() > give_up:
+                if "lock" not in str(exc).lower():
+                    raise ManifestError(f"cannot open the manifest {self.path}: {exc}") from exc
+                if time.monotonic() > give_up:
                     raise ManifestBusy(f"manifest {self.path} is busy: {exc}") from exc
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.2)
@@ -190,8 +196,22 @@ class Manifest:
 
     def reset(self, job: str) -> None:
         with self.connect() as con:
-            for table in ("chunks", "bad_files"):
+            for table in ("chunks", "bad_files", "reduce_state"):
                 con.execute(f"DELETE FROM {table} WHERE job = ?", [job])
+
+    # -- reductions --------------------------------------------------------------------------
+
+    def reduce_key(self, job: str) -> str | None:
+        with self.connect() as con:
+            row = con.execute("SELECT parts_key FROM reduce_state WHERE job = ?", [job]).fetchone()
+        return row[0] if row else None
+
+    def record_reduce(self, job: str, key: str) -> None:
+        with self.connect() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO reduce_state (job, parts_key, reduced_at) VALUES (?, ?, now())",
+                [job, key],
+            )
 
     # -- the daemon's schedule --------------------------------------------------------------
 

@@ -149,11 +149,16 @@ class WorkerPool:
         ]
 
     def kill(self, index: int, error: TaskError) -> list[Event]:
-        """Stop slot `index` at once (its running task fails with `error`) and restart it."""
+        """Stop slot `index` at once (its running task fails with `error`) and restart it.
+
+        If that task finished just before the kill, the one started after it is not to blame:
+        it comes back as Lost.
+        """
         slot = self._slots[index]
+        victim = slot.queue[0] if slot.queue and slot.started_at is not None else None
         slot.process.kill()
         slot.process.join()
-        return self._replace(slot, error)
+        return self._replace(slot, error, victim)
 
     def _drain(self, slot: _Slot) -> list[Event]:
         events: list[Event] = []
@@ -175,17 +180,17 @@ class WorkerPool:
             return Lost(task_id)
         return Finished(task_id, payload) if kind == "done" else Failed(task_id, payload)
 
-    def _replace(self, slot: _Slot, error: TaskError | None) -> list[Event]:
+    def _replace(self, slot: _Slot, error: TaskError | None, victim: int | None = None) -> list[Event]:
         events = self._drain(slot)
         slot.process.join()
-        events.extend(self._orphans(slot, error or _death(slot.process)))
+        events.extend(self._orphans(slot, error or _death(slot.process), victim))
         slot.conn.close()
         self._slots[self._slots.index(slot)] = self._spawn()
         return events
 
-    def _orphans(self, slot: _Slot, error: TaskError) -> list[Event]:
+    def _orphans(self, slot: _Slot, error: TaskError, victim: int | None) -> list[Event]:
         events: list[Event] = []
-        if slot.queue and slot.started_at is not None:
+        if slot.queue and slot.started_at is not None and victim in (None, slot.queue[0]):
             events.append(Failed(slot.queue.popleft(), error))
         events.extend(Lost(task_id) for task_id in slot.queue)
         slot.queue.clear()

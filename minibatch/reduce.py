@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from minibatch.output import REDUCED_NAME, OutputLayout, write_atomically
@@ -26,3 +27,9 @@ def reduce_parts(sql: str, parts: list[Path], layout: OutputLayout) -> int:
         if other.name != REDUCED_NAME:
             other.unlink(missing_ok=True)
     return result.num_rows
+
+
+def reduce_key(sql: str, parts: list[Path]) -> str:
+    """What a reduction is built from: the SQL and the set of part files."""
+    text = "\n".join([sql, *sorted(p.name for p in parts)])
+    return hashlib.sha256(text.encode()).hexdigest()

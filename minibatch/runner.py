@@ -82,7 +82,6 @@ class Run:
         self.pending_records: list[ChunkRecord] = []
         self.done_outputs: dict[str, str | None] = {}  # chunk_id -> part file, for reduce
         self.schema: pa.Schema | None = None  # the output's, read from a finished part
-        self.changed = False
 
     def emit(self, name: str, **data: object) -> None:
         self.emitter.emit(name, self.job.name, self.record.run_id, **data)
@@ -105,7 +104,6 @@ class Run:
         todo = self._plan()
         self.flush()  # the plan's totals, and any adopted chunks, are visible to `status` now
         if todo:
-            self.changed = True
             self._execute_chunks(todo)
         self._finish(time.monotonic() - started)
         return self.summary
@@ -142,25 +140,32 @@ class Run:
         self.record.bad_files = len(new)
 
     def _reconcile(self, chunks: list[Chunk]) -> list[Chunk]:
-        """Chunks still to compute; forgets stale records, adopts and removes stray files."""
+        """Chunks still to compute. Records of chunks no longer planned, or whose result file
+        is gone, are forgotten; results renamed into place but not recorded are adopted;
+        files no finished chunk owns are removed."""
         states = self.manifest.chunk_states(self.job.name)
-        planned = {c.chunk_id: c for c in chunks}
-        stale = [chunk_id for chunk_id in states if chunk_id not in planned]
-        self.manifest.forget_chunks(self.job.name, stale)
         on_disk = self.layout.part_files()
-        adopted = [c for c in chunks if c.chunk_id not in states and part_name(c.chunk_id) in on_disk]
-        self._adopt(adopted)
-        for chunk_id, (status, output) in states.items():
-            if status == "done" and chunk_id in planned:
-                self.done_outputs[chunk_id] = output
-        self._remove_strays(on_disk, stale)
+        planned = {c.chunk_id for c in chunks}
+        done = {
+            chunk_id: output
+            for chunk_id, (status, output) in states.items()
+            if status == "done" and chunk_id in planned and (output is None or output in on_disk)
+        }
+        dead = {
+            chunk_id for chunk_id, (status, _) in states.items() if status == "dead" and chunk_id in planned
+        }
+        forget = [chunk_id for chunk_id in states if chunk_id not in done and chunk_id not in dead]
+        self.manifest.forget_chunks(self.job.name, forget)
+        self.done_outputs.update(done)
+        known = done.keys() | dead
+        self._adopt([c for c in chunks if c.chunk_id not in known and part_name(c.chunk_id) in on_disk])
+        self._remove_strays(on_disk, forget)
         self._read_schema()
-        dead = [c for c in chunks if states.get(c.chunk_id, ("",))[0] == "dead"]
         if dead:
             self.emit("dead_letters_skipped", chunks=len(dead), hint=f"minibatch retry {self.job.name}")
         self.record.chunks_skipped = len(dead)
-        self.record.chunks_reused = len(self.done_outputs) - len(adopted)
-        return [c for c in chunks if c.chunk_id not in states and c.chunk_id not in self.done_outputs]
+        self.record.chunks_reused = len(self.done_outputs)  # by earlier runs, adopted ones included
+        return [c for c in chunks if c.chunk_id not in dead and c.chunk_id not in self.done_outputs]
 
     def _adopt(self, chunks: list[Chunk]) -> None:
         """Results renamed into place by a killed run before it could record them."""
@@ -196,7 +201,6 @@ class Run:
         strays = on_disk - keep
         self.layout.remove_parts(strays)
         if strays or stale:
-            self.changed = True
             self.emit("stale_outputs_removed", files=len(strays), records=len(stale))
 
     def _record(self, chunk: Chunk, status: str, attempts: int, **values: Any) -> ChunkRecord:
@@ -291,8 +295,8 @@ class Run:
             record.status = "failed"
         else:
             record.status = "succeeded"
-        if record.status == "succeeded" and self.job.reduce_sql and self._needs_reduce():
-            self._reduce()
+        if record.status == "succeeded" and self.job.reduce_sql:
+            self._reduce_if_needed()
         record.ended_at = time.time()
         self.summary.seconds = seconds
         self.flush()
@@ -305,21 +309,29 @@ class Run:
             seconds=round(seconds, 3),
         )
 
-    def _needs_reduce(self) -> bool:
+    def _reduce_if_needed(self) -> None:
+        """Reduce over the complete set of parts, unless the output already is that reduction."""
         from minibatch.output import REDUCED_NAME
+        from minibatch.reduce import reduce_key, reduce_parts
 
-        return self.changed or not (self.layout.output / REDUCED_NAME).exists()
-
-    def _reduce(self) -> None:
-        from minibatch.reduce import reduce_parts
-
-        parts = sorted(self.layout.parts / name for name in self.done_outputs.values() if name)
+        missing = self.record.chunks_total - len(self.done_outputs)
+        if missing:  # dead letters skipped, or input that changed under the run
+            self._fail(f"reduce_sql not run: {missing} of {self.record.chunks_total} chunks are not done")
+            return
         assert self.job.reduce_sql is not None
+        parts = sorted(self.layout.parts / name for name in self.done_outputs.values() if name)
+        key = reduce_key(self.job.reduce_sql, parts)
+        if key == self.manifest.reduce_key(self.job.name) and (self.layout.output / REDUCED_NAME).exists():
+            return
         try:
             rows = reduce_parts(self.job.reduce_sql, parts, self.layout)
         except Exception as exc:  # the user's SQL: its error ends the run as failed, readably
-            self.record.status = "failed"
-            self.record.error = f"reduce_sql failed: {type(exc).__name__}: {exc}"
-            self.emit("reduce_failed", error=self.record.error)
+            self._fail(f"reduce_sql failed: {type(exc).__name__}: {exc}")
             return
+        self.manifest.record_reduce(self.job.name, key)
         self.emit("reduce_done", parts=len(parts), rows=rows)
+
+    def _fail(self, error: str) -> None:
+        self.record.status = "failed"
+        self.record.error = error
+        self.emit("reduce_failed", error=error)

@@ -58,3 +58,10 @@ CREATE TABLE IF NOT EXISTS schedule_state (
     job            VARCHAR PRIMARY KEY,
     last_fire_at   TIMESTAMPTZ NOT NULL
 );
+
+-- What each reduce job's published output was built from (reduce_sql and the part files).
+CREATE TABLE IF NOT EXISTS reduce_state (
+    job            VARCHAR PRIMARY KEY,
+    parts_key      VARCHAR NOT NULL,
+    reduced_at     TIMESTAMPTZ
+);

@@ -157,6 +157,7 @@ def check_schema(got: pa.Schema, expected: pa.Schema) -> None:
 
 def read_chunk(chunk: Chunk, columns: tuple[str, ...] | None) -> pa.Table:
     """The chunk's rows, read by the worker itself from the file (never sent through a pipe)."""
+    _stat_unchanged(chunk)  # a removed file is changed input, not an error
     with open(chunk.path, "rb") as handle:
         _check_unchanged(chunk, os.fstat(handle.fileno()))
         parquet = pq.ParquetFile(handle)
@@ -240,7 +241,10 @@ def _sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
 
 
 def _stat_unchanged(chunk: Chunk) -> os.stat_result:
-    stat = os.stat(chunk.path)
+    try:
+        stat = os.stat(chunk.path)
+    except FileNotFoundError:
+        raise InputChanged(f"{chunk.path} was removed since it was planned") from None
     _check_unchanged(chunk, stat)
     return stat
 
@@ -248,7 +252,7 @@ def _stat_unchanged(chunk: Chunk) -> os.stat_result:
 def describe_error(exc: BaseException) -> TaskError:
     if isinstance(exc, InputChanged):
         kind = "input_changed"
-    elif isinstance(exc, MemoryError | pa.ArrowMemoryError) or "memory" in str(exc).lower():
+    elif isinstance(exc, MemoryError | pa.ArrowMemoryError | duckdb.OutOfMemoryException):
         kind = "memory"
     else:
         kind = "error"

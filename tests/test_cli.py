@@ -49,6 +49,11 @@ BAD_CONFIGS = [
     (GOOD.replace('output = "out/ok"', 'output = "."'), "reset would delete inputs"),
     (GOOD.replace('output = "out/ok"', 'output = ""'), "jobs.ok.output: missing"),
     (GOOD + "schedule = '0 0 * * sunshine'\n", "bad weekday 'sunshine'"),
+    (
+        GOOD + "[jobs.twin]\ninput = 'x/*.parquet'\noutput = 'out/ok/sub'\nsql = 'SELECT 1'\n",
+        "overlaps the output of",
+    ),
+    ("[minibatch]\nstate_dir = 'out/ok/state'\n" + GOOD, "contains the state_dir"),
     (GOOD.replace("[jobs.ok]", "[jobs.'bad name!']"), "job names must match"),
     ("[minibatch]\nworkers = 0\n" + GOOD, "minibatch.workers: must be at least 1"),
     ("[minibatch]\nmemory_limit = 'lots'\n" + GOOD, "minibatch.memory_limit: bad size"),
@@ -139,3 +144,13 @@ def test_status_of_a_job_never_run(project: Project) -> None:
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [{"job": "ok", "status": "never run"}]
     assert project.cli("status", "nope").returncode == 2
+
+
+def test_a_state_dir_that_cannot_be_created_is_a_readable_error(project: Project) -> None:
+    (project.root / "blocker").write_text("a file where a directory should be")
+    write_raw_config(project, "[minibatch]\nstate_dir = 'blocker/state'\n" + GOOD)
+    project.write_input("a.parquet", 0, 100)
+    result = project.cli("run-now", "ok")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and "blocker" in result.stderr
+    assert "Traceback" not in result.stderr

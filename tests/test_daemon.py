@@ -267,3 +267,15 @@ def test_watch_runs_the_job_when_inputs_change_and_settle(project: Project) -> N
     finally:
         assert daemon.stop() == 0
     assert sorted(project.output_table("w").column("id").to_pylist()) == list(range(200))
+
+
+def test_metrics_port_in_use_is_a_config_error(project: Project) -> None:
+    project.write_input("a.parquet", 0, 100)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config(project, hourly("a"), busy.getsockname()[1])
+        result = project.cli("daemon", timeout=30)
+    assert result.returncode == 2
+    assert "minibatch.metrics_addr: cannot listen on" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -174,3 +174,103 @@ def test_unknown_job_and_bad_config_exit_2_without_traceback(project: Project) -
     result = project.cli("run-now", "ident", "--memory-limit", "lots")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+REDUCE_JOB = """
+[jobs.totals]
+input = "data/*.parquet"
+output = "out/totals"
+process = "myjobs.faulty:{process}"
+reduce_sql = "{reduce}"
+chunk_bytes = "5KB"
+retries = 0
+stop_grace = "300ms"
+"""
+GOOD_REDUCE = "SELECT count(*) AS n, sum(id) AS s FROM parts"
+
+
+def reduce_config(project: Project, reduce: str = GOOD_REDUCE, process: str = "slow") -> None:
+    project.write_config(REDUCE_JOB.format(process=process, reduce=reduce))
+
+
+def reduced(project: Project) -> tuple[int, int]:
+    (row,) = pq.read_table(project.out("totals") / "part-reduced.parquet").to_pylist()
+    return row["n"], row["s"]
+
+
+def test_a_failed_reduce_is_run_again_by_the_next_run(project: Project) -> None:
+    reduce_config(project)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "totals").returncode == 0
+    assert reduced(project) == (300, sum(range(300)))
+    project.write_input("b.parquet", 300, 200)
+    reduce_config(project, reduce="SELECT no_such_column FROM parts")
+    failed = project.cli("run-now", "totals")
+    assert failed.returncode == 1 and "reduce_sql failed" in failed.stdout
+    assert reduced(project) == (300, sum(range(300)))  # the old result stays in place
+    reduce_config(project)
+    fixed = project.cli("run-now", "totals")  # nothing to compute, but the reduce is owed
+    assert fixed.returncode == 0, fixed.stderr
+    assert "0 done now" in fixed.stdout
+    assert reduced(project) == (500, sum(range(500)))
+
+
+def test_a_deleted_result_file_is_computed_again(project: Project) -> None:
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 600)
+    assert project.cli("run-now", "ident").returncode == 0
+    victim = sorted(project.out("ident").iterdir())[0]
+    victim.unlink()
+    again = project.cli("run-now", "ident")
+    assert again.returncode == 0, again.stderr
+    assert "1 done now" in again.stdout
+    assert ids_of(project, "ident") == list(range(600))
+
+
+def test_a_reduce_job_stopped_mid_run_publishes_nothing(project: Project) -> None:
+    reduce_config(project)
+    for i in range(3):
+        project.write_input(f"f{i}.parquet", i * 400, 400)
+    process = project.start("run-now", "totals", env={"MB_SLEEP": "0.3"})
+    wait_for(lambda: len(project.computations()) >= 3, what="chunks to run")
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "stopped" in out
+    assert not (project.out("totals") / "part-reduced.parquet").exists()
+    status = json.loads(project.cli("status", "totals", "--json").stdout)[0]
+    assert status["status"] == "stopped"
+    assert project.cli("run-now", "totals").returncode == 0
+    assert reduced(project) == (1200, sum(range(1200)))
+
+
+def test_a_dead_letter_blocks_the_reduce_and_keeps_the_old_output(project: Project) -> None:
+    reduce_config(project, process="poison")
+    project.write_input("a.parquet", 0, 300)
+    fixed = project.root / "fixed"
+    fixed.touch()
+    env = {"MB_TARGET": "b.parquet:0", "MB_FIXED": str(project.root / "not-yet")}
+    assert project.cli("run-now", "totals", env=env).returncode == 0
+    project.write_input("b.parquet", 300, 300)
+    first = project.cli("run-now", "totals", env=env)
+    assert first.returncode == 1 and "dead letter" in first.stdout
+    second = project.cli("run-now", "totals", env=env)  # the dead letter is skipped: still incomplete
+    assert second.returncode == 1 and "reduce_sql not run" in second.stdout
+    assert reduced(project) == (300, sum(range(300)))
+    retried = project.cli("retry", "totals", env={**env, "MB_FIXED": str(fixed)})
+    assert retried.returncode == 0, retried.stderr
+    assert reduced(project) == (600, sum(range(600)))
+
+
+def test_an_input_removed_mid_run_is_not_a_failure(project: Project) -> None:
+    project.write_config(MAP_JOB.replace("myjobs.basic:ident", "myjobs.faulty:slow"))
+    project.write_input("a.parquet", 0, 1000)
+    doomed = project.write_input("b.parquet", 1000, 1000)
+    process = project.start("run-now", "ident", env={"MB_SLEEP": "0.05"})
+    wait_for(lambda: len(project.computations()) >= 2, what="chunks to run")
+    doomed.unlink()
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, out + err
+    assert "0 dead-lettered" in out and "dead letter:" not in out
+    assert project.cli("run-now", "ident").returncode == 0
+    assert ids_of(project, "ident") == list(range(1000))
