@@ -61,7 +61,12 @@ def part_name(chunk_id: str) -> str:
 
 
 def write_atomically(table: pa.Table, target: Path, staging: Path) -> int:
-    """Write `table` to `target` so readers see either nothing or the whole file; returns bytes."""
+    """Write `table` to `target` so readers see either nothing or the whole file; returns bytes.
+
+    The file's data is fsynced before the rename; the directory entry is made durable by
+    `fsync_dir(target.parent)`, which the caller owes before recording the file as done
+    (the coordinator does it once per batch of chunks).
+    """
     temp = staging / f"{target.name}.{os.getpid()}.tmp"
     size = write_durably(table, temp)
     publish(temp, target)
@@ -84,13 +89,12 @@ def write_durably(table: pa.Table, path: Path) -> int:
 
 
 def publish(staged: Path, target: Path) -> None:
-    """Rename a durable staged file into place; the directory entry is made durable too."""
+    """Rename a durable staged file into place (atomic: same filesystem)."""
     try:
         os.replace(staged, target)
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
-    fsync_dir(target.parent)
 
 
 def fsync_dir(path: Path) -> None:

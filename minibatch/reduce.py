@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from minibatch.output import REDUCED_NAME, OutputLayout, write_atomically
+from minibatch.output import REDUCED_NAME, OutputLayout, fsync_dir, write_atomically
 
 
 def reduce_parts(sql: str, parts: list[Path], layout: OutputLayout) -> int:
@@ -26,6 +26,7 @@ def reduce_parts(sql: str, parts: list[Path], layout: OutputLayout) -> int:
     for other in layout.output.iterdir():
         if other.name != REDUCED_NAME:
             other.unlink(missing_ok=True)
+    fsync_dir(layout.output)
     return result.num_rows
 
 

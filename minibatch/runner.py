@@ -12,7 +12,7 @@ from minibatch.config import Config, JobConfig, check_imports
 from minibatch.events import Emitter, Listener, LogListener
 from minibatch.lock import job_lock
 from minibatch.manifest import ChunkRecord, Manifest, RunRecord
-from minibatch.output import OutputLayout, part_name
+from minibatch.output import OutputLayout, fsync_dir, part_name
 from minibatch.planner import BadFile, Chunk, expand_inputs, plan_chunks, scan_inputs
 from minibatch.signals import StopSignals
 
@@ -282,6 +282,9 @@ class Run:
         self.pending_records.append(record)
 
     def flush(self) -> None:
+        """Record finished chunks: first make their renames durable, then commit them."""
+        if any(r.output_file for r in self.pending_records):
+            fsync_dir(self.layout.parts)
         self.manifest.commit(self.record, self.pending_records)
         self.pending_records = []
 

@@ -89,6 +89,7 @@ class SchemaMismatch(Exception):
 
 
 _functions: dict[str, Any] = {}
+_footers: dict[tuple[str, str], pq.FileMetaData] = {}
 _sql: duckdb.DuckDBPyConnection | None = None
 
 
@@ -160,7 +161,7 @@ def read_chunk(chunk: Chunk, columns: tuple[str, ...] | None) -> pa.Table:
     _stat_unchanged(chunk)  # a removed file is changed input, not an error
     with open(chunk.path, "rb") as handle:
         _check_unchanged(chunk, os.fstat(handle.fileno()))
-        parquet = pq.ParquetFile(handle)
+        parquet = pq.ParquetFile(handle, metadata=_footer(chunk, handle))
         cols = list(columns) if columns else None
         groups = range(chunk.rg_start, chunk.rg_end)
         group_rows = sum(parquet.metadata.row_group(i).num_rows for i in groups)
@@ -170,6 +171,18 @@ def read_chunk(chunk: Chunk, columns: tuple[str, ...] | None) -> pa.Table:
             table = _read_slice(parquet, chunk, cols)
     table.validate(full=True)  # untrusted input: fail here, not inside the job's code
     return table
+
+
+def _footer(chunk: Chunk, handle: Any) -> pq.FileMetaData:
+    """The file's parsed footer, kept per (file, fingerprint): small chunks of a file with many
+    row groups would otherwise spend most of their time parsing the same footer."""
+    key = (chunk.path, chunk.fingerprint)
+    metadata = _footers.get(key)
+    if metadata is None:
+        if len(_footers) >= 16:
+            _footers.clear()
+        metadata = _footers[key] = pq.read_metadata(handle)
+    return metadata
 
 
 def _read_slice(parquet: pq.ParquetFile, chunk: Chunk, cols: list[str] | None) -> pa.Table:
