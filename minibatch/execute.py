@@ -85,10 +85,7 @@ class Executor:
                 self._admit()
                 self._step()
         finally:
-            if self.signals.immediate or self._grace_over():
-                self.pool.terminate()
-            else:
-                self.pool.close()
+            self.pool.terminate()  # idle now, or stopping at once: nothing left to wait for
         # in_flight is non-empty when the grace period ran out or a second signal came
         self.stopped = self.signals.requested and bool(self.pending or self.retry_at or self.in_flight)
         if self.breaker.tripped:

@@ -87,6 +87,15 @@ def _context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+def warm_up() -> None:
+    """Start the forkserver now (it imports pyarrow and DuckDB meanwhile) so that the first
+    workers fork from a ready server instead of waiting for those imports."""
+    import multiprocessing.forkserver
+
+    _context()
+    multiprocessing.forkserver.ensure_running()
+
+
 class WorkerPool:
     def __init__(self, size: int, memory_cap: int | None) -> None:
         self.size = size
@@ -196,16 +205,9 @@ class WorkerPool:
         slot.queue.clear()
         return events
 
-    def close(self, grace: float = 5.0) -> None:
-        for slot in self._slots:
-            with contextlib.suppress(OSError):
-                slot.conn.send(None)
-        deadline = time.monotonic() + grace
-        for slot in self._slots:
-            slot.process.join(max(0.0, deadline - time.monotonic()))
-        self.terminate()
-
     def terminate(self) -> None:
+        """Kill every worker. Safe at any time: a chunk cut short was not recorded, and its
+        result is either absent or complete (published by an atomic rename)."""
         for slot in self._slots:
             if slot.process.is_alive():
                 slot.process.kill()

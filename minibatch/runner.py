@@ -52,6 +52,9 @@ def run_job(
     listeners: list[Listener] | None = None,
 ) -> RunSummary:
     """Run job `name` now, resuming its checkpoint. Raises JobLocked, ConfigError."""
+    from minibatch.pool import warm_up
+
+    warm_up()  # the forkserver imports pyarrow and DuckDB while we plan
     options = options or RunOptions()
     job = config.job(name)
     job = replace(

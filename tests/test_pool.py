@@ -144,7 +144,7 @@ def test_tasks_finish_and_write_their_results(env: dict[str, Path]) -> None:
             pool.submit(task(i, chunk, job, DOUBLED))
         final, started = collect(pool, set(range(len(chunks))))
     finally:
-        pool.close()
+        pool.terminate()
     assert {s.task_id for s in started} == set(range(len(chunks)))
     assert all(s.pid > 0 and s.pid != os.getpid() for s in started)
     for i, chunk in enumerate(chunks):
@@ -168,7 +168,7 @@ def test_without_a_known_schema_the_result_is_staged_not_published(env: dict[str
         pool.submit(task(0, chunk, spec(env)))
         final, _ = collect(pool, {0})
     finally:
-        pool.close()
+        pool.terminate()
     result = final[0].result
     assert result.staged is not None and Path(result.staged).parent == env["staging"]
     assert not (env["parts"] / "part-0.parquet").exists()  # the coordinator publishes it
@@ -186,7 +186,7 @@ def test_sql_task_and_empty_result(env: dict[str, Path]) -> None:
         pool.submit(task(1, chunk, spec(env, process=None, sql="SELECT id FROM chunk WHERE id < 0"), ids))
         final, _ = collect(pool, {0, 1})
     finally:
-        pool.close()
+        pool.terminate()
     assert isinstance(final[0], Finished) and isinstance(final[1], Finished)
     assert final[0].result.rows_out == 10
     assert sorted(ids_of(env["parts"] / "part-0.parquet")) == list(range(100, 200, 10))
@@ -203,7 +203,7 @@ def test_job_exception_is_a_failed_event(env: dict[str, Path]) -> None:
         pool.submit(task(1, chunk, spec(env), DOUBLED))
         final, _ = collect(pool, {0, 1})
     finally:
-        pool.close()
+        pool.terminate()
     assert isinstance(final[0], Failed)
     assert final[0].error.kind == "error" and "no_such_column" in final[0].error.message
     assert final[0].error.traceback  # the worker's traceback travels with the error
@@ -233,7 +233,7 @@ def test_worker_death_fails_its_task_loses_the_queued_one_and_pool_recovers(env:
         pool.submit(task(2, chunks[1], spec(env), DOUBLED))
         final, started = collect(pool, {2})
     finally:
-        pool.close()
+        pool.terminate()
     assert isinstance(final[2], Finished), final[2]
     assert started[0].pid != dead_pid
     assert ids_of(env["parts"] / "part-2.parquet") == list(range(100, 200))
@@ -269,7 +269,7 @@ def test_stop_starting_hands_back_queued_tasks_unstarted(env: dict[str, Path]) -
         pool.stop_starting()  # what a first SIGTERM does: the running task finishes, no new one starts
         final, started = collect(pool, {0, 1})
     finally:
-        pool.close()
+        pool.terminate()
     assert isinstance(final[0], Finished)
     assert final[1] == Lost(1)
     assert not [s for s in started if s.task_id == 1]
