@@ -315,5 +315,6 @@ def worker_main(conn: Connection, memory_cap: int | None, stopping: Any) -> None
             reply: tuple[str, int, Any] = ("done", task.task_id, run_task(task))
         except BaseException as exc:  # the process boundary: every failure becomes data
             reply = ("error", task.task_id, describe_error(exc))
-        pool.release_unused()
         conn.send(reply)
+        if not conn.poll():  # idle: hand freed memory back (between chunks it is reused, faster)
+            pool.release_unused()
