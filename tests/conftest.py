@@ -19,6 +19,15 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
+# A map job over data/*.parquet: one chunk per 100-row row group (~3.4 KB) or less.
+MAP_JOB = """
+[jobs.ident]
+input = "data/*.parquet"
+output = "out/ident"
+process = "myjobs.basic:ident"
+chunk_bytes = "3KB"
+"""
+
 JOB_MODULE = """
 import os, time
 import pyarrow as pa
@@ -125,6 +134,19 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def start_ready(args: list[str], ready: str) -> subprocess.Popen[str]:
+    """Start a helper process and return once it printed `ready` (it holds a lock, a file...)."""
+    process = subprocess.Popen(
+        args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if line != f"{ready}\n":
+        process.kill()
+        raise AssertionError(f"helper process failed: {line!r} {process.communicate()[1]}")
+    return process
 
 
 def watch_stderr(process: subprocess.Popen[str], stream: str = "stderr") -> list[str]:

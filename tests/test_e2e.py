@@ -9,15 +9,7 @@ import signal
 import duckdb
 import pyarrow.parquet as pq
 
-from conftest import Project, wait_for
-
-MAP_JOB = """
-[jobs.ident]
-input = "data/*.parquet"
-output = "out/ident"
-process = "myjobs.basic:ident"
-chunk_bytes = "3KB"
-"""
+from conftest import MAP_JOB, Project, wait_for
 
 
 def ids_of(project: Project, job: str) -> list[int]:

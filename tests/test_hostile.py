@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from conftest import MAP_JOB as BASE_MAP_JOB
 from conftest import Project
 
-MAP_JOB = """
-[jobs.ident]
-input = "data/*.parquet"
-output = "out/ident"
-process = "myjobs.basic:ident"
-chunk_bytes = "3KB"
-retries = 1
-retry_backoff = "10ms"
-"""
+MAP_JOB = BASE_MAP_JOB + 'retries = 1\nretry_backoff = "10ms"\n'
 
 
 def test_zero_byte_text_and_truncated_files(project: Project) -> None:

@@ -15,6 +15,8 @@ import pytest
 from minibatch.manifest import ChunkRecord, Manifest, ManifestBusy, RunRecord
 from minibatch.planner import BadFile
 
+from conftest import start_ready
+
 T0 = 1_750_000_000.0  # a fixed unix time, so timestamps can be compared exactly
 
 
@@ -222,19 +224,7 @@ print("released", flush=True)
 def hold(path: Path, how: str) -> subprocess.Popen[str]:
     """A real process holding the manifest open for writing; returns once it holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(path), how],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None
-    line = holder.stdout.readline()
-    if line != "ready\n":
-        holder.kill()
-        raise AssertionError(f"holder failed: {line!r} {holder.communicate()[1]}")
-    return holder
+    return start_ready([sys.executable, "-c", HOLDER, str(path), how], "ready")
 
 
 def test_connect_waits_while_another_process_holds_the_file(path: Path) -> None:

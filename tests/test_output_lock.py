@@ -18,6 +18,8 @@ import pytest
 from minibatch.lock import JobLocked, holder_pid, job_lock, lock_path
 from minibatch.output import REDUCED_NAME, OutputLayout, part_name, write_atomically
 
+from conftest import start_ready
+
 TABLE = pa.table({"id": pa.array(range(50), pa.int64()), "s": pa.array([f"v{i}" for i in range(50)])})
 
 
@@ -122,19 +124,7 @@ print("unlocked", flush=True)
 
 
 def hold_lock(state_dir: Path, job: str) -> subprocess.Popen[str]:
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(state_dir), job],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None
-    line = holder.stdout.readline()
-    if line != "locked\n":
-        holder.kill()
-        raise AssertionError(f"lock holder failed: {line!r} {holder.communicate()[1]}")
-    return holder
+    return start_ready([sys.executable, "-c", HOLDER, str(state_dir), job], "locked")
 
 
 def test_a_held_lock_is_refused_with_the_holders_pid(tmp_path: Path) -> None:

@@ -101,9 +101,7 @@ def _check_file_chunks(meta: FileMeta, chunks: list[Chunk], chunk_bytes: int) ->
         position = end
     assert position == total_rows, f"rows {position}..{total_rows} not covered"
     # the plan keeps file order: chunks come in row order
-    assert [(c.row_start, c.row_end) for c in chunks] == sorted(
-        (c.row_start, c.row_end) for c in chunks
-    )
+    assert [(c.row_start, c.row_end) for c in chunks] == sorted((c.row_start, c.row_end) for c in chunks)
 
 
 @PROPERTY
@@ -122,9 +120,7 @@ def test_plan_covers_every_row_exactly_once(files, chunk_bytes):
         _check_file_chunks(meta, by_path.get(meta.path, []), chunk_bytes)
     # a row-set view of the same claim, on a bounded number of rows
     if sum(c.num_rows for c in chunks) <= 20_000:
-        seen: list[tuple[str, int]] = [
-            (c.path, row) for c in chunks for row in range(c.row_start, c.row_end)
-        ]
+        seen: list[tuple[str, int]] = [(c.path, row) for c in chunks for row in range(c.row_start, c.row_end)]
         expected = {(m.path, r) for m in files for r in range(_offsets(m)[-1])}
         assert len(seen) == len(set(seen)) == len(expected)
         assert set(seen) == expected
@@ -248,9 +244,7 @@ def test_read_file_meta_full_and_projected(tmp_path):
     assert full.size == path.stat().st_size
     assert len(full.row_groups) == md.num_row_groups == 5
     assert [g.num_rows for g in full.row_groups] == [1000] * 5
-    assert [g.nbytes for g in full.row_groups] == [
-        md.row_group(i).total_byte_size for i in range(5)
-    ]
+    assert [g.nbytes for g in full.row_groups] == [md.row_group(i).total_byte_size for i in range(5)]
     assert all(g.nbytes > 0 for g in full.row_groups)
 
     projected = read_file_meta(str(path), ["carrier", "delay"])
