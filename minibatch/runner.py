@@ -38,7 +38,6 @@ class RunSummary:
     bad_files: list[BadFile] = field(default_factory=list)
     stopped: bool = False
     seconds: float = 0.0
-    peak_in_flight: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -231,7 +230,6 @@ class Run:
             executor.run()
         self.summary.stopped = executor.stopped
         self.record.error = executor.breaker_error
-        self.summary.peak_in_flight = executor.budget.peak
 
     def chunk_done(self, chunk: Chunk, attempts: int, result: TaskResult) -> None:
         record = self._record(

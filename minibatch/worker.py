@@ -158,19 +158,23 @@ def check_schema(got: pa.Schema, expected: pa.Schema) -> None:
 
 def read_chunk(chunk: Chunk, columns: tuple[str, ...] | None) -> pa.Table:
     """The chunk's rows, read by the worker itself from the file (never sent through a pipe)."""
-    _stat_unchanged(chunk)  # a removed file is changed input, not an error
-    with open(chunk.path, "rb") as handle:
-        _check_unchanged(chunk, os.fstat(handle.fileno()))
-        parquet = pq.ParquetFile(handle, metadata=_footer(chunk, handle))
-        cols = list(columns) if columns else None
-        groups = range(chunk.rg_start, chunk.rg_end)
-        group_rows = sum(parquet.metadata.row_group(i).num_rows for i in groups)
-        if chunk.row_start == chunk.rg_row_offset and chunk.num_rows == group_rows:
-            table = parquet.read_row_groups(list(groups), columns=cols)
-        else:
-            table = _read_slice(parquet, chunk, cols)
+    try:
+        with open(chunk.path, "rb") as handle:
+            table = _read_open(chunk, handle, list(columns) if columns else None)
+    except FileNotFoundError:
+        raise _removed(chunk) from None
     table.validate(full=True)  # untrusted input: fail here, not inside the job's code
     return table
+
+
+def _read_open(chunk: Chunk, handle: Any, cols: list[str] | None) -> pa.Table:
+    _check_unchanged(chunk, os.fstat(handle.fileno()))
+    parquet = pq.ParquetFile(handle, metadata=_footer(chunk, handle))
+    groups = range(chunk.rg_start, chunk.rg_end)
+    group_rows = sum(parquet.metadata.row_group(i).num_rows for i in groups)
+    if chunk.row_start == chunk.rg_row_offset and chunk.num_rows == group_rows:
+        return parquet.read_row_groups(list(groups), columns=cols)
+    return _read_slice(parquet, chunk, cols)
 
 
 def _footer(chunk: Chunk, handle: Any) -> pq.FileMetaData:
@@ -257,9 +261,14 @@ def _stat_unchanged(chunk: Chunk) -> os.stat_result:
     try:
         stat = os.stat(chunk.path)
     except FileNotFoundError:
-        raise InputChanged(f"{chunk.path} was removed since it was planned") from None
+        raise _removed(chunk) from None
     _check_unchanged(chunk, stat)
     return stat
+
+
+def _removed(chunk: Chunk) -> InputChanged:
+    """A removed input file is changed input, not an error of the chunk."""
+    return InputChanged(f"{chunk.path} was removed since it was planned")
 
 
 def describe_error(exc: BaseException) -> TaskError:
