@@ -99,6 +99,9 @@ def run_now(
     state: State, job: str, workers: int | None, memory_limit: int | None, fresh: bool, quiet: bool
 ) -> None:
     """Run JOB now, resuming its checkpoint; print a summary at the end."""
+    from minibatch.pool import warm_up
+
+    warm_up()  # the forkserver imports pyarrow and DuckDB while this process does the same
     from minibatch.progress import progress_listener
     from minibatch.runner import RunOptions, run_job
     from minibatch.summary import print_summary
@@ -116,6 +119,9 @@ def run_now(
 @click.pass_obj
 def retry(state: State, job: str, quiet: bool) -> None:
     """Run JOB again, including the chunks and files that were dead-lettered."""
+    from minibatch.pool import warm_up
+
+    warm_up()
     from minibatch.progress import progress_listener
     from minibatch.runner import RunOptions, run_job
     from minibatch.summary import print_summary

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     import duckdb
 
 SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
+# One thread: each connection is short-lived, and DuckDB starts (and joins) a thread per core
+# on every open otherwise.
+CONNECT_CONFIG = {"threads": 1}
 
 
 class ManifestError(Exception):
@@ -90,7 +93,7 @@ class Manifest:
         import duckdb
 
         if read_only and not self.path.exists():
-            con = duckdb.connect(":memory:")
+            con = duckdb.connect(":memory:", config=CONNECT_CONFIG)
             con.execute(SCHEMA)
         else:
             con = self._open(duckdb, read_only)
@@ -105,7 +108,7 @@ class Manifest:
         delay = 0.005
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
+                con = duckdb.connect(str(self.path), read_only=read_only, config=CONNECT_CONFIG)
                 break
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower():

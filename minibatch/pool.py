@@ -16,9 +16,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from minibatch.worker import Task, TaskError, TaskResult, worker_main
+if TYPE_CHECKING:  # the worker module imports pyarrow and DuckDB; warm_up() must not wait for them
+    from minibatch.worker import Task, TaskError, TaskResult
 
 QUEUE_DEPTH = 2  # tasks sent ahead per worker, so no worker idles for a round trip
 
@@ -105,6 +106,8 @@ class WorkerPool:
         self._slots: list[_Slot] = [self._spawn() for _ in range(size)]
 
     def _spawn(self) -> _Slot:
+        from minibatch.worker import worker_main
+
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=worker_main,
@@ -216,6 +219,7 @@ class WorkerPool:
 
 
 def _death(process: BaseProcess) -> TaskError:
+    from minibatch.worker import TaskError
     code = process.exitcode
     if code is not None and code < 0:
         name = signal.Signals(-code).name
