@@ -69,6 +69,13 @@ class JobConfig:
     breaker: BreakerSettings = BreakerSettings()
     catchup: str = "once"  # once | skip: what to do about fire times missed while down
 
+    def to_json(self) -> str:
+        """The settings a run used, for the manifest and the run report."""
+        import dataclasses
+        import json
+
+        return json.dumps(dataclasses.asdict(self), default=str)
+
 
 @dataclass(frozen=True)
 class Config:

@@ -8,11 +8,12 @@ SIGHUP reloads config.toml, SIGTERM/SIGINT stop gracefully (twice: at once).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ class Daemon:
         from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
 
+        self.metrics.load_state(self.manifest.status())
         if addr := self.config.engine.metrics_addr:
             try:
                 self.metrics.serve(addr)
@@ -168,6 +170,7 @@ class Daemon:
             if existing.id.startswith(("cron:", "watch:")):
                 existing.remove()
         for name, job in self._scheduled().items():
+            self.metrics.set_interval(name, _interval(parse_crontab(job.schedule, job.timezone)))
             self.scheduler.add_job(
                 self.fire, parse_crontab(job.schedule, job.timezone), args=[name], id=f"cron:{name}",
                 coalesce=True, max_instances=1,
@@ -254,6 +257,8 @@ class Daemon:
         finally:
             with self.lock:
                 self.active.pop(name, None)
+            with contextlib.suppress(Exception):  # metrics are best effort; the run is recorded
+                self.metrics.load_state(self.manifest.status(name))
             self.wake.set()
             self._release_waiting()
 
@@ -302,6 +307,13 @@ def _validate_in_fresh_process(config_path: str | None) -> None:
     if result.returncode != 0:
         lines = [line.removeprefix("error: ") for line in result.stderr.splitlines() if line.strip()]
         raise ConfigError(lines or [f"validate exited with status {result.returncode}"])
+
+
+def _interval(trigger: Any, now: datetime | None = None) -> float:
+    """Seconds between a trigger's next two fire times: what "overdue" means for alerts."""
+    first = trigger.get_next_fire_time(None, now or datetime.now(UTC))
+    second = trigger.get_next_fire_time(first, first + timedelta(seconds=1))
+    return (second - first).total_seconds()
 
 
 def _stat(path: str) -> os.stat_result | None:

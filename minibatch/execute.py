@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minibatch.breaker import CircuitBreaker
+from minibatch.manifest import AttemptRecord
 from minibatch.output import publish
 from minibatch.planner import Chunk
 from minibatch.pool import Failed, Finished, Lost, MemoryBudget, Started, WorkerPool
@@ -48,6 +49,8 @@ class _InFlight:
     chunk: Chunk
     attempt: int
     reserved: int
+    admitted_at: float  # unix time
+    started: Started | None = None
 
 
 class Executor:
@@ -78,6 +81,7 @@ class Executor:
         self.breaker = CircuitBreaker(self.job.breaker)
         self.probe: int | None = None  # the task let through by a half-open breaker
         self.schema = run.schema  # results must match it; until known, workers leave them staged
+        self.busy_seconds = 0.0  # summed over attempts, for the run's worker utilisation
 
     def run(self) -> None:
         try:
@@ -129,7 +133,7 @@ class Executor:
         attempt = self.attempts.get(chunk.chunk_id, 0) + 1
         task_id = next(self.ids)
         self.budget.reserve(need)
-        self.in_flight[task_id] = _InFlight(chunk, attempt, need)
+        self.in_flight[task_id] = _InFlight(chunk, attempt, need, time.time())
         run_id = self.owner.record.run_id
         name = part_name(chunk.chunk_id)
         self.pool.submit(Task(task_id, chunk, self.spec, run_id, attempt, name, self.schema))
@@ -141,8 +145,14 @@ class Executor:
         for event in events:
             if isinstance(event, Started):
                 item = self.in_flight[event.task_id]
+                item.started = event
                 self.owner.emit(
-                    "chunk_started", chunk=item.chunk.chunk_id, attempt=item.attempt, pid=event.pid
+                    "chunk_started",
+                    chunk=item.chunk.chunk_id,
+                    attempt=item.attempt,
+                    pid=event.pid,
+                    in_flight=self.budget.in_flight,
+                    budget=self.budget.limit,
                 )
             else:
                 self._complete(event)
@@ -189,6 +199,7 @@ class Executor:
             self._failed(item, event.error)
             return
         else:
+            self._record_attempt(item, "input_changed", error=event.error)
             self.owner.emit("chunk_input_changed", chunk=item.chunk.chunk_id, error=event.error.message)
         if probe:  # no outcome to judge the breaker by: let another chunk try
             self.breaker.cancel_probe()
@@ -200,9 +211,10 @@ class Executor:
         error = self._publish_staged(result) if result.staged else None
         if error is not None:
             self._breaker_failure(probe)
-            self._failed(item, error)
+            self._failed(item, error, result)
             return
         self.breaker.record(True, time.monotonic(), probe)
+        self._record_attempt(item, "done", result)
         self.owner.chunk_done(item.chunk, item.attempt, result)
 
     def _publish_staged(self, result: TaskResult) -> TaskError | None:
@@ -229,10 +241,12 @@ class Executor:
                 pending=len(self.pending),
             )
 
-    def _failed(self, item: _InFlight, error: TaskError) -> None:
+    def _failed(self, item: _InFlight, error: TaskError, result: TaskResult | None = None) -> None:
         if item.attempt > self.job.retries:
+            self._record_attempt(item, "dead", result, error)
             self.owner.chunk_dead(item.chunk, item.attempt, error)
             return
+        self._record_attempt(item, "retried", result, error)
         delay = backoff(item.attempt, self.job.retry_backoff)
         heapq.heappush(self.retry_at, (time.monotonic() + delay, next(self.ids), item.chunk))
         self.owner.emit(
@@ -243,6 +257,39 @@ class Executor:
             delay=round(delay, 3),
             error=f"{error.type}: {error.message}",
         )
+
+    def _record_attempt(
+        self, item: _InFlight, outcome: str, result: TaskResult | None = None, error: TaskError | None = None
+    ) -> None:
+        started = item.started
+        ended = time.time()
+        record = AttemptRecord(
+            job=self.job.name,
+            run_id=self.owner.record.run_id,
+            chunk_id=item.chunk.chunk_id,
+            attempt=item.attempt,
+            label=item.chunk.label,
+            slot=started.slot if started else None,
+            pid=started.pid if started else None,
+            admitted_at=item.admitted_at,
+            started_at=started.at if started else None,
+            ended_at=ended,
+            outcome=outcome,
+            reserved_bytes=item.reserved,
+        )
+        if result is not None:
+            record.read_seconds = result.read_seconds
+            record.compute_seconds = result.compute_seconds
+            record.write_seconds = result.write_seconds
+            record.rows_in, record.rows_out = result.rows_in, result.rows_out
+            record.bytes_in, record.bytes_out = result.bytes_in, result.bytes_out
+            record.peak_rss = result.peak_rss
+        if error is not None:
+            record.error_type, record.error_message = error.type, error.message
+            record.traceback = error.traceback or None
+        if started is not None:
+            self.busy_seconds += max(0.0, ended - started.at)
+        self.owner.pending_attempts.append(record)
 
     def _kill_overdue(self) -> None:
         for index in self.pool.overdue(self.job.timeout):

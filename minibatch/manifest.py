@@ -11,7 +11,7 @@ import contextlib
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,10 +75,47 @@ class RunRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     error: str | None = None
+    workers: int = 0
+    memory_limit: int = 0
+    peak_in_flight: int = 0
+    busy_seconds: float = 0.0
+    utilisation: float | None = None
+    rows_per_second: float | None = None
+    mb_per_second: float | None = None
+    settings: str | None = None  # JSON
+
+
+@dataclass
+class AttemptRecord:
+    job: str
+    run_id: str
+    chunk_id: str
+    attempt: int
+    label: str
+    slot: int | None
+    pid: int | None
+    admitted_at: float  # unix times; stored as TIMESTAMPTZ
+    started_at: float | None
+    ended_at: float
+    outcome: str  # done | retried | dead | input_changed
+    reserved_bytes: int
+    read_seconds: float | None = None
+    compute_seconds: float | None = None
+    write_seconds: float | None = None
+    rows_in: int | None = None
+    rows_out: int | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    peak_rss: int | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
 
 
 CHUNK_COLUMNS = [f.name for f in fields(ChunkRecord)]
 RUN_COLUMNS = [f.name for f in fields(RunRecord)]
+ATTEMPT_COLUMNS = [f.name for f in fields(AttemptRecord)]
+TIMESTAMPS = {"started_at", "ended_at", "finished_at", "admitted_at"}  # unix time in Python
 
 
 class Manifest:
@@ -132,24 +169,19 @@ class Manifest:
             )
             self._upsert_run(con, run)
 
-    def commit(self, run: RunRecord, chunks: Sequence[ChunkRecord]) -> None:
-        """Record finished chunks and the run's counters in one transaction."""
+    def commit(
+        self, run: RunRecord, chunks: Sequence[ChunkRecord], attempts: Sequence[AttemptRecord] = ()
+    ) -> None:
+        """Record finished chunks, their attempts and the run's counters in one transaction."""
         with self.connect() as con:
             con.execute("BEGIN")
-            if chunks:
-                _insert_chunks(con, chunks)
+            _insert(con, "chunks", CHUNK_COLUMNS, chunks)
+            _insert(con, "attempts", ATTEMPT_COLUMNS, attempts)
             self._upsert_run(con, run)
             con.execute("COMMIT")
 
     def _upsert_run(self, con: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
-        values = asdict(run)
-        placeholders = ", ".join(
-            "to_timestamp(?)" if c in ("started_at", "ended_at") else "?" for c in RUN_COLUMNS
-        )
-        con.execute(
-            f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({placeholders})",
-            [values[c] for c in RUN_COLUMNS],
-        )
+        _insert(con, "runs", RUN_COLUMNS, [run])
 
     # -- chunks and files -------------------------------------------------------------------
 
@@ -237,6 +269,38 @@ class Manifest:
         with self.connect(read_only=True) as con:
             return _dicts(con.execute(_STATUS_SQL, [job, job]))
 
+    def runs(self, job: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        """Past runs, newest first."""
+        with self.connect(read_only=True) as con:
+            return _dicts(
+                con.execute(
+                    "SELECT * FROM runs WHERE ? IS NULL OR job = ? ORDER BY started_at DESC LIMIT ?",
+                    [job, job, limit],
+                )
+            )
+
+    def run(self, job: str, run_id: str | None = None) -> dict[str, Any] | None:
+        """One run of `job`: `run_id`, or the latest."""
+        with self.connect(read_only=True) as con:
+            rows = _dicts(
+                con.execute(
+                    "SELECT * FROM runs WHERE job = ? AND (? IS NULL OR run_id = ?) "
+                    "ORDER BY started_at DESC LIMIT 1",
+                    [job, run_id, run_id],
+                )
+            )
+        return rows[0] if rows else None
+
+    def attempts(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's chunk attempts in the order they were admitted."""
+        with self.connect(read_only=True) as con:
+            return _dicts(
+                con.execute(
+                    "SELECT * FROM attempts WHERE run_id = ? ORDER BY admitted_at, chunk_id, attempt",
+                    [run_id],
+                )
+            )
+
     def dead_letters(self, job: str) -> list[dict[str, Any]]:
         with self.connect(read_only=True) as con:
             return _dicts(
@@ -248,16 +312,16 @@ class Manifest:
             )
 
 
-def _insert_chunks(con: duckdb.DuckDBPyConnection, chunks: Sequence[ChunkRecord]) -> None:
+def _insert(con: duckdb.DuckDBPyConnection, table: str, columns: list[str], records: Sequence[Any]) -> None:
     """One multi-row INSERT per 500 records: parameters only, and no Arrow object handed to
     DuckDB (whose first use of one imports pandas when installed: ~0.2 s per process)."""
-    columns = ", ".join(CHUNK_COLUMNS)
-    row = "(" + ", ".join("to_timestamp(?)" if c == "finished_at" else "?" for c in CHUNK_COLUMNS) + ")"
-    for start in range(0, len(chunks), 500):
-        batch = chunks[start : start + 500]
-        values = [getattr(chunk, column) for chunk in batch for column in CHUNK_COLUMNS]
+    row = "(" + ", ".join("to_timestamp(?)" if c in TIMESTAMPS else "?" for c in columns) + ")"
+    for start in range(0, len(records), 500):
+        batch = records[start : start + 500]
+        values = [getattr(record, column) for record in batch for column in columns]
         con.execute(
-            f"INSERT OR REPLACE INTO chunks ({columns}) VALUES {', '.join([row] * len(batch))}", values
+            f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) VALUES {', '.join([row] * len(batch))}",
+            values,
         )
 
 
@@ -287,10 +351,13 @@ WITH latest AS (
            count(*) FILTER (WHERE status = 'dead') AS dead_total,
            sum(rows_out) FILTER (WHERE status = 'done') AS rows_out_total
     FROM chunks GROUP BY job
+), successes AS (
+    SELECT job, max(ended_at) AS last_success_at FROM runs WHERE status = 'succeeded' GROUP BY job
 )
 SELECT latest.*, coalesce(totals.done_total, 0) AS done_total,
        coalesce(totals.dead_total, 0) AS dead_total,
-       coalesce(totals.rows_out_total, 0) AS rows_out_total
-FROM latest LEFT JOIN totals USING (job)
+       coalesce(totals.rows_out_total, 0) AS rows_out_total,
+       successes.last_success_at
+FROM latest LEFT JOIN totals USING (job) LEFT JOIN successes USING (job)
 ORDER BY job
 """

@@ -12,7 +12,14 @@ DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 class Metrics(Listener):
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            ProcessCollector,
+            disable_created_metrics,
+        )
 
         disable_created_metrics()  # the *_created series only add noise to dashboards
         self.registry = CollectorRegistry()
@@ -32,6 +39,17 @@ class Metrics(Listener):
             "minibatch_running", "1 while a run of the job is in progress", ["job"], registry=r
         )
 
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(name, doc, ["job"], registry=r)
+
+        self.in_flight = gauge("minibatch_bytes_in_flight", "Estimated bytes of chunks in flight")
+        self.budget = gauge("minibatch_memory_budget_bytes", "The job's memory_limit")
+        self.dead_letters = gauge("minibatch_dead_letters", "Dead-lettered chunks awaiting retry")
+        self.interval = gauge(
+            "minibatch_schedule_interval_seconds", "Seconds between the job's next two scheduled fire times"
+        )
+        ProcessCollector(registry=r)  # the daemon's own memory, CPU and start time
+
     def on_event(self, event: Event) -> None:
         handler = getattr(self, f"_on_{event.name}", None)
         if handler is not None:
@@ -39,6 +57,10 @@ class Metrics(Listener):
 
     def _on_run_started(self, job: str, data: dict[str, Any]) -> None:
         self.running.labels(job).set(1)
+        self.budget.labels(job).set(data.get("memory_limit", 0))
+
+    def _on_chunk_started(self, job: str, data: dict[str, Any]) -> None:
+        self.in_flight.labels(job).set(data.get("in_flight", 0))
 
     def _on_chunk_done(self, job: str, data: dict[str, Any]) -> None:
         self.chunks.labels(job, "done").inc()
@@ -54,10 +76,21 @@ class Metrics(Listener):
 
     def _on_run_finished(self, job: str, data: dict[str, Any]) -> None:
         self.running.labels(job).set(0)
+        self.in_flight.labels(job).set(0)
         self.runs.labels(job, data["status"]).inc()
         self.run_seconds.labels(job).observe(data.get("seconds", 0.0))
         if data["status"] == "succeeded":
             self.last_success.labels(job).set(time.time())
+
+    def load_state(self, status: list[dict[str, Any]]) -> None:
+        """Series that outlive the daemon, from the manifest (`Manifest.status()` rows)."""
+        for row in status:
+            self.dead_letters.labels(row["job"]).set(row["dead_total"])
+            if row["last_success_at"] is not None:
+                self.last_success.labels(row["job"]).set(row["last_success_at"].timestamp())
+
+    def set_interval(self, job: str, seconds: float) -> None:
+        self.interval.labels(job).set(seconds)
 
     def serve(self, addr: str) -> None:
         """Serve /metrics at "host:port" in a background thread."""

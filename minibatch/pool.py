@@ -28,6 +28,8 @@ QUEUE_DEPTH = 2  # tasks sent ahead per worker, so no worker idles for a round t
 class Started:
     task_id: int
     pid: int
+    slot: int
+    at: float  # unix time the worker started the task
 
 
 @dataclass
@@ -185,7 +187,7 @@ class WorkerPool:
         kind, task_id, payload = message
         if kind == "start":
             slot.started_at = time.monotonic()
-            return Started(task_id, slot.process.pid or 0)
+            return Started(task_id, slot.process.pid or 0, self._slots.index(slot), payload)
         slot.queue.popleft()
         slot.started_at = None
         if kind == "unstarted":
@@ -220,6 +222,7 @@ class WorkerPool:
 
 def _death(process: BaseProcess) -> TaskError:
     from minibatch.worker import TaskError
+
     code = process.exitcode
     if code is not None and code < 0:
         name = signal.Signals(-code).name

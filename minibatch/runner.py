@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from minibatch.config import Config, JobConfig, check_imports
 from minibatch.events import Emitter, Listener, LogListener
 from minibatch.lock import job_lock
-from minibatch.manifest import ChunkRecord, Manifest, RunRecord
+from minibatch.manifest import AttemptRecord, ChunkRecord, Manifest, RunRecord
 from minibatch.output import OutputLayout, fsync_dir, part_name
 from minibatch.planner import BadFile, Chunk, expand_inputs, plan_chunks, scan_inputs
 from minibatch.signals import StopSignals
@@ -79,9 +79,18 @@ class Run:
         self.emitter = emitter
         self.manifest = Manifest(config.engine.state_dir / "manifest.duckdb")
         self.layout = OutputLayout(job.output, reduce=job.reduce_sql is not None)
-        self.record = RunRecord(run_id=new_run_id(), job=job.name, pid=os.getpid(), started_at=time.time())
+        self.record = RunRecord(
+            run_id=new_run_id(),
+            job=job.name,
+            pid=os.getpid(),
+            started_at=time.time(),
+            workers=job.workers,
+            memory_limit=job.memory_limit,
+            settings=job.to_json(),
+        )
         self.summary = RunSummary(record=self.record)
         self.pending_records: list[ChunkRecord] = []
+        self.pending_attempts: list[AttemptRecord] = []
         self.done_outputs: dict[str, str | None] = {}  # chunk_id -> part file, for reduce
         self.schema: pa.Schema | None = None  # the output's, read from a finished part
 
@@ -228,6 +237,9 @@ class Run:
         with self.options.stop or StopSignals() as signals:
             executor = Executor(self, todo, signals)
             executor.run()
+        self.record.workers = executor.pool.size  # fewer than configured when chunks are few
+        self.record.peak_in_flight = executor.budget.peak
+        self.record.busy_seconds = executor.busy_seconds
         self.summary.stopped = executor.stopped
         self.record.error = executor.breaker_error
 
@@ -286,8 +298,9 @@ class Run:
         """Record finished chunks: first make their renames durable, then commit them."""
         if any(r.output_file for r in self.pending_records):
             fsync_dir(self.layout.parts)
-        self.manifest.commit(self.record, self.pending_records)
+        self.manifest.commit(self.record, self.pending_records, self.pending_attempts)
         self.pending_records = []
+        self.pending_attempts = []
 
     # -- the end ----------------------------------------------------------------------------
 
@@ -302,6 +315,10 @@ class Run:
         if record.status == "succeeded" and self.job.reduce_sql:
             self._reduce_if_needed()
         record.ended_at = time.time()
+        wall = max(record.ended_at - record.started_at, 1e-9)
+        record.utilisation = record.busy_seconds / (record.workers * wall)
+        record.rows_per_second = record.rows_in / wall
+        record.mb_per_second = record.bytes_in / 1e6 / wall
         self.summary.seconds = seconds
         self.flush()
         self.emit(

@@ -53,6 +53,44 @@ CREATE TABLE IF NOT EXISTS bad_files (
     PRIMARY KEY (job, file, fingerprint)
 );
 
+-- Every attempt at a chunk, with where its time went: what `history` and `report` show.
+CREATE TABLE IF NOT EXISTS attempts (
+    job             VARCHAR NOT NULL,
+    run_id          VARCHAR NOT NULL,
+    chunk_id        VARCHAR NOT NULL,
+    attempt         INTEGER NOT NULL,  -- 1, 2, ... within the run
+    label           VARCHAR,           -- file[row_start:row_end]
+    slot            INTEGER,           -- worker slot, 0 .. workers-1
+    pid             INTEGER,           -- worker process
+    admitted_at     TIMESTAMPTZ,       -- reserved in the memory budget and sent to a worker
+    started_at      TIMESTAMPTZ,
+    ended_at        TIMESTAMPTZ,
+    read_seconds    DOUBLE,            -- sql jobs: DuckDB reads while it computes; counted there
+    compute_seconds DOUBLE,
+    write_seconds   DOUBLE,
+    rows_in         BIGINT,
+    rows_out        BIGINT,
+    bytes_in        BIGINT,            -- uncompressed
+    bytes_out       BIGINT,            -- Parquet written
+    reserved_bytes  BIGINT,            -- the chunk's share of the memory budget
+    peak_rss        BIGINT,            -- the worker's peak resident memory during the attempt
+    outcome         VARCHAR NOT NULL,  -- done | retried | dead | input_changed
+    error_type      VARCHAR,
+    error_message   VARCHAR,
+    traceback       VARCHAR,
+    PRIMARY KEY (run_id, chunk_id, attempt)
+);
+
+-- Columns added after the first release: older manifests gain them on open.
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS workers INTEGER;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS memory_limit BIGINT;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS peak_in_flight BIGINT;  -- budget bytes reserved, at most
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS busy_seconds DOUBLE;    -- sum of attempts' durations
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS utilisation DOUBLE;     -- busy / (workers x wall time)
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS rows_per_second DOUBLE; -- rows_in / wall time
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS mb_per_second DOUBLE;   -- bytes_in / 1e6 / wall time
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS settings VARCHAR;       -- the job's config, JSON
+
 -- The daemon's schedule: the last time each job was fired, for catch-up after downtime.
 CREATE TABLE IF NOT EXISTS schedule_state (
     job            VARCHAR PRIMARY KEY,

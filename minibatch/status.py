@@ -49,6 +49,7 @@ def _entry(config: Config, name: str, row: dict[str, Any] | None) -> dict[str, A
         "bytes_in": row["bytes_in"],
         "bytes_out": row["bytes_out"],
         "rows_out_total": row["rows_out_total"],
+        "last_success_at": row["last_success_at"].isoformat() if row["last_success_at"] else None,
         "error": row["error"],
     }
 

@@ -70,6 +70,10 @@ class TaskResult:
     seconds: float
     schema: pa.Schema | None = None
     staged: str | None = None  # written but not yet published: the coordinator decides
+    read_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    write_seconds: float = 0.0
+    peak_rss: int | None = None  # bytes, this attempt's high-water mark of the worker
 
 
 @dataclass(frozen=True)
@@ -94,30 +98,59 @@ _sql: duckdb.DuckDBPyConnection | None = None
 
 
 def run_task(task: Task) -> TaskResult:
+    _reset_peak_rss()
     started = time.perf_counter()
     chunk = task.chunk
+    read = started
     if task.job.sql is not None:
         result = _sql_on_file(task.job, chunk)  # DuckDB reads the rows itself: no Arrow round trip
         rows_in, bytes_in = chunk.num_rows, chunk.nbytes
     else:
         table = read_chunk(chunk, task.job.columns)
+        read = time.perf_counter()
         result = _call(task.job, table, _context(task))
         rows_in, bytes_in = table.num_rows, table.nbytes
     if result is not None and task.schema is not None:
         check_schema(result.schema, task.schema)
+    computed = time.perf_counter()
     bytes_out, staged = 0, None
     if result is not None and result.num_rows:
         bytes_out, staged = _write(task, result)
+    ended = time.perf_counter()
     return TaskResult(
         rows_in=rows_in,
         rows_out=result.num_rows if result is not None else 0,
         bytes_in=bytes_in,
         bytes_out=bytes_out,
         output_file=task.output_name if bytes_out else None,
-        seconds=time.perf_counter() - started,
+        seconds=ended - started,
         schema=result.schema if result is not None else None,
         staged=staged,
+        read_seconds=read - started,
+        compute_seconds=computed - read,
+        write_seconds=ended - computed,
+        peak_rss=_peak_rss(),
     )
+
+
+def _reset_peak_rss() -> None:
+    """Start this attempt's high-water mark afresh (Linux: "5" resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then the peak is the process's since it started
+
+
+def _peak_rss() -> int | None:
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _context(task: Task) -> ChunkContext:
