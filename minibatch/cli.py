@@ -189,6 +189,28 @@ def status(state: State, job: str | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("job", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Runs to show.")
+@click.pass_obj
+def history(state: State, job: str | None, as_json: bool, limit: int) -> None:
+    """Past runs of every job (or JOB), newest first: start, duration, outcome, chunks, rows, rows/s."""
+    from minibatch.status import run_history
+    from minibatch.summary import print_history
+
+    config = state.config
+    if job is not None:
+        config.job(job)
+    rows = run_history(config, job, limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+    elif rows:
+        print_history(rows)
+    else:
+        click.echo(f"no runs recorded for {job}" if job else "no runs recorded")
+
+
+@main.command()
 @click.argument("job")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj

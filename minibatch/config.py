@@ -15,6 +15,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from minibatch.breaker import BreakerSettings
+from minibatch.hooks import Hook, parse_hook
 from minibatch.units import parse_duration, parse_size
 
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -42,6 +43,8 @@ class EngineConfig:
     metrics_addr: str = "127.0.0.1:9464"
     stop_grace: float = 30.0
     worker_memory_limit: int | None = None
+    on_failure: Hook | None = None
+    on_success: Hook | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class JobConfig:
     worker_memory_limit: int | None = None
     breaker: BreakerSettings = BreakerSettings()
     catchup: str = "once"  # once | skip: what to do about fire times missed while down
+    on_failure: Hook | None = None
+    on_success: Hook | None = None
 
     def to_json(self) -> str:
         """The settings a run used, for the manifest and the run report."""
@@ -163,13 +168,14 @@ def _kind_name(kinds: type | tuple[type, ...]) -> str:
 
 ENGINE_KEYS = {
     "state_dir", "workers", "memory_limit", "timezone", "log_format",
-    "log_level", "metrics_addr", "stop_grace", "worker_memory_limit",
+    "log_level", "metrics_addr", "stop_grace", "worker_memory_limit", "on_failure", "on_success",
 }  # fmt: skip
 JOB_KEYS = {
     "description", "input", "output", "process", "sql", "reduce_sql", "columns", "chunk_bytes", "schedule",
     "timezone", "watch", "retries", "retry_backoff", "timeout", "depends_on", "workers", "memory_limit",
     "stop_grace", "worker_memory_limit",
     "breaker_failures", "breaker_rate", "breaker_window", "breaker_cooldown", "catchup",
+    "on_failure", "on_success",
 }  # fmt: skip
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -236,6 +242,8 @@ def _engine(table: dict[str, Any], base_dir: Path, errors: list[str]) -> EngineC
         metrics_addr=_metrics_addr(c),
         stop_grace=c.parsed("stop_grace", parse_duration, 30.0),
         worker_memory_limit=c.parsed("worker_memory_limit", parse_size, None),
+        on_failure=_hook(c, "on_failure", None),
+        on_success=_hook(c, "on_success", None),
     )
 
 
@@ -306,7 +314,15 @@ def _job(
         worker_memory_limit=c.parsed("worker_memory_limit", parse_size, engine.worker_memory_limit),
         breaker=_breaker(c),
         catchup=_choice(c, "catchup", ("once", "skip"), "once"),
+        on_failure=_hook(c, "on_failure", engine.on_failure),
+        on_success=_hook(c, "on_success", engine.on_success),
     )
+
+
+def _hook(c: _Checker, key: str, default: Hook | None) -> Hook | None:
+    if key not in c.table:
+        return default
+    return parse_hook(c.table[key], f"{c.where}.{key}", c.errors)
 
 
 def _choice(c: _Checker, key: str, choices: tuple[str, ...], default: str) -> str:

@@ -215,7 +215,7 @@ class Executor:
             return
         self.breaker.record(True, time.monotonic(), probe)
         self._record_attempt(item, "done", result)
-        self.owner.chunk_done(item.chunk, item.attempt, result)
+        self.owner.chunk_done(item.chunk, item.attempt, result, self.budget.in_flight)
 
     def _publish_staged(self, result: TaskResult) -> TaskError | None:
         """A result written before the output schema was known: check it, then publish it."""
@@ -244,7 +244,7 @@ class Executor:
     def _failed(self, item: _InFlight, error: TaskError, result: TaskResult | None = None) -> None:
         if item.attempt > self.job.retries:
             self._record_attempt(item, "dead", result, error)
-            self.owner.chunk_dead(item.chunk, item.attempt, error)
+            self.owner.chunk_dead(item.chunk, item.attempt, error, self.budget.in_flight)
             return
         self._record_attempt(item, "retried", result, error)
         delay = backoff(item.attempt, self.job.retry_backoff)
@@ -256,6 +256,7 @@ class Executor:
             attempt=item.attempt,
             delay=round(delay, 3),
             error=f"{error.type}: {error.message}",
+            in_flight=self.budget.in_flight,
         )
 
     def _record_attempt(

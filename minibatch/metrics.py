@@ -51,6 +51,8 @@ class Metrics(Listener):
         ProcessCollector(registry=r)  # the daemon's own memory, CPU and start time
 
     def on_event(self, event: Event) -> None:
+        if "in_flight" in event.data:
+            self.in_flight.labels(event.job).set(event.data["in_flight"])
         handler = getattr(self, f"_on_{event.name}", None)
         if handler is not None:
             handler(event.job, event.data)
@@ -58,9 +60,6 @@ class Metrics(Listener):
     def _on_run_started(self, job: str, data: dict[str, Any]) -> None:
         self.running.labels(job).set(1)
         self.budget.labels(job).set(data.get("memory_limit", 0))
-
-    def _on_chunk_started(self, job: str, data: dict[str, Any]) -> None:
-        self.in_flight.labels(job).set(data.get("in_flight", 0))
 
     def _on_chunk_done(self, job: str, data: dict[str, Any]) -> None:
         self.chunks.labels(job, "done").inc()

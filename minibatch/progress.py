@@ -18,19 +18,35 @@ class _Counts:
         self.total = 0
         self.done = 0
         self.failed = 0
+        self.retried = 0
         self.rows = 0
         self.bytes = 0
+        self.in_flight = 0
+        self.budget = 0
         self.started = time.monotonic()
 
     def update(self, event: Event) -> None:
-        if event.name == "run_planned":
-            self.total = event.data["todo"]
+        data = event.data
+        self.in_flight = data.get("in_flight", self.in_flight)
+        if event.name == "run_started":
+            self.budget = data.get("memory_limit", 0)
+        elif event.name == "run_planned":
+            self.total = data["todo"]
         elif event.name == "chunk_done":
             self.done += 1
-            self.rows += event.data.get("rows", 0)
-            self.bytes += event.data.get("bytes_in", 0)
+            self.rows += data.get("rows", 0)
+            self.bytes += data.get("bytes_in", 0)
         elif event.name == "chunk_dead":
             self.failed += 1
+        elif event.name == "chunk_retry":
+            self.retried += 1
+
+    def eta(self) -> float | None:
+        """Seconds left at the rate so far, once something has finished."""
+        finished = self.done + self.failed
+        if not finished or not self.total:
+            return None
+        return (time.monotonic() - self.started) / finished * (self.total - finished)
 
 
 class LogProgress(Listener):
@@ -48,13 +64,18 @@ class LogProgress(Listener):
             self.last = now
             c = self.counts
             elapsed = max(now - c.started, 1e-9)
+            eta = c.eta()
             get_logger(job=event.job, run_id=event.run_id).info(
                 "progress",
                 done=c.done,
                 total=c.total,
-                failed=c.failed,
+                dead=c.failed,
+                retried=c.retried,
                 rows_per_s=round(c.rows / elapsed),
                 mb_per_s=round(c.bytes / elapsed / 1e6, 1),
+                in_flight=format_size(c.in_flight),
+                budget=format_size(c.budget),
+                eta_s=None if eta is None else round(eta),
             )
 
 
@@ -90,7 +111,12 @@ class BarProgress(Listener):
         if event.name == "run_planned" and event.data["todo"]:
             self.progress.start()
             self.task = self.progress.add_task(event.job, total=self.counts.total, rate="")
-        elif self.task is not None and event.name in ("chunk_done", "chunk_dead"):
+        elif self.task is not None and event.name in (
+            "chunk_started",
+            "chunk_done",
+            "chunk_retry",
+            "chunk_dead",
+        ):
             self.progress.update(
                 self.task, completed=self.counts.done + self.counts.failed, rate=self._rate()
             )
@@ -101,8 +127,12 @@ class BarProgress(Listener):
     def _rate(self) -> str:
         c = self.counts
         elapsed = max(time.monotonic() - c.started, 1e-9)
-        failed = f" [red]{c.failed} failed[/]" if c.failed else ""
-        return f"{c.rows / elapsed:,.0f} rows/s {format_size(c.bytes / elapsed)}/s{failed}"
+        failed = f" [red]{c.failed} dead[/]" if c.failed else ""
+        retried = f" [yellow]{c.retried} retried[/]" if c.retried else ""
+        return (
+            f"{c.rows / elapsed:,.0f} rows/s {format_size(c.bytes / elapsed)}/s "
+            f"in flight {format_size(c.in_flight)}/{format_size(c.budget)}{retried}{failed}"
+        )
 
 
 def progress_listener(quiet: bool = False) -> Listener | None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from minibatch.config import Config, JobConfig, check_imports
 from minibatch.events import Emitter, Listener, LogListener
+from minibatch.hooks import notify_run
 from minibatch.lock import job_lock
 from minibatch.manifest import AttemptRecord, ChunkRecord, Manifest, RunRecord
 from minibatch.output import OutputLayout, fsync_dir, part_name
@@ -63,8 +64,19 @@ def run_job(
     )
     check_imports(config, [name])
     emitter = Emitter([*(listeners or []), LogListener()])  # the bar stops before the last log line
-    with job_lock(config.engine.state_dir, name):
-        return Run(config, job, options, emitter).execute()
+    run: Run | None = None
+    try:
+        with job_lock(config.engine.state_dir, name):
+            run = Run(config, job, options, emitter)
+            summary = run.execute()
+    except Exception as exc:
+        if run is not None:  # the run started and broke: tell on_failure before the error surfaces
+            run.record.status, run.record.error = "crashed", f"{type(exc).__name__}: {exc}"
+            run.record.ended_at = time.time()
+            notify_run(config, job, run.record)
+        raise
+    notify_run(config, job, summary.record)  # after the lock: a hook may start the next run
+    return summary
 
 
 def new_run_id() -> str:
@@ -243,7 +255,7 @@ class Run:
         self.summary.stopped = executor.stopped
         self.record.error = executor.breaker_error
 
-    def chunk_done(self, chunk: Chunk, attempts: int, result: TaskResult) -> None:
+    def chunk_done(self, chunk: Chunk, attempts: int, result: TaskResult, in_flight: int = 0) -> None:
         record = self._record(
             chunk,
             "done",
@@ -264,9 +276,10 @@ class Run:
             rows=record.rows_out,
             bytes_in=record.bytes_in,
             seconds=round(record.seconds, 3),
+            in_flight=in_flight,
         )
 
-    def chunk_dead(self, chunk: Chunk, attempts: int, error: TaskError) -> None:
+    def chunk_dead(self, chunk: Chunk, attempts: int, error: TaskError, in_flight: int = 0) -> None:
         record = self._record(
             chunk,
             "dead",
@@ -284,6 +297,7 @@ class Run:
             label=chunk.label,
             attempts=attempts,
             error=f"{error.type}: {error.message}",
+            in_flight=in_flight,
         )
 
     def _count(self, record: ChunkRecord) -> None:

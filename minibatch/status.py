@@ -54,6 +54,35 @@ def _entry(config: Config, name: str, row: dict[str, Any] | None) -> dict[str, A
     }
 
 
+def run_history(config: Config, job: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+    """Past runs, newest first, with their throughput."""
+    entries = []
+    for row in manifest_for(config).runs(job, limit):
+        status = row["status"]
+        if status == "running" and holder_pid(config.engine.state_dir, row["job"]) != row["pid"]:
+            status = "crashed"
+        ended, started = row["ended_at"], row["started_at"]
+        entries.append(
+            {
+                "run_id": row["run_id"],
+                "job": row["job"],
+                "status": status,
+                "started_at": started.isoformat(),
+                "ended_at": ended.isoformat() if ended else None,
+                "seconds": (ended - started).total_seconds() if ended else None,
+                **{key: row[key] for key in HISTORY_KEYS},
+            }
+        )
+    return entries
+
+
+HISTORY_KEYS = (
+    "chunks_total", "chunks_done", "chunks_reused", "chunks_dead", "bad_files", "rows_in", "rows_out",
+    "bytes_in", "bytes_out", "rows_per_second", "mb_per_second", "utilisation", "peak_in_flight",
+    "memory_limit", "workers", "error",
+)  # fmt: skip
+
+
 def reset_job(config: Config, name: str) -> None:
     """Forget a job's checkpoint and remove its output (refused while the job runs)."""
     job = config.job(name)

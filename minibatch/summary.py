@@ -28,6 +28,11 @@ def print_summary(summary: RunSummary) -> None:
         f"  time: {summary.seconds:.2f}s, {r.rows_in / seconds:,.0f} rows/s, "
         f"{format_size(r.bytes_in / seconds)}/s"
     )
+    if r.busy_seconds:
+        click.echo(
+            f"  workers: {r.workers}, {r.utilisation or 0:.0%} busy; memory in flight: peak "
+            f"{format_size(r.peak_in_flight)} of a {format_size(r.memory_limit)} budget"
+        )
     for item in summary.bad_files:
         click.echo(f"  bad input file: {item.path}: {item.error}")
     for dead in summary.dead:
@@ -61,6 +66,8 @@ def _cell(key: str, value: Any) -> str:
         return format_size(value)
     if key == "seconds":
         return f"{value:.1f}"
+    if key == "rows_per_second":
+        return f"{value:,.0f}"
     if key == "started_at":
         return str(value)[:19]
     return f"{value:,}" if isinstance(value, int) else str(value)
@@ -76,6 +83,26 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> N
 
 def print_status(rows: list[dict[str, Any]]) -> None:
     print_table(rows, STATUS_COLUMNS)
+
+
+HISTORY_COLUMNS = [
+    ("run_id", "RUN"),
+    ("job", "JOB"),
+    ("started_at", "STARTED"),
+    ("seconds", "SECONDS"),
+    ("status", "STATUS"),
+    ("chunks", "CHUNKS"),
+    ("rows_in", "ROWS"),
+    ("rows_per_second", "ROWS/S"),
+]
+
+
+def print_history(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        earlier = f", {row['chunks_reused']} earlier" if row["chunks_reused"] else ""
+        dead = f", {row['chunks_dead']} dead" if row["chunks_dead"] else ""
+        row["chunks"] = f"{row['chunks_done']}/{row['chunks_total']}{earlier}{dead}"
+    print_table(rows, HISTORY_COLUMNS)
 
 
 def print_jobs(config: Config) -> None:

@@ -1,0 +1,108 @@
+"""Per-attempt measurements in the manifest, `minibatch history`, and the progress log line."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import structlog
+
+from minibatch.events import Event
+from minibatch.progress import LogProgress
+
+from conftest import Project
+
+
+def flaky_job(project: Project) -> None:
+    project.write_config(
+        """
+        [jobs.f]
+        input = "data/*.parquet"
+        output = "out/f"
+        process = "myjobs.faulty:flaky"
+        chunk_bytes = "3KB"
+        retry_backoff = "10ms"
+        memory_limit = "1MiB"
+        """
+    )
+    for i in range(2):
+        project.write_input(f"f{i}.parquet", i * 400, 400)
+
+
+def query(project: Project, sql: str) -> list[tuple]:
+    con = duckdb.connect(str(project.root / ".state" / "manifest.duckdb"), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_every_attempt_is_measured(project: Project) -> None:
+    flaky_job(project)
+    result = project.cli("run-now", "f", env={"MB_TARGET": "f1.parquet:0"})
+    assert result.returncode == 0, result.stderr
+    ((chunks,),) = query(project, "SELECT count(*) FROM chunks")
+    rows = query(
+        project,
+        "SELECT outcome, attempt, slot, pid, epoch(ended_at) - epoch(started_at), read_seconds, "
+        "compute_seconds, write_seconds, rows_in, rows_out, bytes_in, bytes_out, reserved_bytes, "
+        "peak_rss, error_message, admitted_at <= started_at FROM attempts",
+    )
+    assert len(rows) == chunks + 1  # the flaky chunk's first attempt, then one per chunk
+    (retried,) = [r for r in rows if r[0] == "retried"]
+    assert retried[1] == 1 and "flaky service said no" in retried[14]
+    done = [r for r in rows if r[0] == "done"]
+    assert len(done) == chunks
+    assert {r[2] for r in rows} == {0, 1}  # two worker slots
+    ((coordinator,),) = query(project, "SELECT pid FROM runs")
+    assert all(r[3] and r[3] != coordinator for r in rows)  # measured in the workers
+    for r in done:
+        duration, parts = r[4], r[5] + r[6] + r[7]
+        assert 0 <= parts <= duration + 0.01  # worker-timed parts fit in the attempt
+        assert r[8] == r[9] > 0 and r[10] > 0 and r[11] > 0 and r[12] > 0
+        assert r[13] > 10 * 2**20  # a Python process with pyarrow holds more than 10 MiB
+        assert r[15]
+    assert sum(r[8] for r in done) == 800
+    ((utilisation, peak, budget, workers, settings, rate),) = query(
+        project,
+        "SELECT utilisation, peak_in_flight, memory_limit, workers, settings, rows_per_second FROM runs",
+    )
+    assert 0 < utilisation <= 1 and 0 < peak <= budget == 2**20 and workers == 2 and rate > 0
+    assert json.loads(settings)["process"] == "myjobs.faulty:flaky"
+    assert "busy; memory in flight: peak" in result.stdout
+
+
+def test_history_lists_runs_newest_first(project: Project) -> None:
+    flaky_job(project)
+    assert "no runs recorded" in project.cli("history").stdout
+    first = project.cli("run-now", "f")
+    second = project.cli("run-now", "f", "--fresh")
+    first_id, second_id = (r.stdout.split(" run ")[1].split(":")[0] for r in (first, second))
+    table = project.cli("history").stdout.splitlines()
+    assert table[0].split() == ["RUN", "JOB", "STARTED", "SECONDS", "STATUS", "CHUNKS", "ROWS", "ROWS/S"]
+    assert [line.split()[0] for line in table[1:]] == [second_id, first_id]
+    assert table[1].split()[4] == "succeeded" and table[1].split()[6] == "800"
+    runs = json.loads(project.cli("history", "f", "--json", "--limit", "1").stdout)
+    assert [r["run_id"] for r in runs] == [second_id]
+    assert runs[0]["rows_in"] == 800 and runs[0]["rows_per_second"] > 0 and runs[0]["seconds"] > 0
+    unknown = project.cli("history", "nope")
+    assert unknown.returncode == 2 and "unknown job 'nope'" in unknown.stderr
+
+
+def test_progress_log_line_tells_rate_memory_failures_and_eta() -> None:
+    progress = LogProgress(every=0)
+    events = [
+        Event("run_started", "j", "r", {"memory_limit": 2**30}),
+        Event("run_planned", "j", "r", {"todo": 4}),
+        Event("chunk_started", "j", "r", {"in_flight": 3 * 2**20}),
+        Event("chunk_retry", "j", "r", {"in_flight": 2 * 2**20}),
+        Event("chunk_done", "j", "r", {"rows": 100, "bytes_in": 1000, "in_flight": 2**20}),
+    ]
+    with structlog.testing.capture_logs() as logs:
+        for event in events:
+            progress.on_event(event)
+    line = logs[-1]
+    assert line["event"] == "progress" and line["done"] == 1 and line["total"] == 4
+    assert line["retried"] == 1 and line["dead"] == 0
+    assert line["in_flight"] == "1.0 MiB" and line["budget"] == "1.0 GiB"
+    assert line["eta_s"] is not None and line["rows_per_s"] > 0

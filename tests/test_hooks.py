@@ -1,0 +1,190 @@
+"""on_failure / on_success hooks: a real command, a real HTTP server on loopback, and hooks
+that fail, hang or cannot connect without touching the run's outcome."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from minibatch.config import ConfigError, parse_config
+from minibatch.hooks import Hook
+
+from conftest import Project
+
+
+def job(process: str, hooks: str = "") -> str:
+    return f"""
+    [jobs.f]
+    input = "data/*.parquet"
+    output = "out/f"
+    process = "myjobs.faulty:{process}"
+    chunk_bytes = "3KB"
+    retries = 0
+    {hooks}
+    """
+
+
+def setup(project: Project, process: str, hooks: str = "", engine: str = "") -> None:
+    project.write_config(job(process, hooks), engine=engine)
+    project.write_input("f0.parquet", 0, 300)
+
+
+def env_file_hook(path: Path) -> str:
+    return f"env | grep ^MINIBATCH_ | sort > {path}"
+
+
+def read_env(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines())
+
+
+class Receiver:
+    """A loopback HTTP server that records JSON POSTs and answers with `status`."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.bodies: list[dict] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                length = int(self.headers["Content-Length"])
+                receiver.bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+def test_on_failure_command_gets_the_run_in_its_environment_and_a_report(project: Project) -> None:
+    seen = project.root / "hook.env"
+    setup(project, "poison", f'on_failure = "{env_file_hook(seen)}"')
+    result = project.cli("run-now", "f", env={"MB_TARGET": "f0.parquet:100"})
+    assert result.returncode == 1, result.stderr
+    env = read_env(seen)
+    assert env["MINIBATCH_EVENT"] == "on_failure"
+    assert env["MINIBATCH_JOB"] == "f" and env["MINIBATCH_OUTCOME"] == "failed"
+    assert env["MINIBATCH_CHUNKS_DEAD"] == "1"
+    assert int(env["MINIBATCH_CHUNKS_DONE"]) == int(env["MINIBATCH_CHUNKS_TOTAL"]) - 1 > 0
+    assert env["MINIBATCH_RUN_ID"] in result.stdout
+    report = Path(env["MINIBATCH_REPORT"])
+    assert report.is_file() and env["MINIBATCH_RUN_ID"] in report.read_text()
+    assert '"hook_done"' in result.stderr or "hook_done" in result.stderr
+
+
+def test_on_success_runs_on_success_and_on_failure_does_not(project: Project) -> None:
+    ok, bad = project.root / "ok.env", project.root / "bad.env"
+    setup(project, "poison", f'on_success = "{env_file_hook(ok)}"\non_failure = "{env_file_hook(bad)}"')
+    result = project.cli("run-now", "f")  # no target: every chunk succeeds
+    assert result.returncode == 0, result.stderr
+    assert read_env(ok)["MINIBATCH_OUTCOME"] == "succeeded"
+    assert not bad.exists()
+
+
+def test_engine_wide_hook_applies_unless_a_job_overrides_it(project: Project) -> None:
+    engine_seen, job_seen = project.root / "engine.env", project.root / "job.env"
+    engine = f'on_success = "{env_file_hook(engine_seen)}"'
+    setup(project, "poison", engine=engine)
+    assert project.cli("run-now", "f").returncode == 0
+    assert engine_seen.exists()
+    engine_seen.unlink()
+    setup(project, "poison", f'on_success = "{env_file_hook(job_seen)}"', engine=engine)
+    assert project.cli("run-now", "f", "--fresh").returncode == 0
+    assert job_seen.exists() and not engine_seen.exists()
+
+
+def test_a_failing_hook_is_logged_and_leaves_the_exit_status_alone(project: Project) -> None:
+    setup(project, "poison", 'on_success = "echo broken >&2; exit 7"')
+    result = project.cli("run-now", "f")
+    assert result.returncode == 0
+    failure = next(json.loads(line) for line in result.stderr.splitlines() if "hook_failed" in line)
+    assert failure["exit_status"] == 7 and "broken" in failure["output"]
+
+
+def test_a_hanging_hook_is_killed_at_its_timeout(project: Project) -> None:
+    setup(project, "poison", 'on_success = { command = "sleep 60", timeout = "300ms" }')
+    started = time.monotonic()
+    result = project.cli("run-now", "f")
+    assert result.returncode == 0
+    assert time.monotonic() - started < 20
+    assert "timed out after 0.3s" in result.stderr
+
+
+def test_webhook_receives_a_json_post(project: Project, receiver: Receiver) -> None:
+    setup(project, "poison", f'on_failure = "{receiver.url}"')
+    result = project.cli("run-now", "f", env={"MB_TARGET": "f0.parquet:0"})
+    assert result.returncode == 1
+    (body,) = receiver.bodies
+    assert body["event"] == "on_failure" and body["job"] == "f" and body["outcome"] == "failed"
+    assert body["chunks_dead"] == 1 and body["run_id"] in result.stdout
+    assert Path(body["report"]).is_file()
+
+
+def test_webhook_errors_are_logged_not_fatal(project: Project) -> None:
+    bad = Receiver(status=500)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    hooks = f'on_success = "{bad.url}"'
+    setup(project, "poison", hooks)
+    result = project.cli("run-now", "f")
+    assert result.returncode == 0 and '"http_status": 500' in result.stderr
+    setup(project, "poison", f'on_success = {{ url = "http://127.0.0.1:{closed}/", timeout = "2s" }}')
+    result = project.cli("run-now", "f", "--fresh")
+    assert result.returncode == 0 and "hook_failed" in result.stderr
+    bad.server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("value", "hook"),
+    [
+        ('"notify-send done"', Hook(command="notify-send done")),
+        ('"https://alerts.example/x"', Hook(url="https://alerts.example/x")),
+        ('{ command = "a", url = "http://h/", timeout = "3s" }', Hook("a", "http://h/", 3.0)),
+        ("{}", None),
+    ],
+)
+def test_hook_values(tmp_path: Path, value: str, hook: Hook | None) -> None:
+    import tomllib
+
+    job = '[jobs.j]\ninput = "x/*"\noutput = "o"\nsql = "SELECT 1"'
+    raw = tomllib.loads(f"[minibatch]\non_failure = {value}\n{job}")
+    config = parse_config(raw, tmp_path / "config.toml")
+    assert config.engine.on_failure == hook
+    assert config.jobs["j"].on_failure == hook
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("3", "jobs.j.on_failure: expected a command, a URL or a table"),
+        ('{ url = "ftp://x" }', "jobs.j.on_failure.url: expected an http:// or https:// URL"),
+        ('{ command = "x", timeout = "soon" }', "jobs.j.on_failure.timeout: bad duration"),
+        ('{ command = "x", retries = 2 }', "jobs.j.on_failure.retries: unknown key"),
+        ('{ command = "" }', "jobs.j.on_failure.command: expected a non-empty string"),
+    ],
+)
+def test_bad_hook_values_are_config_errors(tmp_path: Path, value: str, message: str) -> None:
+    import tomllib
+
+    raw = tomllib.loads(f'[jobs.j]\ninput = "x/*"\noutput = "o"\nsql = "SELECT 1"\non_failure = {value}')
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, tmp_path / "config.toml")
+    assert message in str(info.value)
