@@ -212,6 +212,38 @@ def history(state: State, job: str | None, as_json: bool, limit: int) -> None:
 
 @main.command()
 @click.argument("job")
+@click.option("--run", "run_id", metavar="ID", help="The run to show (default: the latest).")
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="Where to write it (default: under state_dir)."
+)
+@click.pass_obj
+def report(state: State, job: str, run_id: str | None, output: str | None) -> None:
+    """Write one self-contained HTML page about a run of JOB: a timeline of chunks per worker,
+    throughput, bytes in flight vs the memory budget, stragglers, failures and settings.
+
+    It opens offline in any browser. Prints the file's path.
+    """
+    from pathlib import Path
+
+    from minibatch.manifest import Manifest
+    from minibatch.report import ReportError, default_report_path, write_report
+
+    config = state.config
+    config.job(job)
+    manifest = Manifest(config.engine.state_dir / "manifest.duckdb")
+    try:
+        run = manifest.run(job, run_id)
+        if run is None:
+            raise ReportError(f"no run {run_id} of {job}" if run_id else f"{job} has no runs yet")
+        path = Path(output) if output else default_report_path(config.engine.state_dir, job, run["run_id"])
+        click.echo(write_report(manifest, job, path, run["run_id"]))
+    except ReportError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+@main.command()
+@click.argument("job")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
 def reset(state: State, job: str, yes: bool) -> None:
