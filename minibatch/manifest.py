@@ -313,16 +313,26 @@ class Manifest:
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, columns: list[str], records: Sequence[Any]) -> None:
-    """One multi-row INSERT per 500 records: parameters only, and no Arrow object handed to
-    DuckDB (whose first use of one imports pandas when installed: ~0.2 s per process)."""
-    row = "(" + ", ".join("to_timestamp(?)" if c in TIMESTAMPS else "?" for c in columns) + ")"
-    for start in range(0, len(records), 500):
-        batch = records[start : start + 500]
-        values = [getattr(record, column) for record in batch for column in columns]
-        con.execute(
-            f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) VALUES {', '.join([row] * len(batch))}",
-            values,
-        )
+    """One INSERT that unnests a list per column. Parameters only, and no Arrow object handed
+    to DuckDB (whose first use of one imports pandas when installed: ~0.2 s per process).
+    A list per column binds ~10x faster than a VALUES row of parameters per record."""
+    if not records:
+        return
+    kind = _SQL_TYPES[type(records[0])]
+    select = ", ".join(
+        "to_timestamp(unnest(?::DOUBLE[]))" if c in TIMESTAMPS else f"unnest(?::{kind[c]}[])" for c in columns
+    )
+    values = [[getattr(record, column) for record in records] for column in columns]
+    con.execute(f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) SELECT {select}", values)
+
+
+def _sql_types(record_type: type) -> dict[str, str]:
+    """A dataclass's fields as DuckDB types, from their annotations ("int | None" -> BIGINT)."""
+    names = {"int": "BIGINT", "float": "DOUBLE", "str": "VARCHAR"}
+    return {f.name: names[str(f.type).split(" |")[0]] for f in fields(record_type)}
+
+
+_SQL_TYPES = {t: _sql_types(t) for t in (ChunkRecord, RunRecord, AttemptRecord)}
 
 
 def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
