@@ -98,6 +98,8 @@ _sql: duckdb.DuckDBPyConnection | None = None
 
 
 def run_task(task: Task) -> TaskResult:
+    if task.job.process is not None:
+        _function(task.job)  # a first import is the worker's start-up, not this chunk's compute
     _reset_peak_rss()
     started = time.perf_counter()
     chunk = task.chunk
