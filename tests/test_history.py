@@ -106,3 +106,19 @@ def test_progress_log_line_tells_rate_memory_failures_and_eta() -> None:
     assert line["retried"] == 1 and line["dead"] == 0
     assert line["in_flight"] == "1.0 MiB" and line["budget"] == "1.0 GiB"
     assert line["eta_s"] is not None and line["rows_per_s"] > 0
+
+
+def test_report_command_writes_the_latest_or_a_chosen_run(project: Project) -> None:
+    flaky_job(project)
+    assert project.cli("report", "f").returncode == 2  # no runs yet
+    first = project.cli("run-now", "f").stdout.split(" run ")[1].split(":")[0]
+    second = project.cli("run-now", "f", "--fresh").stdout.split(" run ")[1].split(":")[0]
+    latest = project.cli("report", "f")
+    assert latest.returncode == 0, latest.stderr
+    path = latest.stdout.strip()
+    assert path.endswith(f"reports/f/{second}.html") and second in open(path).read()
+    chosen = project.cli("report", "f", "--run", first, "-o", str(project.root / "r.html"))
+    assert chosen.stdout.strip() == str(project.root / "r.html")
+    assert first in (project.root / "r.html").read_text()
+    missing = project.cli("report", "f", "--run", "nope")
+    assert missing.returncode == 2 and "nope" in missing.stderr
