@@ -8,7 +8,6 @@ SIGHUP reloads config.toml, SIGTERM/SIGINT stop gracefully (twice: at once).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import stat
@@ -28,6 +27,7 @@ from minibatch.signals import StopSignals
 
 log = get_logger()
 WATCH_REASON = "inputs changed"
+METRICS_REFRESH = 30.0  # seconds between re-reads of dead letters and last successes
 
 
 def check_permissions(config: Config) -> None:
@@ -96,6 +96,10 @@ class Daemon:
         )
         self._schedule_jobs()
         self._catch_up()
+        self.scheduler.add_job(  # runs and retries from the shell change these too
+            self._refresh_metrics, "interval", seconds=METRICS_REFRESH, id="minibatch-metrics",
+            executor="watchdog",
+        )  # fmt: skip
         if self.notifier.watchdog_interval:
             self.scheduler.add_job(
                 self._watchdog, "interval", seconds=self.notifier.watchdog_interval,
@@ -169,8 +173,11 @@ class Daemon:
         for existing in self.scheduler.get_jobs():  # one-off runs (catch-up, dependencies met) stay
             if existing.id.startswith(("cron:", "watch:")):
                 existing.remove()
+        self.metrics.set_jobs(
+            self.config.jobs,
+            {n: _interval(parse_crontab(j.schedule, j.timezone)) for n, j in self._scheduled().items()},
+        )
         for name, job in self._scheduled().items():
-            self.metrics.set_interval(name, _interval(parse_crontab(job.schedule, job.timezone)))
             self.scheduler.add_job(
                 self.fire, parse_crontab(job.schedule, job.timezone), args=[name], id=f"cron:{name}",
                 coalesce=True, max_instances=1,
@@ -257,8 +264,7 @@ class Daemon:
         finally:
             with self.lock:
                 self.active.pop(name, None)
-            with contextlib.suppress(Exception):  # metrics are best effort; the run is recorded
-                self.metrics.load_state(self.manifest.status(name))
+            self._refresh_metrics()
             self.wake.set()
             self._release_waiting()
 
@@ -274,6 +280,12 @@ class Daemon:
                 self.waiting.discard(name)
             if job is not None and not self.stopping:
                 self.scheduler.add_job(self._run, args=[name, "dependencies met"])
+
+    def _refresh_metrics(self) -> None:
+        try:
+            self.metrics.load_state(self.manifest.status())
+        except Exception as exc:  # busy or unreadable now: the next refresh tries again
+            log.warning("metrics_refresh_failed", error=str(exc))
 
     def _watchdog(self) -> None:
         self.notifier.watchdog()

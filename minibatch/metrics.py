@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from minibatch.events import Event, Listener
@@ -88,8 +89,19 @@ class Metrics(Listener):
             if row["last_success_at"] is not None:
                 self.last_success.labels(row["job"]).set(row["last_success_at"].timestamp())
 
-    def set_interval(self, job: str, seconds: float) -> None:
-        self.interval.labels(job).set(seconds)
+    def set_jobs(self, jobs: Iterable[str], intervals: dict[str, float]) -> None:
+        """Every job's series from the start, at 0, so that rate() and increase() see the first
+        event; schedule intervals of jobs no longer scheduled are dropped (after a reload)."""
+        for job in jobs:
+            for status in ("done", "failed", "dead"):
+                self.chunks.labels(job, status)
+            for status in ("succeeded", "failed", "stopped"):
+                self.runs.labels(job, status)
+            for family in (self.rows, self.bytes_in, self.chunk_seconds, self.run_seconds, self.running):
+                family.labels(job)
+        self.interval.clear()
+        for job, seconds in intervals.items():
+            self.interval.labels(job).set(seconds)
 
     def serve(self, addr: str) -> None:
         """Serve /metrics at "host:port" in a background thread."""

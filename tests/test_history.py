@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import duckdb
 import structlog
@@ -116,7 +117,7 @@ def test_report_command_writes_the_latest_or_a_chosen_run(project: Project) -> N
     latest = project.cli("report", "f")
     assert latest.returncode == 0, latest.stderr
     path = latest.stdout.strip()
-    assert path.endswith(f"reports/f/{second}.html") and second in open(path).read()
+    assert path.endswith(f"reports/f/{second}.html") and second in Path(path).read_text()
     chosen = project.cli("report", "f", "--run", first, "-o", str(project.root / "r.html"))
     assert chosen.stdout.strip() == str(project.root / "r.html")
     assert first in (project.root / "r.html").read_text()
