@@ -110,7 +110,6 @@ class Run:
         self.emitter.emit(name, self.job.name, self.record.run_id, **data)
 
     def execute(self) -> RunSummary:
-        started = time.monotonic()
         if self.options.fresh:
             self.manifest.reset(self.job.name)
             self.layout.remove_all()
@@ -128,7 +127,7 @@ class Run:
         self.flush()  # the plan's totals, and any adopted chunks, are visible to `status` now
         if todo:
             self._execute_chunks(todo)
-        self._finish(time.monotonic() - started)
+        self._finish()
         return self.summary
 
     # -- planning ---------------------------------------------------------------------------
@@ -318,7 +317,7 @@ class Run:
 
     # -- the end ----------------------------------------------------------------------------
 
-    def _finish(self, seconds: float) -> None:
+    def _finish(self) -> None:
         record = self.record
         if self.summary.stopped:
             record.status = "stopped"
@@ -333,7 +332,7 @@ class Run:
         record.utilisation = record.busy_seconds / (record.workers * wall)
         record.rows_per_second = record.rows_in / wall
         record.mb_per_second = record.bytes_in / 1e6 / wall
-        self.summary.seconds = seconds
+        self.summary.seconds = wall  # the same wall time as `history` and the report
         self.flush()
         self.emit(
             "run_finished",
@@ -341,7 +340,7 @@ class Run:
             chunks_done=record.chunks_done,
             chunks_dead=record.chunks_dead,
             rows=record.rows_out,
-            seconds=round(seconds, 3),
+            seconds=round(wall, 3),
         )
 
     def _reduce_if_needed(self) -> None:
