@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -45,6 +46,8 @@ class EngineConfig:
     worker_memory_limit: int | None = None
     on_failure: Hook | None = None
     on_success: Hook | None = None
+    executor: str = "local"  # local | dask
+    dask_scheduler: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class JobConfig:
     catchup: str = "once"  # once | skip: what to do about fire times missed while down
     on_failure: Hook | None = None
     on_success: Hook | None = None
+    executor: str = "local"  # local | dask: where chunks run
+    dask_scheduler: str | None = None  # "tcp://host:8786" for executor = "dask"
 
     def to_json(self) -> str:
         """The settings a run used, for the manifest and the run report."""
@@ -169,15 +174,17 @@ def _kind_name(kinds: type | tuple[type, ...]) -> str:
 ENGINE_KEYS = {
     "state_dir", "workers", "memory_limit", "timezone", "log_format",
     "log_level", "metrics_addr", "stop_grace", "worker_memory_limit", "on_failure", "on_success",
+    "executor", "dask_scheduler",
 }  # fmt: skip
 JOB_KEYS = {
     "description", "input", "output", "process", "sql", "reduce_sql", "columns", "chunk_bytes", "schedule",
     "timezone", "watch", "retries", "retry_backoff", "timeout", "depends_on", "workers", "memory_limit",
     "stop_grace", "worker_memory_limit",
     "breaker_failures", "breaker_rate", "breaker_window", "breaker_cooldown", "catchup",
-    "on_failure", "on_success",
+    "on_failure", "on_success", "executor", "dask_scheduler",
 }  # fmt: skip
 LOG_LEVELS = ("debug", "info", "warning", "error")
+EXECUTORS = ("local", "dask")
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -244,6 +251,8 @@ def _engine(table: dict[str, Any], base_dir: Path, errors: list[str]) -> EngineC
         worker_memory_limit=c.parsed("worker_memory_limit", parse_size, None),
         on_failure=_hook(c, "on_failure", None),
         on_success=_hook(c, "on_success", None),
+        executor=_choice(c, "executor", EXECUTORS, "local"),
+        dask_scheduler=c.get("dask_scheduler", str),
     )
 
 
@@ -316,7 +325,22 @@ def _job(
         catchup=_choice(c, "catchup", ("once", "skip"), "once"),
         on_failure=_hook(c, "on_failure", engine.on_failure),
         on_success=_hook(c, "on_success", engine.on_success),
+        **_executor(c, engine),
     )
+
+
+def _executor(c: _Checker, engine: EngineConfig) -> dict[str, Any]:
+    """executor / dask_scheduler of a job (or the engine's), checked together."""
+    executor = _choice(c, "executor", EXECUTORS, engine.executor)
+    scheduler = c.get("dask_scheduler", str, engine.dask_scheduler)
+    if executor == "dask":
+        if not scheduler:
+            c.error("dask_scheduler", 'executor = "dask" needs the scheduler\'s address, e.g. "tcp://host:8786"')
+        elif not re.match(r"^[a-z+]+://\S+$", scheduler):
+            c.error("dask_scheduler", f'expected an address like "tcp://host:8786", got {scheduler!r}')
+        if importlib.util.find_spec("distributed") is None:
+            c.error("executor", "\"dask\" needs Dask's distributed package: pip install 'minibatch[dask]'")
+    return {"executor": executor, "dask_scheduler": scheduler}
 
 
 def _hook(c: _Checker, key: str, default: Hook | None) -> Hook | None:

@@ -9,7 +9,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from minibatch.breaker import CircuitBreaker
 from minibatch.manifest import AttemptRecord
@@ -35,6 +35,16 @@ def backoff(attempt: int, base: float, cap: float = BACKOFF_CAP) -> float:
 
 def memory_estimate(chunk: Chunk) -> int:
     return int(chunk.nbytes * MEMORY_FACTOR)
+
+
+def open_pool(job: JobConfig, todo: int) -> Any:
+    """The executor seam: local worker processes, or tasks on a Dask cluster."""
+    if job.executor == "dask":
+        from minibatch.dask_pool import DaskPool
+
+        assert job.dask_scheduler is not None
+        return DaskPool(job.dask_scheduler, limit=todo)
+    return WorkerPool(min(job.workers, todo), worker_memory_cap(job))
 
 
 def worker_memory_cap(job: JobConfig) -> int:
@@ -65,7 +75,7 @@ class Executor:
         self.budget = MemoryBudget(self.job.memory_limit)
         self.ids = itertools.count()
         self.stopped = False
-        self.breaker_error: str | None = None
+        self.error: str | None = None  # why the run cannot finish: breaker, lost cluster
         self.stop_deadline: float | None = None
         self.last_flush = time.monotonic()
         self.spec = JobSpec(
@@ -77,24 +87,31 @@ class Executor:
             parts_dir=str(run.layout.parts),
             staging_dir=str(run.layout.staging),
         )
-        self.pool = WorkerPool(min(self.job.workers, len(todo)), worker_memory_cap(self.job))
+        self.pool: Any = None  # WorkerPool or DaskPool: the same interface
         self.breaker = CircuitBreaker(self.job.breaker)
         self.probe: int | None = None  # the task let through by a half-open breaker
         self.schema = run.schema  # results must match it; until known, workers leave them staged
         self.busy_seconds = 0.0  # summed over attempts, for the run's worker utilisation
 
     def run(self) -> None:
+        from minibatch.dask_pool import PoolBroken
+
         try:
-            while self._work_left():
-                self._admit()
-                self._step()
-        finally:
-            self.pool.terminate()  # idle now, or stopping at once: nothing left to wait for
+            self.pool = open_pool(self.job, len(self.pending))
+            try:
+                while self._work_left():
+                    self._admit()
+                    self._step()
+            finally:
+                self.pool.terminate()  # idle now, or stopping at once: nothing left to wait for
+        except PoolBroken as exc:  # chunks in flight are not recorded: the next run does them
+            self.error = f"{exc}; {len(self.in_flight) + len(self.pending)} chunks left to do"
+            return
         # in_flight is non-empty when the grace period ran out or a second signal came
         self.stopped = self.signals.requested and bool(self.pending or self.retry_at or self.in_flight)
         if self.breaker.tripped:
             untried = len({c.chunk_id for c in self.pending} | {c.chunk_id for _, _, c in self.retry_at})
-            self.breaker_error = (
+            self.error = (
                 f"circuit breaker opened ({self.breaker.reason}) and the trial chunk after the "
                 f"{self.job.breaker.cooldown:g}s cool-down failed too; {untried} chunks left pending"
             )

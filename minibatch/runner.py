@@ -248,11 +248,11 @@ class Run:
         with self.options.stop or StopSignals() as signals:
             executor = Executor(self, todo, signals)
             executor.run()
-        self.record.workers = executor.pool.size  # fewer than configured when chunks are few
+        self.record.workers = executor.pool.size if executor.pool else 0  # fewer when chunks are few
         self.record.peak_in_flight = executor.budget.peak
         self.record.busy_seconds = executor.busy_seconds
         self.summary.stopped = executor.stopped
-        self.record.error = executor.breaker_error
+        self.record.error = executor.error
 
     def chunk_done(self, chunk: Chunk, attempts: int, result: TaskResult, in_flight: int = 0) -> None:
         record = self._record(
@@ -329,7 +329,7 @@ class Run:
             self._reduce_if_needed()
         record.ended_at = time.time()
         wall = max(record.ended_at - record.started_at, 1e-9)
-        record.utilisation = record.busy_seconds / (record.workers * wall)
+        record.utilisation = record.busy_seconds / (max(record.workers, 1) * wall)
         record.rows_per_second = record.rows_in / wall
         record.mb_per_second = record.bytes_in / 1e6 / wall
         self.summary.seconds = wall  # the same wall time as `history` and the report

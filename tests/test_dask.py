@@ -1,0 +1,200 @@
+"""executor = "dask": the same jobs on a real distributed.LocalCluster (worker processes on
+loopback, started in a process of its own), with workers, the coordinator and the scheduler
+killed along the way."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import MAP_JOB, Project, wait_for
+
+pytest.importorskip("distributed")
+
+CLUSTER = textwrap.dedent(
+    """
+    import sys
+    from distributed import LocalCluster
+
+    if __name__ == "__main__":
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+            dashboard_address=None, silence_logs=50,
+        )
+        print(cluster.scheduler_address, flush=True)
+        sys.stdin.read()  # until the test closes stdin
+        cluster.close()
+    """
+)
+
+
+class Cluster:
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", CLUSTER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,  # its worker processes die with it in kill()
+        )
+        assert self.process.stdout is not None
+        self.address = self.process.stdout.readline().strip()
+        assert self.address.startswith("tcp://"), "the cluster did not start"
+
+    def worker_pids(self) -> list[int]:
+        from distributed import Client
+
+        with Client(self.address, timeout=10, set_as_default=False) as client:
+            return sorted(client.run(os.getpid).values())
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def cluster(project: Project) -> Iterator[Callable[..., Cluster]]:
+    """Start a cluster whose workers see `env` (the job functions read MB_* variables)."""
+    started: list[Cluster] = []
+
+    def start(**env: str) -> Cluster:
+        started.append(Cluster(project.env(env), project.root))
+        return started[-1]
+
+    yield start
+    for c in started:
+        c.close()
+
+
+def dask_config(project: Project, cluster: Cluster, body: str = MAP_JOB) -> None:
+    project.write_config(body, engine=f'executor = "dask"\ndask_scheduler = "{cluster.address}"')
+
+
+def inputs(project: Project, files: int = 3, rows: int = 600) -> None:
+    for i in range(files):
+        project.write_input(f"part{i}.parquet", i * rows, rows)
+
+
+def ids(project: Project, job: str = "ident") -> list[int]:
+    return sorted(project.output_table(job).column("id").to_pylist())
+
+
+def chunks(project: Project) -> int:
+    import duckdb
+
+    con = duckdb.connect(str(project.root / ".state" / "manifest.duckdb"), read_only=True)
+    try:
+        return con.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
+    finally:
+        con.close()
+
+
+def test_same_output_as_the_local_pool(project: Project, cluster: Callable[..., Cluster]) -> None:
+    inputs(project)
+    project.write_config(MAP_JOB)
+    assert project.cli("run-now", "ident").returncode == 0
+    local = project.output_table("ident").sort_by("id")
+    dask_config(project, cluster())
+    result = project.cli("run-now", "ident", "--fresh")
+    assert result.returncode == 0, result.stderr
+    assert project.output_table("ident").sort_by("id").equals(local)
+    assert len(project.computations()) == 2 * chunks(project)  # each chunk once per run
+
+
+def test_a_killed_worker_costs_only_its_chunk(project: Project, cluster: Callable[..., Cluster]) -> None:
+    inputs(project)
+    c = cluster(MB_SLEEP="0.2")
+    dask_config(project, c)
+    run = project.start("run-now", "ident")
+    wait_for(lambda: len(project.computations()) >= 3, what="chunks under way")
+    os.kill(c.worker_pids()[0], signal.SIGKILL)  # its nanny starts a new worker
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert ids(project) == list(range(1800))
+    assert len(project.computations()) <= chunks(project) + 1  # at most its chunk, again
+
+
+def test_coordinator_killed_then_resumed(project: Project, cluster: Callable[..., Cluster]) -> None:
+    inputs(project)
+    dask_config(project, cluster(MB_SLEEP="0.1"))
+    run = project.start("run-now", "ident")
+    wait_for(lambda: len(project.computations()) >= 6, what="chunks under way")
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 0, result.stderr
+    assert ids(project) == list(range(1800))
+    # tasks still running on the cluster finish and are adopted; at most those few twice
+    assert len(project.computations()) <= chunks(project) + 2
+
+
+def test_lost_scheduler_fails_the_run_and_the_next_resumes(
+    project: Project, cluster: Callable[..., Cluster]
+) -> None:
+    inputs(project)
+    first = cluster(MB_SLEEP="0.1")
+    dask_config(project, first)
+    run = project.start("run-now", "ident")
+    wait_for(lambda: len(project.computations()) >= 4, what="chunks under way")
+    first.kill()
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err
+    assert "lost the Dask scheduler" in out and "Traceback" not in err
+    dask_config(project, cluster())
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 0, result.stderr
+    assert ids(project) == list(range(1800))
+
+
+def test_retries_timeouts_and_dead_letters(project: Project, cluster: Callable[..., Cluster]) -> None:
+    inputs(project, files=2)
+    c = cluster(MB_TARGET="part1.parquet:0")
+    job = """
+    [jobs.f]
+    input = "data/*.parquet"
+    output = "out/f"
+    process = "myjobs.faulty:hang"
+    chunk_bytes = "3KB"
+    timeout = "2s"
+    retries = 1
+    retry_backoff = "10ms"
+    """
+    dask_config(project, c, job)
+    result = project.cli("run-now", "f")
+    assert result.returncode == 1, result.stderr
+    assert "ChunkTimeout" in result.stdout and "after 2 attempt(s)" in result.stdout
+    assert ids(project, "f") == [i for i in range(1200) if not 600 <= i < 650]
+    assert len(c.worker_pids()) == 2  # the stuck workers were restarted, not lost
+
+
+@pytest.mark.parametrize(
+    ("engine", "message"),
+    [
+        ('executor = "dask"', 'dask_scheduler: executor = "dask" needs'),
+        ('executor = "dask"\ndask_scheduler = "localhost"', "expected an address like"),
+        ('executor = "spark"', "executor: expected one of 'local', 'dask'"),
+    ],
+)
+def test_executor_config_errors(project: Project, engine: str, message: str) -> None:
+    project.write_config(MAP_JOB, engine=engine)
+    result = project.cli("validate")
+    assert result.returncode == 2 and message in result.stderr
