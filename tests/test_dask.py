@@ -198,3 +198,22 @@ def test_executor_config_errors(project: Project, engine: str, message: str) -> 
     project.write_config(MAP_JOB, engine=engine)
     result = project.cli("validate")
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_sigterm_stops_gracefully_and_the_next_run_finishes(
+    project: Project, cluster: Callable[..., Cluster]
+) -> None:
+    inputs(project)
+    dask_config(project, cluster(MB_SLEEP="0.2"))
+    run = project.start("run-now", "ident")
+    wait_for(lambda: len(project.computations()) >= 4, what="chunks under way")
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    assert "stopped by a signal" in out
+    done_before = chunks(project)
+    assert 0 < done_before < 36
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 0, result.stderr
+    assert ids(project) == list(range(1800))
+    assert len(project.computations()) <= 36 + 2  # in-flight chunks ran to the end, were kept
