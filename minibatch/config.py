@@ -84,7 +84,10 @@ class JobConfig:
         import dataclasses
         import json
 
-        return json.dumps(dataclasses.asdict(self), default=str)
+        settings = dataclasses.asdict(self)
+        for hook in ("on_failure", "on_success"):  # webhook URLs and commands may hold tokens
+            settings[hook] = "set" if settings[hook] else None
+        return json.dumps(settings, default=str)
 
 
 @dataclass(frozen=True)
@@ -335,7 +338,9 @@ def _executor(c: _Checker, engine: EngineConfig) -> dict[str, Any]:
     scheduler = c.get("dask_scheduler", str, engine.dask_scheduler)
     if executor == "dask":
         if not scheduler:
-            c.error("dask_scheduler", 'executor = "dask" needs the scheduler\'s address, e.g. "tcp://host:8786"')
+            c.error(
+                "dask_scheduler", 'executor = "dask" needs the scheduler\'s address, e.g. "tcp://host:8786"'
+            )
         elif not re.match(r"^[a-z+]+://\S+$", scheduler):
             c.error("dask_scheduler", f'expected an address like "tcp://host:8786", got {scheduler!r}')
         if importlib.util.find_spec("distributed") is None:

@@ -12,7 +12,7 @@ import os
 import signal
 import stat
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,13 @@ from minibatch.log import get_logger
 from minibatch.manifest import Manifest
 from minibatch.metrics import Metrics
 from minibatch.notify import Notifier
-from minibatch.schedule import parse_crontab
+from minibatch.schedule import next_fire_times, parse_crontab
 from minibatch.signals import StopSignals
 
 log = get_logger()
 WATCH_REASON = "inputs changed"
 METRICS_REFRESH = 30.0  # seconds between re-reads of dead letters and last successes
+INTERVAL_FIRES = 100  # fire times looked ahead for a job's longest gap
 
 
 def check_permissions(config: Config) -> None:
@@ -173,10 +174,8 @@ class Daemon:
         for existing in self.scheduler.get_jobs():  # one-off runs (catch-up, dependencies met) stay
             if existing.id.startswith(("cron:", "watch:")):
                 existing.remove()
-        self.metrics.set_jobs(
-            self.config.jobs,
-            {n: _interval(parse_crontab(j.schedule, j.timezone)) for n, j in self._scheduled().items()},
-        )
+        intervals = {name: _interval(job) for name, job in self._scheduled().items()}
+        self.metrics.set_jobs(self.config.jobs, {n: i for n, i in intervals.items() if i is not None})
         for name, job in self._scheduled().items():
             self.scheduler.add_job(
                 self.fire, parse_crontab(job.schedule, job.timezone), args=[name], id=f"cron:{name}",
@@ -321,11 +320,13 @@ def _validate_in_fresh_process(config_path: str | None) -> None:
         raise ConfigError(lines or [f"validate exited with status {result.returncode}"])
 
 
-def _interval(trigger: Any, now: datetime | None = None) -> float:
-    """Seconds between a trigger's next two fire times: what "overdue" means for alerts."""
-    first = trigger.get_next_fire_time(None, now or datetime.now(UTC))
-    second = trigger.get_next_fire_time(first, first + timedelta(seconds=1))
-    return (second - first).total_seconds()
+def _interval(job: JobConfig, now: datetime | None = None) -> float | None:
+    """The longest gap between the job's next fire times (a weekday job: the weekend), what
+    "overdue" means for alerts; None for a schedule that never fires."""
+    assert job.schedule is not None
+    fires = next_fire_times(job.schedule, job.timezone, INTERVAL_FIRES, now)
+    gaps = [(b - a).total_seconds() for a, b in zip(fires, fires[1:], strict=False)]
+    return max(gaps) if gaps else None
 
 
 def _stat(path: str) -> os.stat_result | None:

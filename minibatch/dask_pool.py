@@ -13,16 +13,17 @@ its worker is restarted through its nanny, as the local pool kills its process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from multiprocessing.connection import Pipe, wait
 from typing import TYPE_CHECKING, Any
 
-from minibatch.pool import Failed, Finished, Lost, Started
+from minibatch.pool import Failed, Finished, Lost, PoolBroken, Started
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
 
     from minibatch.pool import Event
     from minibatch.worker import Task, TaskError
@@ -30,19 +31,20 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT = 10.0  # seconds to reach the scheduler, at start and after a lost connection
 
 
-class PoolBroken(Exception):
-    """The pool cannot go on (the Dask scheduler is gone); the run fails, the next resumes."""
-
-
 def run_on_worker(task: Task) -> tuple[str, float, int, Any]:
     """Runs inside a Dask worker: ("done" | "error", start time, pid, TaskResult | TaskError)."""
-    from minibatch.worker import describe_error, run_task
+    import pyarrow as pa
+
+    from minibatch.worker import RELEASE_AFTER, describe_error, run_task
 
     started = time.time()
     try:
         return "done", started, os.getpid(), run_task(task)
     except Exception as exc:  # every failure becomes data, as in a local worker
         return "error", started, os.getpid(), describe_error(exc)
+    finally:
+        if task.chunk.nbytes >= RELEASE_AFTER:
+            pa.default_memory_pool().release_unused()
 
 
 class DaskPool:
@@ -75,9 +77,10 @@ class DaskPool:
         free = set(range(self.size)) - set(self._slots.values())
         self._slots[task.task_id] = min(free) if free else 0
         self._submitted[task.task_id] = time.monotonic()
-        future = self.client.submit(
-            run_on_worker, task, key=f"minibatch-{task.run_id}-{task.task_id}", pure=False
-        )
+        with self._scheduler_calls():
+            future = self.client.submit(
+                run_on_worker, task, key=f"minibatch-{task.run_id}-{task.task_id}", pure=False
+            )
         self._futures[task.task_id] = future
         future.add_done_callback(lambda _, task_id=task.task_id: self._done_w.send(task_id))
 
@@ -120,18 +123,31 @@ class DaskPool:
         future = self._futures.pop(task_id)
         self._slots.pop(task_id)
         self._submitted.pop(task_id)
-        workers = [w for w, keys in self.client.processing().items() if future.key in keys]
-        future.cancel()
-        if workers:  # free the thread the task is stuck in
-            self.client.restart_workers(workers, raise_for_error=False)
+        with self._scheduler_calls():
+            workers = [w for w, keys in self.client.processing().items() if future.key in keys]
+            future.cancel()
+            if workers:  # free the thread the task is stuck in
+                self.client.restart_workers(workers, raise_for_error=False)
         return [Failed(task_id, error)]
+
+    @contextlib.contextmanager
+    def _scheduler_calls(self) -> Iterator[None]:
+        """Calls that need the scheduler: losing it is the run's end, not a traceback."""
+        from distributed.client import ClosedClientError
+        from distributed.comm.core import CommClosedError
+
+        try:
+            yield
+        except (ClosedClientError, CommClosedError, OSError, TimeoutError) as exc:
+            raise PoolBroken(f"lost the Dask scheduler at {self.address}: {exc}") from None
 
     def stop_starting(self) -> None:
         """Nothing waits here beyond what runs: in-flight tasks are running tasks."""
 
     def terminate(self) -> None:
         if self._futures and self.client.status == "running":
-            self.client.cancel(list(self._futures.values()))
+            with contextlib.suppress(Exception):  # going away anyway
+                self.client.cancel(list(self._futures.values()))
         self._futures.clear()
         self.client.close()
         self._done_r.close()
@@ -142,4 +158,3 @@ def _error(kind: str, exc: BaseException) -> TaskError:
     from minibatch.worker import TaskError
 
     return TaskError(kind=kind, type=type(exc).__name__, message=str(exc), traceback="")
-

@@ -9,13 +9,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from minibatch.breaker import CircuitBreaker
 from minibatch.manifest import AttemptRecord
 from minibatch.output import publish
 from minibatch.planner import Chunk
-from minibatch.pool import Failed, Finished, Lost, MemoryBudget, Started, WorkerPool
+from minibatch.pool import Failed, Finished, Lost, MemoryBudget, Pool, PoolBroken, Started, WorkerPool
 from minibatch.worker import JobSpec, SchemaMismatch, Task, TaskError, TaskResult, check_schema
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def memory_estimate(chunk: Chunk) -> int:
     return int(chunk.nbytes * MEMORY_FACTOR)
 
 
-def open_pool(job: JobConfig, todo: int) -> Any:
+def open_pool(job: JobConfig, todo: int) -> Pool:
     """The executor seam: local worker processes, or tasks on a Dask cluster."""
     if job.executor == "dask":
         from minibatch.dask_pool import DaskPool
@@ -87,15 +87,13 @@ class Executor:
             parts_dir=str(run.layout.parts),
             staging_dir=str(run.layout.staging),
         )
-        self.pool: Any = None  # WorkerPool or DaskPool: the same interface
+        self.pool: Pool | None = None
         self.breaker = CircuitBreaker(self.job.breaker)
         self.probe: int | None = None  # the task let through by a half-open breaker
         self.schema = run.schema  # results must match it; until known, workers leave them staged
         self.busy_seconds = 0.0  # summed over attempts, for the run's worker utilisation
 
     def run(self) -> None:
-        from minibatch.dask_pool import PoolBroken
-
         try:
             self.pool = open_pool(self.job, len(self.pending))
             try:
@@ -175,7 +173,7 @@ class Executor:
                 self._complete(event)
         self._kill_overdue()
         if time.monotonic() - self.last_flush > FLUSH_INTERVAL:
-            self.owner.flush()
+            self.owner.flush(wait=False)
             self.last_flush = time.monotonic()
 
     def _wait_time(self) -> float:
@@ -310,13 +308,13 @@ class Executor:
         self.owner.pending_attempts.append(record)
 
     def _kill_overdue(self) -> None:
-        for index in self.pool.overdue(self.job.timeout):
+        for handle in self.pool.overdue(self.job.timeout):  # a slot here, a task on Dask
             error = TaskError(
                 kind="timeout",
                 type="ChunkTimeout",
                 message=f"chunk attempt exceeded timeout of {self.job.timeout:g}s",
                 traceback="",
             )
-            for event in self.pool.kill(index, error):
+            for event in self.pool.kill(handle, error):
                 if not isinstance(event, Started):
                     self._complete(event)

@@ -20,6 +20,7 @@ from minibatch.units import parse_duration
 
 DEFAULT_TIMEOUT = 10.0
 OUTPUT_LIMIT = 2000  # characters of a command's output kept in the log
+KEEP_REPORTS = 50  # per job: reports written for hooks are ~5 MB each
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,13 @@ def notify_run(config: Any, job: Any, record: Any) -> None:
         return
     if hook is None:
         return
-    facts = describe_run(record, config.path, _write_report(config, record))
-    fire(hook, event, facts, config.base_dir)
+    try:
+        facts = describe_run(record, config.path, _write_report(config, record))
+        fire(hook, event, facts, config.base_dir)
+    except Exception as exc:  # the boundary: whatever a hook does, the run's outcome stands
+        from minibatch.log import get_logger
+
+        get_logger(job=record.job, run_id=record.run_id).warning("hook_failed", hook=event, error=repr(exc))
 
 
 def _write_report(config: Any, record: Any) -> Path | None:
@@ -78,10 +84,18 @@ def _write_report(config: Any, record: Any) -> Path | None:
     state_dir = config.engine.state_dir
     path = default_report_path(state_dir, record.job, record.run_id)
     try:
-        return write_report(Manifest(state_dir / "manifest.duckdb"), record.job, path, record.run_id)
+        written = write_report(Manifest(state_dir / "manifest.duckdb"), record.job, path, record.run_id)
+        _prune(path.parent)
+        return written
     except Exception as exc:
         get_logger(job=record.job, run_id=record.run_id).warning("report_failed", error=str(exc))
         return None
+
+
+def _prune(reports: Path) -> None:
+    """Keep a job's newest KEEP_REPORTS reports (run ids sort by start time)."""
+    for old in sorted(reports.glob("*.html"))[:-KEEP_REPORTS]:
+        old.unlink(missing_ok=True)
 
 
 def describe_run(record: Any, config_path: Path, report: Path | None) -> dict[str, Any]:

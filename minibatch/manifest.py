@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -118,6 +119,9 @@ ATTEMPT_COLUMNS = [f.name for f in fields(AttemptRecord)]
 TIMESTAMPS = {"started_at", "ended_at", "finished_at", "admitted_at"}  # unix time in Python
 
 
+_IN_PROCESS = threading.RLock()
+
+
 class Manifest:
     def __init__(self, path: Path, *, deadline: float = 60.0) -> None:
         self.path = path
@@ -126,18 +130,25 @@ class Manifest:
 
     @contextlib.contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short-lived connection; waits (with jittered backoff) while another process holds it."""
+        """A short-lived connection; waits (with jittered backoff) while another process holds it.
+
+        One at a time per process: DuckDB refuses a read-only and a read-write connection to
+        one file at once in one process (the daemon's threads, a background commit)."""
         import duckdb
 
-        if read_only and not self.path.exists():
-            con = duckdb.connect(":memory:", config=CONNECT_CONFIG)
-            con.execute(SCHEMA)
-        else:
-            con = self._open(duckdb, read_only)
-        try:
-            yield con
-        finally:
-            con.close()
+        with _IN_PROCESS:
+            if read_only and not self.path.exists():
+                con = duckdb.connect(":memory:", config=CONNECT_CONFIG)
+                con.execute(SCHEMA)
+            else:
+                if read_only and not self._initialised:  # a manifest from an older release
+                    with contextlib.suppress(duckdb.Error, ManifestError, OSError):  # new columns
+                        self._open(duckdb, read_only=False).close()
+                con = self._open(duckdb, read_only)
+            try:
+                yield con
+            finally:
+                con.close()
 
     def _open(self, duckdb: Any, read_only: bool) -> duckdb.DuckDBPyConnection:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # the worker module imports pyarrow and DuckDB; warm_up() must not wait for them
     from minibatch.worker import Task, TaskError, TaskResult
@@ -52,6 +52,24 @@ class Lost:
 
 
 Event = Started | Finished | Failed | Lost
+
+
+class PoolBroken(Exception):
+    """The pool cannot go on (e.g. the Dask scheduler is gone); the run fails, the next resumes."""
+
+
+class Pool(Protocol):
+    """What the coordinator drives: `WorkerPool` here, or `dask_pool.DaskPool`."""
+
+    size: int
+
+    def has_room(self) -> bool: ...
+    def submit(self, task: Task) -> None: ...
+    def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[Event]: ...
+    def overdue(self, timeout: float, now: float | None = None) -> list[int]: ...
+    def kill(self, handle: int, error: TaskError) -> list[Event]: ...
+    def stop_starting(self) -> None: ...
+    def terminate(self) -> None: ...
 
 
 @dataclass

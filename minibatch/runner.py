@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +76,9 @@ def run_job(
         if run is not None:  # the run started and broke: tell on_failure before the error surfaces
             run.record.status, run.record.error = "crashed", f"{type(exc).__name__}: {exc}"
             run.record.ended_at = time.time()
+            with contextlib.suppress(Exception):  # the manifest may be what broke
+                run.wait_for_commit()
+                run.manifest.commit(run.record, [])
             notify_run(config, job, run.record)
         raise
     notify_run(config, job, summary.record)  # after the lock: a hook may start the next run
@@ -103,6 +109,7 @@ class Run:
         self.summary = RunSummary(record=self.record)
         self.pending_records: list[ChunkRecord] = []
         self.pending_attempts: list[AttemptRecord] = []
+        self._committer: _Committer | None = None
         self.done_outputs: dict[str, str | None] = {}  # chunk_id -> part file, for reduce
         self.schema: pa.Schema | None = None  # the output's, read from a finished part
 
@@ -307,17 +314,37 @@ class Run:
         self.record.bytes_out += record.bytes_out
         self.pending_records.append(record)
 
-    def flush(self) -> None:
-        """Record finished chunks: first make their renames durable, then commit them."""
-        if any(r.output_file for r in self.pending_records):
-            fsync_dir(self.layout.parts)
-        self.manifest.commit(self.record, self.pending_records, self.pending_attempts)
-        self.pending_records = []
-        self.pending_attempts = []
+    def flush(self, wait: bool = True) -> None:
+        """Record finished chunks: first make their renames durable, then commit them.
+
+        With `wait=False` the commit runs in a thread while the coordinator goes on feeding
+        workers (a commit takes tens of ms; tiny chunks finish faster). Commits stay in
+        order: each flush first waits for the one before, and raises its error.
+        """
+        self.wait_for_commit()
+        records, attempts = self.pending_records, self.pending_attempts
+        self.pending_records, self.pending_attempts = [], []
+        run = replace(self.record)  # a snapshot: the loop goes on counting
+
+        def commit() -> None:
+            if any(r.output_file for r in records):
+                fsync_dir(self.layout.parts)
+            self.manifest.commit(run, records, attempts)
+
+        if wait:
+            commit()
+            return
+        self._committer = _Committer(commit)
+
+    def wait_for_commit(self) -> None:
+        if self._committer is not None:
+            committer, self._committer = self._committer, None
+            committer.join()
 
     # -- the end ----------------------------------------------------------------------------
 
     def _finish(self) -> None:
+        self.wait_for_commit()
         record = self.record
         if self.summary.stopped:
             record.status = "stopped"
@@ -369,3 +396,24 @@ class Run:
         self.record.status = "failed"
         self.record.error = error
         self.emit("reduce_failed", error=error)
+
+
+class _Committer(threading.Thread):
+    """One background commit; `join()` re-raises what it raised."""
+
+    def __init__(self, commit: Callable[[], None]) -> None:
+        super().__init__(name="minibatch-commit")  # not a daemon: exiting waits for the commit
+        self.commit = commit
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.commit()
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.error is not None:
+            raise self.error

@@ -24,9 +24,7 @@ def job_status(config: Config, job: str | None = None) -> list[dict[str, Any]]:
 def _entry(config: Config, name: str, row: dict[str, Any] | None) -> dict[str, Any]:
     if row is None:
         return {"job": name, "status": "never run"}
-    status = row["status"]
-    if status == "running" and holder_pid(config.engine.state_dir, name) is None:
-        status = "crashed"  # the run's process is gone without recording its end
+    status = _actual_status(config, row)
     total = row["chunks_total"] or 0
     done = row["done_total"]  # the checkpoint as it stands, not the run's own counters
     failed = row["dead_total"]
@@ -54,13 +52,18 @@ def _entry(config: Config, name: str, row: dict[str, Any] | None) -> dict[str, A
     }
 
 
+def _actual_status(config: Config, row: dict[str, Any]) -> str:
+    """A run recorded as running whose process no longer holds the job's lock has crashed."""
+    if row["status"] == "running" and holder_pid(config.engine.state_dir, row["job"]) != row["pid"]:
+        return "crashed"
+    return row["status"]
+
+
 def run_history(config: Config, job: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
     """Past runs, newest first, with their throughput."""
     entries = []
     for row in manifest_for(config).runs(job, limit):
-        status = row["status"]
-        if status == "running" and holder_pid(config.engine.state_dir, row["job"]) != row["pid"]:
-            status = "crashed"
+        status = _actual_status(config, row)
         ended, started = row["ended_at"], row["started_at"]
         entries.append(
             {
@@ -77,7 +80,8 @@ def run_history(config: Config, job: str | None = None, limit: int = 20) -> list
 
 
 HISTORY_KEYS = (
-    "chunks_total", "chunks_done", "chunks_reused", "chunks_dead", "bad_files", "rows_in", "rows_out",
+    "chunks_total", "chunks_done", "chunks_reused", "chunks_dead", "chunks_skipped", "bad_files",
+    "rows_in", "rows_out", "busy_seconds",
     "bytes_in", "bytes_out", "rows_per_second", "mb_per_second", "utilisation", "peak_in_flight",
     "memory_limit", "workers", "error",
 )  # fmt: skip

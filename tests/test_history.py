@@ -123,3 +123,27 @@ def test_report_command_writes_the_latest_or_a_chosen_run(project: Project) -> N
     assert first in (project.root / "r.html").read_text()
     missing = project.cli("report", "f", "--run", "nope")
     assert missing.returncode == 2 and "nope" in missing.stderr
+
+
+OLD_RUNS = """
+CREATE TABLE runs (run_id VARCHAR PRIMARY KEY, job VARCHAR NOT NULL, pid INTEGER,
+    started_at TIMESTAMPTZ NOT NULL, status VARCHAR NOT NULL, ended_at TIMESTAMPTZ,
+    chunks_total INTEGER, chunks_done INTEGER, chunks_reused INTEGER, chunks_dead INTEGER,
+    chunks_skipped INTEGER, bad_files INTEGER, rows_in BIGINT, rows_out BIGINT, bytes_in BIGINT,
+    bytes_out BIGINT, error VARCHAR);
+INSERT INTO runs VALUES ('r1', 'f', 1, now(), 'succeeded', now(), 1, 1, 0, 0, 0, 0, 10, 10, 80, 90, NULL);
+"""
+
+
+def test_history_and_report_read_a_manifest_from_the_release_before(project: Project) -> None:
+    flaky_job(project)
+    (project.root / ".state").mkdir()
+    con = duckdb.connect(str(project.root / ".state" / "manifest.duckdb"))
+    con.execute(OLD_RUNS)  # no attempts table, none of the new columns
+    con.close()
+    history = project.cli("history", "--json")
+    assert history.returncode == 0, history.stderr
+    assert json.loads(history.stdout)[0]["run_id"] == "r1"
+    report = project.cli("report", "f")
+    assert report.returncode == 0, report.stderr
+    assert "No chunks were computed" in Path(report.stdout.strip()).read_text()
