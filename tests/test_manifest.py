@@ -267,3 +267,37 @@ def test_connect_gives_up_at_its_deadline_while_held(path: Path) -> None:
         holder.wait()
     (row,) = Manifest(path, deadline=0.2).status("j")  # free again: no wait needed
     assert row["run_id"] == "r1"
+
+
+def test_threads_of_one_process_read_and_write_without_refusals(tmp_path: Path) -> None:
+    """DuckDB refuses a read-only and a read-write connection to one file in one process at
+    once; the daemon reads status in one thread while runs commit in others."""
+    import threading
+
+    manifest = Manifest(tmp_path / "manifest.duckdb")
+    record = run_record("r1")
+    manifest.start_run(record)
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for i in range(40):
+                manifest.commit(record, [chunk(f"c{i}")])
+        except BaseException as exc:
+            errors.append(exc)
+
+    def reader() -> None:
+        try:
+            for _ in range(40):
+                manifest.status("j")
+                manifest.runs("j")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(manifest.chunk_states("j")) == 40
