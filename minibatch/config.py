@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from minibatch.breaker import BreakerSettings
+from minibatch.checking import Checker, choice, positive_size, timezone_name
 from minibatch.hooks import Hook, parse_hook
 from minibatch.units import parse_duration, parse_size
 
@@ -108,72 +108,6 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class _Checker:
-    """Reads typed values out of one TOML table, recording errors instead of raising."""
-
-    def __init__(self, table: dict[str, Any], where: str, errors: list[str]) -> None:
-        self.table = table
-        self.where = where
-        self.errors = errors
-
-    def error(self, key: str, message: str) -> None:
-        self.errors.append(f"{self.where}.{key}: {message}")
-
-    def get(self, key: str, kinds: type | tuple[type, ...], default: Any = None) -> Any:
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-            self.error(key, f"expected {_kind_name(kinds)}, got {value!r}")
-            return default
-        if not isinstance(value, kinds):
-            self.error(key, f"expected {_kind_name(kinds)}, got {type(value).__name__} {value!r}")
-            return default
-        return value
-
-    def parsed(self, key: str, parse: Callable[[object], Any], default: Any) -> Any:
-        if key not in self.table:
-            return default
-        try:
-            return parse(self.table[key])
-        except ValueError as exc:
-            self.error(key, str(exc))
-            return default
-
-    def positive_int(self, key: str, default: int) -> int:
-        value = self.get(key, int, default)
-        if value < 1:
-            self.error(key, f"must be at least 1, got {value}")
-            return default
-        return value
-
-    def string_list(self, key: str) -> tuple[str, ...] | None:
-        value = self.get(key, (str, list))
-        if value is None:
-            return None
-        items = [value] if isinstance(value, str) else value
-        if not all(isinstance(item, str) and item for item in items):
-            self.error(key, "expected a string or a list of non-empty strings")
-            return None
-        return tuple(items)
-
-    def unknown_keys(self, allowed: set[str]) -> None:
-        for key in sorted(set(self.table) - allowed):
-            self.error(key, "unknown key")
-
-
-def _kind_name(kinds: type | tuple[type, ...]) -> str:
-    names = {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        list: "a list",
-        bool: "true/false",
-    }
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
 ENGINE_KEYS = {
     "state_dir", "workers", "memory_limit", "timezone", "log_format",
     "log_level", "metrics_addr", "stop_grace", "worker_memory_limit", "on_failure", "on_success",
@@ -234,7 +168,7 @@ def _table(raw: dict[str, Any], key: str, errors: list[str]) -> dict[str, Any]:
 
 
 def _engine(table: dict[str, Any], base_dir: Path, errors: list[str]) -> EngineConfig:
-    c = _Checker(table, "minibatch", errors)
+    c = Checker(table, "minibatch", errors)
     c.unknown_keys(ENGINE_KEYS)
     log_format = c.get("log_format", str, "console")
     if log_format not in ("console", "json"):
@@ -245,8 +179,8 @@ def _engine(table: dict[str, Any], base_dir: Path, errors: list[str]) -> EngineC
     return EngineConfig(
         state_dir=base_dir / c.get("state_dir", str, ".minibatch"),
         workers=c.positive_int("workers", default_workers()),
-        memory_limit=_positive_size(c, "memory_limit", 2**30),
-        timezone=_timezone(c, "UTC"),
+        memory_limit=positive_size(c, "memory_limit", 2**30),
+        timezone=timezone_name(c, "UTC"),
         log_format=log_format,
         log_level=log_level,
         metrics_addr=_metrics_addr(c),
@@ -254,12 +188,12 @@ def _engine(table: dict[str, Any], base_dir: Path, errors: list[str]) -> EngineC
         worker_memory_limit=c.parsed("worker_memory_limit", parse_size, None),
         on_failure=_hook(c, "on_failure", None),
         on_success=_hook(c, "on_success", None),
-        executor=_choice(c, "executor", EXECUTORS, "local"),
+        executor=choice(c, "executor", EXECUTORS, "local"),
         dask_scheduler=c.get("dask_scheduler", str),
     )
 
 
-def _metrics_addr(c: _Checker) -> str:
+def _metrics_addr(c: Checker) -> str:
     addr = c.get("metrics_addr", str, "127.0.0.1:9464")
     host, _, port = addr.rpartition(":")
     if addr and not (host and port.isdigit() and 0 < int(port) < 65536):
@@ -268,28 +202,10 @@ def _metrics_addr(c: _Checker) -> str:
     return addr
 
 
-def _positive_size(c: _Checker, key: str, default: int) -> int:
-    value = c.parsed(key, parse_size, default)
-    if value < 1:
-        c.error(key, "must be greater than zero")
-        return default
-    return value
-
-
-def _timezone(c: _Checker, default: str) -> str:
-    name = c.get("timezone", str, default)
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):  # "Europe" is a directory of zones
-        c.error("timezone", f"unknown time zone {name!r} (expected an IANA name like 'Europe/Berlin')")
-        return default
-    return name
-
-
 def _job(
     name: str, table: dict[str, Any], engine: EngineConfig, base_dir: Path, errors: list[str]
 ) -> JobConfig:
-    c = _Checker(table, f"jobs.{name}", errors)
+    c = Checker(table, f"jobs.{name}", errors)
     c.unknown_keys(JOB_KEYS)
     inputs = c.string_list("input")
     if not inputs and ("input" not in table or inputs is not None):
@@ -312,29 +228,29 @@ def _job(
         reduce_sql=c.get("reduce_sql", str),
         description=c.get("description", str, ""),
         columns=c.string_list("columns"),
-        chunk_bytes=_positive_size(c, "chunk_bytes", 64 * 2**20),
+        chunk_bytes=positive_size(c, "chunk_bytes", 64 * 2**20),
         schedule=_schedule(c),
-        timezone=_timezone(c, engine.timezone),
+        timezone=timezone_name(c, engine.timezone),
         watch=c.parsed("watch", parse_duration, None),
         retries=max(retries, 0),
         retry_backoff=c.parsed("retry_backoff", parse_duration, 1.0),
         timeout=c.parsed("timeout", parse_duration, 3600.0),
         depends_on=c.string_list("depends_on") or (),
         workers=c.positive_int("workers", engine.workers),
-        memory_limit=_positive_size(c, "memory_limit", engine.memory_limit),
+        memory_limit=positive_size(c, "memory_limit", engine.memory_limit),
         stop_grace=c.parsed("stop_grace", parse_duration, engine.stop_grace),
         worker_memory_limit=c.parsed("worker_memory_limit", parse_size, engine.worker_memory_limit),
         breaker=_breaker(c),
-        catchup=_choice(c, "catchup", ("once", "skip"), "once"),
+        catchup=choice(c, "catchup", ("once", "skip"), "once"),
         on_failure=_hook(c, "on_failure", engine.on_failure),
         on_success=_hook(c, "on_success", engine.on_success),
         **_executor(c, engine),
     )
 
 
-def _executor(c: _Checker, engine: EngineConfig) -> dict[str, Any]:
+def _executor(c: Checker, engine: EngineConfig) -> dict[str, Any]:
     """executor / dask_scheduler of a job (or the engine's), checked together."""
-    executor = _choice(c, "executor", EXECUTORS, engine.executor)
+    executor = choice(c, "executor", EXECUTORS, engine.executor)
     scheduler = c.get("dask_scheduler", str, engine.dask_scheduler)
     if executor == "dask":
         if not scheduler:
@@ -348,21 +264,13 @@ def _executor(c: _Checker, engine: EngineConfig) -> dict[str, Any]:
     return {"executor": executor, "dask_scheduler": scheduler}
 
 
-def _hook(c: _Checker, key: str, default: Hook | None) -> Hook | None:
+def _hook(c: Checker, key: str, default: Hook | None) -> Hook | None:
     if key not in c.table:
         return default
     return parse_hook(c.table[key], f"{c.where}.{key}", c.errors)
 
 
-def _choice(c: _Checker, key: str, choices: tuple[str, ...], default: str) -> str:
-    value = c.get(key, str, default)
-    if value not in choices:
-        c.error(key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
-        return default
-    return value
-
-
-def _breaker(c: _Checker) -> BreakerSettings:
+def _breaker(c: Checker) -> BreakerSettings:
     default = BreakerSettings()
     rate = c.get("breaker_rate", (int, float), default.rate)
     if not 0 < rate <= 1:
@@ -380,7 +288,7 @@ def _breaker(c: _Checker) -> BreakerSettings:
     )
 
 
-def _check_process_sql(c: _Checker, table: dict[str, Any]) -> None:
+def _check_process_sql(c: Checker, table: dict[str, Any]) -> None:
     process, sql = c.get("process", str), c.get("sql", str)
     if "process" in table and "sql" in table:
         c.error("process", "set exactly one of process / sql, not both")
@@ -392,7 +300,7 @@ def _check_process_sql(c: _Checker, table: dict[str, Any]) -> None:
         c.error("sql", "is empty")
 
 
-def _check_output_outside_inputs(c: _Checker, inputs: tuple[str, ...], output: Path, base_dir: Path) -> None:
+def _check_output_outside_inputs(c: Checker, inputs: tuple[str, ...], output: Path, base_dir: Path) -> None:
     for pattern in inputs:
         root = glob_root(base_dir, pattern)
         if output == root or root in output.parents:
@@ -419,7 +327,7 @@ def _takewhile_literal(parts: tuple[str, ...]) -> list[str]:
     return literal
 
 
-def _schedule(c: _Checker) -> str | None:
+def _schedule(c: Checker) -> str | None:
     schedule = c.get("schedule", str)
     if schedule is None:
         return None
