@@ -5,9 +5,11 @@ Preloaded by the forkserver, so pyarrow and DuckDB are imported once, before any
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -266,15 +268,35 @@ def _call(job: JobSpec, table: pa.Table, ctx: ChunkContext) -> pa.Table | None:
 
 
 def _function(job: JobSpec) -> Any:
+    """The job's function, imported once per process and again when its file changed: a Dask
+    worker outlives runs and serves several configs, so a module cached under the same name
+    may be another directory's or an older version of this one."""
     assert job.process is not None
-    key = f"{job.base_dir}:{job.process}"  # long-lived Dask workers serve several configs
-    func = _functions.get(key)
-    if func is None:
-        from minibatch.config import JobConfig, import_process
+    key = f"{job.base_dir}:{job.process}"
+    cached = _functions.get(key)
+    if cached is not None and _stamp(cached) == cached.__minibatch_stamp__:
+        return cached
+    from minibatch.config import JobConfig, import_process
 
-        spec = JobConfig(name=job.name, inputs=(), output=Path(), process=job.process)
-        func = _functions[key] = import_process(spec, Path(job.base_dir))
+    module_name = job.process.partition(":")[0]
+    parts = module_name.split(".")
+    for name in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
+        sys.modules.pop(name, None)  # import afresh, from this job's directory
+    spec = JobConfig(name=job.name, inputs=(), output=Path(), process=job.process)
+    func = import_process(spec, Path(job.base_dir))
+    _functions[key] = func
+    with contextlib.suppress(AttributeError, TypeError):  # builtins and callables without a dict
+        func.__minibatch_stamp__ = _stamp(func)
     return func
+
+
+def _stamp(func: Any) -> tuple[str, int] | None:
+    """The file a function was imported from, and its modification time."""
+    path = getattr(sys.modules.get(func.__module__), "__file__", None)
+    try:
+        return (path, os.stat(path).st_mtime_ns) if path else None
+    except OSError:
+        return None
 
 
 def _sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:

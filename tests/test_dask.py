@@ -217,3 +217,19 @@ def test_sigterm_stops_gracefully_and_the_next_run_finishes(
     assert result.returncode == 0, result.stderr
     assert ids(project) == list(range(1800))
     assert len(project.computations()) <= 36 + 2  # in-flight chunks ran to the end, were kept
+
+
+def test_a_long_lived_worker_picks_up_an_edited_job_module(
+    project: Project, cluster: Callable[..., Cluster]
+) -> None:
+    inputs(project, files=1)
+    dask_config(project, cluster())
+    assert project.cli("run-now", "ident").returncode == 0
+    module = project.root / "myjobs" / "basic.py"
+    source = module.read_text()
+    module.write_text(source.replace('table["value"], 2)', 'table["value"], 3)'))
+    stat = module.stat()
+    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # surely a new mtime
+    assert project.cli("run-now", "ident", "--fresh").returncode == 0
+    table = project.output_table("ident")
+    assert table.column("doubled").to_pylist() == [3 * v for v in table.column("value").to_pylist()]
