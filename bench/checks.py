@@ -80,10 +80,19 @@ def check(expected: Expected, out_dir: Path) -> str | None:
 
 def udf_checksum(out_dir: Path) -> int:
     """Sum of the per-chunk hashes: equal across engines when every engine chunked alike."""
+    return _output_sum(out_dir, "checksum")
+
+
+def rows_fingerprint(out_dir: Path) -> int:
+    """Sum of a hash of every output row: equal when two outputs hold the same rows, in any files."""
+    return _output_sum(out_dir, "hash(t)")
+
+
+def _output_sum(out_dir: Path, expression: str) -> int:
     files = sorted(str(p) for p in out_dir.rglob("*.parquet"))
     con = duckdb.connect(":memory:")
     try:
-        row = con.execute(f"SELECT sum(checksum) FROM read_parquet({_files_sql(files)})").fetchone()
+        row = con.execute(f"SELECT sum({expression}) FROM read_parquet({_files_sql(files)}) t").fetchone()
     finally:
         con.close()
     return int(row[0]) if row and row[0] is not None else 0

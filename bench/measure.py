@@ -2,7 +2,8 @@
 
 The tree (the process and all its descendants, recursively: minibatch's forkserver and
 workers, Dask's nannies and workers, a ProcessPoolExecutor's processes) is sampled with
-psutil every ~20 ms; its RSS is the sum over the processes alive at that moment.
+psutil every ~20 ms; its RSS is the sum over the processes alive at that moment. Processes
+outside the tree can be added to the sum with their own trees (a Dask cluster the command uses).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ class Sample:
 
 @dataclass
 class TreeSampler:
-    """A thread that records the peak summed RSS of a process and its descendants."""
+    """A thread that records the peak summed RSS of a process and its descendants (and of `also`'s)."""
 
     pid: int
+    also: tuple[int, ...] = ()
     peak: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -62,10 +64,11 @@ class TreeSampler:
     def _loop(self) -> None:
         try:
             root = psutil.Process(self.pid)
+            others = [psutil.Process(pid) for pid in self.also]
         except psutil.NoSuchProcess:
             return
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(root))
+            self.peak = max(self.peak, tree_rss(root) + sum(tree_rss(p) for p in others))
             self._stop.wait(SAMPLE_INTERVAL)
 
 
@@ -81,19 +84,27 @@ def tree_rss(root: psutil.Process) -> int:
     return total
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 1800.0) -> Sample:
-    """Run `cmd` in its own session; time it from start to exit and sample its tree's RSS."""
+def run(
+    cmd: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 1800.0,
+    also_sampled: tuple[int, ...] = (),
+) -> Sample:
+    """Run `cmd` in its own session; time it from start to exit and sample its tree's RSS.
+
+    `also_sampled`: processes whose trees' RSS is added to the command's (they run meanwhile)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True)
-        with TreeSampler(proc.pid) as sampler:
+        with TreeSampler(proc.pid, also_sampled) as sampler:
             try:
                 code = proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 _kill_session(proc.pid)
                 code = proc.wait()
             wall = time.perf_counter() - started
-        strays = _reap_session(proc.pid)
+        strays = reap_session(proc.pid)
         out.seek(0)
         err.seek(0)
         return Sample(wall, sampler.peak, code, out.read(), err.read(), strays)
@@ -108,7 +119,7 @@ def _session_members(sid: int) -> list[psutil.Process]:
     return members
 
 
-def _reap_session(sid: int) -> list[str]:
+def reap_session(sid: int) -> list[str]:
     """Wait a little for what the command left running, then kill it; return what was left."""
     deadline = time.monotonic() + STRAY_GRACE
     while (left := _session_members(sid)) and time.monotonic() < deadline:

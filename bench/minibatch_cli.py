@@ -29,6 +29,7 @@ class MinibatchJob:
     chunk_bytes: int | None = None  # None: minibatch's default
     memory_limit: int = UNBOUNDED
     udf_rows: int = 0
+    dask_scheduler: str | None = None  # set: executor = "dask" on the cluster at this address
 
 
 def write_workdir(workdir: Path, job: MinibatchJob) -> Path:
@@ -54,6 +55,8 @@ def config_text(job: MinibatchJob) -> str:
         "log_level": "warning",
         "metrics_addr": "",
     }
+    if job.dask_scheduler:
+        engine |= {"executor": "dask", "dask_scheduler": job.dask_scheduler}
     spec: dict[str, object] = {"input": list(job.files), "output": "out"}
     if job.kind == "q1":
         spec |= {"sql": Q1_CHUNK.strip(), "reduce_sql": Q1_REDUCE.strip()}

@@ -15,7 +15,7 @@ import psutil
 
 from bench import datasets
 from bench.measure import Sample, median
-from bench.workloads import Engine, Workload, cpu_model
+from bench.workloads import DASK_EXECUTOR, Engine, Workload, cpu_model
 
 MiB = 2**20
 VERSIONED = ("pyarrow", "duckdb", "polars", "dask", "distributed", "pandas", "numpy", "psutil")
@@ -33,6 +33,7 @@ class Result:
     problem: str | None = None  # "n/a ...", "FAILED ...", "WRONG RESULT ..."
     detail: str = ""  # stderr tail or the check's message, for the notes
     strays: int = 0  # processes left running after the command exited, over all runs
+    cluster_start: float | None = None  # executor = dask: seconds the Dask cluster took to start
 
     @property
     def ok(self) -> bool:
@@ -259,6 +260,8 @@ def notes(workload: Workload, results: list[Result]) -> list[str]:
 
 
 def _special_notes(workload: Workload, results: list[Result]) -> list[str]:
+    if workload.dask_cluster:
+        return _dask_overhead(workload, results)
     if workload.kind == "identity":
         return _overhead_per_chunk(workload, results)
     if workload.kind == "mem":
@@ -285,6 +288,30 @@ def _overhead_per_chunk(workload: Workload, results: list[Result]) -> list[str]:
                 f"  Engine overhead per chunk, ({mine.engine.label} − {name}) / {chunks:,} chunks: "
                 f"{ms:.2f} ms."
             )
+    return lines
+
+
+def _dask_overhead(workload: Workload, results: list[Result]) -> list[str]:
+    local, dask = _find(results, workload, role="mbN"), _find(results, workload, key=DASK_EXECUTOR)
+    lines = []
+    if dask and dask.cluster_start is not None:
+        lines.append(
+            f"  The Dask LocalCluster was started once, before the runs, in {dask.cluster_start:.2f} s "
+            "(not in any row); its processes' RSS counts in the dask row's peak RSS."
+        )
+    if not (local and dask and local.ok and dask.ok):
+        return lines
+    chunks = dask.chunks or local.chunks or 1
+    in_process = ""
+    if local.in_process and dask.in_process:
+        in_process = f" (in-process × {median(dask.in_process) / median(local.in_process):.2f})"
+    per_chunk = 1000 * (dask.seconds - local.seconds) / chunks
+    lines.append(
+        f"  **executor = dask ÷ local: time × {dask.seconds / local.seconds:.2f}**{in_process}, "
+        f"peak RSS × {dask.peak_rss / local.peak_rss:.2f}; "
+        f"(dask − local) / {chunks:,} chunks: {per_chunk:+.2f} ms per chunk. "
+        "Same output rows as the local run (sum of the rows' hashes)."
+    )
     return lines
 
 

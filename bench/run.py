@@ -8,15 +8,17 @@ See bench/README.md for what each workload measures and what the columns mean.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from bench import checks, measure, minibatch_cli, runners, workloads
+from bench.dask_cluster import Cluster, ClusterError, local_cluster
 from bench.report import Result, cpu_pressure, footer, machine_lines, render
 from bench.runners import REPO, Prepared
-from bench.workloads import Calibration, Settings, Workload
+from bench.workloads import DASK_EXECUTOR, Calibration, Settings, Workload
 
 WARM_BLOCK = 8 * 2**20
 
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _calibrate(settings: Settings) -> Calibration | None:
-    if not workloads.selected(settings, "udf_heavy"):
+    if not workloads.needs_calibration(settings):
         return None
     calibration = workloads.calibrate_udf(settings)
     log(f"udf_heavy: {calibration.rows:,} strings per row group ≈ {calibration.ms:.1f} ms on this machine")
@@ -105,26 +107,57 @@ def run_workload(workload: Workload, settings: Settings, calibration: Calibratio
         return results
     scratch = settings.data_dir / "work" / workload.name
     shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
     udf_rows = calibration.rows if calibration else 0
-    prepared = {}
-    for r in results:
-        r.problem = runners.unavailable(r.engine)
-        if r.problem is None:
-            prepared[r.engine.key] = runners.prepare(
-                r.engine, workload, settings, scratch / r.engine.key, udf_rows
-            )
-    expected = checks.expected_for(workload.kind, workload.dataset.files, workload.dataset.row_groups)
-    warm_page_cache(workload.dataset.files)
-    checksums: dict[str, int] = {}
     try:
-        for run in range(settings.runs):
+        with contextlib.ExitStack() as stack:
+            cluster = _start_cluster(workload, settings, scratch, results, stack)
+            prepared = {}
             for r in results:
+                r.problem = r.problem or runners.unavailable(r.engine)
                 if r.problem is None:
-                    run_once(r, prepared[r.engine.key], expected, settings, checksums)
-                    _progress(r, run, settings.runs)
+                    prepared[r.engine.key] = runners.prepare(
+                        r.engine, workload, settings, scratch / r.engine.key, udf_rows, cluster
+                    )
+            run_engines(workload, results, prepared, settings)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return results
+
+
+def run_engines(
+    workload: Workload, results: list[Result], prepared: dict[str, Prepared], settings: Settings
+) -> None:
+    """Every prepared engine `settings.runs` times, taking turns."""
+    assert workload.dataset is not None
+    expected = checks.expected_for(workload.kind, workload.dataset.files, workload.dataset.row_groups)
+    warm_page_cache(workload.dataset.files)
+    checksums: dict[str, tuple[int, str]] = {}
+    for run in range(settings.runs):
+        for r in results:
+            if r.problem is None:
+                run_once(r, prepared[r.engine.key], expected, settings, checksums)
+                _progress(r, run, settings.runs)
+
+
+def _start_cluster(
+    workload: Workload, settings: Settings, scratch: Path, results: list[Result], stack: contextlib.ExitStack
+) -> Cluster | None:
+    """The dask_executor workloads' LocalCluster, up until `stack` closes; None if not needed or failed."""
+    if not workload.dask_cluster:
+        return None
+    on_cluster = [r for r in results if r.engine.key == DASK_EXECUTOR]
+    log_path = scratch / "dask-cluster.log"
+    try:
+        cluster = stack.enter_context(local_cluster(settings.workers, log_path, runners.child_env()))
+    except ClusterError as exc:
+        for r in on_cluster:
+            r.problem, r.detail = "FAILED (no cluster)", str(exc)
+        return None
+    log(f"   Dask LocalCluster {settings.workers}x1 at {cluster.address}, up in {cluster.seconds:.2f} s")
+    for r in on_cluster:
+        r.cluster_start = cluster.seconds
+    return cluster
 
 
 def warm_page_cache(files: tuple[str, ...]) -> None:
@@ -140,11 +173,11 @@ def run_once(
     prepared: Prepared,
     expected: checks.Expected,
     settings: Settings,
-    checksums: dict[str, int],
+    checksums: dict[str, tuple[int, str]],
 ) -> None:
     if prepared.clear_before and prepared.out_dir is not None:
         shutil.rmtree(prepared.out_dir, ignore_errors=True)
-    sample = measure.run(prepared.cmd, prepared.cwd, prepared.env, settings.timeout)
+    sample = measure.run(prepared.cmd, prepared.cwd, prepared.env, settings.timeout, prepared.also_sampled)
     if not sample.ok:
         result.problem = f"FAILED (exit {sample.returncode})"
         result.detail = _tail(sample.stderr or sample.stdout)
@@ -168,17 +201,28 @@ def run_once(
 
 
 def _check(
-    result: Result, prepared: Prepared, expected: checks.Expected, checksums: dict[str, int]
+    result: Result, prepared: Prepared, expected: checks.Expected, checksums: dict[str, tuple[int, str]]
 ) -> str | None:
-    if prepared.out_dir is None:
+    """The output against the expected answer, and against the other engines' where comparable."""
+    out = prepared.out_dir
+    if out is None:
         return None
-    problem = checks.check(expected, prepared.out_dir)
+    label = result.engine.label
+    problem = checks.check(expected, out)
     if problem is None and expected.kind == "udf":
-        checksum = checks.udf_checksum(prepared.out_dir)
-        first = checksums.setdefault("udf", checksum)
-        if checksum != first:
-            problem = f"sum of per-chunk hashes {checksum}, another engine got {first} (different chunking?)"
+        hashes = checks.udf_checksum(out)
+        problem = _agrees(checksums, "sum of per-chunk hashes", hashes, label, " (different chunking?)")
+    if problem is None and result.workload.dask_cluster:  # the same job: the very same rows
+        problem = _agrees(checksums, "sum of the output rows' hashes", checks.rows_fingerprint(out), label)
     return problem
+
+
+def _agrees(
+    seen: dict[str, tuple[int, str]], what: str, value: int, label: str, hint: str = ""
+) -> str | None:
+    """None if `value` is what the first engine to report `what` got, else what differs."""
+    first, by = seen.setdefault(what, (value, label))
+    return None if value == first else f"{what} {value}, {by} got {first}{hint}"
 
 
 def _tail(text: str, lines: int = 12) -> str:

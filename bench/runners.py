@@ -9,10 +9,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench import minibatch_cli
+from bench.dask_cluster import Cluster
 from bench.engines import BASELINES
 from bench.engines.spec import Spec
 from bench.minibatch_cli import MinibatchJob
-from bench.workloads import Engine, Settings, Workload
+from bench.workloads import DASK_EXECUTOR, Engine, Settings, Workload
 
 REPO = Path(__file__).resolve().parent.parent
 IMPORTS_PROBE = "import pyarrow.parquet, duckdb"
@@ -25,6 +26,12 @@ class Prepared:
     env: dict[str, str]
     out_dir: Path | None  # what the command writes (checked after each run); None: nothing
     clear_before: bool  # the harness empties out_dir before each run (minibatch uses --fresh)
+    also_sampled: tuple[int, ...] = ()  # processes whose trees count in the peak RSS (a Dask cluster)
+
+
+def child_env() -> dict[str, str]:
+    """The environment of every command: ours, without a MINIBATCH_CONFIG that would redirect it."""
+    return {k: v for k, v in os.environ.items() if k != "MINIBATCH_CONFIG"}
 
 
 def unavailable(engine: Engine) -> str | None:
@@ -33,9 +40,17 @@ def unavailable(engine: Engine) -> str | None:
     return None
 
 
-def prepare(engine: Engine, workload: Workload, settings: Settings, workdir: Path, udf_rows: int) -> Prepared:
+def prepare(
+    engine: Engine,
+    workload: Workload,
+    settings: Settings,
+    workdir: Path,
+    udf_rows: int,
+    cluster: Cluster | None = None,
+) -> Prepared:
+    """`cluster`: the Dask LocalCluster the dask_executor row runs on."""
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "MINIBATCH_CONFIG"}
+    env = child_env()
     if engine.key in BASELINES:
         return _baseline(engine, workload, settings, workdir, udf_rows, env)
     if engine.key == "minibatch-help":
@@ -44,11 +59,17 @@ def prepare(engine: Engine, workload: Workload, settings: Settings, workdir: Pat
         return Prepared([sys.executable, "-c", "pass"], workdir, env, None, False)
     if engine.key == "python-imports":
         return Prepared([sys.executable, "-c", IMPORTS_PROBE], workdir, env, None, False)
-    return _minibatch(engine, workload, settings, workdir, udf_rows, env)
+    return _minibatch(engine, workload, settings, workdir, udf_rows, env, cluster)
 
 
 def _minibatch(
-    engine: Engine, workload: Workload, settings: Settings, workdir: Path, udf_rows: int, env: dict[str, str]
+    engine: Engine,
+    workload: Workload,
+    settings: Settings,
+    workdir: Path,
+    udf_rows: int,
+    env: dict[str, str],
+    cluster: Cluster | None,
 ) -> Prepared:
     assert workload.dataset is not None
     kind = {"mem": "map", "fixed": "identity"}.get(workload.kind, workload.kind)
@@ -64,9 +85,13 @@ def _minibatch(
     if engine.key == "minibatch-Nw-bounded":
         assert workload.chunk_bytes is not None
         job = replace(job, memory_limit=workload.chunk_bytes * 2 * 2)
+    sampled: tuple[int, ...] = ()
+    if engine.key == DASK_EXECUTOR:  # the same job on the cluster, whose processes count in its RSS
+        assert cluster is not None
+        job, sampled = replace(job, dask_scheduler=cluster.address), (cluster.pid,)
     config = minibatch_cli.write_workdir(workdir, job)
     cmd = minibatch_cli.run_now_command(config)
-    return Prepared(cmd, workdir, env, minibatch_cli.output_dir(config), False)
+    return Prepared(cmd, workdir, env, minibatch_cli.output_dir(config), False, sampled)
 
 
 def _baseline(

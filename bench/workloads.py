@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import platform
 import statistics
@@ -20,6 +21,8 @@ from bench.queries import Q1_COLUMNS
 
 UDF_TARGET_SECONDS = 0.040
 UDF_COLUMNS = ("id", "text")
+DASK_EXECUTOR = "minibatch-Nw-dask"  # the engine key of minibatch with executor = "dask"
+DASK_WORKLOADS = ("dask_executor_udf", "dask_executor_map", "dask_executor_tiny")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Workload:
     chunk_bytes: int | None = None  # minibatch's chunk_bytes; None: its default
     unavailable: str | None = None  # why the whole workload cannot run
     what: str = ""
+    dask_cluster: bool = False  # runs with a Dask LocalCluster of N workers up (dask_executor_*)
 
     @property
     def rows(self) -> int:
@@ -152,12 +156,6 @@ def wide_workloads(settings: Settings, calibration: Calibration | None) -> list[
     keys = ("pyarrow", "processpool", "duckdb", "polars", "dask")
     n = settings.workers
     bounded = Engine("minibatch-Nw-bounded", f"minibatch-{n}w, memory_limit = 2 chunks", "variant")
-    udf_what = (
-        f"pure-Python UDF hashing {calibration.rows:,} strings per row group "
-        f"(calibrated to {calibration.ms:.0f} ms per row group on this machine)"
-        if calibration
-        else ""
-    )
     return [
         Workload(
             "map_light",
@@ -175,7 +173,7 @@ def wide_workloads(settings: Settings, calibration: Calibration | None) -> list[
             with_baselines(n, ("pyarrow", "processpool", "dask")),
             UDF_COLUMNS,
             one_chunk_per_group(wide, UDF_COLUMNS),
-            what=udf_what,
+            what=udf_what(calibration),
         ),
         Workload(
             "mem_bounded",
@@ -219,17 +217,55 @@ def tiny_workloads(settings: Settings) -> list[Workload]:
     ]
 
 
+def dask_workloads(settings: Settings, calibration: Calibration | None) -> list[Workload]:
+    """The same minibatch job with executor = "local" and "dask", side by side."""
+    wide = synthetic(settings.data_dir, "wide", wide_spec(settings.quick))
+    tiny = synthetic(settings.data_dir, "tiny", tiny_spec(settings.quick))
+    n = settings.workers
+    engines = (
+        Engine("minibatch-Nw", f"minibatch-{n}w, executor = local", "mbN"),
+        Engine(DASK_EXECUTOR, f"minibatch-{n}w, executor = dask", "variant"),
+    )
+    unavailable = None if importlib.util.find_spec("distributed") else "distributed is not installed"
+    per_group = one_chunk_per_group(wide)
+    cases = (
+        ("udf", wide, UDF_COLUMNS, one_chunk_per_group(wide, UDF_COLUMNS), udf_what(calibration)),
+        ("map", wide, None, per_group, "map_light: filter, add a column, one Parquet file per row group"),
+        ("identity", tiny, None, one_chunk_per_group(tiny), f"identity over {tiny.row_groups:,} tiny chunks"),
+    )
+    on = f"; executor = local versus dask on a LocalCluster of {n} single-threaded worker processes"
+    return [
+        Workload(name, kind, data, engines, cols, chunk, unavailable, what + on, dask_cluster=True)
+        for name, (kind, data, cols, chunk, what) in zip(DASK_WORKLOADS, cases, strict=True)
+    ]
+
+
+def udf_what(calibration: Calibration | None) -> str:
+    if calibration is None:
+        return ""
+    return (
+        f"pure-Python UDF hashing {calibration.rows:,} strings per row group "
+        f"(calibrated to {calibration.ms:.0f} ms per row group on this machine)"
+    )
+
+
 def build(settings: Settings, calibration: Calibration | None) -> list[Workload]:
     workloads = tpch_workloads(settings)
     if any(selected(settings, n) for n in ("map_light", "udf_heavy", "mem_bounded")):
         workloads += wide_workloads(settings, calibration)
     if any(selected(settings, n) for n in ("tiny_identity", "fixed_cost")):
         workloads += tiny_workloads(settings)
+    if any(selected(settings, n) for n in DASK_WORKLOADS):
+        workloads += dask_workloads(settings, calibration)
     return [w for w in workloads if selected(settings, w.name)]
 
 
 def selected(settings: Settings, name: str) -> bool:
     return not settings.only or any(name.startswith(prefix) for prefix in settings.only)
+
+
+def needs_calibration(settings: Settings) -> bool:
+    return selected(settings, "udf_heavy") or selected(settings, "dask_executor_udf")
 
 
 # -- UDF calibration --------------------------------------------------------------------------
