@@ -113,6 +113,16 @@ class Project:
             return []
         return self.count_file.read_text().split()[::2]
 
+    def manifest_rows(self, sql: str) -> list[tuple]:
+        """Rows of a query on the project's manifest, opened read-only as users may."""
+        import duckdb
+
+        con = duckdb.connect(str(self.root / ".state" / "manifest.duckdb"), read_only=True)
+        try:
+            return con.execute(sql).fetchall()
+        finally:
+            con.close()
+
     def output_table(self, job: str) -> pa.Table:
         return ds.dataset(self.out(job), format="parquet").to_table()
 

@@ -99,13 +99,7 @@ def ids(project: Project, job: str = "ident") -> list[int]:
 
 
 def chunks(project: Project) -> int:
-    import duckdb
-
-    con = duckdb.connect(str(project.root / ".state" / "manifest.duckdb"), read_only=True)
-    try:
-        return con.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
-    finally:
-        con.close()
+    return project.manifest_rows("SELECT count(*) FROM chunks")[0][0]
 
 
 def test_same_output_as_the_local_pool(project: Project, cluster: Callable[..., Cluster]) -> None:
@@ -236,20 +230,14 @@ def test_a_long_lived_worker_picks_up_an_edited_job_module(
 
 
 def test_the_memory_budget_bounds_tasks_in_flight(project: Project, cluster: Callable[..., Cluster]) -> None:
-    import duckdb
-
     inputs(project, files=2)
     dask_config(project, cluster(MB_SLEEP="0.05"))
     result = project.cli("run-now", "ident", "--memory-limit", "1B")  # below any chunk: one at a time
     assert result.returncode == 0, result.stderr
     assert ids(project) == list(range(1200))
-    con = duckdb.connect(str(project.root / ".state" / "manifest.duckdb"), read_only=True)
-    try:
-        ((peak, largest, overlaps),) = con.execute(
-            "SELECT (SELECT peak_in_flight FROM runs), max(reserved_bytes), "
-            "(SELECT count(*) FROM attempts a JOIN attempts b ON a.chunk_id < b.chunk_id "
-            " AND a.admitted_at < b.ended_at AND b.admitted_at < a.ended_at) FROM attempts"
-        ).fetchall()
-    finally:
-        con.close()
+    ((peak, largest, overlaps),) = project.manifest_rows(
+        "SELECT (SELECT peak_in_flight FROM runs), max(reserved_bytes), "
+        "(SELECT count(*) FROM attempts a JOIN attempts b ON a.chunk_id < b.chunk_id "
+        " AND a.admitted_at < b.ended_at AND b.admitted_at < a.ended_at) FROM attempts"
+    )
     assert peak == largest and overlaps == 0

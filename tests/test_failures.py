@@ -9,7 +9,6 @@ import signal
 import time
 from collections import Counter
 
-import duckdb
 import pytest
 
 from conftest import Project, wait_for, watch_stderr
@@ -41,14 +40,6 @@ def attempts(project: Project) -> Counter[str]:
     return Counter(project.computations())
 
 
-def manifest_rows(project: Project, sql: str) -> list[tuple]:
-    con = duckdb.connect(str(project.root / ".state" / "manifest.duckdb"), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
 def test_raising_chunk_is_retried_with_the_attempt_number_in_ctx(project: Project) -> None:
     setup(project, "flaky")
     result = project.cli("run-now", "f", env={"MB_TARGET": "f1.parquet:0"})
@@ -68,7 +59,7 @@ def test_poison_chunk_is_dead_lettered_skipped_then_retried(project: Project) ->
     assert "dead letter:" in result.stdout and "f0.parquet rows 0-" in result.stdout
     assert "ValueError: cannot parse this chunk" in result.stdout
     assert "minibatch retry f" in result.stdout
-    (dead,) = manifest_rows(project, "SELECT attempts, error_type, traceback FROM chunks WHERE status='dead'")
+    (dead,) = project.manifest_rows("SELECT attempts, error_type, traceback FROM chunks WHERE status='dead'")
     assert dead[0] == 2 and dead[1] == "ValueError" and "in poison" in dead[2]
     status = json.loads(project.cli("status", "f", "--json").stdout)[0]
     assert status["chunks_failed"] == 1 and status["status"] == "failed"
@@ -84,7 +75,7 @@ def test_poison_chunk_is_dead_lettered_skipped_then_retried(project: Project) ->
     retried = project.cli("retry", "f", env=env)
     assert retried.returncode == 0, retried.stderr
     assert ids(project) == list(range(1000))
-    assert manifest_rows(project, "SELECT count(*) FROM chunks WHERE status='dead'") == [(0,)]
+    assert project.manifest_rows("SELECT count(*) FROM chunks WHERE status='dead'") == [(0,)]
 
 
 @pytest.mark.parametrize("process", ["exit_once", "segfault_once", "sigkill_once"])

@@ -30,21 +30,12 @@ def flaky_job(project: Project) -> None:
         project.write_input(f"f{i}.parquet", i * 400, 400)
 
 
-def query(project: Project, sql: str) -> list[tuple]:
-    con = duckdb.connect(str(project.root / ".state" / "manifest.duckdb"), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
 def test_every_attempt_is_measured(project: Project) -> None:
     flaky_job(project)
     result = project.cli("run-now", "f", env={"MB_TARGET": "f1.parquet:0"})
     assert result.returncode == 0, result.stderr
-    ((chunks,),) = query(project, "SELECT count(*) FROM chunks")
-    rows = query(
-        project,
+    ((chunks,),) = project.manifest_rows("SELECT count(*) FROM chunks")
+    rows = project.manifest_rows(
         "SELECT outcome, attempt, slot, pid, epoch(ended_at) - epoch(started_at), read_seconds, "
         "compute_seconds, write_seconds, rows_in, rows_out, bytes_in, bytes_out, reserved_bytes, "
         "peak_rss, error_message, admitted_at <= started_at FROM attempts",
@@ -55,7 +46,7 @@ def test_every_attempt_is_measured(project: Project) -> None:
     done = [r for r in rows if r[0] == "done"]
     assert len(done) == chunks
     assert {r[2] for r in rows} == {0, 1}  # two worker slots
-    ((coordinator,),) = query(project, "SELECT pid FROM runs")
+    ((coordinator,),) = project.manifest_rows("SELECT pid FROM runs")
     assert all(r[3] and r[3] != coordinator for r in rows)  # measured in the workers
     for r in done:
         duration, parts = r[4], r[5] + r[6] + r[7]
@@ -64,8 +55,7 @@ def test_every_attempt_is_measured(project: Project) -> None:
         assert r[13] > 10 * 2**20  # a Python process with pyarrow holds more than 10 MiB
         assert r[15]
     assert sum(r[8] for r in done) == 800
-    ((utilisation, peak, budget, workers, settings, rate),) = query(
-        project,
+    ((utilisation, peak, budget, workers, settings, rate),) = project.manifest_rows(
         "SELECT utilisation, peak_in_flight, memory_limit, workers, settings, rows_per_second FROM runs",
     )
     assert 0 < utilisation <= 1 and 0 < peak <= budget == 2**20 and workers == 2 and rate > 0
