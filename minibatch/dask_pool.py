@@ -16,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from multiprocessing.connection import Pipe, wait
 from typing import TYPE_CHECKING, Any
 
-from minibatch.pool import Failed, Finished, Lost, PoolBroken, Started
+from minibatch.pool import QUEUE_DEPTH, Failed, Finished, Lost, PoolBroken, Started
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -38,6 +39,10 @@ def run_on_worker(task: Task) -> tuple[str, float, int, Any]:
     from minibatch.worker import RELEASE_AFTER, describe_error, run_task
 
     started = time.time()
+    with contextlib.suppress(Exception):  # only the timeline and timeouts need it
+        from distributed import get_worker
+
+        get_worker().log_event(_topic(task.run_id), [task.task_id, os.getpid(), started])
     try:
         return "done", started, os.getpid(), run_task(task)
     except Exception as exc:  # every failure becomes data, as in a local worker
@@ -45,6 +50,10 @@ def run_on_worker(task: Task) -> tuple[str, float, int, Any]:
     finally:
         if task.chunk.nbytes >= RELEASE_AFTER:
             pa.default_memory_pool().release_unused()
+
+
+def _topic(run_id: str) -> str:
+    return f"minibatch-started-{run_id}"
 
 
 class DaskPool:
@@ -65,70 +74,100 @@ class DaskPool:
             raise PoolBroken(f"the Dask cluster at {address} has no workers")
         self.size = min(limit, threads)
         self._futures: dict[int, Any] = {}  # task id -> Future
-        self._slots: dict[int, int] = {}  # task id -> virtual slot, for the report's timeline
         self._submitted: dict[int, float] = {}  # task id -> monotonic time
-        self._cancelled: set[int] = set()
-        self._done_r, self._done_w = Pipe(duplex=False)  # done callbacks -> poll()
+        self._running: dict[int, tuple[int, float]] = {}  # task id -> (virtual slot, monotonic start)
+        self._subscribed = False
+        # Done callbacks and start events arrive on the client's thread; poll() reads them here.
+        self._inbox_r, self._inbox_w = Pipe(duplex=False)
+        self._inbox_lock = threading.Lock()
 
     def has_room(self) -> bool:
-        return len(self._futures) < self.size
+        # QUEUE_DEPTH tasks per thread, so a thread finds its next task at the worker instead of
+        # waiting for a round trip through the scheduler; the memory budget still bounds them.
+        return len(self._futures) < self.size * QUEUE_DEPTH
 
     def submit(self, task: Task) -> None:
-        free = set(range(self.size)) - set(self._slots.values())
-        self._slots[task.task_id] = min(free) if free else 0
-        self._submitted[task.task_id] = time.monotonic()
         with self._scheduler_calls():
+            if not self._subscribed:
+                self.client.subscribe_topic(_topic(task.run_id), self._on_started)
+                self._subscribed = True
             future = self.client.submit(
                 run_on_worker, task, key=f"minibatch-{task.run_id}-{task.task_id}", pure=False
             )
+        self._submitted[task.task_id] = time.monotonic()
         self._futures[task.task_id] = future
-        future.add_done_callback(lambda _, task_id=task.task_id: self._done_w.send(task_id))
+        future.add_done_callback(lambda _, task_id=task.task_id: self._tell(("done", task_id)))
+
+    def _on_started(self, event: tuple[float, list[Any]]) -> None:
+        self._tell(("start", event[1]))
+
+    def _tell(self, message: tuple[str, Any]) -> None:
+        with self._inbox_lock:
+            self._inbox_w.send(message)
 
     def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[Event]:
-        ready = wait([self._done_r, *extra], timeout)
+        ready = wait([self._inbox_r, *extra], timeout)
         events: list[Event] = []
-        if self._done_r in ready:
-            while self._done_r.poll():
-                task_id = self._done_r.recv()
-                if task_id in self._futures:
-                    events.extend(self._collect(task_id))
+        if self._inbox_r in ready:
+            while self._inbox_r.poll():
+                kind, payload = self._inbox_r.recv()
+                if kind == "start":
+                    events.extend(self._started(*payload))
+                elif payload in self._futures:
+                    events.extend(self._collect(payload))
         return events
+
+    def _started(self, task_id: int, pid: int, at: float) -> list[Event]:
+        if task_id not in self._futures or task_id in self._running:
+            return []  # finished, killed or cancelled meanwhile; or a repeat after a worker died
+        taken = {slot for slot, _ in self._running.values()}
+        slot = min(set(range(len(taken) + 1)) - taken)
+        self._running[task_id] = (slot, time.monotonic())
+        return [Started(task_id, pid, slot, at)]
 
     def _collect(self, task_id: int) -> list[Event]:
         from distributed.client import FutureCancelledError
 
         future = self._futures.pop(task_id)
-        slot = self._slots.pop(task_id)
         self._submitted.pop(task_id)
         try:
-            kind, started, pid, payload = future.result()
+            kind, at, pid, payload = future.result()
         except FutureCancelledError as exc:
+            self._running.pop(task_id, None)
             if "connection-lost" in str(exc) or self.client.status != "running":
                 raise PoolBroken(f"lost the Dask scheduler at {self.address}") from None
-            return [Lost(task_id)]  # cancelled by someone else before it ran: not its fault
+            return [Lost(task_id)]  # cancelled before it ran (a stop): not its fault
         except Exception as exc:  # KilledWorker: it took workers down with it, more than once
+            self._running.pop(task_id, None)
             return [Failed(task_id, _error("died", exc))]
+        events: list[Event] = [] if task_id in self._running else self._started(task_id, pid, at)
+        self._running.pop(task_id, None)
         outcome = Finished(task_id, payload) if kind == "done" else Failed(task_id, payload)
-        return [Started(task_id, pid, slot, started), outcome]
+        return [*events, outcome]
 
     def overdue(self, timeout: float, now: float | None = None) -> list[int]:
-        """Task ids (the "slots" a timeout kills) running longer than `timeout` seconds.
-
-        Counted from submission: admission keeps no more tasks in flight than the cluster has
-        threads, so a task starts about when it is submitted."""
+        """Task ids (the "slots" a timeout kills) running for longer than `timeout` seconds,
+        counted from the start the worker reported."""
         now = time.monotonic() if now is None else now
-        return [task_id for task_id, at in self._submitted.items() if now - at > timeout]
+        return [task_id for task_id, (_, at) in self._running.items() if now - at > timeout]
 
     def kill(self, task_id: int, error: TaskError) -> list[Event]:
         future = self._futures.pop(task_id)
-        self._slots.pop(task_id)
         self._submitted.pop(task_id)
+        self._running.pop(task_id, None)
         with self._scheduler_calls():
             workers = [w for w, keys in self.client.processing().items() if future.key in keys]
             future.cancel()
             if workers:  # free the thread the task is stuck in
                 self.client.restart_workers(workers, raise_for_error=False)
         return [Failed(task_id, error)]
+
+    def stop_starting(self) -> None:
+        """Tasks not started yet are cancelled; they come back as Lost, uncharged."""
+        waiting = [f for task_id, f in self._futures.items() if task_id not in self._running]
+        if waiting:
+            with self._scheduler_calls():
+                self.client.cancel(waiting)
 
     @contextlib.contextmanager
     def _scheduler_calls(self) -> Iterator[None]:
@@ -141,17 +180,14 @@ class DaskPool:
         except (ClosedClientError, CommClosedError, OSError, TimeoutError) as exc:
             raise PoolBroken(f"lost the Dask scheduler at {self.address}: {exc}") from None
 
-    def stop_starting(self) -> None:
-        """Nothing waits here beyond what runs: in-flight tasks are running tasks."""
-
     def terminate(self) -> None:
         if self._futures and self.client.status == "running":
             with contextlib.suppress(Exception):  # going away anyway
                 self.client.cancel(list(self._futures.values()))
         self._futures.clear()
         self.client.close()
-        self._done_r.close()
-        self._done_w.close()
+        self._inbox_r.close()
+        self._inbox_w.close()
 
 
 def _error(kind: str, exc: BaseException) -> TaskError:
