@@ -75,7 +75,8 @@ class DaskPool:
         self.size = min(limit, threads)
         self._futures: dict[int, Any] = {}  # task id -> Future
         self._submitted: dict[int, float] = {}  # task id -> monotonic time
-        self._running: dict[int, tuple[int, float]] = {}  # task id -> (virtual slot, monotonic start)
+        self._running: dict[int, float] = {}  # task id -> monotonic time its start was reported
+        self._lanes: dict[int, int] = {}  # worker pid -> its lane on the report's timeline
         self._subscribed = False
         # Done callbacks and start events arrive on the client's thread; poll() reads them here.
         self._inbox_r, self._inbox_w = Pipe(duplex=False)
@@ -120,9 +121,11 @@ class DaskPool:
     def _started(self, task_id: int, pid: int, at: float) -> list[Event]:
         if task_id not in self._futures or task_id in self._running:
             return []  # finished, killed or cancelled meanwhile; or a repeat after a worker died
-        taken = {slot for slot, _ in self._running.values()}
-        slot = min(set(range(len(taken) + 1)) - taken)
-        self._running[task_id] = (slot, time.monotonic())
+        return self._start(task_id, pid, at)
+
+    def _start(self, task_id: int, pid: int, at: float) -> list[Event]:
+        slot = self._lanes.setdefault(pid, len(self._lanes))  # one timeline lane per worker process
+        self._running[task_id] = time.monotonic()
         return [Started(task_id, pid, slot, at)]
 
     def _collect(self, task_id: int) -> list[Event]:
@@ -140,7 +143,8 @@ class DaskPool:
         except Exception as exc:  # KilledWorker: it took workers down with it, more than once
             self._running.pop(task_id, None)
             return [Failed(task_id, _error("died", exc))]
-        events: list[Event] = [] if task_id in self._running else self._started(task_id, pid, at)
+        # its start event may be late (then ignored) or lost: the result says when it started
+        events = [] if task_id in self._running else self._start(task_id, pid, at)
         self._running.pop(task_id, None)
         outcome = Finished(task_id, payload) if kind == "done" else Failed(task_id, payload)
         return [*events, outcome]
@@ -149,7 +153,7 @@ class DaskPool:
         """Task ids (the "slots" a timeout kills) running for longer than `timeout` seconds,
         counted from the start the worker reported."""
         now = time.monotonic() if now is None else now
-        return [task_id for task_id, (_, at) in self._running.items() if now - at > timeout]
+        return [task_id for task_id, at in self._running.items() if now - at > timeout]
 
     def kill(self, task_id: int, error: TaskError) -> list[Event]:
         future = self._futures.pop(task_id)

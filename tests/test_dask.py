@@ -112,6 +112,11 @@ def test_same_output_as_the_local_pool(project: Project, cluster: Callable[..., 
     assert result.returncode == 0, result.stderr
     assert project.output_table("ident").sort_by("id").equals(local)
     assert len(project.computations()) == 2 * chunks(project)  # each chunk once per run
+    ((unstarted, slots),) = project.manifest_rows(
+        "SELECT count(*) FILTER (WHERE started_at IS NULL OR slot IS NULL), count(DISTINCT slot) "
+        "FROM attempts WHERE run_id = (SELECT max(run_id) FROM runs)"
+    )
+    assert unstarted == 0 and slots == 2  # every attempt on the timeline, two workers
 
 
 def test_a_killed_worker_costs_only_its_chunk(project: Project, cluster: Callable[..., Cluster]) -> None:
