@@ -97,7 +97,8 @@ class SchemaMismatch(Exception):
 
 RELEASE_AFTER = 8 * 2**20  # chunk bytes from which a worker returns Arrow's freed memory at once
 
-_functions: dict[str, Any] = {}
+_functions: dict[str, tuple[Any, str | None, int | None]] = {}  # key -> (func, file, mtime)
+_import_lock = threading.Lock()
 _footers: dict[tuple[str, str], pq.FileMetaData] = {}
 _local = threading.local()  # a DuckDB connection per thread (a Dask worker may have several)
 
@@ -273,28 +274,29 @@ def _function(job: JobSpec) -> Any:
     may be another directory's or an older version of this one."""
     assert job.process is not None
     key = f"{job.base_dir}:{job.process}"
-    cached = _functions.get(key)
-    if cached is not None and _stamp(cached) == cached.__minibatch_stamp__:
-        return cached
-    from minibatch.config import JobConfig, import_process
-
     module_name = job.process.partition(":")[0]
-    parts = module_name.split(".")
-    for name in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
-        sys.modules.pop(name, None)  # import afresh, from this job's directory
-    spec = JobConfig(name=job.name, inputs=(), output=Path(), process=job.process)
-    func = import_process(spec, Path(job.base_dir))
-    _functions[key] = func
-    with contextlib.suppress(AttributeError, TypeError):  # builtins and callables without a dict
-        func.__minibatch_stamp__ = _stamp(func)
-    return func
+    with _import_lock:  # a Dask worker's threads share sys.modules and sys.path
+        cached = _functions.get(key)
+        if cached is not None and _mtime(cached[1]) == cached[2]:
+            return cached[0]
+        from minibatch.config import JobConfig, import_process
+
+        root = module_name.split(".")[0]
+        for name in [n for n in sys.modules if n == root or n.startswith(root + ".")]:
+            del sys.modules[name]  # the package and its helpers, afresh from this job's directory
+        with contextlib.suppress(ValueError):
+            sys.path.remove(job.base_dir)
+        sys.path.insert(0, job.base_dir)
+        spec = JobConfig(name=job.name, inputs=(), output=Path(), process=job.process)
+        func = import_process(spec, Path(job.base_dir))
+        path = getattr(sys.modules.get(module_name), "__file__", None)
+        _functions[key] = (func, path, _mtime(path))
+        return func
 
 
-def _stamp(func: Any) -> tuple[str, int] | None:
-    """The file a function was imported from, and its modification time."""
-    path = getattr(sys.modules.get(func.__module__), "__file__", None)
+def _mtime(path: str | None) -> int | None:
     try:
-        return (path, os.stat(path).st_mtime_ns) if path else None
+        return os.stat(path).st_mtime_ns if path else None
     except OSError:
         return None
 

@@ -20,12 +20,14 @@ pytest.importorskip("distributed")
 
 CLUSTER = textwrap.dedent(
     """
-    import sys
+    import os, sys
     from distributed import LocalCluster
 
     if __name__ == "__main__":
         cluster = LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+            n_workers=int(os.environ.get("MB_WORKERS", "2")),
+            threads_per_worker=int(os.environ.get("MB_THREADS", "1")),
+            processes=True, host="127.0.0.1",
             dashboard_address=None, silence_logs=50,
         )
         print(cluster.scheduler_address, flush=True)
@@ -246,3 +248,26 @@ def test_the_memory_budget_bounds_tasks_in_flight(project: Project, cluster: Cal
         " AND a.admitted_at < b.ended_at AND b.admitted_at < a.ended_at) FROM attempts"
     )
     assert peak == largest and overlaps == 0
+
+
+def test_threads_of_one_worker_and_two_projects_each_run_their_own_code(
+    project: Project, cluster: Callable[..., Cluster]
+) -> None:
+    """Threads of a fresh worker import the job at once; then a second project whose module has
+    the same name runs on the same worker, and the first one again."""
+    from conftest import JOB_MODULE
+
+    other = Project(root=project.root.parent / "other", count_file=project.root.parent / "other.txt")
+    (other.root / "myjobs").mkdir(parents=True)
+    (other.root / "myjobs" / "__init__.py").write_text("")
+    (other.root / "myjobs" / "basic.py").write_text(
+        JOB_MODULE.replace('table["value"], 2)', 'table["value"], 5)')
+    )
+    c = cluster(MB_WORKERS="1", MB_THREADS="4")
+    for p, factor in ((project, 2), (other, 5), (project, 2)):
+        inputs(p, files=2)
+        dask_config(p, c, MAP_JOB.replace('chunk_bytes = "3KB"', 'chunk_bytes = "3KB"\nretries = 0'))
+        result = p.cli("run-now", "ident", "--fresh")
+        assert result.returncode == 0, result.stdout + result.stderr
+        table = p.output_table("ident")
+        assert table.column("doubled").to_pylist() == [factor * v for v in table.column("value").to_pylist()]
