@@ -74,8 +74,8 @@ class DaskPool:
             raise PoolBroken(f"the Dask cluster at {address} has no workers")
         self.size = min(limit, threads)
         self._futures: dict[int, Any] = {}  # task id -> Future
-        self._submitted: dict[int, float] = {}  # task id -> monotonic time
         self._running: dict[int, float] = {}  # task id -> monotonic time its start was reported
+        self._task_ids: dict[str, int] = {}  # Dask key -> task id
         self._lanes: dict[int, int] = {}  # worker pid -> its lane on the report's timeline
         self._subscribed = False
         # Done callbacks and start events arrive on the client's thread; poll() reads them here.
@@ -95,8 +95,8 @@ class DaskPool:
             future = self.client.submit(
                 run_on_worker, task, key=f"minibatch-{task.run_id}-{task.task_id}", pure=False
             )
-        self._submitted[task.task_id] = time.monotonic()
         self._futures[task.task_id] = future
+        self._task_ids[future.key] = task.task_id
         future.add_done_callback(lambda _, task_id=task.task_id: self._tell(("done", task_id)))
 
     def _on_started(self, event: tuple[float, list[Any]]) -> None:
@@ -119,8 +119,11 @@ class DaskPool:
         return events
 
     def _started(self, task_id: int, pid: int, at: float) -> list[Event]:
-        if task_id not in self._futures or task_id in self._running:
-            return []  # finished, killed or cancelled meanwhile; or a repeat after a worker died
+        if task_id not in self._futures:
+            return []  # finished, killed or cancelled meanwhile
+        if task_id in self._running:  # run again after its worker died: time it from now
+            self._running[task_id] = time.monotonic()
+            return []
         return self._start(task_id, pid, at)
 
     def _start(self, task_id: int, pid: int, at: float) -> list[Event]:
@@ -132,7 +135,6 @@ class DaskPool:
         from distributed.client import FutureCancelledError
 
         future = self._futures.pop(task_id)
-        self._submitted.pop(task_id)
         try:
             kind, at, pid, payload = future.result()
         except FutureCancelledError as exc:
@@ -156,14 +158,23 @@ class DaskPool:
         return [task_id for task_id, at in self._running.items() if now - at > timeout]
 
     def kill(self, task_id: int, error: TaskError) -> list[Event]:
+        if self._futures[task_id].done():  # it finished just now: its result stands
+            return self._collect(task_id)
         future = self._futures.pop(task_id)
-        self._submitted.pop(task_id)
         self._running.pop(task_id, None)
         with self._scheduler_calls():
-            workers = [w for w, keys in self.client.processing().items() if future.key in keys]
+            processing = self.client.processing()
+            workers = [w for w, keys in processing.items() if future.key in keys]
             future.cancel()
-            if workers:  # free the thread the task is stuck in
-                self.client.restart_workers(workers, raise_for_error=False)
+            if not workers:
+                return [Failed(task_id, error)]
+            # Free the thread the task is stuck in. The worker's other tasks run again
+            # elsewhere: they are not overdue until they report their new start.
+            for other in {key for w in workers for key in processing[w]} - {future.key}:
+                self._running.pop(self._task_ids.get(other, -1), None)
+            self.client.restart_workers(workers, raise_for_error=False)
+            if not self.client.nthreads():
+                raise PoolBroken(f"the Dask cluster at {self.address} has no workers left")
         return [Failed(task_id, error)]
 
     def stop_starting(self) -> None:

@@ -158,19 +158,7 @@ class Executor:
         events = self.pool.poll(self._wait_time(), extra=[self.signals.wakeup])
         self._on_signals()
         for event in events:
-            if isinstance(event, Started):
-                item = self.in_flight[event.task_id]
-                item.started = event
-                self.owner.emit(
-                    "chunk_started",
-                    chunk=item.chunk.chunk_id,
-                    attempt=item.attempt,
-                    pid=event.pid,
-                    in_flight=self.budget.in_flight,
-                    budget=self.budget.limit,
-                )
-            else:
-                self._complete(event)
+            self._handle(event)
         self._kill_overdue()
         if time.monotonic() - self.last_flush > FLUSH_INTERVAL:
             self.owner.flush(wait=False)
@@ -198,6 +186,21 @@ class Executor:
                 in_flight=len(self.in_flight),
                 grace_seconds=self.job.stop_grace,
             )
+
+    def _handle(self, event: Started | Finished | Failed | Lost) -> None:
+        if not isinstance(event, Started):
+            self._complete(event)
+            return
+        item = self.in_flight[event.task_id]
+        item.started = event
+        self.owner.emit(
+            "chunk_started",
+            chunk=item.chunk.chunk_id,
+            attempt=item.attempt,
+            pid=event.pid,
+            in_flight=self.budget.in_flight,
+            budget=self.budget.limit,
+        )
 
     def _complete(self, event: Finished | Failed | Lost) -> None:
         item = self.in_flight.pop(event.task_id)
@@ -316,5 +319,4 @@ class Executor:
                 traceback="",
             )
             for event in self.pool.kill(handle, error):
-                if not isinstance(event, Started):
-                    self._complete(event)
+                self._handle(event)

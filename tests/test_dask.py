@@ -271,3 +271,24 @@ def test_threads_of_one_worker_and_two_projects_each_run_their_own_code(
         assert result.returncode == 0, result.stdout + result.stderr
         table = p.output_table("ident")
         assert table.column("doubled").to_pylist() == [factor * v for v in table.column("value").to_pylist()]
+
+
+def test_a_timeout_restart_does_not_charge_the_workers_other_chunks(
+    project: Project, cluster: Callable[..., Cluster]
+) -> None:
+    inputs(project, files=2)
+    c = cluster(MB_WORKERS="1", MB_THREADS="2", MB_TARGET="part1.parquet:0", MB_SLEEP="0.3")
+    job = """
+    [jobs.f]
+    input = "data/*.parquet"
+    output = "out/f"
+    process = "myjobs.faulty:hang"
+    chunk_bytes = "3KB"
+    timeout = "1500ms"
+    retries = 0
+    """
+    dask_config(project, c, job)
+    result = project.cli("run-now", "f", timeout=180)
+    assert result.returncode == 1, result.stderr
+    assert "dead letter" in result.stdout and result.stdout.count("dead letter:") == 1
+    assert ids(project, "f") == [i for i in range(1200) if not 600 <= i < 650]
