@@ -120,6 +120,15 @@ TIMESTAMPS = {"started_at", "ended_at", "finished_at", "admitted_at"}  # unix ti
 
 
 _IN_PROCESS = threading.RLock()
+MIGRATE_DEADLINE = 2.0  # seconds a reader waits to add new columns to an older manifest
+
+
+def _current(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the file has this release's schema (its newest column)."""
+    rows = con.execute(
+        "SELECT 1 FROM duckdb_columns() WHERE table_name = 'runs' AND column_name = 'settings'"
+    ).fetchall()
+    return bool(rows)
 
 
 class Manifest:
@@ -127,6 +136,7 @@ class Manifest:
         self.path = path
         self.deadline = deadline
         self._initialised = False
+        self._migrate_tried = False  # readers try once to add new columns to an older file
 
     @contextlib.contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -141,14 +151,26 @@ class Manifest:
                 con = duckdb.connect(":memory:", config=CONNECT_CONFIG)
                 con.execute(SCHEMA)
             else:
-                if read_only and not self._initialised:  # a manifest from an older release
-                    with contextlib.suppress(duckdb.Error, ManifestError, OSError):  # new columns
-                        self._open(duckdb, read_only=False).close()
                 con = self._open(duckdb, read_only)
+                if read_only and not self._migrate_tried and not _current(con):
+                    con.close()  # a manifest from an older release: add the new columns once
+                    self._migrate(duckdb)
+                    con = self._open(duckdb, read_only)
             try:
                 yield con
             finally:
                 con.close()
+
+    def _migrate(self, duckdb: Any) -> None:
+        """Briefly: a reader must not wait long for a writer (a `duckdb -readonly` shell...)."""
+        deadline, self.deadline = self.deadline, min(self.deadline, MIGRATE_DEADLINE)
+        try:
+            self._open(duckdb, read_only=False).close()
+        except (duckdb.Error, ManifestError, OSError):
+            pass  # then history and report see what an older manifest has
+        finally:
+            self.deadline = deadline
+            self._migrate_tried = True
 
     def _open(self, duckdb: Any, read_only: bool) -> duckdb.DuckDBPyConnection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
