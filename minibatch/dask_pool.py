@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from minibatch.pool import Event
     from minibatch.worker import Task, TaskError
 
+# One topic for all runs: the scheduler keeps every topic it has seen (and 1000 events each).
+TOPIC = "minibatch-started"
 CONNECT_TIMEOUT = 10.0  # seconds to reach the scheduler, at start and after a lost connection
 
 
@@ -42,7 +44,7 @@ def run_on_worker(task: Task) -> tuple[str, float, int, Any]:
     with contextlib.suppress(Exception):  # only the timeline and timeouts need it
         from distributed import get_worker
 
-        get_worker().log_event(_topic(task.run_id), [task.task_id, os.getpid(), started])
+        get_worker().log_event(TOPIC, [task.run_id, task.task_id, os.getpid(), started])
     try:
         return "done", started, os.getpid(), run_task(task)
     except Exception as exc:  # every failure becomes data, as in a local worker
@@ -50,10 +52,6 @@ def run_on_worker(task: Task) -> tuple[str, float, int, Any]:
     finally:
         if task.chunk.nbytes >= RELEASE_AFTER:
             pa.default_memory_pool().release_unused()
-
-
-def _topic(run_id: str) -> str:
-    return f"minibatch-started-{run_id}"
 
 
 class DaskPool:
@@ -77,7 +75,7 @@ class DaskPool:
         self._running: dict[int, float] = {}  # task id -> monotonic time its start was reported
         self._task_ids: dict[str, int] = {}  # Dask key -> task id
         self._lanes: dict[int, int] = {}  # worker pid -> its lane on the report's timeline
-        self._subscribed = False
+        self._run_id: str | None = None  # set by the first submit; start events of other runs are ignored
         # Done callbacks and start events arrive on the client's thread; poll() reads them here.
         self._inbox_r, self._inbox_w = Pipe(duplex=False)
         self._inbox_lock = threading.Lock()
@@ -89,9 +87,9 @@ class DaskPool:
 
     def submit(self, task: Task) -> None:
         with self._scheduler_calls():
-            if not self._subscribed:
-                self.client.subscribe_topic(_topic(task.run_id), self._on_started)
-                self._subscribed = True
+            if self._run_id is None:
+                self._run_id = task.run_id
+                self.client.subscribe_topic(TOPIC, self._on_started)
             future = self.client.submit(
                 run_on_worker, task, key=f"minibatch-{task.run_id}-{task.task_id}", pure=False
             )
@@ -100,10 +98,12 @@ class DaskPool:
         future.add_done_callback(lambda _, task_id=task.task_id: self._tell(("done", task_id)))
 
     def _on_started(self, event: tuple[float, list[Any]]) -> None:
-        self._tell(("start", event[1]))
+        run_id, *start = event[1]
+        if run_id == self._run_id:
+            self._tell(("start", start))
 
     def _tell(self, message: tuple[str, Any]) -> None:
-        with self._inbox_lock:
+        with self._inbox_lock, contextlib.suppress(OSError):  # closed: the pool is gone
             self._inbox_w.send(message)
 
     def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[Event]:
@@ -199,6 +199,9 @@ class DaskPool:
         if self._futures and self.client.status == "running":
             with contextlib.suppress(Exception):  # going away anyway
                 self.client.cancel(list(self._futures.values()))
+        if self._run_id is not None and self.client.status == "running":
+            with contextlib.suppress(Exception):
+                self.client.unsubscribe_topic(TOPIC)
         self._futures.clear()
         self.client.close()
         self._inbox_r.close()

@@ -318,9 +318,12 @@ class Run:
         """Record finished chunks: first make their renames durable, then commit them.
 
         With `wait=False` the commit runs in a thread while the coordinator goes on feeding
-        workers (a commit takes tens of ms; tiny chunks finish faster). Commits stay in
-        order: each flush first waits for the one before, and raises its error.
+        workers (a commit takes tens of ms; tiny chunks finish faster); while one is still
+        going, a flush that need not wait is skipped. Commits stay in order: each flush first
+        waits for the one before, and raises its error.
         """
+        if not wait and self._committer is not None and self._committer.is_alive():
+            return  # the manifest is slow or busy: these records go with the next flush
         self.wait_for_commit()
         records, attempts = self.pending_records, self.pending_attempts
         self.pending_records, self.pending_attempts = [], []
