@@ -166,20 +166,24 @@ def test_lost_scheduler_fails_the_run_and_the_next_resumes(
     assert ids(project) == list(range(1800))
 
 
-def test_retries_timeouts_and_dead_letters(project: Project, cluster: Callable[..., Cluster]) -> None:
-    inputs(project, files=2)
-    c = cluster(MB_TARGET="part1.parquet:0")
-    job = """
+def hang_job(timeout: str, retries: int) -> str:
+    """Job f: the MB_TARGET chunk hangs until its timeout, every time."""
+    return f"""
     [jobs.f]
     input = "data/*.parquet"
     output = "out/f"
     process = "myjobs.faulty:hang"
     chunk_bytes = "3KB"
-    timeout = "2s"
-    retries = 1
+    timeout = "{timeout}"
+    retries = {retries}
     retry_backoff = "10ms"
     """
-    dask_config(project, c, job)
+
+
+def test_retries_timeouts_and_dead_letters(project: Project, cluster: Callable[..., Cluster]) -> None:
+    inputs(project, files=2)
+    c = cluster(MB_TARGET="part1.parquet:0")
+    dask_config(project, c, hang_job(timeout="2s", retries=1))
     result = project.cli("run-now", "f")
     assert result.returncode == 1, result.stderr
     assert "ChunkTimeout" in result.stdout and "after 2 attempt(s)" in result.stdout
@@ -278,16 +282,7 @@ def test_a_timeout_restart_does_not_charge_the_workers_other_chunks(
 ) -> None:
     inputs(project, files=2)
     c = cluster(MB_WORKERS="1", MB_THREADS="2", MB_TARGET="part1.parquet:0", MB_SLEEP="0.3")
-    job = """
-    [jobs.f]
-    input = "data/*.parquet"
-    output = "out/f"
-    process = "myjobs.faulty:hang"
-    chunk_bytes = "3KB"
-    timeout = "1500ms"
-    retries = 0
-    """
-    dask_config(project, c, job)
+    dask_config(project, c, hang_job(timeout="1500ms", retries=0))
     result = project.cli("run-now", "f", timeout=180)
     assert result.returncode == 1, result.stderr
     assert "dead letter" in result.stdout and result.stdout.count("dead letter:") == 1
