@@ -71,14 +71,13 @@ def run_job(
     try:
         with job_lock(config.engine.state_dir, name):
             run = Run(config, job, options, emitter)
-            summary = run.execute()
-    except Exception as exc:
+            try:
+                summary = run.execute()
+            except Exception as exc:
+                run.record_crash(exc)  # still under the lock: before any next run reads it
+                raise
+    except Exception:
         if run is not None:  # the run started and broke: tell on_failure before the error surfaces
-            run.record.status, run.record.error = "crashed", f"{type(exc).__name__}: {exc}"
-            run.record.ended_at = time.time()
-            with contextlib.suppress(Exception):  # the manifest may be what broke
-                run.wait_for_commit()
-                run.manifest.commit(run.record, [])
             notify_run(config, job, run.record)
         raise
     notify_run(config, job, summary.record)  # after the lock: a hook may start the next run
@@ -112,6 +111,13 @@ class Run:
         self._committer: _Committer | None = None
         self.done_outputs: dict[str, str | None] = {}  # chunk_id -> part file, for reduce
         self.schema: pa.Schema | None = None  # the output's, read from a finished part
+
+    def record_crash(self, exc: Exception) -> None:
+        self.record.status, self.record.error = "crashed", f"{type(exc).__name__}: {exc}"
+        self.record.ended_at = time.time()
+        with contextlib.suppress(Exception):  # the manifest may be what broke
+            self.wait_for_commit()
+            self.manifest.commit(self.record, [])
 
     def emit(self, name: str, **data: object) -> None:
         self.emitter.emit(name, self.job.name, self.record.run_id, **data)
