@@ -188,3 +188,15 @@ def test_bad_hook_values_are_config_errors(tmp_path: Path, value: str, message: 
     with pytest.raises(ConfigError) as info:
         parse_config(raw, tmp_path / "config.toml")
     assert message in str(info.value)
+
+
+def test_a_run_that_breaks_is_recorded_crashed_and_fires_on_failure(project: Project) -> None:
+    seen = project.root / "hook.env"
+    setup(project, "poison", f'on_failure = "{env_file_hook(seen)}"')
+    (project.root / "out").mkdir()
+    (project.root / "out" / ".f.minibatch-staging").write_text("not a directory")  # breaks the run
+    result = project.cli("run-now", "f")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    env = read_env(seen)
+    assert env["MINIBATCH_OUTCOME"] == "crashed" and "FileExistsError" in env["MINIBATCH_ERROR"]
+    assert project.manifest_rows("SELECT status FROM runs") == [("crashed",)]
