@@ -28,6 +28,19 @@ process = "myjobs.basic:ident"
 chunk_bytes = "3KB"
 """
 
+def faulty_job(process: str, extra: str = "") -> str:
+    """Job f over data/*.parquet running a function of tests/faulty_jobs.py (as myjobs.faulty)."""
+    return f"""
+    [jobs.f]
+    input = "data/*.parquet"
+    output = "out/f"
+    process = "myjobs.faulty:{process}"
+    chunk_bytes = "3KB"
+    retry_backoff = "10ms"
+    {extra}
+    """
+
+
 JOB_MODULE = """
 import os, time
 import pyarrow as pa

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MAP_JOB, Project, wait_for
+from conftest import MAP_JOB, Project, faulty_job, wait_for
 
 pytest.importorskip("distributed")
 
@@ -168,16 +168,7 @@ def test_lost_scheduler_fails_the_run_and_the_next_resumes(
 
 def hang_job(timeout: str, retries: int) -> str:
     """Job f: the MB_TARGET chunk hangs until its timeout, every time."""
-    return f"""
-    [jobs.f]
-    input = "data/*.parquet"
-    output = "out/f"
-    process = "myjobs.faulty:hang"
-    chunk_bytes = "3KB"
-    timeout = "{timeout}"
-    retries = {retries}
-    retry_backoff = "10ms"
-    """
+    return faulty_job("hang", f'timeout = "{timeout}"\nretries = {retries}')
 
 
 def test_retries_timeouts_and_dead_letters(project: Project, cluster: Callable[..., Cluster]) -> None:

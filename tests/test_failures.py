@@ -11,19 +11,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import Project, wait_for, watch_stderr
-
-
-def faulty_job(process: str, extra: str = "") -> str:
-    return f"""
-    [jobs.f]
-    input = "data/*.parquet"
-    output = "out/f"
-    process = "myjobs.faulty:{process}"
-    chunk_bytes = "3KB"
-    retry_backoff = "10ms"
-    {extra}
-    """
+from conftest import Project, faulty_job, wait_for, watch_stderr
 
 
 def setup(project: Project, process: str, extra: str = "", files: int = 2, rows: int = 500) -> None:

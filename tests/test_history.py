@@ -11,21 +11,11 @@ import structlog
 from minibatch.events import Event
 from minibatch.progress import LogProgress
 
-from conftest import Project
+from conftest import Project, faulty_job
 
 
 def flaky_job(project: Project) -> None:
-    project.write_config(
-        """
-        [jobs.f]
-        input = "data/*.parquet"
-        output = "out/f"
-        process = "myjobs.faulty:flaky"
-        chunk_bytes = "3KB"
-        retry_backoff = "10ms"
-        memory_limit = "1MiB"
-        """
-    )
+    project.write_config(faulty_job("flaky", 'memory_limit = "1MiB"'))
     for i in range(2):
         project.write_input(f"f{i}.parquet", i * 400, 400)
 

@@ -16,23 +16,11 @@ import pytest
 from minibatch.config import ConfigError, parse_config
 from minibatch.hooks import Hook
 
-from conftest import Project
-
-
-def job(process: str, hooks: str = "") -> str:
-    return f"""
-    [jobs.f]
-    input = "data/*.parquet"
-    output = "out/f"
-    process = "myjobs.faulty:{process}"
-    chunk_bytes = "3KB"
-    retries = 0
-    {hooks}
-    """
+from conftest import Project, faulty_job
 
 
 def setup(project: Project, process: str, hooks: str = "", engine: str = "") -> None:
-    project.write_config(job(process, hooks), engine=engine)
+    project.write_config(faulty_job(process, f"retries = 0\n{hooks}"), engine=engine)
     project.write_input("f0.parquet", 0, 300)
 
 
