@@ -47,7 +47,7 @@ class Metrics(Listener):
         self.budget = gauge("minibatch_memory_budget_bytes", "The job's memory_limit")
         self.dead_letters = gauge("minibatch_dead_letters", "Dead-lettered chunks awaiting retry")
         self.interval = gauge(
-            "minibatch_schedule_interval_seconds", "Seconds between the job's next two scheduled fire times"
+            "minibatch_schedule_interval_seconds", "Longest gap between the job's coming fire times, seconds"
         )
         ProcessCollector(registry=r)  # the daemon's own memory, CPU and start time
 

@@ -267,7 +267,7 @@ class Run:
         self.summary.stopped = executor.stopped
         self.record.error = executor.error
 
-    def chunk_done(self, chunk: Chunk, attempts: int, result: TaskResult, in_flight: int = 0) -> None:
+    def chunk_done(self, chunk: Chunk, attempts: int, result: TaskResult, in_flight: int) -> None:
         record = self._record(
             chunk,
             "done",
@@ -291,7 +291,7 @@ class Run:
             in_flight=in_flight,
         )
 
-    def chunk_dead(self, chunk: Chunk, attempts: int, error: TaskError, in_flight: int = 0) -> None:
+    def chunk_dead(self, chunk: Chunk, attempts: int, error: TaskError, in_flight: int) -> None:
         record = self._record(
             chunk,
             "dead",
