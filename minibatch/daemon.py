@@ -32,33 +32,58 @@ INTERVAL_FIRES = 100  # fire times looked ahead for a job's longest gap
 
 
 def check_permissions(config: Config) -> None:
-    """Like sshd's StrictModes: refuse config or job code that others could have changed."""
-    import importlib.util
-    import sys
+    """Like sshd's StrictModes: refuse config or job code that others could have changed.
 
-    paths = [config.path]
-    if str(config.base_dir) not in sys.path:
-        sys.path.insert(0, str(config.base_dir))
+    It runs before any job module is imported (importing one runs it), so the job code's
+    files are found by walking the config directory, not by the import system."""
+    paths = [config.path, config.base_dir]
     for job in config.jobs.values():
         if job.process:
-            spec = importlib.util.find_spec(job.process.partition(":")[0])
-            if spec is not None and spec.origin and os.path.exists(spec.origin):
-                paths.append(Path(spec.origin))
+            paths += _module_files(config.base_dir, job.process.partition(":")[0])
+    paths.append(config.engine.state_dir)  # the manifest, locks and reports
     errors = [
         f"{path} is writable by group or others; refusing to run it (chmod go-w {path})"
-        for path in paths
-        if os.stat(path).st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        for path in dict.fromkeys(paths)
+        if _writable_by_others(path)
     ]
     if errors:
         raise ConfigError(errors)
 
 
+def _module_files(base_dir: Path, module: str) -> list[Path]:
+    """The existing files and directories an import of `module` from base_dir may read: each
+    package's directory, __init__ and __pycache__, the module's file (source, bytecode or
+    extension), and their cached bytecode. Namespace packages have no __init__."""
+    from importlib.machinery import all_suffixes
+
+    found: list[Path] = []
+    directory = base_dir
+    for name in module.split("."):
+        found += _module_candidates(directory, name, all_suffixes())
+        directory = directory / name
+        found += [directory, *_module_candidates(directory, "__init__", all_suffixes())]
+    return [path for path in found if path.exists()]
+
+
+def _module_candidates(directory: Path, name: str, suffixes: list[str]) -> list[Path]:
+    cache = directory / "__pycache__"
+    return [*(directory / f"{name}{suffix}" for suffix in suffixes), cache, *cache.glob(f"{name}.*.pyc")]
+
+
+def _writable_by_others(path: Path) -> bool:
+    try:
+        return bool(os.stat(path).st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    except FileNotFoundError:  # the state_dir of a first start
+        return False
+
+
 def load_daemon_config(path: str | None) -> Config:
+    """The config, its permissions checked before any job module is imported."""
     config = load_config(path)
     from minibatch.config import check_imports
 
-    check_imports(config)
     check_permissions(config)
+    check_imports(config)
     return config
 
 
@@ -154,6 +179,7 @@ class Daemon:
         """SIGHUP: load config.toml again; an invalid one is logged and the old one kept."""
         self.notifier.reloading()
         try:
+            check_permissions(load_config(self.config_path))  # before any code of the new config runs
             _validate_in_fresh_process(self.config_path)  # job modules already imported here are stale
             config = load_daemon_config(self.config_path)
         except ConfigError as exc:

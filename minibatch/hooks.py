@@ -1,17 +1,25 @@
 """Alerting hooks: `on_failure` / `on_success` run a command and/or POST JSON to a URL.
 
 A hook reports a run; it never changes it. Its own failure (non-zero exit, timeout, HTTP
-error, unreachable host) is logged as `hook_failed` and the run's exit status stands.
+error, unreachable host) is logged as `hook_failed` and the run's exit status stands. Commands
+and URLs often carry tokens, so the log names a hook by its program or its URL without
+credentials and query: never in full.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import http.client
 import json
 import os
+import re
+import shlex
 import signal
+import socket
 import subprocess
-import urllib.error
-import urllib.request
+import threading
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +29,9 @@ from minibatch.units import parse_duration
 DEFAULT_TIMEOUT = 10.0
 OUTPUT_LIMIT = 2000  # characters of a command's output kept in the log
 KEEP_REPORTS = 50  # per job: reports written for hooks are ~5 MB each
+KILLED_OUTPUT_WAIT = 1.0  # seconds to collect a killed command's last output
+ASSIGNMENT_RE = re.compile(r"^[A-Za-z_]\w*=")  # FOO=bar before a command
+BAD_URL = "(unparsable URL)"
 
 
 @dataclass(frozen=True)
@@ -42,8 +53,8 @@ def parse_hook(value: Any, where: str, errors: list[str]) -> Hook | None:
     command, url = value.get("command"), value.get("url")
     if command is not None and not (isinstance(command, str) and command.strip()):
         errors.append(f"{where}.command: expected a non-empty string")
-    if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
-        errors.append(f"{where}.url: expected an http:// or https:// URL, got {url!r}")
+    if url is not None:
+        _check_url(url, f"{where}.url", errors)
     try:
         timeout = parse_duration(value.get("timeout", DEFAULT_TIMEOUT))
     except ValueError as exc:
@@ -54,6 +65,17 @@ def parse_hook(value: Any, where: str, errors: list[str]) -> Hook | None:
     if command is None and url is None:
         return None
     return Hook(command=command, url=url, timeout=timeout)
+
+
+def _check_url(url: Any, where: str, errors: list[str]) -> None:
+    """Errors name the URL without its secrets: a daemon logs a rejected reload's errors."""
+    if not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+        shown = url_label(url) if isinstance(url, str) else repr(url)
+        errors.append(f"{where}: expected an http:// or https:// URL, got {shown}")
+    elif re.search(r"[\x00-\x20\x7f]", url):
+        errors.append(f"{where}: contains whitespace or control characters ({url_label(url)})")
+    elif url_label(url) == BAD_URL or not urllib.parse.urlsplit(url).hostname:
+        errors.append(f"{where}: expected a host and, if any, a port from 0 to 65535")
 
 
 def notify_run(config: Any, job: Any, record: Any) -> None:
@@ -129,10 +151,46 @@ def fire(hook: Hook, event: str, facts: dict[str, Any], cwd: Path) -> None:
         _post(hook, event, facts, log)
 
 
+def command_label(command: str) -> str:
+    """What the log calls a command: its program, not its arguments (`curl -H 'Authorization: ...'`)."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    try:
+        words = [w for w in lexer if not ASSIGNMENT_RE.match(w) and w.strip(lexer.punctuation_chars)]
+    except ValueError:  # unbalanced quotes: sh reports it in the output
+        return "sh"
+    if not words:
+        return "sh"
+    return f"{words[0]} ..." if len(words) > 1 else words[0]
+
+
+def url_label(url: str) -> str:
+    """What the log calls a URL: scheme://host:port/path, without user:password@, query or fragment."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return BAD_URL
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return urllib.parse.urlunsplit((parts.scheme, f"{host}:{port}" if port else host, parts.path, "", ""))
+
+
+def _redact(text: str, url: str) -> str:
+    """`text` (an error message) without the URL's credentials and query, should it quote them."""
+    parts = urllib.parse.urlsplit(url)
+    secrets = {parts.username, parts.password, parts.query, parts.fragment}
+    secrets |= {urllib.parse.unquote(s) for s in secrets if s}
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def _run_command(hook: Hook, event: str, facts: dict[str, Any], cwd: Path, log: Any) -> None:
     assert hook.command is not None
     env = os.environ | {"MINIBATCH_EVENT": event}
     env |= {f"MINIBATCH_{key.upper()}": "" if value is None else str(value) for key, value in facts.items()}
+    label = command_label(hook.command)
     try:
         process = subprocess.Popen(
             ["/bin/sh", "-c", hook.command],
@@ -146,25 +204,37 @@ def _run_command(hook: Hook, event: str, facts: dict[str, Any], cwd: Path, log: 
             start_new_session=True,  # so a timeout kills the command's children too
         )
     except OSError as exc:
-        log.warning("hook_failed", hook=event, command=hook.command, error=str(exc))
+        log.warning("hook_failed", hook=event, command=label, error=str(exc))
         return
     try:
         output, _ = process.communicate(timeout=hook.timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
         log.warning(
-            "hook_failed", hook=event, command=hook.command, error=f"timed out after {hook.timeout:g}s",
-            output=output[-OUTPUT_LIMIT:],
+            "hook_failed", hook=event, command=label, error=f"timed out after {hook.timeout:g}s",
+            output=_killed_output(process)[-OUTPUT_LIMIT:],
         )  # fmt: skip
         return
     if process.returncode != 0:
         log.warning(
-            "hook_failed", hook=event, command=hook.command, exit_status=process.returncode,
+            "hook_failed", hook=event, command=label, exit_status=process.returncode,
             output=output[-OUTPUT_LIMIT:],
         )  # fmt: skip
     else:
-        log.info("hook_done", hook=event, command=hook.command)
+        log.info("hook_done", hook=event, command=label)
+
+
+def _killed_output(process: subprocess.Popen[str]) -> str:
+    """The last output of a command killed at its timeout. A child that left the session
+    (`setsid`, a daemon) survives the kill and may hold the pipe open: stop reading then."""
+    try:
+        output, _ = process.communicate(timeout=KILLED_OUTPUT_WAIT)
+        return output
+    except subprocess.TimeoutExpired:
+        assert process.stdout is not None
+        process.stdout.close()
+        process.wait()
+        return ""
 
 
 def _post(hook: Hook, event: str, facts: dict[str, Any], log: Any) -> None:
@@ -172,20 +242,63 @@ def _post(hook: Hook, event: str, facts: dict[str, Any], log: Any) -> None:
     from importlib.metadata import version
 
     body = json.dumps({"event": event, **facts}).encode()
-    request = urllib.request.Request(
-        hook.url,
-        data=body,
-        method="POST",
-        headers={"Content-Type": "application/json", "User-Agent": f"minibatch/{version('minibatch')}"},
-    )
+    headers = {"Content-Type": "application/json", "User-Agent": f"minibatch/{version('minibatch')}"}
+    label = url_label(hook.url)
     try:
-        with urllib.request.urlopen(request, timeout=hook.timeout) as response:
-            status = response.status
-    except urllib.error.HTTPError as exc:
-        log.warning("hook_failed", hook=event, url=hook.url, http_status=exc.code, error=str(exc.reason))
+        status, reason = _post_within(hook.url, body, headers, hook.timeout)
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, DNS, timeout, TLS
+        log.warning("hook_failed", hook=event, url=label, error=_redact(str(exc) or repr(exc), hook.url))
         return
-    except (urllib.error.URLError, OSError, ValueError) as exc:  # refused, DNS, timeout, bad URL
-        reason = getattr(exc, "reason", exc)
-        log.warning("hook_failed", hook=event, url=hook.url, error=str(reason))
-        return
-    log.info("hook_done", hook=event, url=hook.url, http_status=status)
+    if status >= 300:  # a redirect is not followed: it would take the credentials elsewhere
+        log.warning("hook_failed", hook=event, url=label, http_status=status, error=reason)
+    else:
+        log.info("hook_done", hook=event, url=label, http_status=status)
+
+
+def _post_within(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, str]:
+    """POST `body` to `url`: (status, reason). The whole exchange (name lookup, connect, send,
+    status line and headers) ends within `timeout`: a per-read timeout lets a server that
+    trickles its answer hold the run for as long as it likes. `user:password@` is sent as
+    HTTP Basic authentication."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname:  # http.client would take "" for localhost
+        raise ValueError("the URL has no host")
+    https = parts.scheme == "https"
+    connection_type = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    connection = connection_type(parts.hostname, parts.port, timeout=timeout)
+    target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    outcome: list[tuple[int, str] | Exception] = []
+
+    def exchange() -> None:
+        try:
+            connection.request("POST", target, body, headers | _basic_auth(parts))
+            with connection.getresponse() as response:
+                outcome.append((response.status, response.reason))
+        except Exception as exc:  # handed to the waiting thread
+            outcome.append(exc)
+        finally:
+            connection.close()
+
+    worker = threading.Thread(target=exchange, name="minibatch-webhook", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:  # still going: unblock the thread, don't wait for it
+        _shut_down(connection)
+        raise TimeoutError(f"timed out after {timeout:g}s")
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _basic_auth(parts: urllib.parse.SplitResult) -> dict[str, str]:
+    if parts.username is None:
+        return {}
+    user, password = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def _shut_down(connection: http.client.HTTPConnection) -> None:
+    sock = connection.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ def lock_path(state_dir: Path, job: str) -> Path:
 def job_lock(state_dir: Path, job: str) -> Iterator[None]:
     path = lock_path(state_dir, job)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = _open_lock(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -38,10 +39,21 @@ def job_lock(state_dir: Path, job: str) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def _open_lock(path: Path) -> int:
+    """Open or create the lock file, never through a symlink: the holder truncates it, so a link
+    planted there would have each run truncate the file it points to."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "lock file is a symlink; refusing to follow it", str(path)) from None
+        raise
+
+
 def holder_pid(state_dir: Path, job: str) -> int | None:
     """The pid written by the lock's holder, if the holder is alive."""
     try:
-        pid = int(lock_path(state_dir, job).read_text().strip() or 0)
+        pid = int(_read_lock(lock_path(state_dir, job)).strip() or 0)
     except (OSError, ValueError):
         return None
     if not pid:
@@ -53,3 +65,12 @@ def holder_pid(state_dir: Path, job: str) -> int | None:
     except PermissionError:
         pass
     return pid
+
+
+def _read_lock(path: Path) -> bytes:
+    """The lock file's contents; not through a symlink, and never blocking on a FIFO put there."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        return os.read(fd, 64)
+    finally:
+        os.close(fd)
