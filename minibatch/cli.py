@@ -153,10 +153,12 @@ def daemon(state: State) -> None:
 @click.pass_obj
 def validate(state: State) -> None:
     """Check config.toml and import every job's function."""
-    from minibatch.config import check_imports
+    from minibatch.config import check_imports, check_inputs
 
     config = state.config
     check_imports(config)
+    for warning in check_inputs(config):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"{config.path}: OK, {len(config.jobs)} job(s): {', '.join(sorted(config.jobs))}")
 
 
@@ -243,6 +245,26 @@ def report(state: State, job: str, run_id: str | None, output: str | None) -> No
 
 
 @main.command()
+@click.pass_obj
+def repair(state: State) -> None:
+    """Set a damaged manifest aside and start a new one.
+
+    The next run of each job adopts its finished results from its output (each part's footer
+    names its chunk and is checked) and computes only what is missing. Lost with the old
+    manifest: run history, attempts, dead letters (tried again) and last fire times.
+    """
+    from minibatch.repair import repair as repair_manifest
+
+    done = repair_manifest(state.config)
+    if done.broken is None:
+        click.echo(f"{done.path}: nothing to repair ({done.reason})")
+        return
+    click.echo(f"{done.path}: could not be used ({done.reason})")
+    click.echo(f"  set aside as {done.broken}; a new manifest was started")
+    click.echo("  the next run of each job adopts its outputs and computes only what is missing")
+
+
+@main.command()
 @click.argument("job")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
@@ -252,7 +274,10 @@ def reset(state: State, job: str, yes: bool) -> None:
 
     config = state.config
     config.job(job)
-    if not yes and sys.stdin.isatty():
+    if not yes:
+        if not sys.stdin.isatty():  # a pipe or a script cannot answer: it must say --yes
+            click.echo(f"error: reset {job} deletes its output; without a terminal, pass --yes", err=True)
+            sys.exit(EXIT_USAGE)
         click.confirm(f"Remove the output of {job} and forget its checkpoint?", abort=True)
     reset_job(config, job)
     click.echo(f"{job}: checkpoint forgotten, output removed")

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import glob
-import importlib
 import importlib.util
 import os
 import re
-import sys
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +13,9 @@ from typing import Any
 from minibatch.breaker import BreakerSettings
 from minibatch.checking import Checker, choice, positive_size, timezone_name
 from minibatch.hooks import Hook, parse_hook
+from minibatch.jobcode import JobCodeError, import_process, module_files
+from minibatch.planner import InputError, find_inputs, glob_root
+from minibatch.results import OutputLayout
 from minibatch.units import parse_duration, parse_size
 
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -78,6 +77,7 @@ class JobConfig:
     on_success: Hook | None = None
     executor: str = "local"  # local | dask: where chunks run
     dask_scheduler: str | None = None  # "tcp://host:8786" for executor = "dask"
+    version: str | None = None  # set: the module's source no longer decides what is stale
 
     def to_json(self) -> str:
         """The settings a run used, for the manifest and the run report."""
@@ -118,7 +118,7 @@ JOB_KEYS = {
     "timezone", "watch", "retries", "retry_backoff", "timeout", "depends_on", "workers", "memory_limit",
     "stop_grace", "worker_memory_limit",
     "breaker_failures", "breaker_rate", "breaker_window", "breaker_cooldown", "catchup",
-    "on_failure", "on_success", "executor", "dask_scheduler",
+    "on_failure", "on_success", "executor", "dask_scheduler", "version",
 }  # fmt: skip
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EXECUTORS = ("local", "dask")
@@ -132,6 +132,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
             raw = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError([f"config file not found: {config_path}"]) from None
+    except UnicodeDecodeError as exc:
+        problem = f"cannot read config: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        raise ConfigError([problem], config_path) from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError([f"cannot read config: {exc}"], config_path) from None
     return parse_config(raw, config_path)
@@ -153,7 +156,7 @@ def parse_config(raw: dict[str, Any], config_path: Path) -> Config:
         else:
             jobs[name] = _job(name, table, engine, base_dir, errors)
     _check_dependencies(jobs, errors)
-    _check_outputs_apart(jobs, engine.state_dir, errors)
+    _check_outputs_apart(jobs, config_path, engine.state_dir, errors)
     if errors:
         raise ConfigError(errors, config_path)
     return Config(path=config_path, base_dir=base_dir, engine=engine, jobs=jobs)
@@ -244,8 +247,14 @@ def _job(
         catchup=choice(c, "catchup", ("once", "skip"), "once"),
         on_failure=_hook(c, "on_failure", engine.on_failure),
         on_success=_hook(c, "on_success", engine.on_success),
+        version=_version(c),
         **_executor(c, engine),
     )
+
+
+def _version(c: Checker) -> str | None:
+    value = c.get("version", (str, int))
+    return None if value is None else str(value)
 
 
 def _executor(c: Checker, engine: EngineConfig) -> dict[str, Any]:
@@ -309,24 +318,6 @@ def _check_output_outside_inputs(c: Checker, inputs: tuple[str, ...], output: Pa
             c.error("output", f"{output} contains input glob {pattern!r} (reset would delete inputs)")
 
 
-def glob_root(base_dir: Path, pattern: str) -> Path:
-    """The directory part of a glob before its first wildcard."""
-    parts = Path(pattern).parts
-    literal = _takewhile_literal(parts)
-    if len(literal) == len(parts):  # a plain file name: its directory
-        literal = literal[:-1]
-    return (base_dir / Path(*literal)).resolve() if literal else base_dir.resolve()
-
-
-def _takewhile_literal(parts: tuple[str, ...]) -> list[str]:
-    literal: list[str] = []
-    for part in parts:
-        if glob.has_magic(part):
-            break
-        literal.append(part)
-    return literal
-
-
 def _schedule(c: Checker) -> str | None:
     schedule = c.get("schedule", str)
     if schedule is None:
@@ -341,18 +332,37 @@ def _schedule(c: Checker) -> str | None:
     return schedule
 
 
-def _check_outputs_apart(jobs: dict[str, JobConfig], state_dir: Path, errors: list[str]) -> None:
-    """Each job owns its output: no two may overlap, and none may hold the state directory."""
+def _check_outputs_apart(
+    jobs: dict[str, JobConfig], config_path: Path, state_dir: Path, errors: list[str]
+) -> None:
+    """Each job owns its output, which must not hold what `reset` would then delete: the
+    config file, job code, the state directory, or another job's output, staging or parts."""
     state = state_dir.resolve()
     names = sorted(jobs)
     for i, name in enumerate(names):
-        output = jobs[name].output
-        if state == output or output in state.parents:
-            errors.append(f"jobs.{name}.output: {output} contains the state_dir {state}")
+        job = jobs[name]
+        precious = [("the config file", config_path), ("the state_dir", state)]
+        if job.process:
+            precious += [("job code", path) for path in module_files(config_path.parent, job.process)]
+        for what, path in precious:
+            if _holds(job.output, path):
+                errors.append(f"jobs.{name}.output: {job.output} contains {what} ({path})")
         for other in names[i + 1 :]:
-            theirs = jobs[other].output
-            if output == theirs or output in theirs.parents or theirs in output.parents:
-                errors.append(f"jobs.{other}.output: {theirs} overlaps the output of job {name!r}")
+            if _overlap(job, jobs[other]):
+                errors.append(
+                    f"jobs.{other}.output: {jobs[other].output} overlaps the output of job {name!r}"
+                )
+
+
+def _holds(directory: Path, path: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def _overlap(one: JobConfig, two: JobConfig) -> bool:
+    if _holds(one.output, two.output) or _holds(two.output, one.output):
+        return True
+    layouts = [OutputLayout(job.output, reduce=job.reduce_sql is not None) for job in (one, two)]
+    return any(_holds(a.output, d) for a, b in (layouts, layouts[::-1]) for d in (b.staging, b.parts))
 
 
 def _check_dependencies(jobs: dict[str, JobConfig], errors: list[str]) -> None:
@@ -385,32 +395,31 @@ def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
     return None
 
 
-def import_process(job: JobConfig, base_dir: Path) -> Callable[..., Any]:
-    """Import a job's `module:function` with the config directory on sys.path."""
-    assert job.process is not None
-    module_name, _, func_name = job.process.partition(":")
-    if str(base_dir) not in sys.path:
-        sys.path.insert(0, str(base_dir))
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # user code: any import failure is a config error
-        raise ConfigError(
-            [f"jobs.{job.name}.process: cannot import {module_name!r}: {type(exc).__name__}: {exc}"]
-        ) from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise ConfigError([f"jobs.{job.name}.process: {module_name} has no function {func_name!r}"])
-    return func
-
-
 def check_imports(config: Config, names: list[str] | None = None) -> None:
     """Import the `process` of the named jobs (all by default); raise one ConfigError for all."""
     errors: list[str] = []
     for job in config.jobs.values():
         if job.process and (names is None or job.name in names):
             try:
-                import_process(job, config.base_dir)
-            except ConfigError as exc:
-                errors.extend(exc.errors)
+                import_process(job.process, config.base_dir)
+            except JobCodeError as exc:
+                errors.append(f"jobs.{job.name}.process: {exc}")
     if errors:
         raise ConfigError(errors, config.path)
+
+
+def check_inputs(config: Config) -> list[str]:
+    """Warnings about inputs as they are now: a glob that matches no file (a run would fail).
+    A symlink loop, or an input that reaches a job's own output, is an error."""
+    warnings, errors = [], []
+    for job in config.jobs.values():
+        layout = OutputLayout(job.output, reduce=job.reduce_sql is not None)
+        try:
+            found = find_inputs(config.base_dir, job.inputs, [layout.output, layout.parts, layout.staging])
+        except InputError as exc:
+            errors.append(f"jobs.{job.name}.input: {exc}")
+            continue
+        warnings += [f"jobs.{job.name}.input: {p!r} matches no file (yet)" for p in found.missing]
+    if errors:
+        raise ConfigError(errors, config.path)
+    return warnings

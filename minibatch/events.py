@@ -45,7 +45,7 @@ class Emitter:
 LOGGED = {
     "run_started": "info",
     "run_planned": "info",
-    "no_input_files": "warning",
+    "no_input_files": "error",
     "bad_file": "error",
     "known_bad_file": "warning",
     "dead_letters_skipped": "warning",
@@ -59,6 +59,10 @@ LOGGED = {
     "reduce_done": "info",
     "reduce_failed": "error",
     "chunk_input_changed": "warning",
+    "definition_changed": "warning",
+    "part_not_adopted": "warning",
+    "foreign_files_in_output": "warning",
+    "run_incomplete": "error",
     "run_finished": "info",
 }
 

@@ -13,12 +13,15 @@ from typing import TYPE_CHECKING
 
 from minibatch.breaker import CircuitBreaker
 from minibatch.manifest import AttemptRecord
-from minibatch.output import publish
 from minibatch.planner import Chunk
 from minibatch.pool import Failed, Finished, Lost, MemoryBudget, Pool, PoolBroken, Started, WorkerPool
+from minibatch.results import SchemaGate, part_name, publish, staged_name
+from minibatch.units import MAX_SIZE
 from minibatch.worker import JobSpec, SchemaMismatch, Task, TaskError, TaskResult, check_schema
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from minibatch.config import JobConfig
     from minibatch.runner import Run
     from minibatch.signals import StopSignals
@@ -51,7 +54,7 @@ def worker_memory_cap(job: JobConfig) -> int:
     """Default per-worker address-space cap: a fair share of the budget plus the runtime's own."""
     if job.worker_memory_limit:
         return job.worker_memory_limit
-    return 2 * 2**30 + 4 * job.memory_limit // job.workers
+    return min(2 * 2**30 + 4 * job.memory_limit // job.workers, MAX_SIZE)
 
 
 @dataclass
@@ -63,12 +66,19 @@ class _InFlight:
     started: Started | None = None
 
 
+_Done = tuple[_InFlight, TaskResult]
+
+
 class Executor:
-    def __init__(self, run: Run, todo: list[Chunk], signals: StopSignals) -> None:
+    def __init__(
+        self, run: Run, todo: list[Chunk], signals: StopSignals, salvaged: list[tuple[Chunk, TaskResult]]
+    ) -> None:
         self.owner = run
         self.job = run.job
         self.signals = signals
-        self.pending: deque[Chunk] = deque(todo)
+        self.salvaged = salvaged
+        done = {chunk.chunk_id for chunk, _ in salvaged}
+        self.pending: deque[Chunk] = deque(c for c in todo if c.chunk_id not in done)
         self.retry_at: list[tuple[float, int, Chunk]] = []  # heap of (ready time, seq, chunk)
         self.attempts: dict[str, int] = {}
         self.in_flight: dict[int, _InFlight] = {}
@@ -86,16 +96,25 @@ class Executor:
             base_dir=str(run.config.base_dir),
             parts_dir=str(run.layout.parts),
             staging_dir=str(run.layout.staging),
+            definition=run.definition,
         )
         self.pool: Pool | None = None
         self.breaker = CircuitBreaker(self.job.breaker)
         self.probe: int | None = None  # the task let through by a half-open breaker
-        self.schema = run.schema  # results must match it; until known, workers leave them staged
+        # the output's schema, and the results waiting for it to be decided
+        self.gate: SchemaGate[_Done] = SchemaGate(run.schema, [c.chunk_id for c in todo])
+        self.empty_schema: pa.Schema | None = None  # of a result without rows, for an empty reduce
+        self.changed: set[str] = set()  # input files rewritten under the run
+        self.removed: dict[str, int] = {}  # input files removed under the run -> chunks of them
         self.busy_seconds = 0.0  # summed over attempts, for the run's worker utilisation
 
     def run(self) -> None:
+        for chunk, result in self.salvaged:  # attempt 0: computed by an earlier run's worker
+            self._finished(_InFlight(chunk, 0, 0, time.time()), result, probe=False)
+        if not (self.pending or self.retry_at):
+            return
         try:
-            self.pool = open_pool(self.job, len(self.pending))
+            self.pool = open_pool(self.job, len(self.pending) + len(self.retry_at))
             try:
                 while self._work_left():
                     self._admit()
@@ -143,15 +162,14 @@ class Executor:
                 self.probe = task_id
 
     def _submit(self, chunk: Chunk, need: int) -> int:
-        from minibatch.output import part_name
-
         attempt = self.attempts.get(chunk.chunk_id, 0) + 1
         task_id = next(self.ids)
         self.budget.reserve(need)
         self.in_flight[task_id] = _InFlight(chunk, attempt, need, time.time())
         run_id = self.owner.record.run_id
         name = part_name(chunk.chunk_id)
-        self.pool.submit(Task(task_id, chunk, self.spec, run_id, attempt, name, self.schema))
+        staged = staged_name(name, run_id, attempt)
+        self.pool.submit(Task(task_id, chunk, self.spec, run_id, attempt, name, staged, self.gate.schema))
         return task_id
 
     def _step(self) -> None:
@@ -211,37 +229,56 @@ class Executor:
         elif isinstance(event, Finished):
             self._finished(item, event.result, probe)
             return
-        elif event.error.kind != "input_changed":
+        elif event.error.kind not in ("input_changed", "input_removed"):
             self.attempts[item.chunk.chunk_id] = item.attempt
             self._breaker_failure(probe)
             self._failed(item, event.error)
             return
         else:
-            self._record_attempt(item, "input_changed", error=event.error)
-            self.owner.emit("chunk_input_changed", chunk=item.chunk.chunk_id, error=event.error.message)
+            self._input_changed(item, event.error)
         if probe:  # no outcome to judge the breaker by: let another chunk try
             self.breaker.cancel_probe()
 
+    def _input_changed(self, item: _InFlight, error: TaskError) -> None:
+        path = item.chunk.path
+        if error.kind == "input_removed":
+            self.removed[path] = self.removed.get(path, 0) + 1
+        else:
+            self.changed.add(path)
+        self._record_attempt(item, "input_changed", error=error)
+        self.owner.emit("chunk_input_changed", chunk=item.chunk.chunk_id, error=error.message)
+        self._accept_all(self.gate.resolve(item.chunk.chunk_id))
+
     def _finished(self, item: _InFlight, result: TaskResult, probe: bool) -> None:
+        """The worker is done; the result waits, staged, until the output schema is decided."""
         self.attempts[item.chunk.chunk_id] = item.attempt
-        if self.schema is None:
-            self.schema = result.schema
-        error = self._publish_staged(result) if result.staged else None
+        self.breaker.record(True, time.monotonic(), probe)
+        if result.staged is None and result.schema is not None and self.empty_schema is None:
+            self.empty_schema = result.schema
+        rows_schema = result.schema if result.staged is not None else None
+        self._accept_all(self.gate.offer(item.chunk.chunk_id, rows_schema, (item, result)))
+
+    def _accept_all(self, released: list[_Done]) -> None:
+        for item, result in released:
+            self._accept(item, result)
+
+    def _accept(self, item: _InFlight, result: TaskResult) -> None:
+        error = self._publish(result) if result.staged else None
         if error is not None:
-            self._breaker_failure(probe)
+            self._breaker_failure(False)
             self._failed(item, error, result)
             return
-        self.breaker.record(True, time.monotonic(), probe)
         self._record_attempt(item, "done", result)
         self.owner.chunk_done(item.chunk, item.attempt, result, self.budget.in_flight)
 
-    def _publish_staged(self, result: TaskResult) -> TaskError | None:
-        """A result written before the output schema was known: check it, then publish it."""
+    def _publish(self, result: TaskResult) -> TaskError | None:
+        """Make a staged result visible, if it has the output's schema. The coordinator alone
+        renames results into the output, while it holds the job lock: the fence."""
         assert result.staged is not None and result.output_file is not None
         staged = Path(result.staged)
         try:
-            if self.schema is not None and result.schema is not None:
-                check_schema(result.schema, self.schema)
+            if self.gate.schema is not None and result.schema is not None:
+                check_schema(result.schema, self.gate.schema)
         except SchemaMismatch as exc:
             staged.unlink(missing_ok=True)
             return TaskError(kind="error", type="SchemaMismatch", message=str(exc), traceback="")
@@ -263,6 +300,7 @@ class Executor:
         if item.attempt > self.job.retries:
             self._record_attempt(item, "dead", result, error)
             self.owner.chunk_dead(item.chunk, item.attempt, error, self.budget.in_flight)
+            self._accept_all(self.gate.resolve(item.chunk.chunk_id))
             return
         self._record_attempt(item, "retried", result, error)
         delay = backoff(item.attempt, self.job.retry_backoff)
@@ -280,6 +318,8 @@ class Executor:
     def _record_attempt(
         self, item: _InFlight, outcome: str, result: TaskResult | None = None, error: TaskError | None = None
     ) -> None:
+        if item.attempt == 0:
+            return  # a salvaged result: its attempt belongs to the run that computed it
         started = item.started
         ended = time.time()
         record = AttemptRecord(

@@ -26,6 +26,10 @@ SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
 CONNECT_CONFIG = {"threads": 1}
 
 
+def manifest_path(state_dir: Path) -> Path:
+    return state_dir / "manifest.duckdb"
+
+
 class ManifestError(Exception):
     """The manifest cannot be used (unreadable, corrupt, not a DuckDB file)."""
 
@@ -158,6 +162,10 @@ class Manifest:
                     con = self._open(duckdb, read_only)
             try:
                 yield con
+            except (duckdb.ProgrammingError, duckdb.IntegrityError, duckdb.DataError):
+                raise  # our own SQL's errors are bugs, not a damaged file
+            except duckdb.Error as exc:
+                raise _unusable(self.path, exc) from exc
             finally:
                 con.close()
 
@@ -181,14 +189,20 @@ class Manifest:
                 con = duckdb.connect(str(self.path), read_only=read_only, config=CONNECT_CONFIG)
                 break
             except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower():
-                    raise ManifestError(f"cannot open the manifest {self.path}: {exc}") from exc
+                if not _locked(exc):
+                    raise _unusable(self.path, exc) from exc
                 if time.monotonic() > give_up:
                     raise ManifestBusy(f"manifest {self.path} is busy: {exc}") from exc
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.2)
+            except duckdb.Error as exc:  # "Corrupt database file", not a DuckDB file, ...
+                raise _unusable(self.path, exc) from exc
         if not read_only and not self._initialised:
-            con.execute(SCHEMA)
+            try:
+                con.execute(SCHEMA)
+            except BaseException:
+                con.close()
+                raise
             self._initialised = True
         return con
 
@@ -261,8 +275,43 @@ class Manifest:
 
     def reset(self, job: str) -> None:
         with self.connect() as con:
-            for table in ("chunks", "bad_files", "reduce_state"):
+            for table in ("chunks", "bad_files", "reduce_state", "job_state"):
                 con.execute(f"DELETE FROM {table} WHERE job = ?", [job])
+
+    # -- what a job's results were computed with ----------------------------------------------
+
+    def job_state(self, job: str) -> dict[str, Any] | None:
+        with self.connect() as con:
+            rows = _dicts(con.execute("SELECT * FROM job_state WHERE job = ?", [job]))
+        return rows[0] if rows else None
+
+    def set_definition(self, job: str, definition: str, facts: str, forget: bool) -> None:
+        """Record the job's current definition; with `forget`, drop every chunk record and schema
+        of the old one in the same transaction (its results are no longer current)."""
+        with self.connect() as con:
+            con.execute("BEGIN")
+            if forget:
+                con.execute("DELETE FROM chunks WHERE job = ?", [job])
+                con.execute("DELETE FROM job_state WHERE job = ?", [job])
+            con.execute(
+                "INSERT INTO job_state (job, definition, definition_facts, updated_at) "
+                "VALUES (?, ?, ?, now()) ON CONFLICT (job) DO UPDATE SET definition = excluded.definition, "
+                "definition_facts = excluded.definition_facts, updated_at = now()",
+                [job, definition, facts],
+            )
+            con.execute("COMMIT")
+
+    def set_schemas(self, job: str, input_schema: str | None, output_schema: bytes | None) -> None:
+        """Store the schemas decided for the job (None leaves a stored one as it is)."""
+        with self.connect() as con:
+            con.execute(
+                "INSERT INTO job_state (job, input_schema, output_schema, updated_at) "
+                "VALUES (?, ?, ?, now()) ON CONFLICT (job) DO UPDATE SET "
+                "input_schema = coalesce(excluded.input_schema, job_state.input_schema), "
+                "output_schema = coalesce(excluded.output_schema, job_state.output_schema), "
+                "updated_at = now()",
+                [job, input_schema, output_schema],
+            )
 
     # -- reductions --------------------------------------------------------------------------
 
@@ -343,6 +392,23 @@ class Manifest:
                     [job],
                 )
             )
+
+
+def _locked(exc: Exception) -> bool:
+    """DuckDB's "Could not set lock on file ...: Conflicting lock is held" (and not, say, a
+    corrupt "block at location")."""
+    text = str(exc).lower()
+    return "could not set lock" in text or "conflicting lock" in text
+
+
+def _unusable(path: Path, exc: Exception) -> ManifestError:
+    """A damaged, unreadable or full manifest, as one readable line that says what to do."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "no space left" in detail.lower():
+        hint = "the disk is full: free space and run again (what was recorded is kept)"
+    else:
+        hint = "if it is damaged, `minibatch repair` sets it aside and rebuilds it from the outputs"
+    return ManifestError(f"cannot use the manifest {path}: {detail}; {hint}")
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, columns: list[str], records: Sequence[Any]) -> None:

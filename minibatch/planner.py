@@ -6,7 +6,8 @@ import glob
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     import pyarrow.parquet as pq
 
 FOOTER_TAIL = 8  # 4-byte footer length + b"PAR1"
+MAX_FOOTER = 128 * 2**20  # larger footers are corrupt or hostile; readers' own limits are lower
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class FileMeta:
     fingerprint: str
     size: int
     row_groups: tuple[RowGroup, ...]
+    signature: tuple[tuple[str, str], ...] = ()  # (name, Arrow type) of each top-level column
 
 
 @dataclass(frozen=True)
@@ -133,20 +136,120 @@ def _split(meta: FileMeta, index: int, offset: int, chunk_bytes: int) -> list[Ch
     ]
 
 
+class InputError(Exception):
+    """The inputs cannot be read safely: a symlink loop, or the job's own output among them."""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    files: list[str]  # absolute, sorted, each real file once
+    missing: list[str]  # patterns that matched no file
+
+
 def expand_inputs(base_dir: Path, patterns: Iterable[str]) -> list[str]:
     """Absolute paths of the files the globs match, sorted, each once."""
-    found: set[str] = set()
+    return find_inputs(base_dir, patterns).files
+
+
+def find_inputs(base_dir: Path, patterns: Iterable[str], forbidden: Sequence[Path] = ()) -> Inputs:
+    """The files the globs match, each real file once (two paths to one file through a symlink
+    are one input). Raises InputError for a symlink loop under `**` and for a file inside one
+    of the `forbidden` directories (the job's own output) reached through a symlink."""
+    by_real: dict[str, str] = {}
+    missing: list[str] = []
+    fences = [os.path.realpath(d) + os.sep for d in forbidden]
     for pattern in patterns:
-        full = pattern if os.path.isabs(pattern) else str(base_dir / pattern)
-        found.update(os.path.abspath(p) for p in glob.glob(full, recursive=True) if os.path.isfile(p))
-    return sorted(found)
+        if "**" in pattern:
+            _refuse_symlink_loops(glob_root(base_dir, pattern), pattern)
+        full = pattern if os.path.isabs(pattern) else os.path.join(glob.escape(str(base_dir)), pattern)
+        matches = sorted(os.path.abspath(p) for p in glob.glob(full, recursive=True) if os.path.isfile(p))
+        if not matches:
+            missing.append(pattern)
+        for path in matches:
+            real = os.path.realpath(path)
+            if any(real.startswith(fence) for fence in fences):
+                raise InputError(f"input glob {pattern!r} reaches the job's own output: {path} is {real}")
+            by_real.setdefault(real, path)
+    return Inputs(files=sorted(by_real.values()), missing=missing)
 
 
-def scan_inputs(paths: Iterable[str], columns: Sequence[str] | None) -> tuple[list[FileMeta], list[BadFile]]:
-    """Read each file's footer; a file whose footer cannot be read is a BadFile, never a crash."""
+def _refuse_symlink_loops(root: Path, pattern: str) -> None:
+    """Walk what `**` walks (following symlinks, skipping hidden names) and refuse a directory
+    that is its own ancestor: glob would otherwise list every file once per trip round it."""
+
+    def walk(directory: str, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            return  # unreadable: glob skips it too
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            stat = os.stat(entry.path)
+            key = (stat.st_dev, stat.st_ino)
+            if key in ancestors:
+                target = os.readlink(entry.path) if entry.is_symlink() else entry.path
+                raise InputError(f"input glob {pattern!r} reaches a symlink loop: {entry.path} -> {target}")
+            walk(entry.path, ancestors | {key})
+
+    if root.is_dir():
+        stat = root.stat()
+        walk(str(root), frozenset({(stat.st_dev, stat.st_ino)}))
+
+
+def glob_root(base_dir: Path, pattern: str) -> Path:
+    """The directory part of a glob before its first wildcard."""
+    parts = Path(pattern).parts
+    literal: list[str] = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        literal.append(part)
+    if len(literal) == len(parts):  # a plain file name: its directory
+        literal = literal[:-1]
+    return (base_dir / Path(*literal)).resolve() if literal else base_dir.resolve()
+
+
+Signature = tuple[tuple[str, str], ...]
+
+
+def input_signature(files: Sequence[FileMeta], stored: Signature | None) -> Signature | None:
+    """The job's input schema: the one an earlier run stored, else the one most files have (on
+    a tie, that of the first file in sorted order). Never which file a worker read first."""
+    if stored:
+        return stored
+    counts = Counter(meta.signature for meta in files)
+    if not counts:
+        return None
+    most = max(counts.values())
+    return next(meta.signature for meta in files if counts[meta.signature] == most)
+
+
+def misfits(meta: FileMeta, signature: Signature, columns: Sequence[str] | None) -> str | None:
+    """Why a file does not fit the job's input schema (only `columns` count when given), or None."""
+    have, want = dict(meta.signature), dict(signature)
+    names = list(columns) if columns else [name for name, _ in signature]
+    known = [n for n in names if n in want]
+    problems = [f"{n} is {have[n]}, expected {want[n]}" for n in known if n in have and have[n] != want[n]]
+    problems += [f"{n} ({want[n]}) missing" for n in known if n not in have]
+    if not columns:
+        problems += [f"{n} ({t}) unexpected" for n, t in meta.signature if n not in want]
+    if not problems:
+        return None
+    more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+    return "InputSchemaError: schema differs from the job's input schema: " + "; ".join(problems[:5]) + more
+
+
+def scan_inputs(
+    paths: Iterable[str], columns: Sequence[str] | None, stop: Callable[[], bool] = lambda: False
+) -> tuple[list[FileMeta], list[BadFile]]:
+    """Read each file's footer; a file whose footer cannot be read is a BadFile, never a crash.
+    Returns early, with what it read, once `stop()` is true."""
     good: list[FileMeta] = []
     bad: list[BadFile] = []
     for path in paths:
+        if stop():
+            break
         try:
             good.append(read_file_meta(path, columns))
         except Exception as exc:  # any reader error makes the file bad, not the run
@@ -167,6 +270,7 @@ def read_file_meta(path: str, columns: Sequence[str] | None) -> FileMeta:
         fingerprint=fingerprint,
         size=stat.st_size,
         row_groups=tuple(_row_groups(metadata, columns)),
+        signature=tuple((f.name, str(f.type)) for f in metadata.schema.to_arrow_schema()),
     )
 
 
@@ -180,6 +284,8 @@ def _read_footer(handle: BinaryIO, size: int) -> bytes:
     length = int.from_bytes(tail[:4], "little")
     if length + 12 > size:
         raise ValueError(f"footer length {length} exceeds the file size {size}")
+    if length > MAX_FOOTER:
+        raise ValueError(f"footer length {length} exceeds the {MAX_FOOTER} bytes minibatch reads")
     handle.seek(size - FOOTER_TAIL - length)
     return handle.read(length)
 
@@ -207,6 +313,13 @@ def _column_indexes(md: pq.FileMetaData, columns: Sequence[str]) -> list[int]:
 def _fingerprint(size: int, mtime_ns: int, footer: bytes) -> str:
     digest = hashlib.sha256(footer).hexdigest()[:16]
     return f"{size}-{mtime_ns}-{digest}"
+
+
+def fingerprint_stat(fingerprint: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a fingerprint; mtime_ns is negative for files dated before 1970."""
+    size, rest = fingerprint.split("-", 1)
+    mtime_ns, _ = rest.rsplit("-", 1)
+    return int(size), int(mtime_ns)
 
 
 def _bad_file(path: str, exc: Exception) -> BadFile:

@@ -4,33 +4,45 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from minibatch.output import REDUCED_NAME, OutputLayout, fsync_dir, write_atomically
+from minibatch.results import PART_RE, REDUCED_NAME, OutputLayout, fsync_dir, write_atomically
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
-def reduce_parts(sql: str, parts: list[Path], layout: OutputLayout) -> int:
-    """Run `sql` with the parts as table `parts`; replace the job's output with the result."""
+def reduce_parts(sql: str, parts: list[Path], layout: OutputLayout, schema: pa.Schema | None) -> int:
+    """Run `sql` with the parts as table `parts`; replace the job's output with the result.
+
+    The parts reach DuckDB as a pyarrow dataset of exact paths: DuckDB would expand glob
+    characters in the output directory's name. With no part, `parts` is an empty table of the
+    output's schema, so that `SELECT count(*) FROM parts` says 0."""
     import duckdb
+    import pyarrow as pa
+    import pyarrow.dataset as ds
 
-    target = layout.output / REDUCED_NAME
-    if not parts:
-        target.unlink(missing_ok=True)
-        return 0
+    if parts:
+        table: object = ds.dataset([str(p) for p in parts], format="parquet", schema=schema)
+    else:
+        table = (schema or pa.schema([("_", pa.null())])).empty_table()
     con = duckdb.connect(":memory:")
     try:
-        con.read_parquet([str(p) for p in parts], union_by_name=True).create_view("parts")
+        con.register("parts", table)
         result = con.sql(sql).to_arrow_table()
     finally:
         con.close()
+    target = layout.output / REDUCED_NAME
     write_atomically(result, target, layout.staging)
     for other in layout.output.iterdir():
-        if other.name != REDUCED_NAME:
+        if PART_RE.match(other.name):  # a map job's parts, from before reduce_sql was set
             other.unlink(missing_ok=True)
     fsync_dir(layout.output)
     return result.num_rows
 
 
-def reduce_key(sql: str, parts: list[Path]) -> str:
-    """What a reduction is built from: the SQL and the set of part files."""
-    text = "\n".join([sql, *sorted(p.name for p in parts)])
+def reduce_key(sql: str, definition: str, parts: list[Path]) -> str:
+    """What a reduction is built from: the SQL, the job's definition and the part files."""
+    files = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(parts)]
+    text = "\n".join([sql, definition, *files])
     return hashlib.sha256(text.encode()).hexdigest()

@@ -11,13 +11,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from minibatch.config import Config, JobConfig, check_imports
+from minibatch.config import Config, ConfigError, JobConfig, check_imports
 from minibatch.events import Emitter, Listener, LogListener
 from minibatch.hooks import notify_run
+from minibatch.jobcode import changed_facts, definition
 from minibatch.lock import job_lock
 from minibatch.manifest import AttemptRecord, ChunkRecord, Manifest, RunRecord
-from minibatch.output import OutputLayout, fsync_dir, part_name
-from minibatch.planner import BadFile, Chunk, expand_inputs, plan_chunks, scan_inputs
+from minibatch.planner import (
+    BadFile,
+    Chunk,
+    FileMeta,
+    InputError,
+    Inputs,
+    find_inputs,
+    input_signature,
+    misfits,
+    plan_chunks,
+    scan_inputs,
+)
+from minibatch.results import OutputLayout, OutputNotOwned, fsync_dir, inspect_part, part_name, read_schema
 from minibatch.signals import StopSignals
 
 if TYPE_CHECKING:
@@ -42,6 +54,7 @@ class RunSummary:
     bad_files: list[BadFile] = field(default_factory=list)
     stopped: bool = False
     seconds: float = 0.0
+    definition_changed: list[str] = field(default_factory=list)  # what changed, when it did
 
     @property
     def exit_code(self) -> int:
@@ -68,18 +81,20 @@ def run_job(
     check_imports(config, [name])
     emitter = Emitter([*(listeners or []), LogListener()])  # the bar stops before the last log line
     run: Run | None = None
-    try:
-        with job_lock(config.engine.state_dir, name):
-            run = Run(config, job, options, emitter)
-            try:
-                summary = run.execute()
-            except Exception as exc:
-                run.record_crash(exc)  # still under the lock: before any next run reads it
-                raise
-    except Exception:
-        if run is not None:  # the run started and broke: tell on_failure before the error surfaces
-            notify_run(config, job, run.record)
-        raise
+    # Signals are ours from here: a stop while planning ends the run as cleanly as one later.
+    with options.stop or StopSignals() as signals:
+        try:
+            with job_lock(config.engine.state_dir, name):
+                run = Run(config, job, options, emitter, signals)
+                try:
+                    summary = run.execute()
+                except Exception as exc:
+                    run.record_crash(exc)  # still under the lock: before any next run reads it
+                    raise
+        except Exception:
+            if run is not None and run.started:  # it broke: tell on_failure before the error surfaces
+                notify_run(config, job, run.record)
+            raise
     notify_run(config, job, summary.record)  # after the lock: a hook may start the next run
     return summary
 
@@ -89,13 +104,20 @@ def new_run_id() -> str:
 
 
 class Run:
-    def __init__(self, config: Config, job: JobConfig, options: RunOptions, emitter: Emitter):
+    def __init__(
+        self, config: Config, job: JobConfig, options: RunOptions, emitter: Emitter, signals: StopSignals
+    ) -> None:
         self.config = config
         self.job = job
         self.options = options
         self.emitter = emitter
+        self.signals = signals
         self.manifest = Manifest(config.engine.state_dir / "manifest.duckdb")
         self.layout = OutputLayout(job.output, reduce=job.reduce_sql is not None)
+        self.definition, self.definition_facts = definition(
+            job.process, job.sql, job.columns, job.version, config.base_dir
+        )
+        self.started = False  # recorded in the manifest: a crash from here on is the run's
         self.record = RunRecord(
             run_id=new_run_id(),
             job=job.name,
@@ -109,8 +131,12 @@ class Run:
         self.pending_records: list[ChunkRecord] = []
         self.pending_attempts: list[AttemptRecord] = []
         self._committer: _Committer | None = None
+        self.removed_chunks = 0  # planned, but their input file was removed under the run
+        self.salvaged: list[tuple[Chunk, TaskResult]] = []  # staged by a killed run's workers
         self.done_outputs: dict[str, str | None] = {}  # chunk_id -> part file, for reduce
         self.schema: pa.Schema | None = None  # the output's, read from a finished part
+        self.empty_schema: pa.Schema | None = None  # of results without rows: an empty reduce's
+        self.state: dict[str, Any] = {}  # the manifest's job_state row
 
     def record_crash(self, exc: Exception) -> None:
         self.record.status, self.record.error = "crashed", f"{type(exc).__name__}: {exc}"
@@ -123,34 +149,60 @@ class Run:
         self.emitter.emit(name, self.job.name, self.record.run_id, **data)
 
     def execute(self) -> RunSummary:
+        inputs = self._check_paths()
+        self.manifest.start_run(self.record)
+        self.started = True
         if self.options.fresh:
             self.manifest.reset(self.job.name)
-            self.layout.remove_all()
+            self.layout.remove_all(keep_claim=True)
         if self.options.retry_dead:
             self.manifest.revive_dead(self.job.name)
         leftovers = self.layout.prepare()
-        self.manifest.start_run(self.record)
         self.emit(
             "run_started",
             workers=self.job.workers,
             memory_limit=self.job.memory_limit,
             temp_files_removed=leftovers,
         )
-        todo = self._plan()
-        self.flush()  # the plan's totals, and any adopted chunks, are visible to `status` now
-        if todo:
-            self._execute_chunks(todo)
+        if inputs.missing:
+            self._inputs_missing(inputs.missing)
+        else:
+            todo = self._plan(inputs.files)
+            self.flush()  # the plan's totals, and any adopted chunks, are visible to `status` now
+            if todo:
+                self._execute_chunks(todo)
         self._finish()
         return self.summary
 
+    def _check_paths(self) -> Inputs:
+        """Before anything changes: refuse an output that is not ours, and inputs that loop or
+        reach the output (configuration errors, not runs)."""
+        try:
+            self.layout.claim(self.job.name)
+            forbidden = [self.layout.output, self.layout.parts, self.layout.staging]
+            return find_inputs(self.config.base_dir, self.job.inputs, forbidden)
+        except (OutputNotOwned, InputError) as exc:
+            raise ConfigError([f"jobs.{self.job.name}: {exc}"], self.config.path) from None
+
+    def _inputs_missing(self, patterns: list[str]) -> None:
+        """A glob that matches nothing is an unmounted share, a renamed folder or a typo far more
+        often than an empty day: fail, and delete nothing."""
+        quoted = ", ".join(repr(p) for p in patterns)
+        self.record.error = (
+            f"input glob {quoted} matches no file (in {self.config.base_dir}); nothing was deleted"
+        )
+        self.emit("no_input_files", input=patterns, error=self.record.error)
+
     # -- planning ---------------------------------------------------------------------------
 
-    def _plan(self) -> list[Chunk]:
-        paths = expand_inputs(self.config.base_dir, self.job.inputs)
-        if not paths:
-            self.emit("no_input_files", input=list(self.job.inputs), base_dir=str(self.config.base_dir))
-        files, bad = scan_inputs(paths, self.job.columns)
-        self._report_bad_files(bad)
+    def _plan(self, paths: list[str]) -> list[Chunk]:
+        self._check_definition()
+        files, bad = scan_inputs(paths, self.job.columns, stop=lambda: self.signals.requested)
+        if self.signals.requested:  # a partial plan must not decide what is stale
+            self.summary.stopped = True
+            return []
+        files, misfit = self._fit_schema(files)
+        self._report_bad_files(bad + misfit)
         chunks = plan_chunks(files, self.job.chunk_bytes)
         self.record.chunks_total = len(chunks)
         todo = self._reconcile(chunks)
@@ -162,6 +214,43 @@ class Run:
             bytes=sum(c.nbytes for c in todo),
         )
         return todo
+
+    def _check_definition(self) -> None:
+        """Results of another definition of the job (sql, process or its source, columns,
+        version) are not current: forget them, so that this run computes them again."""
+        import json
+
+        state = self.manifest.job_state(self.job.name) or {}
+        stored = state.get("definition")
+        changed = stored is not None and stored != self.definition
+        if changed:
+            what = changed_facts(state.get("definition_facts"), self.definition_facts)
+            self.summary.definition_changed = what or ["definition"]
+            self.emit("definition_changed", changed=self.summary.definition_changed)
+        if changed or stored is None:
+            facts = json.dumps(self.definition_facts, sort_keys=True)
+            self.manifest.set_definition(self.job.name, self.definition, facts, forget=changed)
+        self.state = self.manifest.job_state(self.job.name) or {}
+
+    def _fit_schema(self, files: list[FileMeta]) -> tuple[list[FileMeta], list[BadFile]]:
+        """Files whose columns differ from the job's input schema are bad files: the schema is
+        the one stored by earlier runs, else the one most files have."""
+        import json
+
+        stored = self.state.get("input_schema")
+        signature = input_signature(files, tuple(map(tuple, json.loads(stored))) if stored else None)
+        if signature is None:
+            return files, []
+        if not stored:
+            self.manifest.set_schemas(self.job.name, json.dumps(signature), None)
+        good, bad = [], []
+        for meta in files:
+            problem = misfits(meta, signature, self.job.columns)
+            if problem is None:
+                good.append(meta)
+            else:
+                bad.append(BadFile(meta.path, meta.fingerprint, meta.size, problem))
+        return good, bad
 
     def _report_bad_files(self, bad: list[BadFile]) -> None:
         known = self.manifest.known_bad_files(self.job.name)
@@ -177,7 +266,7 @@ class Run:
     def _reconcile(self, chunks: list[Chunk]) -> list[Chunk]:
         """Chunks still to compute. Records of chunks no longer planned, or whose result file
         is gone, are forgotten; results renamed into place but not recorded are adopted;
-        files no finished chunk owns are removed."""
+        parts no finished chunk owns are removed (only parts: other files are not ours)."""
         states = self.manifest.chunk_states(self.job.name)
         on_disk = self.layout.part_files()
         planned = {c.chunk_id for c in chunks}
@@ -198,18 +287,52 @@ class Run:
         self._read_schema()
         if dead:
             self.emit("dead_letters_skipped", chunks=len(dead), hint=f"minibatch retry {self.job.name}")
+        if foreign := self.layout.foreign_files():
+            self.emit("foreign_files_in_output", output=str(self.layout.output), files=foreign[:10])
         self.record.chunks_skipped = len(dead)
         self.record.chunks_reused = len(self.done_outputs)  # by earlier runs, adopted ones included
-        return [c for c in chunks if c.chunk_id not in dead and c.chunk_id not in self.done_outputs]
+        todo = [c for c in chunks if c.chunk_id not in dead and c.chunk_id not in self.done_outputs]
+        self.salvaged = self._salvage(todo)
+        return todo
+
+    def _salvage(self, todo: list[Chunk]) -> list[tuple[Chunk, TaskResult]]:
+        """Results that workers of a killed or stopped run staged and no coordinator published.
+        Those of chunks still to do that pass the footer check go to the executor, which
+        publishes them like fresh results; the rest are removed."""
+        from minibatch.worker import TaskResult
+
+        wanted = {c.chunk_id: c for c in todo}
+        salvaged = []
+        for chunk_id, paths in self.layout.staged_results().items():
+            chunk, keep, rows = wanted.get(chunk_id), None, 0
+            for path in reversed(paths) if chunk else []:
+                try:
+                    rows, keep = inspect_part(path, chunk_id, self.definition), path
+                    break
+                except ValueError:
+                    continue
+            for path in paths:
+                if path != keep:
+                    path.unlink(missing_ok=True)
+            if chunk is not None and keep is not None:
+                size, schema = keep.stat().st_size, read_schema(keep)
+                result = TaskResult(
+                    chunk.num_rows, rows, chunk.nbytes, size, part_name(chunk_id), 0.0, schema, str(keep)
+                )
+                salvaged.append((chunk, result))
+        return salvaged
 
     def _adopt(self, chunks: list[Chunk]) -> None:
-        """Results renamed into place by a killed run before it could record them."""
-        import pyarrow.parquet as pq
-
+        """Results a killed run's coordinator renamed into place before it could record them.
+        Each must pass a footer check and name this chunk and this definition."""
         for chunk in chunks:
             name = part_name(chunk.chunk_id)
             path = self.layout.parts / name
-            rows = pq.read_metadata(path).num_rows
+            try:
+                rows = inspect_part(path, chunk.chunk_id, self.definition)
+            except ValueError as exc:  # a stray, removed below: the chunk is computed again
+                self.emit("part_not_adopted", file=str(path), reason=str(exc))
+                continue
             self.pending_records.append(
                 self._record(
                     chunk,
@@ -224,12 +347,15 @@ class Run:
             self.done_outputs[chunk.chunk_id] = name
 
     def _read_schema(self) -> None:
-        import pyarrow.parquet as pq
+        import pyarrow as pa
 
         for name in self.done_outputs.values():
             if name:
-                self.schema = pq.read_schema(self.layout.parts / name)
+                self.schema = read_schema(self.layout.parts / name)
                 return
+        stored = self.state.get("output_schema")
+        if stored:
+            self.empty_schema = pa.ipc.read_schema(pa.py_buffer(stored))
 
     def _remove_strays(self, on_disk: set[str], stale: list[str]) -> None:
         keep = {name for name in self.done_outputs.values() if name}
@@ -258,14 +384,32 @@ class Run:
     def _execute_chunks(self, todo: list[Chunk]) -> None:
         from minibatch.execute import Executor
 
-        with self.options.stop or StopSignals() as signals:
-            executor = Executor(self, todo, signals)
-            executor.run()
+        executor = Executor(self, todo, self.signals, self.salvaged)
+        executor.run()
         self.record.workers = executor.pool.size if executor.pool else 0  # fewer when chunks are few
         self.record.peak_in_flight = executor.budget.peak
         self.record.busy_seconds = executor.busy_seconds
         self.summary.stopped = executor.stopped
-        self.record.error = executor.error
+        self.record.error = executor.error or self._input_changed(executor.changed, executor.removed)
+        self._keep_schema(executor.gate.schema or executor.empty_schema)
+
+    def _input_changed(self, changed: set[str], removed: dict[str, int]) -> str | None:
+        """Input rewritten under the run leaves its chunks neither done nor dead: not a success.
+        A removed file is not a hole (its results go too), unless it is back by now."""
+        changed = changed | {path for path in removed if os.path.exists(path)}
+        self.removed_chunks = sum(n for path, n in removed.items() if path not in changed)
+        if not changed:
+            return None
+        names = ", ".join(sorted(changed)[:3]) + (" ..." if len(changed) > 3 else "")
+        return f"input changed during the run ({names}); the next run processes the new version"
+
+    def _keep_schema(self, schema: pa.Schema | None) -> None:
+        """Store a newly decided output schema: an empty reduce needs it when no part exists."""
+        if schema is None or self.schema is not None or self.state.get("output_schema"):
+            return
+        self.manifest.set_schemas(self.job.name, None, schema.serialize().to_pybytes())
+        if self.empty_schema is None:
+            self.empty_schema = schema
 
     def chunk_done(self, chunk: Chunk, attempts: int, result: TaskResult, in_flight: int) -> None:
         record = self._record(
@@ -361,6 +505,7 @@ class Run:
             record.status = "failed"
         else:
             record.status = "succeeded"
+            self._check_complete()
         if record.status == "succeeded" and self.job.reduce_sql:
             self._reduce_if_needed()
         record.ended_at = time.time()
@@ -379,10 +524,17 @@ class Run:
             seconds=round(wall, 3),
         )
 
+    def _check_complete(self) -> None:
+        """Success means every planned chunk is done (or a dead letter of an earlier run)."""
+        r = self.record
+        holes = r.chunks_total - (r.chunks_done + r.chunks_reused + r.chunks_skipped + self.removed_chunks)
+        if holes > 0:
+            self._fail(f"{holes} of {r.chunks_total} planned chunks are not done", event="run_incomplete")
+
     def _reduce_if_needed(self) -> None:
         """Reduce over the complete set of parts, unless the output already is that reduction."""
-        from minibatch.output import REDUCED_NAME
         from minibatch.reduce import reduce_key, reduce_parts
+        from minibatch.results import REDUCED_NAME
 
         missing = self.record.chunks_total - len(self.done_outputs)
         if missing:  # dead letters skipped, or input that changed under the run
@@ -390,21 +542,21 @@ class Run:
             return
         assert self.job.reduce_sql is not None
         parts = sorted(self.layout.parts / name for name in self.done_outputs.values() if name)
-        key = reduce_key(self.job.reduce_sql, parts)
+        key = reduce_key(self.job.reduce_sql, self.definition, parts)
         if key == self.manifest.reduce_key(self.job.name) and (self.layout.output / REDUCED_NAME).exists():
             return
         try:
-            rows = reduce_parts(self.job.reduce_sql, parts, self.layout)
+            rows = reduce_parts(self.job.reduce_sql, parts, self.layout, self.schema or self.empty_schema)
         except Exception as exc:  # the user's SQL: its error ends the run as failed, readably
             self._fail(f"reduce_sql failed: {type(exc).__name__}: {exc}")
             return
         self.manifest.record_reduce(self.job.name, key)
         self.emit("reduce_done", parts=len(parts), rows=rows)
 
-    def _fail(self, error: str) -> None:
+    def _fail(self, error: str, event: str = "reduce_failed") -> None:
         self.record.status = "failed"
         self.record.error = error
-        self.emit("reduce_failed", error=error)
+        self.emit(event, error=error)
 
 
 class _Committer(threading.Thread):

@@ -103,3 +103,13 @@ CREATE TABLE IF NOT EXISTS reduce_state (
     parts_key      VARCHAR NOT NULL,
     reduced_at     TIMESTAMPTZ
 );
+
+-- Per job: the definition its results were computed with, and the schemas decided for it.
+CREATE TABLE IF NOT EXISTS job_state (
+    job              VARCHAR PRIMARY KEY,
+    definition       VARCHAR,          -- hash of process, sql, columns, version (or module source)
+    definition_facts VARCHAR,          -- JSON: what that hash was made of
+    input_schema     VARCHAR,          -- JSON [[column, Arrow type], ...]: files that differ are bad
+    output_schema    BLOB,             -- Arrow IPC: every part has it
+    updated_at       TIMESTAMPTZ
+);

@@ -7,7 +7,7 @@ from typing import Any
 from minibatch.config import Config
 from minibatch.lock import holder_pid, job_lock
 from minibatch.manifest import Manifest
-from minibatch.output import OutputLayout
+from minibatch.results import OutputLayout
 
 
 def manifest_for(config: Config) -> Manifest:

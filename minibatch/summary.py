@@ -33,6 +33,9 @@ def print_summary(summary: RunSummary) -> None:
             f"  workers: {r.workers}, {r.utilisation or 0:.0%} busy; memory in flight: peak "
             f"{format_size(r.peak_in_flight)} of a {format_size(r.memory_limit)} budget"
         )
+    if summary.definition_changed:
+        what = ", ".join(summary.definition_changed)
+        click.echo(f"  definition changed ({what}): results of the old definition were computed again")
     for item in summary.bad_files:
         click.echo(f"  bad input file: {item.path}: {item.error}")
     for dead in summary.dead:

@@ -24,8 +24,18 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 
 
+MAX_SIZE = 2**63 - 1  # what the manifest's BIGINT, rlimits and budgets hold
+
+
 def parse_size(value: object) -> int:
     """Bytes from `"512MiB"`, `"2GiB"`, `"64MB"` or a plain non-negative number."""
+    size = _parse_size(value)
+    if size > MAX_SIZE:
+        raise ValueError(f"size {value!r} is too large (at most {MAX_SIZE} bytes, 8 EiB)")
+    return size
+
+
+def _parse_size(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f'expected a size such as "512MiB", got {value!r}')
     if isinstance(value, int | float):

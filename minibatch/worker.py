@@ -6,6 +6,7 @@ Preloaded by the forkserver, so pyarrow and DuckDB are imported once, before any
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import resource
 import signal
@@ -14,16 +15,17 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from minibatch.output import write_atomically, write_durably
-from minibatch.planner import Chunk
+from minibatch.jobcode import forget_package, import_process
+from minibatch.planner import Chunk, fingerprint_stat
+from minibatch.results import with_provenance, write_durably
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class JobSpec:
     base_dir: str
     parts_dir: str
     staging_dir: str
+    definition: str | None = None  # written into every part's footer, checked on adoption
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ class Task:
     job: JobSpec
     run_id: str
     attempt: int
-    output_name: str
+    output_name: str  # the part's name once the coordinator publishes it
+    staged_name: str = ""  # where the worker writes it, in the staging directory
     schema: pa.Schema | None = None  # the output's schema, once known: results must match it
 
 
@@ -72,7 +76,7 @@ class TaskResult:
     output_file: str | None
     seconds: float
     schema: pa.Schema | None = None
-    staged: str | None = None  # written but not yet published: the coordinator decides
+    staged: str | None = None  # written, fsynced, not visible: only the coordinator publishes
     read_seconds: float = 0.0
     compute_seconds: float = 0.0
     write_seconds: float = 0.0
@@ -81,7 +85,7 @@ class TaskResult:
 
 @dataclass(frozen=True)
 class TaskError:
-    kind: str  # error | memory | input_changed | died | timeout
+    kind: str  # error | memory | input_changed | input_removed | died | timeout
     type: str
     message: str
     traceback: str
@@ -91,15 +95,21 @@ class InputChanged(Exception):
     """The input file is no longer the one the chunk was planned from."""
 
 
+class InputRemoved(InputChanged):
+    """The input file is gone: its results go too, so its chunks are not a hole."""
+
+
 class SchemaMismatch(Exception):
     """A chunk's result does not fit the schema of the job's output so far."""
 
 
+EXIT_ORPHANED = 70  # a worker whose coordinator died
 RELEASE_AFTER = 8 * 2**20  # chunk bytes from which a worker returns Arrow's freed memory at once
 
 _functions: dict[str, tuple[Any, str | None, int | None]] = {}  # key -> (func, file, mtime)
 _import_lock = threading.Lock()
 _footers: dict[tuple[str, str], pq.FileMetaData] = {}
+SQL_CONFIG = {"threads": 1, "enable_external_file_cache": False}
 _local = threading.local()  # a DuckDB connection per thread (a Dask worker may have several)
 
 
@@ -173,13 +183,11 @@ def _context(task: Task) -> ChunkContext:
     )
 
 
-def _write(task: Task, result: pa.Table) -> tuple[int, str | None]:
-    """Publish the result; with no output schema known yet, leave it staged for the coordinator."""
-    staging = Path(task.job.staging_dir)
-    if task.schema is None:
-        staged = staging / f"{task.output_name}.{os.getpid()}.staged"
-        return write_durably(result, staged), str(staged)
-    return write_atomically(result, Path(task.job.parts_dir) / task.output_name, staging), None
+def _write(task: Task, result: pa.Table) -> tuple[int, str]:
+    """Stage the result durably; the coordinator publishes it (a worker never does: the fence)."""
+    staged = Path(task.job.staging_dir) / (task.staged_name or f"{task.output_name}.{os.getpid()}.tmp")
+    table = with_provenance(result, task.chunk.chunk_id, task.job.definition)
+    return write_durably(table, staged), str(staged)
 
 
 def check_schema(got: pa.Schema, expected: pa.Schema) -> None:
@@ -199,11 +207,8 @@ def check_schema(got: pa.Schema, expected: pa.Schema) -> None:
 
 def read_chunk(chunk: Chunk, columns: tuple[str, ...] | None) -> pa.Table:
     """The chunk's rows, read by the worker itself from the file (never sent through a pipe)."""
-    try:
-        with open(chunk.path, "rb") as handle:
-            table = _read_open(chunk, handle, list(columns) if columns else None)
-    except FileNotFoundError:
-        raise _removed(chunk) from None
+    with _open_input(chunk) as handle:
+        table = _read_open(chunk, handle, list(columns) if columns else None)
     table.validate(full=True)  # untrusted input: fail here, not inside the job's code
     return table
 
@@ -253,9 +258,15 @@ def _read_slice(parquet: pq.ParquetFile, chunk: Chunk, cols: list[str] | None) -
     return pa.Table.from_batches(batches, schema=schema)
 
 
+def _open_input(chunk: Chunk) -> BinaryIO:
+    try:
+        return open(chunk.path, "rb")
+    except FileNotFoundError:
+        raise _removed(chunk) from None
+
+
 def _check_unchanged(chunk: Chunk, stat: os.stat_result) -> None:
-    size, mtime_ns, _ = chunk.fingerprint.split("-", 2)
-    if (stat.st_size, stat.st_mtime_ns) != (int(size), int(mtime_ns)):
+    if (stat.st_size, stat.st_mtime_ns) != fingerprint_stat(chunk.fingerprint):
         raise InputChanged(f"{chunk.path} changed since it was planned")
 
 
@@ -279,16 +290,8 @@ def _function(job: JobSpec) -> Any:
         cached = _functions.get(key)
         if cached is not None and _mtime(cached[1]) == cached[2]:
             return cached[0]
-        from minibatch.config import JobConfig, import_process
-
-        root = module_name.split(".")[0]
-        for name in [n for n in sys.modules if n == root or n.startswith(root + ".")]:
-            del sys.modules[name]  # the package and its helpers, afresh from this job's directory
-        with contextlib.suppress(ValueError):
-            sys.path.remove(job.base_dir)
-        sys.path.insert(0, job.base_dir)
-        spec = JobConfig(name=job.name, inputs=(), output=Path(), process=job.process)
-        func = import_process(spec, Path(job.base_dir))
+        forget_package(job.process)  # the package and its helpers, afresh from this job's directory
+        func = import_process(job.process, Path(job.base_dir))
         path = getattr(sys.modules.get(module_name), "__file__", None)
         _functions[key] = (func, path, _mtime(path))
         return func
@@ -302,40 +305,38 @@ def _mtime(path: str | None) -> int | None:
 
 
 def _sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
-    """Run the job's SQL with `chunk` a view of the chunk's rows, read by DuckDB from the file."""
+    """Run the job's SQL with `chunk` a view of the chunk's rows, read by DuckDB from the file.
+
+    DuckDB reads the descriptor we opened and checked (/proc/self/fd/N), never the path: it
+    would expand `[`, `*` and `?` in a file's name as a glob, and a path may change under us."""
     sql = getattr(_local, "sql", None)
-    if sql is None:
-        sql = _local.sql = duckdb.connect(":memory:", config={"threads": 1})
-    before = _stat_unchanged(chunk)
-    rows = sql.read_parquet(chunk.path, file_row_number=True)
-    row = duckdb.ColumnExpression("file_row_number")
-    rows = rows.filter(
-        (row >= duckdb.ConstantExpression(chunk.row_start)) & (row < duckdb.ConstantExpression(chunk.row_end))
-    )
-    names = list(job.columns) if job.columns else [c for c in rows.columns if c != "file_row_number"]
-    rows.project(*[duckdb.ColumnExpression(name) for name in names]).create_view("chunk", replace=True)
-    result = sql.sql(job.sql).to_arrow_table()
-    if _stat_unchanged(chunk) != before:
+    if sql is None:  # no file cache: /proc/self/fd/N names another file after a close
+        sql = _local.sql = duckdb.connect(":memory:", config=SQL_CONFIG)
+    with _open_input(chunk) as handle:
+        before = os.fstat(handle.fileno())
+        _check_unchanged(chunk, before)
+        rows = sql.read_parquet(f"/proc/self/fd/{handle.fileno()}", file_row_number=True)
+        row = duckdb.ColumnExpression("file_row_number")
+        start, end = duckdb.ConstantExpression(chunk.row_start), duckdb.ConstantExpression(chunk.row_end)
+        rows = rows.filter((row >= start) & (row < end))
+        names = list(job.columns) if job.columns else [c for c in rows.columns if c != "file_row_number"]
+        rows.project(*[duckdb.ColumnExpression(name) for name in names]).create_view("chunk", replace=True)
+        result = sql.sql(job.sql).to_arrow_table()
+        after = os.fstat(handle.fileno())
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         raise InputChanged(f"{chunk.path} changed while it was read")
     return result
 
 
-def _stat_unchanged(chunk: Chunk) -> os.stat_result:
-    try:
-        stat = os.stat(chunk.path)
-    except FileNotFoundError:
-        raise _removed(chunk) from None
-    _check_unchanged(chunk, stat)
-    return stat
-
-
-def _removed(chunk: Chunk) -> InputChanged:
+def _removed(chunk: Chunk) -> InputRemoved:
     """A removed input file is changed input, not an error of the chunk."""
-    return InputChanged(f"{chunk.path} was removed since it was planned")
+    return InputRemoved(f"{chunk.path} was removed since it was planned")
 
 
 def describe_error(exc: BaseException) -> TaskError:
-    if isinstance(exc, InputChanged):
+    if isinstance(exc, InputRemoved):
+        kind = "input_removed"
+    elif isinstance(exc, InputChanged):
         kind = "input_changed"
     elif isinstance(exc, MemoryError | pa.ArrowMemoryError | duckdb.OutOfMemoryException):
         kind = "memory"
@@ -349,7 +350,8 @@ def describe_error(exc: BaseException) -> TaskError:
 
 def set_memory_cap(limit: int | None) -> None:
     if limit:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        with contextlib.suppress(ValueError, OverflowError):  # beyond what the kernel caps: none
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def _die_with_parent() -> None:
@@ -362,6 +364,20 @@ def _die_with_parent() -> None:
         pass
 
 
+def _die_with_coordinator() -> None:
+    """Exit the moment the coordinator dies. PR_SET_PDEATHSIG watches the forkserver, our real
+    parent; multiprocessing's parent sentinel is a pipe only the coordinator holds open."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch(sentinel: int) -> None:
+        wait([sentinel])
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, args=(parent.sentinel,), daemon=True, name="lifeline").start()
+
+
 def worker_main(conn: Connection, memory_cap: int | None, stopping: Any) -> None:
     """Serve tasks from the coordinator until it closes the pipe.
 
@@ -370,6 +386,7 @@ def worker_main(conn: Connection, memory_cap: int | None, stopping: Any) -> None
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the coordinator's
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_parent()
+    _die_with_coordinator()
     set_memory_cap(memory_cap)
     pool = pa.default_memory_pool()
     while True:

@@ -16,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from minibatch.lock import JobLocked, holder_pid, job_lock, lock_path
-from minibatch.output import REDUCED_NAME, OutputLayout, part_name, write_atomically
+from minibatch.results import REDUCED_NAME, OutputLayout, part_name, write_atomically
 
 from conftest import start_ready
 
+CHUNK_ID = "a1" * 12  # chunk ids are 24 hex digits
 TABLE = pa.table({"id": pa.array(range(50), pa.int64()), "s": pa.array([f"v{i}" for i in range(50)])})
 
 
@@ -82,7 +83,7 @@ def test_reduce_layout_keeps_staging_and_parts_beside_the_output(tmp_path: Path)
     assert layout.staging != layout.parts
 
     layout.prepare()
-    write_atomically(TABLE, layout.parts / part_name("p1"), layout.staging)
+    write_atomically(TABLE, layout.parts / part_name(CHUNK_ID), layout.staging)
     write_atomically(TABLE.slice(0, 3), layout.output / REDUCED_NAME, layout.staging)
     (layout.staging / "in-flight.tmp").write_bytes(b"not parquet")
     # readers of the output see only the published result, never parts or staging
@@ -93,7 +94,7 @@ def test_reduce_layout_keeps_staging_and_parts_beside_the_output(tmp_path: Path)
         assert con.execute("SELECT count(*) FROM read_parquet(?)", [glob]).fetchall() == [(3,)]
     finally:
         con.close()
-    assert layout.part_files() == {part_name("p1")}
+    assert layout.part_files() == {part_name(CHUNK_ID)}
 
 
 def test_map_layout_writes_parts_into_the_output(tmp_path: Path) -> None:
@@ -101,11 +102,11 @@ def test_map_layout_writes_parts_into_the_output(tmp_path: Path) -> None:
     assert layout.parts == layout.output
     assert layout.staging.parent == layout.output.parent and layout.staging.name.startswith(".")
     layout.prepare()
-    write_atomically(TABLE, layout.parts / part_name("a"), layout.staging)
-    write_atomically(TABLE, layout.parts / part_name("b"), layout.staging)
-    assert layout.part_files() == {part_name("a"), part_name("b")}
-    layout.remove_parts({part_name("a")})
-    assert layout.part_files() == {part_name("b")}
+    write_atomically(TABLE, layout.parts / part_name("a" * 24), layout.staging)
+    write_atomically(TABLE, layout.parts / part_name("b" * 24), layout.staging)
+    assert layout.part_files() == {part_name("a" * 24), part_name("b" * 24)}
+    layout.remove_parts({part_name("a" * 24)})
+    assert layout.part_files() == {part_name("b" * 24)}
     layout.remove_all()
     assert not layout.output.exists() and not layout.staging.exists()
 

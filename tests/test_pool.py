@@ -14,6 +14,7 @@ import pytest
 
 from minibatch.planner import Chunk, plan_chunks, read_file_meta
 from minibatch.pool import Failed, Finished, Lost, MemoryBudget, Started, WorkerPool
+from minibatch.results import publish, staged_name
 from minibatch.worker import InputChanged, JobSpec, SchemaMismatch, Task, TaskError, check_schema, read_chunk
 
 JOBS = """
@@ -89,10 +90,16 @@ def spec(env: dict[str, Path], process: str | None = "pooljobs:double", sql: str
 
 
 def task(task_id: int, chunk: Chunk, job: JobSpec, schema: pa.Schema | None = None) -> Task:
-    """A task; with `schema` (the output's, once known) the worker publishes, else it stages."""
-    return Task(
-        task_id, chunk, job, run_id="run-1", attempt=1, output_name=f"part-{task_id}.parquet", schema=schema
-    )
+    """A task; with `schema` (the output's, once known) the worker checks its result against it."""
+    name = f"part-{task_id}.parquet"
+    return Task(task_id, chunk, job, "run-1", 1, name, staged_name(name, "run-1", 1), schema=schema)
+
+
+def publish_results(final: dict, parts: Path) -> None:
+    """What the coordinator does with finished results: a worker only stages them."""
+    for event in final.values():
+        if isinstance(event, Finished) and event.result.staged:
+            publish(Path(event.result.staged), parts / event.result.output_file)
 
 
 DOUBLED = pa.schema(
@@ -147,6 +154,9 @@ def test_tasks_finish_and_write_their_results(env: dict[str, Path]) -> None:
         pool.terminate()
     assert {s.task_id for s in started} == set(range(len(chunks)))
     assert all(s.pid > 0 and s.pid != os.getpid() for s in started)
+    assert list(env["parts"].iterdir()) == []  # the fence: workers stage, never publish
+    assert len(list(env["staging"].iterdir())) == len(chunks)
+    publish_results(final, env["parts"])
     for i, chunk in enumerate(chunks):
         event = final[i]
         assert isinstance(event, Finished), event
@@ -187,6 +197,7 @@ def test_sql_task_and_empty_result(env: dict[str, Path]) -> None:
         final, _ = collect(pool, {0, 1})
     finally:
         pool.terminate()
+    publish_results(final, env["parts"])
     assert isinstance(final[0], Finished) and isinstance(final[1], Finished)
     assert final[0].result.rows_out == 10
     assert sorted(ids_of(env["parts"] / "part-0.parquet")) == list(range(100, 200, 10))
@@ -234,6 +245,7 @@ def test_worker_death_fails_its_task_loses_the_queued_one_and_pool_recovers(env:
         final, started = collect(pool, {2})
     finally:
         pool.terminate()
+    publish_results(final, env["parts"])
     assert isinstance(final[2], Finished), final[2]
     assert started[0].pid != dead_pid
     assert ids_of(env["parts"] / "part-2.parquet") == list(range(100, 200))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from minibatch.units import DURATION_UNITS, SIZE_UNITS, parse_duration, parse_size
+from minibatch.units import DURATION_UNITS, MAX_SIZE, SIZE_UNITS, parse_duration, parse_size
 
 EXACT = 2**53  # every integer up to here is exactly representable as a float
 
@@ -39,9 +39,15 @@ def test_size_round_trips_integer_with_unit(unit, data, sep):
     assert isinstance(parse_size(text), int)
 
 
-@given(st.integers(0, 2**63))
+@given(st.integers(0, MAX_SIZE))
 def test_size_plain_int_is_bytes(number):
     assert parse_size(number) == number
+
+
+@pytest.mark.parametrize("value", [MAX_SIZE + 1, 1e300, "9EiB", "10000000TiB"])
+def test_sizes_beyond_8_eib_are_errors(value):
+    with pytest.raises(ValueError, match="too large|bad size"):
+        parse_size(value)
 
 
 @given(st.integers(0, EXACT))

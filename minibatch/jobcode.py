@@ -1,0 +1,96 @@
+"""A job's code: its module's files (found without importing them), importing its function
+with the config directory on `sys.path` (the one place that changes it), and the definition
+key that tells when results computed earlier are no longer current."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class JobCodeError(Exception):
+    """A job's `process` cannot be imported, or is not a function."""
+
+
+def module_files(base_dir: Path, process: str) -> list[Path]:
+    """What importing `process`'s module from `base_dir` runs, found without running it: each
+    package's __init__.py on the way and the module's own file (none for a namespace package)."""
+    parts = process.partition(":")[0].split(".")
+    files: list[Path] = []
+    here = base_dir
+    for i, part in enumerate(parts):
+        if i == len(parts) - 1 and (here / f"{part}.py").is_file():
+            return [*files, here / f"{part}.py"]
+        here = here / part
+        if (here / "__init__.py").is_file():
+            files.append(here / "__init__.py")
+    return files
+
+
+def import_process(process: str, base_dir: Path) -> Callable[..., Any]:
+    """Import `module:function` with the config directory first on sys.path."""
+    module_name, _, func_name = process.partition(":")
+    root = str(base_dir)
+    if sys.path[:1] != [root]:
+        if root in sys.path:
+            sys.path.remove(root)
+        sys.path.insert(0, root)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # user code: any import failure is the job's error
+        raise JobCodeError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise JobCodeError(f"{module_name} has no function {func_name!r}")
+    return func
+
+
+def forget_package(process: str) -> None:
+    """Drop a job's package from sys.modules so the next import reads it afresh."""
+    root = process.partition(":")[0].split(".")[0]
+    for name in [n for n in sys.modules if n == root or n.startswith(root + ".")]:
+        del sys.modules[name]
+
+
+def definition(
+    process: str | None,
+    sql: str | None,
+    columns: tuple[str, ...] | None,
+    version: str | None,
+    base_dir: Path,
+) -> tuple[str, dict[str, Any]]:
+    """(key, facts): what a chunk's result depends on besides its input rows. Without an
+    explicit `version`, the source of the module named in `process` counts (its own file only:
+    helpers it imports do not; set `version` to decide yourself)."""
+    facts: dict[str, Any] = {
+        "process": process,
+        "sql": sql,
+        "columns": list(columns) if columns else None,
+        "version": version,
+    }
+    if version is None and process:
+        files = module_files(base_dir, process)
+        module = sys.modules.get(process.partition(":")[0])
+        source = Path(module.__file__) if module and getattr(module, "__file__", None) else None
+        source = source or (files[-1] if files else None)
+        facts["source"] = _digest(source.read_bytes()) if source and source.is_file() else None
+    key = _digest(json.dumps(facts, sort_keys=True).encode())
+    return key, facts
+
+
+def changed_facts(old: str | None, new: dict[str, Any]) -> list[str]:
+    """The names of the facts that differ from a stored definition's (JSON)."""
+    try:
+        before = json.loads(old) if old else {}
+    except ValueError:
+        before = {}
+    return sorted(key for key in new.keys() | before.keys() if before.get(key) != new.get(key))
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]

@@ -1,0 +1,102 @@
+"""The result store's pure parts (minibatch/results.py): the plan-order schema decision,
+the footer check before adoption, and which files are minibatch's to delete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from minibatch.results import (
+    OutputLayout,
+    OutputNotOwned,
+    SchemaGate,
+    inspect_part,
+    part_name,
+    with_provenance,
+)
+
+A = pa.schema([("id", pa.int64())])
+B = pa.schema([("x", pa.string())])
+ORDER = ["c0", "c1", "c2", "c3"]
+
+
+def test_the_first_chunk_in_plan_order_decides_whatever_finishes_first() -> None:
+    gate: SchemaGate[str] = SchemaGate(None, ORDER)
+    assert gate.offer("c2", B, "r2") == []  # finished first, but waits for c0 and c1
+    assert gate.offer("c1", A, "r1") == []
+    assert gate.schema is None
+    assert gate.offer("c0", A, "r0") == ["r0", "r1", "r2"]  # plan order; r2 will be rejected
+    assert gate.schema == A
+    assert gate.offer("c3", B, "r3") == ["r3"]  # decided: no more waiting
+
+
+def test_chunks_without_rows_dead_or_changed_pass_the_decision_on() -> None:
+    gate: SchemaGate[str] = SchemaGate(None, ORDER)
+    assert gate.offer("c2", B, "r2") == []
+    assert gate.offer("c0", None, "empty") == ["empty"]  # nothing to publish: goes on at once
+    assert gate.resolve("c1") == ["r2"]  # dead-lettered: the next chunk in order decides
+    assert gate.schema == B
+
+
+def test_a_known_schema_lets_everything_through() -> None:
+    gate: SchemaGate[str] = SchemaGate(A, ORDER)
+    assert gate.offer("c3", B, "r3") == ["r3"]
+    assert gate.resolve("c0") == []
+
+
+def test_results_still_waiting_are_listed_for_a_stop() -> None:
+    gate: SchemaGate[str] = SchemaGate(None, ORDER)
+    gate.offer("c3", A, "r3")
+    gate.offer("c1", A, "r1")
+    assert gate.waiting == ["r1", "r3"]
+
+
+def write_part(path: Path, chunk_id: str, definition: str | None) -> Path:
+    pq.write_table(with_provenance(pa.table({"id": [1, 2, 3]}), chunk_id, definition), path)
+    return path
+
+
+def test_inspect_part_checks_footer_chunk_and_definition(tmp_path: Path) -> None:
+    part = write_part(tmp_path / "p.parquet", "c" * 24, "def1")
+    assert inspect_part(part, "c" * 24, "def1") == 3
+    with pytest.raises(ValueError, match="another chunk"):
+        inspect_part(part, "d" * 24, "def1")
+    with pytest.raises(ValueError, match="another definition"):
+        inspect_part(part, "c" * 24, "def2")
+    legacy = tmp_path / "legacy.parquet"  # an older release's part names neither
+    pq.write_table(pa.table({"id": [1]}), legacy)
+    assert inspect_part(legacy, "c" * 24, "def1") == 1
+    truncated = tmp_path / "t.parquet"
+    truncated.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    with pytest.raises(ValueError, match="unreadable footer"):
+        inspect_part(truncated, "c" * 24, "def1")
+
+
+def test_only_minibatch_names_are_parts_and_foreign_files_stay(tmp_path: Path) -> None:
+    layout = OutputLayout(tmp_path / "out", reduce=False)
+    layout.prepare()
+    ours = part_name("a" * 24)
+    for name in (ours, "foreign.parquet", "NOTES.txt", "part-00000-spark.parquet"):
+        (layout.output / name).write_bytes(b"x")
+    assert layout.part_files() == {ours}
+    assert layout.foreign_files() == ["NOTES.txt", "foreign.parquet", "part-00000-spark.parquet"]
+    layout.remove_all()
+    assert sorted(p.name for p in layout.output.iterdir()) == layout.foreign_files()
+    assert not layout.staging.exists()
+
+
+def test_claim_refuses_a_directory_minibatch_did_not_create(tmp_path: Path) -> None:
+    layout = OutputLayout(tmp_path / "out", reduce=False)
+    layout.claim("j")  # absent: fine
+    layout.output.mkdir()
+    layout.claim("j")  # empty: fine
+    (layout.output / part_name("b" * 24)).write_bytes(b"x")
+    layout.claim("j")  # only what minibatch names its files: an older release's output
+    (layout.output / "keep.txt").write_text("mine")
+    with pytest.raises(OutputNotOwned, match="not created by minibatch"):
+        layout.claim("j")
+    layout.staging.mkdir()  # the staging directory beside it is minibatch's claim
+    layout.claim("j")

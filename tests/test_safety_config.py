@@ -1,0 +1,134 @@
+"""Configs that would destroy the project, a reset nobody confirmed, and config values or files
+that must end in one readable line (exit 2), never in a traceback or a deleted directory."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import MAP_JOB, Project
+
+
+def said(result: subprocess.CompletedProcess[str]) -> str:
+    return result.stdout + result.stderr
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (but bytecode caches and the state_dir) and its bytes."""
+    files = {str(p.relative_to(directory)): p for p in directory.rglob("*") if p.is_file()}
+    return {
+        name: path.read_bytes()
+        for name, path in files.items()
+        if "__pycache__" not in name and not name.startswith(".state")
+    }
+
+
+# -- I. outputs that would destroy the project -----------------------------------------------
+
+
+def _project_as_output(project: Project, tmp_path: Path) -> tuple[str, ...]:
+    """output = "." with the inputs and the state_dir elsewhere: nothing else stops it."""
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    pq.write_table(pa.table({"id": [1], "value": [2]}), ext / "e.parquet")
+    (project.root / "config.toml").write_text(f"""
+[minibatch]
+state_dir = "{tmp_path / "state"}"
+workers = 2
+log_format = "json"
+
+[jobs.ident]
+input = "{ext}/*.parquet"
+output = "."
+process = "myjobs.basic:ident"
+""")
+    return ("jobs.ident.output",)
+
+
+def _project_as_output_beside_data(project: Project, tmp_path: Path) -> tuple[str, ...]:
+    project.write_config(MAP_JOB.replace('"out/ident"', '"."'))
+    return ("jobs.ident.output",)
+
+
+def _job_code_as_output(project: Project, tmp_path: Path) -> tuple[str, ...]:
+    project.write_config(MAP_JOB.replace('"out/ident"', '"myjobs"'))
+    return ("jobs.ident.output",)
+
+
+def _inside_another_jobs_output(project: Project, tmp_path: Path) -> tuple[str, ...]:
+    project.write_config(
+        MAP_JOB.replace('"out/ident"', '"out/all/inner"')
+        + """
+    [jobs.outer]
+    input = "data/*.parquet"
+    output = "out/all"
+    sql = "SELECT * FROM chunk"
+    """
+    )
+    (project.root / "out" / "all").mkdir(parents=True)
+    pq.write_table(pa.table({"id": [1]}), project.root / "out" / "all" / "part-x.parquet")
+    return ("jobs.ident.output", "jobs.outer.output")  # either job's key names the overlap
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [_project_as_output, _project_as_output_beside_data, _job_code_as_output, _inside_another_jobs_output],
+)
+def test_output_that_would_destroy_the_project_is_refused(project: Project, tmp_path: Path, setup) -> None:
+    project.write_input("a.parquet", 0, 100)
+    keys = setup(project, tmp_path)
+    before = snapshot(project.root)
+    check = project.cli("validate")
+    assert check.returncode == 2, said(check)
+    assert any(key in said(check) for key in keys), said(check)
+    assert "Traceback" not in said(check)
+    reset = project.cli("reset", "ident", "--yes")
+    assert reset.returncode == 2, said(reset)
+    for name in ("config.toml", "myjobs/basic.py", "data/a.parquet"):
+        assert (project.root / name).is_file(), name
+    assert snapshot(project.root) == before
+
+
+# -- J. reset needs a confirmation -----------------------------------------------------------
+
+
+def test_reset_without_yes_and_without_a_terminal_refuses(project: Project) -> None:
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    before = snapshot(project.out("ident"))
+    assert before
+    result = project.cli("reset", "ident", input="n\n")
+    assert result.returncode == 2, said(result)
+    assert snapshot(project.out("ident")) == before
+
+
+# -- K. config values and files that must be one readable line -------------------------------
+
+
+@pytest.mark.parametrize("level", ["engine", "job"])
+def test_absurd_memory_limit_is_a_config_error(project: Project, level: str) -> None:
+    if level == "engine":
+        project.write_config(MAP_JOB, engine="memory_limit = 1e300")
+    else:
+        project.write_config(MAP_JOB + "memory_limit = 1e300\n")
+    project.write_input("a.parquet", 0, 100)
+    for command in ("validate", "run-now"):
+        result = project.cli(command, *(["ident"] if command == "run-now" else []))
+        assert result.returncode == 2, (command, said(result))
+        assert "memory_limit" in result.stderr, (command, said(result))
+        assert "Traceback" not in said(result), command
+
+
+def test_config_that_is_not_utf8_is_a_config_error(project: Project) -> None:
+    config = project.root / "config.toml"
+    config.write_bytes(b"\xff\xfe[minibatch]\n")
+    for command in ("validate", "run-now"):
+        result = project.cli(command, *(["ident"] if command == "run-now" else []))
+        assert result.returncode == 2, (command, said(result))
+        assert str(config) in result.stderr, (command, said(result))
+        assert "Traceback" not in said(result), command

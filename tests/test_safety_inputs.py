@@ -1,0 +1,480 @@
+"""Inputs, outputs and job definitions that must not make a run lose, duplicate or fake rows.
+
+Paths are read literally (never as glob patterns), `**` survives symlinks, an empty reduction is
+one row, old files are readable, a changed job is recomputed, the output schema does not depend
+on which worker finishes first, vanished inputs do not wipe the output, and minibatch touches no
+file in an output directory that it did not write.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import JOB_MODULE, MAP_JOB, Project
+
+FAST = "retries = 0\nbreaker_failures = 0\n"  # today's failures dead-letter at once, no breaker pause
+MAP = MAP_JOB + FAST
+
+
+def make_project(root: Path, count_file: Path) -> Project:
+    """What the `project` fixture builds, under any directory name."""
+    (root / "myjobs").mkdir(parents=True)
+    (root / "myjobs" / "__init__.py").write_text("")
+    (root / "myjobs" / "basic.py").write_text(JOB_MODULE)
+    return Project(root=root, count_file=count_file)
+
+
+def said(result: subprocess.CompletedProcess[str]) -> str:
+    return result.stdout + result.stderr
+
+
+def ids_of(project: Project, job: str) -> list[int]:
+    return sorted(project.output_table(job).column("id").to_pylist())
+
+
+def parquet_names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("*.parquet")) if directory.is_dir() else []
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def write_ids(path: Path, ids: range) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": pa.array(ids, pa.int64())}), path)
+
+
+# -- A. paths are read literally -------------------------------------------------------------
+
+
+def test_sql_job_reads_file_names_with_glob_characters_literally(project: Project) -> None:
+    project.write_config("""
+    [jobs.all]
+    input = "data/*.parquet"
+    output = "out/all"
+    sql = "SELECT * FROM chunk"
+    chunk_bytes = "3KB"
+    retries = 0
+    breaker_failures = 0
+    """)
+    names = ["g[1].parquet", "g1.parquet", "f*.parquet", "f?.parquet", "fa.parquet"]
+    for i, name in enumerate(names):
+        project.write_input(name, i * 1000, 200)
+    result = project.cli("run-now", "all")
+    assert result.returncode == 0, said(result)
+    expected = [i * 1000 + r for i in range(len(names)) for r in range(200)]
+    assert ids_of(project, "all") == expected
+
+
+def test_process_job_in_a_project_directory_with_glob_characters(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "p[1]", tmp_path / "count.txt")
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    project.write_input("b.parquet", 300, 200)
+    decoy = make_project(tmp_path / "p1", tmp_path / "decoy-count.txt")  # what p[1] matches as a glob
+    decoy.write_input("a.parquet", 10_000, 50)
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 0, said(result)
+    assert ids_of(project, "ident") == list(range(500))
+
+
+@pytest.mark.parametrize(("output", "twin"), [("o[r]", "or"), ("o*", "oX")])
+def test_reduce_job_output_names_with_glob_characters(project: Project, output: str, twin: str) -> None:
+    project.write_config(f"""
+    [jobs.sums]
+    input = "data/*.parquet"
+    output = "out/{output}"
+    sql = "SELECT id FROM chunk"
+    reduce_sql = "SELECT count(*) AS n, sum(id) AS s FROM parts"
+    chunk_bytes = "3KB"
+    retries = 0
+    breaker_failures = 0
+    """)
+    project.write_input("a.parquet", 0, 300)
+    project.write_input("b.parquet", 300, 200)
+    out = project.root / "out"
+    write_ids(out / twin / "other.parquet", range(50_000, 50_100))  # a sibling the glob would match
+    expected = [{"n": 500, "s": sum(range(500))}]
+    result = project.cli("run-now", "sums")
+    assert result.returncode == 0, said(result)
+    assert project.output_table(output).to_pylist() == expected
+    # every directory the job keeps beside its output gets a twin the glob would match too
+    for directory in [d for d in out.iterdir() if d.is_dir() and output in d.name]:
+        for name in parquet_names(directory):
+            write_ids(directory.with_name(directory.name.replace(output, twin)) / name, range(70_000, 70_100))
+    result = project.cli("run-now", "sums", "--fresh")
+    assert result.returncode == 0, said(result)
+    assert project.output_table(output).to_pylist() == expected
+
+
+# -- B. symlinks under ** --------------------------------------------------------------------
+
+DEEP_JOB = MAP.replace('"data/*.parquet"', '"data/**/*.parquet"')
+
+
+def test_symlink_loop_under_double_star_is_a_usage_error(project: Project) -> None:
+    project.write_config(DEEP_JOB)
+    project.write_input("top.parquet", 0, 100)
+    (project.data / "sub").mkdir()
+    project.write_input("sub/a.parquet", 100, 100)
+    os.symlink("..", project.data / "sub" / "loop")
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 2, said(result)
+    assert "symlink loop" in said(result).lower()
+    assert parquet_names(project.out("ident")) == []
+
+
+def test_second_path_to_the_same_files_gives_each_row_once(project: Project) -> None:
+    project.write_config(DEEP_JOB)
+    project.write_input("top.parquet", 0, 100)
+    (project.data / "sub").mkdir()
+    project.write_input("sub/a.parquet", 100, 300)
+    os.symlink("sub", project.data / "alias")
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 0, said(result)
+    assert ids_of(project, "ident") == list(range(400))
+
+
+def test_input_glob_reaching_the_own_output_through_a_symlink_is_refused(project: Project) -> None:
+    project.write_config("""
+    [jobs.ident]
+    input = "data/**/*.parquet"
+    output = "out/ident"
+    sql = "SELECT * FROM chunk"
+    chunk_bytes = "3KB"
+    """)  # results with the input's schema: read back as input, they would pass for input
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    before = snapshot(project.out("ident"))
+    os.symlink("../out/ident", project.data / "link")
+    for _ in range(2):
+        result = project.cli("run-now", "ident")
+        assert result.returncode == 2, said(result)
+        assert "output" in said(result).lower()
+    assert snapshot(project.out("ident")) == before
+    assert ids_of(project, "ident") == list(range(300))
+
+
+# -- C. an empty reduction -------------------------------------------------------------------
+
+
+def test_reduce_over_chunks_that_all_return_no_rows_is_one_row(project: Project) -> None:
+    project.write_config("""
+    [jobs.none]
+    input = "data/*.parquet"
+    output = "out/none"
+    sql = "SELECT * FROM chunk WHERE id < 0"
+    reduce_sql = "SELECT count(*) AS n FROM parts"
+    chunk_bytes = "3KB"
+    retries = 0
+    breaker_failures = 0
+    """)
+    project.write_input("a.parquet", 0, 300)
+    result = project.cli("run-now", "none")
+    assert result.returncode == 0, said(result)
+    assert project.output_table("none").to_pylist() == [{"n": 0}]
+
+
+# -- D. files older than 1970 ----------------------------------------------------------------
+
+
+def test_input_with_an_mtime_before_1970_is_processed(project: Project) -> None:
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 200)
+    old = project.write_input("old.parquet", 1000, 200)
+    os.utime(old, ns=(0, -86400 * 10**9))
+    assert old.stat().st_mtime_ns < 0
+    for _ in range(2):
+        result = project.cli("run-now", "ident")
+        assert result.returncode == 0, said(result)
+        assert ids_of(project, "ident") == list(range(200)) + list(range(1000, 1200))
+
+
+# -- E. a changed job definition -------------------------------------------------------------
+
+SCALED_MODULE = """
+import os
+import pyarrow.compute as pc
+
+FACTOR = {factor}
+
+
+def scale(table, ctx):
+    path = os.environ.get("MB_COUNT_FILE")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{{ctx.chunk_id}} {{ctx.attempt}}\\n")
+    return table.append_column("scaled", pc.multiply(table["value"], FACTOR))
+"""
+
+
+def write_scaled(project: Project, factor: int) -> None:
+    (project.root / "myjobs" / "scaled.py").write_text(SCALED_MODULE.format(factor=factor))
+
+
+def values_by_id(project: Project, job: str, column: str) -> dict[int, int]:
+    table = project.output_table(job)
+    return dict(zip(table["id"].to_pylist(), table[column].to_pylist(), strict=True))
+
+
+def test_changed_sql_recomputes_every_chunk(project: Project) -> None:
+    job = """
+    [jobs.vals]
+    input = "data/*.parquet"
+    output = "out/vals"
+    sql = "{sql}"
+    chunk_bytes = "3KB"
+    retries = 0
+    breaker_failures = 0
+    """
+    project.write_config(job.format(sql="SELECT id, value FROM chunk"))
+    project.write_input("a.parquet", 0, 300)
+    project.write_input("b.parquet", 300, 200)
+    assert project.cli("run-now", "vals").returncode == 0
+    project.write_config(job.format(sql="SELECT id, value * 10 AS value FROM chunk"))
+    result = project.cli("run-now", "vals")
+    assert result.returncode == 0, said(result)
+    assert values_by_id(project, "vals", "value") == {i: (i % 97) * 10 for i in range(500)}
+    assert "definition changed" in result.stdout.lower()
+
+
+def test_edited_job_module_recomputes_every_chunk(project: Project) -> None:
+    project.write_config("""
+    [jobs.sc]
+    input = "data/*.parquet"
+    output = "out/sc"
+    process = "myjobs.scaled:scale"
+    chunk_bytes = "3KB"
+    retries = 0
+    breaker_failures = 0
+    """)
+    project.write_input("a.parquet", 0, 300)
+    write_scaled(project, 2)
+    assert project.cli("run-now", "sc").returncode == 0
+    assert values_by_id(project, "sc", "scaled") == {i: (i % 97) * 2 for i in range(300)}
+    write_scaled(project, 300)  # another size too: Python's .pyc check is mtime and size
+    result = project.cli("run-now", "sc")
+    assert result.returncode == 0, said(result)
+    assert values_by_id(project, "sc", "scaled") == {i: (i % 97) * 300 for i in range(300)}
+
+
+def test_changed_columns_recompute_every_chunk(project: Project) -> None:
+    job = """
+    [jobs.ident]
+    input = "data/*.parquet"
+    output = "out/ident"
+    process = "myjobs.basic:ident"
+    columns = {columns}
+    chunk_bytes = "64MB"
+    retries = 0
+    breaker_failures = 0
+    """  # one chunk per file, whichever columns are read: the plan itself does not change
+    project.write_config(job.format(columns='["id", "value"]'))
+    project.write_input("a.parquet", 0, 300)
+    project.write_input("b.parquet", 300, 200)
+    assert project.cli("run-now", "ident").returncode == 0
+    assert project.output_table("ident").column_names == ["id", "value", "doubled"]
+    project.write_config(job.format(columns='["id", "value", "name"]'))
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 0, said(result)
+    table = project.output_table("ident")
+    assert table.column_names == ["id", "value", "name", "doubled"]
+    assert sorted(zip(table["id"].to_pylist(), table["name"].to_pylist(), strict=True)) == [
+        (i, f"row-{i}") for i in range(500)
+    ]
+
+
+def test_changed_reduce_sql_and_sql_of_a_reduce_job(project: Project) -> None:
+    job = """
+    [jobs.tot]
+    input = "data/*.parquet"
+    output = "out/tot"
+    sql = "{sql}"
+    reduce_sql = "{reduce_sql}"
+    chunk_bytes = "3KB"
+    retries = 0
+    breaker_failures = 0
+    """
+    sql, total = "SELECT id, value FROM chunk", sum(i % 97 for i in range(500))
+    project.write_config(job.format(sql=sql, reduce_sql="SELECT sum(value) AS s FROM parts"))
+    project.write_input("a.parquet", 0, 300)
+    project.write_input("b.parquet", 300, 200)
+    assert project.cli("run-now", "tot").returncode == 0
+    assert project.output_table("tot").to_pylist() == [{"s": total}]
+    reduce_sql = "SELECT sum(value) AS s, count(*) AS n FROM parts"
+    project.write_config(job.format(sql=sql, reduce_sql=reduce_sql))
+    result = project.cli("run-now", "tot")
+    assert result.returncode == 0, said(result)
+    assert project.output_table("tot").to_pylist() == [{"s": total, "n": 500}]
+    project.write_config(job.format(sql="SELECT id, value * 10 AS value FROM chunk", reduce_sql=reduce_sql))
+    result = project.cli("run-now", "tot")
+    assert result.returncode == 0, said(result)
+    assert project.output_table("tot").to_pylist() == [{"s": total * 10, "n": 500}]
+
+
+def test_explicit_version_decides_when_edited_code_recomputes(project: Project) -> None:
+    job = """
+    [jobs.sc]
+    input = "data/*.parquet"
+    output = "out/sc"
+    process = "myjobs.scaled:scale"
+    version = "{version}"
+    chunk_bytes = "3KB"
+    retries = 0
+    breaker_failures = 0
+    """
+    project.write_config(job.format(version="1"))
+    project.write_input("a.parquet", 0, 300)
+    write_scaled(project, 2)
+    first = project.cli("run-now", "sc")
+    assert first.returncode == 0, said(first)
+    computed = len(project.computations())
+    write_scaled(project, 300)
+    result = project.cli("run-now", "sc")
+    assert result.returncode == 0, said(result)
+    assert len(project.computations()) == computed  # the version says it is the same job
+    assert "0 done now" in result.stdout
+    assert values_by_id(project, "sc", "scaled") == {i: (i % 97) * 2 for i in range(300)}
+    project.write_config(job.format(version="2"))
+    result = project.cli("run-now", "sc")
+    assert result.returncode == 0, said(result)
+    assert len(project.computations()) == 2 * computed
+    assert values_by_id(project, "sc", "scaled") == {i: (i % 97) * 300 for i in range(300)}
+
+
+# -- F. a deterministic output schema --------------------------------------------------------
+
+RACE_MODULE = """
+import os
+import time
+
+
+def passthrough(table, ctx):
+    if os.path.basename(ctx.file) != "a_odd.parquet":
+        time.sleep(0.3)  # the odd file's chunk always finishes first
+    return table
+"""
+
+
+def test_output_schema_does_not_depend_on_which_chunk_finishes_first(project: Project) -> None:
+    (project.root / "myjobs" / "race.py").write_text(RACE_MODULE)
+    project.write_config("""
+    [jobs.race]
+    input = "data/*.parquet"
+    output = "out/race"
+    process = "myjobs.race:passthrough"
+    chunk_bytes = "64MB"
+    retries = 0
+    """)
+    for i in range(6):
+        project.write_input(f"good{i}.parquet", i * 100, 100)
+    pq.write_table(pa.table({"x": pa.array(range(10), pa.int64())}), project.data / "a_odd.parquet")
+    result = project.cli("run-now", "race")
+    assert result.returncode == 1, said(result)
+    assert "0 dead-lettered" in result.stdout
+    lines = [line.lower() for line in said(result).splitlines() if "a_odd.parquet" in line]
+    assert any("schema" in line for line in lines), said(result)
+    bad = project.manifest_rows("SELECT file FROM bad_files WHERE job = 'race'")
+    assert [os.path.basename(row[0]) for row in bad] == ["a_odd.parquet"]
+    table = project.output_table("race")
+    assert table.column_names == ["id", "value", "name"]
+    assert sorted(table["id"].to_pylist()) == list(range(600))
+
+
+# -- G. vanished inputs ----------------------------------------------------------------------
+
+
+def test_inputs_that_vanished_do_not_wipe_the_output(project: Project) -> None:
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    project.write_input("b.parquet", 300, 200)
+    assert project.cli("run-now", "ident").returncode == 0
+    before = snapshot(project.out("ident"))
+    assert before
+    project.data.rename(project.root / "data-away")
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 1, said(result)
+    assert "data/*.parquet" in result.stderr
+    assert "matches no file" in result.stderr.lower()
+    assert snapshot(project.out("ident")) == before
+    check = project.cli("validate")
+    assert check.returncode == 0, said(check)
+    assert "matches no file" in said(check).lower()
+
+
+# -- H. files in the output that minibatch did not write -------------------------------------
+
+
+def test_foreign_files_in_the_output_survive_runs_fresh_runs_and_reset(project: Project) -> None:
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    out = project.out("ident")
+    write_ids(out / "foreign.parquet", range(90_000, 90_010))
+    (out / "NOTES.txt").write_text("kept by hand\n")
+    foreign = {name: (out / name).read_bytes() for name in ("foreign.parquet", "NOTES.txt")}
+    for args in (["run-now", "ident"], ["run-now", "ident", "--fresh"], ["reset", "ident", "--yes"]):
+        result = project.cli(*args)
+        assert result.returncode == 0, (args, said(result))
+        assert {name: (out / name).read_bytes() for name in foreign if (out / name).exists()} == foreign, args
+    assert parquet_names(out) == ["foreign.parquet"]  # reset removed what minibatch wrote
+
+
+def test_existing_output_directory_minibatch_did_not_create_is_refused(project: Project) -> None:
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    project.out("ident").mkdir(parents=True)
+    (project.out("ident") / "keep.txt").write_text("not minibatch's\n")
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 2, said(result)
+    assert "out/ident" in said(result)
+    assert snapshot(project.out("ident")) == {"keep.txt": b"not minibatch's\n"}
+
+
+def test_existing_empty_output_directory_is_fine(project: Project) -> None:
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    project.out("ident").mkdir(parents=True)
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 0, said(result)
+    assert ids_of(project, "ident") == list(range(300))
+
+
+# -- L. a footer length that claims gigabytes ------------------------------------------------
+
+SCAN_UNDER_A_CAP = textwrap.dedent("""
+    import resource, sys
+    resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
+    from minibatch.planner import scan_inputs
+    good, bad = scan_inputs([sys.argv[1]], None)
+    assert not good, good
+    print(bad[0].error)
+""")
+
+
+def test_footer_length_claiming_gigabytes_is_a_bad_file_without_reading_it(tmp_path: Path) -> None:
+    path = tmp_path / "huge.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3]}), path)
+    with open(path, "r+b") as f:
+        f.truncate(3 * 2**30)  # sparse: takes no disk
+        f.seek(0, os.SEEK_END)
+        f.write((2**31).to_bytes(4, "little") + b"PAR1")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", SCAN_UNDER_A_CAP, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    error = result.stdout.strip()
+    assert "footer" in error.lower(), error
+    assert "MemoryError" not in error
+    assert time.monotonic() - started < 30
