@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from minibatch.states import Breaker
+
 
 @dataclass(frozen=True)
 class BreakerSettings:
@@ -22,7 +24,7 @@ class BreakerSettings:
 class CircuitBreaker:
     def __init__(self, settings: BreakerSettings) -> None:
         self.settings = settings
-        self.state = "closed"  # closed | open | half_open | tripped
+        self.state = Breaker.CLOSED
         self.reason = ""
         self.consecutive = 0
         self.recent: deque[bool] = deque(maxlen=max(settings.window, 1))
@@ -36,27 +38,27 @@ class CircuitBreaker:
     @property
     def tripped(self) -> bool:
         """Failed again after the cool-down: the run should end."""
-        return self.state == "tripped"
+        return self.state == Breaker.TRIPPED
 
     def allow(self, now: float) -> bool:
         """May a chunk be admitted now? In half-open state, exactly one."""
-        if self.state == "open" and now >= self.open_until:
-            self.state = "half_open"
-        if self.state == "half_open" and not self.probing:
+        if self.state == Breaker.OPEN and now >= self.open_until:
+            self.state = Breaker.HALF_OPEN
+        if self.state == Breaker.HALF_OPEN and not self.probing:
             self.probing = True
             return True
-        return self.state == "closed"
+        return self.state == Breaker.CLOSED
 
     def record(self, success: bool, now: float, probe: bool = False) -> None:
         """An attempt's outcome; `probe` marks the one let through in half-open state."""
-        if not self.enabled or self.state == "tripped":
+        if not self.enabled or self.state == Breaker.TRIPPED:
             return
         self.recent.append(success)
         self.consecutive = 0 if success else self.consecutive + 1
-        if self.state == "half_open" and probe:
+        if self.state == Breaker.HALF_OPEN and probe:
             self._after_probe(success)
-        elif self.state == "closed" and not success and self._should_open():
-            self.state = "open"
+        elif self.state == Breaker.CLOSED and not success and self._should_open():
+            self.state = Breaker.OPEN
             self.open_until = now + self.settings.cooldown
 
     def cancel_probe(self) -> None:
@@ -66,10 +68,10 @@ class CircuitBreaker:
     def _after_probe(self, success: bool) -> None:
         self.probing = False
         if success:
-            self.state, self.consecutive = "closed", 0
+            self.state, self.consecutive = Breaker.CLOSED, 0
             self.recent.clear()
         else:
-            self.state = "tripped"
+            self.state = Breaker.TRIPPED
 
     def _should_open(self) -> bool:
         s = self.settings

@@ -3,11 +3,17 @@ of raising, so that a config file's problems are all reported at once."""
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from minibatch.units import parse_size
+from minibatch.units import parse_duration, parse_size
+
+DEFAULT_HOOK_TIMEOUT = 10.0
+BAD_URL = "(unparsable URL)"
 
 
 class Checker:
@@ -100,3 +106,62 @@ def choice(c: Checker, key: str, choices: tuple[str, ...], default: str) -> str:
         c.error(key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
         return default
     return value
+
+
+# -- alerting hooks (fired by hooks.py) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hook:
+    command: str | None = None  # run by /bin/sh, like a crontab line
+    url: str | None = None  # receives a JSON POST
+    timeout: float = DEFAULT_HOOK_TIMEOUT
+
+
+def parse_hook(value: Any, where: str, errors: list[str]) -> Hook | None:
+    """`"cmd"`, `"https://..."` or `{ command = ..., url = ..., timeout = ... }`; {} means none."""
+    if isinstance(value, str):
+        value = {"url": value} if value.startswith(("http://", "https://")) else {"command": value}
+    if not isinstance(value, dict):
+        errors.append(f"{where}: expected a command, a URL or a table {{ command, url, timeout }}")
+        return None
+    for key in sorted(set(value) - {"command", "url", "timeout"}):
+        errors.append(f"{where}.{key}: unknown key (expected command, url, timeout)")
+    command, url = value.get("command"), value.get("url")
+    if command is not None and not (isinstance(command, str) and command.strip()):
+        errors.append(f"{where}.command: expected a non-empty string")
+    if url is not None:
+        _check_url(url, f"{where}.url", errors)
+    try:
+        timeout = parse_duration(value.get("timeout", DEFAULT_HOOK_TIMEOUT))
+    except ValueError as exc:
+        errors.append(f"{where}.timeout: {exc}")
+        timeout = DEFAULT_HOOK_TIMEOUT
+    if timeout <= 0:
+        errors.append(f"{where}.timeout: must be greater than zero")
+    if command is None and url is None:
+        return None
+    return Hook(command=command, url=url, timeout=timeout)
+
+
+def _check_url(url: Any, where: str, errors: list[str]) -> None:
+    """Errors name the URL without its secrets: a daemon logs a rejected reload's errors."""
+    if not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+        shown = url_label(url) if isinstance(url, str) else repr(url)
+        errors.append(f"{where}: expected an http:// or https:// URL, got {shown}")
+    elif re.search(r"[\x00-\x20\x7f]", url):
+        errors.append(f"{where}: contains whitespace or control characters ({url_label(url)})")
+    elif url_label(url) == BAD_URL or not urllib.parse.urlsplit(url).hostname:
+        errors.append(f"{where}: expected a host and, if any, a port from 0 to 65535")
+
+
+def url_label(url: str) -> str:
+    """What the log calls a URL: scheme://host:port/path, without user:password@, query or fragment."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return BAD_URL
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return urllib.parse.urlunsplit((parts.scheme, f"{host}:{port}" if port else host, parts.path, "", ""))

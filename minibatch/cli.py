@@ -99,9 +99,6 @@ def run_now(
     state: State, job: str, workers: int | None, memory_limit: int | None, fresh: bool, quiet: bool
 ) -> None:
     """Run JOB now, resuming its checkpoint; print a summary at the end."""
-    from minibatch.pool import warm_up
-
-    warm_up()  # the forkserver imports pyarrow and DuckDB while this process does the same
     from minibatch.progress import progress_listener
     from minibatch.runner import RunOptions, run_job
     from minibatch.summary import print_summary
@@ -119,9 +116,6 @@ def run_now(
 @click.pass_obj
 def retry(state: State, job: str, quiet: bool) -> None:
     """Run JOB again, including the chunks and files that were dead-lettered."""
-    from minibatch.pool import warm_up
-
-    warm_up()
     from minibatch.progress import progress_listener
     from minibatch.runner import RunOptions, run_job
     from minibatch.summary import print_summary
@@ -176,7 +170,7 @@ def list_jobs(state: State) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def status(state: State, job: str | None, as_json: bool) -> None:
-    """Last run of each job (or JOB): chunks done / failed / pending, rows, bytes, time."""
+    """Last run of each job (or JOB): chunks done / dead / pending, rows, bytes, time."""
     from minibatch.status import job_status
     from minibatch.summary import print_status
 
@@ -225,20 +219,12 @@ def report(state: State, job: str, run_id: str | None, output: str | None) -> No
 
     It opens offline in any browser. Prints the file's path.
     """
-    from pathlib import Path
-
-    from minibatch.manifest import Manifest
-    from minibatch.report import ReportError, default_report_path, write_report
+    from minibatch.report import ReportError, report_run
 
     config = state.config
     config.job(job)
-    manifest = Manifest(config.engine.state_dir / "manifest.duckdb")
     try:
-        run = manifest.run(job, run_id)
-        if run is None:
-            raise ReportError(f"no run {run_id} of {job}" if run_id else f"{job} has no runs yet")
-        path = Path(output) if output else default_report_path(config.engine.state_dir, job, run["run_id"])
-        click.echo(write_report(manifest, job, path, run["run_id"]))
+        click.echo(report_run(config.engine.state_dir, job, run_id, output))
     except ReportError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from minibatch.breaker import BreakerSettings
-from minibatch.checking import Checker, choice, positive_size, timezone_name
-from minibatch.hooks import Hook, parse_hook
+from minibatch.checking import Checker, Hook, choice, parse_hook, positive_size, timezone_name
 from minibatch.jobcode import JobCodeError, import_process, module_files
+from minibatch.layout import OutputLayout
 from minibatch.planner import InputError, find_inputs, glob_root
-from minibatch.results import OutputLayout
 from minibatch.units import parse_duration, parse_size
 
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -16,10 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from minibatch.config import Config, ConfigError, JobConfig, load_config
+from minibatch.config import Config, ConfigError, JobConfig, check_imports, load_config
+from minibatch.jobcode import code_paths
 from minibatch.lock import JobLocked
 from minibatch.log import get_logger
-from minibatch.manifest import Manifest
+from minibatch.manifest import Manifest, manifest_path
 from minibatch.metrics import Metrics
 from minibatch.notify import Notifier
 from minibatch.schedule import next_fire_times, parse_crontab
@@ -39,7 +40,7 @@ def check_permissions(config: Config) -> None:
     paths = [config.path, config.base_dir]
     for job in config.jobs.values():
         if job.process:
-            paths += _module_files(config.base_dir, job.process.partition(":")[0])
+            paths += code_paths(config.base_dir, job.process)
     paths.append(config.engine.state_dir)  # the manifest, locks and reports
     errors = [
         f"{path} is writable by group or others; refusing to run it (chmod go-w {path})"
@@ -48,26 +49,6 @@ def check_permissions(config: Config) -> None:
     ]
     if errors:
         raise ConfigError(errors)
-
-
-def _module_files(base_dir: Path, module: str) -> list[Path]:
-    """The existing files and directories an import of `module` from base_dir may read: each
-    package's directory, __init__ and __pycache__, the module's file (source, bytecode or
-    extension), and their cached bytecode. Namespace packages have no __init__."""
-    from importlib.machinery import all_suffixes
-
-    found: list[Path] = []
-    directory = base_dir
-    for name in module.split("."):
-        found += _module_candidates(directory, name, all_suffixes())
-        directory = directory / name
-        found += [directory, *_module_candidates(directory, "__init__", all_suffixes())]
-    return [path for path in found if path.exists()]
-
-
-def _module_candidates(directory: Path, name: str, suffixes: list[str]) -> list[Path]:
-    cache = directory / "__pycache__"
-    return [*(directory / f"{name}{suffix}" for suffix in suffixes), cache, *cache.glob(f"{name}.*.pyc")]
 
 
 def _writable_by_others(path: Path) -> bool:
@@ -80,8 +61,6 @@ def _writable_by_others(path: Path) -> bool:
 def load_daemon_config(path: str | None) -> Config:
     """The config, its permissions checked before any job module is imported."""
     config = load_config(path)
-    from minibatch.config import check_imports
-
     check_permissions(config)
     check_imports(config)
     return config
@@ -93,7 +72,7 @@ class Daemon:
         self.config_path = config_path
         self.notifier = notifier or Notifier.from_env()
         self.metrics = Metrics()
-        self.manifest = Manifest(config.engine.state_dir / "manifest.duckdb")
+        self.manifest = Manifest(manifest_path(config.engine.state_dir))
         self.active: dict[str, StopSignals] = {}
         self.waiting: set[str] = set()  # fired, waiting for their dependencies
         self.lock = threading.Lock()

@@ -21,13 +21,13 @@ import time
 from multiprocessing.connection import Pipe, wait
 from typing import TYPE_CHECKING, Any
 
-from minibatch.pool import QUEUE_DEPTH, Failed, Finished, Lost, PoolBroken, Started
+from minibatch.pool import QUEUE_DEPTH
+from minibatch.states import ErrorKind
+from minibatch.tasks import Failed, Finished, Lost, PoolBroken, PoolEvent, Started, Task, TaskError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
-    from minibatch.pool import Event
-    from minibatch.worker import Task, TaskError
 
 # One topic for all runs: the scheduler keeps every topic it has seen (and 1000 events each).
 TOPIC = "minibatch-started"
@@ -106,9 +106,9 @@ class DaskPool:
         with self._inbox_lock, contextlib.suppress(OSError):  # closed: the pool is gone
             self._inbox_w.send(message)
 
-    def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[Event]:
+    def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[PoolEvent]:
         ready = wait([self._inbox_r, *extra], timeout)
-        events: list[Event] = []
+        events: list[PoolEvent] = []
         if self._inbox_r in ready:
             while self._inbox_r.poll():
                 kind, payload = self._inbox_r.recv()
@@ -118,7 +118,7 @@ class DaskPool:
                     events.extend(self._collect(payload))
         return events
 
-    def _started(self, task_id: int, pid: int, at: float) -> list[Event]:
+    def _started(self, task_id: int, pid: int, at: float) -> list[PoolEvent]:
         if task_id not in self._futures:
             return []  # finished, killed or cancelled meanwhile
         if task_id in self._running:  # run again after its worker died: time it from now
@@ -126,12 +126,12 @@ class DaskPool:
             return []
         return self._start(task_id, pid, at)
 
-    def _start(self, task_id: int, pid: int, at: float) -> list[Event]:
+    def _start(self, task_id: int, pid: int, at: float) -> list[PoolEvent]:
         slot = self._lanes.setdefault(pid, len(self._lanes))  # one timeline lane per worker process
         self._running[task_id] = time.monotonic()
         return [Started(task_id, pid, slot, at)]
 
-    def _collect(self, task_id: int) -> list[Event]:
+    def _collect(self, task_id: int) -> list[PoolEvent]:
         from distributed.client import FutureCancelledError
 
         future = self._futures.pop(task_id)
@@ -144,7 +144,7 @@ class DaskPool:
             return [Lost(task_id)]  # cancelled before it ran (a stop): not its fault
         except Exception as exc:  # KilledWorker: it took workers down with it, more than once
             self._running.pop(task_id, None)
-            return [Failed(task_id, _error("died", exc))]
+            return [Failed(task_id, _error(ErrorKind.DIED, exc))]
         # its start event may be late (then ignored) or lost: the result says when it started
         events = [] if task_id in self._running else self._start(task_id, pid, at)
         self._running.pop(task_id, None)
@@ -157,7 +157,8 @@ class DaskPool:
         now = time.monotonic() if now is None else now
         return [task_id for task_id, at in self._running.items() if now - at > timeout]
 
-    def kill(self, task_id: int, error: TaskError) -> list[Event]:
+    def kill(self, handle: int, error: TaskError) -> list[PoolEvent]:
+        task_id = handle
         if self._futures[task_id].done():  # it finished just now: its result stands
             return self._collect(task_id)
         future = self._futures.pop(task_id)
@@ -208,7 +209,5 @@ class DaskPool:
         self._inbox_w.close()
 
 
-def _error(kind: str, exc: BaseException) -> TaskError:
-    from minibatch.worker import TaskError
-
+def _error(kind: ErrorKind, exc: BaseException) -> TaskError:
     return TaskError(kind=kind, type=type(exc).__name__, message=str(exc), traceback="")

@@ -1,39 +1,56 @@
-"""The coordinator's loop: admit chunks within the memory budget, retry, time out, stop."""
+"""The coordinator's loop: admit chunks within the memory budget, retry, time out, stop.
+
+It owns what happens to a chunk between the plan and the ledger: it hands tasks to a pool,
+publishes finished results through the result store and reports every outcome to the
+ledger. The clock, the random source and the pool are injected: tests drive the loop with an
+in-process pool and a fake clock, in milliseconds.
+"""
 
 from __future__ import annotations
 
 import heapq
 import itertools
 import random
-import time
 from collections import deque
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from minibatch.breaker import CircuitBreaker
+from minibatch.clock import SYSTEM, Clock
+from minibatch.events import RunEvents
+from minibatch.layout import part_name, staged_name
+from minibatch.ledger import Ledger
 from minibatch.manifest import AttemptRecord
 from minibatch.planner import Chunk
-from minibatch.pool import Failed, Finished, Lost, MemoryBudget, Pool, PoolBroken, Started, WorkerPool
-from minibatch.results import SchemaGate, part_name, publish, staged_name
+from minibatch.results import ResultStore, SchemaGate
+from minibatch.signals import StopSignals
+from minibatch.states import Breaker, ErrorKind, EventKind, Outcome
+from minibatch.tasks import (
+    Failed,
+    Finished,
+    JobSpec,
+    Lost,
+    Pool,
+    PoolBroken,
+    PoolEvent,
+    Started,
+    Task,
+    TaskError,
+    TaskResult,
+)
 from minibatch.units import MAX_SIZE
-from minibatch.worker import JobSpec, SchemaMismatch, Task, TaskError, TaskResult, check_schema
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
     from minibatch.config import JobConfig
-    from minibatch.runner import Run
-    from minibatch.signals import StopSignals
 
-FLUSH_INTERVAL = 1.0  # seconds between manifest commits of finished chunks
 BACKOFF_CAP = 60.0
 MEMORY_FACTOR = 2.0  # working memory of a chunk ~ its uncompressed input + its result
 
 
-def backoff(attempt: int, base: float, cap: float = BACKOFF_CAP) -> float:
+def backoff(attempt: int, base: float, cap: float = BACKOFF_CAP, rng: random.Random | None = None) -> float:
     """Full-jitter exponential backoff before attempt number `attempt + 1`."""
-    return random.uniform(0, min(cap, base * 2 ** min(attempt - 1, 64)))
+    return (rng or random).uniform(0, min(cap, base * 2 ** min(attempt - 1, 64)))
 
 
 def memory_estimate(chunk: Chunk) -> int:
@@ -47,6 +64,8 @@ def open_pool(job: JobConfig, todo: int) -> Pool:
 
         assert job.dask_scheduler is not None
         return DaskPool(job.dask_scheduler, limit=todo)
+    from minibatch.pool import WorkerPool
+
     return WorkerPool(min(job.workers, todo), worker_memory_cap(job))
 
 
@@ -57,78 +76,117 @@ def worker_memory_cap(job: JobConfig) -> int:
     return min(2 * 2**30 + 4 * job.memory_limit // job.workers, MAX_SIZE)
 
 
+class MemoryBudget:
+    """Admission: reserve a chunk's estimated bytes before submit, release when it completes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self.peak = 0
+
+    def fits(self, nbytes: int) -> bool:
+        return self.in_flight == 0 or self.in_flight + nbytes <= self.limit
+
+    def reserve(self, nbytes: int) -> None:
+        self.in_flight += nbytes
+        self.peak = max(self.peak, self.in_flight)
+
+    def release(self, nbytes: int) -> None:
+        self.in_flight -= nbytes
+
+
 @dataclass
 class _InFlight:
     chunk: Chunk
-    attempt: int
+    attempt: int  # 0: a result staged by an earlier run, salvaged
     reserved: int
     admitted_at: float  # unix time
     started: Started | None = None
 
 
 _Done = tuple[_InFlight, TaskResult]
+BREAKER_EVENTS = {
+    Breaker.OPEN: EventKind.BREAKER_OPEN,
+    Breaker.HALF_OPEN: EventKind.BREAKER_HALF_OPEN,
+    Breaker.CLOSED: EventKind.BREAKER_CLOSED,
+    Breaker.TRIPPED: EventKind.BREAKER_TRIPPED,
+}
+
+
+@dataclass
+class Execution:
+    """What the loop leaves for the run's record."""
+
+    workers: int = 0
+    stopped: bool = False
+    error: str | None = None  # why the run cannot finish: breaker, lost cluster
+    changed: set[str] = field(default_factory=set)  # input files rewritten under the run
+    removed: dict[str, int] = field(default_factory=dict)  # input files removed -> their chunks
+    busy_seconds: float = 0.0  # summed over attempts, for the run's worker utilisation
+    peak_in_flight: int = 0  # the most budget bytes reserved at once
 
 
 class Executor:
     def __init__(
-        self, run: Run, todo: list[Chunk], signals: StopSignals, salvaged: list[tuple[Chunk, TaskResult]]
+        self,
+        job: JobConfig,
+        spec: JobSpec,
+        run_id: str,
+        *,
+        store: ResultStore,
+        ledger: Ledger,
+        events: RunEvents,
+        signals: StopSignals,
+        pool_factory: Callable[[int], Pool],
+        clock: Clock = SYSTEM,
+        rng: random.Random | None = None,
     ) -> None:
-        self.owner = run
-        self.job = run.job
-        self.signals = signals
-        self.salvaged = salvaged
-        done = {chunk.chunk_id for chunk, _ in salvaged}
-        self.pending: deque[Chunk] = deque(c for c in todo if c.chunk_id not in done)
+        self.job, self.spec, self.run_id = job, spec, run_id
+        self.store, self.ledger, self.events, self.signals = store, ledger, events, signals
+        self.pool_factory, self.clock, self.rng = pool_factory, clock, rng
+        self.pending: deque[Chunk] = deque()
         self.retry_at: list[tuple[float, int, Chunk]] = []  # heap of (ready time, seq, chunk)
         self.attempts: dict[str, int] = {}
         self.in_flight: dict[int, _InFlight] = {}
-        self.budget = MemoryBudget(self.job.memory_limit)
+        self.budget = MemoryBudget(job.memory_limit)
         self.ids = itertools.count()
-        self.stopped = False
-        self.error: str | None = None  # why the run cannot finish: breaker, lost cluster
         self.stop_deadline: float | None = None
-        self.last_flush = time.monotonic()
-        self.spec = JobSpec(
-            name=self.job.name,
-            process=self.job.process,
-            sql=self.job.sql,
-            columns=self.job.columns,
-            base_dir=str(run.config.base_dir),
-            parts_dir=str(run.layout.parts),
-            staging_dir=str(run.layout.staging),
-            definition=run.definition,
-        )
-        self.pool: Pool | None = None
-        self.breaker = CircuitBreaker(self.job.breaker)
+        self.breaker = CircuitBreaker(job.breaker)
         self.probe: int | None = None  # the task let through by a half-open breaker
-        # the output's schema, and the results waiting for it to be decided
-        self.gate: SchemaGate[_Done] = SchemaGate(run.schema, [c.chunk_id for c in todo])
-        self.empty_schema: pa.Schema | None = None  # of a result without rows, for an empty reduce
-        self.changed: set[str] = set()  # input files rewritten under the run
-        self.removed: dict[str, int] = {}  # input files removed under the run -> chunks of them
-        self.busy_seconds = 0.0  # summed over attempts, for the run's worker utilisation
+        self.gate: SchemaGate[_Done]  # the output's schema, and results waiting for it
+        self.pool: Pool
+        self.out = Execution()
 
-    def run(self) -> None:
-        for chunk, result in self.salvaged:  # attempt 0: computed by an earlier run's worker
-            self._finished(_InFlight(chunk, 0, 0, time.time()), result, probe=False)
-        if not (self.pending or self.retry_at):
-            return
+    def run(self, todo: list[Chunk], salvaged: Sequence[tuple[Chunk, TaskResult]] = ()) -> Execution:
+        """Run `todo` to the end (or a stop); `salvaged` are finished results of earlier runs."""
+        self.gate = self.store.gate(c.chunk_id for c in todo)
+        done = {chunk.chunk_id for chunk, _ in salvaged}
+        self.pending.extend(c for c in todo if c.chunk_id not in done)
+        for chunk, result in salvaged:
+            self._finished(_InFlight(chunk, 0, 0, self.clock.time()), result, probe=False)
+        if self.pending or self.retry_at:
+            self._loop()
+        self.out.peak_in_flight = self.budget.peak
+        return self.out
+
+    def _loop(self) -> None:
         try:
-            self.pool = open_pool(self.job, len(self.pending) + len(self.retry_at))
+            pool = self.pool = self.pool_factory(len(self.pending) + len(self.retry_at))
+            self.out.workers = pool.size
             try:
                 while self._work_left():
                     self._admit()
                     self._step()
             finally:
-                self.pool.terminate()  # idle now, or stopping at once: nothing left to wait for
+                pool.terminate()  # idle now, or stopping at once: nothing left to wait for
         except PoolBroken as exc:  # chunks in flight are not recorded: the next run does them
-            self.error = f"{exc}; {len(self.in_flight) + len(self.pending)} chunks left to do"
+            self.out.error = f"{exc}; {len(self.in_flight) + len(self.pending)} chunks left to do"
             return
         # in_flight is non-empty when the grace period ran out or a second signal came
-        self.stopped = self.signals.requested and bool(self.pending or self.retry_at or self.in_flight)
+        self.out.stopped = self.signals.requested and bool(self.pending or self.retry_at or self.in_flight)
         if self.breaker.tripped:
             untried = len({c.chunk_id for c in self.pending} | {c.chunk_id for _, _, c in self.retry_at})
-            self.error = (
+            self.out.error = (
                 f"circuit breaker opened ({self.breaker.reason}) and the trial chunk after the "
                 f"{self.job.breaker.cooldown:g}s cool-down failed too; {untried} chunks left pending"
             )
@@ -141,36 +199,39 @@ class Executor:
         return bool(self.pending or self.retry_at or self.in_flight)
 
     def _grace_over(self) -> bool:
-        return self.stop_deadline is not None and time.monotonic() > self.stop_deadline
+        return self.stop_deadline is not None and self.clock.monotonic() > self.stop_deadline
+
+    # -- admission ------------------------------------------------------------------------------
 
     def _admit(self) -> None:
         if self.signals.requested:
             return
-        now = time.monotonic()
+        now = self.clock.monotonic()
         while self.retry_at and self.retry_at[0][0] <= now:
             self.pending.appendleft(heapq.heappop(self.retry_at)[2])
         while self.pending and self.pool.has_room():
             chunk = self.pending[0]
             need = memory_estimate(chunk)
-            if not self.budget.fits(need):
-                break
-            if not self.breaker.allow(now):
+            if not self.budget.fits(need) or not self.breaker.allow(now):
                 break
             self.pending.popleft()
             task_id = self._submit(chunk, need)
-            if self.breaker.state == "half_open":
+            if self.breaker.state == Breaker.HALF_OPEN:
                 self.probe = task_id
 
     def _submit(self, chunk: Chunk, need: int) -> int:
         attempt = self.attempts.get(chunk.chunk_id, 0) + 1
         task_id = next(self.ids)
         self.budget.reserve(need)
-        self.in_flight[task_id] = _InFlight(chunk, attempt, need, time.time())
-        run_id = self.owner.record.run_id
+        self.in_flight[task_id] = _InFlight(chunk, attempt, need, self.clock.time())
         name = part_name(chunk.chunk_id)
-        staged = staged_name(name, run_id, attempt)
-        self.pool.submit(Task(task_id, chunk, self.spec, run_id, attempt, name, staged, self.gate.schema))
+        staged = staged_name(name, self.run_id, attempt)
+        self.pool.submit(
+            Task(task_id, chunk, self.spec, self.run_id, attempt, name, staged, self.gate.schema)
+        )
         return task_id
+
+    # -- waiting --------------------------------------------------------------------------------
 
     def _step(self) -> None:
         events = self.pool.poll(self._wait_time(), extra=[self.signals.wakeup])
@@ -178,164 +239,143 @@ class Executor:
         for event in events:
             self._handle(event)
         self._kill_overdue()
-        if time.monotonic() - self.last_flush > FLUSH_INTERVAL:
-            self.owner.flush(wait=False)
-            self.last_flush = time.monotonic()
+        self.ledger.tick()
 
     def _wait_time(self) -> float:
-        now = time.monotonic()
-        deadlines = [self.last_flush + FLUSH_INTERVAL, now + 1.0]
+        now = self.clock.monotonic()
+        deadlines = [self.ledger.next_flush(), now + 1.0]
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
         elif self.retry_at:  # once stopping, due retries are not admitted: don't wake for them
             deadlines.append(self.retry_at[0][0])
-        if self.breaker.state == "open" and self.breaker.open_until > now:
+        if self.breaker.state == Breaker.OPEN and self.breaker.open_until > now:
             deadlines.append(self.breaker.open_until)
         return max(0.0, min(deadlines) - now)
 
     def _on_signals(self) -> None:
         self.signals.drain()
         if self.signals.requested and self.stop_deadline is None:
-            self.stop_deadline = time.monotonic() + self.job.stop_grace
+            self.stop_deadline = self.clock.monotonic() + self.job.stop_grace
             self.pool.stop_starting()
-            self.owner.emit(
-                "stop_requested",
-                signal=self.signals.last,
-                in_flight=len(self.in_flight),
+            self.events(
+                EventKind.STOP_REQUESTED, signal=self.signals.last, in_flight=len(self.in_flight),
                 grace_seconds=self.job.stop_grace,
-            )
+            )  # fmt: skip
 
-    def _handle(self, event: Started | Finished | Failed | Lost) -> None:
+    def _kill_overdue(self) -> None:
+        for handle in self.pool.overdue(self.job.timeout, self.clock.monotonic()):
+            error = TaskError(
+                kind=ErrorKind.TIMEOUT, type="ChunkTimeout",
+                message=f"chunk attempt exceeded timeout of {self.job.timeout:g}s", traceback="",
+            )  # fmt: skip
+            for event in self.pool.kill(handle, error):
+                self._handle(event)
+
+    # -- outcomes -------------------------------------------------------------------------------
+
+    def _handle(self, event: PoolEvent) -> None:
         if not isinstance(event, Started):
             self._complete(event)
             return
         item = self.in_flight[event.task_id]
         item.started = event
-        self.owner.emit(
-            "chunk_started",
-            chunk=item.chunk.chunk_id,
-            attempt=item.attempt,
-            pid=event.pid,
-            in_flight=self.budget.in_flight,
-            budget=self.budget.limit,
-        )
+        self.events(
+            EventKind.CHUNK_STARTED, chunk=item.chunk.chunk_id, attempt=item.attempt, pid=event.pid,
+            in_flight=self.budget.in_flight, budget=self.budget.limit,
+        )  # fmt: skip
 
     def _complete(self, event: Finished | Failed | Lost) -> None:
         item = self.in_flight.pop(event.task_id)
         self.budget.release(item.reserved)
         probe = event.task_id == self.probe
-        if isinstance(event, Lost):
-            self.pending.appendleft(item.chunk)
-        elif isinstance(event, Finished):
+        if isinstance(event, Finished):
             self._finished(item, event.result, probe)
             return
-        elif event.error.kind not in ("input_changed", "input_removed"):
+        if isinstance(event, Lost):
+            self.pending.appendleft(item.chunk)
+        elif event.error.kind in (ErrorKind.INPUT_CHANGED, ErrorKind.INPUT_REMOVED):
+            self._input_changed(item, event.error)
+        else:
             self.attempts[item.chunk.chunk_id] = item.attempt
             self._breaker_failure(probe)
             self._failed(item, event.error)
             return
-        else:
-            self._input_changed(item, event.error)
         if probe:  # no outcome to judge the breaker by: let another chunk try
             self.breaker.cancel_probe()
 
     def _input_changed(self, item: _InFlight, error: TaskError) -> None:
         path = item.chunk.path
-        if error.kind == "input_removed":
-            self.removed[path] = self.removed.get(path, 0) + 1
+        if error.kind == ErrorKind.INPUT_REMOVED:
+            self.out.removed[path] = self.out.removed.get(path, 0) + 1
         else:
-            self.changed.add(path)
-        self._record_attempt(item, "input_changed", error=error)
-        self.owner.emit("chunk_input_changed", chunk=item.chunk.chunk_id, error=error.message)
+            self.out.changed.add(path)
+        self._record_attempt(item, Outcome.INPUT_CHANGED, error=error)
+        self.events(EventKind.CHUNK_INPUT_CHANGED, chunk=item.chunk.chunk_id, error=error.message)
         self._accept_all(self.gate.resolve(item.chunk.chunk_id))
 
     def _finished(self, item: _InFlight, result: TaskResult, probe: bool) -> None:
         """The worker is done; the result waits, staged, until the output schema is decided."""
         self.attempts[item.chunk.chunk_id] = item.attempt
-        self.breaker.record(True, time.monotonic(), probe)
-        if result.staged is None and result.schema is not None and self.empty_schema is None:
-            self.empty_schema = result.schema
+        self.breaker.record(True, self.clock.monotonic(), probe)
+        if result.staged is None and result.schema is not None and self.store.empty_schema is None:
+            self.store.empty_schema = result.schema
         rows_schema = result.schema if result.staged is not None else None
         self._accept_all(self.gate.offer(item.chunk.chunk_id, rows_schema, (item, result)))
 
     def _accept_all(self, released: list[_Done]) -> None:
+        self.store.schema = self.gate.schema
         for item, result in released:
             self._accept(item, result)
 
     def _accept(self, item: _InFlight, result: TaskResult) -> None:
-        error = self._publish(result) if result.staged else None
+        error = self.store.publish(result) if result.staged else None
         if error is not None:
             self._breaker_failure(False)
             self._failed(item, error, result)
             return
-        self._record_attempt(item, "done", result)
-        self.owner.chunk_done(item.chunk, item.attempt, result, self.budget.in_flight)
-
-    def _publish(self, result: TaskResult) -> TaskError | None:
-        """Make a staged result visible, if it has the output's schema. The coordinator alone
-        renames results into the output, while it holds the job lock: the fence."""
-        assert result.staged is not None and result.output_file is not None
-        staged = Path(result.staged)
-        try:
-            if self.gate.schema is not None and result.schema is not None:
-                check_schema(result.schema, self.gate.schema)
-        except SchemaMismatch as exc:
-            staged.unlink(missing_ok=True)
-            return TaskError(kind="error", type="SchemaMismatch", message=str(exc), traceback="")
-        publish(staged, self.owner.layout.parts / result.output_file)
-        return None
+        self._record_attempt(item, Outcome.DONE, result)
+        self.ledger.done(item.chunk, item.attempt, result, self.budget.in_flight)
 
     def _breaker_failure(self, probe: bool) -> None:
         was = self.breaker.state
-        self.breaker.record(False, time.monotonic(), probe)
+        self.breaker.record(False, self.clock.monotonic(), probe)
         if self.breaker.state != was:
-            self.owner.emit(
-                f"breaker_{self.breaker.state}",
-                reason=self.breaker.reason,
-                cooldown=self.job.breaker.cooldown,
-                pending=len(self.pending),
-            )
+            self.events(
+                BREAKER_EVENTS[self.breaker.state], reason=self.breaker.reason,
+                cooldown=self.job.breaker.cooldown, pending=len(self.pending),
+            )  # fmt: skip
 
     def _failed(self, item: _InFlight, error: TaskError, result: TaskResult | None = None) -> None:
         if item.attempt > self.job.retries:
-            self._record_attempt(item, "dead", result, error)
-            self.owner.chunk_dead(item.chunk, item.attempt, error, self.budget.in_flight)
+            self._record_attempt(item, Outcome.DEAD, result, error)
+            self.ledger.dead_letter(item.chunk, item.attempt, error, self.budget.in_flight)
             self._accept_all(self.gate.resolve(item.chunk.chunk_id))
             return
-        self._record_attempt(item, "retried", result, error)
-        delay = backoff(item.attempt, self.job.retry_backoff)
-        heapq.heappush(self.retry_at, (time.monotonic() + delay, next(self.ids), item.chunk))
-        self.owner.emit(
-            "chunk_retry",
-            chunk=item.chunk.chunk_id,
-            label=item.chunk.label,
-            attempt=item.attempt,
-            delay=round(delay, 3),
-            error=f"{error.type}: {error.message}",
-            in_flight=self.budget.in_flight,
-        )
+        self._record_attempt(item, Outcome.RETRIED, result, error)
+        delay = backoff(item.attempt, self.job.retry_backoff, rng=self.rng)
+        heapq.heappush(self.retry_at, (self.clock.monotonic() + delay, next(self.ids), item.chunk))
+        self.events(
+            EventKind.CHUNK_RETRY, chunk=item.chunk.chunk_id, label=item.chunk.label, attempt=item.attempt,
+            delay=round(delay, 3), error=f"{error.type}: {error.message}", in_flight=self.budget.in_flight,
+        )  # fmt: skip
 
     def _record_attempt(
-        self, item: _InFlight, outcome: str, result: TaskResult | None = None, error: TaskError | None = None
+        self,
+        item: _InFlight,
+        outcome: Outcome,
+        result: TaskResult | None = None,
+        error: TaskError | None = None,
     ) -> None:
         if item.attempt == 0:
             return  # a salvaged result: its attempt belongs to the run that computed it
-        started = item.started
-        ended = time.time()
+        started, ended = item.started, self.clock.time()
         record = AttemptRecord(
-            job=self.job.name,
-            run_id=self.owner.record.run_id,
-            chunk_id=item.chunk.chunk_id,
-            attempt=item.attempt,
-            label=item.chunk.label,
-            slot=started.slot if started else None,
-            pid=started.pid if started else None,
-            admitted_at=item.admitted_at,
-            started_at=started.at if started else None,
-            ended_at=ended,
-            outcome=outcome,
+            job=self.job.name, run_id=self.run_id, chunk_id=item.chunk.chunk_id, attempt=item.attempt,
+            label=item.chunk.label, slot=started.slot if started else None,
+            pid=started.pid if started else None, admitted_at=item.admitted_at,
+            started_at=started.at if started else None, ended_at=ended, outcome=outcome,
             reserved_bytes=item.reserved,
-        )
+        )  # fmt: skip
         if result is not None:
             record.read_seconds = result.read_seconds
             record.compute_seconds = result.compute_seconds
@@ -347,16 +387,5 @@ class Executor:
             record.error_type, record.error_message = error.type, error.message
             record.traceback = error.traceback or None
         if started is not None:
-            self.busy_seconds += max(0.0, ended - started.at)
-        self.owner.pending_attempts.append(record)
-
-    def _kill_overdue(self) -> None:
-        for handle in self.pool.overdue(self.job.timeout):  # a slot here, a task on Dask
-            error = TaskError(
-                kind="timeout",
-                type="ChunkTimeout",
-                message=f"chunk attempt exceeded timeout of {self.job.timeout:g}s",
-                traceback="",
-            )
-            for event in self.pool.kill(handle, error):
-                self._handle(event)
+            self.out.busy_seconds += max(0.0, ended - started.at)
+        self.ledger.attempt(record)

@@ -20,93 +20,58 @@ import socket
 import subprocess
 import threading
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minibatch.units import parse_duration
+from minibatch.checking import Hook, url_label
+from minibatch.config import Config, JobConfig
+from minibatch.events import Event, Listener
+from minibatch.log import get_logger
+from minibatch.manifest import Manifest, RunRecord, manifest_path
+from minibatch.states import RunStatus
 
-DEFAULT_TIMEOUT = 10.0
 OUTPUT_LIMIT = 2000  # characters of a command's output kept in the log
 KEEP_REPORTS = 50  # per job: reports written for hooks are ~5 MB each
 KILLED_OUTPUT_WAIT = 1.0  # seconds to collect a killed command's last output
 ASSIGNMENT_RE = re.compile(r"^[A-Za-z_]\w*=")  # FOO=bar before a command
-BAD_URL = "(unparsable URL)"
 
 
-@dataclass(frozen=True)
-class Hook:
-    command: str | None = None  # run by /bin/sh, like a crontab line
-    url: str | None = None  # receives a JSON POST
-    timeout: float = DEFAULT_TIMEOUT
+class HookListener(Listener):
+    """Fires the job's on_failure or on_success hook once its run has ended and released the
+    job's lock (so a hook may start the next run). A run stopped by a signal fires neither."""
+
+    def __init__(self, config: Config, job: JobConfig) -> None:
+        self.config = config
+        self.job = job
+
+    def run_ended(self, event: Event) -> None:
+        record: RunRecord = event.data["record"]
+        if record.status in (RunStatus.FAILED, RunStatus.CRASHED):
+            hook, name = self.job.on_failure, "on_failure"
+        elif record.status == RunStatus.SUCCEEDED:
+            hook, name = self.job.on_success, "on_success"
+        else:
+            return
+        if hook is None:
+            return
+        try:
+            facts = describe_run(
+                record, self.config.path, _write_report(self.config.engine.state_dir, record)
+            )
+            fire(hook, name, facts, self.config.base_dir)
+        except Exception as exc:  # the boundary: whatever a hook does, the run's outcome stands
+            get_logger(job=record.job, run_id=record.run_id).warning(
+                "hook_failed", hook=name, error=repr(exc)
+            )
 
 
-def parse_hook(value: Any, where: str, errors: list[str]) -> Hook | None:
-    """`"cmd"`, `"https://..."` or `{ command = ..., url = ..., timeout = ... }`; {} means none."""
-    if isinstance(value, str):
-        value = {"url": value} if value.startswith(("http://", "https://")) else {"command": value}
-    if not isinstance(value, dict):
-        errors.append(f"{where}: expected a command, a URL or a table {{ command, url, timeout }}")
-        return None
-    for key in sorted(set(value) - {"command", "url", "timeout"}):
-        errors.append(f"{where}.{key}: unknown key (expected command, url, timeout)")
-    command, url = value.get("command"), value.get("url")
-    if command is not None and not (isinstance(command, str) and command.strip()):
-        errors.append(f"{where}.command: expected a non-empty string")
-    if url is not None:
-        _check_url(url, f"{where}.url", errors)
-    try:
-        timeout = parse_duration(value.get("timeout", DEFAULT_TIMEOUT))
-    except ValueError as exc:
-        errors.append(f"{where}.timeout: {exc}")
-        timeout = DEFAULT_TIMEOUT
-    if timeout <= 0:
-        errors.append(f"{where}.timeout: must be greater than zero")
-    if command is None and url is None:
-        return None
-    return Hook(command=command, url=url, timeout=timeout)
-
-
-def _check_url(url: Any, where: str, errors: list[str]) -> None:
-    """Errors name the URL without its secrets: a daemon logs a rejected reload's errors."""
-    if not (isinstance(url, str) and url.startswith(("http://", "https://"))):
-        shown = url_label(url) if isinstance(url, str) else repr(url)
-        errors.append(f"{where}: expected an http:// or https:// URL, got {shown}")
-    elif re.search(r"[\x00-\x20\x7f]", url):
-        errors.append(f"{where}: contains whitespace or control characters ({url_label(url)})")
-    elif url_label(url) == BAD_URL or not urllib.parse.urlsplit(url).hostname:
-        errors.append(f"{where}: expected a host and, if any, a port from 0 to 65535")
-
-
-def notify_run(config: Any, job: Any, record: Any) -> None:
-    """Fire the job's on_failure or on_success hook for a finished run (`record`: RunRecord)."""
-    if record.status in ("failed", "crashed"):
-        hook, event = job.on_failure, "on_failure"
-    elif record.status == "succeeded":
-        hook, event = job.on_success, "on_success"
-    else:  # stopped by a signal: neither
-        return
-    if hook is None:
-        return
-    try:
-        facts = describe_run(record, config.path, _write_report(config, record))
-        fire(hook, event, facts, config.base_dir)
-    except Exception as exc:  # the boundary: whatever a hook does, the run's outcome stands
-        from minibatch.log import get_logger
-
-        get_logger(job=record.job, run_id=record.run_id).warning("hook_failed", hook=event, error=repr(exc))
-
-
-def _write_report(config: Any, record: Any) -> Path | None:
+def _write_report(state_dir: Path, record: RunRecord) -> Path | None:
     """The run's HTML report, for the hook to link to; a failure here must not stop the hook."""
-    from minibatch.log import get_logger
-    from minibatch.manifest import Manifest
-    from minibatch.report import default_report_path, write_report
+    from minibatch.report import default_report_path, write_report  # plotly: only when a hook fires
 
-    state_dir = config.engine.state_dir
     path = default_report_path(state_dir, record.job, record.run_id)
     try:
-        written = write_report(Manifest(state_dir / "manifest.duckdb"), record.job, path, record.run_id)
+        written = write_report(Manifest(manifest_path(state_dir)), record.job, path, record.run_id)
         _prune(path.parent)
         return written
     except Exception as exc:
@@ -142,8 +107,6 @@ def describe_run(record: Any, config_path: Path, report: Path | None) -> dict[st
 
 
 def fire(hook: Hook, event: str, facts: dict[str, Any], cwd: Path) -> None:
-    from minibatch.log import get_logger  # not at the top: config.py imports this module
-
     log = get_logger(job=facts["job"], run_id=facts["run_id"])
     if hook.command:
         _run_command(hook, event, facts, cwd, log)
@@ -162,18 +125,6 @@ def command_label(command: str) -> str:
     if not words:
         return "sh"
     return f"{words[0]} ..." if len(words) > 1 else words[0]
-
-
-def url_label(url: str) -> str:
-    """What the log calls a URL: scheme://host:port/path, without user:password@, query or fragment."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return BAD_URL
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    return urllib.parse.urlunsplit((parts.scheme, f"{host}:{port}" if port else host, parts.path, "", ""))
 
 
 def _redact(text: str, url: str) -> str:

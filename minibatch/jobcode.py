@@ -32,6 +32,29 @@ def module_files(base_dir: Path, process: str) -> list[Path]:
     return files
 
 
+def code_paths(base_dir: Path, process: str) -> list[Path]:
+    """Every existing file and directory an import of `process`'s module from base_dir may
+    read, for the daemon's strict modes: each package's directory, __init__ and __pycache__,
+    the module's file (source, bytecode or extension), and their cached bytecode."""
+    from importlib.machinery import all_suffixes
+
+    def candidates(directory: Path, name: str) -> list[Path]:
+        cache = directory / "__pycache__"
+        return [
+            *(directory / f"{name}{suffix}" for suffix in all_suffixes()),
+            cache,
+            *cache.glob(f"{name}.*.pyc"),
+        ]
+
+    found: list[Path] = []
+    directory = base_dir
+    for name in process.partition(":")[0].split("."):
+        found += candidates(directory, name)
+        directory = directory / name
+        found += [directory, *candidates(directory, "__init__")]
+    return [path for path in found if path.exists()]
+
+
 def import_process(process: str, base_dir: Path) -> Callable[..., Any]:
     """Import `module:function` with the config directory first on sys.path."""
     module_name, _, func_name = process.partition(":")

@@ -1,14 +1,17 @@
-"""The DuckDB manifest: runs, chunks, bad files. The only module that talks to DuckDB's file.
+"""The DuckDB manifest: the only module that talks to DuckDB's file.
 
-DuckDB lets one process hold the file for writing and no other process open it meanwhile,
-so every user (a run's coordinator, `status`, another job's run) opens it briefly and
-retries while someone else has it. Runs buffer chunk records and commit them in batches.
+Its schema is `schema.sql`; every query it runs is a named query in `queries.sql`, with
+parameters only. DuckDB lets one process hold the file for writing and no other process open
+it meanwhile, so every user (a run's coordinator, `status`, another job's run) opens it
+briefly and retries while someone else has it. Runs buffer records and commit them in batches
+(see ledger.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -17,10 +20,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from minibatch.states import ChunkStatus, Outcome, RunStatus
+
 if TYPE_CHECKING:
     import duckdb
 
 SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
+
+
+def _named_queries(text: str) -> dict[str, str]:
+    """`-- name: x` starts query x; it runs to the next name."""
+    parts = re.split(r"^-- name: (\w+)\n", text, flags=re.MULTILINE)
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+Q = _named_queries((Path(__file__).with_name("queries.sql")).read_text())
 # One thread: each connection is short-lived, and DuckDB starts (and joins) a thread per core
 # on every open otherwise.
 CONNECT_CONFIG = {"threads": 1}
@@ -46,7 +60,7 @@ class ChunkRecord:
     fingerprint: str
     row_start: int
     row_end: int
-    status: str  # done | dead
+    status: ChunkStatus
     run_id: str
     attempts: int
     rows_in: int = 0
@@ -67,7 +81,7 @@ class RunRecord:
     job: str
     pid: int
     started_at: float
-    status: str = "running"  # running | succeeded | failed | stopped | crashed
+    status: RunStatus = RunStatus.RUNNING
     ended_at: float | None = None
     chunks_total: int = 0
     chunks_done: int = 0  # done in this run
@@ -102,7 +116,7 @@ class AttemptRecord:
     admitted_at: float  # unix times; stored as TIMESTAMPTZ
     started_at: float | None
     ended_at: float
-    outcome: str  # done | retried | dead | input_changed
+    outcome: Outcome
     reserved_bytes: int
     read_seconds: float | None = None
     compute_seconds: float | None = None
@@ -128,11 +142,8 @@ MIGRATE_DEADLINE = 2.0  # seconds a reader waits to add new columns to an older 
 
 
 def _current(con: duckdb.DuckDBPyConnection) -> bool:
-    """Whether the file has this release's schema (its newest column)."""
-    rows = con.execute(
-        "SELECT 1 FROM duckdb_columns() WHERE table_name = 'runs' AND column_name = 'settings'"
-    ).fetchall()
-    return bool(rows)
+    """Whether the file has this release's schema."""
+    return bool(con.execute(Q["is_current"]).fetchall())
 
 
 class Manifest:
@@ -211,10 +222,10 @@ class Manifest:
     def start_run(self, run: RunRecord) -> None:
         with self.connect() as con:
             con.execute(
-                "UPDATE runs SET status = 'crashed', ended_at = now() WHERE job = ? AND status = 'running'",
-                [run.job],
+                Q["mark_crashed"],
+                {"job": run.job, "crashed": RunStatus.CRASHED, "running": RunStatus.RUNNING},
             )
-            self._upsert_run(con, run)
+            _insert(con, "runs", RUN_COLUMNS, [run])
 
     def commit(
         self, run: RunRecord, chunks: Sequence[ChunkRecord], attempts: Sequence[AttemptRecord] = ()
@@ -224,65 +235,53 @@ class Manifest:
             con.execute("BEGIN")
             _insert(con, "chunks", CHUNK_COLUMNS, chunks)
             _insert(con, "attempts", ATTEMPT_COLUMNS, attempts)
-            self._upsert_run(con, run)
+            _insert(con, "runs", RUN_COLUMNS, [run])
             con.execute("COMMIT")
-
-    def _upsert_run(self, con: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
-        _insert(con, "runs", RUN_COLUMNS, [run])
 
     # -- chunks and files -------------------------------------------------------------------
 
     def chunk_states(self, job: str) -> dict[str, tuple[str, str | None]]:
         """chunk_id -> (status, output_file) for every chunk the manifest holds for a job."""
         with self.connect() as con:
-            rows = con.execute(
-                "SELECT chunk_id, status, output_file FROM chunks WHERE job = ?", [job]
-            ).fetchall()
+            rows = con.execute(Q["chunk_states"], {"job": job}).fetchall()
         return {chunk_id: (status, output) for chunk_id, status, output in rows}
 
     def forget_chunks(self, job: str, chunk_ids: Sequence[str]) -> None:
-        if not chunk_ids:
-            return
-        with self.connect() as con:
-            con.execute(
-                "DELETE FROM chunks WHERE job = ? AND chunk_id IN (SELECT unnest(?::VARCHAR[]))",
-                [job, list(chunk_ids)],
-            )
+        if chunk_ids:
+            with self.connect() as con:
+                con.execute(Q["forget_chunks"], {"job": job, "ids": list(chunk_ids)})
 
     def revive_dead(self, job: str) -> int:
         """Forget a job's dead letters and bad files so the next run tries them again."""
         with self.connect() as con:
-            (count,) = con.execute(
-                "SELECT count(*) FROM chunks WHERE job = ? AND status = 'dead'", [job]
-            ).fetchone()
-            con.execute("DELETE FROM chunks WHERE job = ? AND status = 'dead'", [job])
-            con.execute("DELETE FROM bad_files WHERE job = ?", [job])
-        return int(count)
+            row = con.execute(Q["count_dead"], {"job": job, "dead": ChunkStatus.DEAD}).fetchone()
+            con.execute(Q["forget_dead"], {"job": job, "dead": ChunkStatus.DEAD})
+            con.execute(Q["forget_bad_files"], {"job": job})
+        return int(row[0]) if row else 0
 
     def known_bad_files(self, job: str) -> set[tuple[str, str]]:
         with self.connect() as con:
-            rows = con.execute("SELECT file, fingerprint FROM bad_files WHERE job = ?", [job])
-            return {(file, fingerprint) for file, fingerprint in rows.fetchall()}
+            rows = con.execute(Q["known_bad_files"], {"job": job}).fetchall()
+        return {(file, fingerprint) for file, fingerprint in rows}
 
     def record_bad_files(self, job: str, run_id: str, bad: Sequence[Any]) -> None:
         with self.connect() as con:
             for item in bad:
-                con.execute(
-                    "INSERT OR REPLACE INTO bad_files (job, file, fingerprint, size, error, run_id, "
-                    "seen_at) VALUES (?, ?, ?, ?, ?, ?, now())",
-                    [job, item.path, item.fingerprint, item.size, item.error, run_id],
-                )
+                con.execute(Q["record_bad_file"], {
+                    "job": job, "file": item.path, "fingerprint": item.fingerprint, "size": item.size,
+                    "error": item.error, "run_id": run_id,
+                })  # fmt: skip
 
     def reset(self, job: str) -> None:
         with self.connect() as con:
-            for table in ("chunks", "bad_files", "reduce_state", "job_state"):
-                con.execute(f"DELETE FROM {table} WHERE job = ?", [job])
+            for query in ("reset_chunks", "forget_bad_files", "reset_reduce", "reset_job_state"):
+                con.execute(Q[query], {"job": job})
 
     # -- what a job's results were computed with ----------------------------------------------
 
     def job_state(self, job: str) -> dict[str, Any] | None:
         with self.connect() as con:
-            rows = _dicts(con.execute("SELECT * FROM job_state WHERE job = ?", [job]))
+            rows = _dicts(con.execute(Q["job_state"], {"job": job}))
         return rows[0] if rows else None
 
     def set_definition(self, job: str, definition: str, facts: str, forget: bool) -> None:
@@ -291,107 +290,78 @@ class Manifest:
         with self.connect() as con:
             con.execute("BEGIN")
             if forget:
-                con.execute("DELETE FROM chunks WHERE job = ?", [job])
-                con.execute("DELETE FROM job_state WHERE job = ?", [job])
-            con.execute(
-                "INSERT INTO job_state (job, definition, definition_facts, updated_at) "
-                "VALUES (?, ?, ?, now()) ON CONFLICT (job) DO UPDATE SET definition = excluded.definition, "
-                "definition_facts = excluded.definition_facts, updated_at = now()",
-                [job, definition, facts],
-            )
+                con.execute(Q["reset_chunks"], {"job": job})
+                con.execute(Q["reset_job_state"], {"job": job})
+            con.execute(Q["set_definition"], {"job": job, "definition": definition, "facts": facts})
             con.execute("COMMIT")
 
     def set_schemas(self, job: str, input_schema: str | None, output_schema: bytes | None) -> None:
         """Store the schemas decided for the job (None leaves a stored one as it is)."""
         with self.connect() as con:
-            con.execute(
-                "INSERT INTO job_state (job, input_schema, output_schema, updated_at) "
-                "VALUES (?, ?, ?, now()) ON CONFLICT (job) DO UPDATE SET "
-                "input_schema = coalesce(excluded.input_schema, job_state.input_schema), "
-                "output_schema = coalesce(excluded.output_schema, job_state.output_schema), "
-                "updated_at = now()",
-                [job, input_schema, output_schema],
-            )
+            params = {"job": job, "input_schema": input_schema, "output_schema": output_schema}
+            con.execute(Q["set_schemas"], params)
 
     # -- reductions --------------------------------------------------------------------------
 
     def reduce_key(self, job: str) -> str | None:
         with self.connect() as con:
-            row = con.execute("SELECT parts_key FROM reduce_state WHERE job = ?", [job]).fetchone()
-        return row[0] if row else None
+            row = con.execute(Q["reduce_key"], {"job": job}).fetchone()
+        return str(row[0]) if row else None
 
     def record_reduce(self, job: str, key: str) -> None:
         with self.connect() as con:
-            con.execute(
-                "INSERT OR REPLACE INTO reduce_state (job, parts_key, reduced_at) VALUES (?, ?, now())",
-                [job, key],
-            )
+            con.execute(Q["record_reduce"], {"job": job, "key": key})
 
     # -- the daemon's schedule --------------------------------------------------------------
 
     def last_fires(self) -> dict[str, datetime]:
         with self.connect() as con:
-            rows = con.execute("SELECT job, last_fire_at FROM schedule_state").fetchall()
+            rows = con.execute(Q["last_fires"]).fetchall()
         return {job: at for job, at in rows}
 
     def record_fire(self, job: str, at: datetime) -> None:
         with self.connect() as con:
-            con.execute("INSERT OR REPLACE INTO schedule_state (job, last_fire_at) VALUES (?, ?)", [job, at])
+            con.execute(Q["record_fire"], {"job": job, "at": at})
 
     def unmet_dependencies(self, job: str, depends_on: Sequence[str]) -> list[str]:
         """The dependencies that have not succeeded since `job`'s own last run started."""
+        params = {"job": job, "deps": list(depends_on), "succeeded": RunStatus.SUCCEEDED}
         with self.connect() as con:
-            rows = con.execute(_DEPENDENCIES_SQL, [job, list(depends_on)]).fetchall()
+            rows = con.execute(Q["unmet_dependencies"], params).fetchall()
         return [dep for dep, ok in rows if not ok]
 
     # -- reading ----------------------------------------------------------------------------
 
     def status(self, job: str | None = None) -> list[dict[str, Any]]:
         """The latest run of each job (or of one), with its manifest-wide chunk counts."""
+        params = {
+            "job": job,
+            "done": ChunkStatus.DONE,
+            "dead": ChunkStatus.DEAD,
+            "succeeded": RunStatus.SUCCEEDED,
+        }
         with self.connect(read_only=True) as con:
-            return _dicts(con.execute(_STATUS_SQL, [job, job]))
+            return _dicts(con.execute(Q["status"], params))
 
     def runs(self, job: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         """Past runs, newest first."""
         with self.connect(read_only=True) as con:
-            return _dicts(
-                con.execute(
-                    "SELECT * FROM runs WHERE ? IS NULL OR job = ? ORDER BY started_at DESC LIMIT ?",
-                    [job, job, limit],
-                )
-            )
+            return _dicts(con.execute(Q["runs"], {"job": job, "limit": limit}))
 
     def run(self, job: str, run_id: str | None = None) -> dict[str, Any] | None:
         """One run of `job`: `run_id`, or the latest."""
         with self.connect(read_only=True) as con:
-            rows = _dicts(
-                con.execute(
-                    "SELECT * FROM runs WHERE job = ? AND (? IS NULL OR run_id = ?) "
-                    "ORDER BY started_at DESC LIMIT 1",
-                    [job, run_id, run_id],
-                )
-            )
+            rows = _dicts(con.execute(Q["run"], {"job": job, "run_id": run_id}))
         return rows[0] if rows else None
 
     def attempts(self, run_id: str) -> list[dict[str, Any]]:
         """A run's chunk attempts in the order they were admitted."""
         with self.connect(read_only=True) as con:
-            return _dicts(
-                con.execute(
-                    "SELECT * FROM attempts WHERE run_id = ? ORDER BY admitted_at, chunk_id, attempt",
-                    [run_id],
-                )
-            )
+            return _dicts(con.execute(Q["attempts"], {"run_id": run_id}))
 
     def dead_letters(self, job: str) -> list[dict[str, Any]]:
         with self.connect(read_only=True) as con:
-            return _dicts(
-                con.execute(
-                    "SELECT chunk_id, file, row_start, row_end, attempts, error_type, error_message, "
-                    "finished_at FROM chunks WHERE job = ? AND status = 'dead' ORDER BY file, row_start",
-                    [job],
-                )
-            )
+            return _dicts(con.execute(Q["dead_letters"], {"job": job, "dead": ChunkStatus.DEAD}))
 
 
 def _locked(exc: Exception) -> bool:
@@ -427,7 +397,8 @@ def _insert(con: duckdb.DuckDBPyConnection, table: str, columns: list[str], reco
 
 def _sql_types(record_type: type) -> dict[str, str]:
     """A dataclass's fields as DuckDB types, from their annotations ("int | None" -> BIGINT)."""
-    names = {"int": "BIGINT", "float": "DOUBLE", "str": "VARCHAR"}
+    names = {"int": "BIGINT", "float": "DOUBLE", "str": "VARCHAR", "RunStatus": "VARCHAR",
+             "ChunkStatus": "VARCHAR", "Outcome": "VARCHAR"}  # fmt: skip
     return {f.name: names[str(f.type).split(" |")[0]] for f in fields(record_type)}
 
 
@@ -437,36 +408,3 @@ _SQL_TYPES = {t: _sql_types(t) for t in (ChunkRecord, RunRecord, AttemptRecord)}
 def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-
-_DEPENDENCIES_SQL = """
-WITH mine AS (SELECT max(started_at) AS since FROM runs WHERE job = ?)
-SELECT dep, EXISTS (
-    SELECT 1 FROM runs
-    WHERE runs.job = dep AND runs.status = 'succeeded'
-      AND (mine.since IS NULL OR runs.ended_at > mine.since)
-) AS ok
-FROM unnest(?::VARCHAR[]) AS deps(dep), mine
-"""
-
-_STATUS_SQL = """
-WITH latest AS (
-    SELECT * FROM runs
-    WHERE ? IS NULL OR job = ?
-    QUALIFY row_number() OVER (PARTITION BY job ORDER BY started_at DESC) = 1
-), totals AS (
-    SELECT job,
-           count(*) FILTER (WHERE status = 'done') AS done_total,
-           count(*) FILTER (WHERE status = 'dead') AS dead_total,
-           sum(rows_out) FILTER (WHERE status = 'done') AS rows_out_total
-    FROM chunks GROUP BY job
-), successes AS (
-    SELECT job, max(ended_at) AS last_success_at FROM runs WHERE status = 'succeeded' GROUP BY job
-)
-SELECT latest.*, coalesce(totals.done_total, 0) AS done_total,
-       coalesce(totals.dead_total, 0) AS dead_total,
-       coalesce(totals.rows_out_total, 0) AS rows_out_total,
-       successes.last_success_at
-FROM latest LEFT JOIN totals USING (job) LEFT JOIN successes USING (job)
-ORDER BY job
-"""

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from minibatch.events import Event, Listener
+from minibatch.states import Outcome, RunStatus
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
@@ -25,7 +26,7 @@ class Metrics(Listener):
         disable_created_metrics()  # the *_created series only add noise to dashboards
         self.registry = CollectorRegistry()
         r = self.registry
-        self.chunks = Counter("minibatch_chunks", "Chunk attempts by outcome (done, failed, dead)",
+        self.chunks = Counter("minibatch_chunks", "Chunk attempts by outcome (done, retried, dead)",
                               ["job", "status"], registry=r)  # fmt: skip
         self.rows = Counter("minibatch_rows", "Rows written by finished chunks", ["job"], registry=r)
         self.bytes_in = Counter("minibatch_input_bytes", "Uncompressed bytes read", ["job"], registry=r)
@@ -51,35 +52,33 @@ class Metrics(Listener):
         )
         ProcessCollector(registry=r)  # the daemon's own memory, CPU and start time
 
-    def on_event(self, event: Event) -> None:
+    def on_any(self, event: Event) -> None:
         if "in_flight" in event.data:
             self.in_flight.labels(event.job).set(event.data["in_flight"])
-        handler = getattr(self, f"_on_{event.name}", None)
-        if handler is not None:
-            handler(event.job, event.data)
 
-    def _on_run_started(self, job: str, data: dict[str, Any]) -> None:
-        self.running.labels(job).set(1)
-        self.budget.labels(job).set(data.get("memory_limit", 0))
+    def run_started(self, event: Event) -> None:
+        self.running.labels(event.job).set(1)
+        self.budget.labels(event.job).set(event.data.get("memory_limit", 0))
 
-    def _on_chunk_done(self, job: str, data: dict[str, Any]) -> None:
-        self.chunks.labels(job, "done").inc()
-        self.rows.labels(job).inc(data.get("rows", 0))
-        self.bytes_in.labels(job).inc(data.get("bytes_in", 0))
-        self.chunk_seconds.labels(job).observe(data.get("seconds", 0.0))
+    def chunk_done(self, event: Event) -> None:
+        self.chunks.labels(event.job, Outcome.DONE).inc()
+        self.rows.labels(event.job).inc(event.data.get("rows", 0))
+        self.bytes_in.labels(event.job).inc(event.data.get("bytes_in", 0))
+        self.chunk_seconds.labels(event.job).observe(event.data.get("seconds", 0.0))
 
-    def _on_chunk_retry(self, job: str, data: dict[str, Any]) -> None:
-        self.chunks.labels(job, "failed").inc()
+    def chunk_retry(self, event: Event) -> None:
+        self.chunks.labels(event.job, Outcome.RETRIED).inc()
 
-    def _on_chunk_dead(self, job: str, data: dict[str, Any]) -> None:
-        self.chunks.labels(job, "dead").inc()
+    def chunk_dead(self, event: Event) -> None:
+        self.chunks.labels(event.job, Outcome.DEAD).inc()
 
-    def _on_run_finished(self, job: str, data: dict[str, Any]) -> None:
+    def run_finished(self, event: Event) -> None:
+        job, status = event.job, event.data["status"]
         self.running.labels(job).set(0)
         self.in_flight.labels(job).set(0)
-        self.runs.labels(job, data["status"]).inc()
-        self.run_seconds.labels(job).observe(data.get("seconds", 0.0))
-        if data["status"] == "succeeded":
+        self.runs.labels(job, status).inc()
+        self.run_seconds.labels(job).observe(event.data.get("seconds", 0.0))
+        if status == RunStatus.SUCCEEDED:
             self.last_success.labels(job).set(time.time())
 
     def load_state(self, status: list[dict[str, Any]]) -> None:
@@ -93,9 +92,9 @@ class Metrics(Listener):
         """Every job's series from the start, at 0, so that rate() and increase() see the first
         event; schedule intervals of jobs no longer scheduled are dropped (after a reload)."""
         for job in jobs:
-            for status in ("done", "failed", "dead"):
-                self.chunks.labels(job, status)
-            for status in ("succeeded", "failed", "stopped"):
+            for outcome in (Outcome.DONE, Outcome.RETRIED, Outcome.DEAD):
+                self.chunks.labels(job, outcome)
+            for status in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.STOPPED):
                 self.runs.labels(job, status)
             for family in (self.rows, self.bytes_in, self.chunk_seconds, self.run_seconds, self.running):
                 family.labels(job)

@@ -1,4 +1,8 @@
-"""Worker processes, one pipe each, supervised by the coordinator.
+"""Worker processes, one pipe each, supervised by the coordinator; and an in-process pool.
+
+Invariant this module owns: every task submitted gets exactly one final event (Finished,
+Failed or Lost), whatever happens to its worker; a task that never started is Lost (resubmit
+it without charge), never Failed.
 
 Not `ProcessPoolExecutor`: one dead worker there fails every in-flight future and the pool
 with it, and a running task cannot be stopped. Here each slot is one process; a death or a
@@ -9,67 +13,22 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import signal
 import time
+import traceback
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-if TYPE_CHECKING:  # the worker module imports pyarrow and DuckDB; warm_up() must not wait for them
-    from minibatch.worker import Task, TaskError, TaskResult
+from minibatch.clock import SYSTEM, Clock
+from minibatch.states import ErrorKind
+from minibatch.tasks import Failed, Finished, Lost, PoolEvent, Started, Task, TaskError, TaskResult
 
 QUEUE_DEPTH = 2  # tasks sent ahead per worker, so no worker idles for a round trip
-
-
-@dataclass
-class Started:
-    task_id: int
-    pid: int
-    slot: int
-    at: float  # unix time the worker started the task
-
-
-@dataclass
-class Finished:
-    task_id: int
-    result: TaskResult
-
-
-@dataclass
-class Failed:
-    task_id: int
-    error: TaskError
-
-
-@dataclass
-class Lost:
-    """Sent to a worker that died before starting it: resubmit without charging an attempt."""
-
-    task_id: int
-
-
-Event = Started | Finished | Failed | Lost
-
-
-class PoolBroken(Exception):
-    """The pool cannot go on (e.g. the Dask scheduler is gone); the run fails, the next resumes."""
-
-
-class Pool(Protocol):
-    """What the coordinator drives: `WorkerPool` here, or `dask_pool.DaskPool`."""
-
-    size: int
-
-    def has_room(self) -> bool: ...
-    def submit(self, task: Task) -> None: ...
-    def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[Event]: ...
-    def overdue(self, timeout: float, now: float | None = None) -> list[int]: ...
-    def kill(self, handle: int, error: TaskError) -> list[Event]: ...
-    def stop_starting(self) -> None: ...
-    def terminate(self) -> None: ...
 
 
 @dataclass
@@ -78,25 +37,6 @@ class _Slot:
     conn: Connection
     queue: deque[int] = field(default_factory=deque)
     started_at: float | None = None  # monotonic time the head of the queue started
-
-
-class MemoryBudget:
-    """Admission: reserve a chunk's estimated bytes before submit, release when it completes."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_flight = 0
-        self.peak = 0
-
-    def fits(self, nbytes: int) -> bool:
-        return self.in_flight == 0 or self.in_flight + nbytes <= self.limit
-
-    def reserve(self, nbytes: int) -> None:
-        self.in_flight += nbytes
-        self.peak = max(self.peak, self.in_flight)
-
-    def release(self, nbytes: int) -> None:
-        self.in_flight -= nbytes
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -153,12 +93,12 @@ class WorkerPool:
         with contextlib.suppress(OSError):
             slot.conn.send(task)
 
-    def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[Event]:
+    def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[PoolEvent]:
         """Wait for messages or deaths (or a ready object in `extra`); return what happened."""
         by_conn = {slot.conn: slot for slot in self._slots}
         by_sentinel = {slot.process.sentinel: slot for slot in self._slots}
         ready = wait([*by_conn, *by_sentinel, *extra], timeout)
-        events: list[Event] = []
+        events: list[PoolEvent] = []
         for item in ready:
             if item in by_conn:
                 events.extend(self._drain(by_conn[item]))
@@ -180,20 +120,20 @@ class WorkerPool:
             if slot.started_at is not None and now - slot.started_at > timeout
         ]
 
-    def kill(self, index: int, error: TaskError) -> list[Event]:
-        """Stop slot `index` at once (its running task fails with `error`) and restart it.
+    def kill(self, handle: int, error: TaskError) -> list[PoolEvent]:
+        """Stop slot `handle` at once (its running task fails with `error`) and restart it.
 
         If that task finished just before the kill, the one started after it is not to blame:
         it comes back as Lost.
         """
-        slot = self._slots[index]
+        slot = self._slots[handle]
         victim = slot.queue[0] if slot.queue and slot.started_at is not None else None
         slot.process.kill()
         slot.process.join()
         return self._replace(slot, error, victim)
 
-    def _drain(self, slot: _Slot) -> list[Event]:
-        events: list[Event] = []
+    def _drain(self, slot: _Slot) -> list[PoolEvent]:
+        events: list[PoolEvent] = []
         try:
             while slot.conn.poll():
                 events.append(self._message(slot, slot.conn.recv()))
@@ -201,7 +141,7 @@ class WorkerPool:
             pass  # died; the sentinel will say so
         return events
 
-    def _message(self, slot: _Slot, message: tuple[str, int, Any]) -> Event:
+    def _message(self, slot: _Slot, message: tuple[str, int, Any]) -> PoolEvent:
         kind, task_id, payload = message
         if kind == "start":
             slot.started_at = time.monotonic()
@@ -212,7 +152,7 @@ class WorkerPool:
             return Lost(task_id)
         return Finished(task_id, payload) if kind == "done" else Failed(task_id, payload)
 
-    def _replace(self, slot: _Slot, error: TaskError | None, victim: int | None = None) -> list[Event]:
+    def _replace(self, slot: _Slot, error: TaskError | None, victim: int | None = None) -> list[PoolEvent]:
         events = self._drain(slot)
         slot.process.join()
         events.extend(self._orphans(slot, error or _death(slot.process), victim))
@@ -220,8 +160,8 @@ class WorkerPool:
         self._slots[self._slots.index(slot)] = self._spawn()
         return events
 
-    def _orphans(self, slot: _Slot, error: TaskError, victim: int | None) -> list[Event]:
-        events: list[Event] = []
+    def _orphans(self, slot: _Slot, error: TaskError, victim: int | None) -> list[PoolEvent]:
+        events: list[PoolEvent] = []
         if slot.queue and slot.started_at is not None and victim in (None, slot.queue[0]):
             events.append(Failed(slot.queue.popleft(), error))
         events.extend(Lost(task_id) for task_id in slot.queue)
@@ -239,8 +179,6 @@ class WorkerPool:
 
 
 def _death(process: BaseProcess) -> TaskError:
-    from minibatch.worker import TaskError
-
     code = process.exitcode
     if code is not None and code < 0:
         name = signal.Signals(-code).name
@@ -248,4 +186,85 @@ def _death(process: BaseProcess) -> TaskError:
         message = f"worker pid {process.pid} died with signal {name}{hint}"
     else:
         message = f"worker pid {process.pid} exited with code {code} mid-chunk"
-    return TaskError(kind="died", type="WorkerDied", message=message, traceback="")
+    return TaskError(kind=ErrorKind.DIED, type="WorkerDied", message=message, traceback="")
+
+
+class Hang(Exception):
+    """Raised by an `InlinePool` task function: the attempt runs until it is killed."""
+
+
+class InlinePool:
+    """A pool in the coordinator's own process, for tests of the executor: each poll runs the
+    queued tasks one after the other on the injected clock, through `run` (default: the
+    worker's `run_task`, so results are real files). `run` may return a TaskError (a worker
+    death, say) or raise `Hang` (an attempt that ends only when killed)."""
+
+    def __init__(
+        self, size: int, run: Callable[[Task], TaskResult | TaskError] | None = None, clock: Clock = SYSTEM
+    ) -> None:
+        self.size = size
+        self.run = run or _run_in_process
+        self.clock = clock
+        self.queue: deque[Task] = deque()
+        self.hung: dict[int, tuple[Task, float]] = {}  # slot -> (task, monotonic start)
+        self.stopping = False
+
+    def has_room(self) -> bool:
+        return len(self.queue) + len(self.hung) < self.size * QUEUE_DEPTH
+
+    def submit(self, task: Task) -> None:
+        self.queue.append(task)
+
+    def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[PoolEvent]:
+        if self.stopping:
+            lost: list[PoolEvent] = [Lost(task.task_id) for task in self.queue]
+            self.queue.clear()
+            if lost:
+                return lost
+        events: list[PoolEvent] = []
+        while self.queue and (slot := self._free_slot()) is not None:
+            events += self._run(self.queue.popleft(), slot)
+        if not events:
+            self.clock.sleep(timeout or 0.0)
+        return events
+
+    def _free_slot(self) -> int | None:
+        return next((i for i in range(self.size) if i not in self.hung), None)
+
+    def _run(self, task: Task, slot: int) -> list[PoolEvent]:
+        started = Started(task.task_id, os.getpid(), slot, self.clock.time())
+        try:
+            outcome = self.run(task)
+        except Hang:
+            self.hung[slot] = (task, self.clock.monotonic())
+            return [started]
+        except Exception as exc:  # the job's error, as a worker would report it
+            error = TaskError(ErrorKind.ERROR, type(exc).__name__, str(exc), traceback.format_exc())
+            return [started, Failed(task.task_id, error)]
+        if isinstance(outcome, TaskError):
+            return [started, Failed(task.task_id, outcome)]
+        return [started, Finished(task.task_id, outcome)]
+
+    def overdue(self, timeout: float, now: float | None = None) -> list[int]:
+        now = self.clock.monotonic() if now is None else now
+        return [slot for slot, (_, began) in self.hung.items() if now - began > timeout]
+
+    def kill(self, handle: int, error: TaskError) -> list[PoolEvent]:
+        task, _ = self.hung.pop(handle)
+        return [Failed(task.task_id, error)]
+
+    def stop_starting(self) -> None:
+        self.stopping = True
+
+    def terminate(self) -> None:
+        self.queue.clear()
+        self.hung.clear()
+
+
+def _run_in_process(task: Task) -> TaskResult | TaskError:
+    from minibatch.worker import describe_error, run_task
+
+    try:
+        return run_task(task)
+    except Exception as exc:
+        return describe_error(exc)

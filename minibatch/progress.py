@@ -17,7 +17,7 @@ class _Counts:
     def __init__(self) -> None:
         self.total = 0
         self.done = 0
-        self.failed = 0
+        self.dead = 0
         self.retried = 0
         self.rows = 0
         self.bytes = 0
@@ -25,61 +25,81 @@ class _Counts:
         self.budget = 0
         self.started = time.monotonic()
 
-    def update(self, event: Event) -> None:
-        data = event.data
-        self.in_flight = data.get("in_flight", self.in_flight)
-        if event.name == "run_started":
-            self.budget = data.get("memory_limit", 0)
-        elif event.name == "run_planned":
-            self.total = data["todo"]
-        elif event.name == "chunk_done":
-            self.done += 1
-            self.rows += data.get("rows", 0)
-            self.bytes += data.get("bytes_in", 0)
-        elif event.name == "chunk_dead":
-            self.failed += 1
-        elif event.name == "chunk_retry":
-            self.retried += 1
-
     def eta(self) -> float | None:
         """Seconds left at the rate so far, once something has finished."""
-        finished = self.done + self.failed
+        finished = self.done + self.dead
         if not finished or not self.total:
             return None
         return (time.monotonic() - self.started) / finished * (self.total - finished)
 
 
-class LogProgress(Listener):
+class _Counting(Listener):
+    """Keeps the counts the displays show."""
+
+    def __init__(self) -> None:
+        self.counts = _Counts()
+
+    def on_any(self, event: Event) -> None:
+        self.counts.in_flight = event.data.get("in_flight", self.counts.in_flight)
+
+    def run_started(self, event: Event) -> None:
+        self.counts.budget = event.data.get("memory_limit", 0)
+
+    def run_planned(self, event: Event) -> None:
+        self.counts.total = event.data["todo"]
+
+    def chunk_done(self, event: Event) -> None:
+        self.counts.done += 1
+        self.counts.rows += event.data.get("rows", 0)
+        self.counts.bytes += event.data.get("bytes_in", 0)
+
+    def chunk_dead(self, event: Event) -> None:
+        self.counts.dead += 1
+
+    def chunk_retry(self, event: Event) -> None:
+        self.counts.retried += 1
+
+
+class LogProgress(_Counting):
     """For systemd, pipes and CI: no bars, a `progress` line every few seconds."""
 
     def __init__(self, every: float = LOG_EVERY) -> None:
-        self.counts = _Counts()
+        super().__init__()
         self.every = every
         self.last = time.monotonic()
 
-    def on_event(self, event: Event) -> None:
-        self.counts.update(event)
+    def chunk_started(self, event: Event) -> None:
+        self._tick(event)
+
+    def chunk_done(self, event: Event) -> None:
+        super().chunk_done(event)
+        self._tick(event)
+
+    def chunk_retry(self, event: Event) -> None:
+        super().chunk_retry(event)
+        self._tick(event)
+
+    def chunk_dead(self, event: Event) -> None:
+        super().chunk_dead(event)
+        self._tick(event)
+
+    def _tick(self, event: Event) -> None:
         now = time.monotonic()
-        if event.name.startswith("chunk_") and now - self.last >= self.every:
-            self.last = now
-            c = self.counts
-            elapsed = max(now - c.started, 1e-9)
-            eta = c.eta()
-            get_logger(job=event.job, run_id=event.run_id).info(
-                "progress",
-                done=c.done,
-                total=c.total,
-                dead=c.failed,
-                retried=c.retried,
-                rows_per_s=round(c.rows / elapsed),
-                mb_per_s=round(c.bytes / elapsed / 1e6, 1),
-                in_flight=format_size(c.in_flight),
-                budget=format_size(c.budget),
-                eta_s=None if eta is None else round(eta),
-            )
+        if now - self.last < self.every:
+            return
+        self.last = now
+        c = self.counts
+        elapsed = max(now - c.started, 1e-9)
+        eta = c.eta()
+        get_logger(job=event.job, run_id=event.run_id).info(
+            "progress", done=c.done, total=c.total, dead=c.dead, retried=c.retried,
+            rows_per_s=round(c.rows / elapsed), mb_per_s=round(c.bytes / elapsed / 1e6, 1),
+            in_flight=format_size(c.in_flight), budget=format_size(c.budget),
+            eta_s=None if eta is None else round(eta),
+        )  # fmt: skip
 
 
-class BarProgress(Listener):
+class BarProgress(_Counting):
     """A rich progress bar on the terminal (stderr)."""
 
     def __init__(self) -> None:
@@ -93,7 +113,7 @@ class BarProgress(Listener):
             TimeRemainingColumn,
         )
 
-        self.counts = _Counts()
+        super().__init__()
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -106,32 +126,50 @@ class BarProgress(Listener):
         )
         self.task: Any = None
 
-    def on_event(self, event: Event) -> None:
-        self.counts.update(event)
-        if event.name == "run_planned" and event.data["todo"]:
+    def run_planned(self, event: Event) -> None:
+        super().run_planned(event)
+        if event.data["todo"]:
             self.progress.start()
             self.task = self.progress.add_task(event.job, total=self.counts.total, rate="")
-        elif self.task is not None and event.name in (
-            "chunk_started",
-            "chunk_done",
-            "chunk_retry",
-            "chunk_dead",
-        ):
-            self.progress.update(
-                self.task, completed=self.counts.done + self.counts.failed, rate=self._rate()
-            )
-        elif event.name in ("reduce_done", "run_finished") and self.task is not None:
+
+    def chunk_started(self, event: Event) -> None:
+        self._update()
+
+    def chunk_done(self, event: Event) -> None:
+        super().chunk_done(event)
+        self._update()
+
+    def chunk_retry(self, event: Event) -> None:
+        super().chunk_retry(event)
+        self._update()
+
+    def chunk_dead(self, event: Event) -> None:
+        super().chunk_dead(event)
+        self._update()
+
+    def reduce_done(self, event: Event) -> None:
+        self._stop()
+
+    def run_finished(self, event: Event) -> None:
+        self._stop()
+
+    def _update(self) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=self.counts.done + self.counts.dead, rate=self._rate())
+
+    def _stop(self) -> None:
+        if self.task is not None:
             self.progress.stop()
             self.task = None
 
     def _rate(self) -> str:
         c = self.counts
         elapsed = max(time.monotonic() - c.started, 1e-9)
-        failed = f" [red]{c.failed} dead[/]" if c.failed else ""
+        dead = f" [red]{c.dead} dead[/]" if c.dead else ""
         retried = f" [yellow]{c.retried} retried[/]" if c.retried else ""
         return (
             f"{c.rows / elapsed:,.0f} rows/s {format_size(c.bytes / elapsed)}/s "
-            f"in flight {format_size(c.in_flight)}/{format_size(c.budget)}{retried}{failed}"
+            f"in flight {format_size(c.in_flight)}/{format_size(c.budget)}{retried}{dead}"
         )
 
 

@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from minibatch.results import PART_RE, REDUCED_NAME, OutputLayout, fsync_dir, write_atomically
+from minibatch.layout import PART_RE, OutputLayout, fsync_dir, write_atomically
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -32,7 +32,7 @@ def reduce_parts(sql: str, parts: list[Path], layout: OutputLayout, schema: pa.S
         result = con.sql(sql).to_arrow_table()
     finally:
         con.close()
-    target = layout.output / REDUCED_NAME
+    target = layout.reduced
     write_atomically(result, target, layout.staging)
     for other in layout.output.iterdir():
         if PART_RE.match(other.name):  # a map job's parts, from before reduce_sql was set

@@ -20,14 +20,20 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from minibatch.manifest import Manifest
+from minibatch.manifest import Manifest, manifest_path
+from minibatch.states import Outcome
 from minibatch.units import format_size
 
 Row = dict[str, Any]
 
 STRAGGLERS = 10  # rows in the slowest-attempts table
 BINS = 50  # throughput is averaged over 1/50 of the run
-COLOURS = {"done": "#2ca02c", "retried": "#ff7f0e", "dead": "#d62728", "input_changed": "#7f7f7f"}
+COLOURS = {
+    Outcome.DONE: "#2ca02c",
+    Outcome.RETRIED: "#ff7f0e",
+    Outcome.DEAD: "#d62728",
+    Outcome.INPUT_CHANGED: "#7f7f7f",
+}
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 NOTHING = "No chunks were computed in this run."
 CSS = """
@@ -66,6 +72,17 @@ def write_report(manifest: Manifest, job: str, path: Path, run_id: str | None = 
     return path
 
 
+def report_run(state_dir: Path, job: str, run_id: str | None, output: str | None) -> Path:
+    """Write the report of `run_id` (default: the latest run) to `output` (default: under
+    state_dir); the path written. Raises ReportError for a run that does not exist."""
+    manifest = Manifest(manifest_path(state_dir))
+    run = manifest.run(job, run_id)
+    if run is None:
+        raise ReportError(f"no run {run_id} of {job}" if run_id else f"{job} has no runs yet")
+    path = Path(output) if output else default_report_path(state_dir, job, run["run_id"])
+    return write_report(manifest, job, path, run["run_id"])
+
+
 def default_report_path(state_dir: Path, job: str, run_id: str) -> Path:
     return state_dir / "reports" / job / f"{run_id}.html"
 
@@ -90,7 +107,7 @@ def _page(run: Row, attempts: list[Row]) -> str:
 def _charts(run: Row, attempts: list[Row]) -> list[str]:
     t0, span = run["started_at"], _span(run, attempts)  # time axes: seconds since the run started
     started = [a for a in attempts if _ran(a)]
-    done = [a for a in started if a["outcome"] == "done"]
+    done = [a for a in started if a["outcome"] == Outcome.DONE]
     if not started:
         return [f"<p>{NOTHING} (no attempt started)</p>"]
     timeline = _gantt(started, t0)
@@ -238,7 +255,7 @@ def _in_flight(run: Row, attempts: list[Row]) -> go.Figure:
 
 
 def _stragglers(started: list[Row]) -> str:
-    done = [_duration(a) for a in started if a["outcome"] == "done"]
+    done = [_duration(a) for a in started if a["outcome"] == Outcome.DONE]
     median = statistics.median(done or [_duration(a) for a in started])
     slowest = sorted(started, key=_duration, reverse=True)[:STRAGGLERS]
     rows = [
@@ -258,7 +275,9 @@ def _skew(done: list[Row]) -> str:
     stats = [_stats("uncompressed bytes in", sizes, format_size)]
     stats.append(_stats("rows in", [a["rows_in"] or 0 for a in done], "{:,.0f}".format))
     unit, size = _unit(max(sizes))
-    bars = go.Histogram(x=[s / size for s in sizes], nbinsx=30, marker_color=COLOURS["done"], name="chunks")
+    bars = go.Histogram(
+        x=[s / size for s in sizes], nbinsx=30, marker_color=COLOURS[Outcome.DONE], name="chunks"
+    )
     figure = go.Figure(bars)
     figure.update_xaxes(title=f"uncompressed {unit} in, per done chunk")
     figure.update_layout(height=280, bargap=0.05, yaxis_title="chunks")
@@ -272,13 +291,13 @@ def _stats(name: str, values: list[int], show: Callable[[Any], str]) -> tuple[st
 
 
 def _failures(attempts: list[Row]) -> str:
-    failed = [a for a in attempts if a["outcome"] != "done"]
+    failed = [a for a in attempts if a["outcome"] != Outcome.DONE]
     if not failed:
         return "<p>No failures.</p>"
     items = []
     for a in failed:
         # dead letters are what someone must act on: open; retried attempts folded
-        dead = a["outcome"] == "dead"
+        dead = a["outcome"] == Outcome.DEAD
         error = f"{a['error_type']}: {a['error_message']}"
         summary = f"{a['label']}, attempt {a['attempt']} ({a['outcome']}): {error}"
         items.append(

@@ -1,210 +1,153 @@
 """Durable publication of chunk results: the one owner of what readers of an output see.
 
 Invariants this module owns:
-- A result becomes visible only by a rename done by the run's coordinator, which holds the
-  job lock while it renames (the fence): workers write into the staging directory only, so a
-  worker orphaned by a dead coordinator, or paused and resumed later, publishes nothing.
-- Renamed results are made durable (a directory fsync) before the manifest records them.
-- minibatch deletes only files it wrote: parts named after chunk ids, its reduced file, its
-  staging directory. A directory it did not create is refused unless empty.
-- One output schema per job, decided in plan order (never by which worker finished first).
-
-Files being written live in a sibling staging directory (same filesystem, so the final
-rename is atomic; outside the output so neither pyarrow's nor DuckDB's globs see them).
-Reduce jobs keep their chunk results in a sibling parts directory and publish one file.
+- The fence: a result becomes visible only by a rename the run's coordinator does, under
+  the job lock. Workers write into the staging directory only, so a worker orphaned by a
+  dead coordinator, or paused and resumed later, publishes nothing.
+- Renamed results are made durable (`make_durable`, a directory fsync) before the ledger
+  records them.
+- Nothing is adopted or salvaged without a footer check that names the chunk and the job
+  definition; what fails it is removed (it is minibatch's own file) and computed again.
+- One output schema per job, decided in plan order (never by which worker finished first);
+  every published part has it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from minibatch.events import RunEvents
+from minibatch.layout import CHUNK_KEY, DEFINITION_KEY, OutputLayout, fsync_dir, part_name, publish
+from minibatch.planner import Chunk
+from minibatch.states import ErrorKind, EventKind
+from minibatch.tasks import SchemaMismatch, TaskError, TaskResult
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
-REDUCED_NAME = "part-reduced.parquet"
-PART_RE = re.compile(r"^part-[0-9a-f]{24}\.parquet$")
-STAGED_RE = re.compile(r"^part-(?P<chunk>[0-9a-f]{24})\.parquet\.[\w-]+\.\d+\.tmp$")
-CHUNK_KEY = b"minibatch.chunk"  # Parquet key-value metadata of every part
-DEFINITION_KEY = b"minibatch.definition"
-
-
-class OutputNotOwned(Exception):
-    """An existing, non-empty output directory that minibatch did not create."""
-
-
-@dataclass(frozen=True)
-class OutputLayout:
-    output: Path
-    reduce: bool
-
-    @property
-    def staging(self) -> Path:
-        return self.output.parent / f".{self.output.name}.minibatch-staging"
-
-    @property
-    def parts(self) -> Path:
-        """Where chunk results go: the output itself for map jobs."""
-        return self.output.parent / f".{self.output.name}.minibatch-parts" if self.reduce else self.output
-
-    def prepare(self) -> int:
-        """Create the directories; remove what a killed run left in staging, except staged
-        results, which the run may salvage (`staged_results`). Returns how many it removed."""
-        for directory in (self.output, self.staging, self.parts):
-            directory.mkdir(parents=True, exist_ok=True)
-        leftovers = [p for p in self.staging.iterdir() if not STAGED_RE.match(p.name)]
-        for path in leftovers:
-            _remove(path)
-        return len(leftovers)
-
-    def staged_results(self) -> dict[str, list[Path]]:
-        """Results a worker wrote and fsynced that no coordinator published: chunk id -> files."""
-        found: dict[str, list[Path]] = {}
-        for path in sorted(self.staging.iterdir()) if self.staging.is_dir() else []:
-            if match := STAGED_RE.match(path.name):
-                found.setdefault(match["chunk"], []).append(path)
-        return found
-
-    def part_files(self) -> set[str]:
-        """The parts minibatch wrote (by name); anything else in the directory is not ours."""
-        return {p.name for p in self.parts.iterdir() if PART_RE.match(p.name) and p.is_file()}
-
-    def foreign_files(self) -> list[str]:
-        """Files in the output that minibatch did not write: never deleted, reported."""
-        if not self.output.is_dir():
-            return []
-        ours = {REDUCED_NAME} if self.reduce else set()
-        return sorted(p.name for p in self.output.iterdir() if not (PART_RE.match(p.name) or p.name in ours))
-
-    def remove_parts(self, names: Iterable[str]) -> None:
-        names = [name for name in names if PART_RE.match(name)]
-        for name in names:
-            (self.parts / name).unlink(missing_ok=True)
-        if names:
-            fsync_dir(self.parts)
-
-    def remove_all(self, keep_claim: bool = False) -> None:
-        """Remove what minibatch wrote for this job, and nothing else (`keep_claim`: the output
-        stays minibatch's, for `--fresh`)."""
-        if self.parts.is_dir():
-            self.remove_parts(self.part_files())
-        if self.reduce:
-            (self.output / REDUCED_NAME).unlink(missing_ok=True)
-            _rmdir_if_empty(self.parts)
-        if keep_claim:  # the staging directory is the claim
-            return
-        shutil.rmtree(self.staging, ignore_errors=True)
-        _rmdir_if_empty(self.output)
-
-    # -- ownership ----------------------------------------------------------------------------
-
-    def claim(self, job: str) -> None:
-        """Make sure this output is minibatch's to write. Its staging directory, which only
-        minibatch creates, says it is; otherwise the output must be absent, empty, or hold only
-        what minibatch names its files."""
-        if self.staging.is_dir() or not self.output.is_dir():
-            return
-        ours = {REDUCED_NAME} if self.reduce else set()
-        names = [p.name for p in self.output.iterdir()]
-        foreign = sorted(n for n in names if not PART_RE.match(n) and n not in ours)
-        if foreign:
-            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            raise OutputNotOwned(
-                f"output {self.output} exists, is not empty ({shown}) and was not created by "
-                f"minibatch; empty it or choose another directory (to let minibatch write beside "
-                f"these files, create the directory {self.staging})"
-            )
-
-
-def part_name(chunk_id: str) -> str:
-    return f"part-{chunk_id}.parquet"
-
-
-def staged_name(output_name: str, run_id: str, attempt: int) -> str:
-    """A staged result's name: unique per run and attempt, so no two writers share one."""
-    return f"{output_name}.{run_id}.{attempt}.tmp"
-
-
-def write_atomically(table: pa.Table, target: Path, staging: Path) -> int:
-    """Write `table` to `target` so readers see either nothing or the whole file; returns bytes.
-
-    The file's data is fsynced before the rename; the directory entry is made durable by
-    `fsync_dir(target.parent)`, which the caller owes before recording the file as done.
-    """
-    temp = staging / f"{target.name}.{os.getpid()}.tmp"
-    size = write_durably(table, temp)
-    publish(temp, target)
-    return size
-
-
-def write_durably(table: pa.Table, path: Path) -> int:
-    """Write and fsync a Parquet file (removed again if writing fails); returns its size."""
-    import pyarrow.parquet as pq
-
-    try:
-        with open(path, "wb") as handle:
-            pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-            return handle.tell()
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-
-
-def with_provenance(table: pa.Table, chunk_id: str, definition: str | None) -> pa.Table:
-    """The chunk id and job definition in the part's footer: what adoption and repair check."""
-    metadata = dict(table.schema.metadata or {})
-    metadata[CHUNK_KEY] = chunk_id.encode()
-    if definition:
-        metadata[DEFINITION_KEY] = definition.encode()
-    return table.replace_schema_metadata(metadata)
-
-
-def publish(staged: Path, target: Path) -> None:
-    """Rename a durable staged file into place (atomic: same filesystem)."""
-    try:
-        os.replace(staged, target)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _rmdir_if_empty(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not empty (files that are not ours stay) or gone
-        path.rmdir()
-
-
-# -- adoption -------------------------------------------------------------------------------
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Adopted:
-    chunk_id: str
+    chunk: Chunk
     name: str
     rows: int
     nbytes: int
+
+
+class ResultStore:
+    def __init__(self, layout: OutputLayout, definition: str | None, events: RunEvents) -> None:
+        self.layout = layout
+        self.definition = definition
+        self.events = events
+        self.schema: pa.Schema | None = None  # the output's, once decided
+        self.empty_schema: pa.Schema | None = None  # of results without rows: an empty reduce's
+
+    # -- publication ----------------------------------------------------------------------------
+
+    def publish(self, result: TaskResult) -> TaskError | None:
+        """Make a staged result visible if it has the output's schema; else remove it and say
+        why. Only the coordinator calls this, while it holds the job lock: the fence."""
+        assert result.staged is not None and result.output_file is not None
+        staged = Path(result.staged)
+        try:
+            if self.schema is not None and result.schema is not None:
+                check_schema(result.schema, self.schema)
+        except SchemaMismatch as exc:
+            staged.unlink(missing_ok=True)
+            return TaskError(kind=ErrorKind.ERROR, type="SchemaMismatch", message=str(exc), traceback="")
+        publish(staged, self.layout.parts / result.output_file)
+        return None
+
+    def make_durable(self) -> None:
+        """The renames so far survive a power loss: owed before recording them done."""
+        fsync_dir(self.layout.parts)
+
+    def gate(self, order: Iterable[str]) -> SchemaGate[T]:
+        return SchemaGate(self.schema, order)
+
+    # -- what an earlier run left ---------------------------------------------------------------
+
+    def adopt(self, chunks: Iterable[Chunk]) -> list[Adopted]:
+        """Parts a killed run's coordinator renamed into place before it could record them.
+        Those that fail the footer check are left as strays (see `remove_strays`)."""
+        adopted = []
+        for chunk in chunks:
+            name = part_name(chunk.chunk_id)
+            path = self.layout.parts / name
+            try:
+                rows = inspect_part(path, chunk.chunk_id, self.definition)
+            except ValueError as exc:
+                self.events(EventKind.PART_NOT_ADOPTED, file=str(path), reason=str(exc))
+                continue
+            adopted.append(Adopted(chunk, name, rows, path.stat().st_size))
+        return adopted
+
+    def salvage(self, todo: Iterable[Chunk]) -> list[tuple[Chunk, TaskResult]]:
+        """Results that workers of a killed or stopped run staged and no coordinator published.
+        Those of chunks still to do that pass the footer check are handed back as finished
+        results (published like fresh ones); every other staged file is removed."""
+        wanted = {c.chunk_id: c for c in todo}
+        salvaged = []
+        for chunk_id, paths in self.layout.staged_results().items():
+            chunk = wanted.get(chunk_id)
+            keep = self._first_good(paths, chunk_id) if chunk is not None else None
+            for path in paths:
+                if keep is None or path != keep[0]:
+                    path.unlink(missing_ok=True)
+            if chunk is not None and keep is not None:
+                path, rows = keep
+                result = TaskResult(
+                    rows_in=chunk.num_rows, rows_out=rows, bytes_in=chunk.nbytes,
+                    bytes_out=path.stat().st_size, output_file=part_name(chunk_id), seconds=0.0,
+                    schema=read_schema(path), staged=str(path),
+                )  # fmt: skip
+                salvaged.append((chunk, result))
+        return salvaged
+
+    def _first_good(self, paths: list[Path], chunk_id: str) -> tuple[Path, int] | None:
+        for path in reversed(paths):  # any complete one will do; the latest attempt first
+            try:
+                return path, inspect_part(path, chunk_id, self.definition)
+            except ValueError:
+                continue
+        return None
+
+    def remove_strays(self, on_disk: set[str], keep: set[str]) -> int:
+        """Parts no finished chunk owns (only minibatch's own names: nothing else is touched)."""
+        strays = on_disk - keep
+        self.layout.remove_parts(strays)
+        return len(strays)
+
+    def load_schema(self, done: Iterable[str | None], stored: bytes | None) -> None:
+        """The output schema of earlier runs: a finished part's, else the manifest's."""
+        import pyarrow as pa
+
+        for name in done:
+            if name:
+                self.schema = read_schema(self.layout.parts / name)
+                return
+        if stored:
+            self.empty_schema = pa.ipc.read_schema(pa.py_buffer(stored))
+
+
+def check_schema(got: pa.Schema, expected: pa.Schema) -> None:
+    """Same column names and types, in order (nullability and metadata aside)."""
+    have = [(f.name, f.type) for f in got]
+    want = [(f.name, f.type) for f in expected]
+    if have == want:
+        return
+    wanted, had = dict(want), dict(have)
+    problems = [f"{n} is {t}, expected {wanted[n]}" for n, t in had.items() if n in wanted and wanted[n] != t]
+    problems += [f"{n} ({t}) missing" for n, t in want if n not in had]
+    problems += [f"{n} ({t}) unexpected" for n, t in have if n not in wanted]
+    problems += [f"{n} appears {got.names.count(n)} times" for n in had if got.names.count(n) > 1]
+    detail = "; ".join(problems) or "columns in another order"
+    raise SchemaMismatch(f"result does not match the output schema: {detail}")
 
 
 def inspect_part(path: Path, chunk_id: str, definition: str | None) -> int:
@@ -222,19 +165,13 @@ def inspect_part(path: Path, chunk_id: str, definition: str | None) -> int:
     written_for = keys.get(DEFINITION_KEY)
     if definition and written_for is not None and written_for != definition.encode():
         raise ValueError("written by another definition of the job")
-    return metadata.num_rows
+    return int(metadata.num_rows)
 
 
 def read_schema(path: Path) -> pa.Schema:
     import pyarrow.parquet as pq
 
     return pq.read_schema(path).remove_metadata()
-
-
-# -- the output schema ----------------------------------------------------------------------
-
-
-T = TypeVar("T")
 
 
 class SchemaGate(Generic[T]):

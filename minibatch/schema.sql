@@ -4,7 +4,8 @@ CREATE TABLE IF NOT EXISTS runs (
     job            VARCHAR NOT NULL,
     pid            INTEGER,
     started_at     TIMESTAMPTZ NOT NULL,
-    status         VARCHAR NOT NULL,   -- running | succeeded | failed | stopped | crashed
+    status         VARCHAR NOT NULL    -- states.RunStatus
+                   CHECK (status IN ('running', 'succeeded', 'failed', 'stopped', 'crashed')),
     ended_at       TIMESTAMPTZ,
     chunks_total   INTEGER,            -- chunks in this run's plan
     chunks_done    INTEGER,            -- computed by this run
@@ -26,9 +27,10 @@ CREATE TABLE IF NOT EXISTS chunks (
     fingerprint    VARCHAR NOT NULL,   -- size-mtime_ns-footer hash
     row_start      BIGINT NOT NULL,
     row_end        BIGINT NOT NULL,
-    status         VARCHAR NOT NULL,   -- done | dead
+    status         VARCHAR NOT NULL    -- states.ChunkStatus
+                   CHECK (status IN ('done', 'dead')),
     run_id         VARCHAR NOT NULL,
-    attempts       INTEGER NOT NULL,
+    attempts       INTEGER NOT NULL,   -- 0: staged by a killed run, published by this one
     rows_in        BIGINT,
     rows_out       BIGINT,
     bytes_in       BIGINT,
@@ -74,7 +76,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     bytes_out       BIGINT,            -- Parquet written
     reserved_bytes  BIGINT,            -- the chunk's share of the memory budget
     peak_rss        BIGINT,            -- the worker's peak resident memory during the attempt
-    outcome         VARCHAR NOT NULL,  -- done | retried | dead | input_changed
+    outcome         VARCHAR NOT NULL   -- states.Outcome
+                    CHECK (outcome IN ('done', 'retried', 'dead', 'input_changed')),
     error_type      VARCHAR,
     error_message   VARCHAR,
     traceback       VARCHAR,

@@ -5,17 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from minibatch.config import Config
+from minibatch.layout import OutputLayout
 from minibatch.lock import holder_pid, job_lock
-from minibatch.manifest import Manifest
-from minibatch.results import OutputLayout
+from minibatch.manifest import Manifest, manifest_path
+from minibatch.states import RunStatus
 
 
 def manifest_for(config: Config) -> Manifest:
-    return Manifest(config.engine.state_dir / "manifest.duckdb")
+    return Manifest(manifest_path(config.engine.state_dir))
 
 
 def job_status(config: Config, job: str | None = None) -> list[dict[str, Any]]:
-    """One entry per job: its latest run, with done / failed / pending chunks."""
+    """One entry per job: its latest run, with done / dead / pending chunks."""
     rows = {row["job"]: row for row in manifest_for(config).status(job)}
     names = [job] if job else sorted(config.jobs)
     return [_entry(config, name, rows.get(name)) for name in names]
@@ -27,7 +28,7 @@ def _entry(config: Config, name: str, row: dict[str, Any] | None) -> dict[str, A
     status = _actual_status(config, row)
     total = row["chunks_total"] or 0
     done = row["done_total"]  # the checkpoint as it stands, not the run's own counters
-    failed = row["dead_total"]
+    dead = row["dead_total"]
     ended, started = row["ended_at"], row["started_at"]
     return {
         "job": name,
@@ -39,8 +40,8 @@ def _entry(config: Config, name: str, row: dict[str, Any] | None) -> dict[str, A
         "seconds": (ended - started).total_seconds() if ended and started else None,
         "chunks_total": total,
         "chunks_done": done,
-        "chunks_failed": failed,
-        "chunks_pending": max(total - done - failed, 0),
+        "chunks_dead": dead,
+        "chunks_pending": max(total - done - dead, 0),
         "bad_files": row["bad_files"],
         "rows_in": row["rows_in"],
         "rows_out": row["rows_out"],
@@ -54,8 +55,8 @@ def _entry(config: Config, name: str, row: dict[str, Any] | None) -> dict[str, A
 
 def _actual_status(config: Config, row: dict[str, Any]) -> str:
     """A run recorded as running whose process no longer holds the job's lock has crashed."""
-    if row["status"] == "running" and holder_pid(config.engine.state_dir, row["job"]) != row["pid"]:
-        return "crashed"
+    if row["status"] == RunStatus.RUNNING and holder_pid(config.engine.state_dir, row["job"]) != row["pid"]:
+        return RunStatus.CRASHED
     return row["status"]
 
 

@@ -53,7 +53,7 @@ STATUS_COLUMNS = [
     ("job", "JOB"),
     ("status", "STATUS"),
     ("chunks_done", "DONE"),
-    ("chunks_failed", "FAILED"),
+    ("chunks_dead", "DEAD"),
     ("chunks_pending", "PENDING"),
     ("rows_out", "ROWS"),
     ("bytes_out", "BYTES"),

@@ -24,22 +24,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from minibatch.jobcode import forget_package, import_process
+from minibatch.layout import with_provenance, write_durably
 from minibatch.planner import Chunk, fingerprint_stat
-from minibatch.results import with_provenance, write_durably
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """The parts of a job's config a worker needs; small, sent with every task."""
-
-    name: str
-    process: str | None
-    sql: str | None
-    columns: tuple[str, ...] | None
-    base_dir: str
-    parts_dir: str
-    staging_dir: str
-    definition: str | None = None  # written into every part's footer, checked on adoption
+from minibatch.results import check_schema
+from minibatch.states import ErrorKind
+from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task, TaskError, TaskResult
 
 
 @dataclass(frozen=True)
@@ -53,54 +42,6 @@ class ChunkContext:
     row_end: int
     attempt: int
     chunk_id: str
-
-
-@dataclass(frozen=True)
-class Task:
-    task_id: int
-    chunk: Chunk
-    job: JobSpec
-    run_id: str
-    attempt: int
-    output_name: str  # the part's name once the coordinator publishes it
-    staged_name: str = ""  # where the worker writes it, in the staging directory
-    schema: pa.Schema | None = None  # the output's schema, once known: results must match it
-
-
-@dataclass(frozen=True)
-class TaskResult:
-    rows_in: int
-    rows_out: int
-    bytes_in: int
-    bytes_out: int
-    output_file: str | None
-    seconds: float
-    schema: pa.Schema | None = None
-    staged: str | None = None  # written, fsynced, not visible: only the coordinator publishes
-    read_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    write_seconds: float = 0.0
-    peak_rss: int | None = None  # bytes, this attempt's high-water mark of the worker
-
-
-@dataclass(frozen=True)
-class TaskError:
-    kind: str  # error | memory | input_changed | input_removed | died | timeout
-    type: str
-    message: str
-    traceback: str
-
-
-class InputChanged(Exception):
-    """The input file is no longer the one the chunk was planned from."""
-
-
-class InputRemoved(InputChanged):
-    """The input file is gone: its results go too, so its chunks are not a hole."""
-
-
-class SchemaMismatch(Exception):
-    """A chunk's result does not fit the schema of the job's output so far."""
 
 
 EXIT_ORPHANED = 70  # a worker whose coordinator died
@@ -188,21 +129,6 @@ def _write(task: Task, result: pa.Table) -> tuple[int, str]:
     staged = Path(task.job.staging_dir) / (task.staged_name or f"{task.output_name}.{os.getpid()}.tmp")
     table = with_provenance(result, task.chunk.chunk_id, task.job.definition)
     return write_durably(table, staged), str(staged)
-
-
-def check_schema(got: pa.Schema, expected: pa.Schema) -> None:
-    """Same column names and types, in order (nullability and metadata aside)."""
-    have = [(f.name, f.type) for f in got]
-    want = [(f.name, f.type) for f in expected]
-    if have == want:
-        return
-    wanted, had = dict(want), dict(have)
-    problems = [f"{n} is {t}, expected {wanted[n]}" for n, t in had.items() if n in wanted and wanted[n] != t]
-    problems += [f"{n} ({t}) missing" for n, t in want if n not in had]
-    problems += [f"{n} ({t}) unexpected" for n, t in have if n not in wanted]
-    problems += [f"{n} appears {got.names.count(n)} times" for n in had if got.names.count(n) > 1]
-    detail = "; ".join(problems) or "columns in another order"
-    raise SchemaMismatch(f"result does not match the output schema: {detail}")
 
 
 def read_chunk(chunk: Chunk, columns: tuple[str, ...] | None) -> pa.Table:
@@ -335,15 +261,15 @@ def _removed(chunk: Chunk) -> InputRemoved:
 
 def describe_error(exc: BaseException) -> TaskError:
     if isinstance(exc, InputRemoved):
-        kind = "input_removed"
+        kind = ErrorKind.INPUT_REMOVED
     elif isinstance(exc, InputChanged):
-        kind = "input_changed"
+        kind = ErrorKind.INPUT_CHANGED
     elif isinstance(exc, MemoryError | pa.ArrowMemoryError | duckdb.OutOfMemoryException):
-        kind = "memory"
+        kind = ErrorKind.MEMORY
     else:
-        kind = "error"
+        kind = ErrorKind.ERROR
     message = str(exc)
-    if kind == "memory":
+    if kind == ErrorKind.MEMORY:
         message = f"out of memory in worker (worker_memory_limit reached): {message}"
     return TaskError(kind=kind, type=type(exc).__name__, message=message, traceback=traceback.format_exc())
 

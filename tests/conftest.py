@@ -28,6 +28,7 @@ process = "myjobs.basic:ident"
 chunk_bytes = "3KB"
 """
 
+
 def faulty_job(process: str, extra: str = "") -> str:
     """Job f over data/*.parquet running a function of tests/faulty_jobs.py (as myjobs.faulty)."""
     return f"""

@@ -50,7 +50,7 @@ def test_poison_chunk_is_dead_lettered_skipped_then_retried(project: Project) ->
     (dead,) = project.manifest_rows("SELECT attempts, error_type, traceback FROM chunks WHERE status='dead'")
     assert dead[0] == 2 and dead[1] == "ValueError" and "in poison" in dead[2]
     status = json.loads(project.cli("status", "f", "--json").stdout)[0]
-    assert status["chunks_failed"] == 1 and status["status"] == "failed"
+    assert status["chunks_dead"] == 1 and status["status"] == "failed"
     missing = set(range(1000)) - set(ids(project))
     assert missing and min(missing) == 0 and len(ids(project)) == 1000 - len(missing)
 
@@ -159,9 +159,9 @@ def test_circuit_breaker_ends_the_run_and_leaves_untried_chunks_pending(project:
     assert "breaker_open" in result.stderr
     status = json.loads(project.cli("status", "f", "--json").stdout)[0]
     # the 3 that opened it, up to 4 already in flight (2 workers x 2 queued), the trial; no more
-    assert status["chunks_failed"] <= 8
+    assert status["chunks_dead"] <= 8
     assert status["chunks_pending"] >= status["chunks_total"] - 8
-    assert len(project.computations()) == status["chunks_failed"]
+    assert len(project.computations()) == status["chunks_dead"]
 
 
 def test_chunk_with_a_different_schema_fails_naming_the_column(project: Project) -> None:

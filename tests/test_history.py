@@ -8,8 +8,9 @@ from pathlib import Path
 import duckdb
 import structlog
 
-from minibatch.events import Event
+from minibatch.events import Emitter
 from minibatch.progress import LogProgress
+from minibatch.states import EventKind
 
 from conftest import Project, faulty_job
 
@@ -73,15 +74,16 @@ def test_history_lists_runs_newest_first(project: Project) -> None:
 def test_progress_log_line_tells_rate_memory_failures_and_eta() -> None:
     progress = LogProgress(every=0)
     events = [
-        Event("run_started", "j", "r", {"memory_limit": 2**30}),
-        Event("run_planned", "j", "r", {"todo": 4}),
-        Event("chunk_started", "j", "r", {"in_flight": 3 * 2**20}),
-        Event("chunk_retry", "j", "r", {"in_flight": 2 * 2**20}),
-        Event("chunk_done", "j", "r", {"rows": 100, "bytes_in": 1000, "in_flight": 2**20}),
+        (EventKind.RUN_STARTED, {"memory_limit": 2**30}),
+        (EventKind.RUN_PLANNED, {"todo": 4}),
+        (EventKind.CHUNK_STARTED, {"in_flight": 3 * 2**20}),
+        (EventKind.CHUNK_RETRY, {"in_flight": 2 * 2**20}),
+        (EventKind.CHUNK_DONE, {"rows": 100, "bytes_in": 1000, "in_flight": 2**20}),
     ]
+    emit = Emitter([progress]).bind("j", "r")
     with structlog.testing.capture_logs() as logs:
-        for event in events:
-            progress.on_event(event)
+        for kind, data in events:
+            emit(kind, **data)
     line = logs[-1]
     assert line["event"] == "progress" and line["done"] == 1 and line["total"] == 4
     assert line["retried"] == 1 and line["dead"] == 0

@@ -73,7 +73,7 @@ def test_corrupt_files_from_the_parquet_project(project: Project, shared_testdat
     for row in output:  # what was processed, was processed whole
         assert row["n"] == pq.read_table(shared_testdata / row["file"]).num_rows
     status = json.loads(project.cli("status", "count", "--json").stdout)[0]
-    assert status["chunks_failed"] + status["bad_files"] == len(reported)
+    assert status["chunks_dead"] + status["bad_files"] == len(reported)
 
 
 def test_sql_job_over_corrupt_files_reports_and_survives(project: Project, shared_testdata: Path) -> None:

@@ -15,8 +15,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from minibatch.layout import REDUCED_NAME, OutputLayout, part_name, write_atomically
 from minibatch.lock import JobLocked, holder_pid, job_lock, lock_path
-from minibatch.results import REDUCED_NAME, OutputLayout, part_name, write_atomically
 
 from conftest import start_ready
 

@@ -12,10 +12,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from minibatch.execute import MemoryBudget
+from minibatch.layout import publish, staged_name
 from minibatch.planner import Chunk, plan_chunks, read_file_meta
-from minibatch.pool import Failed, Finished, Lost, MemoryBudget, Started, WorkerPool
-from minibatch.results import publish, staged_name
-from minibatch.worker import InputChanged, JobSpec, SchemaMismatch, Task, TaskError, check_schema, read_chunk
+from minibatch.pool import WorkerPool
+from minibatch.results import check_schema
+from minibatch.tasks import (
+    Failed,
+    Finished,
+    InputChanged,
+    JobSpec,
+    Lost,
+    SchemaMismatch,
+    Started,
+    Task,
+    TaskError,
+)
+from minibatch.worker import read_chunk
 
 JOBS = """
 import os, time

@@ -9,14 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minibatch.results import (
-    OutputLayout,
-    OutputNotOwned,
-    SchemaGate,
-    inspect_part,
-    part_name,
-    with_provenance,
-)
+from minibatch.layout import OutputLayout, OutputNotOwned, part_name, with_provenance
+from minibatch.results import SchemaGate, inspect_part
 
 A = pa.schema([("id", pa.int64())])
 B = pa.schema([("x", pa.string())])

@@ -1,0 +1,194 @@
+"""A job's output directory on disk: where parts, staged files and the reduced file live,
+what is minibatch's (and so may be deleted), and atomic, durable file writes.
+
+Files being written live in a sibling staging directory (same filesystem, so the final
+rename is atomic; outside the output so neither pyarrow's nor DuckDB's globs see them).
+Reduce jobs keep their chunk results in a sibling parts directory and publish one file.
+minibatch deletes only files it wrote: parts named after chunk ids, its reduced file, its
+staging directory. The staging directory is also its claim on the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+REDUCED_NAME = "part-reduced.parquet"
+PART_RE = re.compile(r"^part-[0-9a-f]{24}\.parquet$")
+STAGED_RE = re.compile(r"^part-(?P<chunk>[0-9a-f]{24})\.parquet\.[\w-]+\.\d+\.tmp$")
+CHUNK_KEY = b"minibatch.chunk"  # Parquet key-value metadata of every part
+DEFINITION_KEY = b"minibatch.definition"
+
+
+class OutputNotOwned(Exception):
+    """An existing, non-empty output directory that minibatch did not create."""
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    output: Path
+    reduce: bool
+
+    @property
+    def staging(self) -> Path:
+        return self.output.parent / f".{self.output.name}.minibatch-staging"
+
+    @property
+    def reduced(self) -> Path:
+        return self.output / REDUCED_NAME
+
+    @property
+    def parts(self) -> Path:
+        """Where chunk results go: the output itself for map jobs."""
+        return self.output.parent / f".{self.output.name}.minibatch-parts" if self.reduce else self.output
+
+    def prepare(self) -> int:
+        """Create the directories; remove what a killed run left in staging, except staged
+        results, which the run may salvage (`staged_results`). Returns how many it removed."""
+        for directory in (self.output, self.staging, self.parts):
+            directory.mkdir(parents=True, exist_ok=True)
+        leftovers = [p for p in self.staging.iterdir() if not STAGED_RE.match(p.name)]
+        for path in leftovers:
+            _remove(path)
+        return len(leftovers)
+
+    def staged_results(self) -> dict[str, list[Path]]:
+        """Results a worker wrote and fsynced that no coordinator published: chunk id -> files."""
+        found: dict[str, list[Path]] = {}
+        for path in sorted(self.staging.iterdir()) if self.staging.is_dir() else []:
+            if match := STAGED_RE.match(path.name):
+                found.setdefault(match["chunk"], []).append(path)
+        return found
+
+    def part_files(self) -> set[str]:
+        """The parts minibatch wrote (by name); anything else in the directory is not ours."""
+        return {p.name for p in self.parts.iterdir() if PART_RE.match(p.name) and p.is_file()}
+
+    def foreign_files(self) -> list[str]:
+        """Files in the output that minibatch did not write: never deleted, reported."""
+        if not self.output.is_dir():
+            return []
+        ours = {REDUCED_NAME} if self.reduce else set()
+        return sorted(p.name for p in self.output.iterdir() if not (PART_RE.match(p.name) or p.name in ours))
+
+    def remove_parts(self, names: Iterable[str]) -> None:
+        names = [name for name in names if PART_RE.match(name)]
+        for name in names:
+            (self.parts / name).unlink(missing_ok=True)
+        if names:
+            fsync_dir(self.parts)
+
+    def remove_all(self, keep_claim: bool = False) -> None:
+        """Remove what minibatch wrote for this job, and nothing else (`keep_claim`: the output
+        stays minibatch's, for `--fresh`)."""
+        if self.parts.is_dir():
+            self.remove_parts(self.part_files())
+        if self.reduce:
+            (self.output / REDUCED_NAME).unlink(missing_ok=True)
+            _rmdir_if_empty(self.parts)
+        if keep_claim:  # the staging directory is the claim
+            return
+        shutil.rmtree(self.staging, ignore_errors=True)
+        _rmdir_if_empty(self.output)
+
+    # -- ownership ----------------------------------------------------------------------------
+
+    def claim(self, job: str) -> None:
+        """Make sure this output is minibatch's to write. Its staging directory, which only
+        minibatch creates, says it is; otherwise the output must be absent, empty, or hold only
+        what minibatch names its files."""
+        if self.staging.is_dir() or not self.output.is_dir():
+            return
+        ours = {REDUCED_NAME} if self.reduce else set()
+        names = [p.name for p in self.output.iterdir()]
+        foreign = sorted(n for n in names if not PART_RE.match(n) and n not in ours)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise OutputNotOwned(
+                f"output {self.output} exists, is not empty ({shown}) and was not created by "
+                f"minibatch; empty it or choose another directory (to let minibatch write beside "
+                f"these files, create the directory {self.staging})"
+            )
+
+
+def part_name(chunk_id: str) -> str:
+    return f"part-{chunk_id}.parquet"
+
+
+def staged_name(output_name: str, run_id: str, attempt: int) -> str:
+    """A staged result's name: unique per run and attempt, so no two writers share one."""
+    return f"{output_name}.{run_id}.{attempt}.tmp"
+
+
+def write_atomically(table: pa.Table, target: Path, staging: Path) -> int:
+    """Write `table` to `target` so readers see either nothing or the whole file; returns bytes.
+
+    The file's data is fsynced before the rename; the directory entry is made durable by
+    `fsync_dir(target.parent)`, which the caller owes before recording the file as done.
+    """
+    temp = staging / f"{target.name}.{os.getpid()}.tmp"
+    size = write_durably(table, temp)
+    publish(temp, target)
+    return size
+
+
+def write_durably(table: pa.Table, path: Path) -> int:
+    """Write and fsync a Parquet file (removed again if writing fails); returns its size."""
+    import pyarrow.parquet as pq
+
+    try:
+        with open(path, "wb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+            return handle.tell()
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def with_provenance(table: pa.Table, chunk_id: str, definition: str | None) -> pa.Table:
+    """The chunk id and job definition in the part's footer: what adoption and repair check."""
+    metadata = dict(table.schema.metadata or {})
+    metadata[CHUNK_KEY] = chunk_id.encode()
+    if definition:
+        metadata[DEFINITION_KEY] = definition.encode()
+    return table.replace_schema_metadata(metadata)
+
+
+def publish(staged: Path, target: Path) -> None:
+    """Rename a durable staged file into place (atomic: same filesystem)."""
+    try:
+        os.replace(staged, target)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty (files that are not ours stay) or gone
+        path.rmdir()

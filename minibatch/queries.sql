@@ -1,0 +1,118 @@
+-- Every query minibatch runs on the manifest, by name (loaded by manifest.py).
+-- Parameters only: nothing from a job name or a file name is ever pasted into SQL.
+-- Statuses are bound as parameters from minibatch/states.py.
+
+-- name: mark_crashed
+-- A run still `running` when the next one of its job starts has crashed.
+UPDATE runs SET status = $crashed, ended_at = now() WHERE job = $job AND status = $running;
+
+-- name: chunk_states
+SELECT chunk_id, status, output_file FROM chunks WHERE job = $job;
+
+-- name: forget_chunks
+DELETE FROM chunks WHERE job = $job AND chunk_id IN (SELECT unnest($ids::VARCHAR[]));
+
+-- name: count_dead
+SELECT count(*) FROM chunks WHERE job = $job AND status = $dead;
+
+-- name: forget_dead
+DELETE FROM chunks WHERE job = $job AND status = $dead;
+
+-- name: forget_bad_files
+DELETE FROM bad_files WHERE job = $job;
+
+-- name: known_bad_files
+SELECT file, fingerprint FROM bad_files WHERE job = $job;
+
+-- name: record_bad_file
+INSERT OR REPLACE INTO bad_files (job, file, fingerprint, size, error, run_id, seen_at)
+VALUES ($job, $file, $fingerprint, $size, $error, $run_id, now());
+
+-- name: reset_chunks
+DELETE FROM chunks WHERE job = $job;
+
+-- name: reset_reduce
+DELETE FROM reduce_state WHERE job = $job;
+
+-- name: reset_job_state
+DELETE FROM job_state WHERE job = $job;
+
+-- name: job_state
+SELECT * FROM job_state WHERE job = $job;
+
+-- name: set_definition
+INSERT INTO job_state (job, definition, definition_facts, updated_at)
+VALUES ($job, $definition, $facts, now())
+ON CONFLICT (job) DO UPDATE SET definition = excluded.definition,
+    definition_facts = excluded.definition_facts, updated_at = now();
+
+-- name: set_schemas
+-- A NULL schema leaves the stored one as it is.
+INSERT INTO job_state (job, input_schema, output_schema, updated_at)
+VALUES ($job, $input_schema, $output_schema, now())
+ON CONFLICT (job) DO UPDATE SET
+    input_schema = coalesce(excluded.input_schema, job_state.input_schema),
+    output_schema = coalesce(excluded.output_schema, job_state.output_schema),
+    updated_at = now();
+
+-- name: reduce_key
+SELECT parts_key FROM reduce_state WHERE job = $job;
+
+-- name: record_reduce
+INSERT OR REPLACE INTO reduce_state (job, parts_key, reduced_at) VALUES ($job, $key, now());
+
+-- name: last_fires
+SELECT job, last_fire_at FROM schedule_state;
+
+-- name: record_fire
+INSERT OR REPLACE INTO schedule_state (job, last_fire_at) VALUES ($job, $at);
+
+-- name: unmet_dependencies
+-- For each dependency: has it succeeded since the job's own last run started?
+WITH mine AS (SELECT max(started_at) AS since FROM runs WHERE job = $job)
+SELECT dep, EXISTS (
+    SELECT 1 FROM runs
+    WHERE runs.job = dep AND runs.status = $succeeded
+      AND (mine.since IS NULL OR runs.ended_at > mine.since)
+) AS ok
+FROM unnest($deps::VARCHAR[]) AS deps(dep), mine;
+
+-- name: status
+-- The latest run of each job (or of one), with its checkpoint's chunk counts.
+WITH latest AS (
+    SELECT * FROM runs
+    WHERE $job IS NULL OR job = $job
+    QUALIFY row_number() OVER (PARTITION BY job ORDER BY started_at DESC) = 1
+), totals AS (
+    SELECT job,
+           count(*) FILTER (WHERE status = $done) AS done_total,
+           count(*) FILTER (WHERE status = $dead) AS dead_total,
+           sum(rows_out) FILTER (WHERE status = $done) AS rows_out_total
+    FROM chunks GROUP BY job
+), successes AS (
+    SELECT job, max(ended_at) AS last_success_at FROM runs WHERE status = $succeeded GROUP BY job
+)
+SELECT latest.*, coalesce(totals.done_total, 0) AS done_total,
+       coalesce(totals.dead_total, 0) AS dead_total,
+       coalesce(totals.rows_out_total, 0) AS rows_out_total,
+       successes.last_success_at
+FROM latest LEFT JOIN totals USING (job) LEFT JOIN successes USING (job)
+ORDER BY job;
+
+-- name: runs
+SELECT * FROM runs WHERE $job IS NULL OR job = $job ORDER BY started_at DESC LIMIT $limit;
+
+-- name: run
+SELECT * FROM runs WHERE job = $job AND ($run_id IS NULL OR run_id = $run_id)
+ORDER BY started_at DESC LIMIT 1;
+
+-- name: attempts
+SELECT * FROM attempts WHERE run_id = $run_id ORDER BY admitted_at, chunk_id, attempt;
+
+-- name: dead_letters
+SELECT chunk_id, file, row_start, row_end, attempts, error_type, error_message, finished_at
+FROM chunks WHERE job = $job AND status = $dead ORDER BY file, row_start;
+
+-- name: is_current
+-- Whether the file has this release's schema (its newest table).
+SELECT 1 FROM duckdb_tables() WHERE table_name = 'job_state';

@@ -1,0 +1,131 @@
+"""What is left to do: the plan held against the manifest and the output directory.
+
+Before anything runs, a run (1) forgets results of another definition of the job, (2) turns
+files that do not fit the job's input schema into bad files, and (3) compares the planned
+chunks with the manifest and the parts on disk: records of chunks no longer planned, or
+whose part is gone, are forgotten; parts a killed run published but did not record are
+adopted; results it staged but did not publish are salvaged; parts nobody owns are removed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from minibatch.events import RunEvents
+from minibatch.jobcode import changed_facts
+from minibatch.layout import part_name
+from minibatch.ledger import Ledger
+from minibatch.manifest import Manifest
+from minibatch.planner import BadFile, Chunk, FileMeta, Signature, input_signature, misfits
+from minibatch.results import ResultStore
+from minibatch.states import ChunkStatus, EventKind
+from minibatch.tasks import TaskResult
+
+
+@dataclass
+class Definition:
+    key: str
+    facts: dict[str, Any]
+    changed: list[str] = field(default_factory=list)  # what changed since the last run, if it did
+
+
+def check_definition(
+    manifest: Manifest, job: str, definition: Definition, events: RunEvents
+) -> dict[str, Any]:
+    """Results of another definition of the job (sql, process or its source, columns, version)
+    are not current: forget them, so that this run computes them again. Returns the job's
+    state as the manifest holds it now."""
+    state = manifest.job_state(job) or {}
+    stored = state.get("definition")
+    changed = stored is not None and stored != definition.key
+    if changed:
+        definition.changed = changed_facts(state.get("definition_facts"), definition.facts) or ["definition"]
+        events(EventKind.DEFINITION_CHANGED, changed=definition.changed)
+    if changed or stored is None:
+        facts = json.dumps(definition.facts, sort_keys=True)
+        manifest.set_definition(job, definition.key, facts, forget=changed)
+    return manifest.job_state(job) or {}
+
+
+def fit_schema(
+    manifest: Manifest,
+    job: str,
+    state: dict[str, Any],
+    files: list[FileMeta],
+    columns: tuple[str, ...] | None,
+) -> tuple[list[FileMeta], list[BadFile]]:
+    """Files whose columns differ from the job's input schema are bad files: the schema is the
+    one stored by earlier runs, else the one most files have (stored from now on)."""
+    stored_json = state.get("input_schema")
+    stored: Signature | None = tuple((n, t) for n, t in json.loads(stored_json)) if stored_json else None
+    signature = input_signature(files, stored)
+    if signature is None:
+        return files, []
+    if stored is None:
+        manifest.set_schemas(job, json.dumps(signature), None)
+    good, bad = [], []
+    for meta in files:
+        problem = misfits(meta, signature, columns)
+        if problem is None:
+            good.append(meta)
+        else:
+            bad.append(BadFile(meta.path, meta.fingerprint, meta.size, problem))
+    return good, bad
+
+
+def report_bad_files(
+    manifest: Manifest, job: str, run_id: str, bad: list[BadFile], events: RunEvents
+) -> list[BadFile]:
+    """Log every bad file; record the new ones (a known one fails no run again). Returns those."""
+    known = manifest.known_bad_files(job)
+    new = [b for b in bad if (b.path, b.fingerprint) not in known]
+    for item in bad:
+        kind = EventKind.BAD_FILE if item in new else EventKind.KNOWN_BAD_FILE
+        events(kind, file=item.path, error=item.error)
+    if new:
+        manifest.record_bad_files(job, run_id, new)
+    return new
+
+
+@dataclass
+class Reconciled:
+    todo: list[Chunk]
+    salvaged: list[tuple[Chunk, TaskResult]]
+    skipped: int  # dead letters of earlier runs, not retried
+
+
+def reconcile(
+    chunks: list[Chunk], manifest: Manifest, store: ResultStore, ledger: Ledger, events: RunEvents
+) -> Reconciled:
+    """Chunks still to compute, and finished results found on disk (see the module's doc)."""
+    job = ledger.record.job
+    states = manifest.chunk_states(job)
+    on_disk = store.layout.part_files()
+    planned = {c.chunk_id for c in chunks}
+    done = {
+        chunk_id: output
+        for chunk_id, (status, output) in states.items()
+        if status == ChunkStatus.DONE and chunk_id in planned and (output is None or output in on_disk)
+    }
+    dead = {
+        chunk_id
+        for chunk_id, (status, _) in states.items()
+        if status == ChunkStatus.DEAD and chunk_id in planned
+    }
+    forget = [chunk_id for chunk_id in states if chunk_id not in done and chunk_id not in dead]
+    manifest.forget_chunks(job, forget)
+    ledger.reused(done)
+    orphans = [c for c in chunks if c.chunk_id not in done.keys() | dead and part_name(c.chunk_id) in on_disk]
+    for part in store.adopt(orphans):
+        ledger.adopted(part.chunk, part.name, part.rows, part.nbytes)
+    removed = store.remove_strays(on_disk, {name for name in ledger.outputs.values() if name})
+    if removed or forget:
+        events(EventKind.STALE_OUTPUTS_REMOVED, files=removed, records=len(forget))
+    if dead:
+        events(EventKind.DEAD_LETTERS_SKIPPED, chunks=len(dead), hint=f"minibatch retry {job}")
+    if foreign := store.layout.foreign_files():
+        events(EventKind.FOREIGN_FILES_IN_OUTPUT, output=str(store.layout.output), files=foreign[:10])
+    todo = [c for c in chunks if c.chunk_id not in dead and c.chunk_id not in ledger.outputs]
+    return Reconciled(todo=todo, salvaged=store.salvage(todo), skipped=len(dead))

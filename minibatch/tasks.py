@@ -1,0 +1,128 @@
+"""What the coordinator, the pools and the workers hand each other: plain values, and the
+`Pool` protocol the executor drives. Nothing here imports pyarrow or DuckDB."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from minibatch.planner import Chunk
+from minibatch.states import ErrorKind
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """The parts of a job's config a worker needs; small, sent with every task."""
+
+    name: str
+    process: str | None
+    sql: str | None
+    columns: tuple[str, ...] | None
+    base_dir: str
+    parts_dir: str
+    staging_dir: str
+    definition: str | None = None  # written into every part's footer, checked on adoption
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: int
+    chunk: Chunk
+    job: JobSpec
+    run_id: str
+    attempt: int
+    output_name: str  # the part's name once the coordinator publishes it
+    staged_name: str = ""  # where the worker writes it, in the staging directory
+    schema: pa.Schema | None = None  # the output's schema, once known: results must match it
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    rows_in: int
+    rows_out: int
+    bytes_in: int
+    bytes_out: int
+    output_file: str | None
+    seconds: float
+    schema: pa.Schema | None = None
+    staged: str | None = None  # written, fsynced, not visible: only the coordinator publishes
+    read_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    write_seconds: float = 0.0
+    peak_rss: int | None = None  # bytes, this attempt's high-water mark of the worker
+
+
+@dataclass(frozen=True)
+class TaskError:
+    kind: ErrorKind
+    type: str
+    message: str
+    traceback: str
+
+
+class InputChanged(Exception):
+    """The input file is no longer the one the chunk was planned from."""
+
+
+class InputRemoved(InputChanged):
+    """The input file is gone: its results go too, so its chunks are not a hole."""
+
+
+class SchemaMismatch(Exception):
+    """A chunk's result does not fit the schema of the job's output."""
+
+
+# -- what a pool reports --------------------------------------------------------------------
+
+
+@dataclass
+class Started:
+    task_id: int
+    pid: int
+    slot: int
+    at: float  # unix time the worker started the task
+
+
+@dataclass
+class Finished:
+    task_id: int
+    result: TaskResult
+
+
+@dataclass
+class Failed:
+    task_id: int
+    error: TaskError
+
+
+@dataclass
+class Lost:
+    """Sent to a worker that died before starting it: resubmit without charging an attempt."""
+
+    task_id: int
+
+
+PoolEvent = Started | Finished | Failed | Lost
+
+
+class PoolBroken(Exception):
+    """The pool cannot go on (e.g. the Dask scheduler is gone); the run fails, the next resumes."""
+
+
+class Pool(Protocol):
+    """What the executor drives: `pool.WorkerPool`, `pool.InlinePool` or `dask_pool.DaskPool`.
+    A handle names what `overdue` found and `kill` stops: a slot, or a task on Dask."""
+
+    size: int
+
+    def has_room(self) -> bool: ...
+    def submit(self, task: Task) -> None: ...
+    def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[PoolEvent]: ...
+    def overdue(self, timeout: float, now: float | None = None) -> list[int]: ...
+    def kill(self, handle: int, error: TaskError) -> list[PoolEvent]: ...
+    def stop_starting(self) -> None: ...
+    def terminate(self) -> None: ...
