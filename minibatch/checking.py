@@ -53,7 +53,7 @@ class Checker:
         if value < 1:
             self.error(key, f"must be at least 1, got {value}")
             return default
-        return value
+        return int(value)
 
     def string_list(self, key: str) -> tuple[str, ...] | None:
         value = self.get(key, (str, list))
@@ -87,7 +87,7 @@ def positive_size(c: Checker, key: str, default: int) -> int:
     if value < 1:
         c.error(key, "must be greater than zero")
         return default
-    return value
+    return int(value)
 
 
 def timezone_name(c: Checker, default: str) -> str:
@@ -97,7 +97,7 @@ def timezone_name(c: Checker, default: str) -> str:
     except (ZoneInfoNotFoundError, ValueError, OSError):  # "Europe" is a directory of zones
         c.error("timezone", f"unknown time zone {name!r} (expected an IANA name like 'Europe/Berlin')")
         return default
-    return name
+    return str(name)
 
 
 def choice(c: Checker, key: str, choices: tuple[str, ...], default: str) -> str:
@@ -105,7 +105,7 @@ def choice(c: Checker, key: str, choices: tuple[str, ...], default: str) -> str:
     if value not in choices:
         c.error(key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
         return default
-    return value
+    return str(value)
 
 
 # -- alerting hooks (fired by hooks.py) ---------------------------------------------------

@@ -147,7 +147,7 @@ def daemon(state: State) -> None:
 @click.pass_obj
 def validate(state: State) -> None:
     """Check config.toml and import every job's function."""
-    from minibatch.config import check_imports, check_inputs
+    from minibatch.validate import check_imports, check_inputs
 
     config = state.config
     check_imports(config)

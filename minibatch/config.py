@@ -12,9 +12,9 @@ from typing import Any
 
 from minibatch.breaker import BreakerSettings
 from minibatch.checking import Checker, Hook, choice, parse_hook, positive_size, timezone_name
-from minibatch.jobcode import JobCodeError, import_process, module_files
+from minibatch.jobcode import module_files
 from minibatch.layout import OutputLayout
-from minibatch.planner import InputError, find_inputs, glob_root
+from minibatch.planner import glob_root
 from minibatch.units import parse_duration, parse_size
 
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -201,7 +201,7 @@ def _metrics_addr(c: Checker) -> str:
     if addr and not (host and port.isdigit() and 0 < int(port) < 65536):
         c.error("metrics_addr", f'expected "host:port" or "" (off), got {addr!r}')
         return "127.0.0.1:9464"
-    return addr
+    return str(addr)
 
 
 def _job(
@@ -328,7 +328,7 @@ def _schedule(c: Checker) -> str | None:
     except ValueError as exc:
         c.error("schedule", str(exc))
         return None
-    return schedule
+    return str(schedule)
 
 
 def _check_outputs_apart(
@@ -358,10 +358,12 @@ def _holds(directory: Path, path: Path) -> bool:
 
 
 def _overlap(one: JobConfig, two: JobConfig) -> bool:
-    if _holds(one.output, two.output) or _holds(two.output, one.output):
-        return True
-    layouts = [OutputLayout(job.output, reduce=job.reduce_sql is not None) for job in (one, two)]
-    return any(_holds(a.output, d) for a, b in (layouts, layouts[::-1]) for d in (b.staging, b.parts))
+    """Outputs nested either way, or one inside (or holding) the other's staging or parts."""
+    mine, theirs = (OutputLayout(job.output, reduce=job.reduce_sql is not None) for job in (one, two))
+    pairs = [(mine.output, theirs.output)]
+    pairs += [(mine.output, d) for d in (theirs.staging, theirs.parts)]
+    pairs += [(theirs.output, d) for d in (mine.staging, mine.parts)]
+    return any(_holds(a, b) or _holds(b, a) for a, b in pairs)
 
 
 def _check_dependencies(jobs: dict[str, JobConfig], errors: list[str]) -> None:
@@ -392,33 +394,3 @@ def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
         if found := visit(start, []):
             return found
     return None
-
-
-def check_imports(config: Config, names: list[str] | None = None) -> None:
-    """Import the `process` of the named jobs (all by default); raise one ConfigError for all."""
-    errors: list[str] = []
-    for job in config.jobs.values():
-        if job.process and (names is None or job.name in names):
-            try:
-                import_process(job.process, config.base_dir)
-            except JobCodeError as exc:
-                errors.append(f"jobs.{job.name}.process: {exc}")
-    if errors:
-        raise ConfigError(errors, config.path)
-
-
-def check_inputs(config: Config) -> list[str]:
-    """Warnings about inputs as they are now: a glob that matches no file (a run would fail).
-    A symlink loop, or an input that reaches a job's own output, is an error."""
-    warnings, errors = [], []
-    for job in config.jobs.values():
-        layout = OutputLayout(job.output, reduce=job.reduce_sql is not None)
-        try:
-            found = find_inputs(config.base_dir, job.inputs, [layout.output, layout.parts, layout.staging])
-        except InputError as exc:
-            errors.append(f"jobs.{job.name}.input: {exc}")
-            continue
-        warnings += [f"jobs.{job.name}.input: {p!r} matches no file (yet)" for p in found.missing]
-    if errors:
-        raise ConfigError(errors, config.path)
-    return warnings

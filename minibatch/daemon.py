@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from minibatch.config import Config, ConfigError, JobConfig, check_imports, load_config
+from minibatch.config import Config, ConfigError, JobConfig, load_config
 from minibatch.jobcode import code_paths
 from minibatch.lock import JobLocked
 from minibatch.log import get_logger
@@ -25,6 +25,7 @@ from minibatch.metrics import Metrics
 from minibatch.notify import Notifier
 from minibatch.schedule import next_fire_times, parse_crontab
 from minibatch.signals import StopSignals
+from minibatch.validate import check_imports
 
 log = get_logger()
 WATCH_REASON = "inputs changed"

@@ -83,7 +83,7 @@ class DaskPool:
     def has_room(self) -> bool:
         # QUEUE_DEPTH tasks per thread, so a thread finds its next task at the worker instead of
         # waiting for a round trip through the scheduler; the memory budget still bounds them.
-        return len(self._futures) < self.size * QUEUE_DEPTH
+        return bool(len(self._futures) < self.size * QUEUE_DEPTH)
 
     def submit(self, task: Task) -> None:
         with self._scheduler_calls():
@@ -94,7 +94,7 @@ class DaskPool:
                 run_on_worker, task, key=f"minibatch-{task.run_id}-{task.task_id}", pure=False
             )
         self._futures[task.task_id] = future
-        self._task_ids[future.key] = task.task_id
+        self._task_ids[str(future.key)] = task.task_id
         future.add_done_callback(lambda _, task_id=task.task_id: self._tell(("done", task_id)))
 
     def _on_started(self, event: tuple[float, list[Any]]) -> None:

@@ -104,6 +104,7 @@ LOGGED: dict[EventKind, str] = {
     EventKind.PART_NOT_ADOPTED: "warning",
     EventKind.FOREIGN_FILES_IN_OUTPUT: "warning",
     EventKind.RUN_INCOMPLETE: "error",
+    EventKind.RUN_HALTED: "error",
     EventKind.RUN_FINISHED: "info",
 }
 

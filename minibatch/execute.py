@@ -16,13 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from minibatch.admission import MemoryBudget, backoff, memory_estimate, worker_memory_cap
 from minibatch.breaker import CircuitBreaker
 from minibatch.clock import SYSTEM, Clock
 from minibatch.events import RunEvents
 from minibatch.layout import part_name, staged_name
 from minibatch.ledger import Ledger
-from minibatch.manifest import AttemptRecord
 from minibatch.planner import Chunk
+from minibatch.records import AttemptRecord
 from minibatch.results import ResultStore, SchemaGate
 from minibatch.signals import StopSignals
 from minibatch.states import Breaker, ErrorKind, EventKind, Outcome
@@ -39,22 +40,9 @@ from minibatch.tasks import (
     TaskError,
     TaskResult,
 )
-from minibatch.units import MAX_SIZE
 
 if TYPE_CHECKING:
     from minibatch.config import JobConfig
-
-BACKOFF_CAP = 60.0
-MEMORY_FACTOR = 2.0  # working memory of a chunk ~ its uncompressed input + its result
-
-
-def backoff(attempt: int, base: float, cap: float = BACKOFF_CAP, rng: random.Random | None = None) -> float:
-    """Full-jitter exponential backoff before attempt number `attempt + 1`."""
-    return (rng or random).uniform(0, min(cap, base * 2 ** min(attempt - 1, 64)))
-
-
-def memory_estimate(chunk: Chunk) -> int:
-    return int(chunk.nbytes * MEMORY_FACTOR)
 
 
 def open_pool(job: JobConfig, todo: int) -> Pool:
@@ -67,32 +55,6 @@ def open_pool(job: JobConfig, todo: int) -> Pool:
     from minibatch.pool import WorkerPool
 
     return WorkerPool(min(job.workers, todo), worker_memory_cap(job))
-
-
-def worker_memory_cap(job: JobConfig) -> int:
-    """Default per-worker address-space cap: a fair share of the budget plus the runtime's own."""
-    if job.worker_memory_limit:
-        return job.worker_memory_limit
-    return min(2 * 2**30 + 4 * job.memory_limit // job.workers, MAX_SIZE)
-
-
-class MemoryBudget:
-    """Admission: reserve a chunk's estimated bytes before submit, release when it completes."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_flight = 0
-        self.peak = 0
-
-    def fits(self, nbytes: int) -> bool:
-        return self.in_flight == 0 or self.in_flight + nbytes <= self.limit
-
-    def reserve(self, nbytes: int) -> None:
-        self.in_flight += nbytes
-        self.peak = max(self.peak, self.in_flight)
-
-    def release(self, nbytes: int) -> None:
-        self.in_flight -= nbytes
 
 
 @dataclass
@@ -182,6 +144,8 @@ class Executor:
         except PoolBroken as exc:  # chunks in flight are not recorded: the next run does them
             self.out.error = f"{exc}; {len(self.in_flight) + len(self.pending)} chunks left to do"
             return
+        if self.out.error:  # halted
+            return
         # in_flight is non-empty when the grace period ran out or a second signal came
         self.out.stopped = self.signals.requested and bool(self.pending or self.retry_at or self.in_flight)
         if self.breaker.tripped:
@@ -194,7 +158,7 @@ class Executor:
     def _work_left(self) -> bool:
         if self.signals.immediate or self._grace_over():
             return False
-        if self.signals.requested or self.breaker.tripped:
+        if self.signals.requested or self.breaker.tripped or self.out.error:
             return bool(self.in_flight)
         return bool(self.pending or self.retry_at or self.in_flight)
 
@@ -204,7 +168,7 @@ class Executor:
     # -- admission ------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        if self.signals.requested:
+        if self.signals.requested or self.out.error:
             return
         now = self.clock.monotonic()
         while self.retry_at and self.retry_at[0][0] <= now:
@@ -295,6 +259,8 @@ class Executor:
             self.pending.appendleft(item.chunk)
         elif event.error.kind in (ErrorKind.INPUT_CHANGED, ErrorKind.INPUT_REMOVED):
             self._input_changed(item, event.error)
+        elif event.error.kind == ErrorKind.ENVIRONMENT:
+            self._halt(item, event.error)
         else:
             self.attempts[item.chunk.chunk_id] = item.attempt
             self._breaker_failure(probe)
@@ -302,6 +268,17 @@ class Executor:
             return
         if probe:  # no outcome to judge the breaker by: let another chunk try
             self.breaker.cancel_probe()
+
+    def _halt(self, item: _InFlight, error: TaskError) -> None:
+        """A full disk (or the like) is the machine's fault: no chunk is charged or dead-lettered
+        for it; nothing more is admitted, and the run fails, its chunks left to do."""
+        self._record_attempt(item, Outcome.RETRIED, error=error)
+        self.pending.appendleft(item.chunk)
+        if self.out.error is None:
+            self.out.error = (
+                f"{error.type}: {error.message} (free space, or fix the filesystem, and run again)"
+            )
+            self.events(EventKind.RUN_HALTED, error=self.out.error, in_flight=len(self.in_flight))
 
     def _input_changed(self, item: _InFlight, error: TaskError) -> None:
         path = item.chunk.path

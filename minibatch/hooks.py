@@ -27,7 +27,8 @@ from minibatch.checking import Hook, url_label
 from minibatch.config import Config, JobConfig
 from minibatch.events import Event, Listener
 from minibatch.log import get_logger
-from minibatch.manifest import Manifest, RunRecord, manifest_path
+from minibatch.manifest import Manifest, manifest_path
+from minibatch.records import RunRecord
 from minibatch.states import RunStatus
 
 OUTPUT_LIMIT = 2000  # characters of a command's output kept in the log

@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 
 class JobCodeError(Exception):
@@ -70,7 +70,7 @@ def import_process(process: str, base_dir: Path) -> Callable[..., Any]:
     func = getattr(module, func_name, None)
     if not callable(func):
         raise JobCodeError(f"{module_name} has no function {func_name!r}")
-    return func
+    return cast(Callable[..., Any], func)
 
 
 def forget_package(process: str) -> None:
@@ -99,7 +99,8 @@ def definition(
     if version is None and process:
         files = module_files(base_dir, process)
         module = sys.modules.get(process.partition(":")[0])
-        source = Path(module.__file__) if module and getattr(module, "__file__", None) else None
+        loaded = getattr(module, "__file__", None)
+        source = Path(loaded) if loaded else None
         source = source or (files[-1] if files else None)
         facts["source"] = _digest(source.read_bytes()) if source and source.is_file() else None
     key = _digest(json.dumps(facts, sort_keys=True).encode())

@@ -27,6 +27,7 @@ PART_RE = re.compile(r"^part-[0-9a-f]{24}\.parquet$")
 STAGED_RE = re.compile(r"^part-(?P<chunk>[0-9a-f]{24})\.parquet\.[\w-]+\.\d+\.tmp$")
 CHUNK_KEY = b"minibatch.chunk"  # Parquet key-value metadata of every part
 DEFINITION_KEY = b"minibatch.definition"
+INPUT_KEY = b"minibatch.input_schema"
 
 
 class OutputNotOwned(Exception):
@@ -77,8 +78,21 @@ class OutputLayout:
         """Files in the output that minibatch did not write: never deleted, reported."""
         if not self.output.is_dir():
             return []
-        ours = {REDUCED_NAME} if self.reduce else set()
-        return sorted(p.name for p in self.output.iterdir() if not (PART_RE.match(p.name) or p.name in ours))
+        return sorted(p.name for p in self.output.iterdir() if not _ours(p.name))
+
+    def remove_other_shape(self) -> None:
+        """What an earlier definition of the other kind left: a map job removes the reduced file
+        and the parts directory of when it had `reduce_sql` (a reduce job replaces the map
+        parts in its output when it publishes)."""
+        if self.reduce:
+            return
+        self.reduced.unlink(missing_ok=True)
+        old_parts = OutputLayout(self.output, reduce=True).parts
+        if old_parts.is_dir() and not old_parts.is_symlink():
+            for path in old_parts.iterdir():
+                if PART_RE.match(path.name):
+                    path.unlink(missing_ok=True)
+            _rmdir_if_empty(old_parts)
 
     def remove_parts(self, names: Iterable[str]) -> None:
         names = [name for name in names if PART_RE.match(name)]
@@ -89,13 +103,15 @@ class OutputLayout:
 
     def remove_all(self, keep_claim: bool = False) -> None:
         """Remove what minibatch wrote for this job, and nothing else (`keep_claim`: the output
-        stays minibatch's, for `--fresh`)."""
+        stays minibatch's, for `--fresh`: the staging directory is emptied, not removed)."""
         if self.parts.is_dir():
             self.remove_parts(self.part_files())
+        self.reduced.unlink(missing_ok=True)
         if self.reduce:
-            (self.output / REDUCED_NAME).unlink(missing_ok=True)
             _rmdir_if_empty(self.parts)
-        if keep_claim:  # the staging directory is the claim
+        if keep_claim:
+            for path in self.staging.iterdir() if self.staging.is_dir() else []:
+                _remove(path)
             return
         shutil.rmtree(self.staging, ignore_errors=True)
         _rmdir_if_empty(self.output)
@@ -105,12 +121,14 @@ class OutputLayout:
     def claim(self, job: str) -> None:
         """Make sure this output is minibatch's to write. Its staging directory, which only
         minibatch creates, says it is; otherwise the output must be absent, empty, or hold only
-        what minibatch names its files."""
+        what minibatch names its files. A staging or parts directory that is a symlink is
+        refused: what is removed in it would be removed wherever the link points."""
+        for directory in (self.staging, self.parts):
+            if directory.is_symlink():
+                raise OutputNotOwned(f"{directory} is a symlink; minibatch keeps its own files there")
         if self.staging.is_dir() or not self.output.is_dir():
             return
-        ours = {REDUCED_NAME} if self.reduce else set()
-        names = [p.name for p in self.output.iterdir()]
-        foreign = sorted(n for n in names if not PART_RE.match(n) and n not in ours)
+        foreign = self.foreign_files()
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise OutputNotOwned(
@@ -156,12 +174,16 @@ def write_durably(table: pa.Table, path: Path) -> int:
         raise
 
 
-def with_provenance(table: pa.Table, chunk_id: str, definition: str | None) -> pa.Table:
-    """The chunk id and job definition in the part's footer: what adoption and repair check."""
+def with_provenance(
+    table: pa.Table, chunk_id: str, definition: str | None, input_schema: str | None = None
+) -> pa.Table:
+    """The chunk id, job definition and input schema in the part's footer: what adoption
+    checks and what `repair` restores the job's input schema from."""
     metadata = dict(table.schema.metadata or {})
     metadata[CHUNK_KEY] = chunk_id.encode()
-    if definition:
-        metadata[DEFINITION_KEY] = definition.encode()
+    metadata[DEFINITION_KEY] = (definition or "").encode()
+    if input_schema:
+        metadata[INPUT_KEY] = input_schema.encode()
     return table.replace_schema_metadata(metadata)
 
 
@@ -187,6 +209,10 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _ours(name: str) -> bool:
+    return bool(PART_RE.match(name)) or name == REDUCED_NAME
 
 
 def _rmdir_if_empty(path: Path) -> None:

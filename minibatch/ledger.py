@@ -19,8 +19,9 @@ from typing import Any
 
 from minibatch.clock import SYSTEM, Clock
 from minibatch.events import RunEvents
-from minibatch.manifest import AttemptRecord, ChunkRecord, Manifest, RunRecord
+from minibatch.manifest import Manifest
 from minibatch.planner import Chunk
+from minibatch.records import AttemptRecord, ChunkRecord, RunRecord
 from minibatch.states import ChunkStatus, EventKind
 from minibatch.tasks import TaskError, TaskResult
 

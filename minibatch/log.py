@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
-from typing import TextIO
+from typing import TextIO, cast
 
 import structlog
 
@@ -38,12 +38,12 @@ def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(stream or _CurrentStderr()),
+        logger_factory=structlog.PrintLoggerFactory(stream or cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
 
 
 def get_logger(**bound: object) -> structlog.typing.FilteringBoundLogger:
     """A logger; without `bound` values it stays lazy, following later configure_logging calls."""
-    logger = structlog.get_logger("minibatch")
+    logger = cast(structlog.typing.FilteringBoundLogger, structlog.get_logger("minibatch"))
     return logger.bind(**bound) if bound else logger

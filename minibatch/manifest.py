@@ -15,12 +15,13 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from minibatch.states import ChunkStatus, Outcome, RunStatus
+from minibatch.records import AttemptRecord, ChunkRecord, RunRecord
+from minibatch.states import ChunkStatus, RunStatus
 
 if TYPE_CHECKING:
     import duckdb
@@ -37,7 +38,7 @@ def _named_queries(text: str) -> dict[str, str]:
 Q = _named_queries((Path(__file__).with_name("queries.sql")).read_text())
 # One thread: each connection is short-lived, and DuckDB starts (and joins) a thread per core
 # on every open otherwise.
-CONNECT_CONFIG = {"threads": 1}
+CONNECT_CONFIG: dict[str, str | bool | int | float | list[str]] = {"threads": 1}
 
 
 def manifest_path(state_dir: Path) -> Path:
@@ -50,85 +51,6 @@ class ManifestError(Exception):
 
 class ManifestBusy(ManifestError):
     """The manifest stayed locked by another process for longer than the deadline."""
-
-
-@dataclass
-class ChunkRecord:
-    job: str
-    chunk_id: str
-    file: str
-    fingerprint: str
-    row_start: int
-    row_end: int
-    status: ChunkStatus
-    run_id: str
-    attempts: int
-    rows_in: int = 0
-    rows_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    output_file: str | None = None
-    seconds: float = 0.0
-    finished_at: float = 0.0  # unix time; stored as TIMESTAMPTZ
-    error_type: str | None = None
-    error_message: str | None = None
-    traceback: str | None = None
-
-
-@dataclass
-class RunRecord:
-    run_id: str
-    job: str
-    pid: int
-    started_at: float
-    status: RunStatus = RunStatus.RUNNING
-    ended_at: float | None = None
-    chunks_total: int = 0
-    chunks_done: int = 0  # done in this run
-    chunks_reused: int = 0  # done by earlier runs
-    chunks_dead: int = 0  # dead-lettered in this run
-    chunks_skipped: int = 0  # dead letters of earlier runs, not retried
-    bad_files: int = 0
-    rows_in: int = 0
-    rows_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    error: str | None = None
-    workers: int = 0
-    memory_limit: int = 0
-    peak_in_flight: int = 0
-    busy_seconds: float = 0.0
-    utilisation: float | None = None
-    rows_per_second: float | None = None
-    mb_per_second: float | None = None
-    settings: str | None = None  # JSON
-
-
-@dataclass
-class AttemptRecord:
-    job: str
-    run_id: str
-    chunk_id: str
-    attempt: int
-    label: str
-    slot: int | None
-    pid: int | None
-    admitted_at: float  # unix times; stored as TIMESTAMPTZ
-    started_at: float | None
-    ended_at: float
-    outcome: Outcome
-    reserved_bytes: int
-    read_seconds: float | None = None
-    compute_seconds: float | None = None
-    write_seconds: float | None = None
-    rows_in: int | None = None
-    rows_out: int | None = None
-    bytes_in: int | None = None
-    bytes_out: int | None = None
-    peak_rss: int | None = None
-    error_type: str | None = None
-    error_message: str | None = None
-    traceback: str | None = None
 
 
 CHUNK_COLUMNS = [f.name for f in fields(ChunkRecord)]
@@ -152,6 +74,21 @@ class Manifest:
         self.deadline = deadline
         self._initialised = False
         self._migrate_tried = False  # readers try once to add new columns to an older file
+        self._held: tuple[int, Any] | None = None  # (thread, connection) of an open session
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Run several operations of this thread on one connection: each open of the file costs
+        tens of milliseconds. Other processes wait meanwhile, so keep sessions short."""
+        if self._held is not None:
+            yield
+            return
+        with self.connect() as con:
+            self._held = (threading.get_ident(), con)
+            try:
+                yield
+            finally:
+                self._held = None
 
     @contextlib.contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -161,6 +98,9 @@ class Manifest:
         one file at once in one process (the daemon's threads, a background commit)."""
         import duckdb
 
+        if self._held is not None and self._held[0] == threading.get_ident():
+            yield self._held[1]  # inside this thread's session
+            return
         with _IN_PROCESS:
             if read_only and not self.path.exists():
                 con = duckdb.connect(":memory:", config=CONNECT_CONFIG)
@@ -191,7 +131,7 @@ class Manifest:
             self.deadline = deadline
             self._migrate_tried = True
 
-    def _open(self, duckdb: Any, read_only: bool) -> duckdb.DuckDBPyConnection:
+    def _open(self, duckdb: Any, read_only: bool) -> Any:  # a DuckDBPyConnection
         self.path.parent.mkdir(parents=True, exist_ok=True)
         give_up = time.monotonic() + self.deadline
         delay = 0.005
@@ -285,13 +225,14 @@ class Manifest:
         return rows[0] if rows else None
 
     def set_definition(self, job: str, definition: str, facts: str, forget: bool) -> None:
-        """Record the job's current definition; with `forget`, drop every chunk record and schema
-        of the old one in the same transaction (its results are no longer current)."""
+        """Record the job's current definition; with `forget`, drop every chunk record and the
+        output schema of the old one in the same transaction (its results are no longer
+        current). The input schema stays: the inputs did not change."""
         with self.connect() as con:
             con.execute("BEGIN")
             if forget:
                 con.execute(Q["reset_chunks"], {"job": job})
-                con.execute(Q["reset_job_state"], {"job": job})
+                con.execute(Q["clear_output_schema"], {"job": job})
             con.execute(Q["set_definition"], {"job": job, "definition": definition, "facts": facts})
             con.execute("COMMIT")
 

@@ -23,7 +23,7 @@ class Metrics(Listener):
             disable_created_metrics,
         )
 
-        disable_created_metrics()  # the *_created series only add noise to dashboards
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # noise on dashboards
         self.registry = CollectorRegistry()
         r = self.registry
         self.chunks = Counter("minibatch_chunks", "Chunk attempts by outcome (done, retried, dead)",

@@ -234,6 +234,8 @@ def misfits(meta: FileMeta, signature: Signature, columns: Sequence[str] | None)
     problems += [f"{n} ({want[n]}) missing" for n in known if n not in have]
     if not columns:
         problems += [f"{n} ({t}) unexpected" for n, t in meta.signature if n not in want]
+        if not problems and meta.signature != signature:  # `SELECT *` would give another schema
+            problems.append("the same columns in another order")
     if not problems:
         return None
     more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
@@ -260,6 +262,10 @@ def scan_inputs(
 def read_file_meta(path: str, columns: Sequence[str] | None) -> FileMeta:
     import pyarrow.parquet as pq
 
+    try:
+        path.encode()
+    except UnicodeEncodeError:  # the manifest, logs and JSON could not hold it
+        raise ValueError("the file name is not valid UTF-8; rename the file") from None
     with open(path, "rb") as handle:
         stat = os.fstat(handle.fileno())
         footer = _read_footer(handle, stat.st_size)
@@ -332,4 +338,5 @@ def _bad_file(path: str, exc: Exception) -> BadFile:
         size = stat.st_size
     except OSError:
         fingerprint, size = "unreadable", 0
-    return BadFile(path=path, fingerprint=fingerprint, size=size, error=f"{type(exc).__name__}: {exc}")
+    printable = path.encode("utf-8", "backslashreplace").decode()
+    return BadFile(path=printable, fingerprint=fingerprint, size=size, error=f"{type(exc).__name__}: {exc}")

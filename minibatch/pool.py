@@ -39,7 +39,7 @@ class _Slot:
     started_at: float | None = None  # monotonic time the head of the queue started
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _context() -> multiprocessing.context.ForkServerContext:
     # Forking a process whose pyarrow/DuckDB threads are running is unsafe, and forked children
     # inherit descriptors such as the job lock; the forkserver is a clean process that
     # imports the heavy modules once and forks workers from there.
@@ -194,8 +194,8 @@ class Hang(Exception):
 
 
 class InlinePool:
-    """A pool in the coordinator's own process, for tests of the executor: each poll runs the
-    queued tasks one after the other on the injected clock, through `run` (default: the
+    """A pool in the coordinator's own process, for tests of the executor: each poll runs one
+    queued task per free slot, one after the other, on the injected clock, through `run` (default: the
     worker's `run_task`, so results are real files). `run` may return a TaskError (a worker
     death, say) or raise `Hang` (an attempt that ends only when killed)."""
 
@@ -222,14 +222,12 @@ class InlinePool:
             if lost:
                 return lost
         events: list[PoolEvent] = []
-        while self.queue and (slot := self._free_slot()) is not None:
-            events += self._run(self.queue.popleft(), slot)
+        for slot in [i for i in range(self.size) if i not in self.hung]:  # one task per free slot
+            if self.queue:
+                events += self._run(self.queue.popleft(), slot)
         if not events:
             self.clock.sleep(timeout or 0.0)
         return events
-
-    def _free_slot(self) -> int | None:
-        return next((i for i in range(self.size) if i not in self.hung), None)
 
     def _run(self, task: Task, slot: int) -> list[PoolEvent]:
         started = Started(task.task_id, os.getpid(), slot, self.clock.time())

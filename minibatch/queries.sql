@@ -37,6 +37,9 @@ DELETE FROM reduce_state WHERE job = $job;
 -- name: reset_job_state
 DELETE FROM job_state WHERE job = $job;
 
+-- name: clear_output_schema
+UPDATE job_state SET output_schema = NULL WHERE job = $job;
+
 -- name: job_state
 SELECT * FROM job_state WHERE job = $job;
 

@@ -49,20 +49,27 @@ def check_definition(
     return manifest.job_state(job) or {}
 
 
+@dataclass
+class Fit:
+    good: list[FileMeta]
+    bad: list[BadFile]
+    signature: str | None  # the job's input schema, JSON
+
+
 def fit_schema(
     manifest: Manifest,
     job: str,
-    state: dict[str, Any],
+    stored_json: str | None,
     files: list[FileMeta],
     columns: tuple[str, ...] | None,
-) -> tuple[list[FileMeta], list[BadFile]]:
-    """Files whose columns differ from the job's input schema are bad files: the schema is the
-    one stored by earlier runs, else the one most files have (stored from now on)."""
-    stored_json = state.get("input_schema")
+) -> Fit:
+    """Files whose columns differ from the job's input schema are bad files. The schema is the
+    one earlier runs stored (or, after `repair`, the one the output's parts name), else the
+    one most files have; it is stored from now on."""
     stored: Signature | None = tuple((n, t) for n, t in json.loads(stored_json)) if stored_json else None
     signature = input_signature(files, stored)
     if signature is None:
-        return files, []
+        return Fit(files, [], None)
     if stored is None:
         manifest.set_schemas(job, json.dumps(signature), None)
     good, bad = [], []
@@ -72,7 +79,7 @@ def fit_schema(
             good.append(meta)
         else:
             bad.append(BadFile(meta.path, meta.fingerprint, meta.size, problem))
-    return good, bad
+    return Fit(good, bad, json.dumps(signature))
 
 
 def report_bad_files(

@@ -12,20 +12,20 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 
-def reduce_parts(sql: str, parts: list[Path], layout: OutputLayout, schema: pa.Schema | None) -> int:
+def reduce_parts(sql: str, parts: list[Path], layout: OutputLayout, empty: pa.Schema | None) -> int:
     """Run `sql` with the parts as table `parts`; replace the job's output with the result.
 
     The parts reach DuckDB as a pyarrow dataset of exact paths: DuckDB would expand glob
     characters in the output directory's name. With no part, `parts` is an empty table of the
-    output's schema, so that `SELECT count(*) FROM parts` says 0."""
+    schema `empty`, so that `SELECT count(*) FROM parts` says 0."""
     import duckdb
     import pyarrow as pa
     import pyarrow.dataset as ds
 
     if parts:
-        table: object = ds.dataset([str(p) for p in parts], format="parquet", schema=schema)
+        table: object = ds.dataset([str(p) for p in parts], format="parquet")
     else:
-        table = (schema or pa.schema([("_", pa.null())])).empty_table()
+        table = (empty or pa.schema([("_", pa.null())])).empty_table()
     con = duckdb.connect(":memory:")
     try:
         con.register("parts", table)
@@ -38,7 +38,7 @@ def reduce_parts(sql: str, parts: list[Path], layout: OutputLayout, schema: pa.S
         if PART_RE.match(other.name):  # a map job's parts, from before reduce_sql was set
             other.unlink(missing_ok=True)
     fsync_dir(layout.output)
-    return result.num_rows
+    return int(result.num_rows)
 
 
 def reduce_key(sql: str, definition: str, parts: list[Path]) -> str:

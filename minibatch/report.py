@@ -133,10 +133,10 @@ def _embed(figure: go.Figure, div_id: str, with_plotlyjs: bool = False) -> str:
     # Legends above the plot and fixed margins: the time axes of all charts line up.
     legend = {"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom"}
     figure.update_layout(template="plotly_white", legend=legend, margin={"l": 80, "r": 20, "t": 30, "b": 45})
-    return figure.to_html(
+    return str(figure.to_html(
         full_html=False, include_plotlyjs=with_plotlyjs, include_mathjax=False,
         config=PLOT_CONFIG, div_id=div_id,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def _header(run: Row) -> str:
@@ -349,7 +349,7 @@ def _at(when: datetime, t0: datetime) -> float:
 
 
 def _duration(a: Row) -> float:
-    return (a["ended_at"] - a["started_at"]).total_seconds()
+    return float((a["ended_at"] - a["started_at"]).total_seconds())
 
 
 def _span(run: Row, attempts: list[Row]) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from minibatch.events import RunEvents
-from minibatch.layout import CHUNK_KEY, DEFINITION_KEY, OutputLayout, fsync_dir, part_name, publish
+from minibatch.layout import CHUNK_KEY, DEFINITION_KEY, INPUT_KEY, OutputLayout, fsync_dir, part_name, publish
 from minibatch.planner import Chunk
 from minibatch.states import ErrorKind, EventKind
 from minibatch.tasks import SchemaMismatch, TaskError, TaskResult
@@ -123,6 +123,14 @@ class ResultStore:
         self.layout.remove_parts(strays)
         return len(strays)
 
+    def known_input_signature(self) -> str | None:
+        """The input schema the output's parts were computed under (after `repair`, the
+        manifest no longer knows it)."""
+        for name in sorted(self.layout.part_files()):
+            if found := input_signature_of(self.layout.parts / name):
+                return found
+        return None
+
     def load_schema(self, done: Iterable[str | None], stored: bytes | None) -> None:
         """The output schema of earlier runs: a finished part's, else the manifest's."""
         import pyarrow as pa
@@ -150,9 +158,23 @@ def check_schema(got: pa.Schema, expected: pa.Schema) -> None:
     raise SchemaMismatch(f"result does not match the output schema: {detail}")
 
 
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A result whose all-null columns came out typed `null` (Arrow's guess) gets the output
+    schema's types for them; anything else is left for `check_schema` to judge."""
+    import pyarrow as pa
+
+    names = set(schema.names)
+    for i, field in enumerate(table.schema):
+        if pa.types.is_null(field.type) and field.name in names:
+            target = schema.field(field.name).type
+            table = table.set_column(i, field.name, pa.nulls(table.num_rows, target))
+    return table
+
+
 def inspect_part(path: Path, chunk_id: str, definition: str | None) -> int:
     """Rows of a part about to be adopted; raises ValueError unless its footer reads and names
-    this chunk and this job definition (parts from an older release name neither)."""
+    this chunk and this job definition. A part that names neither (an older release wrote it)
+    is not adopted either: computing a chunk again is the safe direction."""
     import pyarrow.parquet as pq
 
     try:
@@ -160,12 +182,24 @@ def inspect_part(path: Path, chunk_id: str, definition: str | None) -> int:
     except Exception as exc:  # truncated, not Parquet, unreadable: not a result we can trust
         raise ValueError(f"unreadable footer: {type(exc).__name__}: {exc}") from None
     keys = metadata.metadata or {}
-    if keys.get(CHUNK_KEY, chunk_id.encode()) != chunk_id.encode():
+    if CHUNK_KEY not in keys or DEFINITION_KEY not in keys:
+        raise ValueError("its footer does not say which chunk and definition it holds")
+    if keys[CHUNK_KEY] != chunk_id.encode():
         raise ValueError("written for another chunk")
-    written_for = keys.get(DEFINITION_KEY)
-    if definition and written_for is not None and written_for != definition.encode():
+    if keys[DEFINITION_KEY] != (definition or "").encode():
         raise ValueError("written by another definition of the job")
     return int(metadata.num_rows)
+
+
+def input_signature_of(path: Path) -> str | None:
+    """The job's input schema (JSON) a part was computed under, as its footer says."""
+    import pyarrow.parquet as pq
+
+    try:
+        value = (pq.read_metadata(path).metadata or {}).get(INPUT_KEY)
+    except Exception:
+        return None
+    return value.decode() if value else None
 
 
 def read_schema(path: Path) -> pa.Schema:
@@ -188,6 +222,7 @@ class SchemaGate(Generic[T]):
         self._outcomes: dict[int, pa.Schema | None] = {}  # plan index -> its rows' schema
         self._held: dict[int, T] = {}
         self._next = 0  # the first plan index without an outcome
+        self._fallback: pa.Schema | None = None  # the first schema with a `null`-typed column
 
     @property
     def waiting(self) -> list[T]:
@@ -214,9 +249,21 @@ class SchemaGate(Generic[T]):
     def _advance(self) -> list[T]:
         while self._next in self._outcomes:
             schema = self._outcomes[self._next]
-            if schema is not None:
-                self.schema = schema
-                released, self._held = self.waiting, {}
-                return released
+            if schema is not None and not _has_null_type(schema):
+                return self._decide(schema)
+            self._fallback = self._fallback or schema  # all-null columns: Arrow typed them `null`
             self._next += 1
+        if self._next == len(self._index) and self._fallback is not None:
+            return self._decide(self._fallback)  # nothing better came
         return []
+
+    def _decide(self, schema: pa.Schema) -> list[T]:
+        self.schema = schema
+        released, self._held = self.waiting, {}
+        return released
+
+
+def _has_null_type(schema: pa.Schema) -> bool:
+    import pyarrow as pa
+
+    return any(pa.types.is_null(field.type) for field in schema)

@@ -13,9 +13,10 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from minibatch.clock import SYSTEM, Clock
-from minibatch.config import Config, ConfigError, JobConfig, check_imports
+from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.events import Emitter, Listener, LogListener
 from minibatch.execute import Execution, Executor, open_pool
 from minibatch.hooks import HookListener
@@ -23,8 +24,8 @@ from minibatch.jobcode import definition
 from minibatch.layout import OutputLayout, OutputNotOwned
 from minibatch.ledger import Ledger
 from minibatch.lock import job_lock
-from minibatch.manifest import ChunkRecord, Manifest, RunRecord, manifest_path
-from minibatch.planner import BadFile, InputError, Inputs, find_inputs, plan_chunks, scan_inputs
+from minibatch.manifest import Manifest, manifest_path
+from minibatch.planner import BadFile, FileMeta, InputError, Inputs, find_inputs, plan_chunks, scan_inputs
 from minibatch.reconcile import (
     Definition,
     Reconciled,
@@ -33,11 +34,13 @@ from minibatch.reconcile import (
     reconcile,
     report_bad_files,
 )
+from minibatch.records import ChunkRecord, RunRecord
 from minibatch.reduce import reduce_key, reduce_parts
 from minibatch.results import ResultStore
 from minibatch.signals import StopSignals
 from minibatch.states import EventKind, RunStatus
 from minibatch.tasks import JobSpec, Pool
+from minibatch.validate import check_imports
 
 
 @dataclass
@@ -127,6 +130,7 @@ class Run:
         self.ledger = Ledger(self.manifest, self.record, self.store.make_durable, self.events, options.clock)
         self.summary = RunSummary(record=self.record)
         self.removed_chunks = 0  # planned, but their input file was removed under the run
+        self.input_schema: str | None = None  # JSON, decided at planning
 
     def record_crash(self, exc: Exception) -> None:
         self.record.status, self.record.error = RunStatus.CRASHED, f"{type(exc).__name__}: {exc}"
@@ -137,14 +141,17 @@ class Run:
 
     def execute(self) -> RunSummary:
         inputs = self._check_paths()
-        self.manifest.start_run(self.record)
-        self.started = True
-        if self.options.fresh:
-            self.manifest.reset(self.job.name)
-            self.layout.remove_all(keep_claim=True)
-        if self.options.retry_dead:
-            self.manifest.revive_dead(self.job.name)
+        with self.manifest.session():
+            self.manifest.start_run(self.record)
+            self.started = True
+            if self.options.fresh:
+                self.manifest.reset(self.job.name)
+                self.layout.remove_all(keep_claim=True)
+            if self.options.retry_dead:
+                self.manifest.revive_dead(self.job.name)
+            state = check_definition(self.manifest, self.job.name, self.definition, self.events)
         leftovers = self.layout.prepare()
+        self.layout.remove_other_shape()
         self.events(
             EventKind.RUN_STARTED, workers=self.job.workers, memory_limit=self.job.memory_limit,
             temp_files_removed=leftovers,
@@ -152,7 +159,7 @@ class Run:
         if inputs.missing:
             self._inputs_missing(inputs.missing)
         else:
-            work = self._plan(inputs.files)
+            work = self._plan(inputs.files, state)
             self.ledger.flush()  # the plan's totals, and any adopted chunks, are visible to `status` now
             if work.todo:
                 self._execute_chunks(work)
@@ -180,16 +187,21 @@ class Run:
 
     # -- planning -------------------------------------------------------------------------------
 
-    def _plan(self, paths: list[str]) -> Reconciled:
-        state = check_definition(self.manifest, self.job.name, self.definition, self.events)
+    def _plan(self, paths: list[str], state: dict[str, Any]) -> Reconciled:
         self.summary.definition_changed = self.definition.changed
         files, bad = scan_inputs(paths, self.job.columns, stop=lambda: self.signals.requested)
         if self.signals.requested:  # a partial plan must not decide what is stale
             self.summary.stopped = True
             return Reconciled([], [], 0)
-        files, misfit = fit_schema(self.manifest, self.job.name, state, files, self.job.columns)
+        with self.manifest.session():
+            return self._reconcile(files, bad, state)
+
+    def _reconcile(self, files: list[FileMeta], bad: list[BadFile], state: dict[str, Any]) -> Reconciled:
+        stored = state.get("input_schema") or self.store.known_input_signature()
+        fit = fit_schema(self.manifest, self.job.name, stored, files, self.job.columns)
+        files, self.input_schema = fit.good, fit.signature
         new_bad = report_bad_files(
-            self.manifest, self.job.name, self.record.run_id, bad + misfit, self.events
+            self.manifest, self.job.name, self.record.run_id, bad + fit.bad, self.events
         )
         self.summary.bad_files, self.record.bad_files = new_bad, len(new_bad)
         chunks = plan_chunks(files, self.job.chunk_bytes)
@@ -211,6 +223,7 @@ class Run:
             name=self.job.name, process=self.job.process, sql=self.job.sql, columns=self.job.columns,
             base_dir=str(self.config.base_dir), parts_dir=str(self.layout.parts),
             staging_dir=str(self.layout.staging), definition=self.definition.key,
+            input_schema=self.input_schema,
         )  # fmt: skip
         executor = Executor(
             self.job, spec, self.record.run_id, store=self.store, ledger=self.ledger, events=self.events,
@@ -223,7 +236,6 @@ class Run:
         self.record.busy_seconds = out.busy_seconds
         self.summary.stopped = out.stopped
         self.record.error = out.error or self._input_changed(out)
-        self._keep_schema()
 
     def _open_pool(self, todo: int) -> Pool:
         return open_pool(self.job, todo)
@@ -233,15 +245,25 @@ class Run:
         A removed file is not a hole (its results go too), unless it is back by now."""
         changed = out.changed | {path for path in out.removed if os.path.exists(path)}
         self.removed_chunks = sum(n for path, n in out.removed.items() if path not in changed)
+        if out.removed and (vanished := self._vanished()):
+            return f"input glob {vanished} matches no file any more (it vanished during the run)"
         if not changed:
             return None
         names = ", ".join(sorted(changed)[:3]) + (" ..." if len(changed) > 3 else "")
         return f"input changed during the run ({names}); the next run processes the new version"
 
+    def _vanished(self) -> str | None:
+        """Globs that match nothing now: an unmount mid-run is a failure, not an empty day."""
+        try:
+            missing = find_inputs(self.config.base_dir, self.job.inputs).missing
+        except InputError as exc:
+            return str(exc)
+        return ", ".join(repr(p) for p in missing) or None
+
     def _keep_schema(self) -> None:
         """Store a newly decided output schema: an empty reduce needs it when no part exists."""
         schema = self.store.schema or self.store.empty_schema
-        if schema is not None:
+        if schema is not None and self.record.chunks_done:
             self.manifest.set_schemas(self.job.name, None, schema.serialize().to_pybytes())
 
     # -- the end --------------------------------------------------------------------------------
@@ -265,7 +287,9 @@ class Run:
         record.mb_per_second = record.bytes_in / 1e6 / wall
         self.summary.seconds = wall  # the same wall time as `history` and the report
         self.summary.dead = self.ledger.dead
-        self.ledger.flush()
+        with self.manifest.session():
+            self._keep_schema()
+            self.ledger.flush()
         self.events(
             EventKind.RUN_FINISHED, status=record.status, chunks_done=record.chunks_done,
             chunks_dead=record.chunks_dead, rows=record.rows_out, seconds=round(wall, 3),
@@ -291,9 +315,8 @@ class Run:
         if key == self.manifest.reduce_key(self.job.name) and self.layout.reduced.exists():
             return
         try:
-            rows = reduce_parts(
-                self.job.reduce_sql, parts, self.layout, self.store.schema or self.store.empty_schema
-            )
+            empty = None if parts else self.store.schema or self.store.empty_schema  # parts say theirs
+            rows = reduce_parts(self.job.reduce_sql, parts, self.layout, empty)
         except Exception as exc:  # the user's SQL: its error ends the run as failed, readably
             self._fail(f"reduce_sql failed: {type(exc).__name__}: {exc}")
             return

@@ -41,6 +41,7 @@ class ErrorKind(StrEnum):
     INPUT_REMOVED = "input_removed"
     DIED = "died"  # the worker process died mid-chunk
     TIMEOUT = "timeout"
+    ENVIRONMENT = "environment"  # a full disk, a quota, a read-only filesystem: not the chunk's
 
 
 class Breaker(StrEnum):
@@ -76,5 +77,6 @@ class EventKind(StrEnum):
     REDUCE_DONE = "reduce_done"
     REDUCE_FAILED = "reduce_failed"
     RUN_INCOMPLETE = "run_incomplete"
+    RUN_HALTED = "run_halted"  # a full disk or the like: nothing more admitted
     RUN_FINISHED = "run_finished"  # recorded, still under the job's lock
     RUN_ENDED = "run_ended"  # the lock released: hooks may start the next run

@@ -57,7 +57,7 @@ def _actual_status(config: Config, row: dict[str, Any]) -> str:
     """A run recorded as running whose process no longer holds the job's lock has crashed."""
     if row["status"] == RunStatus.RUNNING and holder_pid(config.engine.state_dir, row["job"]) != row["pid"]:
         return RunStatus.CRASHED
-    return row["status"]
+    return str(row["status"])
 
 
 def run_history(config: Config, job: str | None = None, limit: int = 20) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ class JobSpec:
     parts_dir: str
     staging_dir: str
     definition: str | None = None  # written into every part's footer, checked on adoption
+    input_schema: str | None = None  # the job's input schema (JSON), also in every footer
 
 
 @dataclass(frozen=True)

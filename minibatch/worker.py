@@ -6,6 +6,7 @@ Preloaded by the forkserver, so pyarrow and DuckDB are imported once, before any
 from __future__ import annotations
 
 import contextlib
+import errno
 import multiprocessing
 import os
 import resource
@@ -17,7 +18,7 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import duckdb
 import pyarrow as pa
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 from minibatch.jobcode import forget_package, import_process
 from minibatch.layout import with_provenance, write_durably
 from minibatch.planner import Chunk, fingerprint_stat
-from minibatch.results import check_schema
+from minibatch.results import check_schema, conform
 from minibatch.states import ErrorKind
 from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task, TaskError, TaskResult
 
@@ -50,7 +51,10 @@ RELEASE_AFTER = 8 * 2**20  # chunk bytes from which a worker returns Arrow's fre
 _functions: dict[str, tuple[Any, str | None, int | None]] = {}  # key -> (func, file, mtime)
 _import_lock = threading.Lock()
 _footers: dict[tuple[str, str], pq.FileMetaData] = {}
-SQL_CONFIG = {"threads": 1, "enable_external_file_cache": False}
+SQL_CONFIG: dict[str, str | bool | int | float | list[str]] = {
+    "threads": 1,
+    "enable_external_file_cache": False,
+}
 _local = threading.local()  # a DuckDB connection per thread (a Dask worker may have several)
 
 
@@ -61,6 +65,7 @@ def run_task(task: Task) -> TaskResult:
     started = time.perf_counter()
     chunk = task.chunk
     read = started
+    result: pa.Table | None
     if task.job.sql is not None:
         result = _sql_on_file(task.job, chunk)  # DuckDB reads the rows itself: no Arrow round trip
         rows_in, bytes_in = chunk.num_rows, chunk.nbytes
@@ -70,6 +75,7 @@ def run_task(task: Task) -> TaskResult:
         result = _call(task.job, table, _context(task))
         rows_in, bytes_in = table.num_rows, table.nbytes
     if result is not None and task.schema is not None:
+        result = conform(result, task.schema)
         check_schema(result.schema, task.schema)
     computed = time.perf_counter()
     bytes_out, staged = 0, None
@@ -127,7 +133,7 @@ def _context(task: Task) -> ChunkContext:
 def _write(task: Task, result: pa.Table) -> tuple[int, str]:
     """Stage the result durably; the coordinator publishes it (a worker never does: the fence)."""
     staged = Path(task.job.staging_dir) / (task.staged_name or f"{task.output_name}.{os.getpid()}.tmp")
-    table = with_provenance(result, task.chunk.chunk_id, task.job.definition)
+    table = with_provenance(result, task.chunk.chunk_id, task.job.definition, task.job.input_schema)
     return write_durably(table, staged), str(staged)
 
 
@@ -247,11 +253,12 @@ def _sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
         rows = rows.filter((row >= start) & (row < end))
         names = list(job.columns) if job.columns else [c for c in rows.columns if c != "file_row_number"]
         rows.project(*[duckdb.ColumnExpression(name) for name in names]).create_view("chunk", replace=True)
+        assert job.sql is not None
         result = sql.sql(job.sql).to_arrow_table()
         after = os.fstat(handle.fileno())
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         raise InputChanged(f"{chunk.path} changed while it was read")
-    return result
+    return cast(pa.Table, result)
 
 
 def _removed(chunk: Chunk) -> InputRemoved:
@@ -266,12 +273,25 @@ def describe_error(exc: BaseException) -> TaskError:
         kind = ErrorKind.INPUT_CHANGED
     elif isinstance(exc, MemoryError | pa.ArrowMemoryError | duckdb.OutOfMemoryException):
         kind = ErrorKind.MEMORY
+    elif _environmental(exc):
+        kind = ErrorKind.ENVIRONMENT
     else:
         kind = ErrorKind.ERROR
     message = str(exc)
     if kind == ErrorKind.MEMORY:
         message = f"out of memory in worker (worker_memory_limit reached): {message}"
     return TaskError(kind=kind, type=type(exc).__name__, message=message, traceback=traceback.format_exc())
+
+
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+ENVIRONMENT_TEXTS = ("no space left on device", "disk quota exceeded", "read-only file system")
+
+
+def _environmental(exc: BaseException) -> bool:
+    """The machine's fault, not the chunk's: a full disk, a quota, a read-only filesystem."""
+    if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+        return True
+    return any(text in str(exc).lower() for text in ENVIRONMENT_TEXTS)  # Arrow's IO errors
 
 
 def set_memory_cap(limit: int | None) -> None:

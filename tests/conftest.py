@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,20 +44,38 @@ def faulty_job(process: str, extra: str = "") -> str:
     """
 
 
+# What job code reads instead of os.environ: a CLI run in the test's own process shares one
+# forkserver, whose environment was fixed when it started, so settings also go in a file.
+TESTENV_MODULE = """
+import json, os
+from pathlib import Path
+
+_FILE = Path(__file__).resolve().parents[1] / "mb_env.json"
+
+def get(name, default=None):
+    if name in os.environ:
+        return os.environ[name]
+    try:
+        return json.loads(_FILE.read_text()).get(name, default)
+    except (OSError, ValueError):
+        return default
+"""
+
 JOB_MODULE = """
 import os, time
 import pyarrow as pa
 import pyarrow.compute as pc
+from myjobs.testenv import get as env
 
 def _count(ctx):
-    path = os.environ.get("MB_COUNT_FILE")
+    path = env("MB_COUNT_FILE")
     if path:
         with open(path, "a") as f:
             f.write(f"{ctx.chunk_id} {ctx.attempt}\\n")
 
 def ident(table, ctx):
     _count(ctx)
-    time.sleep(float(os.environ.get("MB_SLEEP", "0")))
+    time.sleep(float(env("MB_SLEEP", "0")))
     return table.append_column("doubled", pc.multiply(table["value"], 2))
 
 def nothing(table, ctx):
@@ -94,18 +114,33 @@ class Project:
         return path
 
     def cli(
-        self, *args: str, env: dict[str, str] | None = None, timeout: float = 120, **kwargs: object
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+        real: bool = False,
+        input: str | None = None,
+        **kwargs: object,
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "minibatch", "--config", str(self.root / "config.toml"), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env(env),
-            **kwargs,
-        )
+        """The `minibatch` command on this project: in this process (click's CliRunner, the
+        forkserver shared by every test: fast), or as a real process (`real`, or any
+        subprocess option such as start_new_session)."""
+        self.write_env(env)
+        argv = ["--config", str(self.root / "config.toml"), *args]
+        if real or kwargs:
+            return subprocess.run(
+                [sys.executable, "-m", "minibatch", *argv], capture_output=True, text=True,
+                timeout=timeout, env=self.env(env), input=input, **kwargs,
+            )  # fmt: skip
+        return in_process(argv, input)
+
+    def write_env(self, extra: dict[str, str] | None) -> None:
+        """What job code reads through myjobs.testenv (see TESTENV_MODULE)."""
+        settings = {"MB_COUNT_FILE": str(self.count_file), **(extra or {})}
+        (self.root / "mb_env.json").write_text(json.dumps(settings))
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        self.write_env(env)
         return subprocess.Popen(
             [sys.executable, "-m", "minibatch", "--config", str(self.root / "config.toml"), *args],
             stdout=subprocess.PIPE,
@@ -141,13 +176,33 @@ class Project:
         return ds.dataset(self.out(job), format="parquet").to_table()
 
 
+def in_process(argv: list[str], input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in this process; an exception that escapes it shows as a traceback on
+    stderr with exit status 1, as it would from a real process."""
+    from click.testing import CliRunner
+
+    from minibatch.cli import main
+
+    result = CliRunner().invoke(main, argv, input=input, env={"MINIBATCH_CONFIG": None})
+    stderr, code = result.stderr, result.exit_code
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+        code = 1
+    return subprocess.CompletedProcess(["minibatch", *argv], code, result.stdout, stderr)
+
+
+def install_jobs(root: Path) -> None:
+    (root / "myjobs").mkdir(parents=True, exist_ok=True)
+    (root / "myjobs" / "__init__.py").write_text("")
+    (root / "myjobs" / "testenv.py").write_text(TESTENV_MODULE)
+    (root / "myjobs" / "basic.py").write_text(JOB_MODULE)
+    (root / "myjobs" / "faulty.py").write_text((Path(__file__).parent / "faulty_jobs.py").read_text())
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Project:
     root = tmp_path / "proj"
-    (root / "myjobs").mkdir(parents=True)
-    (root / "myjobs" / "__init__.py").write_text("")
-    (root / "myjobs" / "basic.py").write_text(JOB_MODULE)
-    (root / "myjobs" / "faulty.py").write_text((Path(__file__).parent / "faulty_jobs.py").read_text())
+    install_jobs(root)
     return Project(root=root, count_file=tmp_path / "count.txt")
 
 

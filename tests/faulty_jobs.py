@@ -11,21 +11,22 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from myjobs.testenv import get as env
 
 
 def _log(ctx):
-    path = os.environ.get("MB_COUNT_FILE")
+    path = env("MB_COUNT_FILE")
     if path:
         with open(path, "a") as f:
             f.write(f"{ctx.chunk_id} {ctx.attempt}\n")
 
 
 def _is_target(ctx) -> bool:
-    return os.environ.get("MB_TARGET") == f"{os.path.basename(ctx.file)}:{ctx.row_start}"
+    return env("MB_TARGET") == f"{os.path.basename(ctx.file)}:{ctx.row_start}"
 
 
 def _ok(table):
-    time.sleep(float(os.environ.get("MB_SLEEP", "0")))
+    time.sleep(float(env("MB_SLEEP", "0")))
     return table.append_column("doubled", pc.multiply(table["value"], 2))
 
 
@@ -38,7 +39,7 @@ def flaky(table, ctx):
 
 def poison(table, ctx):
     _log(ctx)
-    if _is_target(ctx) and not os.path.exists(os.environ["MB_FIXED"]):
+    if _is_target(ctx) and not os.path.exists(env("MB_FIXED")):
         raise ValueError("cannot parse this chunk")
     return _ok(table)
 
@@ -100,9 +101,9 @@ def slow(table, ctx):
 def crash_at(table, ctx):
     """Kill the whole run (coordinator, forkserver, workers) when the Nth computation starts."""
     _log(ctx)
-    with open(os.environ["MB_COUNT_FILE"]) as f:
+    with open(env("MB_COUNT_FILE")) as f:
         started = sum(1 for _ in f)
-    if started >= int(os.environ.get("MB_CRASH_AT", "1000000000")):  # ">=": workers race on the count
+    if started >= int(env("MB_CRASH_AT", "1000000000")):  # ">=": workers race on the count
         os.killpg(0, signal.SIGKILL)
     return _ok(table)
 

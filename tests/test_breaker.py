@@ -10,8 +10,8 @@ import subprocess
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minibatch.admission import BACKOFF_CAP, backoff
 from minibatch.breaker import BreakerSettings, CircuitBreaker
-from minibatch.execute import BACKOFF_CAP, backoff
 
 from conftest import Project
 

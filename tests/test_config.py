@@ -12,8 +12,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from minibatch.config import ConfigError, check_imports, load_config, parse_config
+from minibatch.config import ConfigError, load_config, parse_config
 from minibatch.schedule import next_fire_times, parse_crontab
+from minibatch.validate import check_imports
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.toml"
 

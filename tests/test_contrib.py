@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from minibatch.manifest import Manifest
 
-from conftest import JOB_MODULE, Project, wait_for, watch_stderr
+from conftest import Project, install_jobs, wait_for, watch_stderr
 
 CONTRIB = Path(__file__).resolve().parents[1] / "contrib"
 RULES = CONTRIB / "prometheus-alerts.yml"
@@ -66,10 +66,7 @@ def free_port() -> int:
 
 
 def make_project(root: Path) -> Project:
-    (root / "myjobs").mkdir(parents=True)
-    (root / "myjobs" / "__init__.py").write_text("")
-    (root / "myjobs" / "basic.py").write_text(JOB_MODULE)
-    (root / "myjobs" / "faulty.py").write_text((Path(__file__).parent / "faulty_jobs.py").read_text())
+    install_jobs(root)
     return Project(root=root, count_file=root / "count.txt")
 
 

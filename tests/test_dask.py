@@ -250,11 +250,10 @@ def test_threads_of_one_worker_and_two_projects_each_run_their_own_code(
 ) -> None:
     """Threads of a fresh worker import the job at once; then a second project whose module has
     the same name runs on the same worker, and the first one again."""
-    from conftest import JOB_MODULE
+    from conftest import JOB_MODULE, install_jobs
 
     other = Project(root=project.root.parent / "other", count_file=project.root.parent / "other.txt")
-    (other.root / "myjobs").mkdir(parents=True)
-    (other.root / "myjobs" / "__init__.py").write_text("")
+    install_jobs(other.root)
     (other.root / "myjobs" / "basic.py").write_text(
         JOB_MODULE.replace('table["value"], 2)', 'table["value"], 5)')
     )

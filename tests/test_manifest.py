@@ -12,8 +12,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from minibatch.manifest import ChunkRecord, Manifest, ManifestBusy, RunRecord
+from minibatch.manifest import Manifest, ManifestBusy
 from minibatch.planner import BadFile
+from minibatch.records import ChunkRecord, RunRecord
 
 from conftest import start_ready
 

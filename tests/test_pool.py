@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minibatch.execute import MemoryBudget
+from minibatch.admission import MemoryBudget
 from minibatch.layout import publish, staged_name
 from minibatch.planner import Chunk, plan_chunks, read_file_meta
 from minibatch.pool import WorkerPool

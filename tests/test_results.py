@@ -60,9 +60,6 @@ def test_inspect_part_checks_footer_chunk_and_definition(tmp_path: Path) -> None
         inspect_part(part, "d" * 24, "def1")
     with pytest.raises(ValueError, match="another definition"):
         inspect_part(part, "c" * 24, "def2")
-    legacy = tmp_path / "legacy.parquet"  # an older release's part names neither
-    pq.write_table(pa.table({"id": [1]}), legacy)
-    assert inspect_part(legacy, "c" * 24, "def1") == 1
     truncated = tmp_path / "t.parquet"
     truncated.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     with pytest.raises(ValueError, match="unreadable footer"):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Project
+from conftest import Project, install_jobs
 
 JOB = """
 [jobs.f]
@@ -22,10 +21,7 @@ FILES, ROWS = 3, 600  # 6 row groups per file -> 18 chunks
 
 
 def make_project(root: Path) -> Project:
-    (root / "myjobs").mkdir(parents=True)
-    (root / "myjobs" / "__init__.py").write_text("")
-    source = Path(__file__).parent / "faulty_jobs.py"
-    shutil.copy(source, root / "myjobs" / "faulty.py")
+    install_jobs(root)
     project = Project(root=root, count_file=root / "count.txt")
     project.write_config(JOB)
     for i in range(FILES):
@@ -33,7 +29,7 @@ def make_project(root: Path) -> Project:
     return project
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(crash_at=st.integers(min_value=1, max_value=FILES * ROWS // 100), workers=st.sampled_from([1, 2]))
 def test_crash_at_any_step_then_resume_gives_the_clean_output(crash_at: int, workers: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:

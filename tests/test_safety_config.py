@@ -23,7 +23,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     return {
         name: path.read_bytes()
         for name, path in files.items()
-        if "__pycache__" not in name and not name.startswith(".state")
+        if "__pycache__" not in name and not name.startswith(".state") and name != "mb_env.json"
     }
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import JOB_MODULE, MAP_JOB, Project
+from conftest import MAP_JOB, Project, install_jobs
 
 FAST = "retries = 0\nbreaker_failures = 0\n"  # today's failures dead-letter at once, no breaker pause
 MAP = MAP_JOB + FAST
@@ -27,9 +27,7 @@ MAP = MAP_JOB + FAST
 
 def make_project(root: Path, count_file: Path) -> Project:
     """What the `project` fixture builds, under any directory name."""
-    (root / "myjobs").mkdir(parents=True)
-    (root / "myjobs" / "__init__.py").write_text("")
-    (root / "myjobs" / "basic.py").write_text(JOB_MODULE)
+    install_jobs(root)
     return Project(root=root, count_file=count_file)
 
 
@@ -203,14 +201,14 @@ def test_input_with_an_mtime_before_1970_is_processed(project: Project) -> None:
 # -- E. a changed job definition -------------------------------------------------------------
 
 SCALED_MODULE = """
-import os
 import pyarrow.compute as pc
+from myjobs.testenv import get as env
 
 FACTOR = {factor}
 
 
 def scale(table, ctx):
-    path = os.environ.get("MB_COUNT_FILE")
+    path = env("MB_COUNT_FILE")
     if path:
         with open(path, "a") as f:
             f.write(f"{{ctx.chunk_id}} {{ctx.attempt}}\\n")

@@ -1,0 +1,51 @@
+"""What may run now: each chunk's estimated working memory, the budget that admits chunks
+while their estimates fit, per-worker memory caps, and the backoff before a retry."""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+from minibatch.planner import Chunk
+from minibatch.units import MAX_SIZE
+
+if TYPE_CHECKING:
+    from minibatch.config import JobConfig
+
+BACKOFF_CAP = 60.0
+MEMORY_FACTOR = 2.0  # working memory of a chunk ~ its uncompressed input + its result
+
+
+def backoff(attempt: int, base: float, cap: float = BACKOFF_CAP, rng: random.Random | None = None) -> float:
+    """Full-jitter exponential backoff before attempt number `attempt + 1`."""
+    return (rng or random).uniform(0, min(cap, base * 2 ** min(attempt - 1, 64)))
+
+
+def memory_estimate(chunk: Chunk) -> int:
+    return int(chunk.nbytes * MEMORY_FACTOR)
+
+
+def worker_memory_cap(job: JobConfig) -> int:
+    """Default per-worker address-space cap: a fair share of the budget plus the runtime's own."""
+    if job.worker_memory_limit:
+        return job.worker_memory_limit
+    return min(2 * 2**30 + 4 * job.memory_limit // job.workers, MAX_SIZE)
+
+
+class MemoryBudget:
+    """Admission: reserve a chunk's estimated bytes before submit, release when it completes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self.peak = 0
+
+    def fits(self, nbytes: int) -> bool:
+        return self.in_flight == 0 or self.in_flight + nbytes <= self.limit
+
+    def reserve(self, nbytes: int) -> None:
+        self.in_flight += nbytes
+        self.peak = max(self.peak, self.in_flight)
+
+    def release(self, nbytes: int) -> None:
+        self.in_flight -= nbytes

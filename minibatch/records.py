@@ -1,0 +1,86 @@
+"""Rows of the manifest's tables as the code holds them (see README "The manifest")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from minibatch.states import ChunkStatus, Outcome, RunStatus
+
+
+@dataclass
+class ChunkRecord:
+    job: str
+    chunk_id: str
+    file: str
+    fingerprint: str
+    row_start: int
+    row_end: int
+    status: ChunkStatus
+    run_id: str
+    attempts: int
+    rows_in: int = 0
+    rows_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    output_file: str | None = None
+    seconds: float = 0.0
+    finished_at: float = 0.0  # unix time; stored as TIMESTAMPTZ
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    job: str
+    pid: int
+    started_at: float
+    status: RunStatus = RunStatus.RUNNING
+    ended_at: float | None = None
+    chunks_total: int = 0
+    chunks_done: int = 0  # done in this run
+    chunks_reused: int = 0  # done by earlier runs
+    chunks_dead: int = 0  # dead-lettered in this run
+    chunks_skipped: int = 0  # dead letters of earlier runs, not retried
+    bad_files: int = 0
+    rows_in: int = 0
+    rows_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error: str | None = None
+    workers: int = 0
+    memory_limit: int = 0
+    peak_in_flight: int = 0
+    busy_seconds: float = 0.0
+    utilisation: float | None = None
+    rows_per_second: float | None = None
+    mb_per_second: float | None = None
+    settings: str | None = None  # JSON
+
+
+@dataclass
+class AttemptRecord:
+    job: str
+    run_id: str
+    chunk_id: str
+    attempt: int
+    label: str
+    slot: int | None
+    pid: int | None
+    admitted_at: float  # unix times; stored as TIMESTAMPTZ
+    started_at: float | None
+    ended_at: float
+    outcome: Outcome
+    reserved_bytes: int
+    read_seconds: float | None = None
+    compute_seconds: float | None = None
+    write_seconds: float | None = None
+    rows_in: int | None = None
+    rows_out: int | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    peak_rss: int | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None

@@ -1,0 +1,235 @@
+"""The coordinator's loop (minibatch/execute.py) in milliseconds: an in-process pool and a fake
+clock drive retries and backoff, the circuit breaker, timeouts, budget admission and a
+graceful stop, with no process and no sleep. The real pool and real crashes are tested in
+test_pool.py, test_failures.py and test_kill.py."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from minibatch.admission import memory_estimate
+from minibatch.breaker import BreakerSettings
+from minibatch.config import JobConfig
+from minibatch.events import Emitter, Event, Listener
+from minibatch.execute import Execution, Executor
+from minibatch.layout import OutputLayout
+from minibatch.ledger import Ledger
+from minibatch.manifest import Manifest
+from minibatch.planner import Chunk
+from minibatch.pool import Hang, InlinePool
+from minibatch.records import RunRecord
+from minibatch.results import ResultStore
+from minibatch.signals import StopSignals
+from minibatch.states import ErrorKind, EventKind, Outcome
+from minibatch.tasks import JobSpec, Task, TaskError, TaskResult
+
+
+class FakeClock:
+    """Time moves only when the loop waits (an idle poll) or a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1.7e9 + self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.001)
+
+
+@dataclass
+class Recorder(Listener):
+    kinds: list[EventKind] = field(default_factory=list)
+
+    def on_any(self, event: Event) -> None:
+        self.kinds.append(event.kind)
+
+
+def chunks(n: int, nbytes: int = 1000) -> list[Chunk]:
+    return [Chunk(f"/in/f{i}.parquet", "10-1-ab", 0, 10, 0, 1, 0, nbytes) for i in range(n)]
+
+
+def ok(task: Task) -> TaskResult:
+    n = task.chunk.num_rows
+    return TaskResult(
+        rows_in=n, rows_out=0, bytes_in=task.chunk.nbytes, bytes_out=0, output_file=None, seconds=0.0
+    )
+
+
+@dataclass
+class Harness:
+    executor: Executor
+    ledger: Ledger
+    clock: FakeClock
+    signals: StopSignals
+    events: Recorder
+    calls: list[tuple[str, int]]  # (file, attempt) of every task run
+
+    def run(self, todo: list[Chunk]) -> Execution:
+        out = self.executor.run(todo)
+        self.ledger.flush()
+        return out
+
+    def attempts(self) -> list[dict[str, object]]:
+        """The attempts as committed to the manifest."""
+        return self.ledger.manifest.attempts("r1")
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Callable[..., Harness]:
+    def build(run: Callable[[Task], TaskResult | TaskError], **settings: object) -> Harness:
+        defaults: dict[str, object] = {
+            "retries": 2,
+            "retry_backoff": 1.0,
+            "workers": 2,
+            "memory_limit": 10**9,
+        }
+        job = JobConfig(name="j", inputs=(), output=tmp_path / "out", sql="x", **(defaults | settings))  # type: ignore[arg-type]
+        clock, signals, recorder = FakeClock(), StopSignals(), Recorder()
+        events = Emitter([recorder]).bind("j", "r1")
+        record = RunRecord(run_id="r1", job="j", pid=1, started_at=clock.time())
+        store = ResultStore(OutputLayout(job.output, reduce=False), "def", events)
+        manifest = Manifest(tmp_path / "m.duckdb")
+        ledger = Ledger(manifest, record, store.make_durable, events, clock)
+        calls: list[tuple[str, int]] = []
+
+        def counted(task: Task) -> TaskResult | TaskError:
+            calls.append((task.chunk.path, task.attempt))
+            return run(task)
+
+        spec = JobSpec("j", None, "x", None, str(tmp_path), str(tmp_path), str(tmp_path))
+        executor = Executor(
+            job, spec, "r1", store=store, ledger=ledger, events=events, signals=signals,
+            pool_factory=lambda n: InlinePool(min(job.workers, n), counted, clock), clock=clock,
+            rng=random.Random(7),
+        )  # fmt: skip
+        return Harness(executor, ledger, clock, signals, recorder, calls)
+
+    return build
+
+
+def test_a_failed_attempt_is_retried_after_its_backoff_and_then_succeeds(
+    make: Callable[..., Harness],
+) -> None:
+    failed_at: list[float] = []
+
+    def flaky(task: Task) -> TaskResult:
+        if task.chunk.path.endswith("f1.parquet") and task.attempt == 1:
+            failed_at.append(h.clock.now)
+            raise RuntimeError("flaky service said no")
+        if task.attempt == 2:
+            retried_at.append(h.clock.now)
+        return ok(task)
+
+    retried_at: list[float] = []
+    h = make(flaky, retry_backoff=4.0)
+    out = h.run(chunks(3))
+    assert out.error is None and h.ledger.record.chunks_done == 3
+    assert 0 <= retried_at[0] - failed_at[0] <= 4.0  # full jitter within the first backoff
+    assert [a["outcome"] for a in h.attempts()].count(Outcome.RETRIED) == 1
+    assert EventKind.CHUNK_RETRY in h.events.kinds
+
+
+def test_a_chunk_failing_every_attempt_is_dead_lettered_and_the_others_carry_on(
+    make: Callable[..., Harness],
+) -> None:
+    def poison(task: Task) -> TaskResult:
+        if task.chunk.path.endswith("f0.parquet"):
+            raise ValueError("cannot parse this chunk")
+        return ok(task)
+
+    h = make(poison, retries=2)
+    h.run(chunks(4))
+    assert h.ledger.record.chunks_done == 3 and h.ledger.record.chunks_dead == 1
+    assert [a for f, a in h.calls if f.endswith("f0.parquet")] == [1, 2, 3]
+    assert h.ledger.dead[0].error_type == "ValueError"
+
+
+def test_the_breaker_opens_waits_its_cooldown_then_a_failed_probe_ends_the_run(
+    make: Callable[..., Harness],
+) -> None:
+    times: list[float] = []
+
+    def dies(task: Task) -> TaskError:
+        times.append(h.clock.now)
+        return TaskError(ErrorKind.DIED, "WorkerDied", "segfault", "")
+
+    h = make(dies, retries=5, workers=1, breaker=BreakerSettings(failures=2, cooldown=30.0))
+    out = h.run(chunks(6))
+    assert out.error is not None and "circuit breaker opened (2 consecutive failed attempts)" in out.error
+    assert EventKind.BREAKER_OPEN in h.events.kinds and EventKind.BREAKER_TRIPPED in h.events.kinds
+    opened = times[1]  # the second consecutive failure
+    assert len([t for t in times if t >= opened + 30.0]) == 1  # after the cool-down: one trial chunk
+    assert len([t for t in times if opened < t < opened + 30.0]) == 0  # nothing admitted meanwhile
+    assert h.ledger.record.chunks_dead == 0  # untried chunks stay pending, uncharged
+
+
+def test_an_attempt_past_its_timeout_is_killed_and_retried(make: Callable[..., Harness]) -> None:
+    def hangs_once(task: Task) -> TaskResult:
+        if task.chunk.path.endswith("f0.parquet") and task.attempt == 1:
+            raise Hang
+        return ok(task)
+
+    h = make(hangs_once, timeout=5.0)
+    out = h.run(chunks(2))
+    assert out.error is None and h.ledger.record.chunks_done == 2
+    assert [a for f, a in h.calls if f.endswith("f0.parquet")] == [1, 2]
+    errors = [a["error_type"] for a in h.attempts() if a["outcome"] == Outcome.RETRIED]
+    assert errors == ["ChunkTimeout"]
+
+
+def test_admission_keeps_the_estimates_in_flight_within_the_budget(make: Callable[..., Harness]) -> None:
+    seen: list[int] = []
+
+    def measure(task: Task) -> TaskResult:
+        seen.append(h.executor.budget.in_flight)
+        return ok(task)
+
+    size = 1000
+    h = make(measure, workers=4, memory_limit=2 * memory_estimate(chunks(1, size)[0]))
+    h.run(chunks(8, size))
+    assert h.ledger.record.chunks_done == 8
+    assert max(seen) <= h.executor.budget.limit and h.executor.budget.peak <= h.executor.budget.limit
+
+
+def test_a_chunk_bigger_than_the_budget_runs_alone(make: Callable[..., Harness]) -> None:
+    h = make(ok, memory_limit=10)
+    out = h.run(chunks(3, nbytes=1000))
+    assert h.ledger.record.chunks_done == 3 and out.peak_in_flight == memory_estimate(chunks(1)[0])
+
+
+def test_a_stop_lets_in_flight_chunks_finish_and_leaves_the_rest_uncharged(
+    make: Callable[..., Harness],
+) -> None:
+    def stop_on_third(task: Task) -> TaskResult:
+        if len(h.calls) == 3:
+            h.signals.request()
+        return ok(task)
+
+    h = make(stop_on_third, workers=1)
+    out = h.run(chunks(10))
+    assert out.stopped and out.error is None
+    assert h.ledger.record.chunks_done == 3 and h.ledger.record.chunks_dead == 0
+    assert len(h.calls) == 3  # queued tasks came back unstarted (Lost): never run, never charged
+    assert EventKind.STOP_REQUESTED in h.events.kinds
+
+
+def test_a_full_disk_halts_admission_and_charges_nothing(make: Callable[..., Harness]) -> None:
+    def disk_full(task: Task) -> TaskResult | TaskError:
+        if task.chunk.path.endswith("f1.parquet"):
+            return TaskError(ErrorKind.ENVIRONMENT, "OSError", "[Errno 28] No space left on device", "")
+        return ok(task)
+
+    h = make(disk_full, workers=1)
+    out = h.run(chunks(6))
+    assert out.error is not None and "No space left" in out.error
+    assert h.ledger.record.chunks_dead == 0 and h.ledger.record.chunks_done < 6
+    assert EventKind.RUN_HALTED in h.events.kinds
