@@ -3,6 +3,7 @@ of raising, so that a config file's problems are all reported at once."""
 
 from __future__ import annotations
 
+import difflib
 import re
 import urllib.parse
 from collections.abc import Callable
@@ -67,7 +68,8 @@ class Checker:
 
     def unknown_keys(self, allowed: set[str]) -> None:
         for key in sorted(set(self.table) - allowed):
-            self.error(key, "unknown key")
+            close = difflib.get_close_matches(key, allowed, n=1)
+            self.error(key, f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key")
 
 
 def kind_name(kinds: type | tuple[type, ...]) -> str:

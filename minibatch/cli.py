@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
@@ -39,8 +41,11 @@ class Group(click.Group):
 
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # `minibatch history | head -1`: a closed pipe is not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor is the final flush
+            sys.exit(0)
         except ConfigError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo("\n".join(f"error: {line}" for line in str(exc).splitlines()), err=True)
             sys.exit(EXIT_USAGE)
         except JobLocked as exc:
             click.echo(f"error: {exc}; not starting a second run", err=True)
@@ -59,6 +64,35 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
         return None if value is None else parse_size(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def _config_here(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    state = ctx.find_object(State)
+    if value is not None and state is not None:  # `run-now JOB --config PATH` works too
+        state.config_path = value
+
+
+def _run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """What every command that runs a job takes."""
+    for option in reversed(
+        [
+            click.option(
+                "--workers", type=click.IntRange(min=1), help="Worker processes (overrides config)."
+            ),
+            click.option(
+                "--memory-limit",
+                callback=_size,
+                metavar="SIZE",
+                help='Budget for chunk data in flight, e.g. "512MiB" (overrides config).',
+            ),  # fmt: skip
+            click.option("-q", "--quiet", is_flag=True, help="No progress display."),
+            click.option(
+                "--json", "as_json", is_flag=True, help="The summary as JSON (no progress display)."
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,44 +119,34 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 
 @main.command("run-now")
 @click.argument("job")
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes (overrides config).")
-@click.option(
-    "--memory-limit",
-    callback=_size,
-    metavar="SIZE",
-    help='Budget for chunk data in flight, e.g. "512MiB" (overrides config).',
-)
+@_run_options
 @click.option("--fresh", is_flag=True, help="Forget the checkpoint and rebuild the output.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @click.pass_obj
-def run_now(
-    state: State, job: str, workers: int | None, memory_limit: int | None, fresh: bool, quiet: bool
-) -> None:
+def run_now(state: State, /, job: str, fresh: bool, **options: Any) -> None:
     """Run JOB now, resuming its checkpoint; print a summary at the end."""
-    from minibatch.progress import progress_listener
-    from minibatch.runner import RunOptions, run_job
-    from minibatch.summary import print_summary
-
-    listener = progress_listener(quiet)
-    options = RunOptions(workers=workers, memory_limit=memory_limit, fresh=fresh)
-    summary = run_job(state.config, job, options, [listener] if listener else [])
-    print_summary(summary)
-    sys.exit(summary.exit_code)
+    _run(state, job, fresh=fresh, **options)
 
 
 @main.command()
 @click.argument("job")
-@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@_run_options
 @click.pass_obj
-def retry(state: State, job: str, quiet: bool) -> None:
+def retry(state: State, /, job: str, **options: Any) -> None:
     """Run JOB again, including the chunks and files that were dead-lettered."""
+    _run(state, job, retry_dead=True, **options)
+
+
+def _run(state: State, job: str, quiet: bool, as_json: bool, **options: Any) -> None:
     from minibatch.progress import progress_listener
     from minibatch.runner import RunOptions, run_job
-    from minibatch.summary import print_summary
+    from minibatch.summary import print_summary, summary_json
 
-    listener = progress_listener(quiet)
-    summary = run_job(state.config, job, RunOptions(retry_dead=True), [listener] if listener else [])
-    print_summary(summary)
+    listener = progress_listener(quiet or as_json)
+    summary = run_job(state.config, job, RunOptions(**options), [listener] if listener else [])
+    if as_json:
+        click.echo(json.dumps(summary_json(summary), indent=2, default=str))
+    else:
+        print_summary(summary)
     sys.exit(summary.exit_code)
 
 
@@ -144,25 +168,52 @@ def daemon(state: State) -> None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def validate(state: State) -> None:
-    """Check config.toml and import every job's function."""
-    from minibatch.validate import check_imports, check_inputs
+def validate(state: State, as_json: bool) -> None:
+    """Check config.toml, import every job's function (and check its signature), prepare every
+    job's SQL against its inputs' schema, and warn about input globs that match no file."""
+    from minibatch.validate import validate_config
 
     config = state.config
-    check_imports(config)
-    for warning in check_inputs(config):
+    warnings = validate_config(config)
+    if as_json:
+        click.echo(
+            json.dumps({"config": str(config.path), "jobs": sorted(config.jobs), "warnings": warnings})
+        )
+        return
+    for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"{config.path}: OK, {len(config.jobs)} job(s): {', '.join(sorted(config.jobs))}")
 
 
 @main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def list_jobs(state: State) -> None:
+def list_jobs(state: State, as_json: bool) -> None:
     """Jobs, their schedules and next fire times."""
-    from minibatch.summary import print_jobs
+    from minibatch.summary import job_rows, print_jobs
 
-    print_jobs(state.config)
+    if as_json:
+        click.echo(json.dumps(job_rows(state.config), indent=2))
+    else:
+        print_jobs(state.config)
+
+
+@main.command()
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def dead(state: State, job: str, as_json: bool) -> None:
+    """JOB's dead-lettered chunks: file, rows, attempts and the last error."""
+    from minibatch.status import dead_letters
+    from minibatch.summary import print_dead
+
+    rows = dead_letters(state.config, job)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+    else:
+        print_dead(job, rows)
 
 
 @main.command()
@@ -268,6 +319,17 @@ def reset(state: State, job: str, yes: bool) -> None:
     reset_job(config, job)
     click.echo(f"{job}: checkpoint forgotten, output removed")
 
+
+for _command in main.commands.values():
+    _command.params.append(
+        click.Option(
+            ["--config"],
+            metavar="PATH",
+            expose_value=False,
+            callback=_config_here,
+            help="config.toml to use (also accepted before the command)",
+        )  # fmt: skip
+    )
 
 if __name__ == "__main__":
     main()

@@ -67,6 +67,11 @@ class _InFlight:
 
 
 _Done = tuple[_InFlight, TaskResult]
+FAIL_FAST = 2  # chunks failing alike, before any success, that stop a run whose code is broken
+DETERMINISTIC = {  # errors no retry mends
+    "TypeError", "NameError", "AttributeError", "SyntaxError", "ImportError", "ModuleNotFoundError",
+    "JobCodeError", "ParserException", "BinderException", "CatalogException",
+}  # fmt: skip
 BREAKER_EVENTS = {
     Breaker.OPEN: EventKind.BREAKER_OPEN,
     Breaker.HALF_OPEN: EventKind.BREAKER_HALF_OPEN,
@@ -118,6 +123,8 @@ class Executor:
         self.gate: SchemaGate[_Done]  # the output's schema, and results waiting for it
         self.pool: Pool
         self.out = Execution()
+        self.successes = 0
+        self.same_error: dict[tuple[str, str], set[str]] = {}  # error -> chunks it failed
 
     def run(self, todo: list[Chunk], salvaged: Sequence[tuple[Chunk, TaskResult]] = ()) -> Execution:
         """Run `todo` to the end (or a stop); `salvaged` are finished results of earlier runs."""
@@ -260,7 +267,7 @@ class Executor:
         elif event.error.kind in (ErrorKind.INPUT_CHANGED, ErrorKind.INPUT_REMOVED):
             self._input_changed(item, event.error)
         elif event.error.kind == ErrorKind.ENVIRONMENT:
-            self._halt(item, event.error)
+            self._halt(item, event.error, "free space, or fix the filesystem, and run again")
         else:
             self.attempts[item.chunk.chunk_id] = item.attempt
             self._breaker_failure(probe)
@@ -269,16 +276,23 @@ class Executor:
         if probe:  # no outcome to judge the breaker by: let another chunk try
             self.breaker.cancel_probe()
 
-    def _halt(self, item: _InFlight, error: TaskError) -> None:
-        """A full disk (or the like) is the machine's fault: no chunk is charged or dead-lettered
-        for it; nothing more is admitted, and the run fails, its chunks left to do."""
+    def _halt(self, item: _InFlight, error: TaskError, what_to_do: str) -> None:
+        """Stop the run at once: nothing more is admitted, no chunk is dead-lettered for this,
+        and the run fails with its chunks left to do (a full disk, broken job code)."""
         self._record_attempt(item, Outcome.RETRIED, error=error)
         self.pending.appendleft(item.chunk)
         if self.out.error is None:
-            self.out.error = (
-                f"{error.type}: {error.message} (free space, or fix the filesystem, and run again)"
-            )
+            self.out.error = f"{error.type}: {error.message} ({what_to_do})"
             self.events(EventKind.RUN_HALTED, error=self.out.error, in_flight=len(self.in_flight))
+
+    def _code_is_broken(self, item: _InFlight, error: TaskError) -> bool:
+        """The first chunks all fail with one error that no retry can mend (a TypeError, a SQL
+        binder error): the job's code is broken, and retrying every chunk only burns time."""
+        if self.successes or error.type not in DETERMINISTIC:
+            return False
+        chunks = self.same_error.setdefault((error.type, error.message), set())
+        chunks.add(item.chunk.chunk_id)
+        return len(chunks) >= FAIL_FAST
 
     def _input_changed(self, item: _InFlight, error: TaskError) -> None:
         path = item.chunk.path
@@ -311,6 +325,7 @@ class Executor:
             self._failed(item, error, result)
             return
         self._record_attempt(item, Outcome.DONE, result)
+        self.successes += 1
         self.ledger.done(item.chunk, item.attempt, result, self.budget.in_flight)
 
     def _breaker_failure(self, probe: bool) -> None:
@@ -323,6 +338,10 @@ class Executor:
             )  # fmt: skip
 
     def _failed(self, item: _InFlight, error: TaskError, result: TaskResult | None = None) -> None:
+        if self._code_is_broken(item, error):
+            first = f"the first {FAIL_FAST} chunks failed with it; fix the job and run again"
+            self._halt(item, error, first)
+            return
         if item.attempt > self.job.retries:
             self._record_attempt(item, Outcome.DEAD, result, error)
             self.ledger.dead_letter(item.chunk, item.attempt, error, self.budget.in_flight)

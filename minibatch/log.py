@@ -22,6 +22,14 @@ class _CurrentStderr(io.TextIOBase):
         sys.stderr.flush()
 
 
+class _ToStructlog(logging.Handler):
+    """Libraries' stdlib log records (APScheduler's "maximum number of running instances
+    reached", say) as structlog lines, JSON with log_format = "json", not plain text."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        get_logger().log(record.levelno, record.getMessage(), logger=record.name)
+
+
 def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
     colors = (stream or sys.stderr).isatty()
     renderer: structlog.typing.Processor
@@ -41,6 +49,7 @@ def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO 
         logger_factory=structlog.PrintLoggerFactory(stream or cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
+    logging.root.handlers = [_ToStructlog(level=logging.WARNING)]
 
 
 def get_logger(**bound: object) -> structlog.typing.FilteringBoundLogger:

@@ -295,6 +295,12 @@ class Manifest:
             rows = _dicts(con.execute(Q["run"], {"job": job, "run_id": run_id}))
         return rows[0] if rows else None
 
+    def run_with_work(self, job: str) -> dict[str, Any] | None:
+        """The latest run of `job` that computed, dead-lettered or failed something."""
+        with self.connect(read_only=True) as con:
+            rows = _dicts(con.execute(Q["run_with_work"], {"job": job, "succeeded": RunStatus.SUCCEEDED}))
+        return rows[0] if rows else None
+
     def attempts(self, run_id: str) -> list[dict[str, Any]]:
         """A run's chunk attempts in the order they were admitted."""
         with self.connect(read_only=True) as con:

@@ -102,7 +102,7 @@ class LogProgress(_Counting):
 class BarProgress(_Counting):
     """A rich progress bar on the terminal (stderr)."""
 
-    def __init__(self) -> None:
+    def __init__(self, console: Any = None) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -114,20 +114,24 @@ class BarProgress(_Counting):
         )
 
         super().__init__()
+        # What matters most comes first: at 80 columns the rates are what gets cut, not the
+        # total or the time left.
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=16),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=Console(stderr=True),
+            TextColumn("{task.fields[rate]}"),
+            console=console or Console(stderr=True),
             transient=True,
         )
         self.task: Any = None
+        self.job = ""
 
     def run_planned(self, event: Event) -> None:
         super().run_planned(event)
+        self.job = event.job
         if event.data["todo"]:
             self.progress.start()
             self.task = self.progress.add_task(event.job, total=self.counts.total, rate="")
@@ -163,14 +167,19 @@ class BarProgress(_Counting):
             self.task = None
 
     def _rate(self) -> str:
+        """Rates, dead letters and memory in flight, in what room the line has left: the total
+        and the time left come first and are never cut (an 80-column terminal)."""
         c = self.counts
         elapsed = max(time.monotonic() - c.started, 1e-9)
-        dead = f" [red]{c.dead} dead[/]" if c.dead else ""
-        retried = f" [yellow]{c.retried} retried[/]" if c.retried else ""
-        return (
-            f"{c.rows / elapsed:,.0f} rows/s {format_size(c.bytes / elapsed)}/s "
-            f"in flight {format_size(c.in_flight)}/{format_size(c.budget)}{retried}{dead}"
-        )
+        parts = [f"{c.dead} dead" if c.dead else "", f"{c.retried} retried" if c.retried else ""]
+        parts += [f"{c.rows / elapsed:,.0f} rows/s", f"{format_size(c.bytes / elapsed)}/s"]
+        parts += [f"in flight {format_size(c.in_flight)}/{format_size(c.budget)}"]
+        room = self.progress.console.width - len(self.job) - 52  # bar, counts and times take 52
+        text = ""
+        for part in filter(None, parts):
+            if len(text) + len(part) + 1 <= room:
+                text = f"{text} {part}".strip()
+        return text
 
 
 def progress_listener(quiet: bool = False) -> Listener | None:

@@ -90,16 +90,21 @@ WITH latest AS (
     SELECT job,
            count(*) FILTER (WHERE status = $done) AS done_total,
            count(*) FILTER (WHERE status = $dead) AS dead_total,
-           sum(rows_out) FILTER (WHERE status = $done) AS rows_out_total
+           sum(rows_out) FILTER (WHERE status = $done) AS rows_out_total,
+           sum(bytes_out) FILTER (WHERE status = $done) AS bytes_out_total
     FROM chunks GROUP BY job
+), bad AS (
+    SELECT job, count(*) AS bad_files_total FROM bad_files GROUP BY job
 ), successes AS (
     SELECT job, max(ended_at) AS last_success_at FROM runs WHERE status = $succeeded GROUP BY job
 )
 SELECT latest.*, coalesce(totals.done_total, 0) AS done_total,
        coalesce(totals.dead_total, 0) AS dead_total,
        coalesce(totals.rows_out_total, 0) AS rows_out_total,
+       coalesce(totals.bytes_out_total, 0) AS bytes_out_total,
+       coalesce(bad.bad_files_total, 0) AS bad_files_total,
        successes.last_success_at
-FROM latest LEFT JOIN totals USING (job) LEFT JOIN successes USING (job)
+FROM latest LEFT JOIN totals USING (job) LEFT JOIN bad USING (job) LEFT JOIN successes USING (job)
 ORDER BY job;
 
 -- name: runs
@@ -107,6 +112,12 @@ SELECT * FROM runs WHERE $job IS NULL OR job = $job ORDER BY started_at DESC LIM
 
 -- name: run
 SELECT * FROM runs WHERE job = $job AND ($run_id IS NULL OR run_id = $run_id)
+ORDER BY started_at DESC LIMIT 1;
+
+-- name: run_with_work
+-- The latest run of a job that did something: computed or dead-lettered chunks, or failed.
+SELECT * FROM runs
+WHERE job = $job AND (chunks_done > 0 OR chunks_dead > 0 OR status <> $succeeded)
 ORDER BY started_at DESC LIMIT 1;
 
 -- name: attempts

@@ -73,10 +73,11 @@ def write_report(manifest: Manifest, job: str, path: Path, run_id: str | None = 
 
 
 def report_run(state_dir: Path, job: str, run_id: str | None, output: str | None) -> Path:
-    """Write the report of `run_id` (default: the latest run) to `output` (default: under
-    state_dir); the path written. Raises ReportError for a run that does not exist."""
+    """Write the report of `run_id` to `output` (default: under state_dir); the path written.
+    Without `run_id`, the latest run that did something: a re-run with nothing to do has an
+    empty page. Raises ReportError for a run that does not exist."""
     manifest = Manifest(manifest_path(state_dir))
-    run = manifest.run(job, run_id)
+    run = manifest.run(job, run_id) if run_id else manifest.run_with_work(job) or manifest.run(job)
     if run is None:
         raise ReportError(f"no run {run_id} of {job}" if run_id else f"{job} has no runs yet")
     path = Path(output) if output else default_report_path(state_dir, job, run["run_id"])

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from minibatch.events import RunEvents
 from minibatch.layout import CHUNK_KEY, DEFINITION_KEY, INPUT_KEY, OutputLayout, fsync_dir, part_name, publish
 from minibatch.planner import Chunk
 from minibatch.states import ErrorKind, EventKind
@@ -27,6 +26,8 @@ from minibatch.tasks import SchemaMismatch, TaskError, TaskResult
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from minibatch.events import RunEvents  # not at run time: workers import this module
 
 T = TypeVar("T")
 

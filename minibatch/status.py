@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from minibatch.config import Config
 from minibatch.layout import OutputLayout
 from minibatch.lock import holder_pid, job_lock
@@ -48,9 +50,24 @@ def _entry(config: Config, name: str, row: dict[str, Any] | None) -> dict[str, A
         "bytes_in": row["bytes_in"],
         "bytes_out": row["bytes_out"],
         "rows_out_total": row["rows_out_total"],
+        **_output(config, name, row),
+        "bad_files_total": row["bad_files_total"],  # known bad files, later runs skip them
         "last_success_at": row["last_success_at"].isoformat() if row["last_success_at"] else None,
         "error": row["error"],
     }
+
+
+def _output(config: Config, name: str, row: dict[str, Any]) -> dict[str, Any]:
+    """What readers of the output see: every done chunk's rows, or a reduce job's reduction."""
+    job = config.jobs.get(name)
+    layout = OutputLayout(job.output, reduce=True) if job and job.reduce_sql else None
+    if layout is None:
+        return {"output_rows": row["rows_out_total"], "output_bytes": row["bytes_out_total"]}
+    try:
+        metadata = pq.read_metadata(layout.reduced)
+    except OSError:  # not reduced yet
+        return {"output_rows": 0, "output_bytes": 0}
+    return {"output_rows": metadata.num_rows, "output_bytes": layout.reduced.stat().st_size}
 
 
 def _actual_status(config: Config, row: dict[str, Any]) -> str:
@@ -94,3 +111,9 @@ def reset_job(config: Config, name: str) -> None:
     with job_lock(config.engine.state_dir, name):
         manifest_for(config).reset(name)
         OutputLayout(job.output, reduce=job.reduce_sql is not None).remove_all()
+
+
+def dead_letters(config: Config, name: str) -> list[dict[str, Any]]:
+    """A job's dead-lettered chunks, by file and rows."""
+    config.job(name)
+    return manifest_for(config).dead_letters(name)

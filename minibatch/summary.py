@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import click
@@ -9,6 +10,43 @@ import click
 from minibatch.config import Config
 from minibatch.runner import RunSummary
 from minibatch.units import format_size
+
+
+def summary_json(summary: RunSummary) -> dict[str, Any]:
+    """`run-now --json`: the run's record, with its dead letters and new bad files."""
+    return {
+        **dataclasses.asdict(summary.record),
+        "settings": None,  # history and the report have them; they are long
+        "seconds": round(summary.seconds, 3),
+        "exit_status": summary.exit_code,
+        "definition_changed": summary.definition_changed,
+        "dead": [
+            {
+                k: getattr(d, k)
+                for k in ("file", "row_start", "row_end", "attempts", "error_type", "error_message")
+            }
+            for d in summary.dead
+        ],
+        "bad_files": [{"file": b.path, "error": b.error} for b in summary.bad_files],
+    }
+
+
+def print_dead(job: str, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        click.echo(f"{job} has no dead letters")
+        return
+    print_table(rows, DEAD_COLUMNS)
+    click.echo(f"fix the cause, then: minibatch retry {job}")
+
+
+DEAD_COLUMNS = [
+    ("file", "FILE"),
+    ("row_start", "FROM"),
+    ("row_end", "TO"),
+    ("attempts", "ATTEMPTS"),
+    ("error_type", "ERROR"),
+    ("error_message", "MESSAGE"),
+]
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -55,8 +93,9 @@ STATUS_COLUMNS = [
     ("chunks_done", "DONE"),
     ("chunks_dead", "DEAD"),
     ("chunks_pending", "PENDING"),
-    ("rows_out", "ROWS"),
-    ("bytes_out", "BYTES"),
+    ("bad_files_total", "BAD FILES"),
+    ("output_rows", "OUTPUT ROWS"),
+    ("output_bytes", "OUTPUT BYTES"),
     ("seconds", "SECONDS"),
     ("started_at", "STARTED"),
 ]
@@ -65,7 +104,7 @@ STATUS_COLUMNS = [
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
-    if key == "bytes_out":
+    if key in ("bytes_out", "output_bytes"):
         return format_size(value)
     if key == "seconds":
         return f"{value:.1f}"
@@ -108,7 +147,8 @@ def print_history(rows: list[dict[str, Any]]) -> None:
     print_table(rows, HISTORY_COLUMNS)
 
 
-def print_jobs(config: Config) -> None:
+def job_rows(config: Config) -> list[dict[str, Any]]:
+    """Each job with its schedule and next fire time (`list`)."""
     from minibatch.schedule import next_fire_times
 
     rows = []
@@ -124,8 +164,12 @@ def print_jobs(config: Config) -> None:
                 "description": job.description,
             }
         )
+    return rows
+
+
+def print_jobs(config: Config) -> None:
     print_table(
-        rows,
+        job_rows(config),
         [
             ("job", "JOB"),
             ("schedule", "SCHEDULE"),

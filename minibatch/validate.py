@@ -1,7 +1,10 @@
 """What `validate` (and every run) checks beyond parsing the config: that each job's function
-imports, and what the inputs look like right now."""
+imports and takes (table, ctx), that its SQL binds against its inputs' columns, and what the
+inputs look like right now. A broken job fails here, in a second, not after its retries."""
 
 from __future__ import annotations
+
+import inspect
 
 from minibatch.config import Config, ConfigError
 from minibatch.jobcode import JobCodeError, forget_package, import_process
@@ -9,18 +12,74 @@ from minibatch.layout import OutputLayout
 from minibatch.planner import InputError, find_inputs
 
 
+def validate_config(config: Config) -> list[str]:
+    """Every check, for every job; raises one ConfigError for all errors, returns warnings."""
+    check_imports(config)
+    return check_inputs(config)
+
+
 def check_imports(config: Config, names: list[str] | None = None) -> None:
-    """Import the `process` of the named jobs (all by default); raise one ConfigError for all."""
+    """Import the `process` of the named jobs (all by default) and check that it can be called
+    as f(table, ctx); bind their `sql` to their first input's columns. One ConfigError for all."""
     errors: list[str] = []
     for job in config.jobs.values():
-        if job.process and (names is None or job.name in names):
-            forget_package(job.process)  # the code as it is now, from this config's directory
-            try:
-                import_process(job.process, config.base_dir)
-            except JobCodeError as exc:
-                errors.append(f"jobs.{job.name}.process: {exc}")
+        if names is not None and job.name not in names:
+            continue
+        if job.process:
+            errors += _check_function(job.name, job.process, config)
+        elif job.sql:
+            errors += _check_sql(job.name, job.sql, job.columns, config)
     if errors:
         raise ConfigError(errors, config.path)
+
+
+def _check_function(name: str, process: str, config: Config) -> list[str]:
+    forget_package(process)  # the code as it is now, from this config's directory
+    try:
+        func = import_process(process, config.base_dir)
+    except JobCodeError as exc:
+        return [f"jobs.{name}.process: {exc}"]
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return []  # a builtin or C function: nothing to check
+    try:
+        signature.bind(object(), object())
+    except TypeError:
+        return [
+            f"jobs.{name}.process: {process} cannot be called as f(table, ctx): its signature is {signature}"
+        ]
+    return []
+
+
+def _check_sql(name: str, sql: str, columns: tuple[str, ...] | None, config: Config) -> list[str]:
+    """Bind the SQL against an empty `chunk` with the first input file's columns (DuckDB binds
+    without running it). Without input yet, nothing to bind to."""
+    import duckdb
+
+    try:
+        files = find_inputs(config.base_dir, config.jobs[name].inputs).files
+    except InputError:
+        return []  # reported by check_inputs
+    for path in files[:1]:
+        con = duckdb.connect(":memory:", config={"threads": 1})
+        try:
+            with open(path, "rb") as handle:
+                rows = con.read_parquet(f"/proc/self/fd/{handle.fileno()}")
+                if columns:
+                    rows = rows.project(*[duckdb.ColumnExpression(c) for c in columns])
+                rows.limit(0).create_view("chunk")
+                con.sql(sql)
+        except duckdb.Error as exc:
+            if isinstance(exc, duckdb.ParserException | duckdb.BinderException | duckdb.CatalogException):
+                first = str(exc).strip().splitlines()[0]
+                return [f"jobs.{name}.sql: {first} (bound against the columns of {path})"]
+            return []  # an unreadable input is the run's bad file, not the SQL's fault
+        except OSError:
+            return []
+        finally:
+            con.close()
+    return []
 
 
 def check_inputs(config: Config) -> list[str]:

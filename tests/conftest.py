@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import settings
+
+# The suite must stay under two minutes: property tests try 40 examples each (Hypothesis' default is 100).
+settings.register_profile("minibatch", max_examples=40)
+settings.load_profile("minibatch")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -88,6 +95,14 @@ def nothing(table, ctx):
 class Project:
     root: Path
     count_file: Path
+    started: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def stop_started(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
     @property
     def data(self) -> Path:
@@ -127,7 +142,7 @@ class Project:
         subprocess option such as start_new_session)."""
         self.write_env(env)
         argv = ["--config", str(self.root / "config.toml"), *args]
-        if real or kwargs:
+        if real or kwargs or args[:1] == ("daemon",):  # a daemon never runs in the test's process
             return subprocess.run(
                 [sys.executable, "-m", "minibatch", *argv], capture_output=True, text=True,
                 timeout=timeout, env=self.env(env), input=input, **kwargs,
@@ -140,8 +155,10 @@ class Project:
         (self.root / "mb_env.json").write_text(json.dumps(settings))
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """A real `minibatch` process in a session of its own; killed, if still running, when
+        the test ends (only this test's: other tests run beside it)."""
         self.write_env(env)
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "minibatch", "--config", str(self.root / "config.toml"), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -149,6 +166,8 @@ class Project:
             env=self.env(env),
             start_new_session=True,
         )
+        self.started.append(process)
+        return process
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
@@ -200,10 +219,12 @@ def install_jobs(root: Path) -> None:
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Project:
+def project(tmp_path: Path) -> Iterator[Project]:
     root = tmp_path / "proj"
     install_jobs(root)
-    return Project(root=root, count_file=tmp_path / "count.txt")
+    project = Project(root=root, count_file=tmp_path / "count.txt")
+    yield project
+    project.stop_started()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:

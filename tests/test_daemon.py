@@ -7,13 +7,10 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-import pytest
 
 from minibatch.lock import job_lock
 from minibatch.manifest import Manifest
@@ -245,12 +242,6 @@ def test_refuses_a_config_writable_by_others(project: Project) -> None:
     result = project.cli("daemon", timeout=30)
     assert result.returncode == 2
     assert "basic.py is writable by group or others" in result.stderr
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_daemons() -> object:
-    yield
-    subprocess.run(["pkill", "-f", "minibatch --config .*/proj/config.toml daemon"], check=False)
 
 
 def test_watch_runs_the_job_when_inputs_change_and_settle(project: Project) -> None:

@@ -17,6 +17,7 @@ import pytest
 from conftest import MAP_JOB, Project, faulty_job, wait_for
 
 pytest.importorskip("distributed")
+pytestmark = pytest.mark.xdist_group("dask")  # one test process keeps the module's clusters
 
 CLUSTER = textwrap.dedent(
     """
@@ -53,6 +54,12 @@ class Cluster:
         self.address = self.process.stdout.readline().strip()
         assert self.address.startswith("tcp://"), "the cluster did not start"
 
+    def wait_workers(self, n: int = 2) -> list[int]:
+        """The pids of `n` workers, once the cluster has them again (a nanny restarts a killed
+        or stuck worker within seconds)."""
+        wait_for(lambda: len(self.worker_pids()) == n, timeout=60, what=f"{n} Dask workers")
+        return self.worker_pids()
+
     def worker_pids(self) -> list[int]:
         from distributed import Client
 
@@ -87,6 +94,34 @@ def cluster(project: Project) -> Iterator[Callable[..., Cluster]]:
         c.close()
 
 
+def _module_cluster(tmp_path_factory: pytest.TempPathFactory, **env: str) -> Iterator[Cluster]:
+    """A cluster shared by the tests of this module: each starts several processes that import
+    distributed (seconds of CPU). Job settings reach its workers through each project's
+    mb_env.json, not the cluster's environment; a worker a test kills or restarts comes back."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MB_")}
+    started = Cluster(base | env, tmp_path_factory.mktemp("cluster"))
+    yield started
+    started.close()
+
+
+@pytest.fixture
+def shared(whole: Cluster) -> Cluster:
+    """Two workers of one thread each, both up (a test before may have killed one)."""
+    whole.wait_workers(2)
+    return whole
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from _module_cluster(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One worker with four threads."""
+    yield from _module_cluster(tmp_path_factory, MB_WORKERS="1", MB_THREADS="4")
+
+
 def dask_config(project: Project, cluster: Cluster, body: str = MAP_JOB) -> None:
     project.write_config(body, engine=f'executor = "dask"\ndask_scheduler = "{cluster.address}"')
 
@@ -104,12 +139,12 @@ def chunks(project: Project) -> int:
     return project.manifest_rows("SELECT count(*) FROM chunks")[0][0]
 
 
-def test_same_output_as_the_local_pool(project: Project, cluster: Callable[..., Cluster]) -> None:
+def test_same_output_as_the_local_pool(project: Project, shared: Cluster) -> None:
     inputs(project)
     project.write_config(MAP_JOB)
     assert project.cli("run-now", "ident").returncode == 0
     local = project.output_table("ident").sort_by("id")
-    dask_config(project, cluster())
+    dask_config(project, shared)
     result = project.cli("run-now", "ident", "--fresh")
     assert result.returncode == 0, result.stderr
     assert project.output_table("ident").sort_by("id").equals(local)
@@ -121,11 +156,11 @@ def test_same_output_as_the_local_pool(project: Project, cluster: Callable[..., 
     assert unstarted == 0 and slots == 2  # every attempt on the timeline, two workers
 
 
-def test_a_killed_worker_costs_only_its_chunk(project: Project, cluster: Callable[..., Cluster]) -> None:
+def test_a_killed_worker_costs_only_its_chunk(project: Project, shared: Cluster) -> None:
     inputs(project)
-    c = cluster(MB_SLEEP="0.2")
+    c = shared
     dask_config(project, c)
-    run = project.start("run-now", "ident")
+    run = project.start("run-now", "ident", env={"MB_SLEEP": "0.2"})
     wait_for(lambda: len(project.computations()) >= 3, what="chunks under way")
     os.kill(c.worker_pids()[0], signal.SIGKILL)  # its nanny starts a new worker
     _, err = run.communicate(timeout=120)
@@ -134,10 +169,10 @@ def test_a_killed_worker_costs_only_its_chunk(project: Project, cluster: Callabl
     assert len(project.computations()) <= chunks(project) + 1  # at most its chunk, again
 
 
-def test_coordinator_killed_then_resumed(project: Project, cluster: Callable[..., Cluster]) -> None:
+def test_coordinator_killed_then_resumed(project: Project, shared: Cluster) -> None:
     inputs(project)
-    dask_config(project, cluster(MB_SLEEP="0.1"))
-    run = project.start("run-now", "ident")
+    dask_config(project, shared)
+    run = project.start("run-now", "ident", env={"MB_SLEEP": "0.1"})
     wait_for(lambda: len(project.computations()) >= 6, what="chunks under way")
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
@@ -149,18 +184,18 @@ def test_coordinator_killed_then_resumed(project: Project, cluster: Callable[...
 
 
 def test_lost_scheduler_fails_the_run_and_the_next_resumes(
-    project: Project, cluster: Callable[..., Cluster]
+    project: Project, cluster: Callable[..., Cluster], shared: Cluster
 ) -> None:
     inputs(project)
-    first = cluster(MB_SLEEP="0.1")
+    first = cluster()
     dask_config(project, first)
-    run = project.start("run-now", "ident")
+    run = project.start("run-now", "ident", env={"MB_SLEEP": "0.1"})
     wait_for(lambda: len(project.computations()) >= 4, what="chunks under way")
     first.kill()
     out, err = run.communicate(timeout=120)
     assert run.returncode == 1, err
     assert "lost the Dask scheduler" in out and "Traceback" not in err
-    dask_config(project, cluster())
+    dask_config(project, shared)
     result = project.cli("run-now", "ident")
     assert result.returncode == 0, result.stderr
     assert ids(project) == list(range(1800))
@@ -171,15 +206,15 @@ def hang_job(timeout: str, retries: int) -> str:
     return faulty_job("hang", f'timeout = "{timeout}"\nretries = {retries}')
 
 
-def test_retries_timeouts_and_dead_letters(project: Project, cluster: Callable[..., Cluster]) -> None:
+def test_retries_timeouts_and_dead_letters(project: Project, shared: Cluster) -> None:
     inputs(project, files=2)
-    c = cluster(MB_TARGET="part1.parquet:0")
+    c = shared
     dask_config(project, c, hang_job(timeout="2s", retries=1))
-    result = project.cli("run-now", "f")
+    result = project.cli("run-now", "f", env={"MB_TARGET": "part1.parquet:0"})
     assert result.returncode == 1, result.stderr
     assert "ChunkTimeout" in result.stdout and "after 2 attempt(s)" in result.stdout
     assert ids(project, "f") == [i for i in range(1200) if not 600 <= i < 650]
-    assert len(c.worker_pids()) == 2  # the stuck workers were restarted, not lost
+    assert len(c.wait_workers(2)) == 2  # the stuck workers were restarted, not lost
 
 
 @pytest.mark.parametrize(
@@ -196,12 +231,10 @@ def test_executor_config_errors(project: Project, engine: str, message: str) -> 
     assert result.returncode == 2 and message in result.stderr
 
 
-def test_sigterm_stops_gracefully_and_the_next_run_finishes(
-    project: Project, cluster: Callable[..., Cluster]
-) -> None:
+def test_sigterm_stops_gracefully_and_the_next_run_finishes(project: Project, shared: Cluster) -> None:
     inputs(project)
-    dask_config(project, cluster(MB_SLEEP="0.2"))
-    run = project.start("run-now", "ident")
+    dask_config(project, shared)
+    run = project.start("run-now", "ident", env={"MB_SLEEP": "0.2"})
     wait_for(lambda: len(project.computations()) >= 4, what="chunks under way")
     run.send_signal(signal.SIGTERM)
     out, err = run.communicate(timeout=60)
@@ -215,11 +248,9 @@ def test_sigterm_stops_gracefully_and_the_next_run_finishes(
     assert len(project.computations()) <= 36 + 2  # in-flight chunks ran to the end, were kept
 
 
-def test_a_long_lived_worker_picks_up_an_edited_job_module(
-    project: Project, cluster: Callable[..., Cluster]
-) -> None:
+def test_a_long_lived_worker_picks_up_an_edited_job_module(project: Project, shared: Cluster) -> None:
     inputs(project, files=1)
-    dask_config(project, cluster())
+    dask_config(project, shared)
     assert project.cli("run-now", "ident").returncode == 0
     module = project.root / "myjobs" / "basic.py"
     source = module.read_text()
@@ -231,10 +262,12 @@ def test_a_long_lived_worker_picks_up_an_edited_job_module(
     assert table.column("doubled").to_pylist() == [3 * v for v in table.column("value").to_pylist()]
 
 
-def test_the_memory_budget_bounds_tasks_in_flight(project: Project, cluster: Callable[..., Cluster]) -> None:
+def test_the_memory_budget_bounds_tasks_in_flight(project: Project, shared: Cluster) -> None:
     inputs(project, files=2)
-    dask_config(project, cluster(MB_SLEEP="0.05"))
-    result = project.cli("run-now", "ident", "--memory-limit", "1B")  # below any chunk: one at a time
+    dask_config(project, shared)
+    result = project.cli(
+        "run-now", "ident", "--memory-limit", "1B", env={"MB_SLEEP": "0.05"}
+    )  # below any chunk: one at a time
     assert result.returncode == 0, result.stderr
     assert ids(project) == list(range(1200))
     ((peak, largest, overlaps),) = project.manifest_rows(
@@ -246,7 +279,7 @@ def test_the_memory_budget_bounds_tasks_in_flight(project: Project, cluster: Cal
 
 
 def test_threads_of_one_worker_and_two_projects_each_run_their_own_code(
-    project: Project, cluster: Callable[..., Cluster]
+    project: Project, single: Cluster
 ) -> None:
     """Threads of a fresh worker import the job at once; then a second project whose module has
     the same name runs on the same worker, and the first one again."""
@@ -257,7 +290,7 @@ def test_threads_of_one_worker_and_two_projects_each_run_their_own_code(
     (other.root / "myjobs" / "basic.py").write_text(
         JOB_MODULE.replace('table["value"], 2)', 'table["value"], 5)')
     )
-    c = cluster(MB_WORKERS="1", MB_THREADS="4")
+    c = single
     for p, factor in ((project, 2), (other, 5), (project, 2)):
         inputs(p, files=2)
         dask_config(p, c, MAP_JOB.replace('chunk_bytes = "3KB"', 'chunk_bytes = "3KB"\nretries = 0'))
@@ -268,12 +301,11 @@ def test_threads_of_one_worker_and_two_projects_each_run_their_own_code(
 
 
 def test_a_timeout_restart_does_not_charge_the_workers_other_chunks(
-    project: Project, cluster: Callable[..., Cluster]
+    project: Project, single: Cluster
 ) -> None:
     inputs(project, files=2)
-    c = cluster(MB_WORKERS="1", MB_THREADS="2", MB_TARGET="part1.parquet:0", MB_SLEEP="0.3")
-    dask_config(project, c, hang_job(timeout="1500ms", retries=0))
-    result = project.cli("run-now", "f", timeout=180)
+    dask_config(project, single, hang_job(timeout="1500ms", retries=0))
+    result = project.cli("run-now", "f", env={"MB_TARGET": "part1.parquet:0", "MB_SLEEP": "0.3"})
     assert result.returncode == 1, result.stderr
     assert "dead letter" in result.stdout and result.stdout.count("dead letter:") == 1
     assert ids(project, "f") == [i for i in range(1200) if not 600 <= i < 650]

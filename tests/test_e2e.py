@@ -118,7 +118,7 @@ def test_sigkill_at_several_points_then_resume_gives_each_row_once(project: Proj
         project.write_input(f"f{i}.parquet", i * 1000, 1000)
     env = {"MB_SLEEP": "0.05"}
     kills = 0
-    for done_before_kill in (0, 5, 12, 25):
+    for done_before_kill in (0, 12):
         process = project.start("run-now", "ident", env=env)
         wait_for(lambda n=done_before_kill: len(project.computations()) >= n, what="chunks to run")
         os.killpg(process.pid, signal.SIGKILL)

@@ -28,7 +28,7 @@ def test_sigkill_at_random_instants_of_a_200_chunk_run(project: Project) -> None
     env = {"MB_SLEEP": "0.01"}
     rng = random.Random(20261128)
     kills = 0
-    for _ in range(12):
+    for _ in range(6):
         process = project.start("run-now", "ident", env=env)
         if rng.random() < 0.3:  # anywhere, start-up and planning included
             time.sleep(rng.uniform(0.0, 0.8))

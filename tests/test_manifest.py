@@ -289,7 +289,7 @@ def test_threads_of_one_process_read_and_write_without_refusals(tmp_path: Path) 
 
     def reader() -> None:
         try:
-            for _ in range(40):
+            for _ in range(10):
                 manifest.status("j")
                 manifest.runs("j")
         except BaseException as exc:

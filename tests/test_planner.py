@@ -56,7 +56,7 @@ def file_lists(draw, min_rows: int = 0) -> list[FileMeta]:
     ]
 
 
-PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _offsets(meta: FileMeta) -> list[int]:

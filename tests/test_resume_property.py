@@ -29,7 +29,7 @@ def make_project(root: Path) -> Project:
     return project
 
 
-@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(crash_at=st.integers(min_value=1, max_value=FILES * ROWS // 100), workers=st.sampled_from([1, 2]))
 def test_crash_at_any_step_then_resume_gives_the_clean_output(crash_at: int, workers: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,30 @@
+"""The progress bar on an 80-column terminal keeps what matters: chunks done of the total and
+the time left (the rates are what gets cut)."""
+
+from __future__ import annotations
+
+import io
+import re
+
+from rich.console import Console
+
+from minibatch.events import Emitter
+from minibatch.progress import BarProgress
+from minibatch.states import EventKind
+
+
+def test_an_80_column_bar_shows_the_total_and_the_time_left() -> None:
+    screen = io.StringIO()
+    bar = BarProgress(Console(file=screen, width=80, force_terminal=True, color_system=None))
+    emit = Emitter([bar]).bind("carrier_delays", "r")
+    emit(EventKind.RUN_STARTED, memory_limit=2**30)
+    emit(EventKind.RUN_PLANNED, todo=1234)
+    for _ in range(10):
+        emit(EventKind.CHUNK_DONE, rows=100_000, bytes_in=10**7, in_flight=2**27)
+    bar.progress.refresh()
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", screen.getvalue())  # cursor moves, erase line
+    line = text.replace("\r", "\n").strip().splitlines()[-1]
+    bar.run_finished(None)  # type: ignore[arg-type]
+    assert "10/1234" in line
+    assert any(part.count(":") == 2 for part in line.split())  # elapsed and remaining, h:mm:ss
+    assert len(line) <= 80
