@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import sys
 from collections.abc import Callable
 from functools import cached_property
@@ -279,6 +280,30 @@ def report(state: State, job: str, run_id: str | None, output: str | None) -> No
     except ReportError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
+
+
+@main.command()
+@click.argument("dest", type=click.Path(path_type=pathlib.Path))
+@click.pass_obj
+def backup(state: State, dest: pathlib.Path) -> None:
+    """Copy the manifest to DEST (a file, or a directory to put a dated copy in), consistently,
+    also while the daemon runs. `minibatch restore` puts a copy back."""
+    from minibatch.repair import backup as backup_manifest
+
+    click.echo(backup_manifest(state.config, dest))
+
+
+@main.command()
+@click.argument("copy", type=click.Path(path_type=pathlib.Path))
+@click.pass_obj
+def restore(state: State, copy: pathlib.Path) -> None:
+    """Put a backup made by `minibatch backup` in place of the manifest (no job may be running).
+    The manifest it replaces is set aside, not deleted; the next runs adopt what the outputs
+    hold beyond the backup and compute only what is missing."""
+    from minibatch.repair import restore as restore_manifest
+
+    aside = restore_manifest(state.config, copy)
+    click.echo(f"restored {copy}; the manifest it replaced is {aside}")
 
 
 @main.command()

@@ -89,6 +89,7 @@ class Daemon:
         from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
 
+        self._install_signals()  # first: `docker stop` right after the metrics answer is a clean stop
         self.metrics.load_state(self.manifest.status())
         if addr := self.config.engine.metrics_addr:
             try:
@@ -111,7 +112,6 @@ class Daemon:
                 self._watchdog, "interval", seconds=self.notifier.watchdog_interval,
                 id="minibatch-watchdog", executor="watchdog",
             )  # fmt: skip
-        self._install_signals()
         self.scheduler.start()
         self.notifier.ready(self._status())
         self.notifier.watchdog()

@@ -1,4 +1,5 @@
-"""`minibatch repair`: a way back from a manifest that cannot be read.
+"""Disaster recovery: `minibatch backup` copies the manifest consistently while runs go on;
+`minibatch repair` is the way back from a manifest that cannot be read.
 
 The outputs are the source of truth for finished work: every part names its chunk and job
 definition in its footer, and a run adopts the parts it finds for the chunks it plans (after
@@ -11,6 +12,8 @@ again) and the daemon's last fire times.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,13 +41,33 @@ def repair(config: Config) -> Repair:
         if problem is None:
             reason = "it does not exist" if not path.exists() else "it reads without error"
             return Repair(path, None, reason)
-        broken = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
-        path.rename(broken)
-        wal = path.with_name(path.name + ".wal")
-        if wal.exists():
-            wal.rename(broken.with_name(broken.name + ".wal"))
+        broken = _set_aside(path, "broken")
         Manifest(path).status()  # creates the new, empty manifest
         return Repair(path, broken, problem)
+
+
+def restore(config: Config, copy: Path) -> Path:
+    """Put a backup in place of the manifest, while no job of this config runs; the manifest
+    it replaces (and its write-ahead log, which belongs to it) is set aside, not deleted."""
+    path = manifest_path(config.engine.state_dir)
+    with _all_job_locks(config):
+        problem = _problem(copy)
+        if problem is not None or not copy.is_file():
+            raise ManifestError(f"{copy} is not a readable manifest backup: {problem or 'no such file'}")
+        aside = _set_aside(path, "replaced") if path.exists() else path
+        shutil.copyfile(copy, path.with_name(f".{path.name}.restoring"))
+        os.replace(path.with_name(f".{path.name}.restoring"), path)
+        return aside
+
+
+def _set_aside(path: Path, why: str) -> Path:
+    """Rename the manifest (and its write-ahead log) out of the way; returns the new name."""
+    aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}")
+    path.rename(aside)
+    wal = path.with_name(path.name + ".wal")
+    if wal.exists():
+        wal.rename(aside.with_name(aside.name + ".wal"))
+    return aside
 
 
 def _problem(path: Path) -> str | None:
@@ -68,3 +91,30 @@ def _all_job_locks(config: Config) -> Iterator[None]:
         for name in sorted(config.jobs):
             stack.enter_context(job_lock(config.engine.state_dir, name))
         yield
+
+
+def backup(config: Config, dest: Path) -> Path:
+    """A consistent copy of the manifest, taken while the daemon runs: DuckDB copies every table
+    in one transaction while this process holds the file (a run's next commit waits for it).
+    Written beside `dest` and renamed into place; never over an existing file."""
+    import duckdb
+
+    source = manifest_path(config.engine.state_dir)
+    target = dest / f"manifest-{time.strftime('%Y%m%dT%H%M%S')}.duckdb" if dest.is_dir() else dest
+    if target.exists():
+        raise FileExistsError(17, "will not overwrite an existing file", str(target))
+    temp = target.with_name(f".{target.name}.partial")
+    temp.unlink(missing_ok=True)
+    try:
+        with Manifest(source).connect(read_only=True) as con:
+            (name,) = con.execute("SELECT current_database()").fetchone() or ("manifest",)
+            con.execute("ATTACH ? AS minibatch_backup (READ_WRITE)", [str(temp)])
+            con.execute(f'COPY FROM DATABASE "{name}" TO minibatch_backup')
+            con.execute("DETACH minibatch_backup")
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except (duckdb.Error, OSError):
+        temp.unlink(missing_ok=True)
+        raise
+    return target
