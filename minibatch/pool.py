@@ -43,8 +43,9 @@ def _context() -> multiprocessing.context.ForkServerContext:
     # Forking a process whose pyarrow/DuckDB threads are running is unsafe, and forked children
     # inherit descriptors such as the job lock; the forkserver is a clean process that
     # imports the heavy modules once and forks workers from there.
+    # pyarrow.compute too: most job functions use it, and it costs each new worker ~80 ms.
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["minibatch.worker"])
+    ctx.set_forkserver_preload(["minibatch.worker", "pyarrow.compute"])
     return ctx
 
 

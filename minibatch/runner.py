@@ -160,7 +160,6 @@ class Run:
             self._inputs_missing(inputs.missing)
         else:
             work = self._plan(inputs.files, state)
-            self.ledger.flush()  # the plan's totals, and any adopted chunks, are visible to `status` now
             if work.todo:
                 self._execute_chunks(work)
         self._finish()
@@ -194,7 +193,9 @@ class Run:
             self.summary.stopped = True
             return Reconciled([], [], 0)
         with self.manifest.session():
-            return self._reconcile(files, bad, state)
+            work = self._reconcile(files, bad, state)
+            self.ledger.flush()  # the plan's totals, and any adopted chunks, are visible to `status` now
+            return work
 
     def _reconcile(self, files: list[FileMeta], bad: list[BadFile], state: dict[str, Any]) -> Reconciled:
         stored = state.get("input_schema") or self.store.known_input_signature()

@@ -206,15 +206,15 @@ def hang_job(timeout: str, retries: int) -> str:
     return faulty_job("hang", f'timeout = "{timeout}"\nretries = {retries}')
 
 
-def test_retries_timeouts_and_dead_letters(project: Project, shared: Cluster) -> None:
+def test_retries_timeouts_and_dead_letters(project: Project, cluster: Callable[..., Cluster]) -> None:
     inputs(project, files=2)
-    c = shared
+    c = cluster()  # its own: it restarts both workers, and counts them after
     dask_config(project, c, hang_job(timeout="2s", retries=1))
     result = project.cli("run-now", "f", env={"MB_TARGET": "part1.parquet:0"})
     assert result.returncode == 1, result.stderr
     assert "ChunkTimeout" in result.stdout and "after 2 attempt(s)" in result.stdout
     assert ids(project, "f") == [i for i in range(1200) if not 600 <= i < 650]
-    assert len(c.wait_workers(2)) == 2  # the stuck workers were restarted, not lost
+    assert len(c.worker_pids()) == 2  # the stuck workers were restarted, not lost
 
 
 @pytest.mark.parametrize(
