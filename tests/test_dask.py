@@ -160,7 +160,7 @@ def test_a_killed_worker_costs_only_its_chunk(project: Project, shared: Cluster)
     inputs(project)
     c = shared
     dask_config(project, c)
-    run = project.start("run-now", "ident", env={"MB_SLEEP": "0.2"})
+    run = project.start("run-now", "ident", env={"MB_SLEEP": "0.1"})
     wait_for(lambda: len(project.computations()) >= 3, what="chunks under way")
     os.kill(c.worker_pids()[0], signal.SIGKILL)  # its nanny starts a new worker
     _, err = run.communicate(timeout=120)
@@ -234,7 +234,7 @@ def test_executor_config_errors(project: Project, engine: str, message: str) -> 
 def test_sigterm_stops_gracefully_and_the_next_run_finishes(project: Project, shared: Cluster) -> None:
     inputs(project)
     dask_config(project, shared)
-    run = project.start("run-now", "ident", env={"MB_SLEEP": "0.2"})
+    run = project.start("run-now", "ident", env={"MB_SLEEP": "0.1"})
     wait_for(lambda: len(project.computations()) >= 4, what="chunks under way")
     run.send_signal(signal.SIGTERM)
     out, err = run.communicate(timeout=60)
