@@ -127,7 +127,7 @@ def test_sigterm_finishes_in_flight_chunks_exits_0_and_resumes(project: Project)
     assert status["status"] == "stopped" and status["chunks_pending"] > 0
     done_before = status["chunks_done"]
     assert done_before == len(set(project.computations()))  # every started chunk was recorded
-    result = project.cli("run-now", "f", env=env)
+    result = project.cli("run-now", "f")  # the resume need not be slow
     assert result.returncode == 0
     assert ids(project) == list(range(2000))
     assert len(project.computations()) == len(set(project.computations()))  # none computed twice
