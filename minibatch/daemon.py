@@ -23,6 +23,8 @@ from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.metrics import Metrics
 from minibatch.notify import Notifier
+from minibatch.planner import InputError, expand_inputs
+from minibatch.runner import RunOptions, run_job
 from minibatch.schedule import next_fire_times, parse_crontab
 from minibatch.signals import StopSignals
 from minibatch.validate import check_imports
@@ -229,9 +231,11 @@ class Daemon:
                 self.manifest.record_fire(name, now)
 
     def _input_signature(self, job: JobConfig) -> tuple[tuple[str, int, int], ...]:
-        from minibatch.planner import expand_inputs
-
-        paths = expand_inputs(self.config.base_dir, job.inputs)
+        """What `watch` compares; inputs that loop are the run's to refuse, loudly, not this poll's."""
+        try:
+            paths = expand_inputs(self.config.base_dir, job.inputs)
+        except InputError:
+            return ()
         return tuple((p, st.st_size, st.st_mtime_ns) for p in paths if (st := _stat(p)))
 
     def fire(self, name: str, reason: str = "schedule") -> None:
@@ -249,8 +253,6 @@ class Daemon:
         self._run(name, reason)
 
     def _run(self, name: str, reason: str) -> None:
-        from minibatch.runner import RunOptions, run_job
-
         stop = StopSignals()
         with self.lock:
             if name in self.active or self.stopping:
