@@ -267,7 +267,7 @@ class Executor:
         elif event.error.kind in (ErrorKind.INPUT_CHANGED, ErrorKind.INPUT_REMOVED):
             self._input_changed(item, event.error)
         elif event.error.kind == ErrorKind.ENVIRONMENT:
-            self._halt(item, event.error, "free space, or fix the filesystem, and run again")
+            self._halt(item, event.error)
         else:
             self.attempts[item.chunk.chunk_id] = item.attempt
             self._breaker_failure(probe)
@@ -276,18 +276,25 @@ class Executor:
         if probe:  # no outcome to judge the breaker by: let another chunk try
             self.breaker.cancel_probe()
 
-    def _halt(self, item: _InFlight, error: TaskError, what_to_do: str) -> None:
-        """Stop the run at once: nothing more is admitted, no chunk is dead-lettered for this,
-        and the run fails with its chunks left to do (a full disk, broken job code)."""
+    def _halt(self, item: _InFlight, error: TaskError) -> None:
+        """A full disk (or the like) is the machine's fault: the chunk is not charged, goes back
+        to the queue, and the run stops admitting and fails, its chunks left to do."""
         self._record_attempt(item, Outcome.RETRIED, error=error)
         self.pending.appendleft(item.chunk)
+        self._stop_admitting(
+            f"{error.type}: {error.message} (free space, or fix the filesystem, and run again)"
+        )
+
+    def _stop_admitting(self, why: str) -> None:
         if self.out.error is None:
-            self.out.error = f"{error.type}: {error.message} ({what_to_do})"
-            self.events(EventKind.RUN_HALTED, error=self.out.error, in_flight=len(self.in_flight))
+            self.out.error = why
+            self.events(EventKind.RUN_HALTED, error=why, in_flight=len(self.in_flight))
 
     def _code_is_broken(self, item: _InFlight, error: TaskError) -> bool:
         """The first chunks all fail with one error that no retry can mend (a TypeError, a SQL
-        binder error): the job's code is broken, and retrying every chunk only burns time."""
+        binder error): the job's code is broken, and trying every chunk only burns time. The
+        chunk is dead-lettered and the run stops; had the data been the cause, the next run
+        skips that chunk and goes on."""
         if self.successes or error.type not in DETERMINISTIC:
             return False
         chunks = self.same_error.setdefault((error.type, error.message), set())
@@ -338,14 +345,16 @@ class Executor:
             )  # fmt: skip
 
     def _failed(self, item: _InFlight, error: TaskError, result: TaskResult | None = None) -> None:
-        if self._code_is_broken(item, error):
-            first = f"the first {FAIL_FAST} chunks failed with it; fix the job and run again"
-            self._halt(item, error, first)
-            return
-        if item.attempt > self.job.retries:
+        broken = self._code_is_broken(item, error)
+        if broken or item.attempt > self.job.retries:  # a retry cannot mend broken code
             self._record_attempt(item, Outcome.DEAD, result, error)
             self.ledger.dead_letter(item.chunk, item.attempt, error, self.budget.in_flight)
             self._accept_all(self.gate.resolve(item.chunk.chunk_id))
+            if broken:
+                self._stop_admitting(
+                    f"{error.type}: {error.message} (the first {FAIL_FAST} chunks failed with it before "
+                    f"any succeeded: fix the job, then `minibatch retry {self.job.name}`)"
+                )
             return
         self._record_attempt(item, Outcome.RETRIED, result, error)
         delay = backoff(item.attempt, self.job.retry_backoff, rng=self.rng)
