@@ -2,8 +2,9 @@
 
 Planning, admission within the memory budget, retries, dead letters and the manifest stay
 in the coordinator (`execute.Executor`); a Dask worker only runs `worker.run_task` on one
-chunk, reading its rows from the input file and writing its result into the job's output
-directory itself. Inputs and outputs must therefore be on storage every worker sees.
+chunk, reading its rows from the input file and staging its result beside the job's output
+(the coordinator publishes it, as with local workers). Inputs and outputs must therefore be
+on storage every worker sees.
 
 Dask re-runs a task whose worker died on another worker by itself, so a death costs that
 chunk's recomputation; a task that keeps killing workers fails with KilledWorker and is
