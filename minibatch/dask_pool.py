@@ -9,7 +9,7 @@ on storage every worker sees.
 Dask re-runs a task whose worker died on another worker by itself, so a death costs that
 chunk's recomputation; a task that keeps killing workers fails with KilledWorker and is
 retried or dead-lettered like any failure. A timed-out task cannot be stopped inside Dask:
-its worker is restarted through its nanny, as the local pool kills its process.
+its worker process is ended (its nanny starts a new one), as the local pool kills its process.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 # One topic for all runs: the scheduler keeps every topic it has seen (and 1000 events each).
 TOPIC = "minibatch-started"
 CONNECT_TIMEOUT = 10.0  # seconds to reach the scheduler, at start and after a lost connection
+REPLACE_TIMEOUT = 30.0  # seconds for a nanny to replace a worker the coordinator ended
 
 
 def run_on_worker(task: Task) -> tuple[str, float, int, Any]:
@@ -53,6 +54,12 @@ def run_on_worker(task: Task) -> tuple[str, float, int, Any]:
     finally:
         if task.chunk.nbytes >= RELEASE_AFTER:
             pa.default_memory_pool().release_unused()
+
+
+async def _end_worker() -> None:
+    """Runs in a worker's event loop (free while a task hangs in its thread): the process
+    exits at once, and its nanny starts a new one."""
+    os._exit(70)
 
 
 class DaskPool:
@@ -174,10 +181,17 @@ class DaskPool:
             # elsewhere: they are not overdue until they report their new start.
             for other in {key for w in workers for key in processing[w]} - {future.key}:
                 self._running.pop(self._task_ids.get(other, -1), None)
-            self.client.restart_workers(workers, raise_for_error=False)
-            if not self.client.nthreads():
-                raise PoolBroken(f"the Dask cluster at {self.address} has no workers left")
+            # Not restart_workers: a nanny gives a worker stuck in a task 4 s to close itself.
+            self.client.run(_end_worker, workers=workers, wait=False)
+            self._await_workers(besides=set(workers))
         return [Failed(task_id, error)]
+
+    def _await_workers(self, besides: set[str]) -> None:
+        deadline = time.monotonic() + REPLACE_TIMEOUT
+        while set(self.client.nthreads()) <= besides:
+            if time.monotonic() > deadline:
+                raise PoolBroken(f"the Dask cluster at {self.address} has no workers left")
+            time.sleep(0.05)
 
     def stop_starting(self) -> None:
         """Tasks not started yet are cancelled; they come back as Lost, uncharged."""

@@ -32,8 +32,9 @@ def job_lock(state_dir: Path, job: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise JobLocked(job, holder_pid(state_dir, job)) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # Overwritten in place, never truncated: ext4 flushes a file truncated and rewritten
+        # at close (auto_da_alloc), some milliseconds per run. The width covers any pid.
+        os.pwrite(fd, f"{os.getpid():<20}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

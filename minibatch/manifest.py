@@ -175,7 +175,7 @@ class Manifest:
             con.execute("BEGIN")
             _insert(con, "chunks", CHUNK_COLUMNS, chunks)
             _insert(con, "attempts", ATTEMPT_COLUMNS, attempts)
-            _insert(con, "runs", RUN_COLUMNS, [run])
+            _save_run(con, run)
             con.execute("COMMIT")
 
     # -- chunks and files -------------------------------------------------------------------
@@ -342,6 +342,15 @@ def _insert(con: duckdb.DuckDBPyConnection, table: str, columns: list[str], reco
     con.execute(f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) SELECT {select}", values)
 
 
+def _save_run(con: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
+    """An UPDATE of the run's row, which start_run inserted: DuckDB's INSERT OR REPLACE costs
+    several times as much, and every commit of a run saves its counters."""
+    values = [getattr(run, column) for column in _RUN_UPDATE_COLUMNS]
+    row = con.execute(_RUN_UPDATE, [*values, run.run_id]).fetchone()
+    if not row or not row[0]:  # a run that broke before it was recorded
+        _insert(con, "runs", RUN_COLUMNS, [run])
+
+
 def _sql_types(record_type: type) -> dict[str, str]:
     """A dataclass's fields as DuckDB types, from their annotations ("int | None" -> BIGINT)."""
     names = {"int": "BIGINT", "float": "DOUBLE", "str": "VARCHAR", "RunStatus": "VARCHAR",
@@ -350,6 +359,15 @@ def _sql_types(record_type: type) -> dict[str, str]:
 
 
 _SQL_TYPES = {t: _sql_types(t) for t in (ChunkRecord, RunRecord, AttemptRecord)}
+_RUN_UPDATE_COLUMNS = [c for c in RUN_COLUMNS if c != "run_id"]
+_RUN_UPDATE = (
+    "UPDATE runs SET "
+    + ", ".join(
+        f"{c} = to_timestamp(?::DOUBLE)" if c in TIMESTAMPS else f"{c} = ?::{_SQL_TYPES[RunRecord][c]}"
+        for c in _RUN_UPDATE_COLUMNS
+    )
+    + " WHERE run_id = ?"
+)
 
 
 def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:

@@ -131,6 +131,7 @@ class Run:
         self.summary = RunSummary(record=self.record)
         self.removed_chunks = 0  # planned, but their input file was removed under the run
         self.input_schema: str | None = None  # JSON, decided at planning
+        self.reduced_key: str | None = None  # what the output is the reduction of, at start
 
     def record_crash(self, exc: Exception) -> None:
         self.record.status, self.record.error = RunStatus.CRASHED, f"{type(exc).__name__}: {exc}"
@@ -141,29 +142,37 @@ class Run:
 
     def execute(self) -> RunSummary:
         inputs = self._check_paths()
-        with self.manifest.session():
-            self.manifest.start_run(self.record)
-            self.started = True
-            if self.options.fresh:
-                self.manifest.reset(self.job.name)
-                self.layout.remove_all(keep_claim=True)
-            if self.options.retry_dead:
-                self.manifest.revive_dead(self.job.name)
-            state = check_definition(self.manifest, self.job.name, self.definition, self.events)
+        scanned = None if inputs.missing else self._scan(inputs.files)
+        work = Reconciled([], [], 0)
+        with self.manifest.session():  # each open of the file costs tens of milliseconds
+            state = self._start()
+            if inputs.missing:
+                self._inputs_missing(inputs.missing)
+            elif scanned is not None:
+                work = self._plan(*scanned, state)
+        if work.todo:
+            self._execute_chunks(work)
+        self._finish()
+        return self.summary
+
+    def _start(self) -> dict[str, Any]:
+        self.manifest.start_run(self.record)
+        self.started = True
+        if self.options.fresh:
+            self.manifest.reset(self.job.name)
+            self.layout.remove_all(keep_claim=True)
+        if self.options.retry_dead:
+            self.manifest.revive_dead(self.job.name)
+        state = check_definition(self.manifest, self.job.name, self.definition, self.events)
+        if self.job.reduce_sql:
+            self.reduced_key = self.manifest.reduce_key(self.job.name)
         leftovers = self.layout.prepare()
         self.layout.remove_other_shape()
         self.events(
             EventKind.RUN_STARTED, workers=self.job.workers, memory_limit=self.job.memory_limit,
             temp_files_removed=leftovers,
         )  # fmt: skip
-        if inputs.missing:
-            self._inputs_missing(inputs.missing)
-        else:
-            work = self._plan(inputs.files, state)
-            if work.todo:
-                self._execute_chunks(work)
-        self._finish()
-        return self.summary
+        return state
 
     def _check_paths(self) -> Inputs:
         """Before anything changes: refuse an output that is not ours, and inputs that loop or
@@ -186,16 +195,19 @@ class Run:
 
     # -- planning -------------------------------------------------------------------------------
 
-    def _plan(self, paths: list[str], state: dict[str, Any]) -> Reconciled:
-        self.summary.definition_changed = self.definition.changed
-        files, bad = scan_inputs(paths, self.job.columns, stop=lambda: self.signals.requested)
+    def _scan(self, paths: list[str]) -> tuple[list[FileMeta], list[BadFile]] | None:
+        """Footers are read before the manifest is opened: other processes may wait for it."""
+        scanned = scan_inputs(paths, self.job.columns, stop=lambda: self.signals.requested)
         if self.signals.requested:  # a partial plan must not decide what is stale
             self.summary.stopped = True
-            return Reconciled([], [], 0)
-        with self.manifest.session():
-            work = self._reconcile(files, bad, state)
-            self.ledger.flush()  # the plan's totals, and any adopted chunks, are visible to `status` now
-            return work
+            return None
+        return scanned
+
+    def _plan(self, files: list[FileMeta], bad: list[BadFile], state: dict[str, Any]) -> Reconciled:
+        self.summary.definition_changed = self.definition.changed
+        work = self._reconcile(files, bad, state)
+        self.ledger.flush()  # the plan's totals, and any adopted chunks, are visible to `status` now
+        return work
 
     def _reconcile(self, files: list[FileMeta], bad: list[BadFile], state: dict[str, Any]) -> Reconciled:
         stored = state.get("input_schema") or self.store.known_input_signature()
@@ -279,8 +291,9 @@ class Run:
         else:
             record.status = RunStatus.SUCCEEDED
             self._check_complete()
+        reduced = None
         if record.status == RunStatus.SUCCEEDED and self.job.reduce_sql:
-            self._reduce_if_needed()
+            reduced = self._reduce_if_needed()
         record.ended_at = self.options.clock.time()
         wall = max(record.ended_at - record.started_at, 1e-9)
         record.utilisation = record.busy_seconds / (max(record.workers, 1) * wall)
@@ -289,6 +302,8 @@ class Run:
         self.summary.seconds = wall  # the same wall time as `history` and the report
         self.summary.dead = self.ledger.dead
         with self.manifest.session():
+            if reduced is not None:
+                self.manifest.record_reduce(self.job.name, reduced)
             self._keep_schema()
             self.ledger.flush()
         self.events(
@@ -303,26 +318,27 @@ class Run:
         if holes > 0:
             self._fail(f"{holes} of {r.chunks_total} planned chunks are not done", EventKind.RUN_INCOMPLETE)
 
-    def _reduce_if_needed(self) -> None:
-        """Reduce over the complete set of parts, unless the output already is that reduction."""
+    def _reduce_if_needed(self) -> str | None:
+        """Reduce over the complete set of parts, unless the output already is that reduction;
+        returns the key of a new reduction (recorded with the run's last commit)."""
         outputs = self.ledger.outputs
         missing = self.record.chunks_total - len(outputs)
         if missing:  # dead letters skipped, or input that changed under the run
             self._fail(f"reduce_sql not run: {missing} of {self.record.chunks_total} chunks are not done")
-            return
+            return None
         assert self.job.reduce_sql is not None
         parts = sorted(self.layout.parts / name for name in outputs.values() if name)
         key = reduce_key(self.job.reduce_sql, self.definition.key, parts)
-        if key == self.manifest.reduce_key(self.job.name) and self.layout.reduced.exists():
-            return
+        if key == self.reduced_key and self.layout.reduced.exists():
+            return None
         try:
             empty = None if parts else self.store.schema or self.store.empty_schema  # parts say theirs
             rows = reduce_parts(self.job.reduce_sql, parts, self.layout, empty)
         except Exception as exc:  # the user's SQL: its error ends the run as failed, readably
             self._fail(f"reduce_sql failed: {type(exc).__name__}: {exc}")
-            return
-        self.manifest.record_reduce(self.job.name, key)
+            return None
         self.events(EventKind.REDUCE_DONE, parts=len(parts), rows=rows)
+        return key
 
     def _fail(self, error: str, kind: EventKind = EventKind.REDUCE_FAILED) -> None:
         self.record.status = RunStatus.FAILED

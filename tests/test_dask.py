@@ -99,6 +99,7 @@ def _module_cluster(tmp_path_factory: pytest.TempPathFactory, **env: str) -> Ite
     distributed (seconds of CPU). Job settings reach its workers through each project's
     mb_env.json, not the cluster's environment; a worker a test kills or restarts comes back."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("MB_")}
+    base["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] = "False"  # a third of an idle worker's CPU
     started = Cluster(base | env, tmp_path_factory.mktemp("cluster"))
     yield started
     started.close()
@@ -166,7 +167,8 @@ def test_a_killed_worker_costs_only_its_chunk(project: Project, shared: Cluster)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 0, err
     assert ids(project) == list(range(1800))
-    assert len(project.computations()) <= chunks(project) + 1  # at most its chunk, again
+    # its chunk again, and one it had finished if the coordinator had not fetched it yet
+    assert len(project.computations()) <= chunks(project) + 2
 
 
 def test_coordinator_killed_then_resumed(project: Project, shared: Cluster) -> None:
@@ -206,15 +208,15 @@ def hang_job(timeout: str, retries: int) -> str:
     return faulty_job("hang", f'timeout = "{timeout}"\nretries = {retries}')
 
 
-def test_retries_timeouts_and_dead_letters(project: Project, cluster: Callable[..., Cluster]) -> None:
+def test_retries_timeouts_and_dead_letters(project: Project, shared: Cluster) -> None:
     inputs(project, files=2)
-    c = cluster()  # its own: it restarts both workers, and counts them after
+    c = shared
     dask_config(project, c, hang_job(timeout="2s", retries=1))
     result = project.cli("run-now", "f", env={"MB_TARGET": "part1.parquet:0"})
     assert result.returncode == 1, result.stderr
     assert "ChunkTimeout" in result.stdout and "after 2 attempt(s)" in result.stdout
     assert ids(project, "f") == [i for i in range(1200) if not 600 <= i < 650]
-    assert len(c.worker_pids()) == 2  # the stuck workers were restarted, not lost
+    c.wait_workers(2)  # the stuck workers' nannies started new ones: none was lost
 
 
 @pytest.mark.parametrize(

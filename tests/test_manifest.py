@@ -282,14 +282,14 @@ def test_threads_of_one_process_read_and_write_without_refusals(tmp_path: Path) 
 
     def writer() -> None:
         try:
-            for i in range(40):
+            for i in range(16):
                 manifest.commit(record, [chunk(f"c{i}")])
         except BaseException as exc:
             errors.append(exc)
 
     def reader() -> None:
         try:
-            for _ in range(10):
+            for _ in range(6):
                 manifest.status("j")
                 manifest.runs("j")
         except BaseException as exc:
@@ -301,4 +301,4 @@ def test_threads_of_one_process_read_and_write_without_refusals(tmp_path: Path) 
     for t in threads:
         t.join()
     assert errors == []
-    assert len(manifest.chunk_states("j")) == 40
+    assert len(manifest.chunk_states("j")) == 16

@@ -230,12 +230,12 @@ def test_report_draws_in_headless_chromium_offline(runs: Runs, tmp_path: Path) -
     page = tmp_path / "report.html"
     page.write_text(runs.page)
     shot = tmp_path / "shot.png"
-    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1600", page)
+    # one browser start: the screenshot, and the page as plotly.js left it
+    dom = chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1600", "--dump-dom", page)
     width, height, pixels = png(shot.read_bytes())
     assert (width, height) == (1200, 1600)
     # A blank page's rows filter to a handful of byte values; text and charts use them all.
     assert len(set(pixels)) > 100
-    dom = chromium(tmp_path, "--dump-dom", page)  # the page as plotly.js left it
     gantt = dom.split('id="gantt"')[1].split('id="throughput"')[0]
     assert gantt.count('class="point"') == len(runs.attempts)  # drawn, one bar per attempt
     assert dom.count('class="main-svg"') >= 4
