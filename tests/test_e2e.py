@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 
 import duckdb
@@ -110,27 +109,6 @@ def test_fresh_rebuilds_and_reset_removes(project: Project) -> None:
     assert not project.out("ident").exists()
     status = json.loads(project.cli("status", "ident", "--json").stdout)
     assert status[0]["chunks_done"] == 0
-
-
-def test_sigkill_at_several_points_then_resume_gives_each_row_once(project: Project) -> None:
-    project.write_config(MAP_JOB)
-    for i in range(4):
-        project.write_input(f"f{i}.parquet", i * 1000, 1000)
-    env = {"MB_SLEEP": "0.05"}
-    kills = 0
-    for done_before_kill in (0, 12):
-        process = project.start("run-now", "ident", env=env)
-        wait_for(lambda n=done_before_kill: len(project.computations()) >= n, what="chunks to run")
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        kills += 1
-    result = project.cli("run-now", "ident")  # no need to be slow any more
-    assert result.returncode == 0, result.stderr
-    assert ids_of(project, "ident") == list(range(4000))
-    assert duckdb_ids(project, "ident") == list(range(4000))
-    chunks = len(set(project.computations()))
-    assert len(project.computations()) <= chunks + kills * 2  # at most the in-flight ones again
-    assert not list(project.out("ident").parent.glob(".ident.minibatch-staging/*"))
 
 
 def test_status_json_while_running_and_second_run_refused(project: Project) -> None:
