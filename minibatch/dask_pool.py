@@ -181,10 +181,13 @@ class DaskPool:
             # elsewhere: they are not overdue until they report their new start.
             for other in {key for w in workers for key in processing[w]} - {future.key}:
                 self._running.pop(self._task_ids.get(other, -1), None)
-            # Not restart_workers: a nanny gives a worker stuck in a task 4 s to close itself.
-            self.client.run(_end_worker, workers=workers, wait=False)
-            self._await_workers(besides=set(workers))
+            self._end_workers(workers)
         return [Failed(task_id, error)]
+
+    def _end_workers(self, workers: list[str]) -> None:
+        """Not restart_workers: a nanny gives a worker stuck in a task 4 s to close itself."""
+        self.client.run(_end_worker, workers=workers, wait=False)
+        self._await_workers(besides=set(workers))
 
     def _await_workers(self, besides: set[str]) -> None:
         deadline = time.monotonic() + REPLACE_TIMEOUT
