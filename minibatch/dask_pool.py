@@ -9,7 +9,7 @@ on storage every worker sees.
 Dask re-runs a task whose worker died on another worker by itself, so a death costs that
 chunk's recomputation; a task that keeps killing workers fails with KilledWorker and is
 retried or dead-lettered like any failure. A timed-out task cannot be stopped inside Dask:
-its worker process is ended (its nanny starts a new one), as the local pool kills its process.
+its worker process is killed by its nanny (which starts a new one), as the local pool kills its process.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from multiprocessing.connection import Pipe, wait
@@ -54,6 +55,12 @@ def run_on_worker(task: Task) -> tuple[str, float, int, Any]:
     finally:
         if task.chunk.nbytes >= RELEASE_AFTER:
             pa.default_memory_pool().release_unused()
+
+
+def _kill_from_nanny(dask_worker: Any) -> None:
+    """Runs in a worker's nanny: SIGKILL the worker process; the nanny starts a new one."""
+    if dask_worker.pid:
+        os.kill(dask_worker.pid, signal.SIGKILL)
 
 
 async def _end_worker() -> None:
@@ -185,8 +192,10 @@ class DaskPool:
         return [Failed(task_id, error)]
 
     def _end_workers(self, workers: list[str]) -> None:
-        """Not restart_workers: a nanny gives a worker stuck in a task 4 s to close itself."""
-        self.client.run(_end_worker, workers=workers, wait=False)
+        """Not restart_workers: a nanny gives a worker stuck in a task 4 s to close itself. Its
+        nanny kills it at once (even a task holding the GIL); one without a nanny ends itself."""
+        self.client.run(_kill_from_nanny, workers=workers, nanny=True, on_error="ignore")
+        self.client.run(_end_worker, workers=workers, wait=False, on_error="ignore")
         self._await_workers(besides=set(workers))
 
     def _await_workers(self, besides: set[str]) -> None:

@@ -41,8 +41,8 @@ def job_lock(state_dir: Path, job: str) -> Iterator[None]:
 
 
 def _open_lock(path: Path) -> int:
-    """Open or create the lock file, never through a symlink: the holder truncates it, so a link
-    planted there would have each run truncate the file it points to."""
+    """Open or create the lock file, never through a symlink: the holder writes into it, so a link
+    planted there would have each run overwrite the start of the file it points to."""
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError as exc:

@@ -142,14 +142,17 @@ class Run:
 
     def execute(self) -> RunSummary:
         inputs = self._check_paths()
-        scanned = None if inputs.missing else self._scan(inputs.files)
-        work = Reconciled([], [], 0)
         with self.manifest.session():  # each open of the file costs tens of milliseconds
             state = self._start()
-            if inputs.missing:
-                self._inputs_missing(inputs.missing)
-            elif scanned is not None:
-                work = self._plan(*scanned, state)
+        work = Reconciled([], [], 0)
+        if inputs.missing:
+            self._inputs_missing(inputs.missing)
+        else:
+            # Footers are read outside a session: other processes may be waiting for the manifest.
+            scanned = self._scan(inputs.files)
+            if scanned is not None:
+                with self.manifest.session():
+                    work = self._plan(*scanned, state)
         if work.todo:
             self._execute_chunks(work)
         self._finish()
@@ -164,6 +167,7 @@ class Run:
         if self.options.retry_dead:
             self.manifest.revive_dead(self.job.name)
         state = check_definition(self.manifest, self.job.name, self.definition, self.events)
+        self.summary.definition_changed = self.definition.changed
         if self.job.reduce_sql:
             self.reduced_key = self.manifest.reduce_key(self.job.name)
         leftovers = self.layout.prepare()
@@ -196,7 +200,6 @@ class Run:
     # -- planning -------------------------------------------------------------------------------
 
     def _scan(self, paths: list[str]) -> tuple[list[FileMeta], list[BadFile]] | None:
-        """Footers are read before the manifest is opened: other processes may wait for it."""
         scanned = scan_inputs(paths, self.job.columns, stop=lambda: self.signals.requested)
         if self.signals.requested:  # a partial plan must not decide what is stale
             self.summary.stopped = True
@@ -204,7 +207,6 @@ class Run:
         return scanned
 
     def _plan(self, files: list[FileMeta], bad: list[BadFile], state: dict[str, Any]) -> Reconciled:
-        self.summary.definition_changed = self.definition.changed
         work = self._reconcile(files, bad, state)
         self.ledger.flush()  # the plan's totals, and any adopted chunks, are visible to `status` now
         return work

@@ -65,14 +65,17 @@ def _check_sql(name: str, sql: str, columns: tuple[str, ...] | None, config: Con
     except InputError:
         return []  # reported by check_inputs
     for path in files[:1]:
-        con, lock = _binder()
+        shared, lock = _binder()
         try:
-            with lock, open(path, "rb") as handle:
+            # A connection and a transaction of its own: what the SQL creates (a macro, say) is gone after.
+            with lock, open(path, "rb") as handle, shared.cursor() as con:
+                con.begin()
                 rows = con.read_parquet(f"/proc/self/fd/{handle.fileno()}")
                 if columns:
                     rows = rows.project(*[duckdb.ColumnExpression(c) for c in columns])
                 rows.limit(0).create_view("chunk", replace=True)
                 con.sql(sql)
+                con.rollback()
         except duckdb.Error as exc:
             if isinstance(exc, duckdb.ParserException | duckdb.BinderException | duckdb.CatalogException):
                 first = str(exc).strip().splitlines()[0]

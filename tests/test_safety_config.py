@@ -132,3 +132,21 @@ def test_config_that_is_not_utf8_is_a_config_error(project: Project) -> None:
         assert result.returncode == 2, (command, said(result))
         assert str(config) in result.stderr, (command, said(result))
         assert "Traceback" not in said(result), command
+
+
+def test_what_a_jobs_sql_creates_while_it_is_checked_is_gone_after(project: Project) -> None:
+    """The SQL check shares one DuckDB per process (the daemon checks every run): a macro that
+    one check creates must not make the next check fail with "already exists"."""
+    from minibatch.config import load_config
+    from minibatch.validate import check_imports
+
+    project.write_config("""
+    [jobs.m]
+    input = "data/*.parquet"
+    output = "out/m"
+    sql = "CREATE MACRO plus1(a) AS a + 1; SELECT id, plus1(id) AS n FROM chunk"
+    """)
+    project.write_input("a.parquet", 0, 10)
+    config = load_config(project.root / "config.toml")
+    check_imports(config)
+    check_imports(config)  # raised ConfigError ("plus1 already exists") without the rollback
