@@ -149,7 +149,11 @@ class DaskPool:
     def _collect(self, task_id: int) -> list[PoolEvent]:
         from distributed.client import FutureCancelledError
 
-        future = self._futures.pop(task_id)
+        future = self._futures[task_id]
+        if not future.done():  # finished, then lost with a killed worker's memory: computed again
+            future.add_done_callback(lambda _, task_id=task_id: self._tell(("done", task_id)))
+            return []
+        del self._futures[task_id]
         try:
             kind, at, pid, payload = future.result()
         except FutureCancelledError as exc:
