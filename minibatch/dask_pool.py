@@ -197,7 +197,7 @@ class DaskPool:
 
     def _end_workers(self, workers: list[str]) -> None:
         """Not restart_workers: a nanny gives a worker stuck in a task 4 s to close itself. Its
-        nanny kills it at once (even a task holding the GIL); one without a nanny ends itself."""
+        nanny kills it at once; a worker without a nanny is asked to end itself."""
         self.client.run(_kill_from_nanny, workers=workers, nanny=True, on_error="ignore")
         self.client.run(_end_worker, workers=workers, wait=False, on_error="ignore")
         self._await_workers(besides=set(workers))

@@ -6,7 +6,6 @@ The target is `MB_TARGET="file.parquet:row_start"`; every call is logged to MB_C
 
 import ctypes
 import os
-import re
 import signal
 import time
 
@@ -70,13 +69,6 @@ def hang(table, ctx):
     _log(ctx)
     if _is_target(ctx):
         time.sleep(3600)
-    return _ok(table)
-
-
-def spin(table, ctx):
-    _log(ctx)
-    if _is_target(ctx):  # catastrophic backtracking: hangs holding the GIL, unlike a sleep
-        re.match(r"(a+)+$", "a" * 64 + "b")
     return _ok(table)
 
 

@@ -210,16 +210,15 @@ def test_lost_scheduler_fails_the_run_and_the_next_resumes(
     assert ids(project) == list(range(1800))
 
 
-def hang_job(timeout: str, retries: int, how: str = "hang") -> str:
-    """Job f: the MB_TARGET chunk hangs until its timeout, every time (`spin`: holding the GIL,
-    so that the worker's own event loop cannot end it)."""
-    return faulty_job(how, f'timeout = "{timeout}"\nretries = {retries}')
+def hang_job(timeout: str, retries: int) -> str:
+    """Job f: the MB_TARGET chunk hangs until its timeout, every time."""
+    return faulty_job("hang", f'timeout = "{timeout}"\nretries = {retries}')
 
 
 def test_retries_timeouts_and_dead_letters(project: Project, shared: Cluster) -> None:
     inputs(project, files=2)
     c = shared
-    dask_config(project, c, hang_job(timeout="2s", retries=1, how="spin"))
+    dask_config(project, c, hang_job(timeout="2s", retries=1))
     result = project.cli("run-now", "f", env={"MB_TARGET": "part1.parquet:0"})
     assert result.returncode == 1, result.stderr
     assert "ChunkTimeout" in result.stdout and "after 2 attempt(s)" in result.stdout
