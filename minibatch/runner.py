@@ -144,6 +144,12 @@ class Run:
         inputs = self._check_paths()
         with self.manifest.session():  # each open of the file costs tens of milliseconds
             state = self._start()
+        leftovers = self.layout.prepare()
+        self.layout.remove_other_shape()
+        self.events(
+            EventKind.RUN_STARTED, workers=self.job.workers, memory_limit=self.job.memory_limit,
+            temp_files_removed=leftovers,
+        )  # fmt: skip
         work = Reconciled([], [], 0)
         if inputs.missing:
             self._inputs_missing(inputs.missing)
@@ -170,12 +176,6 @@ class Run:
         self.summary.definition_changed = self.definition.changed
         if self.job.reduce_sql:
             self.reduced_key = self.manifest.reduce_key(self.job.name)
-        leftovers = self.layout.prepare()
-        self.layout.remove_other_shape()
-        self.events(
-            EventKind.RUN_STARTED, workers=self.job.workers, memory_limit=self.job.memory_limit,
-            temp_files_removed=leftovers,
-        )  # fmt: skip
         return state
 
     def _check_paths(self) -> Inputs:
