@@ -110,7 +110,11 @@ class DaskPool:
             )
         self._futures[task.task_id] = future
         self._task_ids[str(future.key)] = task.task_id
-        future.add_done_callback(lambda _, task_id=task.task_id: self._tell(("done", task_id)))
+        self._watch(future, task.task_id)
+
+    def _watch(self, future: Any, task_id: int) -> None:
+        """Tell the coordinator's poll when the future is done (called in Dask's thread)."""
+        future.add_done_callback(lambda _: self._tell(("done", task_id)))
 
     def _on_started(self, event: tuple[float, list[Any]]) -> None:
         run_id, *start = event[1]
@@ -151,7 +155,7 @@ class DaskPool:
 
         future = self._futures[task_id]
         if not future.done():  # finished, then lost with a killed worker's memory: computed again
-            future.add_done_callback(lambda _, task_id=task_id: self._tell(("done", task_id)))
+            self._watch(future, task_id)
             return []
         del self._futures[task_id]
         try:

@@ -92,10 +92,9 @@ def _binder() -> tuple[Any, threading.Lock]:
     time: its `chunk` view is shared. No file cache: /proc/self/fd/N names another file each time."""
     import duckdb
 
-    config: dict[str, str | bool | int | float | list[str]] = {
-        "threads": 1, "enable_external_file_cache": False,
-    }  # fmt: skip
-    return duckdb.connect(":memory:", config=config), threading.Lock()
+    from minibatch.worker import SQL_CONFIG  # the settings the workers run the SQL with
+
+    return duckdb.connect(":memory:", config=SQL_CONFIG), threading.Lock()
 
 
 def check_inputs(config: Config) -> list[str]:
