@@ -63,6 +63,36 @@ _IN_PROCESS = threading.RLock()
 MIGRATE_DEADLINE = 2.0  # seconds a reader waits to add new columns to an older manifest
 
 
+ALIAS = "manifest"  # the attached file's name in the shared DuckDB
+_instance: Any = None  # a DuckDBPyConnection
+
+
+def _shared(duckdb: Any) -> Any:  # a DuckDBPyConnection
+    """This process's one in-memory DuckDB. Starting a DuckDB costs ~35 ms of CPU (it builds its
+    catalog of functions); attaching a file to a running one costs ~2 ms, and detaching it
+    releases the file to other processes just as closing would. (A DuckDB does not survive a
+    fork: worker processes come from a forkserver that never opens the manifest.)"""
+    global _instance
+    if _instance is None:
+        _instance = duckdb.connect(":memory:", config=CONNECT_CONFIG)
+    return _instance
+
+
+def _detach(duckdb: Any, con: Any) -> None:
+    """Release the file: roll back what an error left open, then detach (which checkpoints).
+    Should the checkpoint fail (a damaged file, a full disk), the commits are still in the WAL:
+    close the whole DuckDB, which always lets go of the file, as closing a connection did."""
+    global _instance
+    with contextlib.suppress(duckdb.TransactionException):  # "no transaction is active"
+        con.execute("ROLLBACK")
+    try:
+        con.execute(f"USE memory; DETACH DATABASE IF EXISTS {ALIAS}")
+    except duckdb.Error:
+        _instance = None
+        with contextlib.suppress(duckdb.Error):
+            con.close()
+
+
 def _current(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether the file has this release's schema."""
     return bool(con.execute(Q["is_current"]).fetchall())
@@ -78,8 +108,9 @@ class Manifest:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        """Run several operations of this thread on one connection: each open of the file costs
-        tens of milliseconds. Other processes wait meanwhile, so keep sessions short."""
+        """Run several operations of this thread on one connection: each attach of the file costs
+        milliseconds, and a checkpoint when it ends. Other processes wait meanwhile, so keep
+        sessions short."""
         if self._held is not None:
             yield
             return
@@ -94,68 +125,65 @@ class Manifest:
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection; waits (with jittered backoff) while another process holds it.
 
-        One at a time per process: DuckDB refuses a read-only and a read-write connection to
-        one file at once in one process (the daemon's threads, a background commit)."""
+        One at a time per process: the file is attached to this process's one DuckDB (see
+        `_shared`) for as long as the connection lasts."""
         import duckdb
 
         if self._held is not None and self._held[0] == threading.get_ident():
             yield self._held[1]  # inside this thread's session
             return
         with _IN_PROCESS:
-            if read_only and not self.path.exists():
-                con = duckdb.connect(":memory:", config=CONNECT_CONFIG)
-                con.execute(SCHEMA)
-            else:
-                con = self._open(duckdb, read_only)
-                if read_only and not self._migrate_tried and not _current(con):
-                    con.close()  # a manifest from an older release: add the new columns once
-                    self._migrate(duckdb)
-                    con = self._open(duckdb, read_only)
+            con = _shared(duckdb)
             try:
+                self._attach(duckdb, con, read_only)
                 yield con
             except (duckdb.ProgrammingError, duckdb.IntegrityError, duckdb.DataError):
                 raise  # our own SQL's errors are bugs, not a damaged file
             except duckdb.Error as exc:
                 raise _unusable(self.path, exc) from exc
             finally:
-                con.close()
+                _detach(duckdb, con)
 
-    def _migrate(self, duckdb: Any) -> None:
-        """Briefly: a reader must not wait long for a writer (a `duckdb -readonly` shell...)."""
-        deadline, self.deadline = self.deadline, min(self.deadline, MIGRATE_DEADLINE)
-        try:
-            self._open(duckdb, read_only=False).close()
-        except (duckdb.Error, ManifestError, OSError):
-            pass  # then history and report see what an older manifest has
-        finally:
-            self.deadline = deadline
-            self._migrate_tried = True
+    def _attach(self, duckdb: Any, con: Any, read_only: bool) -> None:
+        if read_only and not self.path.exists():  # empty answers, and no file created
+            con.execute(f"ATTACH ':memory:' AS {ALIAS}; USE {ALIAS}")
+            con.execute(SCHEMA)
+            return
+        self._open(duckdb, con, read_only)
+        if read_only and not self._migrate_tried and not _current(con):
+            self._migrate_tried = True  # a manifest from an older release: add the new columns once
+            _detach(duckdb, con)
+            deadline, self.deadline = self.deadline, min(self.deadline, MIGRATE_DEADLINE)
+            try:  # briefly: a reader must not wait long for a writer (a `duckdb -readonly` shell)
+                self._open(duckdb, con, read_only=False)
+            except (duckdb.Error, ManifestError, OSError):
+                pass  # then history and report see what an older manifest has
+            finally:
+                self.deadline = deadline
+                _detach(duckdb, con)
+            self._open(duckdb, con, read_only)
 
-    def _open(self, duckdb: Any, read_only: bool) -> Any:  # a DuckDBPyConnection
+    def _open(self, duckdb: Any, con: Any, read_only: bool) -> None:
+        """Attach the file to `con` as its default database, waiting while another process has it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         give_up = time.monotonic() + self.deadline
         delay = 0.005
+        mode = "READ_ONLY" if read_only else "READ_WRITE"
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only, config=CONNECT_CONFIG)
+                con.execute(f"ATTACH ? AS {ALIAS} ({mode})", [str(self.path)])
                 break
-            except duckdb.IOException as exc:
-                if not _locked(exc):
+            except duckdb.Error as exc:
+                if not _locked(exc):  # "Corrupt database file", not a DuckDB file, ...
                     raise _unusable(self.path, exc) from exc
                 if time.monotonic() > give_up:
                     raise ManifestBusy(f"manifest {self.path} is busy: {exc}") from exc
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.2)
-            except duckdb.Error as exc:  # "Corrupt database file", not a DuckDB file, ...
-                raise _unusable(self.path, exc) from exc
+        con.execute(f"USE {ALIAS}")
         if not read_only and not self._initialised:
-            try:
-                con.execute(SCHEMA)
-            except BaseException:
-                con.close()
-                raise
+            con.execute(SCHEMA)
             self._initialised = True
-        return con
 
     # -- runs -------------------------------------------------------------------------------
 
@@ -275,12 +303,8 @@ class Manifest:
 
     def status(self, job: str | None = None) -> list[dict[str, Any]]:
         """The latest run of each job (or of one), with its manifest-wide chunk counts."""
-        params = {
-            "job": job,
-            "done": ChunkStatus.DONE,
-            "dead": ChunkStatus.DEAD,
-            "succeeded": RunStatus.SUCCEEDED,
-        }
+        params = {"job": job, "done": ChunkStatus.DONE, "dead": ChunkStatus.DEAD}
+        params["succeeded"] = RunStatus.SUCCEEDED
         with self.connect(read_only=True) as con:
             return _dicts(con.execute(Q["status"], params))
 
@@ -313,9 +337,9 @@ class Manifest:
 
 def _locked(exc: Exception) -> bool:
     """DuckDB's "Could not set lock on file ...: Conflicting lock is held" (and not, say, a
-    corrupt "block at location")."""
+    corrupt "block at location"), or the file open elsewhere in this process."""
     text = str(exc).lower()
-    return "could not set lock" in text or "conflicting lock" in text
+    return "could not set lock" in text or "conflicting lock" in text or "already attached" in text
 
 
 def _unusable(path: Path, exc: Exception) -> ManifestError:

@@ -129,4 +129,4 @@ FROM chunks WHERE job = $job AND status = $dead ORDER BY file, row_start;
 
 -- name: is_current
 -- Whether the file has this release's schema (its newest table).
-SELECT 1 FROM duckdb_tables() WHERE table_name = 'job_state';
+SELECT 1 FROM duckdb_tables() WHERE database_name = current_database() AND table_name = 'job_state';

@@ -17,7 +17,6 @@ import pytest
 from conftest import MAP_JOB, Project, faulty_job, wait_for
 
 pytest.importorskip("distributed")
-pytestmark = pytest.mark.xdist_group("dask")  # one test process keeps the module's clusters
 
 CLUSTER = textwrap.dedent(
     """

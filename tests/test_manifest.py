@@ -3,6 +3,7 @@ and a second real process holding the file makes `connect()` wait, or give up at
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from minibatch.manifest import Manifest, ManifestBusy
+from minibatch.manifest import Manifest, ManifestBusy, ManifestError
 from minibatch.planner import BadFile
 from minibatch.records import ChunkRecord, RunRecord
 
@@ -302,3 +303,50 @@ def test_threads_of_one_process_read_and_write_without_refusals(tmp_path: Path) 
         t.join()
     assert errors == []
     assert len(manifest.chunk_states("j")) == 16
+
+
+# ---------------------------------------------------------------- one DuckDB per process, files attached
+
+PROBE = """
+import sys, duckdb
+con = duckdb.connect(sys.argv[1])  # read-write: refused while any other process holds the file
+print(con.execute("SELECT count(*) FROM chunks").fetchone()[0])
+"""
+
+
+def other_process_count(path: Path) -> int:
+    probe = [sys.executable, "-c", PROBE, str(path)]
+    done = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+def test_a_session_lets_go_of_the_file_when_it_ends_even_after_an_error(path: Path) -> None:
+    manifest = Manifest(path)
+    manifest.commit(run_record("r1"), [chunk("c1")])
+    assert other_process_count(path) == 1  # released after a normal session
+    with pytest.raises(RuntimeError), manifest.connect() as con:
+        con.execute("BEGIN")
+        con.execute("INSERT INTO chunks SELECT * REPLACE ('c2' AS chunk_id) FROM chunks")
+        raise RuntimeError("the caller broke inside a transaction")
+    assert other_process_count(path) == 1  # rolled back, and released
+    with pytest.raises(duckdb.ProgrammingError), manifest.connect() as con:
+        con.execute("SELECT * FROM no_such_table")
+    manifest.commit(run_record("r1"), [chunk("c3")])  # this process can use it again
+    assert other_process_count(path) == 2
+
+
+def test_a_damaged_manifest_does_not_break_the_next_one_in_the_process(tmp_path: Path) -> None:
+    """Whatever a damaged file does to this process's DuckDB (a refused attach, a checkpoint
+    that fails when it is let go: see test_safety_crash's repair test), the next session, of
+    any manifest, works."""
+    broken, good = Manifest(tmp_path / "a" / "m.duckdb"), Manifest(tmp_path / "b" / "m.duckdb")
+    broken.commit(run_record("r1"), [chunk(f"c{i}") for i in range(50)])
+    os.truncate(broken.path, broken.path.stat().st_size // 2)
+    with pytest.raises(ManifestError):
+        broken.status()
+    with pytest.raises(ManifestError):
+        broken.commit(run_record("r1"), [chunk("c51")])
+    good.commit(run_record("r1"), [chunk("c1")])
+    assert good.chunk_states("j") == {"c1": ("done", None)}
+    assert other_process_count(good.path) == 1
