@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 BACKOFF_CAP = 60.0
 MEMORY_FACTOR = 2.0  # working memory of a chunk ~ its uncompressed input + its result
+LEARN_FROM = 1 << 20  # smaller chunks say more about a worker's fixed costs than about bytes
 
 
 def backoff(attempt: int, base: float, cap: float = BACKOFF_CAP, rng: random.Random | None = None) -> float:
@@ -21,8 +22,31 @@ def backoff(attempt: int, base: float, cap: float = BACKOFF_CAP, rng: random.Ran
     return (rng or random).uniform(0, min(cap, base * 2 ** min(attempt - 1, 64)))
 
 
-def memory_estimate(chunk: Chunk) -> int:
-    return int(chunk.nbytes * MEMORY_FACTOR)
+def memory_estimate(chunk: Chunk, factor: float = MEMORY_FACTOR) -> int:
+    return int(chunk.nbytes * factor)
+
+
+class MemoryModel:
+    """Bytes of working memory per planned byte of a chunk. The planner's size is the footer's
+    uncompressed size, and Arrow may hold a hundred times that (a dictionary-encoded string
+    column), so the factor is learned: from earlier runs of the job (`learned`: what their
+    attempts grew, see Manifest.memory_per_byte), and from this run's chunks as they finish.
+    It only rises within a run. A worker's first chunk is not counted: it also pays the
+    worker's start-up (imports, library pages)."""
+
+    def __init__(self, learned: float | None = None) -> None:
+        self.factor = MEMORY_FACTOR if learned is None else max(1.0, learned)
+        self._workers: set[int] = set()
+
+    def estimate(self, chunk: Chunk) -> int:
+        return memory_estimate(chunk, self.factor)
+
+    def learn(self, pid: int | None, nbytes: int, start_rss: int | None, peak_rss: int | None) -> None:
+        first = pid not in self._workers
+        self._workers.add(pid or 0)
+        if first or nbytes < LEARN_FROM or start_rss is None or peak_rss is None:
+            return
+        self.factor = max(self.factor, (peak_rss - start_rss) / nbytes)
 
 
 def worker_memory_cap(job: JobConfig) -> int:

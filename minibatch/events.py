@@ -105,6 +105,7 @@ LOGGED: dict[EventKind, str] = {
     EventKind.FOREIGN_FILES_IN_OUTPUT: "warning",
     EventKind.RUN_INCOMPLETE: "error",
     EventKind.RUN_HALTED: "error",
+    EventKind.MEMORY_OVER_BUDGET: "warning",
     EventKind.RUN_FINISHED: "info",
 }
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from minibatch.admission import MemoryBudget, backoff, memory_estimate, worker_memory_cap
+from minibatch.admission import MemoryBudget, MemoryModel, backoff, worker_memory_cap
 from minibatch.breaker import CircuitBreaker
 from minibatch.clock import SYSTEM, Clock
 from minibatch.events import RunEvents
@@ -43,6 +43,7 @@ from minibatch.tasks import (
 
 if TYPE_CHECKING:
     from minibatch.config import JobConfig
+    from minibatch.treemem import TreeMemory
 
 
 def open_pool(job: JobConfig, todo: int) -> Pool:
@@ -72,12 +73,7 @@ DETERMINISTIC = {  # errors no retry mends
     "TypeError", "NameError", "AttributeError", "SyntaxError", "ImportError", "ModuleNotFoundError",
     "JobCodeError", "ParserException", "BinderException", "CatalogException",
 }  # fmt: skip
-BREAKER_EVENTS = {
-    Breaker.OPEN: EventKind.BREAKER_OPEN,
-    Breaker.HALF_OPEN: EventKind.BREAKER_HALF_OPEN,
-    Breaker.CLOSED: EventKind.BREAKER_CLOSED,
-    Breaker.TRIPPED: EventKind.BREAKER_TRIPPED,
-}
+BREAKER_EVENTS = {state: EventKind(f"breaker_{state}") for state in Breaker}
 
 
 @dataclass
@@ -91,6 +87,8 @@ class Execution:
     removed: dict[str, int] = field(default_factory=dict)  # input files removed -> their chunks
     busy_seconds: float = 0.0  # summed over attempts, for the run's worker utilisation
     peak_in_flight: int = 0  # the most budget bytes reserved at once
+    peak_memory: int | None = None  # measured: the most the process tree held above idle
+    idle_memory: int | None = None  # measured: what the tree held before the first chunk
 
 
 class Executor:
@@ -107,15 +105,18 @@ class Executor:
         pool_factory: Callable[[int], Pool],
         clock: Clock = SYSTEM,
         rng: random.Random | None = None,
+        memory: TreeMemory | None = None,
+        model: MemoryModel | None = None,
     ) -> None:
         self.job, self.spec, self.run_id = job, spec, run_id
         self.store, self.ledger, self.events, self.signals = store, ledger, events, signals
-        self.pool_factory, self.clock, self.rng = pool_factory, clock, rng
+        self.pool_factory, self.clock, self.rng, self.memory = pool_factory, clock, rng, memory
         self.pending: deque[Chunk] = deque()
         self.retry_at: list[tuple[float, int, Chunk]] = []  # heap of (ready time, seq, chunk)
         self.attempts: dict[str, int] = {}
         self.in_flight: dict[int, _InFlight] = {}
         self.budget = MemoryBudget(job.memory_limit)
+        self.model = model or MemoryModel()
         self.ids = itertools.count()
         self.stop_deadline: float | None = None
         self.breaker = CircuitBreaker(job.breaker)
@@ -142,12 +143,15 @@ class Executor:
         try:
             pool = self.pool = self.pool_factory(len(self.pending) + len(self.retry_at))
             self.out.workers = pool.size
+            if self.memory is not None:
+                self.memory.start()  # the idle baseline: workers started, no chunk yet
             try:
                 while self._work_left():
                     self._admit()
                     self._step()
             finally:
                 pool.terminate()  # idle now, or stopping at once: nothing left to wait for
+                self._stop_measuring()
         except PoolBroken as exc:  # chunks in flight are not recorded: the next run does them
             self.out.error = f"{exc}; {len(self.in_flight) + len(self.pending)} chunks left to do"
             return
@@ -161,6 +165,11 @@ class Executor:
                 f"circuit breaker opened ({self.breaker.reason}) and the trial chunk after the "
                 f"{self.job.breaker.cooldown:g}s cool-down failed too; {untried} chunks left pending"
             )
+
+    def _stop_measuring(self) -> None:
+        if self.memory is not None and self.memory.available:
+            self.memory.stop()
+            self.out.peak_memory, self.out.idle_memory = self.memory.peak, self.memory.idle
 
     def _work_left(self) -> bool:
         if self.signals.immediate or self._grace_over():
@@ -182,13 +191,18 @@ class Executor:
             self.pending.appendleft(heapq.heappop(self.retry_at)[2])
         while self.pending and self.pool.has_room():
             chunk = self.pending[0]
-            need = memory_estimate(chunk)
-            if not self.budget.fits(need) or not self.breaker.allow(now):
+            need = self.model.estimate(chunk)
+            if not self.budget.fits(need) or self._measured_over() or not self.breaker.allow(now):
                 break
             self.pending.popleft()
             task_id = self._submit(chunk, need)
             if self.breaker.state == Breaker.HALF_OPEN:
                 self.probe = task_id
+
+    def _measured_over(self) -> bool:
+        # Measured over the budget: admit nothing, whatever the estimates say (but one chunk
+        # when none is in flight, or the run would stall).
+        return self.memory is not None and bool(self.in_flight) and self.memory.current > self.budget.limit
 
     def _submit(self, chunk: Chunk, need: int) -> int:
         attempt = self.attempts.get(chunk.chunk_id, 0) + 1
@@ -279,7 +293,7 @@ class Executor:
     def _halt(self, item: _InFlight, error: TaskError) -> None:
         """A full disk (or the like) is the machine's fault: the chunk is not charged, goes back
         to the queue, and the run stops admitting and fails, its chunks left to do."""
-        self._record_attempt(item, Outcome.RETRIED, error=error)
+        self._record_attempt(item, Outcome.RETRIED, err=error)
         self.pending.appendleft(item.chunk)
         self._stop_admitting(
             f"{error.type}: {error.message} (free space, or fix the filesystem, and run again)"
@@ -307,7 +321,7 @@ class Executor:
             self.out.removed[path] = self.out.removed.get(path, 0) + 1
         else:
             self.out.changed.add(path)
-        self._record_attempt(item, Outcome.INPUT_CHANGED, error=error)
+        self._record_attempt(item, Outcome.INPUT_CHANGED, err=error)
         self.events(EventKind.CHUNK_INPUT_CHANGED, chunk=item.chunk.chunk_id, error=error.message)
         self._accept_all(self.gate.resolve(item.chunk.chunk_id))
 
@@ -315,6 +329,8 @@ class Executor:
         """The worker is done; the result waits, staged, until the output schema is decided."""
         self.attempts[item.chunk.chunk_id] = item.attempt
         self.breaker.record(True, self.clock.monotonic(), probe)
+        pid = item.started.pid if item.started else None
+        self.model.learn(pid, item.chunk.nbytes, result.start_rss, result.peak_rss)
         if result.staged is None and result.schema is not None and self.store.empty_schema is None:
             self.store.empty_schema = result.schema
         rows_schema = result.schema if result.staged is not None else None
@@ -365,11 +381,7 @@ class Executor:
         )  # fmt: skip
 
     def _record_attempt(
-        self,
-        item: _InFlight,
-        outcome: Outcome,
-        result: TaskResult | None = None,
-        error: TaskError | None = None,
+        self, item: _InFlight, how: Outcome, result: TaskResult | None = None, err: TaskError | None = None
     ) -> None:
         if item.attempt == 0:
             return  # a salvaged result: its attempt belongs to the run that computed it
@@ -378,19 +390,9 @@ class Executor:
             job=self.job.name, run_id=self.run_id, chunk_id=item.chunk.chunk_id, attempt=item.attempt,
             label=item.chunk.label, slot=started.slot if started else None,
             pid=started.pid if started else None, admitted_at=item.admitted_at,
-            started_at=started.at if started else None, ended_at=ended, outcome=outcome,
-            reserved_bytes=item.reserved,
+            started_at=started.at if started else None, ended_at=ended, outcome=how,
+            reserved_bytes=item.reserved, chunk_bytes=item.chunk.nbytes,
         )  # fmt: skip
-        if result is not None:
-            record.read_seconds = result.read_seconds
-            record.compute_seconds = result.compute_seconds
-            record.write_seconds = result.write_seconds
-            record.rows_in, record.rows_out = result.rows_in, result.rows_out
-            record.bytes_in, record.bytes_out = result.bytes_in, result.bytes_out
-            record.peak_rss = result.peak_rss
-        if error is not None:
-            record.error_type, record.error_message = error.type, error.message
-            record.traceback = error.traceback or None
         if started is not None:
             self.out.busy_seconds += max(0.0, ended - started.at)
-        self.ledger.attempt(record)
+        self.ledger.attempt(record.measured(result, err))

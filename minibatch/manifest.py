@@ -123,10 +123,8 @@ class Manifest:
 
     @contextlib.contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short-lived connection; waits (with jittered backoff) while another process holds it.
-
-        One at a time per process: the file is attached to this process's one DuckDB (see
-        `_shared`) for as long as the connection lasts."""
+        """A short-lived connection, one at a time per process (see `_shared`); waits, with
+        jittered backoff, while another process holds the file."""
         import duckdb
 
         if self._held is not None and self._held[0] == threading.get_ident():
@@ -189,10 +187,8 @@ class Manifest:
 
     def start_run(self, run: RunRecord) -> None:
         with self.connect() as con:
-            con.execute(
-                Q["mark_crashed"],
-                {"job": run.job, "crashed": RunStatus.CRASHED, "running": RunStatus.RUNNING},
-            )
+            params = {"job": run.job, "crashed": RunStatus.CRASHED, "running": RunStatus.RUNNING}
+            con.execute(Q["mark_crashed"], params)
             _insert(con, "runs", RUN_COLUMNS, [run])
 
     def commit(
@@ -234,11 +230,9 @@ class Manifest:
 
     def record_bad_files(self, job: str, run_id: str, bad: Sequence[Any]) -> None:
         with self.connect() as con:
-            for item in bad:
-                con.execute(Q["record_bad_file"], {
-                    "job": job, "file": item.path, "fingerprint": item.fingerprint, "size": item.size,
-                    "error": item.error, "run_id": run_id,
-                })  # fmt: skip
+            for b in bad:
+                params = {"file": b.path, "fingerprint": b.fingerprint, "size": b.size, "error": b.error}
+                con.execute(Q["record_bad_file"], {"job": job, "run_id": run_id, **params})
 
     def reset(self, job: str) -> None:
         with self.connect() as con:
@@ -276,6 +270,11 @@ class Manifest:
         with self.connect() as con:
             row = con.execute(Q["reduce_key"], {"job": job}).fetchone()
         return str(row[0]) if row else None
+
+    def memory_per_byte(self, job: str, min_bytes: int) -> float | None:
+        with self.connect() as con:
+            row = con.execute(Q["memory_per_byte"], {"job": job, "min_bytes": min_bytes}).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
 
     def record_reduce(self, job: str, key: str) -> None:
         with self.connect() as con:

@@ -46,6 +46,9 @@ class Metrics(Listener):
 
         self.in_flight = gauge("minibatch_bytes_in_flight", "Estimated bytes of chunks in flight")
         self.budget = gauge("minibatch_memory_budget_bytes", "The job's memory_limit")
+        self.peak_memory = gauge(
+            "minibatch_memory_peak_bytes", "Measured: the most the last run's processes held above idle"
+        )
         self.dead_letters = gauge("minibatch_dead_letters", "Dead-lettered chunks awaiting retry")
         self.interval = gauge(
             "minibatch_schedule_interval_seconds", "Longest gap between the job's coming fire times, seconds"
@@ -78,6 +81,8 @@ class Metrics(Listener):
         self.in_flight.labels(job).set(0)
         self.runs.labels(job, status).inc()
         self.run_seconds.labels(job).observe(event.data.get("seconds", 0.0))
+        if event.data.get("peak_memory") is not None:
+            self.peak_memory.labels(job).set(event.data["peak_memory"])
         if status == RunStatus.SUCCEEDED:
             self.last_success.labels(job).set(time.time())
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from minibatch.states import ChunkStatus, Outcome, RunStatus
+
+if TYPE_CHECKING:
+    from minibatch.tasks import TaskError, TaskResult
 
 
 @dataclass
@@ -52,6 +56,8 @@ class RunRecord:
     workers: int = 0
     memory_limit: int = 0
     peak_in_flight: int = 0
+    peak_memory: int | None = None  # measured above idle_memory, the most at once
+    idle_memory: int | None = None  # measured, the process tree before the first chunk
     busy_seconds: float = 0.0
     utilisation: float | None = None
     rows_per_second: float | None = None
@@ -81,6 +87,21 @@ class AttemptRecord:
     bytes_in: int | None = None
     bytes_out: int | None = None
     peak_rss: int | None = None
+    start_rss: int | None = None
+    chunk_bytes: int | None = None  # the planner's size of the chunk, that estimates scale
     error_type: str | None = None
     error_message: str | None = None
     traceback: str | None = None
+
+    def measured(self, result: TaskResult | None, error: TaskError | None) -> AttemptRecord:
+        """With what the worker measured, and why the attempt failed."""
+        if result is not None:
+            self.read_seconds, self.compute_seconds = result.read_seconds, result.compute_seconds
+            self.write_seconds = result.write_seconds
+            self.rows_in, self.rows_out = result.rows_in, result.rows_out
+            self.bytes_in, self.bytes_out = result.bytes_in, result.bytes_out
+            self.peak_rss, self.start_rss = result.peak_rss, result.start_rss
+        if error is not None:
+            self.error_type, self.error_message = error.type, error.message
+            self.traceback = error.traceback or None
+        return self

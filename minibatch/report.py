@@ -22,6 +22,7 @@ from plotly.subplots import make_subplots
 
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.states import Outcome
+from minibatch.treemem import describe
 from minibatch.units import format_size
 
 Row = dict[str, Any]
@@ -142,7 +143,6 @@ def _embed(figure: go.Figure, div_id: str, with_plotlyjs: bool = False) -> str:
 
 def _header(run: Row) -> str:
     limit, peak = run["memory_limit"] or 0, run["peak_in_flight"] or 0
-    share = f" ({peak / limit:.0%})" if limit else ""
     rows = [
         ("job", run["job"]),
         ("run id", run["run_id"]),
@@ -157,7 +157,7 @@ def _header(run: Row) -> str:
         ("bytes", f"{format_size(run['bytes_in'] or 0)} in, {format_size(run['bytes_out'] or 0)} written"),
         ("throughput", f"{run['rows_per_second'] or 0:,.0f} rows/s, {run['mb_per_second'] or 0:.2f} MB/s"),
         ("workers", f"{run['workers']}, {run['utilisation'] or 0:.0%} busy"),
-        ("memory", f"peak {format_size(peak)} in flight of a {format_size(limit)} budget{share}"),
+        ("memory", describe(limit, peak, run.get("peak_memory"), run.get("idle_memory"))),
     ]  # fmt: skip
     return _table(["", ""], rows)
 

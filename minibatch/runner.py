@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from minibatch.admission import LEARN_FROM, MemoryModel
 from minibatch.clock import SYSTEM, Clock
 from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.events import Emitter, Listener, LogListener
@@ -40,6 +41,7 @@ from minibatch.results import ResultStore
 from minibatch.signals import StopSignals
 from minibatch.states import EventKind, RunStatus
 from minibatch.tasks import JobSpec, Pool
+from minibatch.treemem import TreeMemory
 from minibatch.validate import check_imports
 
 
@@ -132,6 +134,7 @@ class Run:
         self.removed_chunks = 0  # planned, but their input file was removed under the run
         self.input_schema: str | None = None  # JSON, decided at planning
         self.reduced_key: str | None = None  # what the output is the reduction of, at start
+        self.memory_per_byte: float | None = None  # learned from earlier runs' attempts
 
     def record_crash(self, exc: Exception) -> None:
         self.record.status, self.record.error = RunStatus.CRASHED, f"{type(exc).__name__}: {exc}"
@@ -176,6 +179,7 @@ class Run:
         self.summary.definition_changed = self.definition.changed
         if self.job.reduce_sql:
             self.reduced_key = self.manifest.reduce_key(self.job.name)
+        self.memory_per_byte = self.manifest.memory_per_byte(self.job.name, LEARN_FROM)
         return state
 
     def _check_paths(self) -> Inputs:
@@ -243,14 +247,26 @@ class Run:
         executor = Executor(
             self.job, spec, self.record.run_id, store=self.store, ledger=self.ledger, events=self.events,
             signals=self.signals, pool_factory=self.options.pool_factory or self._open_pool,
-            clock=self.options.clock,
+            clock=self.options.clock, memory=self._memory(), model=MemoryModel(self.memory_per_byte),
         )  # fmt: skip
         out = executor.run(work.todo, work.salvaged)
         self.record.workers = out.workers  # fewer when chunks are few
         self.record.peak_in_flight = out.peak_in_flight
+        self.record.peak_memory, self.record.idle_memory = out.peak_memory, out.idle_memory
+        if out.peak_memory is not None and out.peak_memory > self.job.memory_limit:
+            self.events(
+                EventKind.MEMORY_OVER_BUDGET, peak_memory=out.peak_memory, idle_memory=out.idle_memory,
+                memory_limit=self.job.memory_limit,
+            )  # fmt: skip
         self.record.busy_seconds = out.busy_seconds
         self.summary.stopped = out.stopped
         self.record.error = out.error or self._input_changed(out)
+
+    def _memory(self) -> TreeMemory | None:
+        """The local pool's processes are this one's children: measure them (Dask's are remote)."""
+        if self.options.pool_factory is None and self.job.executor == "local":
+            return TreeMemory()
+        return None
 
     def _open_pool(self, todo: int) -> Pool:
         return open_pool(self.job, todo)
@@ -311,6 +327,7 @@ class Run:
         self.events(
             EventKind.RUN_FINISHED, status=record.status, chunks_done=record.chunks_done,
             chunks_dead=record.chunks_dead, rows=record.rows_out, seconds=round(wall, 3),
+            peak_memory=record.peak_memory,
         )  # fmt: skip
 
     def _check_complete(self) -> None:

@@ -93,6 +93,10 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS utilisation DOUBLE;     -- busy / (wor
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS rows_per_second DOUBLE; -- rows_in / wall time
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS mb_per_second DOUBLE;   -- bytes_in / 1e6 / wall time
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS settings VARCHAR;       -- the job's config, JSON
+ALTER TABLE attempts ADD COLUMN IF NOT EXISTS start_rss BIGINT;   -- the worker's, when it started
+ALTER TABLE attempts ADD COLUMN IF NOT EXISTS chunk_bytes BIGINT; -- the planner's size of the chunk
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS peak_memory BIGINT;    -- measured above idle_memory
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS idle_memory BIGINT;    -- measured, before the first chunk
 
 -- The daemon's schedule: the last time each job was fired, for catch-up after downtime.
 CREATE TABLE IF NOT EXISTS schedule_state (

@@ -78,5 +78,6 @@ class EventKind(StrEnum):
     REDUCE_FAILED = "reduce_failed"
     RUN_INCOMPLETE = "run_incomplete"
     RUN_HALTED = "run_halted"  # a full disk or the like: nothing more admitted
+    MEMORY_OVER_BUDGET = "memory_over_budget"  # measured: the processes held more than memory_limit
     RUN_FINISHED = "run_finished"  # recorded, still under the job's lock
     RUN_ENDED = "run_ended"  # the lock released: hooks may start the next run

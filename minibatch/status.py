@@ -101,7 +101,7 @@ HISTORY_KEYS = (
     "chunks_total", "chunks_done", "chunks_reused", "chunks_dead", "chunks_skipped", "bad_files",
     "rows_in", "rows_out", "busy_seconds",
     "bytes_in", "bytes_out", "rows_per_second", "mb_per_second", "utilisation", "peak_in_flight",
-    "memory_limit", "workers", "error",
+    "peak_memory", "idle_memory", "memory_limit", "workers", "error",
 )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ import click
 
 from minibatch.config import Config
 from minibatch.runner import RunSummary
+from minibatch.treemem import describe
 from minibatch.units import format_size
 
 
@@ -67,10 +68,8 @@ def print_summary(summary: RunSummary) -> None:
         f"{format_size(r.bytes_in / seconds)}/s"
     )
     if r.busy_seconds:
-        click.echo(
-            f"  workers: {r.workers}, {r.utilisation or 0:.0%} busy; memory in flight: peak "
-            f"{format_size(r.peak_in_flight)} of a {format_size(r.memory_limit)} budget"
-        )
+        memory = describe(r.memory_limit, r.peak_in_flight, r.peak_memory, r.idle_memory)
+        click.echo(f"  workers: {r.workers}, {r.utilisation or 0:.0%} busy; memory: {memory}")
     if summary.definition_changed:
         what = ", ".join(summary.definition_changed)
         click.echo(f"  definition changed ({what}): results of the old definition were computed again")

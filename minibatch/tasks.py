@@ -55,6 +55,7 @@ class TaskResult:
     compute_seconds: float = 0.0
     write_seconds: float = 0.0
     peak_rss: int | None = None  # bytes, this attempt's high-water mark of the worker
+    start_rss: int | None = None  # bytes, the worker's resident memory when the attempt started
 
 
 @dataclass(frozen=True)

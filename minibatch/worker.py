@@ -61,7 +61,7 @@ _local = threading.local()  # a DuckDB connection per thread (a Dask worker may 
 def run_task(task: Task) -> TaskResult:
     if task.job.process is not None:
         _function(task.job)  # a first import is the worker's start-up, not this chunk's compute
-    _reset_peak_rss()
+    start_rss = _reset_peak_rss()
     started = time.perf_counter()
     chunk = task.chunk
     read = started
@@ -95,23 +95,30 @@ def run_task(task: Task) -> TaskResult:
         compute_seconds=computed - read,
         write_seconds=ended - computed,
         peak_rss=_peak_rss(),
+        start_rss=start_rss,
     )
 
 
-def _reset_peak_rss() -> None:
-    """Start this attempt's high-water mark afresh (Linux: "5" resets VmHWM)."""
+def _reset_peak_rss() -> int | None:
+    """Start this attempt's high-water mark afresh (Linux: "5" resets VmHWM to the resident
+    memory now, which is returned: what the attempt grew is its peak minus this)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass  # then the peak is the process's since it started
+    return _status_bytes(b"VmRSS:")
 
 
 def _peak_rss() -> int | None:
+    return _status_bytes(b"VmHWM:")
+
+
+def _status_bytes(field: bytes) -> int | None:
     try:
         with open("/proc/self/status", "rb") as f:
             for line in f:
-                if line.startswith(b"VmHWM:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

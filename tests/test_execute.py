@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from minibatch.admission import memory_estimate
+from minibatch.admission import LEARN_FROM, MemoryModel, memory_estimate
 from minibatch.breaker import BreakerSettings
 from minibatch.config import JobConfig
 from minibatch.events import Emitter, Event, Listener
@@ -85,7 +85,9 @@ class Harness:
 
 @pytest.fixture
 def make(tmp_path: Path) -> Callable[..., Harness]:
-    def build(run: Callable[[Task], TaskResult | TaskError], **settings: object) -> Harness:
+    def build(
+        run: Callable[[Task], TaskResult | TaskError], memory: object = None, **settings: object
+    ) -> Harness:
         defaults: dict[str, object] = {
             "retries": 2,
             "retry_backoff": 1.0,
@@ -109,7 +111,7 @@ def make(tmp_path: Path) -> Callable[..., Harness]:
         executor = Executor(
             job, spec, "r1", store=store, ledger=ledger, events=events, signals=signals,
             pool_factory=lambda n: InlinePool(min(job.workers, n), counted, clock), clock=clock,
-            rng=random.Random(7),
+            rng=random.Random(7), memory=memory,  # type: ignore[arg-type]
         )  # fmt: skip
         return Harness(executor, ledger, clock, signals, recorder, calls)
 
@@ -233,3 +235,47 @@ def test_a_full_disk_halts_admission_and_charges_nothing(make: Callable[..., Har
     assert out.error is not None and "No space left" in out.error
     assert h.ledger.record.chunks_dead == 0 and h.ledger.record.chunks_done < 6
     assert EventKind.RUN_HALTED in h.events.kinds
+
+
+@dataclass
+class Measured:
+    """Stands in for treemem.TreeMemory: what the process tree holds above idle, set by tests."""
+
+    current: int = 0
+    peak: int = 0
+    idle: int = 100
+    available: bool = True
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+@pytest.mark.parametrize("over", [False, True])
+def test_a_tree_measured_over_the_budget_admits_one_chunk_at_a_time(
+    make: Callable[..., Harness], over: bool
+) -> None:
+    seen: list[int] = []
+
+    def measure(task: Task) -> TaskResult:
+        seen.append(len(h.executor.in_flight))
+        return ok(task)
+
+    memory = Measured(current=2000 if over else 0)
+    h = make(measure, memory=memory, workers=4, memory_limit=1000)
+    out = h.run(chunks(8, nbytes=10))  # estimates far below the budget: only the measure limits
+    assert h.ledger.record.chunks_done == 8 and out.idle_memory == 100
+    assert max(seen) == (1 if over else 8)
+
+
+def test_the_memory_model_learns_from_chunks_past_each_workers_first() -> None:
+    model = MemoryModel()
+    big = Chunk("/in/f.parquet", "10-1-ab", 0, 10, 0, 1, 0, 4 * LEARN_FROM)
+    assert model.estimate(big) == 8 * LEARN_FROM  # twice the planned size, with nothing learned
+    model.learn(1, big.nbytes, 100, 100 + 40 * LEARN_FROM)  # a worker's first: its start-up too
+    model.learn(2, LEARN_FROM // 2, 100, 100 + 40 * LEARN_FROM)  # too small to say
+    assert model.factor == 2.0
+    model.learn(1, big.nbytes, 100, 100 + 20 * LEARN_FROM)
+    assert model.factor == 5.0 and model.estimate(big) == 20 * LEARN_FROM
+    model.learn(1, big.nbytes, 100, 100 + LEARN_FROM)
+    assert model.factor == 5.0  # it only rises within a run
+    assert MemoryModel(learned=0.3).factor == 1.0 and MemoryModel(learned=7.5).factor == 7.5

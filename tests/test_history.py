@@ -51,7 +51,14 @@ def test_every_attempt_is_measured(project: Project) -> None:
     )
     assert 0 < utilisation <= 1 and 0 < peak <= budget == 2**20 and workers == 2 and rate > 0
     assert json.loads(settings)["process"] == "myjobs.faulty:flaky"
-    assert "busy; memory in flight: peak" in result.stdout
+    ((peak_memory, idle_memory),) = project.manifest_rows("SELECT peak_memory, idle_memory FROM runs")
+    assert peak_memory > 0 and idle_memory > 10 * 2**20  # measured: the coordinator alone holds more
+    (bad,) = project.manifest_rows(
+        "SELECT count(*) FILTER (WHERE NOT (0 < start_rss AND start_rss <= peak_rss AND chunk_bytes > 0)) "
+        "FROM attempts WHERE outcome = 'done'"
+    )
+    assert bad == (0,)
+    assert "busy; memory: measured peak" in result.stdout
 
 
 def test_history_lists_runs_newest_first(project: Project) -> None:

@@ -1,0 +1,85 @@
+"""Measured memory: what a run's real process tree holds, against an external sampler, and
+what the summary, history and logs say about it (issue 13)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from minibatch.treemem import tree
+
+from conftest import Project
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Linux /proc")
+
+DICT_JOB = """
+[jobs.ident]
+input = "data/*.parquet"
+output = "out/ident"
+process = "myjobs.basic:same"
+chunk_bytes = "200KB"
+memory_limit = "{limit}"
+"""
+
+
+def dictionary_heavy(project: Project, files: int = 2, groups: int = 4, rows: int = 10_000) -> None:
+    """500-byte strings with 4 distinct values: the footer says ~100 KB a row group, Arrow
+    holds ~5 MB."""
+    project.data.mkdir(exist_ok=True)
+    for f in range(files):
+        ids = range(f * groups * rows, (f + 1) * groups * rows)
+        strings = pa.array([("x" * 499) + str(i % 4) for i in ids])
+        table = pa.table({"id": pa.array(ids, pa.int64()), "s": strings})
+        pq.write_table(table, project.data / f"part{f}.parquet", row_group_size=rows)
+
+
+def anon_pss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss_Anon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PssSampler(threading.Thread):
+    """The external view: the process tree's summed anonymous PSS (smaps_rollup, which shares
+    each copy-on-write page among the processes that map it), every 20 ms."""
+
+    def __init__(self, root: int) -> None:
+        super().__init__(daemon=True)
+        self.root, self.samples, self.done = root, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            self.samples.append(sum(anon_pss(p) for p in tree(self.root)))
+
+
+def test_the_summary_reports_the_measured_peak_and_warns_over_the_budget(project: Project) -> None:
+    (project.root / "myjobs" / "basic.py").write_text(
+        (project.root / "myjobs" / "basic.py").read_text() + "\n\ndef same(table, ctx):\n    return table\n"
+    )
+    dictionary_heavy(project)
+    project.write_config(DICT_JOB.format(limit="4MiB"))
+    run = project.start("run-now", "ident")
+    sampler = PssSampler(run.pid)
+    sampler.start()
+    out, err = run.communicate(timeout=120)
+    sampler.done.set()
+    sampler.join()
+    assert run.returncode == 0, err
+    ((peak, idle, limit),) = project.manifest_rows("SELECT peak_memory, idle_memory, memory_limit FROM runs")
+    external = max(sampler.samples)
+    print(f"measured {peak >> 20} MiB above {idle >> 20}; external anonymous PSS {external >> 20} MiB")
+    assert peak > limit and "OVER the 4.0 MiB budget" in out
+    assert 0.8 * external <= idle + peak <= 1.5 * external
+    warning = [json.loads(line) for line in err.splitlines() if '"memory_over_budget"' in line]
+    assert warning and warning[0]["peak_memory"] == peak
+    history = json.loads(project.cli("history", "ident", "--json").stdout)
+    assert history[0]["peak_memory"] == peak and history[0]["idle_memory"] == idle
