@@ -65,30 +65,32 @@ MIGRATE_DEADLINE = 2.0  # seconds a reader waits to add new columns to an older 
 
 ALIAS = "manifest"  # the attached file's name in the shared DuckDB
 _instance: Any = None  # a DuckDBPyConnection
+_attached: list[tuple[str, str]] = []  # (path, alias) of the files attached now, innermost last
 
 
 def _shared(duckdb: Any) -> Any:  # a DuckDBPyConnection
-    """This process's one in-memory DuckDB. Starting a DuckDB costs ~35 ms of CPU (it builds its
-    catalog of functions); attaching a file to a running one costs ~2 ms, and detaching it
-    releases the file to other processes just as closing would. (A DuckDB does not survive a
-    fork: worker processes come from a forkserver that never opens the manifest.)"""
+    """This process's one in-memory DuckDB: starting one costs ~35 ms of CPU, attaching a file
+    to it ~2 ms, and detaching lets go of the file as closing would. (Not fork-safe: workers
+    come from a forkserver that never opens the manifest.)"""
     global _instance
     if _instance is None:
         _instance = duckdb.connect(":memory:", config=CONNECT_CONFIG)
     return _instance
 
 
-def _detach(duckdb: Any, con: Any) -> None:
-    """Release the file: roll back what an error left open, then detach (which checkpoints).
-    Should the checkpoint fail (a damaged file, a full disk), the commits are still in the WAL:
+def _detach(duckdb: Any, con: Any, alias: str = ALIAS, back_to: str = "memory") -> None:
+    """Roll back what an error left open (outermost only: a transaction is the connection's) and
+    detach, which checkpoints. Should that fail (damage, a full disk), the WAL keeps the commits:
     close the whole DuckDB, which always lets go of the file, as closing a connection did."""
     global _instance
-    with contextlib.suppress(duckdb.TransactionException):  # "no transaction is active"
-        con.execute("ROLLBACK")
+    if back_to == "memory":
+        with contextlib.suppress(duckdb.TransactionException):  # "no transaction is active"
+            con.execute("ROLLBACK")
     try:
-        con.execute(f"USE memory; DETACH DATABASE IF EXISTS {ALIAS}")
+        con.execute(f"USE {back_to}; DETACH DATABASE IF EXISTS {alias}")
     except duckdb.Error:
         _instance = None
+        _attached.clear()
         with contextlib.suppress(duckdb.Error):
             con.close()
 
@@ -108,9 +110,8 @@ class Manifest:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        """Run several operations of this thread on one connection: each attach of the file costs
-        milliseconds, and a checkpoint when it ends. Other processes wait meanwhile, so keep
-        sessions short."""
+        """Several operations of this thread on one connection (an attach and a checkpoint each
+        otherwise). Other processes wait meanwhile: keep sessions short."""
         if self._held is not None:
             yield
             return
@@ -130,38 +131,47 @@ class Manifest:
         if self._held is not None and self._held[0] == threading.get_ident():
             yield self._held[1]  # inside this thread's session
             return
-        with _IN_PROCESS:
+        with _IN_PROCESS:  # reentrant: this thread may connect again inside (another Manifest)
             con = _shared(duckdb)
+            key = str(self.path.absolute())
+            if _attached and _attached[-1][0] == key:  # this thread has the file already: share it
+                yield con
+                return
+            back_to = _attached[-1][1] if _attached else "memory"
+            alias = f"{ALIAS}_{len(_attached)}" if _attached else ALIAS
             try:
-                self._attach(duckdb, con, read_only)
+                self._attach(duckdb, con, read_only, alias, back_to)
+                _attached.append((key, alias))
                 yield con
             except (duckdb.ProgrammingError, duckdb.IntegrityError, duckdb.DataError):
                 raise  # our own SQL's errors are bugs, not a damaged file
             except duckdb.Error as exc:
                 raise _unusable(self.path, exc) from exc
             finally:
-                _detach(duckdb, con)
+                if _attached and _attached[-1][1] == alias:
+                    _attached.pop()
+                _detach(duckdb, con, alias, back_to)
 
-    def _attach(self, duckdb: Any, con: Any, read_only: bool) -> None:
+    def _attach(self, duckdb: Any, con: Any, read_only: bool, alias: str, back_to: str) -> None:
         if read_only and not self.path.exists():  # empty answers, and no file created
-            con.execute(f"ATTACH ':memory:' AS {ALIAS}; USE {ALIAS}")
+            con.execute(f"ATTACH ':memory:' AS {alias}; USE {alias}")
             con.execute(SCHEMA)
             return
-        self._open(duckdb, con, read_only)
+        self._open(duckdb, con, read_only, alias)
         if read_only and not self._migrate_tried and not _current(con):
             self._migrate_tried = True  # a manifest from an older release: add the new columns once
-            _detach(duckdb, con)
+            _detach(duckdb, con, alias, back_to)
             deadline, self.deadline = self.deadline, min(self.deadline, MIGRATE_DEADLINE)
             try:  # briefly: a reader must not wait long for a writer (a `duckdb -readonly` shell)
-                self._open(duckdb, con, read_only=False)
+                self._open(duckdb, con, False, alias)
             except (duckdb.Error, ManifestError, OSError):
                 pass  # then history and report see what an older manifest has
             finally:
                 self.deadline = deadline
-                _detach(duckdb, con)
-            self._open(duckdb, con, read_only)
+                _detach(duckdb, con, alias, back_to)
+            self._open(duckdb, con, read_only, alias)
 
-    def _open(self, duckdb: Any, con: Any, read_only: bool) -> None:
+    def _open(self, duckdb: Any, con: Any, read_only: bool, alias: str) -> None:
         """Attach the file to `con` as its default database, waiting while another process has it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         give_up = time.monotonic() + self.deadline
@@ -169,7 +179,7 @@ class Manifest:
         mode = "READ_ONLY" if read_only else "READ_WRITE"
         while True:
             try:
-                con.execute(f"ATTACH ? AS {ALIAS} ({mode})", [str(self.path)])
+                con.execute(f"ATTACH ? AS {alias} ({mode})", [str(self.path)])
                 break
             except duckdb.Error as exc:
                 if not _locked(exc):  # "Corrupt database file", not a DuckDB file, ...
@@ -178,12 +188,10 @@ class Manifest:
                     raise ManifestBusy(f"manifest {self.path} is busy: {exc}") from exc
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.2)
-        con.execute(f"USE {ALIAS}")
+        con.execute(f"USE {alias}")
         if not read_only and not self._initialised:
             con.execute(SCHEMA)
             self._initialised = True
-
-    # -- runs -------------------------------------------------------------------------------
 
     def start_run(self, run: RunRecord) -> None:
         with self.connect() as con:
@@ -201,8 +209,6 @@ class Manifest:
             _insert(con, "attempts", ATTEMPT_COLUMNS, attempts)
             _save_run(con, run)
             con.execute("COMMIT")
-
-    # -- chunks and files -------------------------------------------------------------------
 
     def chunk_states(self, job: str) -> dict[str, tuple[str, str | None]]:
         """chunk_id -> (status, output_file) for every chunk the manifest holds for a job."""
@@ -239,8 +245,6 @@ class Manifest:
             for query in ("reset_chunks", "forget_bad_files", "reset_reduce", "reset_job_state"):
                 con.execute(Q[query], {"job": job})
 
-    # -- what a job's results were computed with ----------------------------------------------
-
     def job_state(self, job: str) -> dict[str, Any] | None:
         with self.connect() as con:
             rows = _dicts(con.execute(Q["job_state"], {"job": job}))
@@ -264,8 +268,6 @@ class Manifest:
             params = {"job": job, "input_schema": input_schema, "output_schema": output_schema}
             con.execute(Q["set_schemas"], params)
 
-    # -- reductions --------------------------------------------------------------------------
-
     def reduce_key(self, job: str) -> str | None:
         with self.connect() as con:
             row = con.execute(Q["reduce_key"], {"job": job}).fetchone()
@@ -279,8 +281,6 @@ class Manifest:
     def record_reduce(self, job: str, key: str) -> None:
         with self.connect() as con:
             con.execute(Q["record_reduce"], {"job": job, "key": key})
-
-    # -- the daemon's schedule --------------------------------------------------------------
 
     def last_fires(self) -> dict[str, datetime]:
         with self.connect() as con:
@@ -297,8 +297,6 @@ class Manifest:
         with self.connect() as con:
             rows = con.execute(Q["unmet_dependencies"], params).fetchall()
         return [dep for dep, ok in rows if not ok]
-
-    # -- reading ----------------------------------------------------------------------------
 
     def status(self, job: str | None = None) -> list[dict[str, Any]]:
         """The latest run of each job (or of one), with its manifest-wide chunk counts."""
@@ -336,9 +334,9 @@ class Manifest:
 
 def _locked(exc: Exception) -> bool:
     """DuckDB's "Could not set lock on file ...: Conflicting lock is held" (and not, say, a
-    corrupt "block at location"), or the file open elsewhere in this process."""
+    corrupt "block at location")."""
     text = str(exc).lower()
-    return "could not set lock" in text or "conflicting lock" in text or "already attached" in text
+    return "could not set lock" in text or "conflicting lock" in text
 
 
 def _unusable(path: Path, exc: Exception) -> ManifestError:

@@ -109,8 +109,10 @@ def backup(config: Config, dest: Path) -> Path:
         with Manifest(source).connect(read_only=True) as con:
             (name,) = con.execute("SELECT current_database()").fetchone() or ("manifest",)
             con.execute("ATTACH ? AS minibatch_backup (READ_WRITE)", [str(temp)])
-            con.execute(f'COPY FROM DATABASE "{name}" TO minibatch_backup')
-            con.execute("DETACH minibatch_backup")
+            try:
+                con.execute(f'COPY FROM DATABASE "{name}" TO minibatch_backup')
+            finally:  # this process's DuckDB outlives the backup: let go of the copy either way
+                con.execute("DETACH DATABASE IF EXISTS minibatch_backup")
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, target)

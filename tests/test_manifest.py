@@ -350,3 +350,17 @@ def test_a_damaged_manifest_does_not_break_the_next_one_in_the_process(tmp_path:
     good.commit(run_record("r1"), [chunk("c1")])
     assert good.chunk_states("j") == {"c1": ("done", None)}
     assert other_process_count(good.path) == 1
+
+
+def test_a_thread_may_use_another_manifest_inside_a_connection(tmp_path: Path) -> None:
+    """The same file again (another Manifest object) shares the attached file; another file is
+    attached beside it; both come back as they were, and nothing is held afterwards."""
+    a, b = Manifest(tmp_path / "a.duckdb"), Manifest(tmp_path / "b.duckdb")
+    a.commit(run_record("r1"), [chunk("a1")])
+    b.commit(run_record("r1"), [chunk("b1"), chunk("b2")])
+    with a.connect() as con:  # (not inside a transaction: the connection, and so it, is shared)
+        assert Manifest(a.path).chunk_states("j").keys() == {"a1"}
+        assert b.chunk_states("j").keys() == {"b1", "b2"}
+        b.commit(run_record("r1"), [chunk("b3")])
+        con.execute("INSERT INTO chunks SELECT * REPLACE ('a2' AS chunk_id) FROM chunks")
+    assert other_process_count(a.path) == 2 and other_process_count(b.path) == 3
