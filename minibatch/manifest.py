@@ -83,12 +83,12 @@ def _detach(duckdb: Any, con: Any, alias: str = ALIAS, back_to: str = "memory") 
     detach, which checkpoints. Should that fail (damage, a full disk), the WAL keeps the commits:
     close the whole DuckDB, which always lets go of the file, as closing a connection did."""
     global _instance
-    if back_to == "memory":
-        with contextlib.suppress(duckdb.TransactionException):  # "no transaction is active"
-            con.execute("ROLLBACK")
     try:
+        if back_to == "memory":
+            with contextlib.suppress(duckdb.TransactionException):  # "no transaction is active"
+                con.execute("ROLLBACK")
         con.execute(f"USE {back_to}; DETACH DATABASE IF EXISTS {alias}")
-    except duckdb.Error:
+    except duckdb.Error:  # a closed or invalidated DuckDB fails the ROLLBACK too
         _instance = None
         _attached.clear()
         with contextlib.suppress(duckdb.Error):
@@ -105,7 +105,7 @@ class Manifest:
         self.path = path
         self.deadline = deadline
         self._initialised = False
-        self._migrate_tried = False  # readers try once to add new columns to an older file
+        self._schema_checked = False  # a reader checks once, and adds new columns to an older file
         self._held: tuple[int, Any] | None = None  # (thread, connection) of an open session
 
     @contextlib.contextmanager
@@ -158,18 +158,21 @@ class Manifest:
             con.execute(SCHEMA)
             return
         self._open(duckdb, con, read_only, alias)
-        if read_only and not self._migrate_tried and not _current(con):
-            self._migrate_tried = True  # a manifest from an older release: add the new columns once
+        if not read_only or self._schema_checked:
+            return
+        self._schema_checked = True
+        if _current(con):
+            return
+        _detach(duckdb, con, alias, back_to)  # a manifest from an older release: add the new columns
+        deadline, self.deadline = self.deadline, min(self.deadline, MIGRATE_DEADLINE)
+        try:  # briefly: a reader must not wait long for a writer (a `duckdb -readonly` shell)
+            self._open(duckdb, con, False, alias)
+        except (duckdb.Error, ManifestError, OSError):
+            pass  # then history and report see what an older manifest has
+        finally:
+            self.deadline = deadline
             _detach(duckdb, con, alias, back_to)
-            deadline, self.deadline = self.deadline, min(self.deadline, MIGRATE_DEADLINE)
-            try:  # briefly: a reader must not wait long for a writer (a `duckdb -readonly` shell)
-                self._open(duckdb, con, False, alias)
-            except (duckdb.Error, ManifestError, OSError):
-                pass  # then history and report see what an older manifest has
-            finally:
-                self.deadline = deadline
-                _detach(duckdb, con, alias, back_to)
-            self._open(duckdb, con, read_only, alias)
+        self._open(duckdb, con, read_only, alias)
 
     def _open(self, duckdb: Any, con: Any, read_only: bool, alias: str) -> None:
         """Attach the file to `con` as its default database, waiting while another process has it."""

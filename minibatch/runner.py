@@ -179,7 +179,6 @@ class Run:
         self.summary.definition_changed = self.definition.changed
         if self.job.reduce_sql:
             self.reduced_key = self.manifest.reduce_key(self.job.name)
-        self.memory_per_byte = self.manifest.memory_per_byte(self.job.name, LEARN_FROM)
         return state
 
     def _check_paths(self) -> Inputs:
@@ -212,6 +211,8 @@ class Run:
 
     def _plan(self, files: list[FileMeta], bad: list[BadFile], state: dict[str, Any]) -> Reconciled:
         work = self._reconcile(files, bad, state)
+        if work.todo:  # what chunks of this job grew in earlier runs, for their estimates
+            self.memory_per_byte = self.manifest.memory_per_byte(self.job.name, LEARN_FROM)
         self.ledger.flush()  # the plan's totals, and any adopted chunks, are visible to `status` now
         return work
 
