@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -47,25 +48,36 @@ QUIET = {
 
 class Cluster:
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.env, self.cwd = env, cwd
+        self.start()
+
+    def start(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-c", CLUSTER],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-            env=env,
-            cwd=cwd,
+            env=self.env,
+            cwd=self.cwd,
             start_new_session=True,  # its worker processes die with it in kill()
         )
         assert self.process.stdout is not None
         self.address = self.process.stdout.readline().strip()
         assert self.address.startswith("tcp://"), "the cluster did not start"
 
-    def wait_workers(self, n: int = 2) -> list[int]:
+    def wait_workers(self, n: int = 2, timeout: float = 60) -> list[int]:
         """The pids of `n` workers, once the cluster has them again (a nanny restarts a killed
-        or stuck worker within seconds)."""
-        wait_for(lambda: len(self.worker_pids()) == n, timeout=60, what=f"{n} Dask workers")
-        return self.worker_pids()
+        or stuck worker within seconds). One client, asked 4 times a second: a new client per
+        poll costs CPU that a restarting worker needs on a busy machine."""
+        from distributed import Client
+
+        with Client(self.address, timeout=10, set_as_default=False) as client:
+            deadline = time.monotonic() + timeout
+            while len(pids := sorted(client.run(os.getpid).values())) != n:
+                assert time.monotonic() < deadline, f"{n} Dask workers expected, {len(pids)} up"
+                time.sleep(0.25)
+        return pids
 
     def worker_pids(self) -> list[int]:
         from distributed import Client
@@ -113,8 +125,14 @@ def _module_cluster(tmp_path_factory: pytest.TempPathFactory, **env: str) -> Ite
 
 @pytest.fixture
 def shared(whole: Cluster) -> Cluster:
-    """Two workers of one thread each, both up (a test before may have killed one)."""
-    whole.wait_workers(2)
+    """Two workers of one thread each, both up (a test before may have killed one). A cluster
+    that cannot get back to two fails this test and is started afresh for the next ones."""
+    try:
+        whole.wait_workers(2)
+    except AssertionError:
+        whole.kill()
+        whole.start()
+        raise
     return whole
 
 
@@ -214,9 +232,12 @@ def hang_job(timeout: str, retries: int) -> str:
     return faulty_job("hang", f'timeout = "{timeout}"\nretries = {retries}')
 
 
-def test_retries_timeouts_and_dead_letters(project: Project, shared: Cluster) -> None:
+def test_retries_timeouts_and_dead_letters(project: Project, cluster: Callable[..., Cluster]) -> None:
+    """On a cluster of its own: its two kills back to back left the shared LocalCluster a worker
+    short in 3 of ~10 suite runs on a loaded machine (cause not pinned down; a loop of such
+    kills saw LocalCluster close both nannies after ~15 restarts), failing the tests after it."""
     inputs(project, files=2)
-    c = shared
+    c = cluster()
     dask_config(project, c, hang_job(timeout="2s", retries=1))
     result = project.cli("run-now", "f", env={"MB_TARGET": "part1.parquet:0"})
     assert result.returncode == 1, result.stderr
