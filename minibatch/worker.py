@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from minibatch.jobcode import forget_package, import_process
 from minibatch.layout import with_provenance, write_durably
+from minibatch.pageslice import read_rows
 from minibatch.planner import Chunk, fingerprint_stat
 from minibatch.results import check_schema, conform
 from minibatch.states import ErrorKind
@@ -160,7 +161,7 @@ def _read_open(chunk: Chunk, handle: Any, cols: list[str] | None) -> pa.Table:
     group_rows = sum(parquet.metadata.row_group(i).num_rows for i in groups)
     if chunk.row_start == chunk.rg_row_offset and chunk.num_rows == group_rows:
         return parquet.read_row_groups(list(groups), columns=cols)
-    return _read_slice(parquet, chunk, cols)
+    return _read_slice(parquet, chunk, cols, handle.fileno())
 
 
 def _footer(chunk: Chunk, handle: Any) -> pq.FileMetaData:
@@ -175,8 +176,30 @@ def _footer(chunk: Chunk, handle: Any) -> pq.FileMetaData:
     return metadata
 
 
-def _read_slice(parquet: pq.ParquetFile, chunk: Chunk, cols: list[str] | None) -> pa.Table:
-    """Rows of part of one row group, decoding batch by batch to keep memory near the chunk's."""
+def _read_slice(parquet: pq.ParquetFile, chunk: Chunk, cols: list[str] | None, fd: int) -> pa.Table:
+    """Rows of part of one row group: each column decoded from the pages that hold the rows
+    (pageslice), or, where its pages cannot be placed, from the group's start (_read_batches)."""
+    schema = parquet.schema_arrow
+    if cols is not None:
+        schema = pa.schema([schema.field(c) for c in cols])
+    names = schema.names
+    if len(set(names)) != len(names):
+        return _read_batches(parquet, chunk, cols, schema)
+    start = chunk.row_start - chunk.rg_row_offset
+    key = (chunk.path, chunk.fingerprint)
+    columns = read_rows(fd, key, chunk.rg_start, start, start + chunk.num_rows, names)
+    rest = [name for name in names if name not in columns]
+    if rest:
+        rest_schema = pa.schema([schema.field(name) for name in rest])
+        columns.update(zip(rest, _read_batches(parquet, chunk, rest, rest_schema).columns, strict=True))
+    return pa.Table.from_arrays([columns[name] for name in names], schema=schema)
+
+
+def _read_batches(
+    parquet: pq.ParquetFile, chunk: Chunk, cols: list[str] | None, schema: pa.Schema
+) -> pa.Table:
+    """Rows of part of one row group, decoding from its start batch by batch (memory near the
+    chunk's, but a slice near the group's end decodes nearly all of it)."""
     skip = chunk.row_start - chunk.rg_row_offset
     wanted = chunk.num_rows
     batches = []
@@ -192,9 +215,6 @@ def _read_slice(parquet: pq.ParquetFile, chunk: Chunk, cols: list[str] | None) -
         wanted -= piece.num_rows
         if wanted <= 0:
             break
-    schema = parquet.schema_arrow
-    if cols is not None:
-        schema = pa.schema([schema.field(c) for c in cols])
     return pa.Table.from_batches(batches, schema=schema)
 
 
