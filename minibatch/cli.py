@@ -283,6 +283,28 @@ def report(state: State, job: str, run_id: str | None, output: str | None) -> No
 
 
 @main.command()
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def advise(state: State, job: str, as_json: bool) -> None:
+    """Recommend workers, chunk_bytes and memory_limit for JOB on this machine, from what its
+    past runs measured (memory per input byte, CPU use, fixed costs per chunk, stragglers),
+    each with its reason and the lines to put in config.toml."""
+    from minibatch.advise import NoHistory, advise_job
+    from minibatch.status import manifest_for
+    from minibatch.summary import advice_text
+
+    config = state.config
+    config.job(job)
+    try:
+        report = advise_job(manifest_for(config), job)
+    except NoHistory as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(json.dumps(report, indent=2) if as_json else advice_text(report))
+
+
+@main.command()
 @click.argument("dest", type=click.Path(path_type=pathlib.Path))
 @click.pass_obj
 def backup(state: State, dest: pathlib.Path) -> None:

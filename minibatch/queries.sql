@@ -130,7 +130,7 @@ FROM chunks WHERE job = $job AND status = $dead ORDER BY file, row_start;
 -- name: is_current
 -- Whether the file has this release's schema (its newest column).
 SELECT 1 FROM duckdb_columns()
-WHERE database_name = current_database() AND table_name = 'runs' AND column_name = 'idle_memory';
+WHERE database_name = current_database() AND table_name = 'attempts' AND column_name = 'queued_seconds';
 
 -- name: memory_per_byte
 -- What a job's recent attempts grew (peak minus start RSS) per planned byte, at the 90th

@@ -89,6 +89,8 @@ class AttemptRecord:
     peak_rss: int | None = None
     start_rss: int | None = None
     chunk_bytes: int | None = None  # the planner's size of the chunk, that estimates scale
+    cpu_seconds: float | None = None
+    queued_seconds: float | None = None
     error_type: str | None = None
     error_message: str | None = None
     traceback: str | None = None
@@ -101,6 +103,7 @@ class AttemptRecord:
             self.rows_in, self.rows_out = result.rows_in, result.rows_out
             self.bytes_in, self.bytes_out = result.bytes_in, result.bytes_out
             self.peak_rss, self.start_rss = result.peak_rss, result.start_rss
+            self.cpu_seconds, self.queued_seconds = result.cpu_seconds, result.queued_seconds
         if error is not None:
             self.error_type, self.error_message = error.type, error.message
             self.traceback = error.traceback or None

@@ -1,4 +1,4 @@
-"""Command output on stdout: the end-of-run summary and the `status` / `list` tables."""
+"""Command output on stdout: the end-of-run summary, the `status` / `list` tables, the advice."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from typing import Any
 
 import click
 
+from minibatch.advise import chunk_count, core_share
 from minibatch.config import Config
 from minibatch.runner import RunSummary
 from minibatch.treemem import describe
-from minibatch.units import format_size
+from minibatch.units import format_seconds, format_size
 
 
 def summary_json(summary: RunSummary) -> dict[str, Any]:
@@ -177,4 +178,47 @@ def print_jobs(config: Config) -> None:
             ("next", "NEXT RUN"),
             ("description", "DESCRIPTION"),
         ],
+    )
+
+
+def config_value(setting: str, value: int) -> str:
+    """`value` as config.toml would say it."""
+    if setting == "workers":
+        return str(value)
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value % size == 0:
+            return f'"{value // size}{unit}"'
+    return str(value)
+
+
+def advice_text(report: dict[str, Any]) -> str:
+    """The advice as `minibatch advise` prints it: settings, reasons, then what was measured."""
+    m, machine = report["measured"], report["machine"]
+    lines = [
+        f"{report['job']}: advice from run {m['run_id']} ({chunk_count(m['chunks'])})"
+        + (f" and {m['runs'] - 1} earlier" if m["runs"] > 1 else "")
+        + f", for this machine: {machine['cores']} cores, "
+        f"{format_size(machine['memory'])} of memory ({machine['limit']})",
+        "",
+    ]
+    for a in report["advice"]:
+        now, then = config_value(a["setting"], a["current"]), config_value(a["setting"], a["advice"])
+        change = f"{now} -> {then}" if a["current"] != a["advice"] else f"{now} (keep)"
+        lines += [f"  {a['setting']:<13} {change}", f"      {a['why']}"]
+    lines += ["", "measured: " + _measured_line(m)]
+    changes = [a for a in report["advice"] if a["current"] != a["advice"]]
+    if changes:
+        lines += ["", f"in config.toml, [jobs.{report['job']}]:"]
+        lines += [f"  {a['setting']} = {config_value(a['setting'], a['advice'])}" for a in changes]
+    return "\n".join(lines)
+
+
+def _measured_line(m: dict[str, Any]) -> str:
+    cpu = f"; a chunk keeps {core_share(m['cpu'])} busy, waited {m['queued']:.0%} for one" if m["cpu"] else ""
+    per_byte = f" ({m['memory_per_byte']:.1f} bytes per input byte)" if m["memory_per_byte"] else ""
+    return (
+        f"{chunk_count(m['chunks'])} of {format_size(m['input_bytes'] / max(m['chunks'], 1))} on average, "
+        f"{format_seconds(m['chunk_seconds'])} each of which {format_seconds(m['fixed_seconds'])} fixed; "
+        f"workers busy {m['busy']:.0%} of the run{cpu}; {m['tail']:.0%} spent waiting for the last "
+        f"chunks; a chunk grew its worker by {format_size(m['chunk_memory'])}{per_byte}"
     )

@@ -56,6 +56,8 @@ class TaskResult:
     write_seconds: float = 0.0
     peak_rss: int | None = None  # bytes, this attempt's high-water mark of the worker
     start_rss: int | None = None  # bytes, the worker's resident memory when the attempt started
+    cpu_seconds: float | None = None  # the worker's CPU time (all its threads) during the attempt
+    queued_seconds: float | None = None  # its main thread's time runnable but waiting for a CPU
 
 
 @dataclass(frozen=True)

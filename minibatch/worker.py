@@ -64,6 +64,7 @@ def run_task(task: Task) -> TaskResult:
     if task.job.process is not None:
         _function(task.job)  # a first import is the worker's start-up, not this chunk's compute
     start_rss = _reset_peak_rss()
+    cpu, queued = time.process_time(), _queued()
     started = time.perf_counter()
     chunk = task.chunk
     read = started
@@ -98,6 +99,8 @@ def run_task(task: Task) -> TaskResult:
         write_seconds=ended - computed,
         peak_rss=_peak_rss(),
         start_rss=start_rss,
+        cpu_seconds=time.process_time() - cpu,
+        queued_seconds=_queued() - queued,
     )
 
 
@@ -114,6 +117,16 @@ def _reset_peak_rss() -> int | None:
             return int(f.read().split()[1]) * PAGE
     except OSError:
         return None
+
+
+def _queued() -> float:
+    """Seconds this thread has waited for a CPU while runnable (0 where Linux does not say): a
+    chunk's time minus that is what it would take on a machine of its own."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _peak_rss() -> int | None:

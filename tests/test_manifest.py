@@ -369,7 +369,13 @@ def test_a_thread_may_use_another_manifest_inside_a_connection(tmp_path: Path) -
 def test_a_reader_adds_this_releases_columns_to_an_older_manifest_once(path: Path) -> None:
     Manifest(path).commit(run_record("r1"), [chunk("c1")])
     con = duckdb.connect(str(path))  # what the release before measured memory wrote
-    for table, column in (("runs", "peak_memory"), ("runs", "idle_memory"), ("attempts", "start_rss")):
+    dropped = (
+        ("runs", "peak_memory"),
+        ("runs", "idle_memory"),
+        ("attempts", "start_rss"),
+        ("attempts", "queued_seconds"),
+    )
+    for table, column in dropped:
         con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     con.close()
     reader = Manifest(path)
@@ -377,3 +383,4 @@ def test_a_reader_adds_this_releases_columns_to_an_older_manifest_once(path: Pat
     assert run["run_id"] == "r1" and "idle_memory" in run and run["peak_memory"] is None
     assert reader.status("j")[0]["run_id"] == "r1"
     assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE column_name = 'start_rss'") == [(1,)]
+    assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE column_name = 'queued_seconds'") == [(1,)]
