@@ -23,14 +23,14 @@ def backoff(attempt: int, base: float, cap: float = BACKOFF_CAP, rng: random.Ran
 
 
 def memory_estimate(chunk: Chunk, factor: float = MEMORY_FACTOR) -> int:
-    return int(chunk.nbytes * factor)
+    return int(chunk.size * factor)
 
 
 class MemoryModel:
-    """Bytes of working memory per planned byte of a chunk. The planner's size is the footer's
-    uncompressed size, and Arrow may hold a hundred times that (a dictionary-encoded string
-    column), so the factor is learned: from earlier runs of the job (`learned`: what their
-    attempts grew, see Manifest.memory_per_byte), and from this run's chunks as they finish.
+    """Bytes of working memory per byte of a chunk's size in Arrow (Chunk.size, the planner's
+    estimate). What the job's own code holds beside its input is unknown, so the factor is
+    learned: from earlier runs of the job (`learned`: what their attempts grew, see
+    Manifest.memory_per_byte), and from this run's chunks as they finish.
     It only rises within a run. A worker's first chunk is not counted: it also pays the
     worker's start-up (imports, library pages)."""
 

@@ -53,7 +53,7 @@ def run_on_worker(task: Task) -> tuple[str, float, int, Any]:
     except Exception as exc:  # every failure becomes data, as in a local worker
         return "error", started, os.getpid(), describe_error(exc)
     finally:
-        if task.chunk.nbytes >= RELEASE_AFTER:
+        if task.chunk.size >= RELEASE_AFTER:
             pa.default_memory_pool().release_unused()
 
 

@@ -330,7 +330,7 @@ class Executor:
         self.attempts[item.chunk.chunk_id] = item.attempt
         self.breaker.record(True, self.clock.monotonic(), probe)
         pid = item.started.pid if item.started else None
-        self.model.learn(pid, item.chunk.nbytes, result.start_rss, result.peak_rss)
+        self.model.learn(pid, item.chunk.size, result.start_rss, result.peak_rss)
         if result.staged is None and result.schema is not None and self.store.empty_schema is None:
             self.store.empty_schema = result.schema
         rows_schema = result.schema if result.staged is not None else None
@@ -391,7 +391,7 @@ class Executor:
             label=item.chunk.label, slot=started.slot if started else None,
             pid=started.pid if started else None, admitted_at=item.admitted_at,
             started_at=started.at if started else None, ended_at=ended, outcome=how,
-            reserved_bytes=item.reserved, chunk_bytes=item.chunk.nbytes,
+            reserved_bytes=item.reserved, chunk_bytes=item.chunk.nbytes, chunk_size=item.chunk.size,
         )  # fmt: skip
         if started is not None:
             self.out.busy_seconds += max(0.0, ended - started.at)

@@ -17,12 +17,18 @@ if TYPE_CHECKING:
 
 FOOTER_TAIL = 8  # 4-byte footer length + b"PAR1"
 MAX_FOOTER = 128 * 2**20  # larger footers are corrupt or hostile; readers' own limits are lower
+NO_CAP = 2**63
 
 
 @dataclass(frozen=True)
 class RowGroup:
     num_rows: int
     nbytes: int  # uncompressed, counting only the projected columns
+    decoded: int = 0  # the same columns as Arrow will hold them, estimated; 0: unknown
+
+    @property
+    def size(self) -> int:
+        return max(self.nbytes, self.decoded)
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,13 @@ class Chunk:
     rg_start: int
     rg_end: int
     rg_row_offset: int  # file row index of row group rg_start's first row
-    nbytes: int
+    nbytes: int  # the footer's uncompressed bytes: what chunk_bytes counts
+    decoded: int = 0  # estimated bytes as Arrow holds them (not part of the chunk's identity)
+
+    @property
+    def size(self) -> int:
+        """What memory estimates scale with: the decoded estimate, at least the footer's size."""
+        return max(self.nbytes, self.decoded)
 
     @property
     def chunk_id(self) -> str:
@@ -69,27 +81,32 @@ class Chunk:
         return f"{os.path.basename(self.path)}[{self.row_start}:{self.row_end}]"
 
 
-def plan_chunks(files: Iterable[FileMeta], chunk_bytes: int) -> list[Chunk]:
-    """Every row of every file in exactly one chunk of about `chunk_bytes` uncompressed bytes."""
-    return [chunk for meta in files for chunk in _plan_file(meta, chunk_bytes)]
+def plan_chunks(files: Iterable[FileMeta], chunk_bytes: int, max_size: int | None = None) -> list[Chunk]:
+    """Every row of every file in exactly one chunk of about `chunk_bytes` uncompressed bytes
+    (the footer's) and, where rows allow, of at most `max_size` bytes as Arrow holds them."""
+    cap = max_size or NO_CAP
+    return [chunk for meta in files for chunk in _plan_file(meta, chunk_bytes, cap)]
 
 
-def _plan_file(meta: FileMeta, chunk_bytes: int) -> list[Chunk]:
+def _plan_file(meta: FileMeta, chunk_bytes: int, cap: int) -> list[Chunk]:
     chunks: list[Chunk] = []
     run: list[int] = []  # indexes of the row groups being coalesced
-    run_bytes = 0
+    run_bytes = run_size = 0
     offsets = _row_offsets(meta.row_groups)
     for index, group in enumerate(meta.row_groups):
-        if run and (group.num_rows == 0 or run_bytes + group.nbytes > chunk_bytes):
+        size = group.size
+        full = run_bytes + group.nbytes > chunk_bytes or run_size + size > cap
+        if run and (group.num_rows == 0 or full):
             chunks.append(_coalesced(meta, run, offsets))
-            run, run_bytes = [], 0
+            run, run_bytes, run_size = [], 0, 0
         if group.num_rows == 0:
             continue  # no rows to cover, and no chunk spans it
-        if group.nbytes > chunk_bytes:
-            chunks.extend(_split(meta, index, offsets[index], chunk_bytes))
+        if group.nbytes > chunk_bytes or size > cap:
+            chunks.extend(_split(meta, index, offsets[index], chunk_bytes, cap))
         else:
             run.append(index)
             run_bytes += group.nbytes
+            run_size += size
     if run:
         chunks.append(_coalesced(meta, run, offsets))
     return chunks
@@ -114,12 +131,14 @@ def _coalesced(meta: FileMeta, run: list[int], offsets: list[int]) -> Chunk:
         rg_end=last + 1,
         rg_row_offset=offsets[first],
         nbytes=sum(meta.row_groups[i].nbytes for i in run),
+        decoded=sum(meta.row_groups[i].size for i in run),
     )
 
 
-def _split(meta: FileMeta, index: int, offset: int, chunk_bytes: int) -> list[Chunk]:
+def _split(meta: FileMeta, index: int, offset: int, chunk_bytes: int, cap: int) -> list[Chunk]:
     group = meta.row_groups[index]
-    pieces = max(1, min(math.ceil(group.nbytes / chunk_bytes), group.num_rows))
+    wanted = max(math.ceil(group.nbytes / chunk_bytes), math.ceil(group.size / cap))
+    pieces = max(1, min(wanted, group.num_rows))
     bounds = [offset + group.num_rows * i // pieces for i in range(pieces + 1)]
     return [
         Chunk(
@@ -131,6 +150,7 @@ def _split(meta: FileMeta, index: int, offset: int, chunk_bytes: int) -> list[Ch
             rg_end=index + 1,
             rg_row_offset=offset,
             nbytes=group.nbytes * (end - start) // max(group.num_rows, 1),
+            decoded=group.size * (end - start) // max(group.num_rows, 1),
         )
         for start, end in zip(bounds, bounds[1:], strict=False)
     ]
@@ -297,14 +317,41 @@ def _read_footer(handle: BinaryIO, size: int) -> bytes:
 
 
 def _row_groups(md: pq.FileMetaData, columns: Sequence[str] | None) -> Iterable[RowGroup]:
-    indexes = _column_indexes(md, columns) if columns else None
+    indexes = _column_indexes(md, columns) if columns else range(md.num_columns)
+    widths = [_width(md.schema.column(j)) for j in range(md.num_columns)]
     for i in range(md.num_row_groups):
         group = md.row_group(i)
-        if indexes is None:
-            nbytes = group.total_byte_size
-        else:
-            nbytes = sum(group.column(j).total_uncompressed_size for j in indexes)
-        yield RowGroup(num_rows=group.num_rows, nbytes=nbytes)
+        chunks = [(group.column(j), widths[j]) for j in indexes]
+        nbytes = group.total_byte_size if not columns else sum(c.total_uncompressed_size for c, _ in chunks)
+        yield RowGroup(group.num_rows, nbytes, sum(_decoded(c, width) for c, width in chunks))
+
+
+WIDTHS = {"BOOLEAN": 1, "INT32": 4, "FLOAT": 4, "INT64": 8, "DOUBLE": 8, "INT96": 12}
+
+
+def _width(column: pq.ColumnSchema) -> int | None:
+    """Bytes a value takes in Arrow, for fixed-width types (None: variable, such as strings)."""
+    if column.physical_type == "FIXED_LEN_BYTE_ARRAY":
+        return int(column.length or 0)
+    return WIDTHS.get(column.physical_type)
+
+
+def _decoded(chunk: pq.ColumnChunkMetaData, width: int | None) -> int:
+    """A column chunk's size in Arrow, estimated from its footer entry: dictionary and run-length
+    encodings make the footer's uncompressed size a fraction of it (four 500-byte strings
+    repeated: a few bytes a row in the footer, 504 in Arrow). Strings are costed at the mean
+    length of their min and max statistics, plus an offset each."""
+    footer = int(chunk.total_uncompressed_size)
+    if width is not None:
+        return max(footer, chunk.num_values * width)
+    try:  # statistics are the writer's word: an estimate must never make a file unreadable
+        stats = chunk.statistics if chunk.is_stats_set else None
+        low, high = (stats.min, stats.max) if stats is not None and stats.has_min_max else (None, None)
+    except Exception:
+        return footer
+    if not isinstance(low, str | bytes) or not isinstance(high, str | bytes):
+        return footer
+    return max(footer, chunk.num_values * ((len(low) + len(high)) // 2 + 4))
 
 
 def _column_indexes(md: pq.FileMetaData, columns: Sequence[str]) -> list[int]:

@@ -130,15 +130,17 @@ FROM chunks WHERE job = $job AND status = $dead ORDER BY file, row_start;
 -- name: is_current
 -- Whether the file has this release's schema (its newest column).
 SELECT 1 FROM duckdb_columns()
-WHERE database_name = current_database() AND table_name = 'attempts' AND column_name = 'queued_seconds';
+WHERE database_name = current_database() AND table_name = 'attempts' AND column_name = 'chunk_size';
 
 -- name: memory_per_byte
--- What a job's recent attempts grew (peak minus start RSS) per planned byte, at the 90th
--- percentile; each worker's first attempt of a run is left out (it pays the worker's start-up).
-SELECT quantile_cont(greatest(peak_rss - start_rss, 0) / chunk_bytes, 0.9) FROM (
-    SELECT peak_rss, start_rss, chunk_bytes FROM (
-        SELECT *, row_number() OVER (PARTITION BY run_id, pid ORDER BY started_at) AS nth
-        FROM attempts WHERE job = $job AND outcome = 'done' AND chunk_bytes >= $min_bytes
+-- What a job's recent attempts grew (peak minus start RSS) per byte of their estimated size
+-- in Arrow (older attempts: of the footer's size), at the 90th percentile; each worker's first
+-- attempt of a run is left out (it pays the worker's start-up).
+SELECT quantile_cont(greatest(peak_rss - start_rss, 0) / size, 0.9) FROM (
+    SELECT peak_rss, start_rss, size FROM (
+        SELECT *, coalesce(chunk_size, chunk_bytes) AS size,
+            row_number() OVER (PARTITION BY run_id, pid ORDER BY started_at) AS nth
+        FROM attempts WHERE job = $job AND outcome = 'done' AND coalesce(chunk_size, chunk_bytes) >= $min_bytes
             AND start_rss IS NOT NULL AND peak_rss IS NOT NULL
     ) WHERE nth > 1 ORDER BY ended_at DESC LIMIT 200
 );

@@ -88,7 +88,8 @@ class AttemptRecord:
     bytes_out: int | None = None
     peak_rss: int | None = None
     start_rss: int | None = None
-    chunk_bytes: int | None = None  # the planner's size of the chunk, that estimates scale
+    chunk_bytes: int | None = None  # the planner's size of the chunk (the footer's)
+    chunk_size: int | None = None  # its size in Arrow, as the planner estimated it
     cpu_seconds: float | None = None
     queued_seconds: float | None = None
     error_type: str | None = None

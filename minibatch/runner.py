@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from minibatch.admission import LEARN_FROM, MemoryModel
+from minibatch.admission import LEARN_FROM, MEMORY_FACTOR, MemoryModel
 from minibatch.clock import SYSTEM, Clock
 from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.events import Emitter, Listener, LogListener
@@ -224,7 +224,9 @@ class Run:
             self.manifest, self.job.name, self.record.run_id, bad + fit.bad, self.events
         )
         self.summary.bad_files, self.record.bad_files = new_bad, len(new_bad)
-        chunks = plan_chunks(files, self.job.chunk_bytes)
+        # a chunk whose decoded rows alone would fill half the budget is split (a stable rule:
+        # not the learned factor, which changes from run to run, and the plan with it)
+        chunks = plan_chunks(files, self.job.chunk_bytes, int(self.job.memory_limit // MEMORY_FACTOR))
         self.record.chunks_total = len(chunks)
         work = reconcile(chunks, self.manifest, self.store, self.ledger, self.events)
         self.store.load_schema(self.ledger.outputs.values(), state.get("output_schema"))

@@ -394,5 +394,5 @@ def worker_main(conn: Connection, memory_cap: int | None, stopping: Any) -> None
         conn.send(reply)
         # Hand freed memory back after a big chunk (measured: -50 MiB of tree peak on 16 MiB
         # chunks; after smaller ones (map_light: 7 MiB) reusing it is up to 15% faster) or idle.
-        if task.chunk.nbytes >= RELEASE_AFTER or not conn.poll():
+        if task.chunk.size >= RELEASE_AFTER or not conn.poll():
             pool.release_unused()

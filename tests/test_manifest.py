@@ -373,7 +373,7 @@ def test_a_reader_adds_this_releases_columns_to_an_older_manifest_once(path: Pat
         ("runs", "peak_memory"),
         ("runs", "idle_memory"),
         ("attempts", "start_rss"),
-        ("attempts", "queued_seconds"),
+        ("attempts", "chunk_size"),
     )
     for table, column in dropped:
         con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
@@ -383,4 +383,4 @@ def test_a_reader_adds_this_releases_columns_to_an_older_manifest_once(path: Pat
     assert run["run_id"] == "r1" and "idle_memory" in run and run["peak_memory"] is None
     assert reader.status("j")[0]["run_id"] == "r1"
     assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE column_name = 'start_rss'") == [(1,)]
-    assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE column_name = 'queued_seconds'") == [(1,)]
+    assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE column_name = 'chunk_size'") == [(1,)]

@@ -35,7 +35,7 @@ chunk_sizes = st.one_of(st.integers(1, 64), st.integers(1, 4096), st.integers(1,
 
 
 def row_groups(min_rows: int = 0) -> st.SearchStrategy[tuple[RowGroup, ...]]:
-    group = st.builds(RowGroup, num_rows=st.integers(min_rows, 1000), nbytes=byte_counts)
+    group = st.builds(RowGroup, num_rows=st.integers(min_rows, 1000), nbytes=byte_counts, decoded=byte_counts)
     return st.lists(group, min_size=0, max_size=12).map(tuple)
 
 
@@ -71,7 +71,8 @@ def _is_whole_groups(chunk: Chunk, offsets: list[int]) -> bool:
     return chunk.row_start == offsets[chunk.rg_start] and chunk.row_end == offsets[chunk.rg_end]
 
 
-def _check_file_chunks(meta: FileMeta, chunks: list[Chunk], chunk_bytes: int) -> None:
+def _check_file_chunks(meta: FileMeta, chunks: list[Chunk], chunk_bytes: int, cap: int | None = None) -> None:
+    cap = cap or 2**63
     offsets = _offsets(meta)
     total_rows = offsets[-1]
     for chunk in chunks:
@@ -84,14 +85,16 @@ def _check_file_chunks(meta: FileMeta, chunks: list[Chunk], chunk_bytes: int) ->
         assert chunk.num_rows == chunk.row_end - chunk.row_start
         assert chunk.num_rows >= 1, f"empty chunk {chunk}"  # empty row groups get no chunk
         groups = meta.row_groups[chunk.rg_start : chunk.rg_end]
-        if len(groups) > 1:  # coalesced: whole row groups, never above chunk_bytes
+        assert chunk.size <= 2 * cap or chunk.num_rows == 1, (chunk, cap)  # rows split evenly
+        if len(groups) > 1:  # coalesced: whole row groups, never above chunk_bytes or the cap
             assert _is_whole_groups(chunk, offsets), chunk
             assert sum(g.nbytes for g in groups) <= chunk_bytes, chunk
+            assert chunk.size == sum(g.size for g in groups) <= cap, chunk
             assert chunk.nbytes == sum(g.nbytes for g in groups)
             assert chunk.nbytes <= chunk_bytes
         elif not _is_whole_groups(chunk, offsets):  # split: a row range of one row group
             (group,) = groups
-            assert group.nbytes > chunk_bytes, (chunk, group)
+            assert group.nbytes > chunk_bytes or group.size > cap, (chunk, group)
             assert chunk.num_rows >= 1
     # every row of the file exactly once: the non-empty ranges tile [0, total_rows)
     ranges = sorted((c.row_start, c.row_end) for c in chunks if c.num_rows > 0)
@@ -105,9 +108,10 @@ def _check_file_chunks(meta: FileMeta, chunks: list[Chunk], chunk_bytes: int) ->
 
 
 @PROPERTY
-@given(files=file_lists(), chunk_bytes=chunk_sizes)
-def test_plan_covers_every_row_exactly_once(files, chunk_bytes):
-    chunks = plan_chunks(files, chunk_bytes)
+@given(files=file_lists(), chunk_bytes=chunk_sizes, cap=st.one_of(st.none(), chunk_sizes))
+def test_plan_covers_every_row_exactly_once(files, chunk_bytes, cap):
+    """... also when chunks are capped by their decoded size (`max_size`, from the budget)."""
+    chunks = plan_chunks(files, chunk_bytes, cap)
     by_path: dict[str, list[Chunk]] = defaultdict(list)
     for chunk in chunks:
         by_path[chunk.path].append(chunk)
@@ -117,7 +121,7 @@ def test_plan_covers_every_row_exactly_once(files, chunk_bytes):
     collapsed = [p for i, p in enumerate(paths_in_order) if i == 0 or paths_in_order[i - 1] != p]
     assert collapsed == [m.path for m in files if m.path in by_path]
     for meta in files:
-        _check_file_chunks(meta, by_path.get(meta.path, []), chunk_bytes)
+        _check_file_chunks(meta, by_path.get(meta.path, []), chunk_bytes, cap)
     # a row-set view of the same claim, on a bounded number of rows
     if sum(c.num_rows for c in chunks) <= 20_000:
         seen: list[tuple[str, int]] = [(c.path, row) for c in chunks for row in range(c.row_start, c.row_end)]
@@ -421,3 +425,30 @@ def test_expand_inputs_sorted_unique_files_only(tree):
 def test_expand_inputs_dedups_equivalent_paths(tree):
     found = expand_inputs(tree, ["data/*.parquet", f"../{tree.name}/data/*.parquet"])
     assert found == [str(tree / "data/a.parquet"), str(tree / "data/b.parquet")]
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        pa.array([("x" * 499) + str(i % 4) for i in range(20_000)]),  # dictionary: the footer says ~5 KB
+        pa.array([i % 3 for i in range(20_000)], pa.int64()),  # run-length encoded
+        pa.array([str(i) * (i % 7) for i in range(20_000)]),  # varied lengths
+        pa.array([float(i) for i in range(20_000)]),  # plain
+    ],
+)
+def test_a_row_groups_decoded_size_is_estimated_from_its_footer(tmp_path: Path, column: pa.Array) -> None:
+    path = tmp_path / "one.parquet"
+    pq.write_table(pa.table({"c": column}), path)
+    (group,) = read_file_meta(str(path), None).row_groups
+    assert 0.75 * column.nbytes <= group.size <= 1.5 * column.nbytes, (group, column.nbytes)
+
+
+def test_a_budget_splits_what_it_could_not_hold_and_leaves_other_plans_alone(tmp_path: Path) -> None:
+    path = tmp_path / "one.parquet"
+    table = pa.table({"c": [("x" * 499) + str(i % 4) for i in range(20_000)]})  # 10 MB in Arrow
+    pq.write_table(table, path, row_group_size=5_000)
+    meta = read_file_meta(str(path), None)
+    assert len(plan_chunks([meta], 64 * 2**20)) == 1  # the footer says 20 KB: one chunk
+    assert len(plan_chunks([meta], 64 * 2**20, 64 * 2**20)) == 1
+    capped = plan_chunks([meta], 64 * 2**20, 2**20)  # ~2.5 MB a group: 3 slices each
+    assert len(capped) == 12 and all(c.size <= 2**20 for c in capped)
