@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import multiprocessing
 import os
 import resource
@@ -58,6 +59,7 @@ SQL_CONFIG: dict[str, str | bool | int | float | list[str]] = {
     "enable_external_file_cache": False,
 }
 _local = threading.local()  # a DuckDB connection per thread (a Dask worker may have several)
+FILES_PER_CONNECTION = 32  # files a thread's DuckDB reads before a fresh one: bounds its footer cache
 
 
 def run_task(task: Task) -> TaskResult:
@@ -282,24 +284,54 @@ def _sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
 
     DuckDB reads the descriptor we opened and checked (/proc/self/fd/N), never the path: it
     would expand `[`, `*` and `?` in a file's name as a glob, and a path may change under us."""
-    sql = getattr(_local, "sql", None)
-    if sql is None:  # no file cache: /proc/self/fd/N names another file after a close
-        sql = _local.sql = duckdb.connect(":memory:", config=SQL_CONFIG)
-    with _open_input(chunk) as handle:
-        before = os.fstat(handle.fileno())
-        _check_unchanged(chunk, before)
-        rows = sql.read_parquet(f"/proc/self/fd/{handle.fileno()}", file_row_number=True)
-        row = duckdb.ColumnExpression("file_row_number")
-        start, end = duckdb.ConstantExpression(chunk.row_start), duckdb.ConstantExpression(chunk.row_end)
-        rows = rows.filter((row >= start) & (row < end))
-        names = list(job.columns) if job.columns else [c for c in rows.columns if c != "file_row_number"]
-        rows.project(*[duckdb.ColumnExpression(name) for name in names]).create_view("chunk", replace=True)
-        assert job.sql is not None
-        result = sql.sql(job.sql).to_arrow_table()
-        after = os.fstat(handle.fileno())
+    held = _local.sql = getattr(_local, "sql", None) or _HeldInput()
+    fd = held.open(chunk)
+    before = os.fstat(fd)
+    _check_unchanged(chunk, before)
+    rows = held.con.read_parquet(f"/proc/self/fd/{fd}", file_row_number=True)
+    rows = rows.filter(f"file_row_number BETWEEN {int(chunk.row_start)} AND {int(chunk.row_end) - 1}")
+    names = list(job.columns) if job.columns else [c for c in rows.columns if c != "file_row_number"]
+    rows.project(*[duckdb.ColumnExpression(name) for name in names]).create_view("chunk", replace=True)
+    result = held.con.sql(cast(str, job.sql)).to_arrow_table()
+    after = os.fstat(fd)
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         raise InputChanged(f"{chunk.path} changed while it was read")
     return cast(pa.Table, result)
+
+
+class _HeldInput:
+    """A thread's DuckDB, and the input file it keeps open from chunk to chunk so its footer is parsed
+    once (parquet_metadata_cache). DuckDB keys that by the name /proc/self/fd/N, checks only the mtime
+    in seconds, and a closed N may name another file: so a file is held under a number above all this
+    DuckDB has seen (F_DUPFD), and after FILES_PER_CONNECTION files a fresh DuckDB starts over."""
+
+    def __init__(self) -> None:
+        self.fd, self.key = -1, ("", "", 0, 0)
+        self.con, self.next_fd, self.files = _sql_connection(), 3, 0
+
+    def open(self, chunk: Chunk) -> int:
+        """The descriptor of the file the chunk's path names now: the one held if it is the same
+        file (device, inode) and the chunk was planned with the same fingerprint, else a new one."""
+        with _open_input(chunk) as handle:
+            stat = os.fstat(handle.fileno())
+            key = (chunk.path, chunk.fingerprint, stat.st_dev, stat.st_ino)
+            if key != self.key:
+                self.release()
+                if self.files >= FILES_PER_CONNECTION:
+                    self.con.close()
+                    self.con, self.next_fd, self.files = _sql_connection(), 3, 0
+                self.fd = fcntl.fcntl(handle.fileno(), fcntl.F_DUPFD_CLOEXEC, self.next_fd)
+                self.next_fd, self.key, self.files = self.fd + 1, key, self.files + 1
+        return self.fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd, self.key = -1, ("", "", 0, 0)
+
+
+def _sql_connection() -> duckdb.DuckDBPyConnection:
+    return duckdb.connect(":memory:", config=SQL_CONFIG).execute("SET parquet_metadata_cache = true")
 
 
 def _removed(chunk: Chunk) -> InputRemoved:
@@ -396,3 +428,5 @@ def worker_main(conn: Connection, memory_cap: int | None, stopping: Any) -> None
         # chunks; after smaller ones (map_light: 7 MiB) reusing it is up to 15% faster) or idle.
         if task.chunk.size >= RELEASE_AFTER or not conn.poll():
             pool.release_unused()
+        if not conn.poll() and hasattr(_local, "sql"):
+            _local.sql.release()  # an idle worker holds no input open: it may be deleted meanwhile
