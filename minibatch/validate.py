@@ -92,7 +92,7 @@ def _binder() -> tuple[Any, threading.Lock]:
     time: its `chunk` view is shared. No file cache: /proc/self/fd/N names another file each time."""
     import duckdb
 
-    from minibatch.worker import SQL_CONFIG  # the settings the workers run the SQL with
+    from minibatch.reading import SQL_CONFIG  # the settings the workers run the SQL with
 
     return duckdb.connect(":memory:", config=SQL_CONFIG), threading.Lock()
 

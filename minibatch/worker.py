@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import multiprocessing
 import os
 import resource
@@ -19,16 +18,14 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from minibatch.jobcode import forget_package, import_process
 from minibatch.layout import with_provenance, write_durably
-from minibatch.pageslice import read_rows
-from minibatch.planner import Chunk, fingerprint_stat
+from minibatch.reading import read_chunk, release_held, sql_on_file
 from minibatch.results import check_schema, conform
 from minibatch.states import ErrorKind
 from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task, TaskError, TaskResult
@@ -53,13 +50,6 @@ RELEASE_AFTER = 8 * 2**20  # chunk bytes from which a worker returns Arrow's fre
 
 _functions: dict[str, tuple[Any, str | None, int | None]] = {}  # key -> (func, file, mtime)
 _import_lock = threading.Lock()
-_footers: dict[tuple[str, str], pq.FileMetaData] = {}
-SQL_CONFIG: dict[str, str | bool | int | float | list[str]] = {
-    "threads": 1,
-    "enable_external_file_cache": False,
-}
-_local = threading.local()  # a DuckDB connection per thread (a Dask worker may have several)
-FILES_PER_CONNECTION = 32  # files a thread's DuckDB reads before a fresh one: bounds its footer cache
 
 
 def run_task(task: Task) -> TaskResult:
@@ -72,7 +62,7 @@ def run_task(task: Task) -> TaskResult:
     read = started
     result: pa.Table | None
     if task.job.sql is not None:
-        result = _sql_on_file(task.job, chunk)  # DuckDB reads the rows itself: no Arrow round trip
+        result = sql_on_file(task.job, chunk)  # DuckDB reads the rows itself: no Arrow round trip
         rows_in, bytes_in = chunk.num_rows, chunk.nbytes
     else:
         table = read_chunk(chunk, task.job.columns)
@@ -161,90 +151,6 @@ def _write(task: Task, result: pa.Table) -> tuple[int, str]:
     return write_durably(table, staged), str(staged)
 
 
-def read_chunk(chunk: Chunk, columns: tuple[str, ...] | None) -> pa.Table:
-    """The chunk's rows, read by the worker itself from the file (never sent through a pipe)."""
-    with _open_input(chunk) as handle:
-        table = _read_open(chunk, handle, list(columns) if columns else None)
-    table.validate(full=True)  # untrusted input: fail here, not inside the job's code
-    return table
-
-
-def _read_open(chunk: Chunk, handle: Any, cols: list[str] | None) -> pa.Table:
-    _check_unchanged(chunk, os.fstat(handle.fileno()))
-    parquet = pq.ParquetFile(handle, metadata=_footer(chunk, handle))
-    groups = range(chunk.rg_start, chunk.rg_end)
-    group_rows = sum(parquet.metadata.row_group(i).num_rows for i in groups)
-    if chunk.row_start == chunk.rg_row_offset and chunk.num_rows == group_rows:
-        return parquet.read_row_groups(list(groups), columns=cols)
-    return _read_slice(parquet, chunk, cols, handle.fileno())
-
-
-def _footer(chunk: Chunk, handle: Any) -> pq.FileMetaData:
-    """The file's parsed footer, kept per (file, fingerprint): small chunks of a file with many
-    row groups would otherwise spend most of their time parsing the same footer."""
-    key = (chunk.path, chunk.fingerprint)
-    metadata = _footers.get(key)
-    if metadata is None:
-        if len(_footers) >= 16:
-            _footers.clear()
-        metadata = _footers[key] = pq.read_metadata(handle)
-    return metadata
-
-
-def _read_slice(parquet: pq.ParquetFile, chunk: Chunk, cols: list[str] | None, fd: int) -> pa.Table:
-    """Rows of part of one row group: each column decoded from the pages that hold the rows
-    (pageslice), or, where its pages cannot be placed, from the group's start (_read_batches)."""
-    schema = parquet.schema_arrow
-    if cols is not None:
-        schema = pa.schema([schema.field(c) for c in cols])
-    names = schema.names
-    if len(set(names)) != len(names):
-        return _read_batches(parquet, chunk, cols, schema)
-    start = chunk.row_start - chunk.rg_row_offset
-    key = (chunk.path, chunk.fingerprint)
-    columns = read_rows(fd, key, chunk.rg_start, start, start + chunk.num_rows, names)
-    rest = [name for name in names if name not in columns]
-    if rest:
-        rest_schema = pa.schema([schema.field(name) for name in rest])
-        columns.update(zip(rest, _read_batches(parquet, chunk, rest, rest_schema).columns, strict=True))
-    return pa.Table.from_arrays([columns[name] for name in names], schema=schema)
-
-
-def _read_batches(
-    parquet: pq.ParquetFile, chunk: Chunk, cols: list[str] | None, schema: pa.Schema
-) -> pa.Table:
-    """Rows of part of one row group, decoding from its start batch by batch (memory near the
-    chunk's, but a slice near the group's end decodes nearly all of it)."""
-    skip = chunk.row_start - chunk.rg_row_offset
-    wanted = chunk.num_rows
-    batches = []
-    for batch in parquet.iter_batches(
-        batch_size=min(65536, max(wanted, 1)), row_groups=[chunk.rg_start], columns=cols
-    ):
-        if skip >= batch.num_rows:
-            skip -= batch.num_rows
-            continue
-        piece = batch.slice(skip, wanted)
-        skip = 0
-        batches.append(piece)
-        wanted -= piece.num_rows
-        if wanted <= 0:
-            break
-    return pa.Table.from_batches(batches, schema=schema)
-
-
-def _open_input(chunk: Chunk) -> BinaryIO:
-    try:
-        return open(chunk.path, "rb")
-    except FileNotFoundError:
-        raise _removed(chunk) from None
-
-
-def _check_unchanged(chunk: Chunk, stat: os.stat_result) -> None:
-    if (stat.st_size, stat.st_mtime_ns) != fingerprint_stat(chunk.fingerprint):
-        raise InputChanged(f"{chunk.path} changed since it was planned")
-
-
 def _call(job: JobSpec, table: pa.Table, ctx: ChunkContext) -> pa.Table | None:
     result = _function(job)(table, ctx)
     if result is None or isinstance(result, pa.Table):
@@ -277,66 +183,6 @@ def _mtime(path: str | None) -> int | None:
         return os.stat(path).st_mtime_ns if path else None
     except OSError:
         return None
-
-
-def _sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
-    """Run the job's SQL with `chunk` a view of the chunk's rows, read by DuckDB from the file.
-
-    DuckDB reads the descriptor we opened and checked (/proc/self/fd/N), never the path: it
-    would expand `[`, `*` and `?` in a file's name as a glob, and a path may change under us."""
-    held = _local.sql = getattr(_local, "sql", None) or _HeldInput()
-    fd = held.open(chunk)
-    before = os.fstat(fd)
-    _check_unchanged(chunk, before)
-    rows = held.con.read_parquet(f"/proc/self/fd/{fd}", file_row_number=True)
-    rows = rows.filter(f"file_row_number BETWEEN {int(chunk.row_start)} AND {int(chunk.row_end) - 1}")
-    names = list(job.columns) if job.columns else [c for c in rows.columns if c != "file_row_number"]
-    rows.project(*[duckdb.ColumnExpression(name) for name in names]).create_view("chunk", replace=True)
-    result = held.con.sql(cast(str, job.sql)).to_arrow_table()
-    after = os.fstat(fd)
-    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-        raise InputChanged(f"{chunk.path} changed while it was read")
-    return cast(pa.Table, result)
-
-
-class _HeldInput:
-    """A thread's DuckDB, and the input file it keeps open from chunk to chunk so its footer is parsed
-    once (parquet_metadata_cache). DuckDB keys that by the name /proc/self/fd/N, checks only the mtime
-    in seconds, and a closed N may name another file: so a file is held under a number above all this
-    DuckDB has seen (F_DUPFD), and after FILES_PER_CONNECTION files a fresh DuckDB starts over."""
-
-    def __init__(self) -> None:
-        self.fd, self.key = -1, ("", "", 0, 0)
-        self.con, self.next_fd, self.files = _sql_connection(), 3, 0
-
-    def open(self, chunk: Chunk) -> int:
-        """The descriptor of the file the chunk's path names now: the one held if it is the same
-        file (device, inode) and the chunk was planned with the same fingerprint, else a new one."""
-        with _open_input(chunk) as handle:
-            stat = os.fstat(handle.fileno())
-            key = (chunk.path, chunk.fingerprint, stat.st_dev, stat.st_ino)
-            if key != self.key:
-                self.release()
-                if self.files >= FILES_PER_CONNECTION:
-                    self.con.close()
-                    self.con, self.next_fd, self.files = _sql_connection(), 3, 0
-                self.fd = fcntl.fcntl(handle.fileno(), fcntl.F_DUPFD_CLOEXEC, self.next_fd)
-                self.next_fd, self.key, self.files = self.fd + 1, key, self.files + 1
-        return self.fd
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd, self.key = -1, ("", "", 0, 0)
-
-
-def _sql_connection() -> duckdb.DuckDBPyConnection:
-    return duckdb.connect(":memory:", config=SQL_CONFIG).execute("SET parquet_metadata_cache = true")
-
-
-def _removed(chunk: Chunk) -> InputRemoved:
-    """A removed input file is changed input, not an error of the chunk."""
-    return InputRemoved(f"{chunk.path} was removed since it was planned")
 
 
 def describe_error(exc: BaseException) -> TaskError:
@@ -428,5 +274,5 @@ def worker_main(conn: Connection, memory_cap: int | None, stopping: Any) -> None
         # chunks; after smaller ones (map_light: 7 MiB) reusing it is up to 15% faster) or idle.
         if task.chunk.size >= RELEASE_AFTER or not conn.poll():
             pool.release_unused()
-        if not conn.poll() and hasattr(_local, "sql"):
-            _local.sql.release()  # an idle worker holds no input open: it may be deleted meanwhile
+        if not conn.poll():
+            release_held()  # an idle worker holds no input open: it may be deleted meanwhile

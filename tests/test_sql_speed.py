@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minibatch import worker
+from minibatch import reading
 from minibatch.planner import Chunk, plan_chunks, read_file_meta
 from minibatch.tasks import InputChanged, JobSpec
 
@@ -44,7 +44,7 @@ def chunks(path: Path) -> list[Chunk]:
 
 
 def answer(chunk: Chunk) -> tuple[int | None, int]:
-    row = worker._sql_on_file(JOB, chunk).to_pylist()[0]
+    row = reading.sql_on_file(JOB, chunk).to_pylist()[0]
     return row["total"], row["n"]
 
 
@@ -56,11 +56,11 @@ def expected(start: int, chunk: Chunk) -> tuple[int | None, int]:
 @pytest.fixture(autouse=True)
 def fresh_thread_state() -> None:
     """Each test starts as a new worker thread would: no connection, no file held."""
-    held = getattr(worker._local, "sql", None)
+    held = getattr(reading._local, "sql", None)
     if held is not None:
         held.release()
         held.con.close()
-        del worker._local.sql
+        del reading._local.sql
 
 
 def test_another_file_under_the_same_descriptor_number_is_read_afresh(tmp_path: Path) -> None:
@@ -122,17 +122,17 @@ def test_chunks_of_one_file_share_its_descriptor_and_numbers_are_never_reused(tm
         seen = set()
         for chunk in chunks(path):
             answer(chunk)
-            seen.add(worker._local.sql.fd)
+            seen.add(reading._local.sql.fd)
         assert len(seen) == 1  # every chunk of the file through one descriptor: one footer parse
         held_numbers += seen
     assert held_numbers == sorted(set(held_numbers))  # rising: no name means two files to DuckDB
 
 
 def test_a_fresh_connection_after_enough_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker, "FILES_PER_CONNECTION", 2)
+    monkeypatch.setattr(reading, "FILES_PER_CONNECTION", 2)
     made = []
-    connect = worker._sql_connection
-    monkeypatch.setattr(worker, "_sql_connection", lambda: made.append(1) or connect())
+    connect = reading._sql_connection
+    monkeypatch.setattr(reading, "_sql_connection", lambda: made.append(1) or connect())
     for i in range(5):
         path = tmp_path / f"{i}.parquet"
         write(path, parquet_bytes(1000 * i))
@@ -145,9 +145,9 @@ def test_release_closes_the_held_file(tmp_path: Path) -> None:
     path = tmp_path / "a.parquet"
     write(path, parquet_bytes(0))
     answer(chunks(path)[0])
-    fd = worker._local.sql.fd
+    fd = reading._local.sql.fd
     assert os.path.samefile(f"/proc/self/fd/{fd}", path)
-    worker._local.sql.release()
-    assert worker._local.sql.fd == -1
+    reading._local.sql.release()
+    assert reading._local.sql.fd == -1
     with pytest.raises(OSError):
         os.fstat(fd)
