@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 from minibatch.units import format_size
 
 INTERVAL = 0.05  # seconds between samples
+RESCAN = 1.0  # seconds between walks of the tree (a walk costs ~0.5 ms, a sample ~0.05 ms a process)
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -58,6 +60,8 @@ class TreeMemory:
         self.peak = 0  # above idle, the most seen
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pids: list[int] = []
+        self._walked = -RESCAN
 
     def start(self) -> None:
         if not self.available or self._thread is not None:
@@ -74,7 +78,10 @@ class TreeMemory:
             self.sample()
 
     def sample(self) -> int:
-        self.current = max(0, tree_memory(self.root) - self.idle)
+        now = time.monotonic()
+        if now - self._walked >= RESCAN:  # a new worker is seen within a second
+            self._pids, self._walked = tree(self.root), now
+        self.current = max(0, sum(anonymous(pid) for pid in self._pids) - self.idle)
         self.peak = max(self.peak, self.current)
         return self.current
 
