@@ -4,9 +4,9 @@
 
 Writes one file of ONE row group (~76 MiB uncompressed: int64, float64, string, a small-range
 int64 with nulls) with and without a page index, plans it with chunk_bytes = 2 MiB (38 slices),
-then times, in interleaved runs (rotating who goes first): `whole` = worker.read_chunk of the
+then times, in interleaved runs (rotating who goes first): `whole` = reading.read_chunk of the
 group as one chunk, `old` = every slice decoded from the group's start (the reader before
-issue 13, kept as worker._read_batches, validated like read_chunk), `new` = worker.read_chunk of
+issue 13, kept as reading._read_batches, validated like read_chunk), `new` = reading.read_chunk of
 every slice (pageslice). Each new slice is checked to equal the group's rows exactly. Prints medians of wall
 and of CPU seconds (the machine may be shared: CPU time is the steadier measure).
 """
@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from minibatch import pageslice, worker
+from minibatch import pageslice, reading
 from minibatch.planner import Chunk, plan_chunks, read_file_meta
 
 CHUNK_BYTES = 2 * 2**20
@@ -53,26 +53,26 @@ def write_files(data: Path, rows: int) -> list[Path]:
 
 
 def read_chunks(path: Path, chunks: list[Chunk]) -> None:
-    """What workers do: worker.read_chunk (open, check, read, validate) for every chunk."""
+    """What workers do: reading.read_chunk (open, check, read, validate) for every chunk."""
     pageslice._groups.clear()  # each run starts cold, like a fresh worker
-    worker._footers.clear()
+    reading._footers.clear()
     for chunk in chunks:
-        worker.read_chunk(chunk, None)
+        reading.read_chunk(chunk, None)
 
 
 def read_old(path: Path, chunks: list[Chunk]) -> None:
-    """The reader before issue 13 (now worker._read_batches), validated like read_chunk."""
-    worker._footers.clear()
+    """The reader before issue 13 (now reading._read_batches), validated like read_chunk."""
+    reading._footers.clear()
     for chunk in chunks:
         with open(path, "rb") as handle:
-            parquet = pq.ParquetFile(handle, metadata=worker._footer(chunk, handle))
-            worker._read_batches(parquet, chunk, None, parquet.schema_arrow).validate(full=True)
+            parquet = pq.ParquetFile(handle, metadata=reading._footer(chunk, handle))
+            reading._read_batches(parquet, chunk, None, parquet.schema_arrow).validate(full=True)
 
 
 def check(path: Path, chunks: list[Chunk]) -> None:
     whole = pq.ParquetFile(path).read_row_group(0)
     for chunk in chunks:
-        got = worker.read_chunk(chunk, None)
+        got = reading.read_chunk(chunk, None)
         expected = whole.slice(chunk.row_start - chunk.rg_row_offset, chunk.num_rows)
         assert got.equals(expected), f"{path.name} {chunk.label} differs"
 

@@ -6,11 +6,12 @@ chunk's dictionary page) and hands pyarrow a small in-memory Parquet file: those
 copy of the footer rewritten to one row group of just those rows. pyarrow decodes it with the
 file's own schema and ARROW:schema metadata, so types and values are the ones a whole read gives.
 
-Where each data page starts (its first row) comes from the OffsetIndex when the file has a page
-index, else from the page headers (read, not decoded): a non-repeated column's v1 page holds
-num_values rows, a v2 page says num_rows. A column whose pages cannot be placed (a list column
-in v1 pages without a page index; an encrypted file; a column chunk in another file) is left
-to the caller, which decodes it from the group's start.
+Where each data page starts (its first row) comes from the page headers (read, not decoded),
+and only for columns outside any list, whose pages hold one value (or null) a row: the number
+the decoder itself goes by. A page index is not trusted for it (writers have got it wrong),
+nor a list column's headers. A column whose pages cannot be placed (a list column; an
+encrypted file; a column chunk in another file; more than MAX_PAGES pages) is left to the
+caller, which decodes it from the group's start.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from minibatch.thrift import I64, LIST, STRUCT, Struct
 DICTIONARY_PAGE, DATA_PAGE, DATA_PAGE_V2 = 2, 0, 3
 REPEATED = 2
 MAX_HEADER = 64 * 2**20
+MAX_PAGES = 4096  # a column chunk's pages placed by reading each header (~0.1 ms a page)
 DROPPED = (10, 12, 13, 14, 15, 16, 17)  # index page, statistics, encoding stats, bloom, sizes, geo
 DICTIONARY_ENCODINGS = (2, 8)  # PLAIN_DICTIONARY, RLE_DICTIONARY
 
@@ -109,14 +111,16 @@ def page_starts(
 
 def _layout(fd: int, key: tuple[str, str], group: int) -> Group | None:
     cache_key = (*key, group)
-    if cache_key not in _groups:
-        if len(_groups) >= 64:
-            _groups.clear()
-        try:
-            _groups[cache_key] = _load(fd, group)
-        except (Unusable, thrift.ThriftError, KeyError, IndexError, TypeError, ValueError):
-            _groups[cache_key] = None
-    return _groups[cache_key]
+    if cache_key in _groups:
+        return _groups[cache_key]
+    if len(_groups) >= 64:
+        _groups.clear()
+    try:
+        layout: Group | None = _load(fd, group)
+    except (Unusable, thrift.ThriftError, KeyError, IndexError, TypeError, ValueError, OSError):
+        layout = None
+    _groups[cache_key] = layout
+    return layout
 
 
 def _load(fd: int, index: int) -> Group:
@@ -171,12 +175,11 @@ def _leaf(fd: int, chunk: Struct, num_rows: int, repeated: bool) -> Leaf:
     dictionary = meta[11][1] if 11 in meta and meta[11][1] > 0 else data
     start = min(data, dictionary)
     end = start + meta[7][1]
-    if 4 in chunk and 5 in chunk:
-        index, _ = thrift.read_struct(os.pread(fd, chunk[5][1], chunk[4][1]))
-        locations = index[1][1][1]
-        pages, rows = [loc[1][1] for loc in locations], [loc[3][1] for loc in locations]
-    else:
-        pages, rows = _scan(fd, start, end, repeated)
+    # Rows are placed only by the data pages' own headers, for columns outside any list: a
+    # writer's page index has been wrong (ClickHouse#83876: element indexes as rows), and so
+    # has a v2 header's num_rows in a list column (pyarrow < 12, apache/arrow#34086). A whole
+    # read ignores both, so trusting them would return other rows than the slice's, silently.
+    pages, rows = _scan(fd, start, end, repeated)
     rows.append(num_rows)
     if not pages or rows[0] != 0 or any(x >= y for x, y in zip(rows, rows[1:], strict=False)):
         raise Unusable("pages do not cover the group's rows in order")
@@ -186,8 +189,8 @@ def _leaf(fd: int, chunk: Struct, num_rows: int, repeated: bool) -> Leaf:
 
 
 def _scan(fd: int, start: int, end: int, repeated: bool) -> tuple[list[int], list[int]]:
-    """Data pages' offsets and first rows from their headers; a repeated column's v1 pages do
-    not say their rows, so its only known page start is its first page."""
+    """Data pages' offsets and first rows from their headers; a repeated column's rows are not
+    placed (its only known page start is its first page)."""
     pages: list[int] = []
     rows: list[int] = []
     pos, row = start, 0
@@ -195,9 +198,11 @@ def _scan(fd: int, start: int, end: int, repeated: bool) -> tuple[list[int], lis
         header, size = _header(fd, pos, end)
         kind = header[1][1]
         if kind in (DATA_PAGE, DATA_PAGE_V2):
-            count = _page_rows(header, repeated)
+            count = None if repeated else _page_rows(header)
             if count is None:
                 return ([pos] if not pages else pages[:1]), [0]
+            if len(pages) >= MAX_PAGES:
+                raise Unusable("too many pages to place by their headers")
             pages.append(pos)
             rows.append(row)
             row += count
@@ -219,10 +224,14 @@ def _header(fd: int, pos: int, end: int) -> tuple[Struct, int]:
             want *= 16
 
 
-def _page_rows(header: Struct, repeated: bool) -> int | None:
+def _page_rows(header: Struct) -> int:
+    """Rows of a data page of a column outside any list: one value (or null) a row."""
     if header[1][1] == DATA_PAGE_V2:
-        return int(header[8][1][3][1])
-    return None if repeated else int(header[5][1][1][1])
+        v2 = header[8][1]
+        if v2[1][1] != v2[3][1]:
+            raise Unusable("a v2 page whose num_rows is not its num_values")
+        return int(v2[3][1])
+    return int(header[5][1][1][1])
 
 
 def _start(layout: Group, name: str, a: int, b: int) -> int | None:
@@ -283,14 +292,14 @@ def _copy_pages(fd: int, buf: bytearray, leaf: Leaf, start: int, end: int) -> St
 
 def _count(pages: bytes, expected: int, rows: tuple[int, ...], repeated: bool) -> tuple[int, int, bool]:
     """Values and uncompressed bytes of the data pages in `pages` (checked against where the
-    index says they start), and whether any of them is dictionary-encoded."""
+    layout says they start), and whether any of them is dictionary-encoded."""
     pos = values = plain = found = 0
     indexed = False
     while pos < len(pages):
         header, body = thrift.read_struct(pages, pos)
         kind = header[1][1]
         if kind in (DATA_PAGE, DATA_PAGE_V2):
-            count = _page_rows(header, repeated)
+            count = None if repeated else _page_rows(header)
             if found >= expected or (count is not None and count != rows[found + 1] - rows[found]):
                 raise Unusable("a page's rows differ from the index")
             found += 1

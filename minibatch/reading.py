@@ -31,6 +31,8 @@ def read_chunk(chunk: Chunk, columns: tuple[str, ...] | None) -> pa.Table:
     with _open_input(chunk) as handle:
         table = _read_open(chunk, handle, list(columns) if columns else None)
     table.validate(full=True)  # untrusted input: fail here, not inside the job's code
+    if table.num_rows != chunk.num_rows:  # a reader that stops early must not lose rows quietly
+        raise ValueError(f"{chunk.path}: read {table.num_rows} rows of the chunk's {chunk.num_rows}")
     return table
 
 

@@ -167,3 +167,39 @@ def test_an_encrypted_or_foreign_file_is_left_to_the_old_reader(tmp_path: Path) 
         assert pageslice.read_rows(fd, (str(path), "fp"), 0, 1, 2, ["a"]) == {}
     finally:
         os.close(fd)
+
+
+def lie_in_the_page_index(path: Path, shift: int) -> None:
+    """Rewrite the file's OffsetIndex so that every page after the first claims to start
+    `shift` rows later (a real writer's bug: ClickHouse#83876). A whole read ignores it."""
+    data = bytearray(path.read_bytes())
+    (length,) = struct.unpack("<I", data[-8:-4])
+    footer, _ = thrift.read_struct(bytes(data[-8 - length : -8]))
+    column = footer[4][1][1][0][1][1][1][0]
+    offset, size = column[4][1], column[5][1]
+    index, _ = thrift.read_struct(bytes(data[offset : offset + size]))
+    for location in index[1][1][1][1:]:
+        location[3] = (thrift.I64, location[3][1] + shift)
+    rewritten = thrift.write_struct(bytearray(), index)
+    assert len(rewritten) == size
+    data[offset : offset + size] = rewritten
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+def test_a_page_index_that_lies_about_rows_does_not_move_a_slice(tmp_path: Path, version: str) -> None:
+    """Found by a hostile review: rows were placed by the index, and a slice returned rows 10..17
+    for [12, 20) without an error. Rows are now placed by the pages' own headers."""
+    path = tmp_path / "lying.parquet"
+    options = {"data_page_version": version, "max_rows_per_page": 10, "write_page_index": True}
+    pq.write_table(pa.table({"i": pa.array(range(100), pa.int64())}), path, use_dictionary=False, **options)
+    lie_in_the_page_index(path, 2)
+    pageslice._groups.clear()
+    assert worker.read_chunk(chunk_of(path, 12, 20), None)["i"].to_pylist() == list(range(12, 20))
+
+
+def test_a_reader_that_stops_early_fails_the_chunk_instead_of_losing_rows(shared_testdata: Path) -> None:
+    """ARROW-GH-41317.parquet (column chunks of different lengths): a whole read raises, and a
+    slice of it decoded batch by batch returned 0 rows and no error."""
+    with pytest.raises(ValueError, match="read 0 rows of the chunk's 1"):
+        worker.read_chunk(chunk_of(shared_testdata / "ARROW-GH-41317.parquet", 0, 1), None)
