@@ -54,7 +54,7 @@ class Measured:
     cpu: float | None  # cores a chunk keeps busy when it has them: CPU / (time - queued)
     queued: float  # share of the chunks' time their workers waited for a CPU
     tail: float  # share of the workers' time spent waiting for the run's last chunks
-    chunk_memory: int  # p90 of what a worker grew while it ran a chunk
+    chunk_memory: int  # p90 of what a worker grew while it ran a chunk, its first included
     memory_per_byte: float | None  # p90 of that per planned byte, chunks of >= LEARN_FROM
     peak_memory: int | None  # the latest run's tree, measured above idle
     idle_memory: int | None
@@ -139,7 +139,8 @@ def measure(run: dict[str, Any], attempts: list[list[dict[str, Any]]]) -> Measur
     costs = [_cost(a, prev) for a, prev in _by_slot(latest)]
     busy = sum(_seconds(a["started_at"], a["ended_at"]) for a in latest)
     cpu, queued, work = _cpu(latest)
-    growth = _growth([a for runs in attempts for a in _ran(runs)])
+    ran = [a for runs in attempts for a in _ran(runs)]
+    growth, every = _growth(ran), _growth(ran, first=True)
     return Measured(
         run_id=str(run["run_id"]),
         runs=sum(1 for runs in attempts if _ran(runs)),
@@ -154,7 +155,7 @@ def measure(run: dict[str, Any], attempts: list[list[dict[str, Any]]]) -> Measur
         cpu=cpu / max(work - queued, 1e-9) if work else None,
         queued=queued / work if work else 0.0,
         tail=_tail(latest, workers, last, span),
-        chunk_memory=int(_p90([g for g, _ in growth])) if growth else 0,
+        chunk_memory=int(_p90([g for g, _ in every])) if every else 0,
         memory_per_byte=_p90([g / b for g, b in growth if b >= LEARN_FROM]) or None,
         peak_memory=run["peak_memory"],
         idle_memory=run["idle_memory"],
@@ -208,9 +209,10 @@ def _tail(attempts: list[dict[str, Any]], workers: int, last: datetime, span: fl
     return idle / (workers * span)
 
 
-def _growth(attempts: list[dict[str, Any]]) -> list[tuple[int, int]]:
+def _growth(attempts: list[dict[str, Any]], first: bool = False) -> list[tuple[int, int]]:
     """(bytes a worker grew, planned bytes) of each attempt but each worker's first of a run,
-    which also pays the worker's start-up; all of them when that leaves none."""
+    which also pays the worker's start-up (all of them with `first`, or when that leaves none).
+    With `first` it is a worker's footprint: what it keeps after its first chunk stays."""
     measured = [a for a in attempts if a["peak_rss"] is not None and a["start_rss"] is not None]
     seen: set[tuple[str, Any]] = set()
     later = []
@@ -219,7 +221,8 @@ def _growth(attempts: list[dict[str, Any]]) -> list[tuple[int, int]]:
         if key in seen:
             later.append(a)
         seen.add(key)
-    return [(max(0, a["peak_rss"] - a["start_rss"]), a["chunk_bytes"] or 0) for a in later or measured]
+    chosen = measured if first else later or measured
+    return [(max(0, a["peak_rss"] - a["start_rss"]), a["chunk_bytes"] or 0) for a in chosen]
 
 
 def _p90(values: list[float]) -> float:
