@@ -40,7 +40,8 @@ def write(path: Path, data: bytes, in_place: bool = False) -> None:
 
 
 def chunks(path: Path) -> list[Chunk]:
-    return plan_chunks([read_file_meta(str(path), None)], 1)  # one chunk per row group
+    meta = read_file_meta(str(path), None)
+    return plan_chunks([meta], min(g.nbytes for g in meta.row_groups))  # one chunk per row group
 
 
 def answer(chunk: Chunk) -> tuple[int | None, int]:
