@@ -115,7 +115,7 @@ def _read_limit(path: Path) -> float | None:
 
 
 def advise_job(manifest: Manifest, job: str, machine: Machine | None = None) -> dict[str, Any]:
-    runs = [r for r in manifest.runs(job, limit=50) if (r["chunks_done"] or 0) + (r["chunks_dead"] or 0)]
+    runs = [r for r in manifest.runs(job, limit=50) if r["chunks_done"]]  # finished a chunk
     attempts = [manifest.attempts(r["run_id"]) for r in runs[:RUNS]]
     if not runs or not _ran(attempts[0]):
         raise NoHistory(f"no run of {job} has finished a chunk yet: run it first (minibatch run-now {job})")
