@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import struct
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,26 +86,6 @@ def read_rows(
             continue  # the caller's own read says what is wrong, if anything is
         out.update(zip(group_names, table.slice(a - start).columns, strict=True))
     return out
-
-
-def page_starts(
-    fd: int, key: tuple[str, str], group: int, names: Sequence[str] | None
-) -> tuple[tuple[int, int], ...]:
-    """(row, bytes) for each row of row group `group`, after its first, where a page of columns
-    `names` (None: all) starts; bytes: the mean page size of the leaves starting a page there,
-    summed. A slice starting there decodes none of those pages' rows before it."""
-    layout = _layout(fd, key, group)
-    if layout is None:
-        return ()
-    fields = layout.fields if names is None else {n: layout.fields.get(n, ()) for n in names}
-    chunks = layout.footer[4][1][1][0][1][1][1]
-    weights: dict[int, int] = {}
-    for i in (i for indexes in fields.values() for i in indexes):
-        leaf = layout.leaves[i]
-        size = chunks[i][3][1][6][1] // len(leaf.pages)
-        for row in leaf.rows[1:-1]:
-            weights[row] = weights.get(row, 0) + size
-    return tuple(sorted(weights.items()))
 
 
 def _layout(fd: int, key: tuple[str, str], group: int) -> Group | None:
@@ -236,8 +215,8 @@ def _page_rows(header: Struct) -> int:
 
 def _start(layout: Group, name: str, a: int, b: int) -> int | None:
     """The last row at or before `a` where every leaf of column `name` starts a page. None when
-    that is the group's first row and more rows than the slice's lie before it (no page index,
-    a list column in v1 pages; or leaves whose pages never start together): then the caller
+    that is the group's first row and more rows than the slice's lie before it (a list column,
+    whose rows are not placed; or leaves whose pages never start together): then the caller
     decodes from the group's start in batches, which costs the same and holds less memory."""
     leaves = [layout.leaves[i] for i in layout.fields.get(name, ())]
     if not leaves:
@@ -265,7 +244,7 @@ def _read_window(fd: int, layout: Group, start: int, end: int, names: list[str])
     buf += tail + struct.pack("<I", len(tail)) + b"PAR1"
     table = pq.ParquetFile(pa.BufferReader(bytes(buf))).read_row_group(0, columns=names)
     if table.num_rows != end - start:
-        raise Unusable("the pages held other rows than their index said")
+        raise Unusable("the pages held other rows than their headers said")
     return table
 
 
@@ -301,7 +280,7 @@ def _count(pages: bytes, expected: int, rows: tuple[int, ...], repeated: bool) -
         if kind in (DATA_PAGE, DATA_PAGE_V2):
             count = None if repeated else _page_rows(header)
             if found >= expected or (count is not None and count != rows[found + 1] - rows[found]):
-                raise Unusable("a page's rows differ from the index")
+                raise Unusable("a page's rows differ from the layout")
             found += 1
             page = header[8][1] if kind == DATA_PAGE_V2 else header[5][1]
             values += page[1][1]
@@ -309,5 +288,5 @@ def _count(pages: bytes, expected: int, rows: tuple[int, ...], repeated: bool) -
         plain += body - pos + header[2][1]
         pos = body + header[3][1]
     if found != expected or pos != len(pages):
-        raise Unusable("pages do not end where the index says")
+        raise Unusable("pages do not end where the layout says")
     return values, plain, indexed
