@@ -135,7 +135,7 @@ def measure(run: dict[str, Any], attempts: list[list[dict[str, Any]]]) -> Measur
     latest = _ran(attempts[0])
     workers = int(run["workers"] or 1)
     first, last = min(a["admitted_at"] for a in latest), max(a["ended_at"] for a in latest)
-    span = max((last - first).total_seconds(), 1e-9)
+    span = max(_seconds(first, last), 1e-9)
     costs = [_cost(a, prev) for a, prev in _by_slot(latest)]
     busy = sum(_seconds(a["started_at"], a["ended_at"]) for a in latest)
     cpu, queued, work = _cpu(latest)
@@ -248,7 +248,7 @@ def _workers(m: Measured, machine: Machine) -> Advice:
         return Advice("workers", now, now, "these runs measured no CPU time (an older release)")
     ideal = max(1, min(round(cores / cpu), IO_WORKERS_PER_CORE * cores, m.chunks))
     fits = int(_usable(m, machine) / (HEADROOM * max(_chunk_need(m, m.chunk_bytes), 1)))
-    advice = max(1, min(ideal, fits)) if fits < ideal else ideal
+    advice = max(1, min(ideal, fits))
     keeps = f"a chunk keeps {core_share(cpu)} busy when it has them"
     if advice < now and ideal < now and fits >= ideal:
         waited = f"; {now} workers waited for a CPU {m.queued:.0%} of their time" if m.queued > 0.05 else ""
