@@ -41,12 +41,13 @@ class MemoryModel:
     def estimate(self, chunk: Chunk) -> int:
         return memory_estimate(chunk, self.factor)
 
-    def learn(self, pid: int | None, nbytes: int, start_rss: int | None, peak_rss: int | None) -> None:
+    def learn(self, pid: int | None, size: int, start_rss: int | None, peak_rss: int | None) -> None:
+        """What an attempt at a chunk of `size` (Chunk.size) grew its worker by."""
         first = pid not in self._workers
         self._workers.add(pid or 0)
-        if first or nbytes < LEARN_FROM or start_rss is None or peak_rss is None:
+        if first or size < LEARN_FROM or start_rss is None or peak_rss is None:
             return
-        self.factor = max(self.factor, (peak_rss - start_rss) / nbytes)
+        self.factor = max(self.factor, (peak_rss - start_rss) / size)
 
 
 def worker_memory_cap(job: JobConfig) -> int:
