@@ -83,3 +83,23 @@ def test_the_summary_reports_the_measured_peak_and_warns_over_the_budget(project
     assert warning and warning[0]["peak_memory"] == peak
     history = json.loads(project.cli("history", "ident", "--json").stdout)
     assert history[0]["peak_memory"] == peak and history[0]["idle_memory"] == idle
+
+
+def test_a_lower_budget_splits_done_chunks_and_the_output_keeps_each_row_once(project: Project) -> None:
+    """A chunk over half of memory_limit by its size in Arrow is split, so lowering the budget
+    re-plans chunks that are already done: their parts must be replaced, not kept beside the
+    new ones (each row exactly once)."""
+    (project.root / "myjobs" / "basic.py").write_text(
+        (project.root / "myjobs" / "basic.py").read_text() + "\n\ndef same(table, ctx):\n    return table\n"
+    )
+    dictionary_heavy(project, files=1, groups=2, rows=10_000)  # ~5 MB in Arrow a row group
+    job = DICT_JOB.replace('"200KB"', '"64MiB"')
+    project.write_config(job.format(limit="1GiB"))
+    assert project.cli("run-now", "ident", "-q").returncode == 0
+    assert project.manifest_rows("SELECT count(*) FROM chunks") == [(1,)]  # ~10 MB in one chunk
+    project.write_config(job.format(limit="8MiB"))  # at most 4 MB a chunk
+    result = project.cli("run-now", "ident", "-q")
+    assert result.returncode == 0, result.stderr
+    assert project.manifest_rows("SELECT count(*) FROM chunks")[0][0] >= 3
+    assert sorted(project.output_table("ident")["id"].to_pylist()) == list(range(20_000))
+    assert len(list(project.out("ident").glob("*.parquet"))) >= 3
