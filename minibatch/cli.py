@@ -67,6 +67,15 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
         raise click.BadParameter(str(exc)) from None
 
 
+def _params(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+    from minibatch.params import ParamError, parse_assignments
+
+    try:
+        return parse_assignments(value)
+    except ParamError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _config_here(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     state = ctx.find_object(State)
     if value is not None and state is not None:  # `run-now JOB --config PATH` works too
@@ -85,6 +94,14 @@ def _run_options(command: Callable[..., None]) -> Callable[..., None]:
                 callback=_size,
                 metavar="SIZE",
                 help='Budget for chunk data in flight, e.g. "512MiB" (overrides config).',
+            ),  # fmt: skip
+            click.option(
+                "--param",
+                "params",
+                multiple=True,
+                callback=_params,
+                metavar="NAME=VALUE",
+                help="A job parameter, e.g. --param date=2026-11-01 (repeatable).",
             ),  # fmt: skip
             click.option("-q", "--quiet", is_flag=True, help="No progress display."),
             click.option(

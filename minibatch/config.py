@@ -6,14 +6,16 @@ import importlib.util
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from minibatch.breaker import BreakerSettings
 from minibatch.checking import Checker, Hook, choice, parse_hook, positive_size, timezone_name
-from minibatch.jobcode import module_files
-from minibatch.layout import OutputLayout
+from minibatch.crossjob import check_dependencies, check_outputs_apart
+from minibatch.params import ParamError, bind, checkpoint_key, job_params, render
 from minibatch.planner import glob_root
 from minibatch.units import parse_duration, parse_size
 
@@ -77,6 +79,33 @@ class JobConfig:
     executor: str = "local"  # local | dask: where chunks run
     dask_scheduler: str | None = None  # "tcp://host:8786" for executor = "dask"
     version: str | None = None  # set: the module's source no longer decides what is stale
+    params: tuple[str, ...] = ()  # its parameters' names, `date` first (see params.py)
+    param_defaults: tuple[tuple[str, str], ...] = ()
+    output_template: str | None = None  # the output as configured, when it has {placeholders}
+    values: tuple[tuple[str, Any], ...] = ()  # the parameter set bound for a run (params.bound)
+
+    def bind(self, base_dir: Path, given: Mapping[str, str], now: datetime) -> JobConfig:
+        """This job with one parameter set bound: input globs and output rendered, and its key."""
+        if not self.params:
+            if given:
+                raise ParamError(f"job {self.name!r} has no parameters (it uses no {{name}} or $name)")
+            return self
+        from minibatch.schedule import parse_crontab
+
+        schedule = parse_crontab(self.schedule, self.timezone) if self.schedule else None
+        values = bind(self.params, dict(self.param_defaults), given, schedule, now, self.name)
+        assert self.output_template is not None
+        return replace(
+            self,
+            inputs=tuple(render(pattern, values) for pattern in self.inputs),
+            output=(base_dir / render(self.output_template, values)).resolve(),
+            values=tuple(values.items()),
+        )
+
+    @property
+    def key(self) -> str:
+        """The checkpoint this job (with its bound parameters) resumes: manifest, lock, claim."""
+        return checkpoint_key(self.name, dict(self.values))
 
     def to_json(self) -> str:
         """The settings a run used, for the manifest and the run report."""
@@ -117,7 +146,7 @@ JOB_KEYS = {
     "timezone", "watch", "retries", "retry_backoff", "timeout", "depends_on", "workers", "memory_limit",
     "stop_grace", "worker_memory_limit",
     "breaker_failures", "breaker_rate", "breaker_window", "breaker_cooldown", "catchup",
-    "on_failure", "on_success", "executor", "dask_scheduler", "version",
+    "on_failure", "on_success", "executor", "dask_scheduler", "version", "params",
 }  # fmt: skip
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EXECUTORS = ("local", "dask")
@@ -154,8 +183,8 @@ def parse_config(raw: dict[str, Any], config_path: Path) -> Config:
             errors.append(f"jobs.{name}: expected a table [jobs.{name}]")
         else:
             jobs[name] = _job(name, table, engine, base_dir, errors)
-    _check_dependencies(jobs, errors)
-    _check_outputs_apart(jobs, config_path, engine.state_dir, errors)
+    check_dependencies(jobs, errors)
+    check_outputs_apart(jobs, config_path, engine.state_dir, errors)
     if errors:
         raise ConfigError(errors, config_path)
     return Config(path=config_path, base_dir=base_dir, engine=engine, jobs=jobs)
@@ -217,6 +246,7 @@ def _job(
         c.error("output", "missing (a directory the job owns)")
     output_path = (base_dir / output).resolve() if output else base_dir / f"out/{name}"
     _check_process_sql(c, table)
+    params, defaults = job_params(c, inputs or (), output)
     _check_output_outside_inputs(c, inputs or (), output_path, base_dir)
     retries = c.get("retries", int, 2)
     if retries < 0:
@@ -247,6 +277,9 @@ def _job(
         on_failure=_hook(c, "on_failure", engine.on_failure),
         on_success=_hook(c, "on_success", engine.on_success),
         version=_version(c),
+        params=params,
+        param_defaults=tuple(sorted(defaults.items())),
+        output_template=output if params else None,
         **_executor(c, engine),
     )
 
@@ -329,68 +362,3 @@ def _schedule(c: Checker) -> str | None:
         c.error("schedule", str(exc))
         return None
     return str(schedule)
-
-
-def _check_outputs_apart(
-    jobs: dict[str, JobConfig], config_path: Path, state_dir: Path, errors: list[str]
-) -> None:
-    """Each job owns its output, which must not hold what `reset` would then delete: the
-    config file, job code, the state directory, or another job's output, staging or parts."""
-    state = state_dir.resolve()
-    names = sorted(jobs)
-    for i, name in enumerate(names):
-        job = jobs[name]
-        precious = [("the config file", config_path), ("the state_dir", state)]
-        if job.process:
-            precious += [("job code", path) for path in module_files(config_path.parent, job.process)]
-        for what, path in precious:
-            if _holds(job.output, path):
-                errors.append(f"jobs.{name}.output: {job.output} contains {what} ({path})")
-        for other in names[i + 1 :]:
-            if _overlap(job, jobs[other]):
-                errors.append(
-                    f"jobs.{other}.output: {jobs[other].output} overlaps the output of job {name!r}"
-                )
-
-
-def _holds(directory: Path, path: Path) -> bool:
-    return path == directory or directory in path.parents
-
-
-def _overlap(one: JobConfig, two: JobConfig) -> bool:
-    """Outputs nested either way, or one inside (or holding) the other's staging or parts."""
-    mine, theirs = (OutputLayout(job.output, reduce=job.reduce_sql is not None) for job in (one, two))
-    pairs = [(mine.output, theirs.output)]
-    pairs += [(mine.output, d) for d in (theirs.staging, theirs.parts)]
-    pairs += [(theirs.output, d) for d in (mine.staging, mine.parts)]
-    return any(_holds(a, b) or _holds(b, a) for a, b in pairs)
-
-
-def _check_dependencies(jobs: dict[str, JobConfig], errors: list[str]) -> None:
-    for job in jobs.values():
-        for dep in job.depends_on:
-            if dep not in jobs:
-                errors.append(f"jobs.{job.name}.depends_on: unknown job {dep!r}")
-    cycle = _find_cycle({name: [d for d in j.depends_on if d in jobs] for name, j in jobs.items()})
-    if cycle:
-        errors.append(f"jobs.{cycle[0]}.depends_on: dependency cycle {' -> '.join(cycle)}")
-
-
-def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
-    done: set[str] = set()
-
-    def visit(node: str, path: list[str]) -> list[str] | None:
-        if node in path:
-            return path[path.index(node) :] + [node]
-        if node in done:
-            return None
-        for dep in graph[node]:
-            if found := visit(dep, path + [node]):
-                return found
-        done.add(node)
-        return None
-
-    for start in sorted(graph):
-        if found := visit(start, []):
-            return found
-    return None

@@ -72,10 +72,10 @@ INSERT OR REPLACE INTO schedule_state (job, last_fire_at) VALUES ($job, $at);
 
 -- name: unmet_dependencies
 -- For each dependency: has it succeeded since the job's own last run started?
-WITH mine AS (SELECT max(started_at) AS since FROM runs WHERE job = $job)
+WITH mine AS (SELECT max(started_at) AS since FROM runs WHERE (job = $job OR starts_with(job, $job || '[')))
 SELECT dep, EXISTS (
     SELECT 1 FROM runs
-    WHERE runs.job = dep AND runs.status = $succeeded
+    WHERE (runs.job = dep OR starts_with(runs.job, dep || '[')) AND runs.status = $succeeded
       AND (mine.since IS NULL OR runs.ended_at > mine.since)
 ) AS ok
 FROM unnest($deps::VARCHAR[]) AS deps(dep), mine;
@@ -84,7 +84,7 @@ FROM unnest($deps::VARCHAR[]) AS deps(dep), mine;
 -- The latest run of each job (or of one), with its checkpoint's chunk counts.
 WITH latest AS (
     SELECT * FROM runs
-    WHERE $job IS NULL OR job = $job
+    WHERE $job IS NULL OR (job = $job OR starts_with(job, $job || '['))
     QUALIFY row_number() OVER (PARTITION BY job ORDER BY started_at DESC) = 1
 ), totals AS (
     SELECT job,
@@ -108,10 +108,11 @@ FROM latest LEFT JOIN totals USING (job) LEFT JOIN bad USING (job) LEFT JOIN suc
 ORDER BY job;
 
 -- name: runs
-SELECT * FROM runs WHERE $job IS NULL OR job = $job ORDER BY started_at DESC LIMIT $limit;
+-- A job's runs include those of its parameter sets (job `daily[date=2026-11-01]`).
+SELECT * FROM runs WHERE $job IS NULL OR (job = $job OR starts_with(job, $job || '[')) ORDER BY started_at DESC LIMIT $limit;
 
 -- name: run
-SELECT * FROM runs WHERE job = $job AND ($run_id IS NULL OR run_id = $run_id)
+SELECT * FROM runs WHERE (job = $job OR starts_with(job, $job || '[')) AND ($run_id IS NULL OR run_id = $run_id)
 ORDER BY started_at DESC LIMIT 1;
 
 -- name: run_with_work
@@ -130,7 +131,7 @@ FROM chunks WHERE job = $job AND status = $dead ORDER BY file, row_start;
 -- name: is_current
 -- Whether the file has this release's schema (its newest column).
 SELECT 1 FROM duckdb_columns()
-WHERE database_name = current_database() AND table_name = 'attempts' AND column_name = 'chunk_size';
+WHERE database_name = current_database() AND table_name = 'runs' AND column_name = 'params';
 
 -- name: memory_per_byte
 -- What a job's recent attempts grew (peak minus start RSS) per byte of their estimated size

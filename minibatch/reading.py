@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from minibatch.pageslice import read_rows
+from minibatch.params import sql_values
 from minibatch.planner import Chunk, fingerprint_stat
 from minibatch.tasks import InputChanged, InputRemoved, JobSpec
 
@@ -125,7 +126,7 @@ def sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
     rows = rows.filter(f"file_row_number BETWEEN {int(chunk.row_start)} AND {int(chunk.row_end) - 1}")
     names = list(job.columns) if job.columns else [c for c in rows.columns if c != "file_row_number"]
     rows.project(*[duckdb.ColumnExpression(name) for name in names]).create_view("chunk", replace=True)
-    result = held.con.sql(cast(str, job.sql)).to_arrow_table()
+    result = held.con.sql(cast(str, job.sql), params=sql_values(job.sql, dict(job.params))).to_arrow_table()
     after = os.fstat(fd)
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         raise InputChanged(f"{chunk.path} changed while it was read")

@@ -58,6 +58,7 @@ class RunRecord:
     peak_in_flight: int = 0
     peak_memory: int | None = None  # measured above idle_memory, the most at once
     idle_memory: int | None = None  # measured, the process tree before the first chunk
+    params: str | None = None  # JSON {name: value} of a parameterised run
     busy_seconds: float = 0.0
     utilisation: float | None = None
     rows_per_second: float | None = None

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from minibatch.layout import PART_RE, OutputLayout, fsync_dir, write_atomically
+from minibatch.params import sql_values
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 
-def reduce_parts(sql: str, parts: list[Path], layout: OutputLayout, empty: pa.Schema | None) -> int:
+def reduce_parts(
+    sql: str, parts: list[Path], layout: OutputLayout, empty: pa.Schema | None, params: dict[str, Any]
+) -> int:
     """Run `sql` with the parts as table `parts`; replace the job's output with the result.
 
     The parts reach DuckDB as a pyarrow dataset of exact paths: DuckDB would expand glob
@@ -29,7 +32,7 @@ def reduce_parts(sql: str, parts: list[Path], layout: OutputLayout, empty: pa.Sc
     con = duckdb.connect(":memory:")
     try:
         con.register("parts", table)
-        result = con.sql(sql).to_arrow_table()
+        result = con.sql(sql, params=sql_values(sql, params)).to_arrow_table()
     finally:
         con.close()
     target = layout.reduced

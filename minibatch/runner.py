@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from minibatch.admission import LEARN_FROM, MEMORY_FACTOR, MemoryModel
@@ -26,6 +27,7 @@ from minibatch.layout import OutputLayout, OutputNotOwned
 from minibatch.ledger import Ledger
 from minibatch.lock import job_lock
 from minibatch.manifest import Manifest, manifest_path
+from minibatch.params import ParamError, params_json
 from minibatch.planner import BadFile, FileMeta, InputError, Inputs, find_inputs, plan_chunks, scan_inputs
 from minibatch.reconcile import (
     Definition,
@@ -52,6 +54,8 @@ class RunOptions:
     fresh: bool = False
     retry_dead: bool = False
     stop: StopSignals | None = None  # the daemon's handle to stop this run from another thread
+    params: dict[str, str] = field(default_factory=dict)  # NAME -> VALUE, as given (params.py)
+    run_id: str | None = None  # chosen by the caller (the HTTP API answers with it at once)
     pool_factory: Callable[[int], Pool] | None = None  # default: the job's executor
     clock: Clock = SYSTEM
 
@@ -78,7 +82,10 @@ def run_job(
 ) -> RunSummary:
     """Run job `name` now, resuming its checkpoint. Raises JobLocked, ConfigError."""
     options = options or RunOptions()
-    job = config.job(name)
+    try:
+        job = config.job(name).bind(config.base_dir, options.params, datetime.now(UTC))
+    except ParamError as exc:
+        raise ConfigError([str(exc)], config.path) from None
     job = replace(
         job, workers=options.workers or job.workers, memory_limit=options.memory_limit or job.memory_limit
     )
@@ -93,7 +100,7 @@ def run_job(
     # Signals are ours from here: a stop while planning ends the run as cleanly as one later.
     with options.stop or StopSignals() as signals:
         try:
-            with job_lock(config.engine.state_dir, name):
+            with job_lock(config.engine.state_dir, job.key):
                 run = Run(config, job, options, emitter, signals)
                 try:
                     summary = run.execute()
@@ -124,8 +131,9 @@ class Run:
         )
         self.started = False  # recorded in the manifest: a crash from here on is the run's
         self.record = RunRecord(
-            run_id=new_run_id(), job=job.name, pid=os.getpid(), started_at=options.clock.time(),
-            workers=job.workers, memory_limit=job.memory_limit, settings=job.to_json(),
+            run_id=options.run_id or new_run_id(), job=job.key, pid=os.getpid(),
+            started_at=options.clock.time(), workers=job.workers, memory_limit=job.memory_limit,
+            settings=job.to_json(), params=params_json(job.values),
         )  # fmt: skip
         self.events = emitter.bind(job.name, self.record.run_id)
         self.store = ResultStore(self.layout, self.definition.key, self.events)
@@ -151,7 +159,7 @@ class Run:
         self.layout.remove_other_shape()
         self.events(
             EventKind.RUN_STARTED, workers=self.job.workers, memory_limit=self.job.memory_limit,
-            temp_files_removed=leftovers,
+            temp_files_removed=leftovers, **({"params": self.record.params} if self.job.values else {}),
         )  # fmt: skip
         work = Reconciled([], [], 0)
         if inputs.missing:
@@ -171,21 +179,21 @@ class Run:
         self.manifest.start_run(self.record)
         self.started = True
         if self.options.fresh:
-            self.manifest.reset(self.job.name)
+            self.manifest.reset(self.job.key)
             self.layout.remove_all(keep_claim=True)
         if self.options.retry_dead:
-            self.manifest.revive_dead(self.job.name)
-        state = check_definition(self.manifest, self.job.name, self.definition, self.events)
+            self.manifest.revive_dead(self.job.key)
+        state = check_definition(self.manifest, self.job.key, self.definition, self.events)
         self.summary.definition_changed = self.definition.changed
         if self.job.reduce_sql:
-            self.reduced_key = self.manifest.reduce_key(self.job.name)
+            self.reduced_key = self.manifest.reduce_key(self.job.key)
         return state
 
     def _check_paths(self) -> Inputs:
         """Before anything changes: refuse an output that is not ours, and inputs that loop or
         reach the output (configuration errors, not runs)."""
         try:
-            self.layout.claim(self.job.name)
+            self.layout.claim(self.job.key)
             forbidden = [self.layout.output, self.layout.parts, self.layout.staging]
             return find_inputs(self.config.base_dir, self.job.inputs, forbidden)
         except (OutputNotOwned, InputError) as exc:
@@ -218,10 +226,10 @@ class Run:
 
     def _reconcile(self, files: list[FileMeta], bad: list[BadFile], state: dict[str, Any]) -> Reconciled:
         stored = state.get("input_schema") or self.store.known_input_signature()
-        fit = fit_schema(self.manifest, self.job.name, stored, files, self.job.columns)
+        fit = fit_schema(self.manifest, self.job.key, stored, files, self.job.columns)
         files, self.input_schema = fit.good, fit.signature
         new_bad = report_bad_files(
-            self.manifest, self.job.name, self.record.run_id, bad + fit.bad, self.events
+            self.manifest, self.job.key, self.record.run_id, bad + fit.bad, self.events
         )
         self.summary.bad_files, self.record.bad_files = new_bad, len(new_bad)
         # a chunk whose decoded rows alone would fill half the budget is split (a stable rule:
@@ -245,7 +253,7 @@ class Run:
             name=self.job.name, process=self.job.process, sql=self.job.sql, columns=self.job.columns,
             base_dir=str(self.config.base_dir), parts_dir=str(self.layout.parts),
             staging_dir=str(self.layout.staging), definition=self.definition.key,
-            input_schema=self.input_schema,
+            input_schema=self.input_schema, params=self.job.values,
         )  # fmt: skip
         executor = Executor(
             self.job, spec, self.record.run_id, store=self.store, ledger=self.ledger, events=self.events,
@@ -298,7 +306,7 @@ class Run:
         """Store a newly decided output schema: an empty reduce needs it when no part exists."""
         schema = self.store.schema or self.store.empty_schema
         if schema is not None and self.record.chunks_done:
-            self.manifest.set_schemas(self.job.name, None, schema.serialize().to_pybytes())
+            self.manifest.set_schemas(self.job.key, None, schema.serialize().to_pybytes())
 
     # -- the end --------------------------------------------------------------------------------
 
@@ -324,7 +332,7 @@ class Run:
         self.summary.dead = self.ledger.dead
         with self.manifest.session():
             if reduced is not None:
-                self.manifest.record_reduce(self.job.name, reduced)
+                self.manifest.record_reduce(self.job.key, reduced)
             self._keep_schema()
             self.ledger.flush()
         self.events(
@@ -355,7 +363,7 @@ class Run:
             return None
         try:
             empty = None if parts else self.store.schema or self.store.empty_schema  # parts say theirs
-            rows = reduce_parts(self.job.reduce_sql, parts, self.layout, empty)
+            rows = reduce_parts(self.job.reduce_sql, parts, self.layout, empty, dict(self.job.values))
         except Exception as exc:  # the user's SQL: its error ends the run as failed, readably
             self._fail(f"reduce_sql failed: {type(exc).__name__}: {exc}")
             return None

@@ -100,6 +100,7 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS idle_memory BIGINT;    -- measured, be
 ALTER TABLE attempts ADD COLUMN IF NOT EXISTS cpu_seconds DOUBLE; -- the worker's CPU time in it
 ALTER TABLE attempts ADD COLUMN IF NOT EXISTS queued_seconds DOUBLE; -- runnable, waiting for a CPU
 ALTER TABLE attempts ADD COLUMN IF NOT EXISTS chunk_size BIGINT;  -- estimated size in Arrow
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS params VARCHAR;         -- JSON {name: value}; job is job[k=v]
 
 -- The daemon's schedule: the last time each job was fired, for catch-up after downtime.
 CREATE TABLE IF NOT EXISTS schedule_state (

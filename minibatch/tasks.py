@@ -27,6 +27,7 @@ class JobSpec:
     staging_dir: str
     definition: str | None = None  # written into every part's footer, checked on adoption
     input_schema: str | None = None  # the job's input schema (JSON), also in every footer
+    params: tuple[tuple[str, Any], ...] = ()  # the run's parameters, bound into its SQL
 
 
 @dataclass(frozen=True)

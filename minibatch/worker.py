@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class ChunkContext:
     row_end: int
     attempt: int
     chunk_id: str
+    params: dict[str, Any] = field(default_factory=dict)  # the run's parameters (`date`: a date)
 
 
 EXIT_ORPHANED = 70  # a worker whose coordinator died
@@ -141,6 +142,7 @@ def _context(task: Task) -> ChunkContext:
         row_end=task.chunk.row_end,
         attempt=task.attempt,
         chunk_id=task.chunk.chunk_id,
+        params=dict(task.job.params),
     )
 
 

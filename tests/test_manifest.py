@@ -374,6 +374,7 @@ def test_a_reader_adds_this_releases_columns_to_an_older_manifest_once(path: Pat
         ("runs", "idle_memory"),
         ("attempts", "start_rss"),
         ("attempts", "chunk_size"),
+        ("runs", "params"),
     )
     for table, column in dropped:
         con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
@@ -384,3 +385,4 @@ def test_a_reader_adds_this_releases_columns_to_an_older_manifest_once(path: Pat
     assert reader.status("j")[0]["run_id"] == "r1"
     assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE column_name = 'start_rss'") == [(1,)]
     assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE column_name = 'chunk_size'") == [(1,)]
+    assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE column_name = 'params'") == [(1,)]

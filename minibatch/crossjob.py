@@ -1,0 +1,88 @@
+"""Checks across a config's jobs: outputs kept apart, dependencies known and acyclic."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from minibatch.jobcode import module_files
+from minibatch.layout import OutputLayout
+
+
+class JobConfig(Protocol):  # what is read of config.JobConfig (config imports this module)
+    @property
+    def name(self) -> str: ...
+    @property
+    def output(self) -> Path: ...
+    @property
+    def process(self) -> str | None: ...
+    @property
+    def reduce_sql(self) -> str | None: ...
+    @property
+    def depends_on(self) -> tuple[str, ...]: ...
+
+
+def check_outputs_apart(
+    jobs: Mapping[str, JobConfig], config_path: Path, state_dir: Path, errors: list[str]
+) -> None:
+    """Each job owns its output, which must not hold what `reset` would then delete: the
+    config file, job code, the state directory, or another job's output, staging or parts."""
+    state = state_dir.resolve()
+    names = sorted(jobs)
+    for i, name in enumerate(names):
+        job = jobs[name]
+        precious = [("the config file", config_path), ("the state_dir", state)]
+        if job.process:
+            precious += [("job code", path) for path in module_files(config_path.parent, job.process)]
+        for what, path in precious:
+            if _holds(job.output, path):
+                errors.append(f"jobs.{name}.output: {job.output} contains {what} ({path})")
+        for other in names[i + 1 :]:
+            if _overlap(job, jobs[other]):
+                errors.append(
+                    f"jobs.{other}.output: {jobs[other].output} overlaps the output of job {name!r}"
+                )
+
+
+def _holds(directory: Path, path: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def _overlap(one: JobConfig, two: JobConfig) -> bool:
+    """Outputs nested either way, or one inside (or holding) the other's staging or parts."""
+    mine, theirs = (OutputLayout(job.output, reduce=job.reduce_sql is not None) for job in (one, two))
+    pairs = [(mine.output, theirs.output)]
+    pairs += [(mine.output, d) for d in (theirs.staging, theirs.parts)]
+    pairs += [(theirs.output, d) for d in (mine.staging, mine.parts)]
+    return any(_holds(a, b) or _holds(b, a) for a, b in pairs)
+
+
+def check_dependencies(jobs: Mapping[str, JobConfig], errors: list[str]) -> None:
+    for job in jobs.values():
+        for dep in job.depends_on:
+            if dep not in jobs:
+                errors.append(f"jobs.{job.name}.depends_on: unknown job {dep!r}")
+    cycle = _find_cycle({name: [d for d in j.depends_on if d in jobs] for name, j in jobs.items()})
+    if cycle:
+        errors.append(f"jobs.{cycle[0]}.depends_on: dependency cycle {' -> '.join(cycle)}")
+
+
+def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return path[path.index(node) :] + [node]
+        if node in done:
+            return None
+        for dep in graph[node]:
+            if found := visit(dep, path + [node]):
+                return found
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        if found := visit(start, []):
+            return found
+    return None
