@@ -42,6 +42,8 @@ class EngineConfig:
     log_format: str = "console"
     log_level: str = "info"
     metrics_addr: str = "127.0.0.1:9464"
+    api_addr: str = "127.0.0.1:9465"  # the daemon's HTTP API (api.py); "" is off
+    api_token_file: Path | None = None  # a bearer token, required for a bind beyond loopback
     stop_grace: float = 30.0
     worker_memory_limit: int | None = None
     on_failure: Hook | None = None
@@ -139,7 +141,7 @@ def default_workers() -> int:
 ENGINE_KEYS = {
     "state_dir", "workers", "memory_limit", "timezone", "log_format",
     "log_level", "metrics_addr", "stop_grace", "worker_memory_limit", "on_failure", "on_success",
-    "executor", "dask_scheduler",
+    "executor", "dask_scheduler", "api_addr", "api_token_file",
 }  # fmt: skip
 JOB_KEYS = {
     "description", "input", "output", "process", "sql", "reduce_sql", "columns", "chunk_bytes", "schedule",
@@ -214,7 +216,8 @@ def _engine(table: dict[str, Any], base_dir: Path, errors: list[str]) -> EngineC
         timezone=timezone_name(c, "UTC"),
         log_format=log_format,
         log_level=log_level,
-        metrics_addr=_metrics_addr(c),
+        metrics_addr=_addr(c, "metrics_addr", "127.0.0.1:9464"),
+        **_api(c, base_dir),
         stop_grace=c.parsed("stop_grace", parse_duration, 30.0),
         worker_memory_limit=c.parsed("worker_memory_limit", parse_size, None),
         on_failure=_hook(c, "on_failure", None),
@@ -224,13 +227,23 @@ def _engine(table: dict[str, Any], base_dir: Path, errors: list[str]) -> EngineC
     )
 
 
-def _metrics_addr(c: Checker) -> str:
-    addr = c.get("metrics_addr", str, "127.0.0.1:9464")
+def _addr(c: Checker, key: str, default: str) -> str:
+    addr = c.get(key, str, default)
     host, _, port = addr.rpartition(":")
     if addr and not (host and port.isdigit() and 0 < int(port) < 65536):
-        c.error("metrics_addr", f'expected "host:port" or "" (off), got {addr!r}')
-        return "127.0.0.1:9464"
+        c.error(key, f'expected "host:port" or "" (off), got {addr!r}')
+        return default
     return str(addr)
+
+
+def _api(c: Checker, base_dir: Path) -> dict[str, Any]:
+    """api_addr and api_token_file: beyond loopback, the API answers only with the token."""
+    addr = _addr(c, "api_addr", "127.0.0.1:9465")
+    token = c.get("api_token_file", str)
+    host = addr.rpartition(":")[0].strip("[]")
+    if addr and not token and host not in ("127.0.0.1", "localhost", "::1"):
+        c.error("api_addr", f"{addr} is reachable from other machines: set api_token_file (a bearer token)")
+    return {"api_addr": addr, "api_token_file": base_dir / token if token else None}
 
 
 def _job(

@@ -112,7 +112,8 @@ class Project:
         return self.root / "out" / job
 
     def write_config(self, body: str, engine: str = "") -> None:
-        head = f'[minibatch]\nstate_dir = ".state"\nworkers = 2\nlog_format = "json"\n{engine}\n'
+        api = "" if "api_addr" in engine else 'api_addr = ""\n'  # tests run side by side: no fixed port
+        head = f'[minibatch]\nstate_dir = ".state"\nworkers = 2\nlog_format = "json"\n{api}{engine}\n'
         (self.root / "config.toml").write_text(head + textwrap.dedent(body))
 
     def write_input(self, name: str, start: int, rows: int, row_group: int = 100) -> Path:

@@ -1,0 +1,161 @@
+"""Parameterised jobs: placeholders, bound SQL values, the logical date of a scheduled fire
+(across a DST change), the dates a backfill covers, and one checkpoint per parameter set."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minibatch.params import (
+    ParamError,
+    checkpoint_key,
+    logical_date,
+    parse_assignments,
+    parse_value,
+    placeholders,
+    render,
+    schedule_dates,
+)
+from minibatch.schedule import parse_crontab
+
+from conftest import Project
+
+
+def test_placeholders_and_rendering() -> None:
+    template = "landing/{date:%Y/%m/%d}/{region}-*.parquet"
+    assert placeholders(template) == ["date", "region"]
+    assert render(template, {"date": date(2026, 11, 1), "region": "eu"}) == "landing/2026/11/01/eu-*.parquet"
+    assert render("out/{date}", {"date": date(2026, 11, 1)}) == "out/2026-11-01"  # no format: ISO
+    assert placeholders("a{{literal}}b") == []
+    for bad in ("{date.year}", "{0}", "{date!r}", "{}"):
+        with pytest.raises(ValueError, match="bad placeholder"):
+            placeholders(bad)
+
+
+def test_values_that_could_leave_a_directory_are_refused() -> None:
+    assert parse_value("date", "2026-11-01") == date(2026, 11, 1)
+    for bad in ("2026-11-1", "2026-13-01", "yesterday", "2026-11-01T00:00"):
+        with pytest.raises(ParamError, match="YYYY-MM-DD"):
+            parse_value("date", bad)
+    for bad in ("../etc", "a/b", ".hidden", "", "a b", "x\x00"):
+        with pytest.raises(ParamError, match="not allowed"):
+            parse_value("region", bad)
+    with pytest.raises(ParamError, match="NAME=VALUE"):
+        parse_assignments(["date"])
+
+
+@given(st.dictionaries(st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True),
+                       st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,12}", fullmatch=True), max_size=4))  # fmt: skip
+def test_each_parameter_set_has_one_key(values: dict[str, str]) -> None:
+    key = checkpoint_key("daily", values)
+    assert key == checkpoint_key("daily", dict(reversed(values.items())))  # order does not matter
+    items = [] if not values else key.removeprefix("daily[").removesuffix("]").split(",")
+    assert parse_assignments(items) == values  # and it says which set it is
+
+
+def test_a_fires_logical_date_is_the_start_of_the_interval_that_ended() -> None:
+    daily = parse_crontab("0 0 * * *", "UTC")
+    assert logical_date(daily, datetime(2026, 11, 2, 0, 0, 1, tzinfo=UTC)) == date(2026, 11, 1)
+    assert logical_date(daily, datetime(2026, 11, 2, 23, 59, tzinfo=UTC)) == date(2026, 11, 1)
+    weekdays = parse_crontab("0 6 * * 1-5", "UTC")  # Monday's fire covers Friday (to Monday)
+    assert logical_date(weekdays, datetime(2026, 11, 30, 6, 0, tzinfo=UTC)) == date(2026, 11, 27)
+    monthly = parse_crontab("@monthly", "UTC")
+    assert logical_date(monthly, datetime(2026, 12, 1, 0, 5, tzinfo=UTC)) == date(2026, 11, 1)
+
+
+def test_logical_date_across_a_dst_change() -> None:
+    """Berlin springs forward on 29 March 2026: that day has 23 hours. The 00:30 fire of
+    30 March covers 29 March; a date taken 24 hours back in UTC would say 28 March."""
+    schedule = parse_crontab("30 0 * * *", "Europe/Berlin")
+    fire = datetime(2026, 3, 29, 22, 30, tzinfo=UTC)  # 00:30 CEST on 30 March
+    assert logical_date(schedule, fire) == date(2026, 3, 29)
+    assert (fire - timedelta(days=1)).astimezone(schedule.timezone).date() == date(2026, 3, 28)
+    autumn = datetime(2026, 10, 25, 23, 30, tzinfo=UTC)  # 00:30 CET on 26 October, after 25 hours
+    assert logical_date(schedule, autumn) == date(2026, 10, 25)
+
+
+def test_backfill_dates_follow_the_schedule() -> None:
+    weekdays = parse_crontab("0 6 * * 1-5", "Europe/Berlin")
+    dates = schedule_dates(weekdays, date(2026, 11, 20), date(2026, 11, 30))
+    assert [d.isoformat() for d in dates] == [
+        "2026-11-20", "2026-11-23", "2026-11-24", "2026-11-25", "2026-11-26", "2026-11-27", "2026-11-30",
+    ]  # fmt: skip
+    assert len(schedule_dates(None, date(2026, 11, 1), date(2026, 11, 28))) == 28
+    assert schedule_dates(None, date(2026, 11, 2), date(2026, 11, 1)) == []
+
+
+PARAM_JOB = """
+[jobs.daily]
+input = "landing/{date:%Y-%m-%d}/*.parquet"
+output = "out/region={region}/date={date:%Y-%m-%d}"
+sql = "SELECT id, $date AS logical, $region AS region FROM chunk WHERE $date >= DATE '2026-01-01'"
+params = { region = "eu" }
+"""
+
+
+def test_each_parameter_set_is_its_own_checkpoint(project: Project) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for day in ("2026-11-01", "2026-11-02"):
+        (project.root / "landing" / day).mkdir(parents=True)
+        ids = range(10) if day.endswith("1") else range(100, 105)
+        pq.write_table(pa.table({"id": list(ids)}), project.root / "landing" / day / "a.parquet")
+    project.write_config(PARAM_JOB)
+    for args in (["--param", "date=2026-11-01"], ["--param", "date=2026-11-02", "--param", "region=us"]):
+        result = project.cli("run-now", "daily", "-q", *args)
+        assert result.returncode == 0, result.stderr
+    again = project.cli("run-now", "daily", "-q", "--json", "--param", "date=2026-11-01")
+    assert '"chunks_done": 0' in again.stdout  # its own checkpoint: nothing to redo
+    one = pq.read_table(project.root / "out/region=eu/date=2026-11-01")
+    assert sorted(one.column("id").to_pylist()) == list(range(10))
+    assert set(one.column("logical").to_pylist()) == {date(2026, 11, 1)}  # a DATE, bound
+    two = pq.read_table(project.root / "out/region=us/date=2026-11-02")
+    assert sorted(two.column("id").to_pylist()) == list(range(100, 105))
+    assert set(two.column("region").to_pylist()) == {"us"}
+    keys = project.manifest_rows("SELECT DISTINCT job, params FROM runs ORDER BY job")
+    assert keys == [
+        ("daily[date=2026-11-01,region=eu]", '{"date": "2026-11-01", "region": "eu"}'),
+        ("daily[date=2026-11-02,region=us]", '{"date": "2026-11-02", "region": "us"}'),
+    ]
+    history = project.cli("history", "daily")
+    assert history.stdout.count("daily[date=") == 3
+
+
+def test_parameter_errors_are_usage_errors_naming_the_job(project: Project) -> None:
+    project.write_config(PARAM_JOB)
+    cases = {
+        (): "job 'daily' needs --param date=YYYY-MM-DD",
+        ("--param", "date=2026-11-31"): "expected a date YYYY-MM-DD, got '2026-11-31'",
+        ("--param", "date=2026-11-01", "--param", "region=../x"): "parameter region: '../x' is not allowed",
+        ("--param", "date=2026-11-01", "--param", "day=1"): "job 'daily' has no parameter day",
+    }
+    for args, message in cases.items():
+        result = project.cli("run-now", "daily", "-q", *args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (project.root / "out").exists()
+
+
+def test_config_checks_parameters(project: Project) -> None:
+    project.write_config("""
+    [jobs.a]
+    input = "landing/{date}/*.parquet"
+    output = "out/a"
+    sql = "SELECT * FROM chunk"
+    [jobs.b]
+    input = "landing/{date.year}/*.parquet"
+    output = "out/b/{date}"
+    sql = "SELECT * FROM chunk WHERE region = $region"
+    schedule = "@daily"
+    params = { date = "2026-01-01", unused = "x" }
+    """)
+    errors = project.cli("validate").stderr
+    assert "jobs.a.output: must use every parameter ({date})" in errors
+    assert "jobs.b.input: bad placeholder {date.year}" in errors
+    assert "jobs.b.params.date: date has no default" in errors
+    assert "jobs.b.params.unused: not used in input, output, sql or reduce_sql" in errors
+    assert "jobs.b.params.region: missing: a scheduled or watched run needs a default" in errors
