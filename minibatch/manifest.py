@@ -282,8 +282,7 @@ class Manifest:
         return float(row[0]) if row and row[0] is not None else None
 
     def record_reduce(self, job: str, key: str) -> None:
-        with self.connect() as con:
-            con.execute(Q["record_reduce"], {"job": job, "key": key})
+        self.named("record_reduce", job=job, key=key)
 
     def last_fires(self) -> dict[str, datetime]:
         with self.connect() as con:
@@ -291,8 +290,7 @@ class Manifest:
         return {job: at for job, at in rows}
 
     def record_fire(self, job: str, at: datetime) -> None:
-        with self.connect() as con:
-            con.execute(Q["record_fire"], {"job": job, "at": at})
+        self.named("record_fire", job=job, at=at)
 
     def unmet_dependencies(self, job: str, depends_on: Sequence[str]) -> list[str]:
         """The dependencies that have not succeeded since `job`'s own last run started."""
@@ -310,13 +308,11 @@ class Manifest:
 
     def runs(self, job: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         """Past runs, newest first."""
-        with self.connect(read_only=True) as con:
-            return _dicts(con.execute(Q["runs"], {"job": job, "limit": limit}))
+        return self.named("runs", read_only=True, job=job, limit=limit)
 
     def run(self, job: str, run_id: str | None = None) -> dict[str, Any] | None:
         """One run of `job`: `run_id`, or the latest."""
-        with self.connect(read_only=True) as con:
-            rows = _dicts(con.execute(Q["run"], {"job": job, "run_id": run_id}))
+        rows = self.named("run", read_only=True, job=job, run_id=run_id)
         return rows[0] if rows else None
 
     def run_with_work(self, job: str) -> dict[str, Any] | None:
@@ -327,12 +323,16 @@ class Manifest:
 
     def attempts(self, run_id: str) -> list[dict[str, Any]]:
         """A run's chunk attempts in the order they were admitted."""
-        with self.connect(read_only=True) as con:
-            return _dicts(con.execute(Q["attempts"], {"run_id": run_id}))
+        return self.named("attempts", read_only=True, run_id=run_id)
 
     def dead_letters(self, job: str) -> list[dict[str, Any]]:
-        with self.connect(read_only=True) as con:
-            return _dicts(con.execute(Q["dead_letters"], {"job": job, "dead": ChunkStatus.DEAD}))
+        return self.named("dead_letters", read_only=True, job=job, dead=ChunkStatus.DEAD)
+
+    def named(self, query: str, read_only: bool = False, **params: Any) -> list[dict[str, Any]]:
+        """One named query of queries.sql (the control plane's: backfills, pauses); its rows."""
+        with self.connect(read_only=read_only) as con:
+            cursor = con.execute(Q[query], params)
+            return _dicts(cursor) if cursor.description else []
 
 
 def _locked(exc: Exception) -> bool:

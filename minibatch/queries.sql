@@ -131,7 +131,7 @@ FROM chunks WHERE job = $job AND status = $dead ORDER BY file, row_start;
 -- name: is_current
 -- Whether the file has this release's schema (its newest column).
 SELECT 1 FROM duckdb_columns()
-WHERE database_name = current_database() AND table_name = 'runs' AND column_name = 'params';
+WHERE database_name = current_database() AND table_name = 'paused_jobs' AND column_name = 'paused_at';
 
 -- name: memory_per_byte
 -- What a job's recent attempts grew (peak minus start RSS) per byte of their estimated size
@@ -145,3 +145,58 @@ SELECT quantile_cont(greatest(peak_rss - start_rss, 0) / size, 0.9) FROM (
             AND start_rss IS NOT NULL AND peak_rss IS NOT NULL
     ) WHERE nth > 1 ORDER BY ended_at DESC LIMIT 200
 );
+
+-- name: latest_runs
+-- The latest run of each parameter set of a job: what a backfill's --reprocess decides on.
+SELECT job, status, run_id FROM runs WHERE starts_with(job, $job || '[')
+QUALIFY row_number() OVER (PARTITION BY job ORDER BY started_at DESC) = 1;
+
+-- name: unfinished_backfill
+-- The backfill a new one with the same job, range and parameters continues.
+SELECT backfill_id FROM backfills
+WHERE job = $job AND first_date = $first AND last_date = $last AND params = $params
+  AND status IN ('running', 'stopped')
+ORDER BY created_at DESC LIMIT 1;
+
+-- name: insert_backfill
+INSERT INTO backfills (backfill_id, job, first_date, last_date, params, reprocess, max_parallel,
+                       backwards, status, pid, created_at)
+VALUES ($id, $job, $first, $last, $params, $reprocess, $max_parallel, $backwards, 'running', $pid, now());
+
+-- name: insert_backfill_dates
+INSERT INTO backfill_dates (backfill_id, logical_date, position, action, status, updated_at)
+SELECT $id, unnest($dates::DATE[]), unnest($positions::INTEGER[]), unnest($actions::VARCHAR[]),
+       unnest($statuses::VARCHAR[]), now();
+
+-- name: resume_backfill
+UPDATE backfills SET status = 'running', pid = $pid, ended_at = NULL WHERE backfill_id = $id;
+
+-- name: end_backfill
+UPDATE backfills SET status = $status, ended_at = now() WHERE backfill_id = $id;
+
+-- name: set_backfill_date
+UPDATE backfill_dates SET status = $status, run_id = coalesce($run_id, run_id), error = $error,
+    updated_at = now()
+WHERE backfill_id = $id AND logical_date = $date;
+
+-- name: backfill
+SELECT * FROM backfills WHERE backfill_id = $id;
+
+-- name: backfills
+SELECT * FROM backfills WHERE $job IS NULL OR job = $job ORDER BY created_at DESC LIMIT $limit;
+
+-- name: backfill_dates
+-- A backfill's dates with their runs' counts.
+SELECT d.logical_date, d.action, d.status, d.run_id, d.error, r.chunks_done, r.chunks_total,
+       r.rows_out, epoch(r.ended_at - r.started_at) AS seconds
+FROM backfill_dates d LEFT JOIN runs r USING (run_id)
+WHERE d.backfill_id = $id ORDER BY d.position;
+
+-- name: paused
+SELECT job, paused_at FROM paused_jobs;
+
+-- name: pause
+INSERT OR IGNORE INTO paused_jobs (job, paused_at) VALUES ($job, now());
+
+-- name: unpause
+DELETE FROM paused_jobs WHERE job = $job;

@@ -102,6 +102,39 @@ ALTER TABLE attempts ADD COLUMN IF NOT EXISTS queued_seconds DOUBLE; -- runnable
 ALTER TABLE attempts ADD COLUMN IF NOT EXISTS chunk_size BIGINT;  -- estimated size in Arrow
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS params VARCHAR;         -- JSON {name: value}; job is job[k=v]
 
+-- Backfills (backfill.py): one row each, and one per logical date it covers.
+CREATE TABLE IF NOT EXISTS backfills (
+    backfill_id    VARCHAR PRIMARY KEY,
+    job            VARCHAR NOT NULL,
+    first_date     DATE NOT NULL,
+    last_date      DATE NOT NULL,
+    params         VARCHAR NOT NULL,   -- JSON: the other parameters, as given
+    reprocess      VARCHAR NOT NULL,   -- none | failed | all
+    max_parallel   INTEGER NOT NULL,
+    backwards      BOOLEAN NOT NULL,
+    status         VARCHAR NOT NULL,   -- running | succeeded | failed | stopped
+    pid            INTEGER,
+    created_at     TIMESTAMPTZ,
+    ended_at       TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS backfill_dates (
+    backfill_id    VARCHAR NOT NULL,
+    logical_date   DATE NOT NULL,
+    position       INTEGER NOT NULL,   -- the order they run in (--backwards: newest first)
+    action         VARCHAR NOT NULL,   -- run | fresh (reprocess from scratch) | skip
+    status         VARCHAR NOT NULL,   -- pending | running | succeeded | failed | stopped | skipped
+    run_id         VARCHAR,
+    error          VARCHAR,
+    updated_at     TIMESTAMPTZ,
+    PRIMARY KEY (backfill_id, logical_date)
+);
+
+-- Jobs whose schedule is paused (`minibatch pause`, POST /jobs/{job}/pause); kept across restarts.
+CREATE TABLE IF NOT EXISTS paused_jobs (
+    job            VARCHAR PRIMARY KEY,
+    paused_at      TIMESTAMPTZ NOT NULL
+);
+
 -- The daemon's schedule: the last time each job was fired, for catch-up after downtime.
 CREATE TABLE IF NOT EXISTS schedule_state (
     job            VARCHAR PRIMARY KEY,

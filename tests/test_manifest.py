@@ -378,6 +378,8 @@ def test_a_reader_adds_this_releases_columns_to_an_older_manifest_once(path: Pat
     )
     for table, column in dropped:
         con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    for table in ("paused_jobs", "backfill_dates", "backfills"):
+        con.execute(f"DROP TABLE {table}")
     con.close()
     reader = Manifest(path)
     (run,) = reader.runs("j")
@@ -385,4 +387,5 @@ def test_a_reader_adds_this_releases_columns_to_an_older_manifest_once(path: Pat
     assert reader.status("j")[0]["run_id"] == "r1"
     assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE column_name = 'start_rss'") == [(1,)]
     assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE column_name = 'chunk_size'") == [(1,)]
-    assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE column_name = 'params'") == [(1,)]
+    assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE table_name = 'runs' AND column_name = 'params'") == [(1,)]
+    assert query(path, "SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE 'backfill%'") == [(2,)]
