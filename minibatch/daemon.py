@@ -12,11 +12,13 @@ import os
 import signal
 import stat
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from minibatch.config import Config, ConfigError, JobConfig, load_config
+from minibatch.control import Active, ActiveRuns, Control
 from minibatch.jobcode import code_paths
 from minibatch.lock import JobLocked
 from minibatch.log import get_logger
@@ -24,7 +26,7 @@ from minibatch.manifest import Manifest, manifest_path
 from minibatch.metrics import Metrics
 from minibatch.notify import Notifier
 from minibatch.planner import InputError, expand_inputs
-from minibatch.runner import RunOptions, run_job
+from minibatch.runner import RunOptions, new_run_id, run_job
 from minibatch.schedule import next_fire_times, parse_crontab
 from minibatch.signals import StopSignals
 from minibatch.validate import check_imports
@@ -76,7 +78,9 @@ class Daemon:
         self.notifier = notifier or Notifier.from_env()
         self.metrics = Metrics()
         self.manifest = Manifest(manifest_path(config.engine.state_dir))
-        self.active: dict[str, StopSignals] = {}
+        self.active = ActiveRuns()  # run and backfill id -> its job and stop handle
+        self.control = Control(self)
+        self.api: Any = None  # api.ApiServer
         self.waiting: set[str] = set()  # fired, waiting for their dependencies
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -98,6 +102,7 @@ class Daemon:
                 self.metrics.serve(addr)
             except OSError as exc:
                 raise ConfigError([f"minibatch.metrics_addr: cannot listen on {addr}: {exc}"]) from None
+        self._serve_api()
         workers = max(4, len(self.config.jobs) + 1)
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
@@ -136,6 +141,8 @@ class Daemon:
                     self._stop(immediate=stopping > 1)
             if stopping and not self.active:
                 self.scheduler.shutdown(wait=False)
+                if self.api is not None:
+                    self.api.stop()
                 log.info("daemon_stopped")
                 return 0
 
@@ -150,12 +157,14 @@ class Daemon:
     def _stop(self, immediate: bool) -> None:
         self.stopping = True
         self.notifier.stopping()
-        log.warning("daemon_stopping", immediate=immediate, running=sorted(self.active))
+        log.warning(
+            "daemon_stopping", immediate=immediate, running=sorted(a.job for _, a in self.active.items())
+        )
         self.scheduler.pause()
-        for stop in list(self.active.values()):
-            stop.request()
+        for _, active in self.active.items():
+            active.stop.request()
             if immediate:
-                stop.request()
+                active.stop.request()
 
     def reload(self) -> None:
         """SIGHUP: load config.toml again; an invalid one is logged and the old one kept."""
@@ -203,7 +212,7 @@ class Daemon:
     def _watch(self, name: str) -> None:
         """Fire `name` when its input files changed and then stayed the same for one interval."""
         job = self.config.jobs.get(name)
-        if job is None or name in self.active:
+        if job is None or self._running(name):
             return
         signature = self._input_signature(job)
         fired_on, last_seen = self.seen_inputs.get(name, (signature, signature))
@@ -244,33 +253,35 @@ class Daemon:
             return
         if reason != WATCH_REASON:  # catch-up follows the schedule's fire times only
             self.manifest.record_fire(name, datetime.now(UTC))
+        if name in self.control.paused():
+            log.info("run_skipped_paused", job=name, reason=reason)
+            return
         missing = self.manifest.unmet_dependencies(name, job.depends_on) if job.depends_on else []
         if missing:
             with self.lock:
                 self.waiting.add(name)
             log.info("waiting_for_dependencies", job=name, waiting_for=missing)
             return
-        self._run(name, reason)
+        self.run_in_daemon(name, reason)
 
-    def _run(self, name: str, reason: str) -> None:
-        stop = StopSignals()
+    def run_in_daemon(self, name: str, reason: str, options: RunOptions | None = None) -> None:
+        """One run in this thread (the scheduler's pool): fired, triggered over HTTP, or released."""
+        options = options or RunOptions()
+        options.run_id, options.stop = options.run_id or new_run_id(), StopSignals()
         with self.lock:
-            if name in self.active or self.stopping:
-                log.info(
-                    "run_skipped", job=name, reason="already running" if name in self.active else "stopping"
-                )
+            if self.stopping or (reason != "api" and self._running(name)):
+                log.info("run_skipped", job=name, reason="stopping" if self.stopping else "already running")
                 return
-            self.active[name] = stop
+            self.active.add(options.run_id, Active(name, options.stop))
         try:
-            log.info("run_fired", job=name, reason=reason)
-            run_job(self.config, name, RunOptions(stop=stop), [self.metrics])
+            log.info("run_fired", job=name, reason=reason, run_id=options.run_id)
+            run_job(self.config, name, options, [self.metrics])
         except JobLocked as exc:
             log.warning("run_skipped_locked", job=name, holder_pid=exc.pid)
         except Exception:  # a broken run must not take the daemon down
             log.exception("run_crashed", job=name)
         finally:
-            with self.lock:
-                self.active.pop(name, None)
+            self.active.remove(options.run_id)
             self._refresh_metrics()
             self.wake.set()
             self._release_waiting()
@@ -286,7 +297,7 @@ class Daemon:
             with self.lock:
                 self.waiting.discard(name)
             if job is not None and not self.stopping:
-                self.scheduler.add_job(self._run, args=[name, "dependencies met"])
+                self.scheduler.add_job(self.run_in_daemon, args=[name, "dependencies met"])
 
     def _refresh_metrics(self) -> None:
         try:
@@ -298,8 +309,39 @@ class Daemon:
         self.notifier.watchdog()
         self.notifier.status(self._status())
 
+    def _running(self, name: str) -> bool:
+        return any(active.job == name and active.kind == "run" for _, active in self.active.items())
+
+    # -- what the HTTP API (control.py) uses -------------------------------------------------------
+
+    def submit(self, target: Callable[..., None], *args: Any) -> None:
+        self.scheduler.add_job(target, args=list(args))
+
+    def next_fire(self, job: str) -> datetime | None:
+        found = self.scheduler.get_job(f"cron:{job}") if self.scheduler else None
+        return found.next_run_time if found is not None else None
+
+    def _serve_api(self) -> None:
+        engine = self.config.engine
+        if not engine.api_addr:
+            return
+        try:
+            from minibatch.api import ApiServer, create_app, read_token
+        except ImportError as exc:  # the `api` extra is not installed
+            log.warning("api_off", reason=f"{exc.name} is not installed (pip install 'minibatch[api]')")
+            return
+        try:
+            token = read_token(engine.api_token_file) if engine.api_token_file else None
+            self.api = ApiServer(create_app(self.control, token), engine.api_addr)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                [f"minibatch.api_addr: cannot serve the API on {engine.api_addr}: {exc}"]
+            ) from None
+        self.api.start()
+        log.info("api_listening", addr=engine.api_addr, token=token is not None)
+
     def _status(self) -> str:
-        running = ", ".join(sorted(self.active)) or "nothing"
+        running = ", ".join(sorted({a.job for _, a in self.active.items()})) or "nothing"
         upcoming = [
             (job.next_run_time, job.id)
             for job in self.scheduler.get_jobs()

@@ -200,3 +200,6 @@ INSERT OR IGNORE INTO paused_jobs (job, paused_at) VALUES ($job, now());
 
 -- name: unpause
 DELETE FROM paused_jobs WHERE job = $job;
+
+-- name: run_by_id
+SELECT * FROM runs WHERE run_id = $run_id;

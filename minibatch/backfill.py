@@ -1,0 +1,322 @@
+"""`minibatch backfill JOB --from D --to D`: run a job for each logical date of a range,
+resumably. The backfill and each of its dates are recorded in the manifest, so one
+interrupted (a stop, a crash, SIGKILL) continues where it was when started again with the
+same job, range and parameters; each date's run resumes its own checkpoint, so each date's
+output holds its rows exactly once.
+
+A backfill's runs together use the job's `workers` and `memory_limit`, split between its
+`max_parallel` dates: a backfill is one job's worth of the machine, never N pools. A date's
+run holds that date's job lock, so a scheduled run of the same date never runs beside it:
+whichever comes second waits (the backfill) or is skipped (the scheduled run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+from minibatch.config import Config, ConfigError, JobConfig
+from minibatch.lock import JobLocked, job_lock
+from minibatch.log import get_logger
+from minibatch.manifest import Manifest, manifest_path
+from minibatch.params import DATE, ParamError, schedule_dates
+from minibatch.runner import RunOptions, new_run_id, run_job
+from minibatch.signals import StopSignals
+from minibatch.states import RunStatus
+
+log = get_logger()
+REPROCESS = ("none", "failed", "all")
+LOCK_POLL = 1.0  # seconds between looks at a date's lock held by another run
+FINISHED = ("succeeded", "skipped")
+
+
+@dataclass(frozen=True)
+class BackfillRequest:
+    job: str
+    first: date
+    last: date
+    params: dict[str, str] = field(default_factory=dict)  # the other parameters
+    reprocess: str = "none"  # none: dates never run; failed: and those not succeeded; all: every date, fresh
+    max_parallel: int = 1
+    backwards: bool = False
+
+
+@dataclass
+class DateState:
+    day: date
+    action: str  # run | fresh | skip
+    status: str = "pending"  # pending | running | succeeded | failed | stopped | skipped
+    run_id: str | None = None
+    error: str | None = None
+    reason: str = ""  # why a date is skipped or reprocessed (the dry run's table)
+
+
+@dataclass
+class Backfill:
+    backfill_id: str
+    request: BackfillRequest
+    dates: list[DateState]
+    resumed: bool = False
+    status: str = "running"
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.status == "failed" else 0
+
+
+def check_request(config: Config, request: BackfillRequest) -> JobConfig:
+    """The job, or ConfigError naming what is wrong with the request."""
+    job = config.job(request.job)
+    problems = []
+    if DATE not in job.params:
+        problems.append(f"job {job.name!r} has no {{date}} parameter: nothing to backfill by date")
+    if request.first > request.last:
+        problems.append(f"--from {request.first} is after --to {request.last}")
+    if request.reprocess not in REPROCESS:
+        problems.append(f"--reprocess: expected one of {', '.join(REPROCESS)}, got {request.reprocess!r}")
+    if request.max_parallel < 1:
+        problems.append(f"--max-parallel must be at least 1, got {request.max_parallel}")
+    if DATE in request.params:
+        problems.append("--param date: the backfill gives each run its date")
+    if problems:
+        raise ConfigError(problems, config.path)
+    return job
+
+
+def plan(config: Config, request: BackfillRequest, manifest: Manifest) -> list[DateState]:
+    """The dates to cover and what to do with each, from their latest runs."""
+    job = check_request(config, request)
+    from minibatch.schedule import parse_crontab
+
+    schedule = parse_crontab(job.schedule, job.timezone) if job.schedule else None
+    days = schedule_dates(schedule, request.first, request.last)
+    if request.backwards:
+        days.reverse()
+    latest = {row["job"]: row["status"] for row in manifest.named("latest_runs", job=job.name)}
+    states = []
+    for day in days:
+        key = _bind(config, request, day).key
+        states.append(_decide(day, latest.get(key), request.reprocess))
+    return states
+
+
+def _decide(day: date, last: str | None, reprocess: str) -> DateState:
+    if reprocess == "all":
+        return DateState(day, "fresh", reason="reprocess all" if last else "never run")
+    if last is None:
+        return DateState(day, "run", reason="never run")
+    if last == RunStatus.SUCCEEDED or reprocess == "none":
+        return DateState(day, "skip", "skipped", reason=f"last run {last}")
+    return DateState(day, "run", reason=f"last run {last}")
+
+
+def _bind(config: Config, request: BackfillRequest, day: date) -> JobConfig:
+    try:
+        return config.job(request.job).bind(config.base_dir, _given(request, day), datetime.now(UTC))
+    except ParamError as exc:
+        raise ConfigError([str(exc)], config.path) from None
+
+
+def _given(request: BackfillRequest, day: date) -> dict[str, str]:
+    return {**request.params, DATE: day.isoformat()}
+
+
+def run_backfill(
+    config: Config,
+    request: BackfillRequest,
+    stop: StopSignals | None = None,
+    on_date: Callable[[Backfill, DateState], None] | None = None,
+    backfill_id: str | None = None,
+) -> Backfill:
+    """Run (or continue) a backfill to its end or a stop. Raises ConfigError, JobLocked."""
+    manifest = Manifest(manifest_path(config.engine.state_dir))
+    check_request(config, request)
+    with job_lock(config.engine.state_dir, f"{request.job}.backfill"):
+        backfill = _start(config, request, manifest, backfill_id)
+        log.info(
+            "backfill_started", job=request.job, backfill_id=backfill.backfill_id, resumed=backfill.resumed,
+            dates=len(backfill.dates), todo=sum(d.status not in FINISHED for d in backfill.dates),
+        )  # fmt: skip
+        _Driver(config, backfill, manifest, stop or StopSignals(), on_date).run()
+        manifest.named("end_backfill", id=backfill.backfill_id, status=backfill.status)
+        log.info(
+            "backfill_finished", job=request.job, backfill_id=backfill.backfill_id, status=backfill.status
+        )
+    return backfill
+
+
+def _start(config: Config, request: BackfillRequest, manifest: Manifest, backfill_id: str | None) -> Backfill:
+    """Continue the unfinished backfill of the same job, range and parameters, or record a new one."""
+    spec: dict[str, Any] = {
+        "job": request.job,
+        "first": request.first,
+        "last": request.last,
+        "params": _json(request),
+    }
+    with manifest.session():
+        found = manifest.named("unfinished_backfill", **spec)
+        if found:
+            backfill = load(manifest, found[0]["backfill_id"])
+            assert backfill is not None
+            manifest.named("resume_backfill", id=backfill.backfill_id, pid=os.getpid())
+            backfill.resumed = True
+            return backfill
+        dates = plan(config, request, manifest)
+        backfill = Backfill(backfill_id or new_backfill_id(), request, dates)
+        manifest.named(
+            "insert_backfill", id=backfill.backfill_id, reprocess=request.reprocess, pid=os.getpid(),
+            max_parallel=request.max_parallel, backwards=request.backwards, **spec,
+        )  # fmt: skip
+        manifest.named(
+            "insert_backfill_dates", id=backfill.backfill_id, dates=[d.day for d in dates],
+            positions=list(range(len(dates))), actions=[d.action for d in dates],
+            statuses=[d.status for d in dates],
+        )  # fmt: skip
+    return backfill
+
+
+def _json(request: BackfillRequest) -> str:
+    return json.dumps(request.params, sort_keys=True)
+
+
+def new_backfill_id() -> str:
+    return "bf-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def load(manifest: Manifest, backfill_id: str) -> Backfill | None:
+    rows = manifest.named("backfill", id=backfill_id)
+    if not rows:
+        return None
+    row = rows[0]
+    request = BackfillRequest(
+        job=row["job"], first=row["first_date"], last=row["last_date"], params=json.loads(row["params"]),
+        reprocess=row["reprocess"], max_parallel=row["max_parallel"], backwards=row["backwards"],
+    )  # fmt: skip
+    dates = [
+        DateState(d["logical_date"], d["action"], d["status"], d["run_id"], d["error"])
+        for d in manifest.named("backfill_dates", id=backfill_id)
+    ]
+    return Backfill(backfill_id, request, dates, status=row["status"])
+
+
+class _Driver:
+    """Runs a backfill's open dates, `max_parallel` at a time, each in a thread of its own."""
+
+    def __init__(
+        self, config: Config, backfill: Backfill, manifest: Manifest, stop: StopSignals,
+        on_date: Callable[[Backfill, DateState], None] | None,
+    ) -> None:  # fmt: skip
+        self.config, self.backfill, self.manifest, self.stop = config, backfill, manifest, stop
+        self.on_date = on_date or (lambda backfill, state: None)
+        self.active: dict[date, StopSignals] = {}
+        job = config.job(backfill.request.job)
+        parallel = backfill.request.max_parallel
+        self.workers = max(1, job.workers // parallel)
+        self.memory_limit = max(1, job.memory_limit // parallel)
+
+    def run(self) -> None:
+        todo = [d for d in self.backfill.dates if d.status not in FINISHED]
+        running: dict[Future[None], DateState] = {}
+        forwarded = 0
+        with ThreadPoolExecutor(self.backfill.request.max_parallel, "backfill") as pool:
+            while todo or running:
+                while todo and not self.stop.requested and len(running) < self.backfill.request.max_parallel:
+                    state = todo.pop(0)
+                    running[pool.submit(self._run_date, state)] = state
+                if not running:
+                    break
+                finished, _ = wait(list(running), timeout=0.2, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    future.result()
+                    self.on_date(self.backfill, running.pop(future))
+                while forwarded < self.stop.count:  # a stop (or a second one) reaches every run
+                    forwarded += 1
+                    for signals in list(self.active.values()):
+                        signals.request()
+        statuses = {d.status for d in self.backfill.dates}
+        if "failed" in statuses:
+            self.backfill.status = "failed"
+        elif statuses <= set(FINISHED):
+            self.backfill.status = "succeeded"
+        else:
+            self.backfill.status = "stopped"
+
+    def _run_date(self, state: DateState) -> None:
+        request = self.backfill.request
+        options = RunOptions(
+            workers=self.workers, memory_limit=self.memory_limit, params=_given(request, state.day),
+            fresh=state.action == "fresh", retry_dead=request.reprocess != "none",
+        )  # fmt: skip
+        while True:
+            options.run_id, options.stop = new_run_id(), StopSignals()
+            self._record(state, "running", options.run_id)
+            self.active[state.day] = options.stop
+            try:
+                summary = run_job(self.config, request.job, options)
+            except JobLocked:  # a scheduled or manual run of this date: wait for it, then resume
+                self._record(state, "pending", None)
+                if self._wait_for_lock(state):
+                    continue
+                self._record(state, "stopped", None)
+                return
+            except Exception as exc:  # a broken date must not end the others
+                self._record(state, "failed", options.run_id, f"{type(exc).__name__}: {exc}")
+                return
+            finally:
+                self.active.pop(state.day, None)
+            status = "stopped" if summary.stopped else str(summary.record.status)
+            self._record(
+                state, "failed" if status == RunStatus.CRASHED else status, None, summary.record.error
+            )
+            return
+
+    def _wait_for_lock(self, state: DateState) -> bool:
+        """Whether the date's lock came free (False: the backfill was stopped meanwhile)."""
+        key = _bind(self.config, self.backfill.request, state.day).key
+        while not self.stop.requested:
+            try:
+                with job_lock(self.config.engine.state_dir, key):
+                    return True
+            except JobLocked:
+                time.sleep(LOCK_POLL)
+        return False
+
+    def _record(self, state: DateState, status: str, run_id: str | None, error: str | None = None) -> None:
+        state.status, state.run_id, state.error = status, run_id or state.run_id, error
+        self.manifest.named(
+            "set_backfill_date", id=self.backfill.backfill_id, date=state.day, status=status, run_id=run_id,
+            error=error,
+        )  # fmt: skip
+
+
+def backfill_json(backfill: Backfill, manifest: Manifest | None = None) -> dict[str, Any]:
+    """What `--json` and GET /backfills/{id} show."""
+    counts = (
+        {row["logical_date"]: row for row in manifest.named("backfill_dates", id=backfill.backfill_id)}
+        if manifest
+        else {}
+    )
+    request = backfill.request
+    return {
+        "backfill_id": backfill.backfill_id, "job": request.job, "status": backfill.status,
+        "from": request.first.isoformat(), "to": request.last.isoformat(), "params": request.params,
+        "reprocess": request.reprocess, "max_parallel": request.max_parallel, "backwards": request.backwards,
+        "dates": [
+            {"date": d.day.isoformat(), "action": d.action, "status": d.status, "run_id": d.run_id,
+             "error": d.error, **_counts(counts.get(d.day))}
+            for d in backfill.dates
+        ],
+    }  # fmt: skip
+
+
+def _counts(row: dict[str, Any] | None) -> dict[str, Any]:
+    if not row:
+        return {}
+    return {k: row[k] for k in ("chunks_done", "chunks_total", "rows_out", "seconds")}

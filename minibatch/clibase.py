@@ -1,0 +1,111 @@
+"""What every `minibatch` command shares: the config, loaded once on first use, the
+exceptions turned into one readable line and the spec's exit status, and common options."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from functools import cached_property
+from typing import Any
+
+import click
+
+from minibatch.config import Config, ConfigError, load_config
+from minibatch.units import parse_size
+
+EXIT_DEAD_LETTERS, EXIT_USAGE, EXIT_LOCKED = 1, 2, 3
+
+
+class State:
+    """The group's ctx.obj: loads the config once, on first use (so `--help` never needs it)."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+
+    @cached_property
+    def config(self) -> Config:
+        from minibatch.log import configure_logging
+
+        config = load_config(self.config_path)
+        configure_logging(config.engine.log_format, config.engine.log_level)
+        return config
+
+
+class Group(click.Group):
+    """Turns the library's exceptions into one readable line and the spec's exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from minibatch.lock import JobLocked
+        from minibatch.manifest import ManifestError
+
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # `minibatch history | head -1`: a closed pipe is not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor is the final flush
+            sys.exit(0)
+        except ConfigError as exc:
+            click.echo("\n".join(f"error: {line}" for line in str(exc).splitlines()), err=True)
+            sys.exit(EXIT_USAGE)
+        except JobLocked as exc:
+            click.echo(f"error: {exc}; not starting a second run", err=True)
+            sys.exit(EXIT_LOCKED)
+        except ManifestError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:  # a state_dir or output we may not write, a full disk, ...
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+            sys.exit(1)
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    try:
+        return None if value is None else parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _params(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+    from minibatch.params import ParamError, parse_assignments
+
+    try:
+        return parse_assignments(value)
+    except ParamError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+params_option = click.option(
+    "--param", "params", multiple=True, callback=_params, metavar="NAME=VALUE",
+    help="A job parameter, e.g. --param date=2026-11-01 (repeatable).",
+)  # fmt: skip
+
+
+def config_here(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    state = ctx.find_object(State)
+    if value is not None and state is not None:  # `run-now JOB --config PATH` works too
+        state.config_path = value
+
+
+def run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """What every command that runs a job takes."""
+    for option in reversed(
+        [
+            click.option(
+                "--workers", type=click.IntRange(min=1), help="Worker processes (overrides config)."
+            ),
+            click.option(
+                "--memory-limit",
+                callback=_size,
+                metavar="SIZE",
+                help='Budget for chunk data in flight, e.g. "512MiB" (overrides config).',
+            ),  # fmt: skip
+            params_option,
+            click.option("-q", "--quiet", is_flag=True, help="No progress display."),
+            click.option(
+                "--json", "as_json", is_flag=True, help="The summary as JSON (no progress display)."
+            ),
+        ]
+    ):
+        command = option(command)
+    return command

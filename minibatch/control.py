@@ -1,0 +1,246 @@
+"""What the daemon can be asked to do by other systems (the HTTP API, api.py): trigger a run,
+cancel one, pause or resume a job's schedule, start a backfill, and say how things stand.
+
+Errors are `ControlError`s carrying an HTTP status, so the API turns each into one
+problem+json answer; the logic stays here, importable and testable without HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from minibatch.backfill import (
+    BackfillRequest,
+    backfill_json,
+    check_request,
+    load,
+    new_backfill_id,
+    run_backfill,
+)
+from minibatch.config import Config, ConfigError, JobConfig
+from minibatch.lock import JobLocked, job_lock
+from minibatch.log import get_logger
+from minibatch.manifest import Manifest
+from minibatch.params import ParamError
+from minibatch.runner import RunOptions, new_run_id
+from minibatch.signals import StopSignals
+
+log = get_logger()
+TRIGGERS_PER_MINUTE = 6  # per job: a loop in some other system must not start runs back to back
+
+
+class ControlError(Exception):
+    def __init__(self, status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.headers = status, title, detail, headers or {}
+
+
+class Host(Protocol):
+    """The daemon, as seen from here."""
+
+    config: Config
+    manifest: Manifest
+    active: ActiveRuns
+
+    def submit(self, target: Callable[..., None], *args: Any) -> None: ...
+    def next_fire(self, job: str) -> datetime | None: ...
+    def run_in_daemon(self, name: str, reason: str, options: RunOptions) -> None: ...
+
+
+@dataclass
+class Active:
+    job: str
+    stop: StopSignals
+    kind: str = "run"  # run | backfill
+
+
+class ActiveRuns:
+    """Runs and backfills in flight in the daemon, by id: what cancel and a daemon stop reach."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[str, Active] = {}
+
+    def add(self, item_id: str, item: Active) -> None:
+        with self._lock:
+            self._items[item_id] = item
+
+    def remove(self, item_id: str) -> None:
+        with self._lock:
+            self._items.pop(item_id, None)
+
+    def get(self, item_id: str) -> Active | None:
+        with self._lock:
+            return self._items.get(item_id)
+
+    def items(self) -> list[tuple[str, Active]]:
+        with self._lock:
+            return list(self._items.items())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+class Control:
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self._triggers: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return [self.job(name) for name in sorted(self.host.config.jobs)]
+
+    def job(self, name: str) -> dict[str, Any]:
+        job = self._job(name)
+        paused = name in self.paused()
+        last = self.host.manifest.runs(name, limit=1)
+        return {
+            "name": name, "description": job.description, "schedule": job.schedule, "timezone": job.timezone,
+            "params": list(job.params), "paused": paused,
+            "next_fire": None if paused else self.host.next_fire(name),
+            "running": [i for i, a in self.host.active.items() if a.job == name and a.kind == "run"],
+            "last_run": run_json(last[0]) if last else None,
+        }  # fmt: skip
+
+    def runs(self, job: str | None, limit: int) -> list[dict[str, Any]]:
+        if job is not None:
+            self._job(job)
+        return [run_json(row) for row in self.host.manifest.runs(job, limit)]
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        rows = self.host.manifest.named("run_by_id", run_id=run_id)
+        if not rows:
+            raise ControlError(404, "Run not found", f"no run {run_id!r}")
+        return run_json(rows[0])
+
+    def report(self, run_id: str) -> str:
+        from minibatch.report import render_report
+
+        run = self.run(run_id)
+        return render_report(self.host.manifest, run["job"], run_id)
+
+    def paused(self) -> set[str]:
+        return {row["job"] for row in self.host.manifest.named("paused")}
+
+    # -- acting ----------------------------------------------------------------------------------
+
+    def trigger(self, name: str, params: dict[str, str], fresh: bool, retry_dead: bool) -> dict[str, Any]:
+        """Start a run of `name` in the daemon; its id, at once (202)."""
+        job = self._job(name)
+        try:
+            key = job.bind(self.host.config.base_dir, params, datetime.now(UTC)).key
+        except ParamError as exc:
+            raise ControlError(422, "Bad parameters", str(exc)) from None
+        self._rate_limit(name)
+        self._check_free(key, f"job {key!r} is running")
+        run_id = new_run_id()
+        options = RunOptions(params=params, fresh=fresh, retry_dead=retry_dead, run_id=run_id)
+        self.host.submit(self.host.run_in_daemon, name, "api", options)
+        log.info("run_requested", job=name, run_id=run_id, params=params or None)
+        return {"run_id": run_id, "job": key, "status": "queued", "url": f"/runs/{run_id}"}
+
+    def cancel(self, run_id: str) -> dict[str, Any]:
+        """A graceful stop of one run (or backfill) of this daemon: in-flight chunks finish
+        within stop_grace, queued ones are handed back; the run is recorded `stopped`."""
+        active = self.host.active.get(run_id)
+        if active is None:
+            rows = self.host.manifest.named("run_by_id", run_id=run_id)
+            if not rows:
+                raise ControlError(404, "Run not found", f"no run {run_id!r} in this daemon")
+            status = rows[0]["status"]
+            raise ControlError(
+                409, "Run not running here", f"run {run_id!r} is {status}, not running in this daemon"
+            )
+        active.stop.request()
+        log.info("run_cancel_requested", job=active.job, run_id=run_id)
+        return {"run_id": run_id, "job": active.job, "status": "stopping"}
+
+    def pause(self, name: str, paused: bool) -> dict[str, Any]:
+        self._job(name)
+        self.host.manifest.named("pause" if paused else "unpause", job=name)
+        log.info("job_paused" if paused else "job_resumed", job=name)
+        return self.job(name)
+
+    def backfill(self, request: BackfillRequest) -> dict[str, Any]:
+        try:
+            check_request(self.host.config, request)
+        except ConfigError as exc:
+            raise ControlError(422, "Bad backfill", "; ".join(exc.errors)) from None
+        self._check_free(f"{request.job}.backfill", f"a backfill of job {request.job!r} is running")
+        spec: dict[str, Any] = {"job": request.job, "first": request.first, "last": request.last}
+        found = self.host.manifest.named(
+            "unfinished_backfill", params=json.dumps(request.params, sort_keys=True), **spec
+        )
+        backfill_id = found[0]["backfill_id"] if found else new_backfill_id()
+        self.host.submit(self._run_backfill, request, backfill_id)
+        return {
+            "backfill_id": backfill_id,
+            "job": request.job,
+            "status": "queued",
+            "url": f"/backfills/{backfill_id}",
+        }
+
+    def backfill_info(self, backfill_id: str) -> dict[str, Any]:
+        backfill = load(self.host.manifest, backfill_id)
+        if backfill is None:
+            raise ControlError(404, "Backfill not found", f"no backfill {backfill_id!r}")
+        return backfill_json(backfill, self.host.manifest)
+
+    def _run_backfill(self, request: BackfillRequest, backfill_id: str) -> None:
+        stop = StopSignals()
+        self.host.active.add(backfill_id, Active(request.job, stop, "backfill"))
+        try:
+            run_backfill(self.host.config, request, stop, backfill_id=backfill_id)
+        except JobLocked as exc:
+            log.warning("backfill_skipped_locked", job=request.job, holder_pid=exc.pid)
+        except Exception:  # a broken backfill must not take the daemon down
+            log.exception("backfill_crashed", job=request.job, backfill_id=backfill_id)
+        finally:
+            self.host.active.remove(backfill_id)
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    def _job(self, name: str) -> JobConfig:
+        job = self.host.config.jobs.get(name)
+        if job is None:
+            raise ControlError(404, "Job not found", f"no job {name!r} in this daemon's config")
+        return job
+
+    def _check_free(self, lock: str, detail: str) -> None:
+        try:
+            with job_lock(self.host.config.engine.state_dir, lock):
+                pass
+        except JobLocked:
+            raise ControlError(409, "Already running", detail) from None
+
+    def _rate_limit(self, name: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self._triggers.get(name, []) if now - t < 60]
+            if len(recent) >= TRIGGERS_PER_MINUTE:
+                wait = int(60 - (now - recent[0])) + 1
+                detail = (
+                    f"job {name!r} was triggered {len(recent)} times in the last minute; try again in {wait}s"
+                )
+                raise ControlError(429, "Too many triggers", detail, {"Retry-After": str(wait)})
+            self._triggers[name] = [*recent, now]
+
+
+def run_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A run as the API shows it: its counters, parameters and where its report is."""
+    keys = ("run_id", "job", "status", "started_at", "ended_at", "chunks_total", "chunks_done",
+            "chunks_reused", "chunks_dead", "chunks_skipped", "bad_files", "rows_in", "rows_out", "bytes_out",
+            "error", "peak_memory", "memory_limit")  # fmt: skip
+    out = {key: row.get(key) for key in keys}
+    out["params"] = json.loads(row["params"]) if row.get("params") else {}
+    out["report"] = f"/runs/{row['run_id']}/report"
+    return out
