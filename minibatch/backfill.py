@@ -223,19 +223,26 @@ class _Driver:
 
     def run(self) -> None:
         todo = [d for d in self.backfill.dates if d.status not in FINISHED]
-        running: dict[Future[None], DateState] = {}
-        forwarded = 0
-        with ThreadPoolExecutor(self.backfill.request.max_parallel, "backfill") as pool:
-            while todo or running:
-                while todo and not self.stop.requested and len(running) < self.backfill.request.max_parallel:
-                    state = todo.pop(0)
+        held: dict[date, float] = {}  # dates whose lock another run holds: when to try again
+        running: dict[Future[bool], DateState] = {}
+        forwarded, parallel = 0, self.backfill.request.max_parallel
+        with ThreadPoolExecutor(parallel, "backfill") as pool:
+            while (todo or running) and not (self.stop.requested and not running):
+                ready = [d for d in todo if held.get(d.day, 0) <= time.monotonic()]
+                while ready and not self.stop.requested and len(running) < parallel:
+                    state = ready.pop(0)
+                    todo.remove(state)
                     running[pool.submit(self._run_date, state)] = state
-                if not running:
-                    break
-                finished, _ = wait(list(running), timeout=0.2, return_when=FIRST_COMPLETED)
+                if not running:  # only dates held elsewhere are left
+                    time.sleep(0.2)
+                finished = wait(list(running), 0.2, FIRST_COMPLETED)[0] if running else set()
                 for future in finished:
-                    future.result()
-                    self.on_date(self.backfill, running.pop(future))
+                    state = running.pop(future)
+                    if future.result():
+                        self.on_date(self.backfill, state)
+                    else:  # held by a scheduled or manual run of that date: the other dates first
+                        held[state.day] = time.monotonic() + LOCK_POLL
+                        todo.append(state)
                 while forwarded < self.stop.count:  # a stop (or a second one) reaches every run
                     forwarded += 1
                     for signals in list(self.active.values()):
@@ -248,45 +255,31 @@ class _Driver:
         else:
             self.backfill.status = "stopped"
 
-    def _run_date(self, state: DateState) -> None:
+    def _run_date(self, state: DateState) -> bool:
+        """Run one date to its end; False when another run of the date holds its lock."""
         request = self.backfill.request
+        stop = StopSignals()
         options = RunOptions(
             workers=self.workers, memory_limit=self.memory_limit, params=_given(request, state.day),
-            fresh=state.action == "fresh", retry_dead=request.reprocess != "none",
+            fresh=state.action == "fresh", retry_dead=request.reprocess != "none", run_id=new_run_id(),
+            stop=stop,
         )  # fmt: skip
-        while True:
-            options.run_id, options.stop = new_run_id(), StopSignals()
-            self._record(state, "running", options.run_id)
-            self.active[state.day] = options.stop
-            try:
-                summary = run_job(self.config, request.job, options)
-            except JobLocked:  # a scheduled or manual run of this date: wait for it, then resume
-                self._record(state, "pending", None)
-                if self._wait_for_lock(state):
-                    continue
-                self._record(state, "stopped", None)
-                return
-            except Exception as exc:  # a broken date must not end the others
-                self._record(state, "failed", options.run_id, f"{type(exc).__name__}: {exc}")
-                return
-            finally:
-                self.active.pop(state.day, None)
-            status = "stopped" if summary.stopped else str(summary.record.status)
-            self._record(
-                state, "failed" if status == RunStatus.CRASHED else status, None, summary.record.error
-            )
-            return
-
-    def _wait_for_lock(self, state: DateState) -> bool:
-        """Whether the date's lock came free (False: the backfill was stopped meanwhile)."""
-        key = _bind(self.config, self.backfill.request, state.day).key
-        while not self.stop.requested:
-            try:
-                with job_lock(self.config.engine.state_dir, key):
-                    return True
-            except JobLocked:
-                time.sleep(LOCK_POLL)
-        return False
+        self._record(state, "running", options.run_id)
+        self.active[state.day] = stop
+        try:
+            summary = run_job(self.config, request.job, options)
+        except JobLocked:
+            self._record(state, "pending", None)
+            return False
+        except Exception as exc:  # a broken date must not end the others
+            self._record(state, "failed", options.run_id, f"{type(exc).__name__}: {exc}")
+            return True
+        finally:
+            self.active.pop(state.day, None)
+        status = "stopped" if summary.stopped else str(summary.record.status)
+        status = "failed" if status == RunStatus.CRASHED else status
+        self._record(state, status, None, summary.record.error)
+        return True
 
     def _record(self, state: DateState, status: str, run_id: str | None, error: str | None = None) -> None:
         state.status, state.run_id, state.error = status, run_id or state.run_id, error

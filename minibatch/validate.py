@@ -21,17 +21,21 @@ def validate_config(config: Config) -> list[str]:
     return check_inputs(config)
 
 
+_IMPORTING = threading.Lock()
+
+
 def check_imports(config: Config, names: list[str] | None = None) -> None:
     """Import the `process` of the named jobs (all by default) and check that it can be called
     as f(table, ctx); bind their `sql` to their first input's columns. One ConfigError for all."""
     errors: list[str] = []
-    for job in config.jobs.values():
-        if names is not None and job.name not in names:
-            continue
-        if job.process:
-            errors += _check_function(job.name, job.process, config)
-        elif job.sql:
-            errors += _check_sql(job.name, job.sql, job.columns, config)
+    with _IMPORTING:  # runs in threads of one process (daemon, backfill) re-import job code
+        for job in config.jobs.values():
+            if names is not None and job.name not in names:
+                continue
+            if job.process:
+                errors += _check_function(job.name, job.process, config)
+            elif job.sql:
+                errors += _check_sql(job.name, job.sql, job.columns, config)
     if errors:
         raise ConfigError(errors, config.path)
 

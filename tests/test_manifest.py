@@ -387,5 +387,7 @@ def test_a_reader_adds_this_releases_columns_to_an_older_manifest_once(path: Pat
     assert reader.status("j")[0]["run_id"] == "r1"
     assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE column_name = 'start_rss'") == [(1,)]
     assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE column_name = 'chunk_size'") == [(1,)]
-    assert query(path, "SELECT count(*) FROM duckdb_columns() WHERE table_name = 'runs' AND column_name = 'params'") == [(1,)]
+    assert query(
+        path, "SELECT count(*) FROM duckdb_columns() WHERE table_name = 'runs' AND column_name = 'params'"
+    ) == [(1,)]
     assert query(path, "SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE 'backfill%'") == [(2,)]

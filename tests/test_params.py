@@ -47,8 +47,11 @@ def test_values_that_could_leave_a_directory_are_refused() -> None:
         parse_assignments(["date"])
 
 
-@given(st.dictionaries(st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True),
-                       st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,12}", fullmatch=True), max_size=4))  # fmt: skip
+NAMES = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True)
+VALUES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,12}", fullmatch=True)
+
+
+@given(st.dictionaries(NAMES, VALUES, max_size=4))
 def test_each_parameter_set_has_one_key(values: dict[str, str]) -> None:
     key = checkpoint_key("daily", values)
     assert key == checkpoint_key("daily", dict(reversed(values.items())))  # order does not matter

@@ -1,0 +1,233 @@
+"""The daemon's HTTP job API, over real HTTP against a real daemon process: trigger, watch,
+409, cancel mid-run (then exactly-once output), pause across a restart, the bearer token on
+a non-loopback bind, problem+json errors and the OpenAPI schema; and `minibatch cancel`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from minibatch.control import TRIGGERS_PER_MINUTE, Control, ControlError
+from minibatch.manifest import Manifest
+
+from conftest import Project, wait_for, watch_stderr
+
+SLOW_JOB = """
+[jobs.slow]
+input = "data/*.parquet"
+output = "out/slow"
+process = "myjobs.basic:ident"
+chunk_bytes = "3KB"
+schedule = "0 * * * *"
+stop_grace = "20s"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Api:
+    """A daemon of the project with its API on a free port, and a small HTTP client for it."""
+
+    def __init__(self, project: Project, jobs: str, env: dict[str, str] | None = None, token: str = "",
+                 bind: str = "127.0.0.1") -> None:  # fmt: skip
+        self.port = free_port()
+        engine = f'api_addr = "{bind}:{self.port}"\nmetrics_addr = ""\n'
+        if token:
+            (project.root / "api.token").write_text(token)
+            os.chmod(project.root / "api.token", 0o600)
+            engine += 'api_token_file = "api.token"\n'
+        project.write_config(jobs, engine=engine)
+        self.project, self.token, self.env = project, token, env
+        self.start()
+
+    def start(self) -> None:
+        self.process = self.project.start("daemon", env=self.env)
+        self.out = watch_stderr(self.process, "stdout")
+        self.wait_event("api_listening")
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in list(self.out) if line.startswith("{")]
+
+    def wait_event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            return next((e for e in self.events() if e["event"] == name), None)
+
+        wait_for(lambda: found() is not None or self.process.poll() is not None, timeout, what=name)
+        event = found()
+        assert event is not None, f"daemon exited without {name}: {self.process.stderr.read()}"  # type: ignore[union-attr]
+        return event
+
+    def call(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> tuple[int, Any, Any]:
+        """(status, decoded body, headers); errors are answers too."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method)
+        if body is not None:
+            request.data = json.dumps(body).encode()
+            request.add_header("Content-Type", "application/json")
+        if token if token is not None else self.token:
+            request.add_header("Authorization", f"Bearer {token if token is not None else self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=20) as response:
+                return response.status, _decode(response.read(), response.headers), response.headers
+        except urllib.error.HTTPError as exc:
+            return exc.code, _decode(exc.read(), exc.headers), exc.headers
+
+    def run_until(self, run_id: str, done: Any, timeout: float = 60.0) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+
+        def check() -> bool:
+            status, body, _ = self.call("GET", f"/runs/{run_id}")
+            seen.update(body if status == 200 else {})
+            return status == 200 and done(body)
+
+        wait_for(check, timeout, what=f"run {run_id}")
+        return seen
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+def _decode(raw: bytes, headers: Any) -> Any:
+    kind = headers.get("Content-Type", "")
+    return json.loads(raw) if "json" in kind else raw.decode()
+
+
+def test_trigger_watch_conflict_cancel_and_exactly_once(project: Project) -> None:
+    for i in range(3):
+        project.write_input(f"f{i}.parquet", i * 1000, 1000)
+    api = Api(project, SLOW_JOB, env={"MB_SLEEP": "0.15"})
+    try:
+        status, body, _ = api.call("POST", "/jobs/slow/runs", {})
+        assert status == 202 and body["job"] == "slow" and body["url"] == f"/runs/{body['run_id']}"
+        first = body["run_id"]
+        api.run_until(first, lambda run: run["status"] == "running")
+        status, problem, headers = api.call("POST", "/jobs/slow/runs", {})
+        assert status == 409 and headers["Content-Type"] == "application/problem+json"
+        assert problem == {"type": "about:blank", "title": "Already running", "status": 409,
+                           "detail": "job 'slow' is running"}  # fmt: skip
+        wait_for(lambda: len(project.computations()) >= 4, what="chunks to finish")
+        status, body, _ = api.call("POST", f"/runs/{first}/cancel")
+        assert (status, body["status"]) == (202, "stopping")
+        stopped = api.run_until(first, lambda run: run["status"] != "running")
+        assert stopped["status"] == "stopped" and 0 < stopped["chunks_done"] < stopped["chunks_total"]
+        assert api.call("POST", f"/runs/{first}/cancel")[0] == 409  # not running any more
+
+        project.write_env({"MB_SLEEP": "0"})
+        second = api.call("POST", "/jobs/slow/runs", {"retry_dead": True})[1]["run_id"]
+        done = api.run_until(second, lambda run: run["status"] != "running")
+        assert done["status"] == "succeeded"
+        assert done["chunks_reused"] == stopped["chunks_done"]  # resumed, not redone
+        assert done["chunks_done"] + done["chunks_reused"] == done["chunks_total"] == stopped["chunks_total"]
+        ids = project.output_table("slow").column("id").to_pylist()
+        assert sorted(ids) == list(range(3000))  # each row once: nothing lost, nothing twice
+
+        status, page, headers = api.call("GET", f"/runs/{second}/report")
+        assert status == 200 and headers["Content-Type"].startswith("text/html") and second in page
+        job = api.call("GET", "/jobs/slow")[1]
+        assert job["last_run"]["run_id"] == second and job["next_fire"] and not job["paused"]
+        listed = api.call("GET", "/runs?job=slow&limit=5")[1]
+        assert [r["run_id"] for r in listed] == [second, first]
+        assert api.call("GET", "/runs/nope")[0] == 404
+        assert api.call("POST", "/jobs/slow/runs", {"bogus": 1})[0] == 422  # typed bodies
+    finally:
+        assert api.stop() == 0
+
+
+def test_pause_persists_across_a_restart_and_skips_fires(project: Project) -> None:
+    project.write_input("a.parquet", 0, 200)
+    api = Api(project, SLOW_JOB)
+    try:
+        status, job, _ = api.call("POST", "/jobs/slow/pause")
+        assert status == 200 and job["paused"] and job["next_fire"] is None
+    finally:
+        assert api.stop() == 0
+    state = Manifest(project.root / ".state" / "manifest.duckdb")
+    state.record_fire("slow", datetime.now(UTC) - timedelta(hours=3))  # a fire missed: caught up at start
+    api.start()
+    try:
+        api.wait_event("run_skipped_paused")
+        assert api.call("GET", "/jobs/slow")[1]["paused"]
+        job = api.call("POST", "/jobs/slow/resume")[1]
+        assert not job["paused"] and job["next_fire"]
+    finally:
+        assert api.stop() == 0
+    assert project.manifest_rows("SELECT count(*) FROM runs") == [(0,)]
+    paused = project.cli("pause", "slow")  # the CLI, without the daemon
+    assert paused.returncode == 0 and project.manifest_rows("SELECT job FROM paused_jobs") == [("slow",)]
+    assert project.cli("resume", "slow").returncode == 0
+    assert project.manifest_rows("SELECT count(*) FROM paused_jobs") == [(0,)]
+
+
+def test_a_non_loopback_bind_needs_the_token(project: Project) -> None:
+    project.write_input("a.parquet", 0, 100)
+    project.write_config(SLOW_JOB, engine='api_addr = "0.0.0.0:9465"\nmetrics_addr = ""')
+    refused = project.cli("validate")
+    assert refused.returncode == 2 and "0.0.0.0:9465 is reachable from other machines" in refused.stderr
+
+    token = "s3cret-" + "x" * 24
+    api = Api(project, SLOW_JOB, token=token, bind="0.0.0.0")
+    try:
+        for given in ("", "wrong-token-of-some-length"):
+            status, problem, headers = api.call("GET", "/jobs", token=given)
+            assert status == 401 and problem["title"] == "Unauthorized"
+            assert headers["WWW-Authenticate"] == "Bearer"
+            assert headers["Content-Type"] == "application/problem+json"
+        assert api.call("GET", "/jobs")[0] == 200
+        status, schema, _ = api.call("GET", "/openapi.json")
+    finally:
+        assert api.stop() == 0
+    assert status == 200 and schema["info"]["title"] == "minibatch"
+    assert set(schema["paths"]) == {
+        "/jobs", "/jobs/{job}", "/jobs/{job}/runs", "/jobs/{job}/pause", "/jobs/{job}/resume", "/runs",
+        "/runs/{run_id}", "/runs/{run_id}/report", "/runs/{run_id}/cancel", "/backfills",
+        "/backfills/{backfill_id}",
+    }  # fmt: skip
+    trigger = schema["paths"]["/jobs/{job}/runs"]["post"]
+    assert "#/components/schemas/TriggerBody" in json.dumps(trigger["requestBody"])
+    assert set(trigger["responses"]) >= {"202", "401", "404", "409", "422", "429"}
+    assert "application/problem+json" in trigger["responses"]["409"]["content"]
+    assert set(schema["components"]["schemas"]["Run"]["properties"]) >= {"run_id", "params", "chunks_done"}
+
+    os.chmod(project.root / "api.token", 0o644)
+    result = project.cli("daemon", timeout=60)
+    assert result.returncode == 2 and "api.token is readable by others" in result.stderr
+
+
+def test_cancel_stops_a_run_now_process_gracefully(project: Project) -> None:
+    for i in range(2):
+        project.write_input(f"f{i}.parquet", i * 1000, 1000)
+    project.write_config(SLOW_JOB)
+    process = project.start("run-now", "slow", "-q", env={"MB_SLEEP": "0.1"})
+    wait_for(lambda: len(project.computations()) >= 2, what="chunks to run")
+    (run_id,) = [r[0] for r in project.manifest_rows("SELECT run_id FROM runs WHERE status = 'running'")]
+    result = project.cli("cancel", run_id)
+    assert result.returncode == 0 and "SIGTERM" in result.stdout
+    assert process.wait(timeout=60) == 0
+    assert project.manifest_rows("SELECT status FROM runs") == [("stopped",)]
+    again = project.cli("cancel", run_id)
+    assert again.returncode == 2 and "is not running (it is stopped)" in again.stderr
+    assert project.cli("cancel", "nope").returncode == 2
+
+
+def test_triggers_are_rate_limited_per_job() -> None:
+    control = Control(host=None)  # type: ignore[arg-type]  # the limit needs no daemon
+    for _ in range(TRIGGERS_PER_MINUTE):
+        control._rate_limit("a")
+    with pytest.raises(ControlError) as limited:
+        control._rate_limit("a")
+    assert limited.value.status == 429 and int(limited.value.headers["Retry-After"]) <= 61
+    control._rate_limit("b")  # per job

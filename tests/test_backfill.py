@@ -1,0 +1,136 @@
+"""Backfills: a backfill over 10 dates SIGKILLed and started again continues and gives each
+date's output exactly once; what --reprocess runs; a date whose run is held elsewhere waits."""
+
+from __future__ import annotations
+
+import os
+import signal
+from datetime import date
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from minibatch.backfill import _decide
+from minibatch.lock import job_lock
+from minibatch.manifest import Manifest
+
+from conftest import Project, wait_for
+
+DAILY = """
+[jobs.daily]
+input = "landing/{date}/*.parquet"
+output = "out/daily/{date}"
+process = "myjobs.basic:ident"
+chunk_bytes = "3KB"
+workers = 2
+"""
+DATES = [f"2026-11-{day:02d}" for day in range(1, 11)]
+
+
+def write_days(project: Project, rows: int = 300) -> dict[str, list[int]]:
+    """Each date's input: its own ids, three 100-row row groups."""
+    ids = {}
+    for n, day in enumerate(DATES):
+        folder = project.root / "landing" / day
+        folder.mkdir(parents=True)
+        ids[day] = list(range(n * 10_000, n * 10_000 + rows))
+        table = pa.table(
+            {"id": pa.array(ids[day], pa.int64()), "value": pa.array([i % 7 for i in ids[day]], pa.int64())}
+        )
+        pq.write_table(table, folder / "part.parquet", row_group_size=100)
+    return ids
+
+
+def backfill_dates(project: Project) -> dict[str, str]:
+    manifest = Manifest(project.root / ".state" / "manifest.duckdb", deadline=10)
+    with manifest.connect(read_only=True) as con:
+        found = con.execute("SELECT logical_date, status FROM backfill_dates").fetchall()
+    return {day.isoformat(): status for day, status in found}
+
+
+def output_ids(project: Project, day: str) -> list[int]:
+    folder = project.root / "out" / "daily" / day
+    return sorted(pq.read_table(folder).column("id").to_pylist()) if folder.is_dir() else []
+
+
+def test_a_backfill_killed_and_started_again_gives_each_date_once(project: Project) -> None:
+    ids = write_days(project)
+    project.write_config(DAILY)
+    args = ["backfill", "daily", "--from", DATES[0], "--to", DATES[-1], "--max-parallel", "2"]
+    process = project.start(*args, env={"MB_SLEEP": "0.08"})
+    wait_for(lambda: list(backfill_dates(project).values()).count("succeeded") >= 3, timeout=60,
+             what="three dates done")  # fmt: skip
+    os.killpg(process.pid, signal.SIGKILL)  # the coordinator and its workers, mid-date
+    process.wait()
+    before = backfill_dates(project)
+    assert "running" in before.values() and "pending" in before.values()
+
+    again = project.cli(*args, env={"MB_SLEEP": "0"}, real=True)
+    assert again.returncode == 0, again.stderr
+    assert "succeeded" in again.stdout and again.stdout.count("succeeded") >= 11  # a line per date
+    for day in DATES:
+        assert output_ids(project, day) == ids[day], day  # every row of the date, once
+    assert project.manifest_rows("SELECT count(*), any_value(status) FROM backfills") == [(1, "succeeded")]
+    assert set(backfill_dates(project).values()) == {"succeeded"}
+    done_before = [day for day, status in before.items() if status == "succeeded"]
+    recomputed = project.manifest_rows(
+        "SELECT DISTINCT job FROM runs WHERE status = 'succeeded' AND chunks_done > 0 AND started_at > "
+        "(SELECT max(started_at) FROM runs WHERE status = 'running' OR status = 'crashed')"
+    )
+    assert not {f"daily[date={day}]" for day in done_before} & {job for (job,) in recomputed}
+
+
+def test_reprocess_decides_per_date_from_its_last_run() -> None:
+    day = date(2026, 11, 1)
+    assert (_decide(day, None, "none").action, _decide(day, None, "failed").action) == ("run", "run")
+    assert _decide(day, "succeeded", "none").status == "skipped"
+    assert _decide(day, "failed", "none").status == "skipped"  # none: dates that ran are left alone
+    assert _decide(day, "failed", "failed").action == "run"
+    assert _decide(day, "crashed", "failed").action == "run"
+    assert _decide(day, "succeeded", "failed").status == "skipped"
+    assert _decide(day, "succeeded", "all").action == "fresh"
+
+
+def test_dry_run_reprocess_and_bad_requests(project: Project) -> None:
+    ids = write_days(project, rows=100)
+    project.write_config(DAILY)
+    assert project.cli("run-now", "daily", "-q", "--param", f"date={DATES[1]}").returncode == 0
+    dry = project.cli("backfill", "daily", "--from", DATES[0], "--to", DATES[2], "--dry-run", "--backwards")
+    assert dry.returncode == 0
+    lines = dry.stdout.splitlines()[1:]
+    assert [line.split()[:2] for line in lines] == [[DATES[2], "run"], [DATES[1], "skip"], [DATES[0], "run"]]
+    assert project.manifest_rows("SELECT count(*) FROM backfills") == [(0,)]  # a dry run records nothing
+
+    before = (project.root / "out/daily" / DATES[1]).stat().st_mtime_ns
+    result = project.cli(
+        "backfill", "daily", "--from", DATES[0], "--to", DATES[2], "--reprocess", "all", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"action": "fresh"' in result.stdout
+    assert all(output_ids(project, day) == ids[day] for day in DATES[:3])
+    assert (project.root / "out/daily" / DATES[1]).stat().st_mtime_ns != before  # rebuilt
+
+    for args, message in [
+        (["--from", "2026-11-05", "--to", "2026-11-01"], "--from 2026-11-05 is after --to 2026-11-01"),
+        (
+            ["--from", "2026-11-01", "--to", "2026-11-02", "--param", "date=2026-11-01"],
+            "gives each run its date",
+        ),
+        (["--from", "2026-11-01", "--to", "2026-11-02", "--param", "x=1"], "has no parameter x"),
+    ]:
+        bad = project.cli("backfill", "daily", *args)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
+def test_a_date_held_by_another_run_waits_for_it(project: Project, tmp_path: Path) -> None:
+    ids = write_days(project, rows=100)
+    project.write_config(DAILY)
+    with job_lock(project.root / ".state", f"daily[date={DATES[0]}]"):  # a scheduled run of that date
+        process = project.start("backfill", "daily", "--from", DATES[0], "--to", DATES[1])
+        wait_for(
+            lambda: backfill_dates(project).get(DATES[1]) == "succeeded", timeout=60, what="the free date"
+        )
+        assert backfill_dates(project)[DATES[0]] == "pending" and process.poll() is None
+    assert process.wait(timeout=60) == 0
+    assert output_ids(project, DATES[0]) == ids[DATES[0]]
