@@ -210,7 +210,24 @@ def job_params(
     if missing := [n for n in names if n not in in_output]:
         shown = ", ".join("{" + n + "}" for n in missing)
         c.error("output", f"must use every parameter ({shown}) so each parameter set has its own output")
+    elif output and in_output and (problem := _shared_output(output)):
+        c.error("output", problem)
     return names, defaults
+
+
+# Dates an output must tell apart: days, months, years, and days of the week and of the year.
+DISTINCT = [date(2026, 1, 31), date(2026, 1, 30), date(2026, 2, 28), date(2025, 1, 31), date(2026, 2, 7)]
+
+
+def _shared_output(template: str) -> str | None:
+    """Why two parameter sets could share one output (a format that drops what tells them apart)."""
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name and name != DATE and spec:
+            return f"{{{name}:{spec}}}: a format could give two values one output; use {{{name}}}"
+    rendered = {render(template, {**{n: "x" for n in placeholders(template)}, DATE: d}) for d in DISTINCT}
+    if len(rendered) < len(DISTINCT):
+        return "its {date} format must tell every day apart (for example {date:%Y-%m-%d})"
+    return None
 
 
 def _template_params(c: Checker, key: str, templates: Iterable[str]) -> list[str]:

@@ -162,3 +162,24 @@ def test_config_checks_parameters(project: Project) -> None:
     assert "jobs.b.params.date: date has no default" in errors
     assert "jobs.b.params.unused: not used in input, output, sql or reduce_sql" in errors
     assert "jobs.b.params.region: missing: a scheduled or watched run needs a default" in errors
+
+
+def test_two_parameter_sets_never_share_an_output(project: Project) -> None:
+    project.write_config("""
+    [jobs.monthly]
+    input = "landing/{date}/*.parquet"
+    output = "out/m/{date:%Y-%m}"
+    sql = "SELECT * FROM chunk"
+    [jobs.short]
+    input = "landing/{region}/*.parquet"
+    output = "out/s/{region:.2}"
+    sql = "SELECT * FROM chunk"
+    [jobs.fine]
+    input = "landing/{date}/*.parquet"
+    output = "out/f/{date:%Y/%m/%d}"
+    sql = "SELECT * FROM chunk"
+    """)
+    errors = project.cli("validate").stderr
+    assert "jobs.monthly.output: its {date} format must tell every day apart" in errors
+    assert "jobs.short.output: {region:.2}: a format could give two values one output" in errors
+    assert "jobs.fine" not in errors
