@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from minibatch.cli_control import backfill, cancel, pause, resume
-from minibatch.clibase import EXIT_USAGE, Group, State, config_here, run_options
+from minibatch.clibase import EXIT_USAGE, Group, State, config_here, params_option, run_options
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -125,13 +125,14 @@ def list_jobs(state: State, as_json: bool) -> None:
 @main.command()
 @click.argument("job")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@params_option
 @click.pass_obj
-def dead(state: State, job: str, as_json: bool) -> None:
+def dead(state: State, job: str, as_json: bool, params: dict[str, str]) -> None:
     """JOB's dead-lettered chunks: file, rows, attempts and the last error."""
     from minibatch.status import dead_letters
     from minibatch.summary import print_dead
 
-    rows = dead_letters(state.config, job)
+    rows = dead_letters(state.config, job, params)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
     else:
@@ -272,9 +273,10 @@ def repair(state: State) -> None:
 @main.command()
 @click.argument("job")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@params_option
 @click.pass_obj
-def reset(state: State, job: str, yes: bool) -> None:
-    """Forget JOB's checkpoint and remove its output."""
+def reset(state: State, job: str, yes: bool, params: dict[str, str]) -> None:
+    """Forget JOB's checkpoint and remove its output (of one parameter set: --param)."""
     from minibatch.status import reset_job
 
     config = state.config
@@ -284,7 +286,7 @@ def reset(state: State, job: str, yes: bool) -> None:
             click.echo(f"error: reset {job} deletes its output; without a terminal, pass --yes", err=True)
             sys.exit(EXIT_USAGE)
         click.confirm(f"Remove the output of {job} and forget its checkpoint?", abort=True)
-    reset_job(config, job)
+    reset_job(config, job, params)
     click.echo(f"{job}: checkpoint forgotten, output removed")
 
 

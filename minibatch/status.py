@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from minibatch.config import Config
+from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.layout import OutputLayout
 from minibatch.lock import holder_pid, job_lock
 from minibatch.manifest import Manifest, manifest_path
+from minibatch.params import DATE, ParamError
 from minibatch.states import RunStatus
 
 
@@ -105,15 +107,26 @@ HISTORY_KEYS = (
 )  # fmt: skip
 
 
-def reset_job(config: Config, name: str) -> None:
+def reset_job(config: Config, name: str, params: dict[str, str] | None = None) -> None:
     """Forget a job's checkpoint and remove its output (refused while the job runs)."""
-    job = config.job(name)
-    with job_lock(config.engine.state_dir, name):
-        manifest_for(config).reset(name)
+    job = bound_job(config, name, params or {})
+    with job_lock(config.engine.state_dir, job.key):
+        manifest_for(config).reset(job.key)
         OutputLayout(job.output, reduce=job.reduce_sql is not None).remove_all()
 
 
-def dead_letters(config: Config, name: str) -> list[dict[str, Any]]:
+def dead_letters(config: Config, name: str, params: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """A job's dead-lettered chunks, by file and rows."""
-    config.job(name)
-    return manifest_for(config).dead_letters(name)
+    return manifest_for(config).dead_letters(bound_job(config, name, params or {}).key)
+
+
+def bound_job(config: Config, name: str, params: dict[str, str]) -> JobConfig:
+    """The job with the parameter set a command names: given in full, never a default date."""
+    job = config.job(name)
+    if DATE in job.params and DATE not in params:
+        problem = f"job {name!r} has a checkpoint per date: give --param date=YYYY-MM-DD"
+        raise ConfigError([problem], config.path)
+    try:
+        return job.bind(config.base_dir, params, datetime.now(UTC))
+    except ParamError as exc:
+        raise ConfigError([str(exc)], config.path) from None

@@ -183,3 +183,22 @@ def test_two_parameter_sets_never_share_an_output(project: Project) -> None:
     assert "jobs.monthly.output: its {date} format must tell every day apart" in errors
     assert "jobs.short.output: {region:.2}: a format could give two values one output" in errors
     assert "jobs.fine" not in errors
+
+
+def test_reset_and_dead_name_one_parameter_set(project: Project) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for day in ("2026-11-01", "2026-11-02"):
+        (project.root / "landing" / day).mkdir(parents=True)
+        pq.write_table(pa.table({"id": [1, 2]}), project.root / "landing" / day / "a.parquet")
+    project.write_config(PARAM_JOB)
+    for day in ("2026-11-01", "2026-11-02"):
+        assert project.cli("run-now", "daily", "-q", "--param", f"date={day}").returncode == 0
+    refused = project.cli("reset", "daily", "--yes")
+    assert refused.returncode == 2 and "give --param date=YYYY-MM-DD" in refused.stderr
+    assert project.cli("dead", "daily", "--param", "date=2026-11-01").returncode == 0
+    assert project.cli("reset", "daily", "--yes", "--param", "date=2026-11-01").returncode == 0
+    assert not any((project.root / "out/region=eu/date=2026-11-01").glob("*.parquet"))
+    assert any((project.root / "out/region=eu/date=2026-11-02").glob("*.parquet"))  # the other date kept
+    assert project.manifest_rows("SELECT DISTINCT job FROM chunks") == [("daily[date=2026-11-02,region=eu]",)]
