@@ -20,7 +20,7 @@ FROM python:${PYTHON_VERSION}-slim AS builder
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY minibatch/ minibatch/
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[api]"
 
 # -- runtime: Python and the installed wheel, nothing else -------------------------------------
 FROM python:${PYTHON_VERSION}-slim
@@ -35,10 +35,12 @@ RUN groupadd --system --gid 10001 minibatch \
     && install -d -o minibatch -g minibatch -m 0750 \
         /srv/minibatch/.minibatch /srv/minibatch/data /srv/minibatch/out
 # The wheels are bind-mounted from the builder, so they take no layer of this image; installing
-# from them alone (--no-index) installs exactly what the builder resolved. `minibatch --version`
-# imports the installed package: a wheel without its SQL files fails the build here.
+# from them alone (--no-index) installs exactly what the builder resolved, with the HTTP API's
+# extra (on the container's loopback: `docker exec ... minibatch cancel RUN`). `minibatch
+# --version` imports the installed package: a wheel without its SQL files fails the build here.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/minibatch-*.whl \
+    pip install --no-cache-dir --no-index --find-links=/wheels \
+        /wheels/minibatch-*.whl /wheels/fastapi-*.whl /wheels/uvicorn-*.whl \
     && minibatch --version
 WORKDIR /srv/minibatch
 USER 10001:10001

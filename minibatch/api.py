@@ -143,6 +143,7 @@ def create_app(control: Control, token: str | None) -> FastAPI:
     app = FastAPI(
         title="minibatch", summary="Trigger, watch, cancel, pause and backfill minibatch jobs.",
         version=_version(), responses=ERRORS, dependencies=[Depends(_auth(token))],
+        docs_url=None, redoc_url=None,  # their pages load scripts from a CDN
     )  # fmt: skip
     _problems(app)
     _job_routes(app, control)
