@@ -88,10 +88,10 @@ class Metrics(Listener):
 
     def load_state(self, status: list[dict[str, Any]]) -> None:
         """Series that outlive the daemon, from the manifest (`Manifest.status()` rows)."""
-        for row in status:
-            self.dead_letters.labels(row["job"]).set(row["dead_total"])
+        for row in status:  # a job with parameters: its latest parameter set's
+            self.dead_letters.labels(row["job_name"]).set(row["dead_total"])
             if row["last_success_at"] is not None:
-                self.last_success.labels(row["job"]).set(row["last_success_at"].timestamp())
+                self.last_success.labels(row["job_name"]).set(row["last_success_at"].timestamp())
 
     def set_jobs(self, jobs: Iterable[str], intervals: dict[str, float]) -> None:
         """Every job's series from the start, at 0, so that rate() and increase() see the first

@@ -81,11 +81,12 @@ SELECT dep, EXISTS (
 FROM unnest($deps::VARCHAR[]) AS deps(dep), mine;
 
 -- name: status
--- The latest run of each job (or of one), with its checkpoint's chunk counts.
+-- The latest run of each job (or of one), with its checkpoint's chunk counts: of a job with
+-- parameters, its latest parameter set's run and checkpoint (`job_name` is the job).
 WITH latest AS (
-    SELECT * FROM runs
+    SELECT *, split_part(job, '[', 1) AS job_name FROM runs
     WHERE $job IS NULL OR (job = $job OR starts_with(job, $job || '['))
-    QUALIFY row_number() OVER (PARTITION BY job ORDER BY started_at DESC) = 1
+    QUALIFY row_number() OVER (PARTITION BY job_name ORDER BY started_at DESC) = 1
 ), totals AS (
     SELECT job,
            count(*) FILTER (WHERE status = $done) AS done_total,
@@ -96,7 +97,8 @@ WITH latest AS (
 ), bad AS (
     SELECT job, count(*) AS bad_files_total FROM bad_files GROUP BY job
 ), successes AS (
-    SELECT job, max(ended_at) AS last_success_at FROM runs WHERE status = $succeeded GROUP BY job
+    SELECT split_part(job, '[', 1) AS job_name, max(ended_at) AS last_success_at FROM runs
+    WHERE status = $succeeded GROUP BY job_name
 )
 SELECT latest.*, coalesce(totals.done_total, 0) AS done_total,
        coalesce(totals.dead_total, 0) AS dead_total,
@@ -104,7 +106,7 @@ SELECT latest.*, coalesce(totals.done_total, 0) AS done_total,
        coalesce(totals.bytes_out_total, 0) AS bytes_out_total,
        coalesce(bad.bad_files_total, 0) AS bad_files_total,
        successes.last_success_at
-FROM latest LEFT JOIN totals USING (job) LEFT JOIN bad USING (job) LEFT JOIN successes USING (job)
+FROM latest LEFT JOIN totals USING (job) LEFT JOIN bad USING (job) LEFT JOIN successes USING (job_name)
 ORDER BY job;
 
 -- name: runs

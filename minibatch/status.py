@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +23,7 @@ def manifest_for(config: Config) -> Manifest:
 
 def job_status(config: Config, job: str | None = None) -> list[dict[str, Any]]:
     """One entry per job: its latest run, with done / dead / pending chunks."""
-    rows = {row["job"]: row for row in manifest_for(config).status(job)}
+    rows = {row["job_name"]: row for row in manifest_for(config).status(job)}
     names = [job] if job else sorted(config.jobs)
     return [_entry(config, name, rows.get(name)) for name in names]
 
@@ -36,6 +38,7 @@ def _entry(config: Config, name: str, row: dict[str, Any] | None) -> dict[str, A
     ended, started = row["ended_at"], row["started_at"]
     return {
         "job": name,
+        "params": json.loads(row["params"]) if row["params"] else None,  # its latest parameter set's
         "run_id": row["run_id"],
         "status": status,
         "pid": row["pid"],
@@ -62,6 +65,9 @@ def _entry(config: Config, name: str, row: dict[str, Any] | None) -> dict[str, A
 def _output(config: Config, name: str, row: dict[str, Any]) -> dict[str, Any]:
     """What readers of the output see: every done chunk's rows, or a reduce job's reduction."""
     job = config.jobs.get(name)
+    if job and job.params and row["params"]:
+        with contextlib.suppress(ParamError):
+            job = job.bind(config.base_dir, json.loads(row["params"]), datetime.now(UTC))
     layout = OutputLayout(job.output, reduce=True) if job and job.reduce_sql else None
     if layout is None:
         return {"output_rows": row["rows_out_total"], "output_bytes": row["bytes_out_total"]}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -126,6 +127,8 @@ def test_each_parameter_set_is_its_own_checkpoint(project: Project) -> None:
     ]
     history = project.cli("history", "daily")
     assert history.stdout.count("daily[date=") == 3
+    (status,) = json.loads(project.cli("status", "daily", "--json").stdout)  # its latest parameter set's
+    assert status["params"] == {"date": "2026-11-01", "region": "eu"} and status["chunks_done"] == 1
 
 
 def test_parameter_errors_are_usage_errors_naming_the_job(project: Project) -> None:
