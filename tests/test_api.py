@@ -29,6 +29,12 @@ chunk_bytes = "3KB"
 schedule = "0 * * * *"
 stop_grace = "20s"
 """
+DAILY = """
+[jobs.daily]
+input = "landing/{date}/*.parquet"
+output = "out/daily/{date}"
+process = "myjobs.basic:ident"
+"""
 
 
 def free_port() -> int:
@@ -231,3 +237,34 @@ def test_triggers_are_rate_limited_per_job() -> None:
         control._rate_limit("a")
     assert limited.value.status == 429 and int(limited.value.headers["Retry-After"]) <= 61
     control._rate_limit("b")  # per job
+
+
+def test_a_backfill_over_the_api(project: Project) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    days = ["2026-11-01", "2026-11-02", "2026-11-03"]
+    for n, day in enumerate(days):
+        (project.root / "landing" / day).mkdir(parents=True)
+        ids = list(range(n * 100, n * 100 + 50))
+        pq.write_table(pa.table({"id": ids, "value": ids}), project.root / "landing" / day / "a.parquet")
+    api = Api(project, DAILY)
+    try:
+        body = {"job": "daily", "from": days[0], "to": days[-1], "max_parallel": 2, "backwards": True}
+        status, accepted, _ = api.call("POST", "/backfills", body)
+        assert status == 202 and accepted["url"] == f"/backfills/{accepted['backfill_id']}"
+
+        def finished() -> bool:
+            return api.call("GET", accepted["url"])[1]["status"] in ("succeeded", "failed")
+
+        wait_for(finished, timeout=60, what="the backfill")
+        shown = api.call("GET", accepted["url"])[1]
+        assert shown["status"] == "succeeded" and [d["date"] for d in shown["dates"]] == days[::-1]
+        assert all(d["rows_out"] == 50 and d["run_id"] for d in shown["dates"])
+        assert api.call("POST", "/backfills", {**body, "to": "2026-10-01"})[0] == 422
+        assert api.call("GET", "/backfills/bf-nope")[0] == 404
+    finally:
+        assert api.stop() == 0
+    for n, day in enumerate(days):
+        table = pq.read_table(project.root / "out/daily" / day)
+        assert sorted(table.column("id").to_pylist()) == list(range(n * 100, n * 100 + 50))
