@@ -28,21 +28,26 @@ def check_outputs_apart(
 ) -> None:
     """Each job owns its output, which must not hold what `reset` would then delete: the
     config file, job code, the state directory, or another job's output, staging or parts."""
-    state = state_dir.resolve()
     names = sorted(jobs)
     for i, name in enumerate(names):
         job = jobs[name]
-        precious = [("the config file", config_path), ("the state_dir", state)]
-        if job.process:
-            precious += [("job code", path) for path in module_files(config_path.parent, job.process)]
-        for what, path in precious:
-            if _holds(job.output, path):
-                errors.append(f"jobs.{name}.output: {job.output} contains {what} ({path})")
+        errors += [
+            f"jobs.{name}.output: {problem}" for problem in precious_inside(job, config_path, state_dir)
+        ]
         for other in names[i + 1 :]:
             if _overlap(job, jobs[other]):
                 errors.append(
                     f"jobs.{other}.output: {jobs[other].output} overlaps the output of job {name!r}"
                 )
+
+
+def precious_inside(job: JobConfig, config_path: Path, state_dir: Path) -> list[str]:
+    """What `reset` of the job would delete that is not output: the config file, the
+    state_dir, job code (checked again for each parameter set's rendered output)."""
+    precious = [("the config file", config_path), ("the state_dir", state_dir.resolve())]
+    if job.process:
+        precious += [("job code", path) for path in module_files(config_path.parent, job.process)]
+    return [f"{job.output} contains {what} ({path})" for what, path in precious if _holds(job.output, path)]
 
 
 def _holds(directory: Path, path: Path) -> bool:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 REDUCED_NAME = "part-reduced.parquet"
+OWNER_NAME = "minibatch-owner"  # in the staging directory: the job (parameter set) the output is
 PART_RE = re.compile(r"^part-[0-9a-f]{24}\.parquet$")
 STAGED_RE = re.compile(r"^part-(?P<chunk>[0-9a-f]{24})\.parquet\.[\w-]+\.\d+\.tmp$")
 CHUNK_KEY = b"minibatch.chunk"  # Parquet key-value metadata of every part
@@ -57,7 +58,9 @@ class OutputLayout:
         results, which the run may salvage (`staged_results`). Returns how many it removed."""
         for directory in (self.output, self.staging, self.parts):
             directory.mkdir(parents=True, exist_ok=True)
-        leftovers = [p for p in self.staging.iterdir() if not STAGED_RE.match(p.name)]
+        leftovers = [
+            p for p in self.staging.iterdir() if not STAGED_RE.match(p.name) and p.name != OWNER_NAME
+        ]
         for path in leftovers:
             _remove(path)
         return len(leftovers)
@@ -111,23 +114,45 @@ class OutputLayout:
             _rmdir_if_empty(self.parts)
         if keep_claim:
             for path in self.staging.iterdir() if self.staging.is_dir() else []:
-                _remove(path)
+                if path.name != OWNER_NAME:
+                    _remove(path)
             return
         shutil.rmtree(self.staging, ignore_errors=True)
         _rmdir_if_empty(self.output)
 
     # -- ownership ----------------------------------------------------------------------------
 
-    def claim(self, job: str) -> None:
-        """Make sure this output is minibatch's to write. Its staging directory, which only
-        minibatch creates, says it is; otherwise the output must be absent, empty, or hold only
-        what minibatch names its files. A staging or parts directory that is a symlink is
-        refused: what is removed in it would be removed wherever the link points."""
+    def claim(self, owner: str) -> None:
+        """Make sure this output is `owner`'s to write (a job, or one parameter set of it). Its
+        staging directory, which only minibatch creates, says it is minibatch's, and the owner
+        file in it whose; otherwise the output must be absent, empty, or hold only what
+        minibatch names its files. An output inside another claimed output is refused, and a
+        staging or parts directory that is a symlink: what is removed in it would be removed
+        wherever the link points."""
         for directory in (self.staging, self.parts):
             if directory.is_symlink():
                 raise OutputNotOwned(f"{directory} is a symlink; minibatch keeps its own files there")
-        if self.staging.is_dir() or not self.output.is_dir():
-            return
+        for parent in self.output.parents:
+            if (parent.parent / f".{parent.name}.minibatch-staging").is_dir():
+                raise OutputNotOwned(f"output {self.output} is inside the output {parent} of another job")
+        if not self.staging.is_dir():
+            self._check_foreign()
+            if self.staging.exists():  # not a directory: the run fails on it when it prepares
+                return
+            self.staging.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # the first claim of an output writes it
+            fd = os.open(
+                self.staging / OWNER_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644
+            )
+            with os.fdopen(fd, "w") as handle:
+                handle.write(owner)
+        fd = os.open(self.staging / OWNER_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as handle:
+            holder = handle.read()
+        if holder != owner:
+            raise OutputNotOwned(f"output {self.output} is the output of {holder}, not of {owner}")
+
+    def _check_foreign(self) -> None:
         foreign = self.foreign_files()
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")

@@ -22,10 +22,11 @@ if TYPE_CHECKING:
     from minibatch.schedule import CronSchedule
 
 DATE = "date"
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")  # all three: fullmatch (`$` allows a newline)
 # Values end up in paths, file names and lock names: no separators, no leading dot.
-VALUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
-DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+VALUE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
+DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+MAX_KEY = 200  # a checkpoint key is a lock file's name
 SQL_PARAM_RE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 SAMPLE = {DATE: date(2026, 1, 31)}  # to check templates at load time
 
@@ -42,7 +43,7 @@ def placeholders(template: str) -> list[str]:
     for _, field, _, conversion in string.Formatter().parse(template):
         if field is None:
             continue
-        if not NAME_RE.match(field) or conversion:
+        if not NAME_RE.fullmatch(field) or conversion:
             expected = "expected {name} or {name:format}"
             raise ValueError(f"bad placeholder {{{field}}} in {template!r}: {expected}")
         names.append(field)
@@ -63,12 +64,12 @@ def sql_values(sql: str | None, values: Mapping[str, Any]) -> dict[str, Any] | N
 def parse_value(name: str, text: str) -> date | str:
     if name == DATE:
         try:
-            if DATE_RE.match(text):
+            if DATE_RE.fullmatch(text):
                 return date.fromisoformat(text)
         except ValueError:
             pass
         raise ParamError(f"parameter date: expected a date YYYY-MM-DD, got {text!r}")
-    if not VALUE_RE.match(text):
+    if not VALUE_RE.fullmatch(text):
         raise ParamError(
             f"parameter {name}: {text!r} is not allowed (letters, digits and . _ : + -, not starting "
             "with a dot; values become parts of paths)"
@@ -142,6 +143,10 @@ def bind(
         else:
             example = "YYYY-MM-DD" if name == DATE else "VALUE"
             raise ParamError(f"job {job!r} needs --param {name}={example}")
+    if len(checkpoint_key(job, values)) > MAX_KEY:
+        raise ParamError(
+            f"job {job!r}: its parameters are too long together (a key over {MAX_KEY} characters)"
+        )
     return values
 
 
@@ -215,8 +220,8 @@ def job_params(
     return names, defaults
 
 
-# Dates an output must tell apart: days, months, years, and days of the week and of the year.
-DISTINCT = [date(2026, 1, 31), date(2026, 1, 30), date(2026, 2, 28), date(2025, 1, 31), date(2026, 2, 7)]
+# Dates an output must tell apart: every day of four years (a leap year among them).
+DISTINCT = [date(2024, 1, 1) + timedelta(days=n) for n in range(4 * 365 + 1)]
 
 
 def _shared_output(template: str) -> str | None:
@@ -224,7 +229,10 @@ def _shared_output(template: str) -> str | None:
     for _, name, spec, _ in string.Formatter().parse(template):
         if name and name != DATE and spec:
             return f"{{{name}:{spec}}}: a format could give two values one output; use {{{name}}}"
-    rendered = {render(template, {**{n: "x" for n in placeholders(template)}, DATE: d}) for d in DISTINCT}
+    names = placeholders(template)
+    if DATE not in names:
+        return None
+    rendered = {render(template, {**{n: "x" for n in names}, DATE: d}) for d in DISTINCT}
     if len(rendered) < len(DISTINCT):
         return "its {date} format must tell every day apart (for example {date:%Y-%m-%d})"
     return None

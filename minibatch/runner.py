@@ -19,6 +19,7 @@ from typing import Any
 from minibatch.admission import LEARN_FROM, MEMORY_FACTOR, MemoryModel
 from minibatch.clock import SYSTEM, Clock
 from minibatch.config import Config, ConfigError, JobConfig
+from minibatch.crossjob import precious_inside
 from minibatch.events import Emitter, Listener, LogListener
 from minibatch.execute import Execution, Executor, open_pool
 from minibatch.hooks import HookListener
@@ -193,6 +194,10 @@ class Run:
         """Before anything changes: refuse an output that is not ours, and inputs that loop or
         reach the output (configuration errors, not runs)."""
         try:
+            if self.job.values and (
+                problems := precious_inside(self.job, self.config.path, self.config.engine.state_dir)
+            ):
+                raise OutputNotOwned(problems[0])  # a parameter set's output, rendered
             self.layout.claim(self.job.key)
             forbidden = [self.layout.output, self.layout.parts, self.layout.staging]
             return find_inputs(self.config.base_dir, self.job.inputs, forbidden)

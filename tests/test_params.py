@@ -205,3 +205,67 @@ def test_reset_and_dead_name_one_parameter_set(project: Project) -> None:
     assert not any((project.root / "out/region=eu/date=2026-11-01").glob("*.parquet"))
     assert any((project.root / "out/region=eu/date=2026-11-02").glob("*.parquet"))  # the other date kept
     assert project.manifest_rows("SELECT DISTINCT job FROM chunks") == [("daily[date=2026-11-02,region=eu]",)]
+
+
+def test_newlines_and_overlong_values_are_refused() -> None:
+    for bad in ("eu\n", "eu\nx", "x" * 65):
+        with pytest.raises(ParamError, match="not allowed"):
+            parse_value("region", bad)
+    with pytest.raises(ParamError, match="YYYY-MM-DD"):
+        parse_value("date", "2026-11-01\n")
+    with pytest.raises(ValueError, match="bad placeholder"):
+        placeholders("{date\n}")
+
+
+def test_outputs_of_two_parameter_sets_are_kept_apart_at_run_time(project: Project) -> None:
+    """Values glued by a dash can render one directory (eu-west + a, eu + west-a), and a value
+    can name another job's output: the output's owner refuses the second, and deletes nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for source, rows in (("eu-west", range(10)), ("eu", range(100, 110)), ("global", range(500, 503))):
+        (project.root / "landing" / source).mkdir(parents=True)
+        pq.write_table(pa.table({"id": list(rows)}), project.root / "landing" / source / "a.parquet")
+    project.write_config("""
+    [jobs.ingest]
+    input = "landing/{source}/*.parquet"
+    output = "lake/{source}-{region}"
+    sql = "SELECT * FROM chunk"
+    [jobs.glob]
+    input = "landing/global/*.parquet"
+    output = "lake/global-x"
+    sql = "SELECT id FROM chunk"
+    [jobs.nested]
+    input = "landing/{region}/*.parquet"
+    output = "lake/{region}/n"
+    sql = "SELECT id FROM chunk"
+    """)
+    first = project.cli("run-now", "ingest", "-q", "--param", "source=eu-west", "--param", "region=a")
+    assert first.returncode == 0, first.stderr
+    second = project.cli("run-now", "ingest", "-q", "--param", "source=eu", "--param", "region=west-a")
+    assert second.returncode == 2
+    assert (
+        "is the output of ingest[region=a,source=eu-west], not of ingest[region=west-a,source=eu]"
+        in second.stderr
+    )
+    assert sorted(pq.read_table(project.root / "lake/eu-west-a").column("id").to_pylist()) == list(range(10))
+
+    assert project.cli("run-now", "glob", "-q").returncode == 0
+    stolen = project.cli("run-now", "ingest", "-q", "--param", "source=global", "--param", "region=x")
+    assert stolen.returncode == 2 and "is the output of glob" in stolen.stderr
+    assert pq.read_table(project.root / "lake/global-x").column("id").to_pylist() == [500, 501, 502]
+    inside = project.cli("run-now", "nested", "-q", "--param", "region=eu-west-a")
+    assert inside.returncode == 2 and "inside the output" in inside.stderr
+
+
+def test_a_rendered_output_may_not_hold_job_code(project: Project) -> None:
+    project.write_config("""
+    [jobs.p]
+    input = "data/*.parquet"
+    output = "{where}"
+    process = "myjobs.basic:ident"
+    """)
+    project.write_input("a.parquet", 0, 10)
+    result = project.cli("run-now", "p", "-q", "--param", "where=myjobs")
+    assert result.returncode == 2 and "contains job code" in result.stderr
+    assert (project.root / "myjobs" / "basic.py").exists()

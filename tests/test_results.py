@@ -80,14 +80,22 @@ def test_only_minibatch_names_are_parts_and_foreign_files_stay(tmp_path: Path) -
 
 
 def test_claim_refuses_a_directory_minibatch_did_not_create(tmp_path: Path) -> None:
+    OutputLayout(tmp_path / "absent", reduce=False).claim("j")  # absent: fine
+    (tmp_path / "empty").mkdir()
+    OutputLayout(tmp_path / "empty", reduce=False).claim("j")  # empty: fine
     layout = OutputLayout(tmp_path / "out", reduce=False)
-    layout.claim("j")  # absent: fine
     layout.output.mkdir()
-    layout.claim("j")  # empty: fine
     (layout.output / part_name("b" * 24)).write_bytes(b"x")
     layout.claim("j")  # only what minibatch names its files: an older release's output
+    layout.remove_all()  # the claim goes with it
+    layout.output.mkdir()
     (layout.output / "keep.txt").write_text("mine")
     with pytest.raises(OutputNotOwned, match="not created by minibatch"):
         layout.claim("j")
+    assert not layout.staging.exists()  # refused: nothing written
     layout.staging.mkdir()  # the staging directory beside it is minibatch's claim
     layout.claim("j")
+    with pytest.raises(OutputNotOwned, match=r"is the output of j, not of j\[date=2026-11-01\]"):
+        layout.claim("j[date=2026-11-01]")  # one output, one owner
+    with pytest.raises(OutputNotOwned, match="inside the output"):
+        OutputLayout(layout.output / "nested", reduce=False).claim("k")
