@@ -142,7 +142,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def create_app(control: Control, token: str | None) -> FastAPI:
     app = FastAPI(
         title="minibatch", summary="Trigger, watch, cancel, pause and backfill minibatch jobs.",
-        version=_version(), responses=ERRORS, dependencies=[Depends(_auth(token))],
+        version=_version(), responses=ERRORS,
+        dependencies=[Depends(_not_a_browser(token)), Depends(_auth(token))],
         docs_url=None, redoc_url=None,  # their pages load scripts from a CDN
     )  # fmt: skip
     _problems(app)
@@ -204,6 +205,24 @@ def _run_routes(app: FastAPI, control: Control) -> None:
         return control.backfill_info(backfill_id)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _not_a_browser(token: str | None) -> Any:
+    """A web page can send requests to a loopback API (form posts need no preflight) and, by
+    DNS rebinding, read answers: refuse any request that carries an Origin, and without a
+    token any whose Host is not a loopback name."""
+
+    def check(request: Request) -> None:
+        if "origin" in request.headers:
+            raise ControlError(403, "Forbidden", "requests from web pages (with an Origin) are refused")
+        host = (request.headers.get("host") or "").rpartition(":")[0] or request.headers.get("host", "")
+        if token is None and host.strip("[]") not in LOOPBACK:
+            raise ControlError(403, "Forbidden", f"Host {host!r} is not loopback; this API has no token")
+
+    return check
+
+
 def _auth(token: str | None) -> Any:
     bearer = HTTPBearer(auto_error=False)
 
@@ -231,6 +250,10 @@ def _problems(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return problem(exc.status_code, str(exc.detail), str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    def crashed(request: Request, exc: Exception) -> JSONResponse:
+        return problem(500, "Internal error", f"{type(exc).__name__}: {exc}")
 
     @app.exception_handler(RequestValidationError)
     def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

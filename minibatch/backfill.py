@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -153,7 +153,9 @@ def run_backfill(
 
 
 def _start(config: Config, request: BackfillRequest, manifest: Manifest, backfill_id: str | None) -> Backfill:
-    """Continue the unfinished backfill of the same job, range and parameters, or record a new one."""
+    """Continue the unfinished backfill of the same job, range and parameters (with this
+    --max-parallel), or record a new one: also when --reprocess or --backwards changed, which
+    decide its dates (the old one is then `superseded`)."""
     spec: dict[str, Any] = {
         "job": request.job,
         "first": request.first,
@@ -162,12 +164,16 @@ def _start(config: Config, request: BackfillRequest, manifest: Manifest, backfil
     }
     with manifest.session():
         found = manifest.named("unfinished_backfill", **spec)
-        if found:
-            backfill = load(manifest, found[0]["backfill_id"])
-            assert backfill is not None
-            manifest.named("resume_backfill", id=backfill.backfill_id, pid=os.getpid())
-            backfill.resumed = True
-            return backfill
+        old = load(manifest, found[0]["backfill_id"]) if found else None
+        if old and continues(old, request):
+            manifest.named(
+                "resume_backfill", id=old.backfill_id, pid=os.getpid(), max_parallel=request.max_parallel
+            )
+            old.request, old.resumed = replace(old.request, max_parallel=request.max_parallel), True
+            return old
+        if old:
+            manifest.named("end_backfill", id=old.backfill_id, status="superseded")
+            log.info("backfill_superseded", job=request.job, backfill_id=old.backfill_id)
         dates = plan(config, request, manifest)
         backfill = Backfill(backfill_id or new_backfill_id(), request, dates)
         manifest.named(
@@ -180,6 +186,11 @@ def _start(config: Config, request: BackfillRequest, manifest: Manifest, backfil
             statuses=[d.status for d in dates],
         )  # fmt: skip
     return backfill
+
+
+def continues(old: Backfill, request: BackfillRequest) -> bool:
+    """Whether `request` continues the unfinished `old` (what decides its dates is the same)."""
+    return (old.request.reprocess, old.request.backwards) == (request.reprocess, request.backwards)
 
 
 def _json(request: BackfillRequest) -> str:

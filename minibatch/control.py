@@ -19,17 +19,19 @@ from minibatch.backfill import (
     BackfillRequest,
     backfill_json,
     check_request,
+    continues,
     load,
     new_backfill_id,
     run_backfill,
 )
-from minibatch.config import Config, ConfigError, JobConfig
+from minibatch.config import Config, ConfigError, EngineConfig, JobConfig
 from minibatch.lock import JobLocked, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest
-from minibatch.params import ParamError
+from minibatch.params import DATE, ParamError, logical_date
 from minibatch.runner import RunOptions, new_run_id
 from minibatch.signals import StopSignals
+from minibatch.states import RunStatus
 
 log = get_logger()
 TRIGGERS_PER_MINUTE = 6  # per job: a loop in some other system must not start runs back to back
@@ -58,6 +60,7 @@ class Active:
     job: str
     stop: StopSignals
     kind: str = "run"  # run | backfill
+    key: str | None = None  # a run's checkpoint key
 
 
 class ActiveRuns:
@@ -141,9 +144,12 @@ class Control:
         except ParamError as exc:
             raise ControlError(422, "Bad parameters", str(exc)) from None
         self._rate_limit(name)
+        if any(a.key == key for _, a in self.host.active.items()):
+            raise ControlError(409, "Already running", f"job {key!r} is running")
         self._check_free(key, f"job {key!r} is running")
-        run_id = new_run_id()
-        options = RunOptions(params=params, fresh=fresh, retry_dead=retry_dead, run_id=run_id)
+        run_id, stop = new_run_id(), StopSignals()
+        options = RunOptions(params=params, fresh=fresh, retry_dead=retry_dead, run_id=run_id, stop=stop)
+        self.host.active.add(run_id, Active(name, stop, key=key))  # cancellable from now on
         self.host.submit(self.host.run_in_daemon, name, "api", options)
         log.info("run_requested", job=name, run_id=run_id, params=params or None)
         return {"run_id": run_id, "job": key, "status": "queued", "url": f"/runs/{run_id}"}
@@ -180,7 +186,8 @@ class Control:
         found = self.host.manifest.named(
             "unfinished_backfill", params=json.dumps(request.params, sort_keys=True), **spec
         )
-        backfill_id = found[0]["backfill_id"] if found else new_backfill_id()
+        old = load(self.host.manifest, found[0]["backfill_id"]) if found else None
+        backfill_id = old.backfill_id if old and continues(old, request) else new_backfill_id()
         self.host.submit(self._run_backfill, request, backfill_id)
         return {
             "backfill_id": backfill_id,
@@ -244,3 +251,48 @@ def run_json(row: dict[str, Any]) -> dict[str, Any]:
     out["params"] = json.loads(row["params"]) if row.get("params") else {}
     out["report"] = f"/runs/{row['run_id']}/report"
     return out
+
+
+def fire_params(job: JobConfig, now: datetime) -> dict[str, str]:
+    """A scheduled fire's parameters: the logical date of the interval that just ended."""
+    if DATE not in job.params or not job.schedule:
+        return {}
+    from minibatch.schedule import parse_crontab
+
+    return {DATE: logical_date(parse_crontab(job.schedule, job.timezone), now).isoformat()}
+
+
+def unmet_dependencies(
+    config: Config, manifest: Manifest, job: JobConfig, params: dict[str, str]
+) -> list[str]:
+    """The dependencies that have not succeeded for this fire: a dated dependency of a dated
+    fire for the same date; any other since the job's own last run started."""
+    day = params.get(DATE)
+    dated = [d for d in job.depends_on if day and d in config.jobs and DATE in config.jobs[d].params]
+    plain = [d for d in job.depends_on if d not in dated]
+    missing = manifest.unmet_dependencies(job.name, plain) if plain else []
+    for dep in dated:
+        key = config.jobs[dep].bind(config.base_dir, {DATE: str(day)}, datetime.now(UTC)).key
+        if not manifest.named("succeeded_run", key=key, succeeded=RunStatus.SUCCEEDED):
+            missing.append(dep)
+    return missing
+
+
+def serve_api(engine: EngineConfig, control: Control) -> Any:
+    """Start the HTTP API in a thread, if configured and installed; the server, or None."""
+    if not engine.api_addr:
+        return None
+    try:
+        from minibatch.api import ApiServer, create_app, read_token
+    except ImportError as exc:  # the `api` extra is not installed
+        log.warning("api_off", reason=f"{exc.name} is not installed (pip install 'minibatch[api]')")
+        return None
+    try:
+        token = read_token(engine.api_token_file) if engine.api_token_file else None
+        server = ApiServer(create_app(control, token), engine.api_addr)
+    except (OSError, ValueError) as exc:
+        problem = f"minibatch.api_addr: cannot serve the API on {engine.api_addr}: {exc}"
+        raise ConfigError([problem]) from None
+    server.start()
+    log.info("api_listening", addr=engine.api_addr, token=token is not None)
+    return server

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from minibatch.config import Config, ConfigError, JobConfig, load_config
-from minibatch.control import Active, ActiveRuns, Control
+from minibatch.control import Active, ActiveRuns, Control, fire_params, serve_api, unmet_dependencies
 from minibatch.jobcode import code_paths
 from minibatch.lock import JobLocked
 from minibatch.log import get_logger
@@ -81,7 +81,7 @@ class Daemon:
         self.active = ActiveRuns()  # run and backfill id -> its job and stop handle
         self.control = Control(self)
         self.api: Any = None  # api.ApiServer
-        self.waiting: set[str] = set()  # fired, waiting for their dependencies
+        self.waiting: dict[str, dict[str, str]] = {}  # fired, waiting for their dependencies: params
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.pending_signals: list[int] = []
@@ -102,7 +102,7 @@ class Daemon:
                 self.metrics.serve(addr)
             except OSError as exc:
                 raise ConfigError([f"minibatch.metrics_addr: cannot listen on {addr}: {exc}"]) from None
-        self._serve_api()
+        self.api = serve_api(self.config.engine, self.control)
         workers = max(4, len(self.config.jobs) + 1)
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
@@ -256,23 +256,26 @@ class Daemon:
         if name in self.control.paused():
             log.info("run_skipped_paused", job=name, reason=reason)
             return
-        missing = self.manifest.unmet_dependencies(name, job.depends_on) if job.depends_on else []
+        params = fire_params(job, datetime.now(UTC))  # the logical date is the fire's, not the run's
+        missing = unmet_dependencies(self.config, self.manifest, job, params)
         if missing:
             with self.lock:
-                self.waiting.add(name)
-            log.info("waiting_for_dependencies", job=name, waiting_for=missing)
+                self.waiting[name] = params
+            log.info("waiting_for_dependencies", job=name, waiting_for=missing, **params)
             return
-        self.run_in_daemon(name, reason)
+        self.run_in_daemon(name, reason, RunOptions(params=params))
 
     def run_in_daemon(self, name: str, reason: str, options: RunOptions | None = None) -> None:
         """One run in this thread (the scheduler's pool): fired, triggered over HTTP, or released."""
         options = options or RunOptions()
-        options.run_id, options.stop = options.run_id or new_run_id(), StopSignals()
-        with self.lock:
-            if self.stopping or (reason != "api" and self._running(name)):
+        options.run_id, options.stop = options.run_id or new_run_id(), options.stop or StopSignals()
+        with self.lock:  # the same parameter set (a key) runs once; its lock says so across processes
+            key = _key(self.config, name, options.params)
+            if self.stopping or any(a.key == key and i != options.run_id for i, a in self.active.items()):
                 log.info("run_skipped", job=name, reason="stopping" if self.stopping else "already running")
+                self.active.remove(options.run_id)
                 return
-            self.active.add(options.run_id, Active(name, options.stop))
+            self.active.add(options.run_id, Active(name, options.stop, key=key))
         try:
             log.info("run_fired", job=name, reason=reason, run_id=options.run_id)
             run_job(self.config, name, options, [self.metrics])
@@ -289,15 +292,16 @@ class Daemon:
     def _release_waiting(self) -> None:
         """Start the waiting jobs whose dependencies have now succeeded."""
         with self.lock:
-            waiting = sorted(self.waiting)
-        for name in waiting:
+            waiting = sorted(self.waiting.items())
+        for name, params in waiting:
             job = self.config.jobs.get(name)
-            if job is not None and self.manifest.unmet_dependencies(name, job.depends_on):
+            if job is not None and unmet_dependencies(self.config, self.manifest, job, params):
                 continue
             with self.lock:
-                self.waiting.discard(name)
+                self.waiting.pop(name, None)
             if job is not None and not self.stopping:
-                self.scheduler.add_job(self.run_in_daemon, args=[name, "dependencies met"])
+                options = RunOptions(params=params)
+                self.scheduler.add_job(self.run_in_daemon, args=[name, "dependencies met", options])
 
     def _refresh_metrics(self) -> None:
         try:
@@ -320,25 +324,6 @@ class Daemon:
     def next_fire(self, job: str) -> datetime | None:
         found = self.scheduler.get_job(f"cron:{job}") if self.scheduler else None
         return found.next_run_time if found is not None else None
-
-    def _serve_api(self) -> None:
-        engine = self.config.engine
-        if not engine.api_addr:
-            return
-        try:
-            from minibatch.api import ApiServer, create_app, read_token
-        except ImportError as exc:  # the `api` extra is not installed
-            log.warning("api_off", reason=f"{exc.name} is not installed (pip install 'minibatch[api]')")
-            return
-        try:
-            token = read_token(engine.api_token_file) if engine.api_token_file else None
-            self.api = ApiServer(create_app(self.control, token), engine.api_addr)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                [f"minibatch.api_addr: cannot serve the API on {engine.api_addr}: {exc}"]
-            ) from None
-        self.api.start()
-        log.info("api_listening", addr=engine.api_addr, token=token is not None)
 
     def _status(self) -> str:
         running = ", ".join(sorted({a.job for _, a in self.active.items()})) or "nothing"
@@ -389,3 +374,11 @@ def _stat(path: str) -> os.stat_result | None:
 def run_daemon(config: Config, config_path: str | None) -> int:
     """Schedule until SIGTERM; `config_path` is read again on SIGHUP. Returns the exit status."""
     return Daemon(config, config_path).run()
+
+
+def _key(config: Config, name: str, params: dict[str, str]) -> str | None:
+    """The checkpoint a run of `name` with `params` is (None: the run will say what is wrong)."""
+    try:
+        return config.job(name).bind(config.base_dir, params, datetime.now(UTC)).key
+    except (ConfigError, ValueError):
+        return None

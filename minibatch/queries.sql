@@ -171,7 +171,8 @@ SELECT $id, unnest($dates::DATE[]), unnest($positions::INTEGER[]), unnest($actio
        unnest($statuses::VARCHAR[]), now();
 
 -- name: resume_backfill
-UPDATE backfills SET status = 'running', pid = $pid, ended_at = NULL WHERE backfill_id = $id;
+UPDATE backfills SET status = 'running', pid = $pid, max_parallel = $max_parallel, ended_at = NULL
+WHERE backfill_id = $id;
 
 -- name: end_backfill
 UPDATE backfills SET status = $status, ended_at = now() WHERE backfill_id = $id;
@@ -205,3 +206,6 @@ DELETE FROM paused_jobs WHERE job = $job;
 
 -- name: run_by_id
 SELECT * FROM runs WHERE run_id = $run_id;
+
+-- name: succeeded_run
+SELECT 1 FROM runs WHERE job = $key AND status = $succeeded LIMIT 1;

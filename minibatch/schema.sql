@@ -112,7 +112,7 @@ CREATE TABLE IF NOT EXISTS backfills (
     reprocess      VARCHAR NOT NULL,   -- none | failed | all
     max_parallel   INTEGER NOT NULL,
     backwards      BOOLEAN NOT NULL,
-    status         VARCHAR NOT NULL,   -- running | succeeded | failed | stopped
+    status         VARCHAR NOT NULL,   -- running | succeeded | failed | stopped | superseded
     pid            INTEGER,
     created_at     TIMESTAMPTZ,
     ended_at       TIMESTAMPTZ

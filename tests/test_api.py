@@ -76,10 +76,12 @@ class Api:
         return event
 
     def call(
-        self, method: str, path: str, body: Any = None, token: str | None = None
+        self, method: str, path: str, body: Any = None, token: str | None = None, **headers: str
     ) -> tuple[int, Any, Any]:
         """(status, decoded body, headers); errors are answers too."""
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", method=method, headers=headers
+        )
         if body is not None:
             request.data = json.dumps(body).encode()
             request.add_header("Content-Type", "application/json")
@@ -157,6 +159,9 @@ def test_pause_persists_across_a_restart_and_skips_fires(project: Project) -> No
     project.write_input("a.parquet", 0, 200)
     api = Api(project, SLOW_JOB)
     try:
+        for header in ({"Origin": "http://example.com"}, {"Host": "evil.example:9465"}):  # a web page
+            status, problem, _ = api.call("POST", "/jobs/slow/pause", **header)
+            assert status == 403 and problem["title"] == "Forbidden", header
         status, job, _ = api.call("POST", "/jobs/slow/pause")
         assert status == 200 and job["paused"] and job["next_fire"] is None
     finally:
@@ -192,7 +197,8 @@ def test_a_non_loopback_bind_needs_the_token(project: Project) -> None:
             assert status == 401 and problem["title"] == "Unauthorized"
             assert headers["WWW-Authenticate"] == "Bearer"
             assert headers["Content-Type"] == "application/problem+json"
-        assert api.call("GET", "/jobs")[0] == 200
+        status, jobs, _ = api.call("GET", "/jobs")
+        assert status == 200, jobs
         status, schema, _ = api.call("GET", "/openapi.json", token="")  # no data in it: no token
     finally:
         assert api.stop() == 0
@@ -268,3 +274,16 @@ def test_a_backfill_over_the_api(project: Project) -> None:
     for n, day in enumerate(days):
         table = pq.read_table(project.root / "out/daily" / day)
         assert sorted(table.column("id").to_pylist()) == list(range(n * 100, n * 100 + 50))
+
+
+def test_a_run_cancelled_as_soon_as_it_is_accepted_stops(project: Project) -> None:
+    project.write_input("a.parquet", 0, 1000)
+    api = Api(project, SLOW_JOB, env={"MB_SLEEP": "0.05"})
+    try:
+        for _ in range(3):
+            run_id = api.call("POST", "/jobs/slow/runs", {"fresh": True})[1]["run_id"]
+            status, body, _ = api.call("POST", f"/runs/{run_id}/cancel")  # before its thread starts it
+            assert (status, body["status"]) == (202, "stopping")
+            assert api.run_until(run_id, lambda run: run["status"] != "running")["status"] == "stopped"
+    finally:
+        assert api.stop() == 0

@@ -134,3 +134,31 @@ def test_a_date_held_by_another_run_waits_for_it(project: Project, tmp_path: Pat
         assert backfill_dates(project)[DATES[0]] == "pending" and process.poll() is None
     assert process.wait(timeout=60) == 0
     assert output_ids(project, DATES[0]) == ids[DATES[0]]
+
+
+def test_a_changed_reprocess_starts_a_new_backfill(project: Project) -> None:
+    from minibatch.backfill import BackfillRequest, run_backfill
+    from minibatch.config import load_config
+    from minibatch.signals import StopSignals
+
+    def stopped() -> StopSignals:  # stopped before its first date: left unfinished
+        signals = StopSignals()
+        signals.request()
+        return signals
+
+    write_days(project, rows=100)
+    project.write_config(DAILY)
+    config = load_config(project.root / "config.toml")
+    request = BackfillRequest("daily", date(2026, 11, 1), date(2026, 11, 3))
+    first = run_backfill(config, request, stopped())
+    assert first.status == "stopped"
+    again = run_backfill(config, BackfillRequest(**{**request.__dict__, "max_parallel": 2}))
+    assert again.backfill_id == first.backfill_id and again.request.max_parallel == 2  # continued
+    assert again.status == "succeeded"
+
+    wider = BackfillRequest("daily", date(2026, 11, 1), date(2026, 11, 4))
+    third = run_backfill(config, wider, stopped())
+    fourth = run_backfill(config, BackfillRequest(**{**wider.__dict__, "reprocess": "all"}))
+    assert fourth.backfill_id != third.backfill_id and {d.action for d in fourth.dates} == {"fresh"}
+    statuses = dict(project.manifest_rows("SELECT backfill_id, status FROM backfills"))
+    assert statuses[third.backfill_id] == "superseded" and statuses[fourth.backfill_id] == "succeeded"

@@ -269,3 +269,34 @@ def test_a_rendered_output_may_not_hold_job_code(project: Project) -> None:
     result = project.cli("run-now", "p", "-q", "--param", "where=myjobs")
     assert result.returncode == 2 and "contains job code" in result.stderr
     assert (project.root / "myjobs" / "basic.py").exists()
+
+
+def test_a_dated_dependency_counts_for_the_same_date_only(project: Project) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from minibatch.config import load_config
+    from minibatch.control import unmet_dependencies
+    from minibatch.manifest import Manifest
+
+    for day in ("2026-10-01", "2026-11-01"):
+        (project.root / "landing" / day).mkdir(parents=True)
+        pq.write_table(pa.table({"id": [1]}), project.root / "landing" / day / "a.parquet")
+    project.write_config("""
+    [jobs.up]
+    input = "landing/{date}/*.parquet"
+    output = "out/up/{date}"
+    sql = "SELECT * FROM chunk"
+    [jobs.down]
+    input = "landing/{date}/*.parquet"
+    output = "out/down/{date}"
+    sql = "SELECT * FROM chunk"
+    depends_on = ["up"]
+    """)
+    config = load_config(project.root / "config.toml")
+    manifest = Manifest(project.root / ".state" / "manifest.duckdb")
+    assert project.cli("run-now", "up", "-q", "--param", "date=2026-10-01").returncode == 0
+    today = {"date": "2026-11-01"}
+    assert unmet_dependencies(config, manifest, config.jobs["down"], today) == ["up"]  # another date's
+    assert project.cli("run-now", "up", "-q", "--param", "date=2026-11-01").returncode == 0
+    assert unmet_dependencies(config, manifest, config.jobs["down"], today) == []
