@@ -287,3 +287,24 @@ def test_a_run_cancelled_as_soon_as_it_is_accepted_stops(project: Project) -> No
             assert api.run_until(run_id, lambda run: run["status"] != "running")["status"] == "stopped"
     finally:
         assert api.stop() == 0
+
+
+def test_a_catch_up_fire_runs_its_logical_date(project: Project) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    yesterday = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()  # what 00:00 UTC today covers
+    (project.root / "landing" / yesterday).mkdir(parents=True)
+    pq.write_table(pa.table({"id": [7], "value": [1]}), project.root / "landing" / yesterday / "a.parquet")
+    project.write_config(DAILY + 'schedule = "0 0 * * *"\n')
+    Manifest(project.root / ".state" / "manifest.duckdb").record_fire(
+        "daily", datetime.now(UTC) - timedelta(days=3)
+    )
+    api = Api(project, DAILY + 'schedule = "0 0 * * *"\n')
+    try:
+        api.wait_event("run_finished")
+    finally:
+        assert api.stop() == 0
+    assert project.manifest_rows("SELECT job, status FROM runs") == [
+        (f"daily[date={yesterday}]", "succeeded")
+    ]
