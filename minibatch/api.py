@@ -24,9 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from minibatch.backfill import BackfillRequest
+from minibatch.config import ConfigError, EngineConfig
 from minibatch.control import Control, ControlError
+from minibatch.log import get_logger
 
 PROBLEM = "application/problem+json"
+log = get_logger()
 
 
 class Problem(BaseModel):
@@ -302,3 +305,16 @@ class ApiServer:
         self.server.should_exit = True
         self.thread.join(timeout=5)
         self.sock.close()
+
+
+def serve_api(engine: EngineConfig, control: Control) -> ApiServer:
+    """Start the HTTP API in a thread: the server (a bad address or token: ConfigError)."""
+    try:
+        token = read_token(engine.api_token_file) if engine.api_token_file else None
+        server = ApiServer(create_app(control, token), engine.api_addr)
+    except (OSError, ValueError) as exc:
+        problem = f"minibatch.api_addr: cannot serve the API on {engine.api_addr}: {exc}"
+        raise ConfigError([problem]) from None
+    server.start()
+    log.info("api_listening", addr=engine.api_addr, token=token is not None)
+    return server

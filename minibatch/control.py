@@ -24,7 +24,7 @@ from minibatch.backfill import (
     new_backfill_id,
     run_backfill,
 )
-from minibatch.config import Config, ConfigError, EngineConfig, JobConfig
+from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.lock import JobLocked, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest
@@ -276,23 +276,3 @@ def unmet_dependencies(
         if not manifest.named("succeeded_run", key=key, succeeded=RunStatus.SUCCEEDED):
             missing.append(dep)
     return missing
-
-
-def serve_api(engine: EngineConfig, control: Control) -> Any:
-    """Start the HTTP API in a thread, if configured and installed; the server, or None."""
-    if not engine.api_addr:
-        return None
-    try:
-        from minibatch.api import ApiServer, create_app, read_token
-    except ImportError as exc:  # the `api` extra is not installed
-        log.warning("api_off", reason=f"{exc.name} is not installed (pip install 'minibatch[api]')")
-        return None
-    try:
-        token = read_token(engine.api_token_file) if engine.api_token_file else None
-        server = ApiServer(create_app(control, token), engine.api_addr)
-    except (OSError, ValueError) as exc:
-        problem = f"minibatch.api_addr: cannot serve the API on {engine.api_addr}: {exc}"
-        raise ConfigError([problem]) from None
-    server.start()
-    log.info("api_listening", addr=engine.api_addr, token=token is not None)
-    return server

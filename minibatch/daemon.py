@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from minibatch.config import Config, ConfigError, JobConfig, load_config
-from minibatch.control import Active, ActiveRuns, Control, fire_params, serve_api, unmet_dependencies
+from minibatch.control import Active, ActiveRuns, Control, fire_params, unmet_dependencies
 from minibatch.jobcode import code_paths
 from minibatch.lock import JobLocked
 from minibatch.log import get_logger
@@ -102,7 +102,7 @@ class Daemon:
                 self.metrics.serve(addr)
             except OSError as exc:
                 raise ConfigError([f"minibatch.metrics_addr: cannot listen on {addr}: {exc}"]) from None
-        self.api = serve_api(self.config.engine, self.control)
+        self._serve_api()
         workers = max(4, len(self.config.jobs) + 1)
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
@@ -324,6 +324,16 @@ class Daemon:
     def next_fire(self, job: str) -> datetime | None:
         found = self.scheduler.get_job(f"cron:{job}") if self.scheduler else None
         return found.next_run_time if found is not None else None
+
+    def _serve_api(self) -> None:
+        if not self.config.engine.api_addr:
+            return
+        try:
+            from minibatch.api import serve_api
+        except ImportError as exc:  # the `api` extra is not installed
+            log.warning("api_off", reason=f"{exc.name} is not installed (pip install 'minibatch[api]')")
+            return
+        self.api = serve_api(self.config.engine, self.control)
 
     def _status(self) -> str:
         running = ", ".join(sorted({a.job for _, a in self.active.items()})) or "nothing"
