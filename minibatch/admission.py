@@ -3,18 +3,39 @@ while their estimates fit, per-worker memory caps, and the backoff before a retr
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from minibatch.lock import worker_slots
 from minibatch.planner import Chunk
 from minibatch.units import MAX_SIZE
 
 if TYPE_CHECKING:
     from minibatch.config import JobConfig
+    from minibatch.signals import StopSignals
 
 BACKOFF_CAP = 60.0
 MEMORY_FACTOR = 2.0  # working memory of a chunk ~ its uncompressed input + its result
 LEARN_FROM = 1 << 20  # smaller chunks say more about a worker's fixed costs than about bytes
+
+
+@contextlib.contextmanager
+def shared_workers(
+    state_dir: Path, job: JobConfig, configured: int, local: bool, signals: StopSignals
+) -> Iterator[JobConfig]:
+    """The job with the workers it got of the job's worker slots (lock.worker_slots), and that
+    share of its memory budget: all runs of a job together are one job's worth of the machine."""
+    if not local:
+        yield job
+        return
+    total = max(configured, job.workers)
+    with worker_slots(state_dir, job.name, job.workers, total, lambda: signals.requested) as held:
+        share = max(held, 1)
+        yield replace(job, workers=share, memory_limit=job.memory_limit * share // job.workers)
 
 
 def backoff(attempt: int, base: float, cap: float = BACKOFF_CAP, rng: random.Random | None = None) -> float:

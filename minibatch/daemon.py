@@ -323,7 +323,7 @@ class Daemon:
 
     def next_fire(self, job: str) -> datetime | None:
         found = self.scheduler.get_job(f"cron:{job}") if self.scheduler else None
-        return found.next_run_time if found is not None else None
+        return getattr(found, "next_run_time", None)  # none before the scheduler starts
 
     def _serve_api(self) -> None:
         if not self.config.engine.api_addr:

@@ -6,8 +6,11 @@ import contextlib
 import errno
 import fcntl
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+SLOT_POLL = 0.2  # seconds between looks for a free worker slot
 
 
 class JobLocked(Exception):
@@ -38,6 +41,36 @@ def job_lock(state_dir: Path, job: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def worker_slots(
+    state_dir: Path, job: str, wanted: int, total: int, stopping: Callable[[], bool]
+) -> Iterator[int]:
+    """Up to `wanted` of a job's `total` worker slots (flocks, released by the kernel with
+    their holder), at least one: every run of a job at once (its parameter sets, backfill
+    dates, scheduled and manual runs, in any process) shares one job's worth of workers. Waits
+    while other runs hold them all, unless `stopping`; yields how many it holds."""
+    held: list[int] = []
+    (state_dir / "locks").mkdir(parents=True, exist_ok=True)
+    try:
+        while not held:
+            for n in range(total):
+                if len(held) == wanted:
+                    break
+                fd = _open_lock(state_dir / "locks" / f"{job}.worker-{n}.lock")
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held.append(fd)
+                except BlockingIOError:
+                    os.close(fd)
+            if held or stopping():
+                break
+            time.sleep(SLOT_POLL)
+        yield len(held)
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def _open_lock(path: Path) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from minibatch.admission import LEARN_FROM, MEMORY_FACTOR, MemoryModel
+from minibatch.admission import LEARN_FROM, MEMORY_FACTOR, MemoryModel, shared_workers
 from minibatch.clock import SYSTEM, Clock
 from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.crossjob import precious_inside
@@ -101,7 +101,9 @@ def run_job(
     # Signals are ours from here: a stop while planning ends the run as cleanly as one later.
     with options.stop or StopSignals() as signals:
         try:
-            with job_lock(config.engine.state_dir, job.key):
+            local = options.pool_factory is None and job.executor == "local"
+            share = shared_workers(config.engine.state_dir, job, config.job(name).workers, local, signals)
+            with job_lock(config.engine.state_dir, job.key), share as job:
                 run = Run(config, job, options, emitter, signals)
                 try:
                     summary = run.execute()

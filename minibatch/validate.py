@@ -12,6 +12,7 @@ from typing import Any
 from minibatch.config import Config, ConfigError
 from minibatch.jobcode import JobCodeError, forget_package, import_process
 from minibatch.layout import OutputLayout
+from minibatch.params import SAMPLE, placeholders, sql_values
 from minibatch.planner import InputError, find_inputs
 
 
@@ -78,7 +79,8 @@ def _check_sql(name: str, sql: str, columns: tuple[str, ...] | None, config: Con
                 if columns:
                     rows = rows.project(*[duckdb.ColumnExpression(c) for c in columns])
                 rows.limit(0).create_view("chunk", replace=True)
-                con.sql(sql)
+                sample = {p: SAMPLE.get(p, "x") for p in config.jobs[name].params}  # $date binds a DATE
+                con.sql(sql, params=sql_values(sql, sample))
                 con.rollback()
         except duckdb.Error as exc:
             if isinstance(exc, duckdb.ParserException | duckdb.BinderException | duckdb.CatalogException):
@@ -112,7 +114,8 @@ def check_inputs(config: Config) -> list[str]:
         except InputError as exc:
             errors.append(f"jobs.{job.name}.input: {exc}")
             continue
-        warnings += [f"jobs.{job.name}.input: {p!r} matches no file (yet)" for p in found.missing]
+        missing = [p for p in found.missing if not placeholders(p)]  # a parameter set's: checked per run
+        warnings += [f"jobs.{job.name}.input: {p!r} matches no file (yet)" for p in missing]
     if errors:
         raise ConfigError(errors, config.path)
     return warnings

@@ -162,3 +162,35 @@ def test_a_changed_reprocess_starts_a_new_backfill(project: Project) -> None:
     assert fourth.backfill_id != third.backfill_id and {d.action for d in fourth.dates} == {"fresh"}
     statuses = dict(project.manifest_rows("SELECT backfill_id, status FROM backfills"))
     assert statuses[third.backfill_id] == "superseded" and statuses[fourth.backfill_id] == "succeeded"
+
+
+def test_worker_slots_are_one_jobs_worth_across_runs(tmp_path: Path) -> None:
+    from minibatch.lock import worker_slots
+
+    with worker_slots(tmp_path, "j", 2, 3, lambda: False) as first:
+        assert first == 2
+        with worker_slots(tmp_path, "j", 2, 3, lambda: False) as second:
+            assert second == 1  # what is left of the three
+            with worker_slots(tmp_path, "j", 1, 3, lambda: True) as third:
+                assert third == 0  # none free, and stopping: it does not wait
+        with worker_slots(tmp_path, "other", 2, 2, lambda: False) as elsewhere:
+            assert elsewhere == 2  # per job
+    with worker_slots(tmp_path, "j", 3, 3, lambda: False) as again:
+        assert again == 3  # released with their holders
+
+
+def test_two_dates_of_a_job_share_its_workers(project: Project) -> None:
+    """Date A holds both of the job's workers: date B's run waits for them rather than
+    doubling the pool, then runs; their chunk attempts never overlap."""
+    write_days(project, rows=1000)
+    project.write_config(DAILY)
+    first = project.start("run-now", "daily", "-q", "--param", f"date={DATES[0]}", env={"MB_SLEEP": "0.05"})
+    wait_for(lambda: len(project.computations()) >= 1, what="the first date's chunks")
+    second = project.cli("run-now", "daily", "-q", "--param", f"date={DATES[1]}", env={"MB_SLEEP": "0.05"})
+    assert second.returncode == 0 and first.wait(timeout=60) == 0
+    spans = dict(project.manifest_rows(
+        "SELECT r.job, [min(a.admitted_at), max(a.ended_at)] FROM attempts a JOIN runs r USING (run_id) "
+        "GROUP BY r.job"
+    ))  # fmt: skip
+    a, b = spans[f"daily[date={DATES[0]}]"], spans[f"daily[date={DATES[1]}]"]
+    assert a[1] <= b[0], (a, b)
