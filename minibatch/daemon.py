@@ -103,7 +103,7 @@ class Daemon:
             except OSError as exc:
                 raise ConfigError([f"minibatch.metrics_addr: cannot listen on {addr}: {exc}"]) from None
         self._serve_api()
-        workers = max(4, len(self.config.jobs) + 1)
+        workers = max(32, 4 * len(self.config.jobs))  # runs wait for worker slots in these threads
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(workers), "watchdog": ThreadPoolExecutor(1)},
@@ -234,7 +234,9 @@ class Daemon:
                 continue
             if job.catchup == "once":
                 log.info("catching_up", job=name, missed_since=missed.isoformat())
-                self.scheduler.add_job(self.fire, args=[name, "catch-up"], id=f"{name}-catch-up")
+                self.scheduler.add_job(
+                    self.fire, args=[name, "catch-up"], id=f"{name}-catch-up", misfire_grace_time=None
+                )
             else:
                 log.info("missed_runs_skipped", job=name, missed_since=missed.isoformat())
                 self.manifest.record_fire(name, now)
@@ -301,7 +303,7 @@ class Daemon:
                 self.waiting.pop(name, None)
             if job is not None and not self.stopping:
                 options = RunOptions(params=params)
-                self.scheduler.add_job(self.run_in_daemon, args=[name, "dependencies met", options])
+                self.submit(self.run_in_daemon, name, "dependencies met", options)
 
     def _refresh_metrics(self) -> None:
         try:
@@ -319,7 +321,8 @@ class Daemon:
     # -- what the HTTP API (control.py) uses -------------------------------------------------------
 
     def submit(self, target: Callable[..., None], *args: Any) -> None:
-        self.scheduler.add_job(target, args=list(args))
+        """Run `target` in the scheduler's pool as soon as a thread is free, however late."""
+        self.scheduler.add_job(target, args=list(args), misfire_grace_time=None)
 
     def next_fire(self, job: str) -> datetime | None:
         found = self.scheduler.get_job(f"cron:{job}") if self.scheduler else None

@@ -133,24 +133,51 @@ class OutputLayout:
             if directory.is_symlink():
                 raise OutputNotOwned(f"{directory} is a symlink; minibatch keeps its own files there")
         for parent in self.output.parents:
-            if (parent.parent / f".{parent.name}.minibatch-staging").is_dir():
-                raise OutputNotOwned(f"output {self.output} is inside the output {parent} of another job")
+            around = OutputLayout(parent, reduce=False)
+            if around.staging.is_dir():
+                holder = around.owner() or "an older run"
+                raise OutputNotOwned(f"output {self.output} is inside the output {parent} of {holder}")
         if not self.staging.is_dir():
             self._check_foreign()
             if self.staging.exists():  # not a directory: the run fails on it when it prepares
                 return
             self.staging.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):  # the first claim of an output writes it
-            fd = os.open(
-                self.staging / OWNER_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644
-            )
-            with os.fdopen(fd, "w") as handle:
-                handle.write(owner)
-        fd = os.open(self.staging / OWNER_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+        if not self.owner():  # the first claim (or one an older release made) writes it
+            self._write_owner(owner)
+        self.check_owner(owner)
+
+    def owner(self) -> str:
+        """Whose output this is ("" when no run has said yet)."""
+        try:
+            fd = os.open(self.staging / OWNER_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return ""
         with os.fdopen(fd) as handle:
-            holder = handle.read()
-        if holder != owner:
+            return handle.read()
+
+    def check_owner(self, owner: str) -> None:
+        holder = self.owner()
+        if holder and holder != owner:
             raise OutputNotOwned(f"output {self.output} is the output of {holder}, not of {owner}")
+
+    def _write_owner(self, owner: str) -> None:
+        """Durably, and never half: a crash leaves the file whole or absent (an empty one, from
+        before, counts as absent); of two first claims at once, one links its file in first."""
+        temp = self.staging / f"{OWNER_NAME}.{os.getpid()}.tmp"
+        temp.write_text(owner)
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        target = self.staging / OWNER_NAME
+        try:
+            if target.exists():  # empty: replace it
+                os.replace(temp, target)
+            else:
+                os.link(temp, target)
+        except FileExistsError:
+            pass
+        finally:
+            temp.unlink(missing_ok=True)
+        fsync_dir(self.staging)
 
     def _check_foreign(self) -> None:
         foreign = self.foreign_files()

@@ -150,6 +150,8 @@ class Run:
     def record_crash(self, exc: Exception) -> None:
         self.record.status, self.record.error = RunStatus.CRASHED, f"{type(exc).__name__}: {exc}"
         self.record.ended_at = self.options.clock.time()
+        if not self.started:  # refused before it began (an output not its own): no run to record
+            return
         with contextlib.suppress(Exception):  # the manifest may be what broke
             self.ledger.wait()
             self.manifest.commit(self.record, [])
@@ -181,7 +183,7 @@ class Run:
     def _start(self) -> dict[str, Any]:
         self.manifest.start_run(self.record)
         self.started = True
-        if self.options.fresh:
+        if self.options.fresh and not self.signals.requested:  # a run stopped before it began keeps all
             self.manifest.reset(self.job.key)
             self.layout.remove_all(keep_claim=True)
         if self.options.retry_dead:

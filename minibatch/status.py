@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from minibatch.config import Config, ConfigError, JobConfig
-from minibatch.layout import OutputLayout
+from minibatch.layout import OutputLayout, OutputNotOwned
 from minibatch.lock import holder_pid, job_lock
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.params import DATE, ParamError
@@ -116,9 +116,14 @@ HISTORY_KEYS = (
 def reset_job(config: Config, name: str, params: dict[str, str] | None = None) -> None:
     """Forget a job's checkpoint and remove its output (refused while the job runs)."""
     job = bound_job(config, name, params or {})
+    layout = OutputLayout(job.output, reduce=job.reduce_sql is not None)
     with job_lock(config.engine.state_dir, job.key):
+        try:
+            layout.check_owner(job.key)  # a parameter set may render another job's output
+        except OutputNotOwned as exc:
+            raise ConfigError([f"jobs.{name}: {exc}; nothing was deleted"], config.path) from None
         manifest_for(config).reset(job.key)
-        OutputLayout(job.output, reduce=job.reduce_sql is not None).remove_all()
+        layout.remove_all()
 
 
 def dead_letters(config: Config, name: str, params: dict[str, str] | None = None) -> list[dict[str, Any]]:

@@ -300,3 +300,43 @@ def test_a_dated_dependency_counts_for_the_same_date_only(project: Project) -> N
     assert unmet_dependencies(config, manifest, config.jobs["down"], today) == ["up"]  # another date's
     assert project.cli("run-now", "up", "-q", "--param", "date=2026-11-01").returncode == 0
     assert unmet_dependencies(config, manifest, config.jobs["down"], today) == []
+
+
+def test_reset_never_deletes_another_owners_output(project: Project) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (project.root / "landing").mkdir()
+    pq.write_table(pa.table({"id": [1, 2]}), project.root / "landing" / "a.parquet")
+    project.write_config("""
+    [jobs.regional]
+    input = "landing/*.parquet"
+    output = "lake/{region}"
+    sql = "SELECT * FROM chunk"
+    [jobs.europe]
+    input = "landing/*.parquet"
+    output = "lake/eu"
+    sql = "SELECT * FROM chunk"
+    """)
+    assert project.cli("run-now", "europe", "-q").returncode == 0
+    refused = project.cli("reset", "regional", "--yes", "--param", "region=eu")
+    assert refused.returncode == 2 and "is the output of europe" in refused.stderr
+    assert "nothing was deleted" in refused.stderr
+    assert pq.read_table(project.root / "lake/eu").num_rows == 2
+
+
+def test_a_fresh_run_stopped_before_it_began_keeps_the_output(project: Project) -> None:
+    from minibatch.config import load_config
+    from minibatch.runner import RunOptions, run_job
+    from minibatch.signals import StopSignals
+
+    project.write_input("a.parquet", 0, 300)
+    project.write_config(
+        '[jobs.x]\ninput = "data/*.parquet"\noutput = "out/x"\nsql = "SELECT * FROM chunk"\n'
+    )
+    assert project.cli("run-now", "x", "-q").returncode == 0
+    stop = StopSignals()
+    stop.request()  # cancelled while it waited for a worker slot
+    summary = run_job(load_config(project.root / "config.toml"), "x", RunOptions(fresh=True, stop=stop))
+    assert summary.stopped and project.output_table("x").num_rows == 300
+    assert project.manifest_rows("SELECT count(*) FROM chunks") != [(0,)]

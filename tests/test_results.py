@@ -99,3 +99,15 @@ def test_claim_refuses_a_directory_minibatch_did_not_create(tmp_path: Path) -> N
         layout.claim("j[date=2026-11-01]")  # one output, one owner
     with pytest.raises(OutputNotOwned, match="inside the output"):
         OutputLayout(layout.output / "nested", reduce=False).claim("k")
+
+
+def test_an_empty_owner_file_is_no_claim(tmp_path: Path) -> None:
+    """A crash right after creating the owner file (before its bytes reached the disk) leaves
+    it empty: the next claim takes the output as its own, it is not locked out."""
+    layout = OutputLayout(tmp_path / "out", reduce=False)
+    layout.staging.mkdir(parents=True)
+    (layout.staging / "minibatch-owner").write_text("")
+    layout.claim("daily")
+    assert layout.owner() == "daily" and sorted(p.name for p in layout.staging.iterdir()) == [
+        "minibatch-owner"
+    ]
