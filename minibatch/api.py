@@ -138,7 +138,7 @@ class Backfill(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem, "content": {PROBLEM: {}}} for code in (401, 404, 409, 422, 429)
+    code: {"model": Problem, "content": {PROBLEM: {}}} for code in (401, 403, 404, 409, 422, 429, 503)
 }
 
 

@@ -49,6 +49,7 @@ class Host(Protocol):
     config: Config
     manifest: Manifest
     active: ActiveRuns
+    stopping: bool
 
     def submit(self, target: Callable[..., None], *args: Any) -> None: ...
     def next_fire(self, job: str) -> datetime | None: ...
@@ -139,6 +140,7 @@ class Control:
     def trigger(self, name: str, params: dict[str, str], fresh: bool, retry_dead: bool) -> dict[str, Any]:
         """Start a run of `name` in the daemon; its id, at once (202)."""
         job = self._job(name)
+        self._check_not_stopping()
         try:
             key = job.bind(self.host.config.base_dir, params, datetime.now(UTC)).key
         except ParamError as exc:
@@ -177,6 +179,7 @@ class Control:
         return self.job(name)
 
     def backfill(self, request: BackfillRequest) -> dict[str, Any]:
+        self._check_not_stopping()
         try:
             check_request(self.host.config, request)
         except ConfigError as exc:
@@ -221,6 +224,10 @@ class Control:
         if job is None:
             raise ControlError(404, "Job not found", f"no job {name!r} in this daemon's config")
         return job
+
+    def _check_not_stopping(self) -> None:
+        if self.host.stopping:  # its pool takes no new work: a run queued now would never end
+            raise ControlError(503, "Stopping", "the daemon is stopping; it starts no new runs")
 
     def _check_free(self, lock: str, detail: str) -> None:
         try:

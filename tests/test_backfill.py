@@ -184,9 +184,9 @@ def test_two_dates_of_a_job_share_its_workers(project: Project) -> None:
     doubling the pool, then runs; their chunk attempts never overlap."""
     write_days(project, rows=1000)
     project.write_config(DAILY)
-    first = project.start("run-now", "daily", "-q", "--param", f"date={DATES[0]}", env={"MB_SLEEP": "0.05"})
+    first = project.start("run-now", "daily", "-q", "--param", f"date={DATES[0]}", env={"MB_SLEEP": "0.2"})
     wait_for(lambda: len(project.computations()) >= 1, what="the first date's chunks")
-    second = project.cli("run-now", "daily", "-q", "--param", f"date={DATES[1]}", env={"MB_SLEEP": "0.05"})
+    second = project.cli("run-now", "daily", "-q", "--param", f"date={DATES[1]}", env={"MB_SLEEP": "0"})
     assert second.returncode == 0 and first.wait(timeout=60) == 0
     spans = dict(project.manifest_rows(
         "SELECT r.job, [min(a.admitted_at), max(a.ended_at)] FROM attempts a JOIN runs r USING (run_id) "
