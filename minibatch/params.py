@@ -105,10 +105,6 @@ def checkpoint_key(job: str, values: Mapping[str, Any]) -> str:
     return f"{job}[{canonical(values)}]" if values else job
 
 
-def job_of(key: str) -> str:
-    return key.partition("[")[0]
-
-
 class _Formatter(string.Formatter):
     def format_field(self, value: Any, format_spec: str) -> str:
         return text(value) if not format_spec else format(value, format_spec)
