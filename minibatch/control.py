@@ -62,6 +62,7 @@ class Active:
     stop: StopSignals
     kind: str = "run"  # run | backfill
     key: str | None = None  # a run's checkpoint key
+    started: bool = True  # False: accepted over HTTP, waiting for a thread of the pool
 
 
 class ActiveRuns:
@@ -151,7 +152,7 @@ class Control:
         self._check_free(key, f"job {key!r} is running")
         run_id, stop = new_run_id(), StopSignals()
         options = RunOptions(params=params, fresh=fresh, retry_dead=retry_dead, run_id=run_id, stop=stop)
-        self.host.active.add(run_id, Active(name, stop, key=key))  # cancellable from now on
+        self.host.active.add(run_id, Active(name, stop, key=key, started=False))  # cancellable from now on
         self.host.submit(self.host.run_in_daemon, name, "api", options)
         log.info("run_requested", job=name, run_id=run_id, params=params or None)
         return {"run_id": run_id, "job": key, "status": "queued", "url": f"/runs/{run_id}"}

@@ -139,7 +139,7 @@ class Daemon:
                 else:
                     stopping += 1
                     self._stop(immediate=stopping > 1)
-            if stopping and not self.active:
+            if stopping and not any(a.started for _, a in self.active.items()):  # queued ones never start
                 self.scheduler.shutdown(wait=False)
                 if self.api is not None:
                     self.api.stop()
@@ -155,7 +155,8 @@ class Daemon:
             signal.signal(signum, handle)
 
     def _stop(self, immediate: bool) -> None:
-        self.stopping = True
+        with self.lock:
+            self.stopping = True
         self.notifier.stopping()
         log.warning(
             "daemon_stopping", immediate=immediate, running=sorted(a.job for _, a in self.active.items())
@@ -277,7 +278,7 @@ class Daemon:
                 log.info("run_skipped", job=name, reason="stopping" if self.stopping else "already running")
                 self.active.remove(options.run_id)
                 return
-            self.active.add(options.run_id, Active(name, options.stop, key=key))
+            self.active.add(options.run_id, Active(name, options.stop, key=key, started=True))
         try:
             log.info("run_fired", job=name, reason=reason, run_id=options.run_id)
             run_job(self.config, name, options, [self.metrics])
