@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,9 +140,11 @@ class OutputLayout:
                 raise OutputNotOwned(f"output {self.output} is inside the output {parent} of {holder}")
         if not self.staging.is_dir():
             self._check_foreign()
-            if self.staging.exists():  # not a directory: the run fails on it when it prepares
-                return
-            self.staging.mkdir(parents=True, exist_ok=True)
+            try:
+                self.staging.mkdir(parents=True)
+            except FileExistsError:  # made just now by another claim, or a file
+                if not self.staging.is_dir():
+                    return  # not a directory: the run fails on it when it prepares
         if not self.owner():  # the first claim (or one an older release made) writes it
             self._write_owner(owner)
         self.check_owner(owner)
@@ -163,18 +166,16 @@ class OutputLayout:
     def _write_owner(self, owner: str) -> None:
         """Durably, and never half: a crash leaves the file whole or absent (an empty one, from
         before, counts as absent); of two first claims at once, one links its file in first."""
-        temp = self.staging / f"{OWNER_NAME}.{os.getpid()}.tmp"
+        temp = self.staging / f"{OWNER_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
         temp.write_text(owner)
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
         target = self.staging / OWNER_NAME
         try:
-            if target.exists():  # empty: replace it
-                os.replace(temp, target)
-            else:
-                os.link(temp, target)
+            os.link(temp, target)  # fails if anyone's file is there: never replaces a claim
         except FileExistsError:
-            pass
+            if not self.owner():  # an empty one, from a crash: the one case to replace
+                os.replace(temp, target)
         finally:
             temp.unlink(missing_ok=True)
         fsync_dir(self.staging)

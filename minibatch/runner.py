@@ -150,13 +150,16 @@ class Run:
     def record_crash(self, exc: Exception) -> None:
         self.record.status, self.record.error = RunStatus.CRASHED, f"{type(exc).__name__}: {exc}"
         self.record.ended_at = self.options.clock.time()
-        if not self.started:  # refused before it began (an output not its own): no run to record
-            return
         with contextlib.suppress(Exception):  # the manifest may be what broke
             self.ledger.wait()
             self.manifest.commit(self.record, [])
 
     def execute(self) -> RunSummary:
+        if self.signals.requested:  # stopped while it waited for a worker slot: it changes nothing
+            self.manifest.start_run(self.record)
+            self.started = self.summary.stopped = True
+            self._finish()
+            return self.summary
         inputs = self._check_paths()
         with self.manifest.session():  # each open of the file costs tens of milliseconds
             state = self._start()
@@ -183,7 +186,7 @@ class Run:
     def _start(self) -> dict[str, Any]:
         self.manifest.start_run(self.record)
         self.started = True
-        if self.options.fresh and not self.signals.requested:  # a run stopped before it began keeps all
+        if self.options.fresh:
             self.manifest.reset(self.job.key)
             self.layout.remove_all(keep_claim=True)
         if self.options.retry_dead:

@@ -337,6 +337,15 @@ def test_a_fresh_run_stopped_before_it_began_keeps_the_output(project: Project) 
     assert project.cli("run-now", "x", "-q").returncode == 0
     stop = StopSignals()
     stop.request()  # cancelled while it waited for a worker slot
+
+    def listing() -> list[tuple[str, int]]:
+        return sorted((str(p), p.stat().st_mtime_ns) for p in (project.root / "out").rglob("*"))
+
+    before = listing()
     summary = run_job(load_config(project.root / "config.toml"), "x", RunOptions(fresh=True, stop=stop))
-    assert summary.stopped and project.output_table("x").num_rows == 300
+    assert summary.stopped and listing() == before  # nothing removed, nothing written
     assert project.manifest_rows("SELECT count(*) FROM chunks") != [(0,)]
+    assert project.manifest_rows("SELECT status FROM runs ORDER BY started_at") == [
+        ("succeeded",),
+        ("stopped",),
+    ]

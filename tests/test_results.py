@@ -111,3 +111,25 @@ def test_an_empty_owner_file_is_no_claim(tmp_path: Path) -> None:
     assert layout.owner() == "daily" and sorted(p.name for p in layout.staging.iterdir()) == [
         "minibatch-owner"
     ]
+
+
+def test_of_two_first_claims_at_once_one_wins(tmp_path: Path) -> None:
+    import threading
+
+    for trial in range(40):
+        output = tmp_path / f"out{trial}"
+        results: dict[str, str] = {}
+
+        def claim(owner: str, output: Path = output, results: dict[str, str] = results) -> None:
+            try:
+                OutputLayout(output, reduce=False).claim(owner)
+                results[owner] = "owner"
+            except OutputNotOwned:
+                results[owner] = "refused"
+
+        threads = [threading.Thread(target=claim, args=(name,)) for name in ("europe", "regional[region=eu]")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(results.values()) == ["owner", "refused"], results
