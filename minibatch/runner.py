@@ -244,9 +244,11 @@ class Run:
             self.manifest, self.job.key, self.record.run_id, bad + fit.bad, self.events
         )
         self.summary.bad_files, self.record.bad_files = new_bad, len(new_bad)
-        # a chunk whose decoded rows alone would fill half the budget is split (a stable rule:
-        # not the learned factor, which changes from run to run, and the plan with it)
-        chunks = plan_chunks(files, self.job.chunk_bytes, int(self.job.memory_limit // MEMORY_FACTOR))
+        # a chunk whose decoded rows alone would fill half the budget is split (a stable rule: the
+        # configured budget, not this run's share, a --memory-limit or the learned factor: a plan
+        # that moved would recompute chunks already done)
+        budget = self.config.job(self.job.name).memory_limit
+        chunks = plan_chunks(files, self.job.chunk_bytes, int(budget // MEMORY_FACTOR))
         self.record.chunks_total = len(chunks)
         work = reconcile(chunks, self.manifest, self.store, self.ledger, self.events)
         self.store.load_schema(self.ledger.outputs.values(), state.get("output_schema"))

@@ -195,3 +195,19 @@ def test_two_dates_of_a_job_share_its_workers(project: Project) -> None:
     ))  # fmt: skip
     a, b = spans[f"daily[date={DATES[0]}]"], spans[f"daily[date={DATES[1]}]"]
     assert a[1] <= b[0], (a, b)
+
+
+def test_a_backfill_date_is_planned_as_a_run_of_it_would_be(project: Project) -> None:
+    """A backfill gives each date a share of memory_limit; chunks are still planned from the
+    job's budget, so a later run of a date finds every chunk done (none re-planned, recomputed)."""
+    ids = write_days(project, rows=3000)  # 3,000-row groups of ~48 KB in Arrow: split by the cap
+    project.write_config(DAILY.replace('"3KB"', '"1MiB"') + 'memory_limit = "40KB"\n')
+    result = project.cli("backfill", "daily", "--from", DATES[0], "--to", DATES[1], "--max-parallel", "2")
+    assert result.returncode == 0, result.stderr
+    chunks = project.manifest_rows(f"SELECT count(*) FROM chunks WHERE job = 'daily[date={DATES[0]}]'")
+    again = project.cli("run-now", "daily", "-q", "--json", "--param", f"date={DATES[0]}")
+    assert again.returncode == 0 and '"chunks_done": 0' in again.stdout, again.stdout
+    assert (
+        project.manifest_rows(f"SELECT count(*) FROM chunks WHERE job = 'daily[date={DATES[0]}]'") == chunks
+    )
+    assert output_ids(project, DATES[0]) == ids[DATES[0]]
