@@ -19,14 +19,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime
+from datetime import date
 from typing import Any
 
 from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.lock import JobLocked, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
-from minibatch.params import DATE, ParamError, schedule_dates
+from minibatch.params import DATE, schedule_dates
 from minibatch.runner import RunOptions, new_run_id, run_job
 from minibatch.signals import StopSignals
 from minibatch.states import RunStatus
@@ -118,10 +118,7 @@ def _decide(day: date, last: str | None, reprocess: str) -> DateState:
 
 
 def _bind(config: Config, request: BackfillRequest, day: date) -> JobConfig:
-    try:
-        return config.job(request.job).bind(config.base_dir, _given(request, day), datetime.now(UTC))
-    except ParamError as exc:
-        raise ConfigError([str(exc)], config.path) from None
+    return config.bound(request.job, _given(request, day))
 
 
 def _given(request: BackfillRequest, day: date) -> dict[str, str]:

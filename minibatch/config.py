@@ -8,7 +8,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,13 @@ class Config:
             known = ", ".join(sorted(self.jobs)) or "none"
             raise ConfigError([f"unknown job {name!r} (jobs in this config: {known})"], self.path)
         return self.jobs[name]
+
+    def bound(self, name: str, params: Mapping[str, str]) -> JobConfig:
+        """Job `name` with one parameter set bound (see JobConfig.bind); ConfigError if bad."""
+        try:
+            return self.job(name).bind(self.base_dir, params, datetime.now(UTC))
+        except ParamError as exc:
+            raise ConfigError([str(exc)], self.path) from None
 
 
 def default_workers() -> int:

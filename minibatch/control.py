@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 from minibatch.backfill import (
@@ -28,7 +28,7 @@ from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.lock import JobLocked, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest
-from minibatch.params import DATE, ParamError, logical_date
+from minibatch.params import DATE, logical_date
 from minibatch.runner import RunOptions, new_run_id
 from minibatch.signals import StopSignals
 from minibatch.states import RunStatus
@@ -140,12 +140,12 @@ class Control:
 
     def trigger(self, name: str, params: dict[str, str], fresh: bool, retry_dead: bool) -> dict[str, Any]:
         """Start a run of `name` in the daemon; its id, at once (202)."""
-        job = self._job(name)
+        self._job(name)  # 404 for an unknown job
         self._check_not_stopping()
         try:
-            key = job.bind(self.host.config.base_dir, params, datetime.now(UTC)).key
-        except ParamError as exc:
-            raise ControlError(422, "Bad parameters", str(exc)) from None
+            key = self.host.config.bound(name, params).key
+        except ConfigError as exc:
+            raise ControlError(422, "Bad parameters", "; ".join(exc.errors)) from None
         self._rate_limit(name)
         if any(a.key == key for _, a in self.host.active.items()):
             raise ControlError(409, "Already running", f"job {key!r} is running")
@@ -280,7 +280,7 @@ def unmet_dependencies(
     plain = [d for d in job.depends_on if d not in dated]
     missing = manifest.unmet_dependencies(job.name, plain) if plain else []
     for dep in dated:
-        key = config.jobs[dep].bind(config.base_dir, {DATE: str(day)}, datetime.now(UTC)).key
+        key = config.bound(dep, {DATE: str(day)}).key
         if not manifest.named("succeeded_run", key=key, succeeded=RunStatus.SUCCEEDED):
             missing.append(dep)
     return missing

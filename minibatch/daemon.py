@@ -393,6 +393,6 @@ def run_daemon(config: Config, config_path: str | None) -> int:
 def _key(config: Config, name: str, params: dict[str, str]) -> str | None:
     """The checkpoint a run of `name` with `params` is (None: the run will say what is wrong)."""
     try:
-        return config.job(name).bind(config.base_dir, params, datetime.now(UTC)).key
-    except (ConfigError, ValueError):
+        return config.bound(name, params).key
+    except ConfigError:
         return None

@@ -13,7 +13,6 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any
 
 from minibatch.admission import LEARN_FROM, MEMORY_FACTOR, MemoryModel, shared_workers
@@ -28,7 +27,7 @@ from minibatch.layout import OutputLayout, OutputNotOwned
 from minibatch.ledger import Ledger
 from minibatch.lock import job_lock
 from minibatch.manifest import Manifest, manifest_path
-from minibatch.params import ParamError, params_json
+from minibatch.params import params_json
 from minibatch.planner import BadFile, FileMeta, InputError, Inputs, find_inputs, plan_chunks, scan_inputs
 from minibatch.reconcile import (
     Definition,
@@ -83,10 +82,7 @@ def run_job(
 ) -> RunSummary:
     """Run job `name` now, resuming its checkpoint. Raises JobLocked, ConfigError."""
     options = options or RunOptions()
-    try:
-        job = config.job(name).bind(config.base_dir, options.params, datetime.now(UTC))
-    except ParamError as exc:
-        raise ConfigError([str(exc)], config.path) from None
+    job = config.bound(name, options.params)
     job = replace(
         job, workers=options.workers or job.workers, memory_limit=options.memory_limit or job.memory_limit
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -13,7 +12,7 @@ from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.layout import OutputLayout, OutputNotOwned
 from minibatch.lock import holder_pid, job_lock
 from minibatch.manifest import Manifest, manifest_path
-from minibatch.params import DATE, ParamError
+from minibatch.params import DATE
 from minibatch.states import RunStatus
 
 
@@ -66,8 +65,8 @@ def _output(config: Config, name: str, row: dict[str, Any]) -> dict[str, Any]:
     """What readers of the output see: every done chunk's rows, or a reduce job's reduction."""
     job = config.jobs.get(name)
     if job and job.params and row["params"]:
-        with contextlib.suppress(ParamError):
-            job = job.bind(config.base_dir, json.loads(row["params"]), datetime.now(UTC))
+        with contextlib.suppress(ConfigError):
+            job = config.bound(name, json.loads(row["params"]))
     layout = OutputLayout(job.output, reduce=True) if job and job.reduce_sql else None
     if layout is None:
         return {"output_rows": row["rows_out_total"], "output_bytes": row["bytes_out_total"]}
@@ -137,7 +136,4 @@ def bound_job(config: Config, name: str, params: dict[str, str]) -> JobConfig:
     if DATE in job.params and DATE not in params:
         problem = f"job {name!r} has a checkpoint per date: give --param date=YYYY-MM-DD"
         raise ConfigError([problem], config.path)
-    try:
-        return job.bind(config.base_dir, params, datetime.now(UTC))
-    except ParamError as exc:
-        raise ConfigError([str(exc)], config.path) from None
+    return config.bound(name, params)
