@@ -88,10 +88,6 @@ class ActiveRuns:
         with self._lock:
             return list(self._items.items())
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
-
 
 class Control:
     def __init__(self, host: Host) -> None:
@@ -259,6 +255,14 @@ def run_json(row: dict[str, Any]) -> dict[str, Any]:
     out["params"] = json.loads(row["params"]) if row.get("params") else {}
     out["report"] = f"/runs/{row['run_id']}/report"
     return out
+
+
+def key_of(config: Config, name: str, params: dict[str, str]) -> str | None:
+    """The checkpoint a run of `name` with `params` is (None: the run will say what is wrong)."""
+    try:
+        return config.bound(name, params).key
+    except ConfigError:
+        return None
 
 
 def fire_params(job: JobConfig, now: datetime) -> dict[str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from minibatch.config import Config, ConfigError, JobConfig, load_config
-from minibatch.control import Active, ActiveRuns, Control, fire_params, unmet_dependencies
+from minibatch.control import Active, ActiveRuns, Control, fire_params, key_of, unmet_dependencies
 from minibatch.jobcode import code_paths
 from minibatch.lock import JobLocked
 from minibatch.log import get_logger
@@ -273,8 +273,9 @@ class Daemon:
         options = options or RunOptions()
         options.run_id, options.stop = options.run_id or new_run_id(), options.stop or StopSignals()
         with self.lock:  # the same parameter set (a key) runs once; its lock says so across processes
-            key = _key(self.config, name, options.params)
-            if self.stopping or any(a.key == key and i != options.run_id for i, a in self.active.items()):
+            key = key_of(self.config, name, options.params)
+            running = key and any(a.key == key and i != options.run_id for i, a in self.active.items())
+            if self.stopping or running:
                 log.info("run_skipped", job=name, reason="stopping" if self.stopping else "already running")
                 self.active.remove(options.run_id)
                 return
@@ -388,11 +389,3 @@ def _stat(path: str) -> os.stat_result | None:
 def run_daemon(config: Config, config_path: str | None) -> int:
     """Schedule until SIGTERM; `config_path` is read again on SIGHUP. Returns the exit status."""
     return Daemon(config, config_path).run()
-
-
-def _key(config: Config, name: str, params: dict[str, str]) -> str | None:
-    """The checkpoint a run of `name` with `params` is (None: the run will say what is wrong)."""
-    try:
-        return config.bound(name, params).key
-    except ConfigError:
-        return None
