@@ -41,7 +41,19 @@ def test_values_that_could_leave_a_directory_are_refused() -> None:
     for bad in ("2026-11-1", "2026-13-01", "yesterday", "2026-11-01T00:00"):
         with pytest.raises(ParamError, match="YYYY-MM-DD"):
             parse_value("date", bad)
-    for bad in ("../etc", "a/b", ".hidden", "", "a b", "x\x00"):
+    for bad in (
+        "../etc",
+        "a/b",
+        ".hidden",
+        "",
+        "a b",
+        "x\x00",
+        "*",
+        "2026-1?",
+        "[ab]",
+        "a'b",
+        "$x",
+    ):  # paths, globs
         with pytest.raises(ParamError, match="not allowed"):
             parse_value("region", bad)
     with pytest.raises(ParamError, match="NAME=VALUE"):
