@@ -225,10 +225,10 @@ def _shared_output(template: str) -> str | None:
     for _, name, spec, _ in string.Formatter().parse(template):
         if name and name != DATE and spec:
             return f"{{{name}:{spec}}}: a format could give two values one output; use {{{name}}}"
-    names = placeholders(template)
-    if DATE not in names:
+    specs = [spec for _, name, spec, _ in string.Formatter().parse(template) if name == DATE]
+    if not specs:
         return None
-    rendered = {render(template, {**{n: "x" for n in names}, DATE: d}) for d in DISTINCT}
+    rendered = {tuple(format(d, spec) if spec else d.isoformat() for spec in specs) for d in DISTINCT}
     if len(rendered) < len(DISTINCT):
         return "its {date} format must tell every day apart (for example {date:%Y-%m-%d})"
     return None
