@@ -58,13 +58,13 @@ def test_a_backfill_killed_and_started_again_gives_each_date_once(project: Proje
     ids = write_days(project)
     project.write_config(DAILY)
     args = ["backfill", "daily", "--from", DATES[0], "--to", DATES[-1], "--max-parallel", "2"]
-    process = project.start(*args, env={"MB_SLEEP": "0.08"})
-    wait_for(lambda: list(backfill_dates(project).values()).count("succeeded") >= 3, timeout=60,
-             what="three dates done")  # fmt: skip
+    process = project.start(*args, env={"MB_SLEEP": "0.15"})
+    # Half of the 30 chunks begun (the count file, not the manifest: reading it can lag under load)
+    wait_for(lambda: len(project.computations()) >= 15, timeout=60, what="half the chunks begun")
     os.killpg(process.pid, signal.SIGKILL)  # the coordinator and its workers, mid-date
     process.wait()
     before = backfill_dates(project)
-    assert "running" in before.values() and "pending" in before.values()
+    assert {"succeeded", "running", "pending"} <= set(before.values()), before
 
     again = project.cli(*args, env={"MB_SLEEP": "0"}, real=True)
     assert again.returncode == 0, again.stderr
