@@ -15,6 +15,7 @@ from typing import Any
 from minibatch.breaker import BreakerSettings
 from minibatch.checking import Checker, Hook, choice, parse_hook, positive_size, timezone_name
 from minibatch.crossjob import check_dependencies, check_outputs_apart
+from minibatch.hive import Shape, parse_shape
 from minibatch.params import ParamError, bind, checkpoint_key, job_params, render
 from minibatch.planner import glob_root
 from minibatch.units import parse_duration, parse_size
@@ -85,6 +86,7 @@ class JobConfig:
     param_defaults: tuple[tuple[str, str], ...] = ()
     output_template: str | None = None  # the output as configured, when it has {placeholders}
     values: tuple[tuple[str, Any], ...] = ()  # the parameter set bound for a run (params.bound)
+    shape: Shape = Shape()  # partition_by, target_file_bytes, row_group_rows (hive.py)
 
     def bind(self, base_dir: Path, given: Mapping[str, str], now: datetime) -> JobConfig:
         """This job with one parameter set bound: input globs and output rendered, and its key."""
@@ -156,6 +158,7 @@ JOB_KEYS = {
     "stop_grace", "worker_memory_limit",
     "breaker_failures", "breaker_rate", "breaker_window", "breaker_cooldown", "catchup",
     "on_failure", "on_success", "executor", "dask_scheduler", "version", "params",
+    "partition_by", "target_file_bytes", "row_group_rows",
 }  # fmt: skip
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EXECUTORS = ("local", "dask")
@@ -300,6 +303,7 @@ def _job(
         params=params,
         param_defaults=tuple(sorted(defaults.items())),
         output_template=output if params else None,
+        shape=parse_shape(c),
         **_executor(c, engine),
     )
 

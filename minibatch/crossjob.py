@@ -56,7 +56,7 @@ def _holds(directory: Path, path: Path) -> bool:
 
 def _overlap(one: JobConfig, two: JobConfig) -> bool:
     """Outputs nested either way, or one inside (or holding) the other's staging or parts."""
-    mine, theirs = (OutputLayout(job.output, reduce=job.reduce_sql is not None) for job in (one, two))
+    mine, theirs = (OutputLayout.of(job) for job in (one, two))
     pairs = [(mine.output, theirs.output)]
     pairs += [(mine.output, d) for d in (theirs.staging, theirs.parts)]
     pairs += [(theirs.output, d) for d in (mine.staging, mine.parts)]

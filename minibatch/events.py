@@ -99,6 +99,8 @@ LOGGED: dict[EventKind, str] = {
     EventKind.BREAKER_TRIPPED: "error",
     EventKind.REDUCE_DONE: "info",
     EventKind.REDUCE_FAILED: "error",
+    EventKind.OUTPUT_PUBLISHED: "info",
+    EventKind.PUBLISH_FAILED: "error",
     EventKind.CHUNK_INPUT_CHANGED: "warning",
     EventKind.DEFINITION_CHANGED: "warning",
     EventKind.PART_NOT_ADOPTED: "warning",

@@ -86,6 +86,7 @@ def definition(
     columns: tuple[str, ...] | None,
     version: str | None,
     base_dir: Path,
+    shape: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(key, facts): what a chunk's result depends on besides its input rows. Without an
     explicit `version`, the source of the module named in `process` counts (its own file only:
@@ -95,6 +96,7 @@ def definition(
         "sql": sql,
         "columns": list(columns) if columns else None,
         "version": version,
+        **(shape or {}),  # partition_by: how parts are laid out (absent when unset: keys stay)
     }
     if version is None and process:
         files = module_files(base_dir, process)

@@ -18,7 +18,9 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from minibatch.hive import FILE_RE, Shape, write_units
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -40,6 +42,17 @@ class OutputNotOwned(Exception):
 class OutputLayout:
     output: Path
     reduce: bool
+    shape: Shape = Shape()
+
+    @classmethod
+    def of(cls, job: Any) -> OutputLayout:
+        """A job's (a JobConfig: not imported, config.py imports this module)."""
+        return cls(job.output, reduce=job.reduce_sql is not None, shape=job.shape)
+
+    @property
+    def hidden(self) -> bool:
+        """Chunk results live beside the output, which holds what is published from them."""
+        return self.reduce or self.shape.published
 
     @property
     def staging(self) -> Path:
@@ -52,7 +65,7 @@ class OutputLayout:
     @property
     def parts(self) -> Path:
         """Where chunk results go: the output itself for map jobs."""
-        return self.output.parent / f".{self.output.name}.minibatch-parts" if self.reduce else self.output
+        return self.output.parent / f".{self.output.name}.minibatch-parts" if self.hidden else self.output
 
     def prepare(self) -> int:
         """Create the directories; remove what a killed run left in staging, except staged
@@ -82,15 +95,19 @@ class OutputLayout:
         """Files in the output that minibatch did not write: never deleted, reported."""
         if not self.output.is_dir():
             return []
-        return sorted(p.name for p in self.output.iterdir() if not _ours(p.name))
+        partitioned = bool(self.shape.partition_by)
+        return sorted(
+            p.name for p in self.output.iterdir() if not (ours(p.name) or partitioned and "=" in p.name)
+        )
 
     def remove_other_shape(self) -> None:
         """What an earlier definition of the other kind left: a map job removes the reduced file
         and the parts directory of when it had `reduce_sql` (a reduce job replaces the map
         parts in its output when it publishes)."""
-        if self.reduce:
+        if self.hidden:
             return
         self.reduced.unlink(missing_ok=True)
+        remove_published(self.output)
         old_parts = OutputLayout(self.output, reduce=True).parts
         if old_parts.is_dir() and not old_parts.is_symlink():
             for path in old_parts.iterdir():
@@ -111,7 +128,8 @@ class OutputLayout:
         if self.parts.is_dir():
             self.remove_parts(self.part_files())
         self.reduced.unlink(missing_ok=True)
-        if self.reduce:
+        remove_published(self.output)
+        if self.hidden:
             _rmdir_if_empty(self.parts)
         if keep_claim:
             for path in self.staging.iterdir() if self.staging.is_dir() else []:
@@ -212,13 +230,17 @@ def write_atomically(table: pa.Table, target: Path, staging: Path) -> int:
     return size
 
 
-def write_durably(table: pa.Table, path: Path) -> int:
-    """Write and fsync a Parquet file (removed again if writing fails); returns its size."""
+def write_durably(table: pa.Table, path: Path, shape: Shape | None = None) -> int:
+    """Write and fsync a Parquet file (removed again if writing fails); returns its size. With
+    a `shape` that publishes, its row groups are grouped by unit (hive.write_units)."""
     import pyarrow.parquet as pq
 
     try:
         with open(path, "wb") as handle:
-            pq.write_table(table, handle)
+            if shape is not None and shape.published:
+                write_units(table, shape, handle)
+            else:
+                pq.write_table(table, handle)
             handle.flush()
             os.fsync(handle.fileno())
             return handle.tell()
@@ -264,8 +286,23 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _ours(name: str) -> bool:
-    return bool(PART_RE.match(name)) or name == REDUCED_NAME
+def ours(name: str) -> bool:
+    return bool(PART_RE.match(name) or FILE_RE.match(name)) or name == REDUCED_NAME
+
+
+def remove_published(output: Path, depth: int | None = None) -> int:
+    """Published files (see compact.py) in the output's partition directories, except, with
+    `depth`, those at that depth (a unit's); directories left empty go too. Returns how many."""
+    removed = 0
+    for directory, _, files in os.walk(output, topdown=False) if output.is_dir() else []:
+        level = len(Path(directory).relative_to(output).parts)
+        for name in files:
+            if FILE_RE.match(name) and level != depth:
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+        if level and "=" in Path(directory).name:
+            _rmdir_if_empty(Path(directory))
+    return removed
 
 
 def _rmdir_if_empty(path: Path) -> None:

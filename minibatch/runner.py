@@ -17,6 +17,7 @@ from typing import Any
 
 from minibatch.admission import LEARN_FROM, MEMORY_FACTOR, MemoryModel, shared_workers
 from minibatch.clock import SYSTEM, Clock
+from minibatch.compact import PublishError
 from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.crossjob import precious_inside
 from minibatch.events import Emitter, Listener, LogListener
@@ -38,7 +39,7 @@ from minibatch.reconcile import (
     report_bad_files,
 )
 from minibatch.records import ChunkRecord, RunRecord
-from minibatch.reduce import reduce_key, reduce_parts
+from minibatch.reduce import publish_output, reduce_key
 from minibatch.results import ResultStore
 from minibatch.signals import StopSignals
 from minibatch.states import EventKind, RunStatus
@@ -124,9 +125,9 @@ class Run:
     ) -> None:
         self.config, self.job, self.options, self.signals = config, job, options, signals
         self.manifest = Manifest(manifest_path(config.engine.state_dir))
-        self.layout = OutputLayout(job.output, reduce=job.reduce_sql is not None)
+        self.layout = OutputLayout.of(job)
         self.definition = Definition(
-            *definition(job.process, job.sql, job.columns, job.version, config.base_dir)
+            *definition(job.process, job.sql, job.columns, job.version, config.base_dir, job.shape.facts())
         )
         self.started = False  # recorded in the manifest: a crash from here on is the run's
         self.record = RunRecord(
@@ -189,7 +190,7 @@ class Run:
             self.manifest.revive_dead(self.job.key)
         state = check_definition(self.manifest, self.job.key, self.definition, self.events)
         self.summary.definition_changed = self.definition.changed
-        if self.job.reduce_sql:
+        if self.layout.hidden:
             self.reduced_key = self.manifest.reduce_key(self.job.key)
         return state
 
@@ -263,7 +264,7 @@ class Run:
             name=self.job.name, process=self.job.process, sql=self.job.sql, columns=self.job.columns,
             base_dir=str(self.config.base_dir), parts_dir=str(self.layout.parts),
             staging_dir=str(self.layout.staging), definition=self.definition.key,
-            input_schema=self.input_schema, params=self.job.values,
+            input_schema=self.input_schema, params=self.job.values, shape=self.job.shape,
         )  # fmt: skip
         executor = Executor(
             self.job, spec, self.record.run_id, store=self.store, ledger=self.ledger, events=self.events,
@@ -331,8 +332,8 @@ class Run:
             record.status = RunStatus.SUCCEEDED
             self._check_complete()
         reduced = None
-        if record.status == RunStatus.SUCCEEDED and self.job.reduce_sql:
-            reduced = self._reduce_if_needed()
+        if record.status == RunStatus.SUCCEEDED and self.layout.hidden:
+            reduced = self._publish_if_needed()
         record.ended_at = self.options.clock.time()
         wall = max(record.ended_at - record.started_at, 1e-9)
         record.utilisation = record.busy_seconds / (max(record.workers, 1) * wall)
@@ -358,26 +359,32 @@ class Run:
         if holes > 0:
             self._fail(f"{holes} of {r.chunks_total} planned chunks are not done", EventKind.RUN_INCOMPLETE)
 
-    def _reduce_if_needed(self) -> str | None:
-        """Reduce over the complete set of parts, unless the output already is that reduction;
-        returns the key of a new reduction (recorded with the run's last commit)."""
-        outputs = self.ledger.outputs
+    def _publish_if_needed(self) -> str | None:
+        """Reduce over, or publish, the complete set of parts, unless the output already is
+        that; returns the key of what it published (recorded with the run's last commit)."""
+        outputs, sql = self.ledger.outputs, self.job.reduce_sql
         missing = self.record.chunks_total - len(outputs)
-        if missing:  # dead letters skipped, or input that changed under the run
+        if missing and sql:  # dead letters skipped, or input that changed under the run
             self._fail(f"reduce_sql not run: {missing} of {self.record.chunks_total} chunks are not done")
             return None
-        assert self.job.reduce_sql is not None
         parts = sorted(self.layout.parts / name for name in outputs.values() if name)
-        key = reduce_key(self.job.reduce_sql, self.definition.key, parts)
-        if key == self.reduced_key and self.layout.reduced.exists():
+        key = reduce_key(sql or repr(self.job.shape), self.definition.key, parts)
+        published = not sql or self.job.shape.partition_by or self.layout.reduced.exists()
+        if key == self.reduced_key and published:
             return None
         try:
             empty = None if parts else self.store.schema or self.store.empty_schema  # parts say theirs
-            rows = reduce_parts(self.job.reduce_sql, parts, self.layout, empty, dict(self.job.values))
+            rows, units = publish_output(sql, self.layout, parts, empty, dict(self.job.values), key)
+        except PublishError as exc:
+            self._fail(f"output not published: {exc}", EventKind.PUBLISH_FAILED)
+            return None
         except Exception as exc:  # the user's SQL: its error ends the run as failed, readably
             self._fail(f"reduce_sql failed: {type(exc).__name__}: {exc}")
             return None
-        self.events(EventKind.REDUCE_DONE, parts=len(parts), rows=rows)
+        if sql:
+            self.events(EventKind.REDUCE_DONE, parts=len(parts), rows=rows)
+        if units is not None:
+            self.events(EventKind.OUTPUT_PUBLISHED, **units.summary())
         return key
 
     def _fail(self, error: str, kind: EventKind = EventKind.REDUCE_FAILED) -> None:

@@ -76,6 +76,8 @@ class EventKind(StrEnum):
     BREAKER_TRIPPED = "breaker_tripped"
     REDUCE_DONE = "reduce_done"
     REDUCE_FAILED = "reduce_failed"
+    OUTPUT_PUBLISHED = "output_published"
+    PUBLISH_FAILED = "publish_failed"
     RUN_INCOMPLETE = "run_incomplete"
     RUN_HALTED = "run_halted"  # a full disk or the like: nothing more admitted
     MEMORY_OVER_BUDGET = "memory_over_budget"  # measured: the processes held more than memory_limit

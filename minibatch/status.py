@@ -115,7 +115,7 @@ HISTORY_KEYS = (
 def reset_job(config: Config, name: str, params: dict[str, str] | None = None) -> None:
     """Forget a job's checkpoint and remove its output (refused while the job runs)."""
     job = bound_job(config, name, params or {})
-    layout = OutputLayout(job.output, reduce=job.reduce_sql is not None)
+    layout = OutputLayout.of(job)
     with job_lock(config.engine.state_dir, job.key):
         try:
             layout.check_owner(job.key)  # a parameter set may render another job's output

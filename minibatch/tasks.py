@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from minibatch.hive import Shape
 from minibatch.planner import Chunk
 from minibatch.states import ErrorKind
 
@@ -28,6 +29,7 @@ class JobSpec:
     definition: str | None = None  # written into every part's footer, checked on adoption
     input_schema: str | None = None  # the job's input schema (JSON), also in every footer
     params: tuple[tuple[str, Any], ...] = ()  # the run's parameters, bound into its SQL
+    shape: Shape = Shape()  # partition_by: a part's row groups are grouped by partition
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ def check_inputs(config: Config) -> list[str]:
     A symlink loop, or an input that reaches a job's own output, is an error."""
     warnings, errors = [], []
     for job in config.jobs.values():
-        layout = OutputLayout(job.output, reduce=job.reduce_sql is not None)
+        layout = OutputLayout.of(job)
         try:
             found = find_inputs(config.base_dir, job.inputs, [layout.output, layout.parts, layout.staging])
         except InputError as exc:

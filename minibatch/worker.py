@@ -150,7 +150,7 @@ def _write(task: Task, result: pa.Table) -> tuple[int, str]:
     """Stage the result durably; the coordinator publishes it (a worker never does: the fence)."""
     staged = Path(task.job.staging_dir) / (task.staged_name or f"{task.output_name}.{os.getpid()}.tmp")
     table = with_provenance(result, task.chunk.chunk_id, task.job.definition, task.job.input_schema)
-    return write_durably(table, staged), str(staged)
+    return write_durably(table, staged, task.job.shape), str(staged)
 
 
 def _call(job: JobSpec, table: pa.Table, ctx: ChunkContext) -> pa.Table | None:

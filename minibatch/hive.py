@@ -1,0 +1,155 @@
+"""Hive-style output units: how rows are laid out when a job has `partition_by` or
+`target_file_bytes` (see compact.py, which publishes them).
+
+A unit is a directory of the output that is replaced as a whole: one partition
+(`date=2026-11-01/region=eu`), or the output itself when a job is not partitioned. Workers
+write a chunk's result as one part whose row groups are grouped by unit (the footer says
+which row groups hold which unit), so a chunk with thousands of partition values still has
+one writer open, and the publisher reads one unit's rows of a part without the others.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from minibatch.checking import Checker, positive_size
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+NULL_VALUE = "__HIVE_DEFAULT_PARTITION__"  # what Hive, Spark, pyarrow and DuckDB read as NULL
+UNITS_KEY = b"minibatch.units"  # a part's footer: unit -> [first row group, row groups]
+SOURCES_KEY = b"minibatch.sources"  # a published file's footer: the chunk results it holds
+FILE_RE = re.compile(r"^file-[0-9a-f]{24}\.parquet$")  # a published file's name
+SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+DEFAULT_TARGET = 128 * 2**20
+DEFAULT_ROW_GROUP = 122_880  # DuckDB's row group size: readers parallelise over row groups
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How a job's output is laid out; the default (no key set) is a part per chunk."""
+
+    partition_by: tuple[str, ...] = ()
+    target_file_bytes: int | None = None
+    row_group_rows: int = DEFAULT_ROW_GROUP
+
+    @property
+    def published(self) -> bool:
+        """Rows reach readers through units the publisher replaces, not part by part."""
+        return bool(self.partition_by) or self.target_file_bytes is not None
+
+    @property
+    def target(self) -> int:
+        return self.target_file_bytes or DEFAULT_TARGET
+
+    def facts(self) -> dict[str, Any]:
+        """What a chunk's part depends on (its row groups are split by unit)."""
+        return {"partition_by": list(self.partition_by)} if self.published else {}
+
+
+def parse_shape(c: Checker) -> Shape:
+    partition_by = c.string_list("partition_by") or ()
+    for column in partition_by:
+        if not column or "/" in column or "=" in column or column != column.strip():
+            c.error("partition_by", f"{column!r} is not a usable column name for a directory")
+    if len(set(partition_by)) != len(partition_by):
+        c.error("partition_by", "names a column twice")
+    target = positive_size(c, "target_file_bytes", DEFAULT_TARGET) if "target_file_bytes" in c.table else None
+    return Shape(partition_by, target, c.positive_int("row_group_rows", DEFAULT_ROW_GROUP))
+
+
+def escape(value: str | None) -> str:
+    """A partition value as a directory name: every byte outside [A-Za-z0-9_-] as %XX (as
+    Hive escapes, and as pyarrow's and DuckDB's hive readers decode); NULL as Hive's default
+    partition. As in Hive and Spark, "" and the default partition's name are NULL too (the
+    readers disagree on them otherwise: pyarrow reads `k=` as NULL, DuckDB as '')."""
+    if not value or value == NULL_VALUE:
+        return NULL_VALUE
+    return "".join(ch if ch in SAFE else "".join(f"%{b:02X}" for b in ch.encode()) for ch in value)
+
+
+def unit_of(columns: tuple[str, ...], values: list[str | None]) -> str:
+    pairs = zip(columns, values, strict=True)
+    unit = "/".join(f"{escape(column)}={escape(value)}" for column, value in pairs)
+    if any(len(part) > 255 for part in unit.split("/")):
+        raise ValueError(f"partition directory too long for a file system: {unit[:80]}...")
+    return unit
+
+
+def split_units(table: pa.Table, columns: tuple[str, ...]) -> list[tuple[str, pa.Table]]:
+    """The rows of `table` by unit, in unit order (vectorised: sort, then find the runs)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not columns:
+        return [("", table)]
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ValueError(f"partition_by column {missing[0]!r} is not in the result ({table.column_names})")
+    keys = [_text(table[c]) for c in columns]
+    order = pc.sort_indices(
+        pa.table({str(i): k for i, k in enumerate(keys)}),
+        sort_keys=[(str(i), "ascending") for i in range(len(keys))],  # NULLs last
+    )
+    table = table.take(order)
+    keys = [k.take(order) for k in keys]
+    change = [0]
+    if table.num_rows > 1:
+        differs: Any = None
+        key: Any
+        for key in keys:
+            filled = pc.fill_null(key, "\0")  # NULL differs from every string, "" too
+            step = pc.not_equal(filled.slice(1), filled.slice(0, len(filled) - 1))
+            null = pc.is_null(key)
+            step = pc.or_(step, pc.not_equal(null.slice(1), null.slice(0, len(key) - 1)))
+            differs = step if differs is None else pc.or_(differs, step)
+        assert differs is not None
+        change += [i + 1 for i in pc.indices_nonzero(differs).to_pylist()]
+    bounds = [*change, table.num_rows]
+    return [
+        (unit_of(columns, [k[start].as_py() for k in keys]), table.slice(start, end - start))
+        for start, end in zip(bounds, bounds[1:], strict=False)
+    ]
+
+
+def _text(column: Any) -> Any:
+    """A partition column's values as directory text; "" is NULL (see `escape`)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = pc.cast(column, pa.string())
+    null = pc.is_in(text, pa.array(["", NULL_VALUE]))
+    return pc.if_else(null, pa.scalar(None, pa.string()), text)
+
+
+def write_units(table: pa.Table, shape: Shape, handle: BinaryIO) -> None:
+    """A part grouped by unit: each unit's rows in row groups of its own, and the footer's
+    UNITS_KEY saying which."""
+    import pyarrow.parquet as pq
+
+    units: dict[str, list[int]] = {}
+    first = 0
+    slices = split_units(table, shape.partition_by)
+    for unit, rows in slices:
+        if unit in units:  # two runs of rows in one directory: the footer would lose one
+            raise ValueError(f"partition {unit} came out twice when splitting the result")
+        count = -(-rows.num_rows // shape.row_group_rows)
+        units[unit] = [first, count]
+        first += count
+    metadata = dict(table.schema.metadata or {})
+    metadata[UNITS_KEY] = json.dumps(units).encode()
+    schema = table.schema.with_metadata(metadata)
+    with pq.ParquetWriter(handle, schema) as writer:
+        for _, rows in slices:
+            writer.write_table(rows.replace_schema_metadata(metadata), row_group_size=shape.row_group_rows)
+
+
+def units_of(metadata: dict[bytes, bytes] | None) -> dict[str, tuple[int, int]]:
+    raw = (metadata or {}).get(UNITS_KEY)
+    if raw is None:
+        raise ValueError("its footer does not say which rows belong to which partition")
+    return {unit: (int(a), int(b)) for unit, (a, b) in json.loads(raw).items()}

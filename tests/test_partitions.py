@@ -1,0 +1,226 @@
+"""Partitioned output and right-sized files: partitions replaced whole (a SIGKILL during the
+publication leaves each one old or new), untouched partitions byte for byte, escaped values
+that DuckDB's and pyarrow's hive readers agree on, small files merged by rewriting."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minibatch.compact import Slice, plan_files
+from minibatch.hive import FILE_RE, NULL_VALUE, escape, split_units
+
+from conftest import Project, wait_for
+
+JOB = """
+[jobs.p]
+input = "data/*.parquet"
+output = "out/p"
+sql = "SELECT * FROM chunk"
+chunk_bytes = "3KB"
+partition_by = ["day", "region"]
+target_file_bytes = "6KB"
+row_group_rows = 64
+"""
+REGIONS = ["eu", "us", "a/b", "x=y", "..", "ünï", "sp ace", None, "__HIVE_DEFAULT_PARTITION__", ""]
+
+
+def write(
+    project: Project, name: str, ids: range, days: int = 3, regions: list[str | None] = REGIONS
+) -> None:
+    project.data.mkdir(exist_ok=True)
+    table = pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "day": pa.array([f"2026-11-{1 + i % days:02d}" for i in ids]),
+            "region": pa.array([regions[i % len(regions)] for i in ids], pa.string()),
+            "amount": pa.array([i % 13 for i in ids], pa.int64()),
+        }
+    )
+    pq.write_table(table, project.data / name, row_group_size=100)
+
+
+def expected(project: Project) -> dict[tuple[str, str | None], set[int]]:
+    """Each partition's ids, from the input files."""
+    found: dict[tuple[str, str | None], set[int]] = defaultdict(set)
+    for path in sorted(project.data.glob("*.parquet")):
+        for row in pq.read_table(path).to_pylist():
+            region = None if row["region"] in ("", NULL_VALUE) else row["region"]  # as in Hive
+            found[(row["day"], region)].add(row["id"])
+    return dict(found)
+
+
+def by_duckdb(output: Path) -> dict[tuple[str, str | None], list[int]]:
+    rows = duckdb.sql(
+        f"SELECT CAST(day AS VARCHAR), region, id FROM read_parquet('{output}/**/*.parquet', "
+        "hive_partitioning = true, hive_types_autocast = false)"
+    ).fetchall()
+    return _group(rows)
+
+
+def by_pyarrow(output: Path) -> dict[tuple[str, str | None], list[int]]:
+    schema = pa.schema([("day", pa.string()), ("region", pa.string())])
+    table = ds.dataset(
+        output, format="parquet", partitioning=ds.partitioning(schema, flavor="hive")
+    ).to_table()
+    return _group(
+        zip(table["day"].to_pylist(), table["region"].to_pylist(), table["id"].to_pylist(), strict=True)
+    )
+
+
+def _group(rows: object) -> dict[tuple[str, str | None], list[int]]:
+    found: dict[tuple[str, str | None], list[int]] = defaultdict(list)
+    for day, region, id_ in rows:  # type: ignore[attr-defined]
+        found[(day, region)].append(id_)
+    return {key: sorted(ids) for key, ids in found.items()}
+
+
+def check_output(project: Project) -> None:
+    """Each partition holds exactly its ids, once, as both readers see it."""
+    want = {key: sorted(ids) for key, ids in expected(project).items()}
+    assert by_duckdb(project.out("p")) == want
+    assert by_pyarrow(project.out("p")) == want
+
+
+def files(output: Path) -> dict[str, str]:
+    """Every published file under the output: relative path -> content digest."""
+    return {
+        str(path.relative_to(output)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in output.rglob("*.parquet")
+    }
+
+
+def test_partition_values_round_trip_through_both_hive_readers(project: Project) -> None:
+    write(project, "a.parquet", range(0, 600))
+    project.write_config(JOB)
+    result = project.cli("run-now", "p", "-q")
+    assert result.returncode == 0, result.stderr
+    check_output(project)
+    names = {path.name for path in project.out("p").glob("day=2026-11-01/*")}
+    assert "region=__HIVE_DEFAULT_PARTITION__" in names
+    assert {"region=a%2Fb", "region=x%3Dy", "region=%2E%2E", "region=%C3%BCn%C3%AF"} <= names
+
+
+def test_a_new_file_replaces_only_the_partitions_it_has_rows_for(project: Project) -> None:
+    write(project, "a.parquet", range(0, 1200))
+    project.write_config(JOB)
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    before = files(project.out("p"))
+    marker = project.out("p") / "day=2026-11-01" / "region=eu" / "_SUCCESS"
+    marker.write_text("mine")  # in a partition about to be replaced: not minibatch's, it stays
+    write(project, "b.parquet", range(5000, 5050), days=1, regions=["eu"])  # day 01, eu only
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    after = files(project.out("p"))
+    touched = "day=2026-11-01/region=eu/"
+    assert {k: v for k, v in before.items() if not k.startswith(touched)} == {
+        k: v for k, v in after.items() if not k.startswith(touched)
+    }  # every other partition byte for byte
+    assert {k for k in after if k.startswith(touched)} != {k for k in before if k.startswith(touched)}
+    assert marker.read_text() == "mine"
+    check_output(project)
+
+    (project.data / "b.parquet").unlink()  # its rows go, and only from its partition
+    write(project, "c.parquet", range(9000, 9010), days=1, regions=["new"])
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    check_output(project)
+    assert (
+        files(project.out("p"))["day=2026-11-02/region=us/" + _only(project, "day=2026-11-02/region=us")]
+        == (before["day=2026-11-02/region=us/" + _only(project, "day=2026-11-02/region=us")])
+    )
+
+    (project.data / "c.parquet").unlink()  # a partition no input has rows for any more
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    assert not (project.out("p") / "day=2026-11-01" / "region=new").exists()
+    check_output(project)
+
+
+def _only(project: Project, unit: str) -> str:
+    (name,) = [p.name for p in (project.out("p") / unit).iterdir()]
+    return name
+
+
+def test_small_files_are_merged_by_rewriting_and_big_ones_kept(project: Project) -> None:
+    project.write_config(
+        JOB.replace('partition_by = ["day", "region"]', "").replace('"6KB"', '"40KB"').replace("64", "1000")
+    )
+    for n in range(4):  # four runs, each adding a little: one small file each time, merged
+        write(project, f"{n}.parquet", range(n * 1000, n * 1000 + 300))
+        assert project.cli("run-now", "p", "-q").returncode == 0
+    published = [p for p in project.out("p").iterdir() if FILE_RE.match(p.name)]
+    assert len(published) <= 2
+    groups = [
+        pq.read_metadata(p).row_group(i).num_rows
+        for p in published
+        for i in range(pq.read_metadata(p).num_row_groups)
+    ]
+    assert max(groups) > 300  # rewritten: rows of several runs in one row group, not concatenated
+    table = ds.dataset(project.out("p"), format="parquet").to_table()
+    assert sorted(table["id"].to_pylist()) == [i for n in range(4) for i in range(n * 1000, n * 1000 + 300)]
+
+
+def test_a_sigkill_while_partitions_are_replaced_leaves_each_old_or_new(project: Project) -> None:
+    """Killed at a random instant of the publication (staging holds a unit being built), every
+    partition is whole: all its old rows or all its new ones; the next run finishes the job."""
+    rng = random.Random(1130)
+    write(project, "a.parquet", range(0, 2000), days=10)
+    project.write_config(JOB)
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    staging = project.root / "out" / ".p.minibatch-staging"
+    for round_ in range(3):
+        old = {key: sorted(ids) for key, ids in expected(project).items()}
+        if round_ == 1:
+            (project.data / "a.parquet").unlink()  # partitions shrink and vanish
+        write(
+            project,
+            f"new{round_}.parquet",
+            range(10_000 * (round_ + 1), 10_000 * (round_ + 1) + 900),
+            days=10,
+        )
+        new = {key: sorted(ids) for key, ids in expected(project).items()}
+        process = project.start("run-now", "p")
+        wait_for(
+            lambda: any(p.name.startswith("unit-") for p in staging.iterdir()), timeout=60, what="publication"
+        )
+        time.sleep(rng.uniform(0, 0.2))  # a random instant of it (not a synchronisation)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        seen = by_duckdb(project.out("p"))
+        assert seen == by_pyarrow(project.out("p"))
+        for key in old.keys() | new.keys():
+            assert seen.get(key) in (old.get(key), new.get(key)), (round_, key)
+        assert project.cli("run-now", "p", "-q").returncode == 0
+        check_output(project)
+
+
+def test_split_units_keeps_every_row_once_grouped_by_value() -> None:
+    table = pa.table({"k": ["b", None, "a", "b", "", None], "n": [1, 2, 3, 1, 1, None], "i": range(6)})
+    units = split_units(table, ("k", "n"))
+    assert [unit for unit, _ in units] == sorted({unit for unit, _ in units}, key=[u for u, _ in units].index)
+    assert sorted(i for _, rows in units for i in rows["i"].to_pylist()) == list(range(6))
+    for unit, rows in units:
+        assert (
+            len({(k, n) for k, n in zip(rows["k"].to_pylist(), rows["n"].to_pylist(), strict=True)}) == 1
+        ), unit
+    assert escape(None) == escape("") == NULL_VALUE and escape("a.b/c") == "a%2Eb%2Fc"
+
+
+@given(st.lists(st.integers(1, 5000), max_size=40), st.integers(1, 8000))
+def test_planned_files_hold_every_slice_once_in_order(sizes: list[int], target: int) -> None:
+    slices = [Slice(f"s{i}", Path("p"), 0, 1, size) for i, size in enumerate(sizes)]
+    planned = plan_files(slices, target)
+    assert [piece for group in planned for piece in group] == slices
+    for group in planned[:-1]:
+        assert sum(p.nbytes for p in group) >= target  # only the last file is short
+        assert sum(p.nbytes for p in group[:-1]) < target  # and none grows past what it needs
