@@ -14,6 +14,7 @@ from typing import Any
 
 from minibatch.breaker import BreakerSettings
 from minibatch.checking import Checker, Hook, choice, parse_hook, positive_size, timezone_name
+from minibatch.checks import Checks, parse_checks
 from minibatch.crossjob import check_dependencies, check_outputs_apart
 from minibatch.hive import Shape, parse_shape
 from minibatch.params import ParamError, bind, checkpoint_key, job_params, render
@@ -87,6 +88,7 @@ class JobConfig:
     output_template: str | None = None  # the output as configured, when it has {placeholders}
     values: tuple[tuple[str, Any], ...] = ()  # the parameter set bound for a run (params.bound)
     shape: Shape = Shape()  # partition_by, target_file_bytes, row_group_rows (hive.py)
+    checks: Checks = Checks()  # checks, max_bad_fraction, quarantine, output_checks (checks.py)
 
     def bind(self, base_dir: Path, given: Mapping[str, str], now: datetime) -> JobConfig:
         """This job with one parameter set bound: input globs and output rendered, and its key."""
@@ -159,6 +161,7 @@ JOB_KEYS = {
     "breaker_failures", "breaker_rate", "breaker_window", "breaker_cooldown", "catchup",
     "on_failure", "on_success", "executor", "dask_scheduler", "version", "params",
     "partition_by", "target_file_bytes", "row_group_rows",
+    "checks", "max_bad_fraction", "quarantine", "output_checks", "output_rows_change",
 }  # fmt: skip
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EXECUTORS = ("local", "dask")
@@ -304,6 +307,7 @@ def _job(
         param_defaults=tuple(sorted(defaults.items())),
         output_template=output if params else None,
         shape=parse_shape(c),
+        checks=parse_checks(c, output_path),
         **_executor(c, engine),
     )
 

@@ -101,6 +101,7 @@ LOGGED: dict[EventKind, str] = {
     EventKind.REDUCE_FAILED: "error",
     EventKind.OUTPUT_PUBLISHED: "info",
     EventKind.PUBLISH_FAILED: "error",
+    EventKind.CHECKS_FAILED: "error",
     EventKind.CHUNK_INPUT_CHANGED: "warning",
     EventKind.DEFINITION_CHANGED: "warning",
     EventKind.PART_NOT_ADOPTED: "warning",

@@ -71,7 +71,7 @@ _Done = tuple[_InFlight, TaskResult]
 FAIL_FAST = 2  # chunks failing alike, before any success, that stop a run whose code is broken
 DETERMINISTIC = {  # errors no retry mends
     "TypeError", "NameError", "AttributeError", "SyntaxError", "ImportError", "ModuleNotFoundError",
-    "JobCodeError", "ParserException", "BinderException", "CatalogException",
+    "JobCodeError", "ParserException", "BinderException", "CatalogException", "CheckFailed",
 }  # fmt: skip
 BREAKER_EVENTS = {state: EventKind(f"breaker_{state}") for state in Breaker}
 
@@ -342,7 +342,7 @@ class Executor:
             self._accept(item, result)
 
     def _accept(self, item: _InFlight, result: TaskResult) -> None:
-        error = self.store.publish(result) if result.staged else None
+        error = self.store.publish(result, item.chunk.chunk_id)
         if error is not None:
             self._breaker_failure(False)
             self._failed(item, error, result)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 REDUCED_NAME = "part-reduced.parquet"
+QUARANTINE_PREFIX = "quarantine-"  # a staged file of quarantined rows: never salvaged
 OWNER_NAME = "minibatch-owner"  # in the staging directory: the job (parameter set) the output is
 PART_RE = re.compile(r"^part-[0-9a-f]{24}\.parquet$")
 STAGED_RE = re.compile(r"^part-(?P<chunk>[0-9a-f]{24})\.parquet\.[\w-]+\.\d+\.tmp$")
@@ -43,11 +44,12 @@ class OutputLayout:
     output: Path
     reduce: bool
     shape: Shape = Shape()
+    quarantine: Path | None = None  # where rows that failed a check go, a part per chunk
 
     @classmethod
     def of(cls, job: Any) -> OutputLayout:
         """A job's (a JobConfig: not imported, config.py imports this module)."""
-        return cls(job.output, reduce=job.reduce_sql is not None, shape=job.shape)
+        return cls(job.output, job.reduce_sql is not None, job.shape, job.checks.quarantine)
 
     @property
     def hidden(self) -> bool:
@@ -129,6 +131,11 @@ class OutputLayout:
             self.remove_parts(self.part_files())
         self.reduced.unlink(missing_ok=True)
         remove_published(self.output)
+        if self.quarantine is not None and self.quarantine.is_dir():
+            for path in self.quarantine.iterdir():
+                if PART_RE.match(path.name):
+                    path.unlink()
+            _rmdir_if_empty(self.quarantine)
         if self.hidden:
             _rmdir_if_empty(self.parts)
         if keep_claim:

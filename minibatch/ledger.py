@@ -13,6 +13,7 @@ workers (a commit takes tens of ms; tiny chunks finish faster).
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -44,6 +45,7 @@ class Ledger:
         self.clock = clock
         self.outputs: dict[str, str | None] = {}  # chunk id -> part file of every done chunk
         self.dead: list[ChunkRecord] = []  # dead-lettered by this run
+        self.check_failures: Counter[str] = Counter()  # check name -> rows that failed it, this run
         self._chunks: list[ChunkRecord] = []
         self._attempts: list[AttemptRecord] = []
         self._committer: _Committer | None = None
@@ -71,6 +73,8 @@ class Ledger:
         r.chunks_done += 1
         r.rows_in, r.rows_out = r.rows_in + record.rows_in, r.rows_out + record.rows_out
         r.bytes_in, r.bytes_out = r.bytes_in + record.bytes_in, r.bytes_out + record.bytes_out
+        r.rows_bad += result.rows_bad
+        self.check_failures.update(dict(result.check_failures))
         self._chunks.append(record)
         self.outputs[chunk.chunk_id] = record.output_file
         self.events(

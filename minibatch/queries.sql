@@ -209,3 +209,10 @@ SELECT * FROM runs WHERE run_id = $run_id;
 
 -- name: succeeded_run
 SELECT 1 FROM runs WHERE job = $key AND status = $succeeded LIMIT 1;
+
+-- name: record_check
+INSERT OR REPLACE INTO check_counts (job, run_id, check_name, action, rows_failed)
+VALUES ($job, $run_id, $check_name, $action, $rows_failed);
+
+-- name: check_counts
+SELECT check_name, action, rows_failed FROM check_counts WHERE run_id = $run_id ORDER BY check_name;

@@ -127,7 +127,7 @@ def reconcile(
     orphans = [c for c in chunks if c.chunk_id not in done.keys() | dead and part_name(c.chunk_id) in on_disk]
     for part in store.adopt(orphans):
         ledger.adopted(part.chunk, part.name, part.rows, part.nbytes)
-    removed = store.remove_strays(on_disk, {name for name in ledger.outputs.values() if name})
+    removed = store.remove_strays(on_disk, ledger.outputs)
     if removed or forget:
         events(EventKind.STALE_OUTPUTS_REMOVED, files=removed, records=len(forget))
     if dead:

@@ -50,6 +50,7 @@ class RunRecord:
     bad_files: int = 0
     rows_in: int = 0
     rows_out: int = 0
+    rows_bad: int = 0  # dropped or quarantined by checks
     bytes_in: int = 0
     bytes_out: int = 0
     error: str | None = None

@@ -7,7 +7,8 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from minibatch.compact import Published, publish_parts, read_slices
+from minibatch.checks import check_output
+from minibatch.compact import Published, PublishError, publish_parts, read_slices
 from minibatch.layout import (
     PART_RE,
     OutputLayout,
@@ -17,38 +18,92 @@ from minibatch.layout import (
     write_durably,
 )
 from minibatch.params import sql_values
+from minibatch.states import EventKind
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from minibatch.config import JobConfig
+    from minibatch.events import RunEvents
 
-def publish_output(
-    sql: str | None,
+
+class OutputFailed(Exception):
+    def __init__(self, message: str, kind: EventKind = EventKind.REDUCE_FAILED) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def publish_if_needed(
+    job: JobConfig,
     layout: OutputLayout,
-    parts: list[Path],
+    outputs: dict[str, str | None],
+    planned: int,
+    definition: str,
+    previous: str | None,
     empty: pa.Schema | None,
-    params: dict[str, Any],
-    key: str,
-) -> tuple[int, Published | None]:
-    """Publish what readers see of a job whose parts are hidden: the reduction of its parts
-    (one file, or partitions), or the parts themselves laid out in units (compact.py).
-    Returns the rows reduced (0 without `sql`) and, for units, what the publisher did."""
+    events: RunEvents,
+) -> str | None:
+    """Reduce over, or publish, the complete set of parts, unless the output already is that;
+    returns the key of what it published. Raises OutputFailed."""
+    sql = job.reduce_sql
+    missing = planned - len(outputs)
+    if missing and sql:  # dead letters skipped, or input that changed under the run
+        raise OutputFailed(f"reduce_sql not run: {missing} of {planned} chunks are not done")
+    parts = sorted(layout.parts / name for name in outputs.values() if name)
+    key = reduce_key(sql or repr(job.shape), definition, parts)
+    if key == previous and (not sql or job.shape.partition_by or layout.reduced.exists()):
+        return None
+    units: Published | None
     if sql is None:
-        return 0, publish_parts(layout, read_slices(parts))
-    result = reduce_table(sql, parts, empty, params)
-    if layout.shape.partition_by:
-        staged = layout.staging / f"reduced-{key[:24]}.parquet"
-        write_durably(with_provenance(result, key[:24], key), staged, layout.shape)
+        units = publish_parts(layout, read_slices(parts))
+    else:
         try:
-            return result.num_rows, publish_parts(layout, read_slices([staged]))
-        finally:
-            staged.unlink(missing_ok=True)
+            result = reduce_table(sql, parts, None if parts else empty, dict(job.values))
+        except Exception as exc:  # the user's SQL: its error ends the run as failed, readably
+            raise OutputFailed(f"reduce_sql failed: {type(exc).__name__}: {exc}") from None
+        _check_result(result, job, layout, events)
+        units = _publish_reduced(result, layout, key)
+        events(EventKind.REDUCE_DONE, parts=len(parts), rows=result.num_rows)
+    if units is not None:
+        events(EventKind.OUTPUT_PUBLISHED, **units.summary())
+    return key
+
+
+def _check_result(result: pa.Table, job: JobConfig, layout: OutputLayout, events: RunEvents) -> None:
+    """Output checks: a `fail` one keeps the earlier result published and fails the run."""
+    problems = check_output(result, job.checks, published_rows(layout))
+    for action, problem in problems:
+        events(EventKind.CHECKS_FAILED, error=problem, action=action)
+    failed = [problem for action, problem in problems if action == "fail"]
+    if failed:
+        raise OutputFailed("; ".join(failed) + "; the result was not published", EventKind.CHECKS_FAILED)
+
+
+def published_rows(layout: OutputLayout) -> int | None:
+    """Rows of the reduce result readers see now (None before the first)."""
+    import pyarrow.parquet as pq
+
+    files = [layout.reduced] if layout.reduced.exists() else list(layout.output.rglob("file-*.parquet"))
+    return sum(pq.read_metadata(path).num_rows for path in files) if files else None
+
+
+def _publish_reduced(result: pa.Table, layout: OutputLayout, key: str) -> Published | None:
+    try:
+        if layout.shape.partition_by:
+            staged = layout.staging / f"reduced-{key[:24]}.parquet"
+            write_durably(with_provenance(result, key[:24], key), staged, layout.shape)
+            try:
+                return publish_parts(layout, read_slices([staged]))
+            finally:
+                staged.unlink(missing_ok=True)
+    except PublishError as exc:
+        raise OutputFailed(f"output not published: {exc}", EventKind.PUBLISH_FAILED) from None
     write_atomically(result, layout.reduced, layout.staging)
     for other in layout.output.iterdir():
         if PART_RE.match(other.name):  # a map job's parts, from before reduce_sql was set
             other.unlink(missing_ok=True)
     fsync_dir(layout.output)
-    return result.num_rows, None
+    return None
 
 
 def reduce_table(sql: str, parts: list[Path], empty: pa.Schema | None, params: dict[str, Any]) -> pa.Table:

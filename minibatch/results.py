@@ -19,7 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from minibatch.layout import CHUNK_KEY, DEFINITION_KEY, INPUT_KEY, OutputLayout, fsync_dir, part_name, publish
+from minibatch.layout import (
+    CHUNK_KEY,
+    DEFINITION_KEY,
+    INPUT_KEY,
+    PART_RE,
+    OutputLayout,
+    fsync_dir,
+    part_name,
+    publish,
+)
 from minibatch.planner import Chunk
 from minibatch.states import ErrorKind, EventKind
 from minibatch.tasks import SchemaMismatch, TaskError, TaskResult
@@ -50,23 +59,36 @@ class ResultStore:
 
     # -- publication ----------------------------------------------------------------------------
 
-    def publish(self, result: TaskResult) -> TaskError | None:
+    def publish(self, result: TaskResult, chunk_id: str) -> TaskError | None:
         """Make a staged result visible if it has the output's schema; else remove it and say
-        why. Only the coordinator calls this, while it holds the job lock: the fence."""
-        assert result.staged is not None and result.output_file is not None
-        staged = Path(result.staged)
+        why. Only the coordinator calls this, while it holds the job lock: the fence. The
+        chunk's quarantined rows go first (replacing an earlier attempt's): a crash between
+        the two renames leaves the chunk to compute again, which replaces them both."""
+        staged = Path(result.staged) if result.staged else None
         try:
-            if self.schema is not None and result.schema is not None:
+            if staged and self.schema is not None and result.schema is not None:
                 check_schema(result.schema, self.schema)
         except SchemaMismatch as exc:
-            staged.unlink(missing_ok=True)
+            for path in filter(None, (result.staged, result.quarantine_staged)):
+                Path(path).unlink(missing_ok=True)
             return TaskError(kind=ErrorKind.ERROR, type="SchemaMismatch", message=str(exc), traceback="")
-        publish(staged, self.layout.parts / result.output_file)
+        if self.layout.quarantine is not None:
+            self.layout.quarantine.mkdir(parents=True, exist_ok=True)
+            held = self.layout.quarantine / part_name(chunk_id)
+            if result.quarantine_staged:
+                publish(Path(result.quarantine_staged), held)
+            else:
+                held.unlink(missing_ok=True)
+        if staged is not None:
+            assert result.output_file is not None
+            publish(staged, self.layout.parts / result.output_file)
         return None
 
     def make_durable(self) -> None:
         """The renames so far survive a power loss: owed before recording them done."""
         fsync_dir(self.layout.parts)
+        if self.layout.quarantine is not None and self.layout.quarantine.is_dir():
+            fsync_dir(self.layout.quarantine)
 
     def gate(self, order: Iterable[str]) -> SchemaGate[T]:
         return SchemaGate(self.schema, order)
@@ -92,7 +114,8 @@ class ResultStore:
         """Results that workers of a killed or stopped run staged and no coordinator published.
         Those of chunks still to do that pass the footer check are handed back as finished
         results (published like fresh ones); every other staged file is removed."""
-        wanted = {c.chunk_id: c for c in todo}
+        # Not with quarantine: a staged result without its quarantined rows would lose them.
+        wanted = {c.chunk_id: c for c in todo} if self.layout.quarantine is None else {}
         salvaged = []
         for chunk_id, paths in self.layout.staged_results().items():
             chunk = wanted.get(chunk_id)
@@ -118,10 +141,15 @@ class ResultStore:
                 continue
         return None
 
-    def remove_strays(self, on_disk: set[str], keep: set[str]) -> int:
-        """Parts no finished chunk owns (only minibatch's own names: nothing else is touched)."""
-        strays = on_disk - keep
+    def remove_strays(self, on_disk: set[str], done: dict[str, str | None]) -> int:
+        """Parts (and quarantined rows) no finished chunk owns: only minibatch's own names."""
+        strays = on_disk - {name for name in done.values() if name}
         self.layout.remove_parts(strays)
+        held, owned = self.layout.quarantine, {part_name(chunk_id) for chunk_id in done}
+        for path in held.iterdir() if held is not None and held.is_dir() else []:
+            if PART_RE.match(path.name) and path.name not in owned:
+                path.unlink()
+                strays.add(path.name)
         return len(strays)
 
     def known_input_signature(self) -> str | None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from minibatch.admission import LEARN_FROM, MEMORY_FACTOR, MemoryModel, shared_workers
+from minibatch.checks import record_counts, too_many_bad
 from minibatch.clock import SYSTEM, Clock
-from minibatch.compact import PublishError
 from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.crossjob import precious_inside
 from minibatch.events import Emitter, Listener, LogListener
@@ -39,7 +39,7 @@ from minibatch.reconcile import (
     report_bad_files,
 )
 from minibatch.records import ChunkRecord, RunRecord
-from minibatch.reduce import publish_output, reduce_key
+from minibatch.reduce import OutputFailed, publish_if_needed
 from minibatch.results import ResultStore
 from minibatch.signals import StopSignals
 from minibatch.states import EventKind, RunStatus
@@ -127,7 +127,14 @@ class Run:
         self.manifest = Manifest(manifest_path(config.engine.state_dir))
         self.layout = OutputLayout.of(job)
         self.definition = Definition(
-            *definition(job.process, job.sql, job.columns, job.version, config.base_dir, job.shape.facts())
+            *definition(
+                job.process,
+                job.sql,
+                job.columns,
+                job.version,
+                config.base_dir,
+                job.shape.facts() | job.checks.facts(),
+            )
         )
         self.started = False  # recorded in the manifest: a crash from here on is the run's
         self.record = RunRecord(
@@ -265,6 +272,7 @@ class Run:
             base_dir=str(self.config.base_dir), parts_dir=str(self.layout.parts),
             staging_dir=str(self.layout.staging), definition=self.definition.key,
             input_schema=self.input_schema, params=self.job.values, shape=self.job.shape,
+            checks=self.job.checks.rows,
         )  # fmt: skip
         executor = Executor(
             self.job, spec, self.record.run_id, store=self.store, ledger=self.ledger, events=self.events,
@@ -331,6 +339,10 @@ class Run:
         else:
             record.status = RunStatus.SUCCEEDED
             self._check_complete()
+        if record.status == RunStatus.SUCCEEDED and (
+            bad := too_many_bad(record.rows_bad, record.rows_out, self.job.checks.max_bad_fraction)
+        ):
+            self._fail(bad, EventKind.CHECKS_FAILED)
         reduced = None
         if record.status == RunStatus.SUCCEEDED and self.layout.hidden:
             reduced = self._publish_if_needed()
@@ -345,11 +357,14 @@ class Run:
             if reduced is not None:
                 self.manifest.record_reduce(self.job.key, reduced)
             self._keep_schema()
+            record_counts(
+                self.manifest, self.job.key, record.run_id, self.job.checks, self.ledger.check_failures
+            )
             self.ledger.flush()
         self.events(
             EventKind.RUN_FINISHED, status=record.status, chunks_done=record.chunks_done,
-            chunks_dead=record.chunks_dead, rows=record.rows_out, seconds=round(wall, 3),
-            peak_memory=record.peak_memory,
+            chunks_dead=record.chunks_dead, rows=record.rows_out, rows_bad=record.rows_bad,
+            seconds=round(wall, 3), peak_memory=record.peak_memory,
         )  # fmt: skip
 
     def _check_complete(self) -> None:
@@ -360,32 +375,15 @@ class Run:
             self._fail(f"{holes} of {r.chunks_total} planned chunks are not done", EventKind.RUN_INCOMPLETE)
 
     def _publish_if_needed(self) -> str | None:
-        """Reduce over, or publish, the complete set of parts, unless the output already is
-        that; returns the key of what it published (recorded with the run's last commit)."""
-        outputs, sql = self.ledger.outputs, self.job.reduce_sql
-        missing = self.record.chunks_total - len(outputs)
-        if missing and sql:  # dead letters skipped, or input that changed under the run
-            self._fail(f"reduce_sql not run: {missing} of {self.record.chunks_total} chunks are not done")
-            return None
-        parts = sorted(self.layout.parts / name for name in outputs.values() if name)
-        key = reduce_key(sql or repr(self.job.shape), self.definition.key, parts)
-        published = not sql or self.job.shape.partition_by or self.layout.reduced.exists()
-        if key == self.reduced_key and published:
-            return None
+        """What readers see, if it changed; the key of it (recorded with the last commit)."""
         try:
-            empty = None if parts else self.store.schema or self.store.empty_schema  # parts say theirs
-            rows, units = publish_output(sql, self.layout, parts, empty, dict(self.job.values), key)
-        except PublishError as exc:
-            self._fail(f"output not published: {exc}", EventKind.PUBLISH_FAILED)
+            return publish_if_needed(
+                self.job, self.layout, self.ledger.outputs, self.record.chunks_total, self.definition.key,
+                self.reduced_key, self.store.schema or self.store.empty_schema, self.events,
+            )  # fmt: skip
+        except OutputFailed as exc:
+            self._fail(str(exc), exc.kind)
             return None
-        except Exception as exc:  # the user's SQL: its error ends the run as failed, readably
-            self._fail(f"reduce_sql failed: {type(exc).__name__}: {exc}")
-            return None
-        if sql:
-            self.events(EventKind.REDUCE_DONE, parts=len(parts), rows=rows)
-        if units is not None:
-            self.events(EventKind.OUTPUT_PUBLISHED, **units.summary())
-        return key
 
     def _fail(self, error: str, kind: EventKind = EventKind.REDUCE_FAILED) -> None:
         self.record.status = RunStatus.FAILED

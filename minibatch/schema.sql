@@ -93,6 +93,7 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS utilisation DOUBLE;     -- busy / (wor
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS rows_per_second DOUBLE; -- rows_in / wall time
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS mb_per_second DOUBLE;   -- bytes_in / 1e6 / wall time
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS settings VARCHAR;       -- the job's config, JSON
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS rows_bad BIGINT DEFAULT 0; -- dropped or quarantined by checks
 ALTER TABLE attempts ADD COLUMN IF NOT EXISTS start_rss BIGINT;   -- the worker's, when it started
 ALTER TABLE attempts ADD COLUMN IF NOT EXISTS chunk_bytes BIGINT; -- the planner's size of the chunk
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS peak_memory BIGINT;    -- measured above idle_memory
@@ -156,4 +157,14 @@ CREATE TABLE IF NOT EXISTS job_state (
     input_schema     VARCHAR,          -- JSON [[column, Arrow type], ...]: files that differ are bad
     output_schema    BLOB,             -- Arrow IPC: every part has it
     updated_at       TIMESTAMPTZ
+);
+
+-- Rows that failed each row-level check, per run (a row counts once for each check it fails).
+CREATE TABLE IF NOT EXISTS check_counts (
+    job            VARCHAR NOT NULL,
+    run_id         VARCHAR NOT NULL,
+    check_name     VARCHAR NOT NULL,
+    action         VARCHAR NOT NULL CHECK (action IN ('warn', 'drop', 'quarantine', 'fail')),
+    rows_failed    BIGINT NOT NULL,
+    PRIMARY KEY (run_id, check_name)
 );

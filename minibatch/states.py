@@ -78,6 +78,7 @@ class EventKind(StrEnum):
     REDUCE_FAILED = "reduce_failed"
     OUTPUT_PUBLISHED = "output_published"
     PUBLISH_FAILED = "publish_failed"
+    CHECKS_FAILED = "checks_failed"
     RUN_INCOMPLETE = "run_incomplete"
     RUN_HALTED = "run_halted"  # a full disk or the like: nothing more admitted
     MEMORY_OVER_BUDGET = "memory_over_budget"  # measured: the processes held more than memory_limit

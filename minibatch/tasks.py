@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from minibatch.checks import Check
 from minibatch.hive import Shape
 from minibatch.planner import Chunk
 from minibatch.states import ErrorKind
@@ -30,6 +31,7 @@ class JobSpec:
     input_schema: str | None = None  # the job's input schema (JSON), also in every footer
     params: tuple[tuple[str, Any], ...] = ()  # the run's parameters, bound into its SQL
     shape: Shape = Shape()  # partition_by: a part's row groups are grouped by partition
+    checks: tuple[Check, ...] = ()  # on each chunk's result rows (checks.py)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ class TaskResult:
     start_rss: int | None = None  # bytes, the worker's resident memory when the attempt started
     cpu_seconds: float | None = None  # the worker's CPU time (all its threads) during the attempt
     queued_seconds: float | None = None  # its main thread's time runnable but waiting for a CPU
+    rows_bad: int = 0  # dropped or quarantined by checks (not in rows_out)
+    check_failures: tuple[tuple[str, int], ...] = ()  # check name -> rows that failed it
+    quarantine_staged: str | None = None  # the quarantined rows, staged like the result
 
 
 @dataclass(frozen=True)

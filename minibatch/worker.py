@@ -23,8 +23,9 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from minibatch.checks import apply_checks
 from minibatch.jobcode import forget_package, import_process
-from minibatch.layout import with_provenance, write_durably
+from minibatch.layout import QUARANTINE_PREFIX, with_provenance, write_durably
 from minibatch.reading import read_chunk, release_held, sql_on_file
 from minibatch.results import check_schema, conform
 from minibatch.states import ErrorKind
@@ -70,6 +71,8 @@ def run_task(task: Task) -> TaskResult:
         read = time.perf_counter()
         result = _call(task.job, table, _context(task))
         rows_in, bytes_in = table.num_rows, table.nbytes
+    checked = apply_checks(result, task.job.checks) if result is not None else None
+    result = checked.table if checked is not None else result
     if result is not None and task.schema is not None:
         result = conform(result, task.schema)
         check_schema(result.schema, task.schema)
@@ -77,6 +80,8 @@ def run_task(task: Task) -> TaskResult:
     bytes_out, staged = 0, None
     if result is not None and result.num_rows:
         bytes_out, staged = _write(task, result)
+    held = checked.quarantined if checked is not None else None
+    held_staged = _write(task, held, QUARANTINE_PREFIX)[1] if held is not None else None
     ended = time.perf_counter()
     return TaskResult(
         rows_in=rows_in,
@@ -94,6 +99,9 @@ def run_task(task: Task) -> TaskResult:
         start_rss=start_rss,
         cpu_seconds=time.process_time() - cpu,
         queued_seconds=_queued() - queued,
+        rows_bad=checked.bad if checked is not None else 0,
+        check_failures=tuple(checked.failed.items()) if checked is not None else (),
+        quarantine_staged=held_staged,
     )
 
 
@@ -146,11 +154,12 @@ def _context(task: Task) -> ChunkContext:
     )
 
 
-def _write(task: Task, result: pa.Table) -> tuple[int, str]:
+def _write(task: Task, result: pa.Table, prefix: str = "") -> tuple[int, str]:
     """Stage the result durably; the coordinator publishes it (a worker never does: the fence)."""
-    staged = Path(task.job.staging_dir) / (task.staged_name or f"{task.output_name}.{os.getpid()}.tmp")
+    name = prefix + (task.staged_name or f"{task.output_name}.{os.getpid()}.tmp")
+    staged = Path(task.job.staging_dir) / name
     table = with_provenance(result, task.chunk.chunk_id, task.job.definition, task.job.input_schema)
-    return write_durably(table, staged, task.job.shape), str(staged)
+    return write_durably(table, staged, None if prefix else task.job.shape), str(staged)
 
 
 def _call(job: JobSpec, table: pa.Table, ctx: ChunkContext) -> pa.Table | None:

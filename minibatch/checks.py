@@ -1,0 +1,203 @@
+"""Row-level checks: named SQL conditions on each chunk's result rows, with what to do with
+the rows that fail them; and output checks on a reduce job's result.
+
+A row passes a check when its condition is true (false and NULL fail it: write
+`x IS NULL OR x >= 0` to let NULLs through). A row that fails several checks meets the
+strictest action: `fail` (the chunk fails) > `quarantine` (the row goes to the job's
+quarantine directory, with the names of the checks it failed in `_check`) > `drop` > `warn`
+(counted only). Counts are per check, so a row counts once for each check it fails.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from minibatch.checking import Checker
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+ACTIONS = ("warn", "drop", "quarantine", "fail")
+OUTPUT_ACTIONS = ("warn", "fail")
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+CHECK_COLUMN = "_check"
+
+
+class CheckFailed(Exception):
+    """A `fail` check found rows that fail it."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    sql: str
+    action: str
+
+
+@dataclass(frozen=True)
+class Checks:
+    rows: tuple[Check, ...] = ()
+    max_bad_fraction: float | None = None  # of a run's checked rows dropped or quarantined
+    quarantine: Path | None = None  # where quarantined rows go, when a check quarantines
+    output: tuple[Check, ...] = ()  # on a reduce job's result, before it is published
+    output_rows_change: float | None = None  # 0.5: within 50% of the previous result's rows
+
+    def facts(self) -> dict[str, Any]:
+        """What a chunk's result depends on: the checks decide which rows it keeps."""
+        return {"checks": [[c.name, c.sql, c.action] for c in self.rows]} if self.rows else {}
+
+
+@dataclass
+class Checked:
+    table: pa.Table  # the rows that go on to the output
+    quarantined: pa.Table | None = None
+    failed: dict[str, int] = field(default_factory=dict)  # check name -> rows that failed it
+    bad: int = 0  # rows dropped or quarantined
+
+
+def parse_checks(c: Checker, output: Path) -> Checks:
+    rows = _check_list(c, "checks", ACTIONS)
+    outputs = _check_list(c, "output_checks", OUTPUT_ACTIONS)
+    fraction = c.get("max_bad_fraction", (int, float))
+    if fraction is not None and not 0 <= fraction <= 1:
+        c.error("max_bad_fraction", f"must be between 0 and 1, got {fraction}")
+        fraction = None
+    change = c.get("output_rows_change", (int, float))
+    if change is not None and change < 0:
+        c.error("output_rows_change", f"must be 0 or more (0.5: within 50%), got {change}")
+        change = None
+    if (outputs or change is not None) and "reduce_sql" not in c.table:
+        c.error("output_checks", "apply to a reduce job's result: set reduce_sql, or use checks")
+    place = c.get("quarantine", str)
+    quarantine = None
+    if any(check.action == "quarantine" for check in rows):
+        quarantine = (
+            (output.parent / place).resolve() if place else output.with_name(output.name + ".quarantine")
+        )
+    elif place:
+        c.error("quarantine", 'no check has action = "quarantine"')
+    return Checks(rows, fraction, quarantine, outputs, change)
+
+
+def _check_list(c: Checker, key: str, actions: tuple[str, ...]) -> tuple[Check, ...]:
+    found: list[Check] = []
+    for i, item in enumerate(c.get(key, list, [])):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict) or set(item) - {"name", "sql", "action"}:
+            c.error(where, 'expected { name = "...", sql = "...", action = "..." }')
+            continue
+        name, sql, action = item.get("name"), item.get("sql"), item.get("action", "fail")
+        if not isinstance(name, str) or not NAME_RE.match(name) or name in {x.name for x in found}:
+            c.error(where, f"name must be a unique identifier ([A-Za-z_][A-Za-z0-9_]*), got {name!r}")
+        elif not isinstance(sql, str) or not sql.strip():
+            c.error(where, 'sql must be a boolean SQL expression over the rows, e.g. "amount >= 0"')
+        elif action not in actions:
+            c.error(where, f"action must be one of {', '.join(actions)}, got {action!r}")
+        else:
+            found.append(Check(name, sql, action))
+    return tuple(found)
+
+
+def apply_checks(table: pa.Table, checks: tuple[Check, ...]) -> Checked:
+    """Evaluate every check on `table`'s rows (DuckDB, in the rows' order) and sort them out."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not checks or not table.num_rows:
+        return Checked(table)
+    flags = _evaluate(table, checks)
+    failed = {
+        c.name: int(pc.sum(pc.invert(flag)).as_py() or 0) for c, flag in zip(checks, flags, strict=True)
+    }
+    for check in checks:
+        if check.action == "fail" and failed[check.name]:
+            raise CheckFailed(
+                f"check {check.name!r} ({check.sql}) failed on {failed[check.name]} of {table.num_rows} rows"
+            )
+    drop = _any_failed(table.num_rows, [f for c, f in zip(checks, flags, strict=True) if c.action != "warn"])
+    held = _any_failed(
+        table.num_rows, [f for c, f in zip(checks, flags, strict=True) if c.action == "quarantine"]
+    )
+    quarantined = None
+    if pc.any(held).as_py():
+        label: Any = pa.array([""] * table.num_rows, pa.string())
+        for check, flag in zip(checks, flags, strict=True):  # "a,b": the names of the checks it failed
+            label = pc.if_else(flag, label, pc.binary_join_element_wise(label, check.name, ","))
+        quarantined = table.append_column(CHECK_COLUMN, pc.utf8_ltrim(label, ",")).filter(held)
+    bad = int(pc.sum(drop).as_py() or 0)
+    return Checked(table.filter(pc.invert(drop)), quarantined, failed, bad)
+
+
+def _evaluate(table: pa.Table, checks: tuple[Check, ...]) -> list[Any]:
+    """Each check's verdict per row: true when the row passes (NULL counts as failing)."""
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    try:
+        con.register("rows", table)
+        columns = ", ".join(f"coalesce(({c.sql}), false) AS c{i}" for i, c in enumerate(checks))
+        verdicts = con.sql(f"SELECT {columns} FROM rows").to_arrow_table()  # order kept: a projection
+    finally:
+        con.close()
+    return [verdicts.column(i).combine_chunks() for i in range(len(checks))]
+
+
+def _any_failed(rows: int, flags: list[Any]) -> Any:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    result = pa.array([False] * rows)
+    for flag in flags:
+        result = pc.or_(result, pc.invert(flag))
+    return result
+
+
+def check_output(table: pa.Table, checks: Checks, previous_rows: int | None) -> list[tuple[str, str]]:
+    """Problems of a reduce result: (action, message) of each output check it fails."""
+    problems = []
+    for check, failed in apply_checks_counts(table, checks.output).items():
+        if failed:
+            problems.append(
+                (check.action, f"output check {check.name!r} ({check.sql}) failed on {failed} rows")
+            )
+    change = checks.output_rows_change
+    if change is not None and previous_rows:
+        low, high = previous_rows * (1 - change), previous_rows * (1 + change)
+        if not low <= table.num_rows <= high:
+            problems.append((
+                "fail", f"the result has {table.num_rows} rows, the previous one {previous_rows} "
+                f"(output_rows_change = {change:g} allows {int(low)}..{int(high)})",
+            ))  # fmt: skip
+    return problems
+
+
+def apply_checks_counts(table: pa.Table, checks: tuple[Check, ...]) -> dict[Check, int]:
+    import pyarrow.compute as pc
+
+    if not checks or not table.num_rows:
+        return {}
+    flags = _evaluate(table, checks)
+    return {c: int(pc.sum(pc.invert(f)).as_py() or 0) for c, f in zip(checks, flags, strict=True)}
+
+
+def too_many_bad(rows_bad: int, rows_out: int, limit: float | None) -> str | None:
+    """Why a run failed its `max_bad_fraction`, if it did (judged before anything is published)."""
+    checked = rows_bad + rows_out
+    if limit is None or not checked or rows_bad / checked <= limit:
+        return None
+    return (
+        f"{rows_bad} of {checked} rows ({rows_bad / checked:.2%}) failed checks that drop or quarantine "
+        f"them, above max_bad_fraction = {limit:g}; the output was not published"
+    )
+
+
+def record_counts(manifest: Any, job: str, run_id: str, checks: Checks, failed: dict[str, int]) -> None:
+    """This run's rows per check (zero for checks no row failed), in the manifest."""
+    for check in checks.rows:
+        manifest.named(
+            "record_check", job=job, run_id=run_id, check_name=check.name, action=check.action,
+            rows_failed=failed.get(check.name, 0),
+        )  # fmt: skip

@@ -1,0 +1,152 @@
+"""Row-level checks (warn, drop, quarantine, fail) on real runs: the output and the quarantine
+hold exactly the rows they should, once, across a SIGKILL; max_bad_fraction keeps partitions
+as they were; output checks keep an earlier reduce result; config errors are named."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from conftest import Project, wait_for
+
+CHECKED = """
+[jobs.c]
+input = "data/*.parquet"
+output = "out/c"
+process = "myjobs.basic:ident"
+chunk_bytes = "3KB"
+checks = [
+  { name = "small", sql = "value < 90", action = "quarantine" },
+  { name = "not_five", sql = "value <> 5", action = "drop" },
+  { name = "no_tens", sql = "id % 10 <> 0", action = "warn" },
+  { name = "named", sql = "name LIKE 'row-%'", action = "fail" },
+]
+"""
+
+
+def rows(project: Project, start: int, count: int) -> None:
+    project.write_input(f"in{start}.parquet", start, count)
+
+
+def test_each_action_sorts_the_rows_exactly(project: Project) -> None:
+    rows(project, 0, 1000)
+    project.write_config(CHECKED)
+    result = project.cli("run-now", "c", "-q")
+    assert result.returncode == 0, result.stderr
+    kept = sorted(ds.dataset(project.out("c"), format="parquet").to_table()["id"].to_pylist())
+    assert kept == [i for i in range(1000) if i % 97 < 90 and i % 97 != 5]  # warn keeps its rows
+    held = ds.dataset(project.root / "out" / "c.quarantine", format="parquet").to_table()
+    assert sorted(held["id"].to_pylist()) == [i for i in range(1000) if i % 97 >= 90]
+    assert set(held["_check"].to_pylist()) == {"small", "small,no_tens"}  # every check it failed
+    counts = project.manifest_rows("SELECT check_name, action, rows_failed FROM check_counts ORDER BY 1")
+    assert counts == [
+        ("named", "fail", 0), ("no_tens", "warn", 100), ("not_five", "drop", 11), ("small", "quarantine", 70),
+    ]  # fmt: skip
+    assert project.manifest_rows("SELECT rows_bad, rows_out FROM runs") == [(81, 919)]
+
+
+def test_a_fail_check_dead_letters_the_chunk_and_says_which(project: Project) -> None:
+    rows(project, 0, 300)
+    project.write_config(CHECKED.replace("name LIKE 'row-%'", "id < 250"))
+    result = project.cli("run-now", "c")
+    assert result.returncode == 1
+    assert "check 'named' (id < 250) failed on 50 of" in result.stdout + result.stderr
+    dead = project.manifest_rows("SELECT error_type FROM chunks WHERE status = 'dead'")
+    assert dead == [("CheckFailed",)]
+
+
+def test_quarantine_is_exactly_once_across_a_sigkill(project: Project) -> None:
+    for n in range(6):
+        rows(project, n * 1000, 300)
+    project.write_config(CHECKED)
+    process = project.start("run-now", "c", env={"MB_SLEEP": "0.1"})
+    wait_for(lambda: len(project.computations()) >= 8, timeout=60, what="some chunks")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert project.cli("run-now", "c", "-q", env={"MB_SLEEP": "0"}).returncode == 0
+    ids = [i for n in range(6) for i in range(n * 1000, n * 1000 + 300)]
+    held = ds.dataset(project.root / "out" / "c.quarantine", format="parquet").to_table()["id"].to_pylist()
+    assert sorted(held) == [i for i in ids if i % 97 >= 90]
+    kept = ds.dataset(project.out("c"), format="parquet").to_table()["id"].to_pylist()
+    assert sorted(kept) == [i for i in ids if i % 97 < 90 and i % 97 != 5]
+
+    (project.data / "in0.parquet").unlink()  # its quarantined rows go with its results
+    assert project.cli("run-now", "c", "-q").returncode == 0
+    held = ds.dataset(project.root / "out" / "c.quarantine", format="parquet").to_table()["id"].to_pylist()
+    assert sorted(held) == [i for i in ids if i % 97 >= 90 and i >= 1000]
+
+
+def test_max_bad_fraction_fails_the_run_before_partitions_are_replaced(project: Project) -> None:
+    rows(project, 0, 500)
+    job = CHECKED + 'partition_by = ["value"]\nmax_bad_fraction = 0.2\n'
+    project.write_config(job)
+    assert project.cli("run-now", "c", "-q").returncode == 0
+    before = {p: p.read_bytes() for p in project.out("c").rglob("*.parquet")}
+    project.write_config(job.replace('"value <> 5"', '"value > 40"'))  # now most rows are dropped
+    result = project.cli("run-now", "c")
+    assert result.returncode == 1
+    assert "above max_bad_fraction = 0.2" in result.stdout + result.stderr
+    assert {p: p.read_bytes() for p in project.out("c").rglob("*.parquet")} == before
+
+
+REDUCE = """
+[jobs.r]
+input = "data/*.parquet"
+output = "out/r"
+sql = "SELECT id, value FROM chunk"
+reduce_sql = "SELECT value, count(*) AS n FROM parts GROUP BY value"
+chunk_bytes = "3KB"
+output_checks = [{ name = "few", sql = "n <= 4", action = "fail" }]
+output_rows_change = 0.5
+"""
+
+
+def test_output_checks_keep_the_published_result(project: Project) -> None:
+    rows(project, 0, 300)
+    project.write_config(REDUCE)
+    assert project.cli("run-now", "r", "-q").returncode == 0
+    reduced = project.out("r") / "part-reduced.parquet"
+    before = reduced.read_bytes()
+    rows(project, 9700, 1)  # value 0 a fifth time: fails `few`
+    result = project.cli("run-now", "r")
+    assert (
+        result.returncode == 1
+        and "output check 'few' (n <= 4) failed on 1 rows" in result.stdout + result.stderr
+    )
+    assert reduced.read_bytes() == before
+    (project.data / "in9700.parquet").unlink()
+    (project.data / "in0.parquet").unlink()
+    rows(project, 0, 40)  # 40 values from 97: outside 50% of the rows before
+    result = project.cli("run-now", "r")
+    assert result.returncode == 1 and "output_rows_change = 0.5 allows" in result.stdout + result.stderr
+    assert pq.read_table(reduced).num_rows == 97
+
+
+def test_check_settings_are_validated(project: Project) -> None:
+    rows(project, 0, 10)
+    project.write_config(
+        """
+        [jobs.c]
+        input = "data/*.parquet"
+        output = "out/c"
+        sql = "SELECT * FROM chunk"
+        checks = [{ name = "a", sql = "x > 0", action = "shout" }, { name = "a b", sql = "x" }, "nope"]
+        max_bad_fraction = 2
+        output_checks = [{ name = "o", sql = "x > 0" }]
+        quarantine = "q"
+        """
+    )
+    result = project.cli("validate")
+    assert result.returncode == 2
+    for expected in (
+        "jobs.c.checks[0]: action must be one of warn, drop, quarantine, fail, got 'shout'",
+        "jobs.c.checks[1]: name must be a unique identifier",
+        "jobs.c.checks[2]: expected {",
+        "jobs.c.max_bad_fraction: must be between 0 and 1, got 2",
+        "jobs.c.output_checks: apply to a reduce job's result",
+        'jobs.c.quarantine: no check has action = "quarantine"',
+    ):
+        assert expected in result.stderr, expected
