@@ -194,10 +194,13 @@ def too_many_bad(rows_bad: int, rows_out: int, limit: float | None) -> str | Non
     )
 
 
-def record_counts(manifest: Any, job: str, run_id: str, checks: Checks, failed: dict[str, int]) -> None:
-    """This run's rows per check (zero for checks no row failed), in the manifest."""
-    for check in checks.rows:
+def record_counts(
+    manifest: Any, job: str, run_id: str, checks: Checks, ledger: Any
+) -> dict[str, tuple[str, int]]:
+    """This run's rows per check (zero for checks no row failed), in the manifest; returned."""
+    counts = {c.name: (c.action, ledger.check_failures.get(c.name, 0)) for c in checks.rows}
+    for name, (action, rows) in counts.items():
         manifest.named(
-            "record_check", job=job, run_id=run_id, check_name=check.name, action=check.action,
-            rows_failed=failed.get(check.name, 0),
-        )  # fmt: skip
+            "record_check", job=job, run_id=run_id, check_name=name, action=action, rows_failed=rows
+        )
+    return counts

@@ -32,6 +32,8 @@ class Metrics(Listener):
         self.bytes_in = Counter("minibatch_input_bytes", "Uncompressed bytes read", ["job"], registry=r)
         self.chunk_seconds = Histogram("minibatch_chunk_duration_seconds", "Seconds per finished chunk",
                                        ["job"], buckets=DURATION_BUCKETS, registry=r)  # fmt: skip
+        self.check_rows = Counter("minibatch_check_failed_rows", "Rows failing a check, by check and action",
+                                  ["job", "check", "action"], registry=r)  # fmt: skip
         self.runs = Counter("minibatch_runs", "Finished runs by status", ["job", "status"], registry=r)
         self.run_seconds = Histogram("minibatch_run_duration_seconds", "Seconds per run", ["job"],
                                      buckets=DURATION_BUCKETS, registry=r)  # fmt: skip
@@ -81,6 +83,8 @@ class Metrics(Listener):
         self.in_flight.labels(job).set(0)
         self.runs.labels(job, status).inc()
         self.run_seconds.labels(job).observe(event.data.get("seconds", 0.0))
+        for check, (action, rows) in event.data.get("checks", {}).items():
+            self.check_rows.labels(job, check, action).inc(rows)
         if event.data.get("peak_memory") is not None:
             self.peak_memory.labels(job).set(event.data["peak_memory"])
         if status == RunStatus.SUCCEEDED:

@@ -57,7 +57,8 @@ def render_report(manifest: Manifest, job: str, run_id: str | None = None) -> st
     if run is None:
         what = f"no run {run_id!r}" if run_id else "no runs"
         raise ReportError(f"job {job!r} has {what} in the manifest {manifest.path}")
-    return _page(run, manifest.attempts(run["run_id"]))
+    checks = manifest.named("check_counts", read_only=True, run_id=run["run_id"])
+    return _page(run, manifest.attempts(run["run_id"]), checks)
 
 
 def write_report(manifest: Manifest, job: str, path: Path, run_id: str | None = None) -> Path:
@@ -92,13 +93,16 @@ def default_report_path(state_dir: Path, job: str, run_id: str) -> Path:
 # -- the page ---------------------------------------------------------------------------------
 
 
-def _page(run: Row, attempts: list[Row]) -> str:
+def _page(run: Row, attempts: list[Row], checks: list[Row]) -> str:
     title = html.escape(f"minibatch report: {run['job']} run {run['run_id']}")
     parts = [f"<h1>{title}</h1>", _section("Run", _header(run))]
     if attempts:
         parts += _charts(run, attempts)
     else:
         parts.append(f"<p>{NOTHING}</p>")
+    if checks:
+        rows = [(c["check_name"], c["action"], f"{c['rows_failed']:,}") for c in checks]
+        parts.append(_section("Checks: rows that failed each", _table(["check", "action", "rows"], rows)))
     parts += [_section("Failures", _failures(attempts)), _section("Settings", _settings(run))]
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'

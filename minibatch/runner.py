@@ -69,6 +69,7 @@ class RunSummary:
     stopped: bool = False
     seconds: float = 0.0
     definition_changed: list[str] = field(default_factory=list)  # what changed, when it did
+    checks: dict[str, tuple[str, int]] = field(default_factory=dict)  # check -> (action, rows failed)
 
     @property
     def exit_code(self) -> int:
@@ -357,15 +358,14 @@ class Run:
             if reduced is not None:
                 self.manifest.record_reduce(self.job.key, reduced)
             self._keep_schema()
-            record_counts(
-                self.manifest, self.job.key, record.run_id, self.job.checks, self.ledger.check_failures
-            )
+            checks = record_counts(self.manifest, self.job.key, record.run_id, self.job.checks, self.ledger)
             self.ledger.flush()
         self.events(
             EventKind.RUN_FINISHED, status=record.status, chunks_done=record.chunks_done,
             chunks_dead=record.chunks_dead, rows=record.rows_out, rows_bad=record.rows_bad,
-            seconds=round(wall, 3), peak_memory=record.peak_memory,
+            seconds=round(wall, 3), peak_memory=record.peak_memory, **({"checks": checks} if checks else {}),
         )  # fmt: skip
+        self.summary.checks = checks
 
     def _check_complete(self) -> None:
         """Success means every planned chunk is done (or a dead letter of an earlier run)."""

@@ -106,7 +106,7 @@ def run_history(config: Config, job: str | None = None, limit: int = 20) -> list
 
 HISTORY_KEYS = (
     "chunks_total", "chunks_done", "chunks_reused", "chunks_dead", "chunks_skipped", "bad_files",
-    "rows_in", "rows_out", "busy_seconds",
+    "rows_in", "rows_out", "rows_bad", "busy_seconds",
     "bytes_in", "bytes_out", "rows_per_second", "mb_per_second", "utilisation", "peak_in_flight",
     "peak_memory", "idle_memory", "memory_limit", "workers", "error",
 )  # fmt: skip

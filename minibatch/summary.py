@@ -22,6 +22,7 @@ def summary_json(summary: RunSummary) -> dict[str, Any]:
         "seconds": round(summary.seconds, 3),
         "exit_status": summary.exit_code,
         "definition_changed": summary.definition_changed,
+        "checks": {name: {"action": a, "rows_failed": n} for name, (a, n) in summary.checks.items()},
         "dead": [
             {
                 k: getattr(d, k)
@@ -64,6 +65,9 @@ def print_summary(summary: RunSummary) -> None:
         f"  rows: {r.rows_in:,} in, {r.rows_out:,} out; bytes: {format_size(r.bytes_in)} in, "
         f"{format_size(r.bytes_out)} written"
     )
+    if summary.checks:
+        counts = ", ".join(f"{name} ({action}) {rows:,}" for name, (action, rows) in summary.checks.items())
+        click.echo(f"  checks: {r.rows_bad:,} rows dropped or quarantined; rows failing each: {counts}")
     click.echo(
         f"  time: {summary.seconds:.2f}s, {r.rows_in / seconds:,.0f} rows/s, "
         f"{format_size(r.bytes_in / seconds)}/s"
@@ -135,6 +139,7 @@ HISTORY_COLUMNS = [
     ("status", "STATUS"),
     ("chunks", "CHUNKS"),
     ("rows_in", "ROWS"),
+    ("rows_bad", "BAD ROWS"),
     ("rows_per_second", "ROWS/S"),
 ]
 

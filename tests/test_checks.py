@@ -46,6 +46,15 @@ def test_each_action_sorts_the_rows_exactly(project: Project) -> None:
         ("named", "fail", 0), ("no_tens", "warn", 100), ("not_five", "drop", 11), ("small", "quarantine", 70),
     ]  # fmt: skip
     assert project.manifest_rows("SELECT rows_bad, rows_out FROM runs") == [(81, 919)]
+    assert "checks: 81 rows dropped or quarantined; rows failing each: small (quarantine) 70," in (
+        project.cli("run-now", "c", "--fresh").stdout
+    )
+    report = project.cli("report", "c", "-o", str(project.root / "r.html"))
+    assert report.returncode == 0 and "<td>not_five</td><td>drop</td><td>11</td>" in (
+        project.root / "r.html"
+    ).read_text()
+    history = project.cli("history", "c").stdout
+    assert "BAD ROWS" in history and " 81 " in history
 
 
 def test_a_fail_check_dead_letters_the_chunk_and_says_which(project: Project) -> None:
