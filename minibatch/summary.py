@@ -149,7 +149,8 @@ def print_history(rows: list[dict[str, Any]]) -> None:
         earlier = f", {row['chunks_reused']} earlier" if row["chunks_reused"] else ""
         dead = f", {row['chunks_dead']} dead" if row["chunks_dead"] else ""
         row["chunks"] = f"{row['chunks_done']}/{row['chunks_total']}{earlier}{dead}"
-    print_table(rows, HISTORY_COLUMNS)
+    checked = any(row.get("rows_bad") for row in rows)  # a column only where checks dropped rows
+    print_table(rows, [c for c in HISTORY_COLUMNS if checked or c[0] != "rows_bad"])
 
 
 def job_rows(config: Config) -> list[dict[str, Any]]:
