@@ -19,6 +19,7 @@ from minibatch.crossjob import check_dependencies, check_outputs_apart
 from minibatch.hive import Shape, parse_shape
 from minibatch.params import ParamError, bind, checkpoint_key, job_params, render
 from minibatch.planner import glob_root
+from minibatch.textinput import TextFormat, parse_text
 from minibatch.units import parse_duration, parse_size
 
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -89,6 +90,7 @@ class JobConfig:
     values: tuple[tuple[str, Any], ...] = ()  # the parameter set bound for a run (params.bound)
     shape: Shape = Shape()  # partition_by, target_file_bytes, row_group_rows (hive.py)
     checks: Checks = Checks()  # checks, max_bad_fraction, quarantine, output_checks (checks.py)
+    text: TextFormat | None = None  # format = "csv" | "ndjson" (textinput.py); None: Parquet
 
     def bind(self, base_dir: Path, given: Mapping[str, str], now: datetime) -> JobConfig:
         """This job with one parameter set bound: input globs and output rendered, and its key."""
@@ -162,6 +164,7 @@ JOB_KEYS = {
     "on_failure", "on_success", "executor", "dask_scheduler", "version", "params",
     "partition_by", "target_file_bytes", "row_group_rows",
     "checks", "max_bad_fraction", "quarantine", "output_checks", "output_rows_change",
+    "format", "schema", "csv_delimiter", "csv_header",
 }  # fmt: skip
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EXECUTORS = ("local", "dask")
@@ -308,6 +311,7 @@ def _job(
         output_template=output if params else None,
         shape=parse_shape(c),
         checks=parse_checks(c, output_path),
+        text=parse_text(c),
         **_executor(c, engine),
     )
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 REDUCED_NAME = "part-reduced.parquet"
 QUARANTINE_PREFIX = "quarantine-"  # a staged file of quarantined rows: never salvaged
+MALFORMED_PREFIX = "malformed-"  # a staged file of text records that did not parse
 OWNER_NAME = "minibatch-owner"  # in the staging directory: the job (parameter set) the output is
 PART_RE = re.compile(r"^part-[0-9a-f]{24}\.parquet$")
 STAGED_RE = re.compile(r"^part-(?P<chunk>[0-9a-f]{24})\.parquet\.[\w-]+\.\d+\.tmp$")
@@ -45,11 +46,18 @@ class OutputLayout:
     reduce: bool
     shape: Shape = Shape()
     quarantine: Path | None = None  # where rows that failed a check go, a part per chunk
+    malformed: Path | None = None  # where text records that did not parse go, a part per chunk
 
     @classmethod
     def of(cls, job: Any) -> OutputLayout:
         """A job's (a JobConfig: not imported, config.py imports this module)."""
-        return cls(job.output, job.reduce_sql is not None, job.shape, job.checks.quarantine)
+        malformed = job.output.with_name(job.output.name + ".malformed") if job.text else None
+        return cls(job.output, job.reduce_sql is not None, job.shape, job.checks.quarantine, malformed)
+
+    @property
+    def held(self) -> list[Path]:
+        """The directories of rows kept out of the output (each a part per chunk)."""
+        return [d for d in (self.quarantine, self.malformed) if d is not None]
 
     @property
     def hidden(self) -> bool:
@@ -131,11 +139,11 @@ class OutputLayout:
             self.remove_parts(self.part_files())
         self.reduced.unlink(missing_ok=True)
         remove_published(self.output)
-        if self.quarantine is not None and self.quarantine.is_dir():
-            for path in self.quarantine.iterdir():
+        for held in self.held:
+            for path in held.iterdir() if held.is_dir() else []:
                 if PART_RE.match(path.name):
                     path.unlink()
-            _rmdir_if_empty(self.quarantine)
+            _rmdir_if_empty(held)
         if self.hidden:
             _rmdir_if_empty(self.parts)
         if keep_claim:

@@ -38,6 +38,12 @@ class FileMeta:
     size: int
     row_groups: tuple[RowGroup, ...]
     signature: tuple[tuple[str, str], ...] = ()  # (name, Arrow type) of each top-level column
+    first_row: int = 0  # a text file's: the byte its records start at (see textinput.py)
+    lines: tuple[int, ...] = ()  # a text file's: each segment's first line number
+
+    @property
+    def text(self) -> bool:  # a CSV or NDJSON file: its "row groups" are byte ranges, never split
+        return bool(self.lines)
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class Chunk:
     rg_row_offset: int  # file row index of row group rg_start's first row
     nbytes: int  # the footer's uncompressed bytes: what chunk_bytes counts
     decoded: int = 0  # estimated bytes as Arrow holds them (not part of the chunk's identity)
+    first_line: int = 0  # a text chunk's first line number, for malformed rows (not identity)
 
     @property
     def size(self) -> int:
@@ -92,7 +99,7 @@ def _plan_file(meta: FileMeta, chunk_bytes: int, cap: int) -> list[Chunk]:
     chunks: list[Chunk] = []
     run: list[int] = []  # indexes of the row groups being coalesced
     run_bytes = run_size = 0
-    offsets = _row_offsets(meta.row_groups)
+    offsets = _row_offsets(meta.row_groups, meta.first_row)
     for index, group in enumerate(meta.row_groups):
         size = group.size
         full = run_bytes + group.nbytes > chunk_bytes or run_size + size > cap
@@ -101,7 +108,7 @@ def _plan_file(meta: FileMeta, chunk_bytes: int, cap: int) -> list[Chunk]:
             run, run_bytes, run_size = [], 0, 0
         if group.num_rows == 0:
             continue  # no rows to cover, and no chunk spans it
-        if group.nbytes > chunk_bytes or size > cap:
+        if (group.nbytes > chunk_bytes or size > cap) and not meta.text:
             chunks.extend(_split(meta, index, offsets[index], chunk_bytes, cap))
         else:
             run.append(index)
@@ -112,8 +119,8 @@ def _plan_file(meta: FileMeta, chunk_bytes: int, cap: int) -> list[Chunk]:
     return chunks
 
 
-def _row_offsets(groups: Sequence[RowGroup]) -> list[int]:
-    offsets, total = [], 0
+def _row_offsets(groups: Sequence[RowGroup], first: int = 0) -> list[int]:
+    offsets, total = [], first
     for group in groups:
         offsets.append(total)
         total += group.num_rows
@@ -132,6 +139,7 @@ def _coalesced(meta: FileMeta, run: list[int], offsets: list[int]) -> Chunk:
         rg_row_offset=offsets[first],
         nbytes=sum(meta.row_groups[i].nbytes for i in run),
         decoded=sum(meta.row_groups[i].size for i in run),
+        first_line=meta.lines[first] if meta.text else 0,
     )
 
 
@@ -263,17 +271,18 @@ def misfits(meta: FileMeta, signature: Signature, columns: Sequence[str] | None)
 
 
 def scan_inputs(
-    paths: Iterable[str], columns: Sequence[str] | None, stop: Callable[[], bool] = lambda: False
-) -> tuple[list[FileMeta], list[BadFile]]:
+    paths: Iterable[str], columns: Sequence[str] | None, stop: Callable[[], bool] = lambda: False,
+    read: Callable[[str], FileMeta] | None = None,
+) -> tuple[list[FileMeta], list[BadFile]]:  # fmt: skip
     """Read each file's footer; a file whose footer cannot be read is a BadFile, never a crash.
     Returns early, with what it read, once `stop()` is true."""
     good: list[FileMeta] = []
-    bad: list[BadFile] = []
+    bad: list[BadFile] = []  # `read`: a reader of other formats (textinput.read_text_meta)
     for path in paths:
         if stop():
             break
         try:
-            good.append(read_file_meta(path, columns))
+            good.append(read(path) if read else read_file_meta(path, columns))
         except Exception as exc:  # any reader error makes the file bad, not the run
             bad.append(_bad_file(path, exc))
     return good, bad

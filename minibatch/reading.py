@@ -5,6 +5,7 @@ Either way from a descriptor opened and checked against the chunk's fingerprint.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import threading
 from typing import Any, BinaryIO, cast
@@ -16,7 +17,8 @@ import pyarrow.parquet as pq
 from minibatch.pageslice import read_rows
 from minibatch.params import sql_values
 from minibatch.planner import Chunk, fingerprint_stat
-from minibatch.tasks import InputChanged, InputRemoved, JobSpec
+from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task
+from minibatch.textinput import TextRows, read_text_chunk
 
 _footers: dict[tuple[str, str], pq.FileMetaData] = {}
 SQL_CONFIG: dict[str, str | bool | int | float | list[str]] = {
@@ -35,6 +37,31 @@ def read_chunk(chunk: Chunk, columns: tuple[str, ...] | None) -> pa.Table:
     if table.num_rows != chunk.num_rows:  # a reader that stops early must not lose rows quietly
         raise ValueError(f"{chunk.path}: read {table.num_rows} rows of the chunk's {chunk.num_rows}")
     return table
+
+
+def read_text(task: Task) -> TextRows:
+    """A CSV or NDJSON chunk's records in the job's input schema (decided at planning)."""
+    assert task.job.text is not None and task.job.input_schema is not None
+    with _open_input(task.chunk) as handle:
+        _check_unchanged(task.chunk, os.fstat(handle.fileno()))
+    signature = tuple((name, kind) for name, kind in json.loads(task.job.input_schema))
+    rows = read_text_chunk(task.chunk, task.job.text, signature)
+    if task.job.columns:
+        rows.table = rows.table.select(list(task.job.columns))
+    return rows
+
+
+def sql_on_table(job: JobSpec, table: pa.Table) -> pa.Table:
+    """The job's SQL with `chunk` the rows of `table` (a text chunk, parsed)."""
+    held = _local.sql = getattr(_local, "sql", None) or _HeldInput()
+    held.con.register("chunk", table)
+    try:
+        result = held.con.sql(
+            cast(str, job.sql), params=sql_values(job.sql, dict(job.params))
+        ).to_arrow_table()
+    finally:
+        held.con.unregister("chunk")
+    return cast(pa.Table, result)
 
 
 def _read_open(chunk: Chunk, handle: Any, cols: list[str] | None) -> pa.Table:

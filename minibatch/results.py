@@ -69,16 +69,17 @@ class ResultStore:
             if staged and self.schema is not None and result.schema is not None:
                 check_schema(result.schema, self.schema)
         except SchemaMismatch as exc:
-            for path in filter(None, (result.staged, result.quarantine_staged)):
+            for path in filter(None, (result.staged, result.quarantine_staged, result.malformed_staged)):
                 Path(path).unlink(missing_ok=True)
             return TaskError(kind=ErrorKind.ERROR, type="SchemaMismatch", message=str(exc), traceback="")
-        if self.layout.quarantine is not None:
-            self.layout.quarantine.mkdir(parents=True, exist_ok=True)
-            held = self.layout.quarantine / part_name(chunk_id)
-            if result.quarantine_staged:
-                publish(Path(result.quarantine_staged), held)
-            else:
-                held.unlink(missing_ok=True)
+        for directory, held in ((self.layout.quarantine, result.quarantine_staged),
+                                (self.layout.malformed, result.malformed_staged)):  # fmt: skip
+            if directory is not None:
+                directory.mkdir(parents=True, exist_ok=True)
+                if held:
+                    publish(Path(held), directory / part_name(chunk_id))
+                else:
+                    (directory / part_name(chunk_id)).unlink(missing_ok=True)
         if staged is not None:
             assert result.output_file is not None
             publish(staged, self.layout.parts / result.output_file)
@@ -87,8 +88,9 @@ class ResultStore:
     def make_durable(self) -> None:
         """The renames so far survive a power loss: owed before recording them done."""
         fsync_dir(self.layout.parts)
-        if self.layout.quarantine is not None and self.layout.quarantine.is_dir():
-            fsync_dir(self.layout.quarantine)
+        for held in self.layout.held:
+            if held.is_dir():
+                fsync_dir(held)
 
     def gate(self, order: Iterable[str]) -> SchemaGate[T]:
         return SchemaGate(self.schema, order)
@@ -115,7 +117,7 @@ class ResultStore:
         Those of chunks still to do that pass the footer check are handed back as finished
         results (published like fresh ones); every other staged file is removed."""
         # Not with quarantine: a staged result without its quarantined rows would lose them.
-        wanted = {c.chunk_id: c for c in todo} if self.layout.quarantine is None else {}
+        wanted = {c.chunk_id: c for c in todo} if not self.layout.held else {}
         salvaged = []
         for chunk_id, paths in self.layout.staged_results().items():
             chunk = wanted.get(chunk_id)
@@ -145,11 +147,12 @@ class ResultStore:
         """Parts (and quarantined rows) no finished chunk owns: only minibatch's own names."""
         strays = on_disk - {name for name in done.values() if name}
         self.layout.remove_parts(strays)
-        held, owned = self.layout.quarantine, {part_name(chunk_id) for chunk_id in done}
-        for path in held.iterdir() if held is not None and held.is_dir() else []:
-            if PART_RE.match(path.name) and path.name not in owned:
-                path.unlink()
-                strays.add(path.name)
+        owned = {part_name(chunk_id) for chunk_id in done}
+        for held in self.layout.held:
+            for path in held.iterdir() if held.is_dir() else []:
+                if PART_RE.match(path.name) and path.name not in owned:
+                    path.unlink()
+                    strays.add(path.name)
         return len(strays)
 
     def known_input_signature(self) -> str | None:

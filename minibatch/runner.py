@@ -44,6 +44,7 @@ from minibatch.results import ResultStore
 from minibatch.signals import StopSignals
 from minibatch.states import EventKind, RunStatus
 from minibatch.tasks import JobSpec, Pool
+from minibatch.textinput import read_text_meta, segment_size, text_facts
 from minibatch.treemem import TreeMemory
 from minibatch.validate import check_imports
 
@@ -127,16 +128,9 @@ class Run:
         self.config, self.job, self.options, self.signals = config, job, options, signals
         self.manifest = Manifest(manifest_path(config.engine.state_dir))
         self.layout = OutputLayout.of(job)
-        self.definition = Definition(
-            *definition(
-                job.process,
-                job.sql,
-                job.columns,
-                job.version,
-                config.base_dir,
-                job.shape.facts() | job.checks.facts(),
-            )
-        )
+        facts = job.shape.facts() | job.checks.facts() | text_facts(job.text)  # beyond the code
+        self.definition = Definition(*definition(job.process, job.sql, job.columns, job.version,
+                                                 config.base_dir, facts))  # fmt: skip
         self.started = False  # recorded in the manifest: a crash from here on is the run's
         self.record = RunRecord(
             run_id=options.run_id or new_run_id(), job=job.key, pid=os.getpid(),
@@ -228,7 +222,10 @@ class Run:
     # -- planning -------------------------------------------------------------------------------
 
     def _scan(self, paths: list[str]) -> tuple[list[FileMeta], list[BadFile]] | None:
-        scanned = scan_inputs(paths, self.job.columns, stop=lambda: self.signals.requested)
+        text = self.job.text
+        segment = segment_size(self.job.chunk_bytes)
+        read = (lambda path: read_text_meta(path, text, segment)) if text else None
+        scanned = scan_inputs(paths, self.job.columns, stop=lambda: self.signals.requested, read=read)
         if self.signals.requested:  # a partial plan must not decide what is stale
             self.summary.stopped = True
             return None
@@ -273,7 +270,7 @@ class Run:
             base_dir=str(self.config.base_dir), parts_dir=str(self.layout.parts),
             staging_dir=str(self.layout.staging), definition=self.definition.key,
             input_schema=self.input_schema, params=self.job.values, shape=self.job.shape,
-            checks=self.job.checks.rows,
+            checks=self.job.checks.rows, text=self.job.text,
         )  # fmt: skip
         executor = Executor(
             self.job, spec, self.record.run_id, store=self.store, ledger=self.ledger, events=self.events,

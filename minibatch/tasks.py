@@ -11,6 +11,7 @@ from minibatch.checks import Check
 from minibatch.hive import Shape
 from minibatch.planner import Chunk
 from minibatch.states import ErrorKind
+from minibatch.textinput import TextFormat
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -32,6 +33,7 @@ class JobSpec:
     params: tuple[tuple[str, Any], ...] = ()  # the run's parameters, bound into its SQL
     shape: Shape = Shape()  # partition_by: a part's row groups are grouped by partition
     checks: tuple[Check, ...] = ()  # on each chunk's result rows (checks.py)
+    text: TextFormat | None = None  # CSV or NDJSON input (textinput.py)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class TaskResult:
     rows_bad: int = 0  # dropped or quarantined by checks (not in rows_out)
     check_failures: tuple[tuple[str, int], ...] = ()  # check name -> rows that failed it
     quarantine_staged: str | None = None  # the quarantined rows, staged like the result
+    malformed_staged: str | None = None  # text records that did not parse, with line numbers
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ import pyarrow as pa
 
 from minibatch.checks import apply_checks
 from minibatch.jobcode import forget_package, import_process
-from minibatch.layout import QUARANTINE_PREFIX, with_provenance, write_durably
-from minibatch.reading import read_chunk, release_held, sql_on_file
+from minibatch.layout import MALFORMED_PREFIX, QUARANTINE_PREFIX, with_provenance, write_durably
+from minibatch.reading import read_chunk, read_text, release_held, sql_on_file, sql_on_table
 from minibatch.results import check_schema, conform
 from minibatch.states import ErrorKind
 from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task, TaskError, TaskResult
@@ -63,7 +63,16 @@ def run_task(task: Task) -> TaskResult:
     chunk = task.chunk
     read = started
     result: pa.Table | None
-    if task.job.sql is not None:
+    malformed = None
+    if task.job.text is not None:
+        rows = read_text(task)
+        read, malformed = time.perf_counter(), rows.malformed
+        if task.job.sql is not None:
+            result = sql_on_table(task.job, rows.table)
+        else:
+            result = _call(task.job, rows.table, _context(task))
+        rows_in, bytes_in = rows.table.num_rows, chunk.nbytes
+    elif task.job.sql is not None:
         result = sql_on_file(task.job, chunk)  # DuckDB reads the rows itself: no Arrow round trip
         rows_in, bytes_in = chunk.num_rows, chunk.nbytes
     else:
@@ -82,6 +91,7 @@ def run_task(task: Task) -> TaskResult:
         bytes_out, staged = _write(task, result)
     held = checked.quarantined if checked is not None else None
     held_staged = _write(task, held, QUARANTINE_PREFIX)[1] if held is not None else None
+    malformed_staged = _write(task, malformed, MALFORMED_PREFIX)[1] if malformed is not None else None
     ended = time.perf_counter()
     return TaskResult(
         rows_in=rows_in,
@@ -99,9 +109,10 @@ def run_task(task: Task) -> TaskResult:
         start_rss=start_rss,
         cpu_seconds=time.process_time() - cpu,
         queued_seconds=_queued() - queued,
-        rows_bad=checked.bad if checked is not None else 0,
+        rows_bad=(checked.bad if checked is not None else 0) + (malformed.num_rows if malformed else 0),
         check_failures=tuple(checked.failed.items()) if checked is not None else (),
         quarantine_staged=held_staged,
+        malformed_staged=malformed_staged,
     )
 
 

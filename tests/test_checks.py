@@ -50,9 +50,10 @@ def test_each_action_sorts_the_rows_exactly(project: Project) -> None:
         project.cli("run-now", "c", "--fresh").stdout
     )
     report = project.cli("report", "c", "-o", str(project.root / "r.html"))
-    assert report.returncode == 0 and "<td>not_five</td><td>drop</td><td>11</td>" in (
-        project.root / "r.html"
-    ).read_text()
+    assert (
+        report.returncode == 0
+        and "<td>not_five</td><td>drop</td><td>11</td>" in (project.root / "r.html").read_text()
+    )
     history = project.cli("history", "c").stdout
     assert "BAD ROWS" in history and " 81 " in history
 
