@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minibatch.hive import FILE_RE, SOURCES_KEY, escape, units_of
+from minibatch.hive import FILE_RE, SOURCES_KEY, units_of
 from minibatch.layout import CHUNK_KEY, DEFINITION_KEY, OutputLayout, fsync_dir, ours, remove_published
 
 RENAME_EXCHANGE = 2
@@ -114,10 +114,12 @@ class Publisher:
         self.out = Published()
 
     def publish(self, wanted: dict[str, list[Slice]]) -> Published:
-        remove_published(self.layout.output, depth=len(self.shape.partition_by))  # of another shape
         existing = self.existing_units()
         for unit in sorted(wanted.keys() | existing.keys()):
             self._unit(unit, wanted.get(unit, []), existing.get(unit, []))
+        # Files of another partition_by go last: a reader during a re-layout may see rows in
+        # both layouts, never in neither (a new output directory avoids both).
+        remove_published(self.layout.output, self.shape.partition_by)
         if self.shape.partition_by:  # a part per chunk, or a reduced file, of the earlier shape
             for path in self.layout.output.iterdir():
                 if path.is_file() and ours(path.name):
@@ -133,7 +135,7 @@ class Publisher:
         return {unit: self._files(self.layout.output / unit) for unit in leaves}
 
     def _leaves(self, directory: Path, depth: int, prefix: str) -> list[str]:
-        column = escape(self.shape.partition_by[len(self.shape.partition_by) - depth])
+        column = self.shape.partition_by[len(self.shape.partition_by) - depth]
         found = []
         for entry in sorted(os.scandir(directory), key=lambda e: e.name):
             if entry.is_dir(follow_symlinks=False) and entry.name.startswith(column + "="):
@@ -159,7 +161,12 @@ class Publisher:
     def _unit(self, unit: str, slices: list[Slice], files: list[OutFile]) -> None:
         current = {piece.token for piece in slices}
         if not current:
-            self._remove_unit(unit)
+            target = self.layout.output / unit
+            if unit and any(not ours(name) for name in os.listdir(target)):
+                self._replace(unit, [], [])  # what minibatch did not write stays, swapped in alone
+            else:
+                self._remove_unit(unit)
+            self.out.units_removed += 1
             return
         valid = [f for f in files if f.sources and f.sources <= current]
         small = [f for f in valid if f.nbytes < self.shape.target // 2]
@@ -176,6 +183,7 @@ class Publisher:
 
     def _replace(self, unit: str, keep: list[OutFile], todo: list[Slice]) -> None:
         target = self.layout.output / unit if unit else self.layout.output
+        self._check_path(target)
         staged = self.layout.staging / f"unit-{_digest(unit, *sorted(p.token for p in todo))}"
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir()
@@ -189,12 +197,22 @@ class Publisher:
         self.out.files_kept += len(keep)
         self.out.files += [f.nbytes for f in keep]
 
+    def _check_path(self, target: Path) -> None:
+        """A unit replaces only a directory, reached through directories: never a user's file
+        or symlink named like a partition (the swap would carry it off)."""
+        for path in [target, *target.relative_to(self.layout.output).parents][:-1]:
+            where = self.layout.output / path if path != target else target
+            if os.path.lexists(where) and (where.is_symlink() or not where.is_dir()):
+                raise PublishError(f"{where} is not a directory minibatch made; move it away")
+
     def _carry_over(self, target: Path, staged: Path, keep: set[str]) -> None:
-        """Kept files, and files minibatch did not write, go into the new unit as they are."""
+        """Kept files, and what minibatch did not write, go into the new unit as they are
+        (linked: never moved, so no crash can leave them only in staging). A directory is
+        linked file by file (an earlier layout's partitions: their files go after)."""
         for entry in os.scandir(target) if target.is_dir() else []:
             if entry.is_dir(follow_symlinks=False):
-                raise PublishError(f"{entry.path} is a directory minibatch did not write; move it away")
-            if entry.name in keep or not ours(entry.name):
+                shutil.copytree(entry.path, staged / entry.name, symlinks=True, copy_function=os.link)
+            elif entry.name in keep or not ours(entry.name):
                 os.link(entry.path, staged / entry.name, follow_symlinks=False)
 
     def _write_file(self, directory: Path, unit: str, group: list[Slice]) -> None:
@@ -232,25 +250,20 @@ class Publisher:
         self.out.files_written += 1
 
     def _remove_unit(self, unit: str) -> None:
+        """A unit holding only minibatch's files goes in one rename (then out of sight)."""
         target = self.layout.output / unit
         if not unit or not target.is_dir():
             return
-        if any(not ours(name) for name in os.listdir(target)):
-            for name in os.listdir(target):  # files not minibatch's stay, with the directory
-                if ours(name):
-                    (target / name).unlink()
-        else:
-            gone = self.layout.staging / f"gone-{_digest(unit)}"
-            shutil.rmtree(gone, ignore_errors=True)
-            os.rename(target, gone)
-            shutil.rmtree(gone)
-            for parent in list(target.parents)[: len(self.shape.partition_by) - 1]:
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
+        gone = self.layout.staging / f"gone-{_digest(unit)}"
+        shutil.rmtree(gone, ignore_errors=True)
+        os.rename(target, gone)
+        shutil.rmtree(gone)
+        for parent in list(target.parents)[: len(self.shape.partition_by) - 1]:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         fsync_dir(target.parent if target.parent.exists() else self.layout.output)
-        self.out.units_removed += 1
 
 
 def exchange(staged: Path, target: Path) -> None:

@@ -305,17 +305,23 @@ def ours(name: str) -> bool:
     return bool(PART_RE.match(name) or FILE_RE.match(name)) or name == REDUCED_NAME
 
 
-def remove_published(output: Path, depth: int | None = None) -> int:
-    """Published files (see compact.py) in the output's partition directories, except, with
-    `depth`, those at that depth (a unit's); directories left empty go too. Returns how many."""
+def remove_published(output: Path, columns: tuple[str, ...] | None = None) -> int:
+    """Published files (see compact.py) not where `columns` puts them (all, without columns):
+    at the output's root and in its `k=v` directories, never elsewhere. `k=v` directories
+    left empty go too. Returns how many files it removed."""
     removed = 0
-    for directory, _, files in os.walk(output, topdown=False) if output.is_dir() else []:
-        level = len(Path(directory).relative_to(output).parts)
+    for directory, subdirs, files in os.walk(output) if output.is_dir() else []:
+        subdirs[:] = [d for d in subdirs if "=" in d]  # partition directories only
+        parts = Path(directory).relative_to(output).parts
+        placed = columns is not None and len(parts) == len(columns)
+        placed = placed and all(p.startswith(f"{c}=") for p, c in zip(parts, columns or (), strict=False))
         for name in files:
-            if FILE_RE.match(name) and level != depth:
+            if FILE_RE.match(name) and not placed:
                 os.unlink(os.path.join(directory, name))
                 removed += 1
-        if level and "=" in Path(directory).name:
+    for directory, _, _ in os.walk(output, topdown=False) if output.is_dir() else []:
+        parts = Path(directory).relative_to(output).parts
+        if parts and all("=" in p for p in parts):
             _rmdir_if_empty(Path(directory))
     return removed
 

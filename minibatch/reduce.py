@@ -13,6 +13,7 @@ from minibatch.layout import (
     PART_RE,
     OutputLayout,
     fsync_dir,
+    remove_published,
     with_provenance,
     write_atomically,
     write_durably,
@@ -99,6 +100,7 @@ def _publish_reduced(result: pa.Table, layout: OutputLayout, key: str) -> Publis
     except PublishError as exc:
         raise OutputFailed(f"output not published: {exc}", EventKind.PUBLISH_FAILED) from None
     write_atomically(result, layout.reduced, layout.staging)
+    remove_published(layout.output)  # files of partition_by or target_file_bytes, from before
     for other in layout.output.iterdir():
         if PART_RE.match(other.name):  # a map job's parts, from before reduce_sql was set
             other.unlink(missing_ok=True)

@@ -224,3 +224,68 @@ def test_planned_files_hold_every_slice_once_in_order(sizes: list[int], target: 
     for group in planned[:-1]:
         assert sum(p.nbytes for p in group) >= target  # only the last file is short
         assert sum(p.nbytes for p in group[:-1]) < target  # and none grows past what it needs
+
+
+def test_changing_the_layout_keeps_every_row_once(project: Project) -> None:
+    """Hostile review: a new partition_by at the same depth, or reduce_sql added, left the
+    earlier layout's files beside the new ones (every row twice)."""
+    write(project, "a.parquet", range(0, 600))
+    ids = sorted(range(600))
+    base = JOB.replace('target_file_bytes = "6KB"', "")
+    layouts = ['["day"]', '["region"]', '["day", "region"]', '["region"]', "[]", '["day"]']
+    for layout in layouts:
+        project.write_config(base.replace('["day", "region"]', layout) if layout != "[]" else base.replace(
+            'partition_by = ["day", "region"]', 'target_file_bytes = "4KB"'))  # fmt: skip
+        result = project.cli("run-now", "p", "-q")
+        assert result.returncode == 0, (layout, result.stderr)
+        seen = duckdb.sql(f"SELECT id FROM read_parquet('{project.out('p')}/**/*.parquet')").fetchall()
+        assert sorted(i for (i,) in seen) == ids, layout
+    reduce = base.replace(
+        'sql = "SELECT * FROM chunk"', 'sql = "SELECT * FROM chunk"\nreduce_sql = "SELECT * FROM parts"'
+    )
+    project.write_config(reduce.replace('partition_by = ["day", "region"]', ""))
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    seen = duckdb.sql(f"SELECT id FROM read_parquet('{project.out('p')}/**/*.parquet')").fetchall()
+    assert sorted(i for (i,) in seen) == ids
+
+
+def test_an_empty_partitioned_reduction_removes_the_partitions(project: Project) -> None:
+    write(project, "a.parquet", range(0, 300))
+    reduce = JOB.replace(
+        'sql = "SELECT * FROM chunk"',
+        'sql = "SELECT * FROM chunk"\nreduce_sql = "SELECT * FROM parts WHERE id < $cap"',
+    )
+    project.write_config(reduce.replace("$cap", "100"))
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    assert list(project.out("p").rglob("*.parquet"))
+    project.write_config(reduce.replace("$cap", "0"))
+    result = project.cli("run-now", "p", "-q")
+    assert result.returncode == 0, result.stderr  # was: IndexError, and the old partitions stayed
+    assert not list(project.out("p").rglob("*.parquet"))
+
+
+def test_what_minibatch_did_not_write_is_never_carried_off(project: Project) -> None:
+    write(project, "a.parquet", range(0, 300), days=1)
+    project.write_config(JOB)
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    mine = project.out("p") / "day=2026-11-02"
+    mine.write_text("a user's file, named like the next partition")
+    keep = project.out("p") / "day=2026-11-01" / "region=eu" / "_SUCCESS"
+    keep.write_text("x")
+    write(project, "b.parquet", range(1000, 1300), days=2)  # rows for day 2: its directory is a file
+    result = project.cli("run-now", "p")
+    assert result.returncode == 1 and "is not a directory minibatch made" in result.stdout + result.stderr
+    assert mine.read_text().startswith("a user's file")
+    (project.data / "b.parquet").unlink()
+    (project.data / "a.parquet").unlink()
+    write(project, "c.parquet", range(2000, 2010), days=1, regions=["us"])  # eu has no rows now
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    assert keep.read_text() == "x"
+    assert not [p for p in keep.parent.iterdir() if p.suffix == ".parquet"]
+
+
+def test_partition_columns_need_plain_names(project: Project) -> None:
+    write(project, "a.parquet", range(0, 10))
+    project.write_config(JOB.replace('["day", "region"]', '["day", "my col"]'))
+    result = project.cli("validate")
+    assert result.returncode == 2 and "'my col': partition columns need plain names" in result.stderr
