@@ -224,7 +224,8 @@ class Run:
     def _scan(self, paths: list[str]) -> tuple[list[FileMeta], list[BadFile]] | None:
         text = self.job.text
         segment = segment_size(self.job.chunk_bytes)
-        read = (lambda path: read_text_meta(path, text, segment)) if text else None
+        cache = self.config.engine.state_dir / "text-plans"
+        read = (lambda path: read_text_meta(path, text, segment, cache)) if text else None
         scanned = scan_inputs(paths, self.job.columns, stop=lambda: self.signals.requested, read=read)
         if self.signals.requested:  # a partial plan must not decide what is stale
             self.summary.stopped = True

@@ -19,7 +19,8 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from minibatch.checking import Checker, choice
@@ -78,25 +79,65 @@ def segment_size(chunk_bytes: int) -> int:
     return max(2**16, min(SEGMENT, chunk_bytes // 4))
 
 
-def read_text_meta(path: str, text: TextFormat, segment: int = SEGMENT) -> FileMeta:
+def read_text_meta(
+    path: str, text: TextFormat, segment: int = SEGMENT, cache: Path | None = None
+) -> FileMeta:
     """A text file's segments (as FileMeta row groups whose "rows" are bytes), its schema
-    and a fingerprint of its size, mtime and first and last 64 KiB."""
+    and a fingerprint of its size, mtime and first and last 64 KiB. With `cache` (a
+    directory), the scan of a file seen before with this fingerprint is not done again."""
     with open(path, "rb") as handle:
         stat = os.fstat(handle.fileno())
         head = handle.read(65536)
         handle.seek(max(0, stat.st_size - 65536))
         digest = hashlib.sha256(head + handle.read()).hexdigest()[:16]
         fingerprint = f"{stat.st_size}-{stat.st_mtime_ns}-{digest}"
-        compression = _compression(path)
-        sample = _sample(handle, compression)
-        signature = text.schema or _infer(sample, text)
-        if compression:
-            groups, lines, first = [RowGroup(stat.st_size, stat.st_size, 3 * stat.st_size)], [1], 0
-        else:
-            first, lines_before = _data_start(head, text)
-            bounds, lines = _segments(handle, first, stat.st_size, text, lines_before, segment)
-            groups = [RowGroup(b - a, b - a, 2 * (b - a)) for a, b in zip(bounds, bounds[1:], strict=False)]
-    return FileMeta(path, fingerprint, stat.st_size, tuple(groups), signature, first, tuple(lines))
+        key = hashlib.sha256(json.dumps([path, fingerprint, text_facts(text), segment]).encode()).hexdigest()
+        known = _cached(cache / f"{key[:32]}.json") if cache else None
+        if known is not None:
+            return FileMeta(path, fingerprint, stat.st_size, **known)
+        meta = _scan(handle, path, text, segment, head, stat.st_size)
+    if cache:
+        _store(cache / f"{key[:32]}.json", meta)
+    return replace(meta, fingerprint=fingerprint)
+
+
+def _scan(handle: BinaryIO, path: str, text: TextFormat, segment: int, head: bytes, size: int) -> FileMeta:
+    compression = _compression(path)
+    signature = text.schema or _infer(_sample(handle, compression), text)
+    if compression:
+        groups, lines, first = [RowGroup(size, size, 3 * size)], [1], 0
+    else:
+        first, lines_before = _data_start(head, text)
+        bounds, lines = _segments(handle, first, size, text, lines_before, segment)
+        groups = [RowGroup(b - a, b - a, 2 * (b - a)) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return FileMeta(path, "", size, tuple(groups), signature, first, tuple(lines))
+
+
+def _cached(place: Path) -> dict[str, Any] | None:
+    try:
+        raw = json.loads(place.read_text())
+    except (OSError, ValueError):
+        return None
+    return {
+        "row_groups": tuple(RowGroup(*group) for group in raw["row_groups"]),
+        "signature": tuple((name, kind) for name, kind in raw["signature"]),
+        "first_row": raw["first_row"], "lines": tuple(raw["lines"]),
+    }  # fmt: skip
+
+
+def _store(place: Path, meta: FileMeta) -> None:
+    """Best effort (a cache): written whole or not at all."""
+    raw = {
+        "row_groups": [[g.num_rows, g.nbytes, g.decoded] for g in meta.row_groups],
+        "signature": meta.signature, "first_row": meta.first_row, "lines": meta.lines,
+    }  # fmt: skip
+    try:
+        place.parent.mkdir(parents=True, exist_ok=True)
+        temp = place.with_suffix(f".{os.getpid()}.tmp")
+        temp.write_text(json.dumps(raw))
+        os.replace(temp, place)
+    except OSError:
+        pass
 
 
 def _compression(path: str) -> str | None:

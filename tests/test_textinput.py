@@ -58,6 +58,9 @@ def test_a_csv_in_many_chunks_equals_duckdbs_read_csv(project: Project) -> None:
         "columns = {'id': 'BIGINT', 'name': 'VARCHAR', 'amount': 'DOUBLE'})"
     ).fetchall()
     assert output(project) == sorted(want)
+    assert len(list((project.root / ".state" / "text-plans").glob("*.json"))) == 1  # the scan, kept
+    again = project.cli("run-now", "t", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["chunks_done"] == 0
 
 
 def test_malformed_records_are_quarantined_with_their_line_numbers(project: Project) -> None:
