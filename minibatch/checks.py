@@ -109,9 +109,7 @@ def apply_checks(table: pa.Table, checks: tuple[Check, ...]) -> Checked:
     if not checks or not table.num_rows:
         return Checked(table)
     flags = _evaluate(table, checks)
-    failed = {
-        c.name: int(pc.sum(pc.invert(flag)).as_py() or 0) for c, flag in zip(checks, flags, strict=True)
-    }
+    failed = {c.name: n for c, n in _counts(checks, flags).items()}
     for check in checks:
         if check.action == "fail" and failed[check.name]:
             raise CheckFailed(
@@ -135,7 +133,7 @@ def _evaluate(table: pa.Table, checks: tuple[Check, ...]) -> list[Any]:
     """Each check's verdict per row: true when the row passes (NULL counts as failing)."""
     import duckdb
 
-    con = duckdb.connect(":memory:")
+    con = duckdb.connect(":memory:", config={"threads": 1})  # a worker is one of `workers` processes
     try:
         con.register("rows", table)
         columns = ", ".join(f"coalesce(({c.sql}), false) AS c{i}" for i, c in enumerate(checks))
@@ -158,7 +156,10 @@ def _any_failed(rows: int, flags: list[Any]) -> Any:
 def check_output(table: pa.Table, checks: Checks, previous_rows: int | None) -> list[tuple[str, str]]:
     """Problems of a reduce result: (action, message) of each output check it fails."""
     problems = []
-    for check, failed in apply_checks_counts(table, checks.output).items():
+    counts = (
+        _counts(checks.output, _evaluate(table, checks.output)) if checks.output and table.num_rows else {}
+    )
+    for check, failed in counts.items():
         if failed:
             problems.append(
                 (check.action, f"output check {check.name!r} ({check.sql}) failed on {failed} rows")
@@ -174,12 +175,10 @@ def check_output(table: pa.Table, checks: Checks, previous_rows: int | None) -> 
     return problems
 
 
-def apply_checks_counts(table: pa.Table, checks: tuple[Check, ...]) -> dict[Check, int]:
+def _counts(checks: tuple[Check, ...], flags: list[Any]) -> dict[Check, int]:
+    """Rows that failed each check."""
     import pyarrow.compute as pc
 
-    if not checks or not table.num_rows:
-        return {}
-    flags = _evaluate(table, checks)
     return {c: int(pc.sum(pc.invert(f)).as_py() or 0) for c, f in zip(checks, flags, strict=True)}
 
 
