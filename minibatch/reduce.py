@@ -56,7 +56,7 @@ def publish_if_needed(
         return None
     units: Published | None
     if sql is None:
-        units = publish_parts(layout, read_slices(parts))
+        units = publish_parts(layout, read_slices(parts), job.workers)
     else:
         try:
             result = reduce_table(sql, parts, None if parts else empty, dict(job.values))

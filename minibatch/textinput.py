@@ -186,18 +186,22 @@ def _segments(
         if not block:
             break
         search = max(target - pos, 0)
+        done = q = n = 0  # block[:done] is counted: q quotes, n newlines (each byte counted once)
         while search < len(block):
             cut = block.find(b"\n", search)
             if cut < 0:
                 break
-            if quoted and (quotes + block.count(b'"', 0, cut)) % 2:  # inside a quoted field
+            q += block.count(b'"', done, cut) if quoted else 0
+            n += block.count(b"\n", done, cut)
+            done = cut
+            if (quotes + q) % 2:  # inside a quoted field
                 search = cut + 1
                 continue
             bounds.append(pos + cut + 1)
-            lines.append(lines_before + 1 + newlines + block.count(b"\n", 0, cut + 1))
+            lines.append(lines_before + 1 + newlines + n + 1)
             search = cut + 1 + segment
-        quotes += block.count(b'"') if quoted else 0
-        newlines += block.count(b"\n")
+        quotes += q + (block.count(b'"', done) if quoted else 0)
+        newlines += n + block.count(b"\n", done)
         pos += len(block)
         target = max(target, bounds[-1] + segment)
     if bounds[-1] < size:
@@ -263,15 +267,22 @@ def _csv(data: bytes, text: TextFormat, signature: Signature, first_line: int, h
         short[row.number] = f"{row.actual_columns} fields, expected {row.expected_columns}"
         return "skip"
 
-    table = pacsv.read_csv(
-        io.BytesIO(data),
-        read_options=pacsv.ReadOptions(column_names=names, use_threads=False),  # numbered, in order
-        parse_options=pacsv.ParseOptions(
-            delimiter=text.delimiter, newlines_in_values=True, invalid_row_handler=handler
-        ),
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}),
-    )  # fmt: skip
-    typed, wrong = _typed(table, signature)
+    def read(types: dict[str, Any]) -> pa.Table:
+        return pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=names, use_threads=False),  # numbered, in order
+            parse_options=pacsv.ParseOptions(
+                delimiter=text.delimiter, newlines_in_values=True, invalid_row_handler=handler
+            ),
+            convert_options=pacsv.ConvertOptions(column_types=types),
+        )  # fmt: skip
+
+    wrong: list[tuple[int, str]] = []
+    try:  # typed at once: the fast path
+        typed = read({n: _arrow_type(kind) for n, kind in signature})
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a value of the wrong type: as text
+        short.clear()
+        typed, wrong = _typed(read({n: pa.string() for n in names}), signature)
     if not short and not wrong:
         return TextRows(typed)
     records = _records(data, text.delimiter)  # (first line, text) of each record: the slow path
