@@ -7,7 +7,7 @@ Generates one CSV of about `--mb` MB (int, float, short and long strings, dates,
 field with a newline every 1,000 rows), then runs, each as a fresh process, timed from start to
 exit with the peak RSS of its process tree (bench.measure):
   minibatch   run-now of a job with format = "csv", sql = "SELECT * FROM chunk", memory_limit
-              1 GiB, chunk_bytes 64 MB, target_file_bytes 128 MB
+              1 GiB, chunk_bytes 64 MB; without, then with target_file_bytes = 128 MB
   duckdb      COPY (SELECT * FROM read_csv(...)) TO '...' (FORMAT parquet), threads = workers
   polars      pl.scan_csv(...).sink_parquet(...), POLARS_MAX_THREADS = workers
 Every output is checked against DuckDB's read_csv of the file: row count and sums of every
@@ -18,6 +18,7 @@ chunks, without and with target_file_bytes: the number and sizes of the files re
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -92,7 +93,7 @@ def minibatch_cmd(root: Path, csv: Path, workers: int, extra: str, chunk: str = 
         "run-now",
         "csv",
         "--fresh",
-        "-q",
+        "--json",
     ]
 
 
@@ -126,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CSV {csv.stat().st_size / 1e6:,.0f} MB, {want[0]:,} rows", file=sys.stderr)
     env = {**os.environ, "POLARS_MAX_THREADS": str(args.workers)}
     engines = {
-        "minibatch": lambda out: minibatch_cmd(out, csv, args.workers, 'target_file_bytes = "128MB"'),
+        "minibatch, a file per chunk": lambda out: minibatch_cmd(out, csv, args.workers, ""),
+        "minibatch, target_file_bytes 128 MB": lambda out: minibatch_cmd(
+            out, csv, args.workers, 'target_file_bytes = "128MB"'
+        ),
         "duckdb COPY": lambda out: duckdb_cmd(csv, out / "out", args.workers),
         "polars sink_parquet": lambda out: polars_cmd(csv, out / "out"),
     }
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, command in engines.items():
         walls, peaks = [], []
         for attempt in range(args.runs):
-            out = data / name.split()[0] / str(attempt)
+            out = data / name.replace(" ", "_").replace(",", "") / str(attempt)
             shutil.rmtree(out, ignore_errors=True)
             (out / "out").mkdir(parents=True)
             sample = run(command(out), cwd=out, env=env)
@@ -147,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             walls.append(sample.wall)
             peaks.append(sample.peak_rss)
+            if name.startswith("minibatch"):
+                r = {k: v / 2**20 if "memory" in k else v for k, v in json.loads(sample.stdout).items()}
+                print(f"{name}: measured {r['peak_memory']:,.0f} MiB above an idle {r['idle_memory']:,.0f} "
+                      f"MiB; budget {r['memory_limit']:,.0f} MiB; {r['chunks_total']} chunks, {r['workers']} "
+                      "workers", file=sys.stderr)  # fmt: skip
         rows.append((name, statistics.median(walls), max(peaks)))
     base = rows[0][1]
     print(
