@@ -305,6 +305,15 @@ def ours(name: str) -> bool:
     return bool(PART_RE.match(name) or FILE_RE.match(name)) or name == REDUCED_NAME
 
 
+def published_files(output: Path) -> list[Path]:
+    """The published files (compact.py) readers see: at the root and in `k=v` directories."""
+    found = []
+    for directory, subdirs, files in os.walk(output) if output.is_dir() else []:
+        subdirs[:] = sorted(d for d in subdirs if "=" in d)
+        found += [Path(directory) / name for name in sorted(files) if FILE_RE.match(name)]
+    return found
+
+
 def remove_published(output: Path, columns: tuple[str, ...] | None = None) -> int:
     """Published files (see compact.py) not where `columns` puts them (all, without columns):
     at the output's root and in its `k=v` directories, never elsewhere. `k=v` directories

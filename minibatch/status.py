@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from minibatch.config import Config, ConfigError, JobConfig
-from minibatch.layout import OutputLayout, OutputNotOwned
+from minibatch.layout import OutputLayout, OutputNotOwned, published_files
 from minibatch.lock import holder_pid, job_lock
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.params import DATE
@@ -67,14 +67,14 @@ def _output(config: Config, name: str, row: dict[str, Any]) -> dict[str, Any]:
     if job and job.params and row["params"]:
         with contextlib.suppress(ConfigError):
             job = config.bound(name, json.loads(row["params"]))
-    layout = OutputLayout(job.output, reduce=True) if job and job.reduce_sql else None
-    if layout is None:
+    layout = OutputLayout.of(job) if job else None
+    if layout is None or not layout.hidden:
         return {"output_rows": row["rows_out_total"], "output_bytes": row["bytes_out_total"]}
-    try:
-        metadata = pq.read_metadata(layout.reduced)
-    except OSError:  # not reduced yet
-        return {"output_rows": 0, "output_bytes": 0}
-    return {"output_rows": metadata.num_rows, "output_bytes": layout.reduced.stat().st_size}
+    rows = size = 0
+    for path in [layout.reduced] if layout.reduced.exists() else published_files(layout.output):
+        with contextlib.suppress(OSError):  # replaced or removed meanwhile
+            rows, size = rows + pq.read_metadata(path).num_rows, size + path.stat().st_size
+    return {"output_rows": rows, "output_bytes": size}
 
 
 def _actual_status(config: Config, row: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ that DuckDB's and pyarrow's hive readers agree on, small files merged by rewriti
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -130,6 +131,8 @@ def test_a_new_file_replaces_only_the_partitions_it_has_rows_for(project: Projec
     assert {k for k in after if k.startswith(touched)} != {k for k in before if k.startswith(touched)}
     assert marker.read_text() == "mine"
     check_output(project)
+    (status,) = json.loads(project.cli("status", "p", "--json").stdout)
+    assert status["output_rows"] == 1250  # what readers see: the published files
 
     (project.data / "b.parquet").unlink()  # its rows go, and only from its partition
     write(project, "c.parquet", range(9000, 9010), days=1, regions=["new"])
