@@ -24,6 +24,8 @@ ACTIONS = ("warn", "drop", "quarantine", "fail")
 OUTPUT_ACTIONS = ("warn", "fail")
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 CHECK_COLUMN = "_check"
+ROW_INDEX = "__minibatch_row"
+AGGREGATE = "a check is a condition on each row, not an aggregate (for one over all rows: avg(x) OVER ())"
 
 
 class CheckFailed(Exception):
@@ -58,7 +60,7 @@ class Checked:
     bad: int = 0  # rows dropped or quarantined
 
 
-def parse_checks(c: Checker, output: Path) -> Checks:
+def parse_checks(c: Checker, output: Path, base_dir: Path) -> Checks:
     rows = _check_list(c, "checks", ACTIONS)
     outputs = _check_list(c, "output_checks", OUTPUT_ACTIONS)
     fraction = c.get("max_bad_fraction", (int, float))
@@ -74,9 +76,9 @@ def parse_checks(c: Checker, output: Path) -> Checks:
     place = c.get("quarantine", str)
     quarantine = None
     if any(check.action == "quarantine" for check in rows):
-        quarantine = (
-            (output.parent / place).resolve() if place else output.with_name(output.name + ".quarantine")
-        )
+        quarantine = (base_dir / place).resolve() if place else output.with_name(output.name + ".quarantine")
+        if quarantine == output or output in quarantine.parents or quarantine in output.parents:
+            c.error("quarantine", f"{quarantine} overlaps the job's output {output}")
     elif place:
         c.error("quarantine", 'no check has action = "quarantine"')
     return Checks(rows, fraction, quarantine, outputs, change)
@@ -96,9 +98,22 @@ def _check_list(c: Checker, key: str, actions: tuple[str, ...]) -> tuple[Check, 
             c.error(where, 'sql must be a boolean SQL expression over the rows, e.g. "amount >= 0"')
         elif action not in actions:
             c.error(where, f"action must be one of {', '.join(actions)}, got {action!r}")
+        elif problem := _syntax_error(sql):
+            c.error(where, f"sql {sql!r} does not parse: {problem}")
         else:
             found.append(Check(name, sql, action))
     return tuple(found)
+
+
+def _syntax_error(sql: str) -> str | None:
+    """DuckDB's parser on the condition alone (no columns bound: the result's are not known)."""
+    import duckdb
+
+    try:
+        statements = duckdb.connect(":memory:").extract_statements(f"SELECT (\n{sql}\n)")
+    except duckdb.Error as exc:
+        return str(exc).splitlines()[0]
+    return None if len(statements) == 1 else "more than one statement"
 
 
 def apply_checks(table: pa.Table, checks: tuple[Check, ...]) -> Checked:
@@ -108,6 +123,8 @@ def apply_checks(table: pa.Table, checks: tuple[Check, ...]) -> Checked:
 
     if not checks or not table.num_rows:
         return Checked(table)
+    if CHECK_COLUMN in table.column_names and any(c.action == "quarantine" for c in checks):
+        raise ValueError(f"the result has a column {CHECK_COLUMN}: the quarantine adds it; rename yours")
     flags = _evaluate(table, checks)
     failed = {c.name: n for c, n in _counts(checks, flags).items()}
     for check in checks:
@@ -132,14 +149,21 @@ def apply_checks(table: pa.Table, checks: tuple[Check, ...]) -> Checked:
 def _evaluate(table: pa.Table, checks: tuple[Check, ...]) -> list[Any]:
     """Each check's verdict per row: true when the row passes (NULL counts as failing)."""
     import duckdb
+    import pyarrow as pa
 
     con = duckdb.connect(":memory:", config={"threads": 1})  # a worker is one of `workers` processes
-    try:
-        con.register("rows", table)
-        columns = ", ".join(f"coalesce(({c.sql}), false) AS c{i}" for i, c in enumerate(checks))
-        verdicts = con.sql(f"SELECT {columns} FROM rows").to_arrow_table()  # order kept: a projection
+    try:  # ordered by the row's index: a window in a check (OVER ...) would reorder the rows
+        con.register("rows", table.append_column(ROW_INDEX, pa.array(range(table.num_rows), pa.int64())))
+        columns = ", ".join(f"CAST(coalesce((\n{c.sql}\n), false) AS BOOLEAN)" for c in checks)
+        verdicts = con.sql(f"SELECT {columns} FROM rows ORDER BY {ROW_INDEX}").to_arrow_table()
+    except duckdb.BinderException as exc:
+        if "GROUP BY" not in str(exc):  # an aggregate: other columns (ours too) are not grouped
+            raise
+        raise ValueError(AGGREGATE) from None
     finally:
         con.close()
+    if verdicts.num_rows != table.num_rows:
+        raise ValueError(AGGREGATE)
     return [verdicts.column(i).combine_chunks() for i in range(len(checks))]
 
 

@@ -159,11 +159,10 @@ ENGINE_KEYS = {
 JOB_KEYS = {
     "description", "input", "output", "process", "sql", "reduce_sql", "columns", "chunk_bytes", "schedule",
     "timezone", "watch", "retries", "retry_backoff", "timeout", "depends_on", "workers", "memory_limit",
-    "stop_grace", "worker_memory_limit",
-    "breaker_failures", "breaker_rate", "breaker_window", "breaker_cooldown", "catchup",
-    "on_failure", "on_success", "executor", "dask_scheduler", "version", "params",
-    "partition_by", "target_file_bytes", "row_group_rows",
-    "checks", "max_bad_fraction", "quarantine", "output_checks", "output_rows_change",
+    "stop_grace", "worker_memory_limit", "breaker_failures", "breaker_rate", "breaker_window",
+    "breaker_cooldown", "catchup", "on_failure", "on_success", "executor", "dask_scheduler", "version",
+    "params", "partition_by", "target_file_bytes", "row_group_rows", "checks", "max_bad_fraction",
+    "quarantine", "output_checks", "output_rows_change",
     "format", "schema", "csv_delimiter", "csv_header",
 }  # fmt: skip
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -277,6 +276,9 @@ def _job(
     _check_process_sql(c, table)
     params, defaults = job_params(c, inputs or (), output)
     _check_output_outside_inputs(c, inputs or (), output_path, base_dir)
+    checks = parse_checks(c, output_path, base_dir)
+    if checks.quarantine is not None:  # written to like an output: never among the inputs
+        _check_output_outside_inputs(c, inputs or (), checks.quarantine, base_dir, "quarantine")
     retries = c.get("retries", int, 2)
     if retries < 0:
         c.error("retries", f"must be 0 or more, got {retries}")
@@ -310,7 +312,7 @@ def _job(
         param_defaults=tuple(sorted(defaults.items())),
         output_template=output if params else None,
         shape=parse_shape(c),
-        checks=parse_checks(c, output_path),
+        checks=checks,
         text=parse_text(c),
         **_executor(c, engine),
     )
@@ -373,13 +375,14 @@ def _check_process_sql(c: Checker, table: dict[str, Any]) -> None:
         c.error("sql", "is empty")
 
 
-def _check_output_outside_inputs(c: Checker, inputs: tuple[str, ...], output: Path, base_dir: Path) -> None:
+def _check_output_outside_inputs(c: Checker, inputs: tuple[str, ...], output: Path, base_dir: Path,
+                                 key: str = "output") -> None:  # fmt: skip
     for pattern in inputs:
         root = glob_root(base_dir, pattern)
         if output == root or root in output.parents:
-            c.error("output", f"{output} is inside the directory of input glob {pattern!r}")
+            c.error(key, f"{output} is inside the directory of input glob {pattern!r}")
         elif output in root.parents:
-            c.error("output", f"{output} contains input glob {pattern!r} (reset would delete inputs)")
+            c.error(key, f"{output} contains input glob {pattern!r} (reset would delete inputs)")
 
 
 def _schedule(c: Checker) -> str | None:

@@ -58,8 +58,9 @@ def _overlap(one: JobConfig, two: JobConfig) -> bool:
     """Outputs nested either way, or one inside (or holding) the other's staging or parts."""
     mine, theirs = (OutputLayout.of(job) for job in (one, two))
     pairs = [(mine.output, theirs.output)]
-    pairs += [(mine.output, d) for d in (theirs.staging, theirs.parts)]
-    pairs += [(theirs.output, d) for d in (mine.staging, mine.parts)]
+    pairs += [(mine.output, d) for d in (theirs.staging, theirs.parts, *theirs.held)]
+    pairs += [(theirs.output, d) for d in (mine.staging, mine.parts, *mine.held)]
+    pairs += [(d, e) for d in mine.held for e in theirs.held]
     return any(_holds(a, b) or _holds(b, a) for a, b in pairs)
 
 

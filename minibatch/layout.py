@@ -56,8 +56,17 @@ class OutputLayout:
 
     @property
     def held(self) -> list[Path]:
-        """The directories of rows kept out of the output (each a part per chunk)."""
+        """The directories of rows this job keeps out of its output (each a part per chunk)."""
         return [d for d in (self.quarantine, self.malformed) if d is not None]
+
+    @property
+    def held_dirs(self) -> list[Path]:
+        """Those, and the default ones of a job that no longer quarantines: their parts go
+        (stale rows there would be in both places once the chunk is recomputed)."""
+        defaults = [
+            self.output.with_name(f"{self.output.name}.{kind}") for kind in ("quarantine", "malformed")
+        ]
+        return list(dict.fromkeys([*self.held, *defaults]))
 
     @property
     def hidden(self) -> bool:
@@ -139,7 +148,7 @@ class OutputLayout:
             self.remove_parts(self.part_files())
         self.reduced.unlink(missing_ok=True)
         remove_published(self.output)
-        for held in self.held:
+        for held in self.held_dirs:
             for path in held.iterdir() if held.is_dir() else []:
                 if PART_RE.match(path.name):
                     path.unlink()

@@ -72,14 +72,17 @@ class ResultStore:
             for path in filter(None, (result.staged, result.quarantine_staged, result.malformed_staged)):
                 Path(path).unlink(missing_ok=True)
             return TaskError(kind=ErrorKind.ERROR, type="SchemaMismatch", message=str(exc), traceback="")
-        for directory, held in ((self.layout.quarantine, result.quarantine_staged),
-                                (self.layout.malformed, result.malformed_staged)):  # fmt: skip
-            if directory is not None:
+        staged_in = {
+            self.layout.quarantine: result.quarantine_staged,
+            self.layout.malformed: result.malformed_staged,
+        }
+        for directory in self.layout.held_dirs:
+            held = staged_in.get(directory)
+            if held:
                 directory.mkdir(parents=True, exist_ok=True)
-                if held:
-                    publish(Path(held), directory / part_name(chunk_id))
-                else:
-                    (directory / part_name(chunk_id)).unlink(missing_ok=True)
+                publish(Path(held), directory / part_name(chunk_id))
+            else:  # an earlier attempt's or definition's (a check's action changed)
+                (directory / part_name(chunk_id)).unlink(missing_ok=True)
         if staged is not None:
             assert result.output_file is not None
             publish(staged, self.layout.parts / result.output_file)
@@ -88,7 +91,7 @@ class ResultStore:
     def make_durable(self) -> None:
         """The renames so far survive a power loss: owed before recording them done."""
         fsync_dir(self.layout.parts)
-        for held in self.layout.held:
+        for held in self.layout.held_dirs:
             if held.is_dir():
                 fsync_dir(held)
 
@@ -148,7 +151,7 @@ class ResultStore:
         strays = on_disk - {name for name in done.values() if name}
         self.layout.remove_parts(strays)
         owned = {part_name(chunk_id) for chunk_id in done}
-        for held in self.layout.held:
+        for held in self.layout.held_dirs:
             for path in held.iterdir() if held.is_dir() else []:
                 if PART_RE.match(path.name) and path.name not in owned:
                     path.unlink()

@@ -160,3 +160,57 @@ def test_check_settings_are_validated(project: Project) -> None:
         'jobs.c.quarantine: no check has action = "quarantine"',
     ):
         assert expected in result.stderr, expected
+
+
+def test_review_a_window_check_judges_each_row_by_its_own_values() -> None:
+    """Hostile review: DuckDB reorders rows for a window; verdicts were paired with the wrong rows."""
+    import pyarrow as pa
+
+    from minibatch.checks import Check, apply_checks
+
+    table = pa.table({"k": [1, 2, 1, 2, 1] * 400, "v": list(range(2000))})
+    checked = apply_checks(table, (Check("low", "v <= avg(v) OVER (PARTITION BY k)", "quarantine"),))
+    means = {k: sum(v for kk, v in zip(table["k"].to_pylist(), range(2000), strict=True) if kk == k)
+             / table["k"].to_pylist().count(k) for k in (1, 2)}  # fmt: skip
+    assert checked.quarantined is not None
+    assert sorted(checked.quarantined["v"].to_pylist()) == [
+        v for k, v in zip(table["k"].to_pylist(), range(2000), strict=True) if v > means[k]
+    ]
+
+
+def test_review_a_check_whose_action_changed_leaves_no_stale_quarantine(project: Project) -> None:
+    """Hostile review: rows stayed in the quarantine after the check stopped quarantining them,
+    and were in the output too."""
+    rows(project, 0, 300)
+    project.write_config(CHECKED)
+    assert project.cli("run-now", "c", "-q").returncode == 0
+    quarantine = project.root / "out" / "c.quarantine"
+    assert list(quarantine.glob("*.parquet"))
+    project.write_config(CHECKED.replace('action = "quarantine"', 'action = "warn"'))
+    assert project.cli("run-now", "c", "-q").returncode == 0
+    assert not list(quarantine.glob("*.parquet"))
+    kept = ds.dataset(project.out("c"), format="parquet").to_table()["id"].to_pylist()
+    assert sorted(kept) == [i for i in range(300) if i % 97 != 5]
+
+
+def test_review_quarantine_paths_and_check_sql_are_refused_up_front(project: Project) -> None:
+    rows(project, 0, 10)
+    other = """
+    [jobs.d]
+    input = "data/*.parquet"
+    output = "out/d"
+    sql = "SELECT 1"
+    checks = [{ name = "q", sql = "x > 0", action = "quarantine" }]
+    quarantine = "data/q"
+    """
+    project.write_config(CHECKED.replace("[jobs.c]", '[jobs.c]\nquarantine = "out/c"') + other)
+    result = project.cli("validate")
+    assert result.returncode == 2
+    assert "jobs.c.quarantine:" in result.stderr and "overlaps the job's output" in result.stderr
+    assert "jobs.d.quarantine:" in result.stderr and "inside the directory of input glob" in result.stderr
+    project.write_config(CHECKED.replace("value < 90", "value <"))
+    result = project.cli("validate")
+    assert result.returncode == 2 and "jobs.c.checks[0]: sql 'value <' does not parse" in result.stderr
+    project.write_config(CHECKED.replace("value < 90", "value < avg(value)"))
+    result = project.cli("run-now", "c")
+    assert result.returncode == 1 and "a check is a condition on each row, not an aggregate" in result.stdout
