@@ -212,8 +212,8 @@ def too_many_bad(rows_bad: int, rows_out: int, limit: float | None) -> str | Non
     if limit is None or not checked or rows_bad / checked <= limit:
         return None
     return (
-        f"{rows_bad} of {checked} rows ({rows_bad / checked:.2%}) failed checks that drop or quarantine "
-        f"them, above max_bad_fraction = {limit:g}; the output was not published"
+        f"{rows_bad} of the {checked} rows of the job's input ({rows_bad / checked:.2%}) failed checks that "
+        f"drop or quarantine them, above max_bad_fraction = {limit:g}; the output was not published"
     )
 
 

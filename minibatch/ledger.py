@@ -67,7 +67,7 @@ class Ledger:
         record = self._chunk(
             chunk, ChunkStatus.DONE, attempts, rows_in=result.rows_in, rows_out=result.rows_out,
             bytes_in=result.bytes_in, bytes_out=result.bytes_out, output_file=result.output_file,
-            seconds=result.seconds,
+            seconds=result.seconds, rows_bad=result.rows_bad,
         )  # fmt: skip
         r = self.record
         r.chunks_done += 1

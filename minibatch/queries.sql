@@ -216,3 +216,8 @@ VALUES ($job, $run_id, $check_name, $action, $rows_failed);
 
 -- name: check_counts
 SELECT check_name, action, rows_failed FROM check_counts WHERE run_id = $run_id ORDER BY check_name;
+
+-- name: done_rows
+-- What the job's output is made of now: its done chunks' rows, kept and kept out by checks.
+SELECT coalesce(sum(rows_bad), 0) AS rows_bad, coalesce(sum(rows_out), 0) AS rows_out
+FROM chunks WHERE job = $job AND status = 'done';

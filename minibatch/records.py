@@ -24,6 +24,7 @@ class ChunkRecord:
     attempts: int
     rows_in: int = 0
     rows_out: int = 0
+    rows_bad: int = 0  # dropped or quarantined by checks, malformed
     bytes_in: int = 0
     bytes_out: int = 0
     output_file: str | None = None

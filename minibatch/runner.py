@@ -338,10 +338,11 @@ class Run:
         else:
             record.status = RunStatus.SUCCEEDED
             self._check_complete()
-        if record.status == RunStatus.SUCCEEDED and (
-            bad := too_many_bad(record.rows_bad, record.rows_out, self.job.checks.max_bad_fraction)
-        ):
-            self._fail(bad, EventKind.CHECKS_FAILED)
+        if record.status == RunStatus.SUCCEEDED and self.job.checks.max_bad_fraction is not None:
+            self.ledger.flush()  # judged on every done chunk: a rerun must not pass what one failed
+            (done,) = self.manifest.named("done_rows", read_only=True, job=self.job.key)
+            if bad := too_many_bad(done["rows_bad"], done["rows_out"], self.job.checks.max_bad_fraction):
+                self._fail(bad, EventKind.CHECKS_FAILED)
         reduced = None
         if record.status == RunStatus.SUCCEEDED and self.layout.hidden:
             reduced = self._publish_if_needed()

@@ -94,6 +94,7 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS rows_per_second DOUBLE; -- rows_in / w
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS mb_per_second DOUBLE;   -- bytes_in / 1e6 / wall time
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS settings VARCHAR;       -- the job's config, JSON
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS rows_bad BIGINT DEFAULT 0; -- dropped or quarantined by checks
+ALTER TABLE chunks ADD COLUMN IF NOT EXISTS rows_bad BIGINT DEFAULT 0; -- the same, per chunk
 ALTER TABLE attempts ADD COLUMN IF NOT EXISTS start_rss BIGINT;   -- the worker's, when it started
 ALTER TABLE attempts ADD COLUMN IF NOT EXISTS chunk_bytes BIGINT; -- the planner's size of the chunk
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS peak_memory BIGINT;    -- measured above idle_memory

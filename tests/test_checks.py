@@ -100,6 +100,9 @@ def test_max_bad_fraction_fails_the_run_before_partitions_are_replaced(project: 
     assert result.returncode == 1
     assert "above max_bad_fraction = 0.2" in result.stdout + result.stderr
     assert {p: p.read_bytes() for p in project.out("c").rglob("*.parquet")} == before
+    again = project.cli("run-now", "c")  # hostile review: a rerun with nothing to do published it
+    assert again.returncode == 1 and "above max_bad_fraction = 0.2" in again.stdout + again.stderr
+    assert {p: p.read_bytes() for p in project.out("c").rglob("*.parquet")} == before
 
 
 REDUCE = """
