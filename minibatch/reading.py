@@ -18,7 +18,7 @@ from minibatch.pageslice import read_rows
 from minibatch.params import sql_values
 from minibatch.planner import Chunk, fingerprint_stat
 from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task
-from minibatch.textinput import TextRows, read_text_chunk
+from minibatch.textread import TextRows, read_text_chunk
 
 _footers: dict[tuple[str, str], pq.FileMetaData] = {}
 SQL_CONFIG: dict[str, str | bool | int | float | list[str]] = {

@@ -19,12 +19,13 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from minibatch.checking import Checker, choice
-from minibatch.planner import Chunk, FileMeta, RowGroup
+from minibatch.planner import FileMeta, RowGroup
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -102,8 +103,9 @@ def read_text_meta(
 
 
 def _scan(handle: BinaryIO, path: str, text: TextFormat, segment: int, head: bytes, size: int) -> FileMeta:
-    compression = _compression(path)
-    signature = text.schema or _infer(_sample(handle, compression), text)
+    compression = compression_of(path)
+    sample = _sample(handle, compression)
+    signature = _by_header(sample, text) if text.schema else _infer(sample, text)
     if compression:
         groups, lines, first = [RowGroup(size, size, 3 * size)], [1], 0
     else:
@@ -111,6 +113,22 @@ def _scan(handle: BinaryIO, path: str, text: TextFormat, segment: int, head: byt
         bounds, lines = _segments(handle, first, size, text, lines_before, segment)
         groups = [RowGroup(b - a, b - a, 2 * (b - a)) for a, b in zip(bounds, bounds[1:], strict=False)]
     return FileMeta(path, "", size, tuple(groups), signature, first, tuple(lines))
+
+
+def _by_header(sample: bytes, text: TextFormat) -> Signature:
+    """The schema's columns in the order of the file's header (a CSV with one): the worker
+    reads fields by position, so a file whose header names other columns is a bad file."""
+    if text.format != "csv" or not text.header:
+        return text.schema
+    import pyarrow.csv as pacsv
+
+    line = sample.split(b"\n", 1)[0] + b"\n"
+    options = pacsv.ParseOptions(delimiter=text.delimiter)
+    header = pacsv.read_csv(io.BytesIO(line), parse_options=options).column_names
+    types = dict(text.schema)
+    if sorted(header) != sorted(types):
+        raise ValueError(f"its header names columns {header}, the schema {list(types)}")
+    return tuple((name, types[name]) for name in header)
 
 
 def _cached(place: Path) -> dict[str, Any] | None:
@@ -140,11 +158,11 @@ def _store(place: Path, meta: FileMeta) -> None:
         pass
 
 
-def _compression(path: str) -> str | None:
+def compression_of(path: str) -> str | None:
     return next((name for ext, name in COMPRESSED.items() if path.endswith(ext)), None)
 
 
-def _stream(handle: BinaryIO, compression: str | None) -> Any:
+def open_stream(handle: BinaryIO, compression: str | None) -> Any:
     import pyarrow as pa
 
     handle.seek(0)
@@ -156,7 +174,7 @@ def _stream(handle: BinaryIO, compression: str | None) -> Any:
 
 
 def _sample(handle: BinaryIO, compression: str | None) -> bytes:
-    data: bytes = _stream(handle, compression).read(SAMPLE)
+    data: bytes = open_stream(handle, compression).read(SAMPLE)
     cut = data.rfind(b"\n")
     return data[: cut + 1] if cut >= 0 and len(data) == SAMPLE else data
 
@@ -177,6 +195,8 @@ def _segments(
     """Boundaries [start, ..., size] about `segment` apart at record starts, and each segment's
     first line number (1-based)."""
     quoted = text.format == "csv"
+    delimiter = re.escape(text.delimiter.encode())
+    stray = re.compile(rb'[^"\r\n' + delimiter + rb']"[^"\r\n' + delimiter + rb"]")  # 5" floppy
     bounds, lines = [start], [lines_before + 1]
     quotes = newlines = 0  # counted from `start` up to `pos`
     pos, target = start, start + segment
@@ -185,6 +205,8 @@ def _segments(
         block = handle.read(BLOCK)
         if not block:
             break
+        if quoted and stray.search(block):  # quote counts mean nothing: never cut this file
+            return [start, size], [lines_before + 1]
         search = max(target - pos, 0)
         done = q = n = 0  # block[:done] is counted: q quotes, n newlines (each byte counted once)
         while search < len(block):
@@ -215,171 +237,49 @@ def _infer(sample: bytes, text: TextFormat) -> Signature:
     if not sample.strip():
         raise ValueError("the file is empty: no rows to infer a schema from")
     table = _parse(sample, text)
-    return tuple((f.name, "string" if str(f.type) == "null" else str(f.type)) for f in table.schema)
+    found = tuple((f.name, "string" if str(f.type) == "null" else str(f.type)) for f in table.schema)
+    for name, kind in found:
+        if _type_or_none(kind) is None:
+            raise ValueError(
+                f"column {name!r} holds {kind} values: nested values are not supported (flatten them)"
+            )
+    return found
 
 
 def _parse(data: bytes, text: TextFormat) -> pa.Table:
     """A sample, its types inferred (a CSV's column names from its header line)."""
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
 
     if text.format == "ndjson":
-        return pajson.read_json(io.BytesIO(data))
+        try:
+            return pajson.read_json(io.BytesIO(data))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a broken line: infer from the others
+            return pajson.read_json(
+                io.BytesIO(b"\n".join(line for line in data.split(b"\n") if _object(line)))
+            )
     options = pacsv.ParseOptions(delimiter=text.delimiter, newlines_in_values=True)
-    return pacsv.read_csv(io.BytesIO(data), parse_options=options)
+    return pacsv.read_csv(io.BytesIO(data), parse_options=options, convert_options=convert_options(None))
 
 
-# -- reading ------------------------------------------------------------------------------------
+def _object(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
-@dataclass
-class TextRows:
-    table: pa.Table
-    malformed: pa.Table | None = None
-
-
-def read_text_chunk(chunk: Chunk, text: TextFormat, signature: Signature) -> TextRows:
-    """The chunk's records as a table of the job's schema, and the ones that did not parse."""
-    with open(chunk.path, "rb") as handle:
-        compression = _compression(chunk.path)
-        if compression:
-            data = _stream(handle, compression).read()
-            header = text.format == "csv" and text.header
-        else:
-            handle.seek(chunk.row_start)
-            data = handle.read(chunk.num_rows)
-            header = False
-    if text.format == "ndjson":
-        return _ndjson(data, signature, chunk.first_line)
-    return _csv(data, text, signature, chunk.first_line + (1 if header else 0), header)
-
-
-def _csv(data: bytes, text: TextFormat, signature: Signature, first_line: int, header: bool) -> TextRows:
-    import pyarrow as pa
+def convert_options(types: dict[str, Any] | None) -> Any:
+    """As DuckDB reads CSV: an unquoted empty field is NULL, and nothing else ("NA" is text)."""
     import pyarrow.csv as pacsv
 
-    if header:  # a compressed file's, read whole (the caller counted its line)
-        data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
-    names = [name for name, _ in signature]
-    short: dict[int, str] = {}  # record number (1-based) -> why
-
-    def handler(row: Any) -> Any:
-        short[row.number] = f"{row.actual_columns} fields, expected {row.expected_columns}"
-        return "skip"
-
-    def read(types: dict[str, Any]) -> pa.Table:
-        return pacsv.read_csv(
-            io.BytesIO(data),
-            read_options=pacsv.ReadOptions(column_names=names, use_threads=False),  # numbered, in order
-            parse_options=pacsv.ParseOptions(
-                delimiter=text.delimiter, newlines_in_values=True, invalid_row_handler=handler
-            ),
-            convert_options=pacsv.ConvertOptions(column_types=types),
-        )  # fmt: skip
-
-    wrong: list[tuple[int, str]] = []
-    try:  # typed at once: the fast path
-        typed = read({n: _arrow_type(kind) for n, kind in signature})
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a value of the wrong type: as text
-        short.clear()
-        typed, wrong = _typed(read({n: pa.string() for n in names}), signature)
-    if not short and not wrong:
-        return TextRows(typed)
-    records = _records(data, text.delimiter)  # (first line, text) of each record: the slow path
-    kept = [r for n, r in enumerate(records, 1) if n not in short]
-    bad = [(first_line + records[n - 1][0], why, records[n - 1][1]) for n, why in short.items()]
-    bad += [(first_line + kept[index][0], why, kept[index][1]) for index, why in wrong]
-    return TextRows(typed, _malformed(bad))
-
-
-def _records(data: bytes, delimiter: str) -> list[tuple[int, str]]:
-    """Each CSV record's first line (0-based, in `data`) and text: lines joined while a quoted
-    field is open (the quote count's parity, as in `_segments`)."""
-    found: list[tuple[int, str]] = []
-    start, quotes = 0, 0
-    pieces: list[str] = []
-    for number, line in enumerate(data.decode("utf-8", "replace").split("\n")):
-        if not pieces:
-            start = number
-        pieces.append(line)
-        quotes += line.count('"')
-        if quotes % 2 == 0:
-            if "".join(pieces).strip():
-                found.append((start, "\n".join(pieces)))
-            pieces, quotes = [], 0
-    return found
-
-
-def _typed(table: pa.Table, signature: Signature) -> tuple[pa.Table, list[tuple[int, str]]]:
-    """Strings cast to the schema's types; the rows a value of which does not cast are left
-    out and returned (row index, why)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    wrong: dict[int, str] = {}
-    columns: list[Any] = []
-    for name, kind in signature:
-        target = _arrow_type(kind)
-        column: Any = table[name]
-        if not pa.types.is_string(target):
-            column = pc.if_else(pc.equal(column, pa.scalar("")), pa.scalar(None, pa.string()), column)
-        try:
-            columns.append(pc.cast(column, target))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            values = column.to_pylist()
-            cast = []
-            for i, value in enumerate(values):
-                try:
-                    cast.append(pa.scalar(value, pa.string()).cast(target).as_py())
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                    wrong.setdefault(i, f"{name}: {value!r} is not {kind}")
-                    cast.append(None)
-            columns.append(pa.array(cast, target))
-    typed = pa.table(columns, names=[name for name, _ in signature])
-    if wrong:
-        keep = pa.array([i not in wrong for i in range(table.num_rows)])
-        typed = typed.filter(keep)
-    return typed, sorted(wrong.items())
-
-
-def _ndjson(data: bytes, signature: Signature, first_line: int) -> TextRows:
-    import pyarrow as pa
-    import pyarrow.json as pajson
-
-    schema = pa.schema([(name, _arrow_type(kind)) for name, kind in signature])
-    options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
-    try:
-        return TextRows(pajson.read_json(io.BytesIO(data), parse_options=options))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass  # a broken line: sort them out one by one (only in this case: it is slow)
-    good, bad = [], []
-    for number, line in enumerate(data.split(b"\n")):
-        if not line.strip():
-            continue
-        try:
-            json.loads(line)
-            pajson.read_json(io.BytesIO(line), parse_options=options)
-            good.append(line)
-        except (ValueError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            bad.append((first_line + number, str(exc).splitlines()[0][:200], line.decode("utf-8", "replace")))
-    table = (
-        pajson.read_json(io.BytesIO(b"\n".join(good)), parse_options=options)
-        if good
-        else schema.empty_table()
+    return pacsv.ConvertOptions(
+        column_types=types, null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False
     )
-    return TextRows(table, _malformed(bad))
 
 
-def _malformed(bad: list[tuple[int, str, str]]) -> pa.Table | None:
-    import pyarrow as pa
-
-    if not bad:
-        return None
-    lines, errors, texts = zip(*sorted(bad), strict=True)
-    return pa.table({"_line": pa.array(lines, pa.int64()), "_error": list(errors), "_text": list(texts)})
-
-
-def _arrow_type(kind: str) -> pa.DataType:
+def arrow_type(kind: str) -> pa.DataType:
     found = _type_or_none(kind)
     if found is None:
         raise ValueError(f"unknown Arrow type {kind!r}")
@@ -387,8 +287,11 @@ def _arrow_type(kind: str) -> pa.DataType:
 
 
 def _type_or_none(kind: str) -> pa.DataType | None:
+    """An Arrow type from its name: an alias ("int64", "date32"), or a zoned timestamp."""
     import pyarrow as pa
 
+    if zoned := re.fullmatch(r"timestamp\[(s|ms|us|ns), tz=([^\]]+)\]", kind):
+        return pa.timestamp(cast(Any, zoned[1]), tz=zoned[2])
     try:
         found: pa.DataType = pa.type_for_alias(cast(Any, kind))
         return found

@@ -154,3 +154,79 @@ def test_segments_cut_only_between_records(records: list[tuple[str, str]], step:
                                convert_options=convert)  # fmt: skip
         pieces += piece.to_pylist()
     assert pieces == whole.to_pylist()
+
+
+def run_csv(project: Project, body: bytes, job: str = CSV_JOB, name: str = "a.csv", *args: str) -> dict:
+    project.data.mkdir(exist_ok=True)
+    (project.data / name).write_bytes(body)
+    project.write_config(job)
+    result = project.cli("run-now", "t", "--json", *args)
+    assert result.returncode in (0, 1), result.stderr
+    return json.loads(result.stdout)
+
+
+def malformed(project: Project) -> list[tuple[int, str]]:
+    folder = project.root / "out" / "t.malformed"
+    if not folder.is_dir():
+        return []
+    return sorted(
+        (r["_line"], r["_text"]) for r in ds.dataset(folder, format="parquet").to_table().to_pylist()
+    )
+
+
+def test_review_a_stray_quote_keeps_the_file_whole_and_its_records_exact(project: Project) -> None:
+    """Hostile review: `5" floppy` in an unquoted field made the quote count cut a quoted field."""
+    lines = ["id,name,amount"] + [
+        f'{i},"multi\nline {i}",1' if i % 50 == 0 else f'{i},{i}" floppy,1' if i == 7 else f"{i},n{i},1"
+        for i in range(20_000)
+    ]
+    run_csv(project, ("\n".join(lines) + "\n").encode())
+    want = duckdb.sql(
+        f"SELECT id, name, amount FROM read_csv('{project.data / 'a.csv'}', header = true, quote = '\"', "
+        "columns = {'id': 'BIGINT', 'name': 'VARCHAR', 'amount': 'DOUBLE'})"
+    ).fetchall()
+    assert output(project) == sorted(want) and len(want) == 20_000
+    assert malformed(project) == []
+
+
+def test_review_malformed_records_next_to_blank_and_long_ones(project: Project) -> None:
+    """Hostile review: a whitespace-only line broke the slow path (IndexError, chunk lost) or
+    shifted the reported records; a 3 MB record failed its chunk."""
+    long = "x" * 3_000_000
+    body = f'id,name,amount\n1,a,1\n \n3,c,3\n4,"q\nq",4\n5,e,5\n6,f,6,extra\n7,{long},7\n8,h,NA\n'
+    report = run_csv(project, body.encode())
+    assert report["exit_status"] == 0
+    assert [row[0] for row in output(project)] == [1, 3, 4, 5, 7]
+    assert [line for line, _ in malformed(project)] == [3, 8, 10]  # " ", "6,f,6,extra", "8,h,NA"
+    assert [text for _, text in malformed(project)] == [" ", "6,f,6,extra", "8,h,NA"]
+
+
+def test_review_a_header_that_differs_from_the_schema_is_a_bad_file(project: Project) -> None:
+    """Hostile review: fields were taken by position, so a header `name,id` put names in `id`."""
+    project.data.mkdir()
+    (project.data / "b.csv").write_text("amount,name,id\n2.5,x,1\n")
+    report = run_csv(project, b"id,name,amount\n1,a,1.5\n")
+    assert output(project) == [(1, "a", 1.5)]
+    assert "the same columns in another order" in report["bad_files"][0]["error"]
+
+
+def test_review_text_values_as_duckdb_reads_them(project: Project) -> None:
+    """Unquoted empty fields are NULL, quoted empty strings and "NA" are text; zoned timestamps
+    and NDJSON `null` lines read; nested JSON is a bad file, not a dead chunk."""
+    job = CSV_JOB.replace('schema = { id = "int64", name = "string", amount = "double" }', "")
+    run_csv(
+        project, b'id,name,amount,at\n1,,1.5,2026-11-01T10:00:00Z\n2,"",,2026-11-01T11:00:00Z\n3,NA,2,\n', job
+    )
+    table = ds.dataset(project.out("t"), format="parquet").to_table().sort_by("id")
+    assert table["name"].to_pylist() == [None, "", "NA"] and table["amount"].to_pylist() == [1.5, None, 2.0]
+    assert table.schema.field("at").type.tz in ("UTC", "Etc/UTC")  # read zoned (DuckDB names it Etc/UTC)
+
+    nd = job.replace('format = "csv"', 'format = "ndjson"').replace("*.csv*", "*.ndjson")
+    (project.data / "a.csv").unlink()
+    rows = [b'{"id": %d, "name": "n"}' % i for i in range(100)]
+    body = b"\n".join([*rows[:50], b"null", b'{"id": 5', *rows[50:]]) + b"\n"
+    run_csv(project, body, nd, "a.ndjson", "--fresh")  # other columns than the CSV's: start afresh
+    assert len(ds.dataset(project.out("t"), format="parquet").to_table()) == 100
+    assert [line for line, _ in malformed(project)] == [51, 52]
+    report = run_csv(project, b'{"id": 1, "tags": [1, 2]}\n', nd, "b.ndjson")
+    assert "nested values are not supported" in report["bad_files"][0]["error"]

@@ -1,0 +1,193 @@
+"""Reading a CSV or NDJSON chunk in a worker: its byte range (or a compressed file whole)
+parsed into the job's input schema; records that do not parse are kept apart with their
+line numbers (see textinput.py for how the ranges are cut)."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from minibatch.planner import Chunk
+from minibatch.textinput import (
+    Signature,
+    TextFormat,
+    arrow_type,
+    compression_of,
+    convert_options,
+    open_stream,
+)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+@dataclass
+class TextRows:
+    table: pa.Table
+    malformed: pa.Table | None = None
+
+
+def read_text_chunk(chunk: Chunk, text: TextFormat, signature: Signature) -> TextRows:
+    """The chunk's records as a table of the job's schema, and the ones that did not parse."""
+    with open(chunk.path, "rb") as handle:
+        compression = compression_of(chunk.path)
+        if compression:
+            data = open_stream(handle, compression).read()
+            header = text.format == "csv" and text.header
+        else:
+            handle.seek(chunk.row_start)
+            data = handle.read(chunk.num_rows)
+            header = False
+    if text.format == "ndjson":
+        return _ndjson(data, signature, chunk.first_line)
+    return _csv(data, text, signature, chunk.first_line + (1 if header else 0), header)
+
+
+def _csv(data: bytes, text: TextFormat, signature: Signature, first_line: int, header: bool) -> TextRows:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    if header:  # a compressed file's, read whole (the caller counted its line)
+        data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
+    names = [name for name, _ in signature]
+    short: dict[int, str] = {}  # record number (1-based) -> why
+
+    def handler(row: Any) -> Any:
+        short[row.number] = f"{row.actual_columns} fields, expected {row.expected_columns}"
+        return "skip"
+
+    block = min(max(2**20, len(data) + 1), 2**31 - 1)  # one block: a record of any length fits
+
+    def read(types: dict[str, Any]) -> pa.Table:  # not threaded: invalid rows come numbered, in order
+        return pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=block),
+            parse_options=pacsv.ParseOptions(
+                delimiter=text.delimiter, newlines_in_values=True, invalid_row_handler=handler
+            ),
+            convert_options=convert_options(types),
+        )  # fmt: skip
+
+    wrong: list[tuple[int, str]] = []
+    try:  # typed at once: the fast path
+        typed = read({n: arrow_type(kind) for n, kind in signature})
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a value of the wrong type: as text
+        short.clear()
+        typed, wrong = _typed(read({n: pa.string() for n in names}), signature)
+    if not short and not wrong:
+        return TextRows(typed)
+    records = _records(data, text.delimiter)  # (first line, text) of each record: the slow path
+    kept = [r for n, r in enumerate(records, 1) if n not in short]
+    bad = [(first_line + records[n - 1][0], why, records[n - 1][1]) for n, why in short.items()]
+    bad += [(first_line + kept[index][0], why, kept[index][1]) for index, why in wrong]
+    return TextRows(typed, _malformed(bad))
+
+
+def _records(data: bytes, delimiter: str) -> list[tuple[int, str]]:
+    """Each CSV record's first line (0-based, in `data`) and text, by pyarrow's rules: a quote
+    opens a quoted field only at the field's start; empty lines are no records."""
+    found: list[tuple[int, str]] = []
+    lines = data.decode("utf-8", "replace").split("\n")
+    i = 0
+    while i < len(lines):
+        start, text = i, lines[i]
+        open_ = _open_quote(lines[i], delimiter, False)
+        while open_ and i + 1 < len(lines):
+            i += 1
+            text += "\n" + lines[i]
+            open_ = _open_quote(lines[i], delimiter, True)
+        if text.rstrip("\r"):
+            found.append((start, text))
+        i += 1
+    return found
+
+
+def _open_quote(line: str, delimiter: str, inside: bool) -> bool:
+    """Whether a quoted field is still open at the end of `line` (open at its start: `inside`)."""
+    pos = 0
+    while True:
+        if not inside and line.startswith('"', pos):
+            inside, pos = True, pos + 1
+        if inside:
+            close = line.find('"', pos)
+            while close != -1 and line.startswith('"', close + 1):  # "" is a quote inside
+                close = line.find('"', close + 2)
+            if close == -1:
+                return True
+            inside, pos = False, close + 1
+        next_field = line.find(delimiter, pos)
+        if next_field == -1:
+            return False
+        pos = next_field + 1
+
+
+def _typed(table: pa.Table, signature: Signature) -> tuple[pa.Table, list[tuple[int, str]]]:
+    """Strings cast to the schema's types; the rows a value of which does not cast are left
+    out and returned (row index, why)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wrong: dict[int, str] = {}
+    columns: list[Any] = []
+    for name, kind in signature:
+        target = arrow_type(kind)
+        column: Any = table[name]
+        if not pa.types.is_string(target):  # (unquoted empty fields are NULL already)
+            column = pc.if_else(pc.equal(column, pa.scalar("")), pa.scalar(None, pa.string()), column)
+        try:
+            columns.append(pc.cast(column, target))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            values = column.to_pylist()
+            cast = []
+            for i, value in enumerate(values):
+                try:
+                    cast.append(pa.scalar(value, pa.string()).cast(target).as_py())
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    wrong.setdefault(i, f"{name}: {value!r} is not {kind}")
+                    cast.append(None)
+            columns.append(pa.array(cast, target))
+    typed = pa.table(columns, names=[name for name, _ in signature])
+    if wrong:
+        keep = pa.array([i not in wrong for i in range(table.num_rows)])
+        typed = typed.filter(keep)
+    return typed, sorted(wrong.items())
+
+
+def _ndjson(data: bytes, signature: Signature, first_line: int) -> TextRows:
+    import pyarrow as pa
+    import pyarrow.json as pajson
+
+    schema = pa.schema([(name, arrow_type(kind)) for name, kind in signature])
+    options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    try:
+        return TextRows(pajson.read_json(io.BytesIO(data), parse_options=options))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass  # a broken line: sort them out one by one (only in this case: it is slow)
+    good, bad = [], []
+    for number, line in enumerate(data.split(b"\n")):
+        if not line.strip():
+            continue
+        try:
+            if not isinstance(json.loads(line), dict):
+                raise ValueError("not a JSON object")
+            pajson.read_json(io.BytesIO(line), parse_options=options)
+            good.append(line)
+        except (ValueError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            bad.append((first_line + number, str(exc).splitlines()[0][:200], line.decode("utf-8", "replace")))
+    table = (
+        pajson.read_json(io.BytesIO(b"\n".join(good)), parse_options=options)
+        if good
+        else schema.empty_table()
+    )
+    return TextRows(table, _malformed(bad))
+
+
+def _malformed(bad: list[tuple[int, str, str]]) -> pa.Table | None:
+    import pyarrow as pa
+
+    if not bad:
+        return None
+    lines, errors, texts = zip(*sorted(bad), strict=True)
+    return pa.table({"_line": pa.array(lines, pa.int64()), "_error": list(errors), "_text": list(texts)})
