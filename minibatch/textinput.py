@@ -195,8 +195,8 @@ def _segments(
     """Boundaries [start, ..., size] about `segment` apart at record starts, and each segment's
     first line number (1-based)."""
     quoted = text.format == "csv"
-    delimiter = re.escape(text.delimiter.encode())
-    stray = re.compile(rb'[^"\r\n' + delimiter + rb']"[^"\r\n' + delimiter + rb"]")  # 5" floppy
+    plain = rb'[^"\r\n' + re.escape(text.delimiter.encode()) + rb"]"  # a byte inside a field
+    stray = re.compile(rb'"(?<=' + plain + rb'")(?=' + plain + rb")")  # 5" floppy (quote first: fast)
     bounds, lines = [start], [lines_before + 1]
     quotes = newlines = 0  # counted from `start` up to `pos`
     pos, target = start, start + segment
