@@ -162,8 +162,9 @@ class Publisher:
     def _unit(self, unit: str, slices: list[Slice], files: list[OutFile]) -> None:
         current = {piece.token for piece in slices}
         if not current:
-            target = self.layout.output / unit
-            if unit and any(not ours(name) for name in os.listdir(target)):
+            if not unit and not files:
+                return  # an output without rows, as it was
+            if not unit or any(not ours(name) for name in os.listdir(self.layout.output / unit)):
                 self._replace(unit, [], [])  # what minibatch did not write stays, swapped in alone
             else:
                 self._remove_unit(unit)

@@ -292,3 +292,16 @@ def test_partition_columns_need_plain_names(project: Project) -> None:
     project.write_config(JOB.replace('["day", "region"]', '["day", "my col"]'))
     result = project.cli("validate")
     assert result.returncode == 2 and "'my col': partition columns need plain names" in result.stderr
+
+
+def test_right_sized_output_follows_its_input_down_to_no_rows(project: Project) -> None:
+    """Without partition_by the output is one unit: when no chunk has rows any more, its
+    published files go too (they were left, holding rows the new definition drops)."""
+    write(project, "a.parquet", range(0, 300))
+    job = JOB.replace('partition_by = ["day", "region"]', "")
+    project.write_config(job.replace("SELECT * FROM chunk", "SELECT * FROM chunk WHERE id < 1000"))
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    assert [p for p in project.out("p").iterdir() if FILE_RE.match(p.name)]
+    project.write_config(job.replace("SELECT * FROM chunk", "SELECT * FROM chunk WHERE id < 0"))
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    assert not [p for p in project.out("p").iterdir() if FILE_RE.match(p.name)]
