@@ -11,7 +11,7 @@ quarantine directory, with the names of the checks it failed in `_check`) > `dro
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,12 @@ class Checks:
     output: tuple[Check, ...] = ()  # on a reduce job's result, before it is published
     output_rows_change: float | None = None  # 0.5: within 50% of the previous result's rows
 
+    def beside(self, output: Path) -> Checks:
+        """These checks for a parameter set whose output is `output`: its own quarantine."""
+        if self.quarantine is None:
+            return self
+        return replace(self, quarantine=output.with_name(output.name + ".quarantine"))
+
     def facts(self) -> dict[str, Any]:
         """What a chunk's result depends on: the checks decide which rows it keeps."""
         return {"checks": [[c.name, c.sql, c.action] for c in self.rows]} if self.rows else {}
@@ -60,7 +66,7 @@ class Checked:
     bad: int = 0  # rows dropped or quarantined
 
 
-def parse_checks(c: Checker, output: Path, base_dir: Path) -> Checks:
+def parse_checks(c: Checker, output: Path, base_dir: Path, parameterised: bool = False) -> Checks:
     rows = _check_list(c, "checks", ACTIONS)
     outputs = _check_list(c, "output_checks", OUTPUT_ACTIONS)
     fraction = c.get("max_bad_fraction", (int, float))
@@ -79,6 +85,10 @@ def parse_checks(c: Checker, output: Path, base_dir: Path) -> Checks:
         quarantine = (base_dir / place).resolve() if place else output.with_name(output.name + ".quarantine")
         if quarantine == output or output in quarantine.parents or quarantine in output.parents:
             c.error("quarantine", f"{quarantine} overlaps the job's output {output}")
+        if place and parameterised:
+            c.error(
+                "quarantine", "a job with parameters keeps each set's quarantine beside its output: remove it"
+            )
     elif place:
         c.error("quarantine", 'no check has action = "quarantine"')
     return Checks(rows, fraction, quarantine, outputs, change)

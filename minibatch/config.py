@@ -106,8 +106,9 @@ class JobConfig:
         return replace(
             self,
             inputs=tuple(render(pattern, values) for pattern in self.inputs),
-            output=(base_dir / render(self.output_template, values)).resolve(),
+            output=(output := (base_dir / render(self.output_template, values)).resolve()),
             values=tuple(values.items()),
+            checks=self.checks.beside(output),
         )
 
     @property
@@ -162,11 +163,9 @@ JOB_KEYS = {
     "stop_grace", "worker_memory_limit", "breaker_failures", "breaker_rate", "breaker_window",
     "breaker_cooldown", "catchup", "on_failure", "on_success", "executor", "dask_scheduler", "version",
     "params", "partition_by", "target_file_bytes", "row_group_rows", "checks", "max_bad_fraction",
-    "quarantine", "output_checks", "output_rows_change",
-    "format", "schema", "csv_delimiter", "csv_header",
+    "quarantine", "output_checks", "output_rows_change", "format", "schema", "csv_delimiter", "csv_header",
 }  # fmt: skip
-LOG_LEVELS = ("debug", "info", "warning", "error")
-EXECUTORS = ("local", "dask")
+LOG_LEVELS, EXECUTORS = ("debug", "info", "warning", "error"), ("local", "dask")
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -276,7 +275,7 @@ def _job(
     _check_process_sql(c, table)
     params, defaults = job_params(c, inputs or (), output)
     _check_output_outside_inputs(c, inputs or (), output_path, base_dir)
-    checks = parse_checks(c, output_path, base_dir)
+    checks = parse_checks(c, output_path, base_dir, bool(params))
     if checks.quarantine is not None:  # written to like an output: never among the inputs
         _check_output_outside_inputs(c, inputs or (), checks.quarantine, base_dir, "quarantine")
     retries = c.get("retries", int, 2)

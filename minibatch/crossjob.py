@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from minibatch.jobcode import module_files
-from minibatch.layout import OutputLayout
+from minibatch.layout import OutputLayout, default_held
 
 
 class JobConfig(Protocol):  # what is read of config.JobConfig (config imports this module)
@@ -58,9 +58,10 @@ def _overlap(one: JobConfig, two: JobConfig) -> bool:
     """Outputs nested either way, or one inside (or holding) the other's staging or parts."""
     mine, theirs = (OutputLayout.of(job) for job in (one, two))
     pairs = [(mine.output, theirs.output)]
-    pairs += [(mine.output, d) for d in (theirs.staging, theirs.parts, *theirs.held)]
-    pairs += [(theirs.output, d) for d in (mine.staging, mine.parts, *mine.held)]
-    pairs += [(d, e) for d in mine.held for e in theirs.held]
+    mine_held, theirs_held = ([*x.held, *default_held(x.output)] for x in (mine, theirs))
+    pairs += [(mine.output, d) for d in (theirs.staging, theirs.parts, *theirs_held)]
+    pairs += [(theirs.output, d) for d in (mine.staging, mine.parts, *mine_held)]
+    pairs += [(d, e) for d in mine_held for e in theirs_held]
     return any(_holds(a, b) or _holds(b, a) for a, b in pairs)
 
 

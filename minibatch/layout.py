@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 REDUCED_NAME = "part-reduced.parquet"
+HELD_MARK = ".minibatch-held"  # in a quarantine or malformed directory minibatch made
 QUARANTINE_PREFIX = "quarantine-"  # a staged file of quarantined rows: never salvaged
 MALFORMED_PREFIX = "malformed-"  # a staged file of text records that did not parse
 OWNER_NAME = "minibatch-owner"  # in the staging directory: the job (parameter set) the output is
@@ -61,12 +62,10 @@ class OutputLayout:
 
     @property
     def held_dirs(self) -> list[Path]:
-        """Those, and the default ones of a job that no longer quarantines: their parts go
-        (stale rows there would be in both places once the chunk is recomputed)."""
-        defaults = [
-            self.output.with_name(f"{self.output.name}.{kind}") for kind in ("quarantine", "malformed")
-        ]
-        return list(dict.fromkeys([*self.held, *defaults]))
+        """Those, and the default ones of a job that no longer quarantines, if minibatch made
+        them: their parts go (stale rows there would be in two places once recomputed)."""
+        made = [d for d in default_held(self.output) if (d / HELD_MARK).is_file()]
+        return list(dict.fromkeys([*self.held, *made]))
 
     @property
     def hidden(self) -> bool:
@@ -125,8 +124,7 @@ class OutputLayout:
         parts in its output when it publishes)."""
         if self.hidden:
             return
-        self.reduced.unlink(missing_ok=True)
-        remove_published(self.output)
+        self.reduced.unlink(missing_ok=True)  # (published files go when the run succeeds: runner)
         old_parts = OutputLayout(self.output, reduce=True).parts
         if old_parts.is_dir() and not old_parts.is_symlink():
             for path in old_parts.iterdir():
@@ -231,6 +229,11 @@ class OutputLayout:
                 f"minibatch; empty it or choose another directory (to let minibatch write beside "
                 f"these files, create the directory {self.staging})"
             )
+
+
+def default_held(output: Path) -> list[Path]:
+    """Where a job's quarantined and malformed rows go by default."""
+    return [output.with_name(f"{output.name}.{kind}") for kind in ("quarantine", "malformed")]
 
 
 def part_name(chunk_id: str) -> str:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from minibatch.layout import (
     CHUNK_KEY,
     DEFINITION_KEY,
+    HELD_MARK,
     INPUT_KEY,
     PART_RE,
     OutputLayout,
@@ -80,6 +81,7 @@ class ResultStore:
             held = staged_in.get(directory)
             if held:
                 directory.mkdir(parents=True, exist_ok=True)
+                (directory / HELD_MARK).touch()
                 publish(Path(held), directory / part_name(chunk_id))
             else:  # an earlier attempt's or definition's (a check's action changed)
                 (directory / part_name(chunk_id)).unlink(missing_ok=True)

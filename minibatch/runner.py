@@ -24,7 +24,7 @@ from minibatch.events import Emitter, Listener, LogListener
 from minibatch.execute import Execution, Executor, open_pool
 from minibatch.hooks import HookListener
 from minibatch.jobcode import definition
-from minibatch.layout import OutputLayout, OutputNotOwned
+from minibatch.layout import OutputLayout, OutputNotOwned, remove_published
 from minibatch.ledger import Ledger
 from minibatch.lock import job_lock
 from minibatch.manifest import Manifest, manifest_path
@@ -346,6 +346,8 @@ class Run:
         reduced = None
         if record.status == RunStatus.SUCCEEDED and self.layout.hidden:
             reduced = self._publish_if_needed()
+        elif record.status == RunStatus.SUCCEEDED:  # partitions of before: after the parts are in
+            remove_published(self.layout.output)
         record.ended_at = self.options.clock.time()
         wall = max(record.ended_at - record.started_at, 1e-9)
         record.utilisation = record.busy_seconds / (max(record.workers, 1) * wall)

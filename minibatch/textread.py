@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -161,8 +162,10 @@ def _ndjson(data: bytes, signature: Signature, first_line: int) -> TextRows:
 
     schema = pa.schema([(name, arrow_type(kind)) for name, kind in signature])
     options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    bare = b"null" in data and re.search(rb"(?m)^\s*null\s*$", data)  # pyarrow: a row of NULLs
     try:
-        return TextRows(pajson.read_json(io.BytesIO(data), parse_options=options))
+        if not bare:
+            return TextRows(pajson.read_json(io.BytesIO(data), parse_options=options))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass  # a broken line: sort them out one by one (only in this case: it is slow)
     good, bad = [], []

@@ -217,3 +217,44 @@ def test_review_quarantine_paths_and_check_sql_are_refused_up_front(project: Pro
     project.write_config(CHECKED.replace("value < 90", "value < avg(value)"))
     result = project.cli("run-now", "c")
     assert result.returncode == 1 and "a check is a condition on each row, not an aggregate" in result.stdout
+
+
+def test_review_parameter_sets_keep_their_own_quarantine(project: Project) -> None:
+    """Second review: every date wrote to one directory literally named `{date}.quarantine`."""
+    for day in ("2026-11-01", "2026-11-02"):
+        folder = project.data / day
+        folder.mkdir(parents=True)
+        project.write_input(f"{day}/in.parquet", 0 if day.endswith("1") else 1000, 200)
+    job = CHECKED.replace('input = "data/*.parquet"', 'input = "data/{date}/*.parquet"')
+    project.write_config(job.replace('output = "out/c"', 'output = "out/c/{date}"'))
+    for day in ("2026-11-01", "2026-11-02", "2026-11-01"):
+        assert project.cli("run-now", "c", "-q", "--param", f"date={day}").returncode == 0
+    for day, start in (("2026-11-01", 0), ("2026-11-02", 1000)):
+        held = ds.dataset(project.root / "out" / "c" / f"{day}.quarantine", format="parquet").to_table()
+        assert sorted(held["id"].to_pylist()) == [i for i in range(start, start + 200) if i % 97 >= 90]
+
+
+def test_review_no_job_cleans_a_directory_it_did_not_make(project: Project) -> None:
+    """Second review: a job without checks removed part files from `<its output>.quarantine`,
+    another job's output there."""
+    rows(project, 0, 300)
+    project.write_config(
+        MAP_PLAIN + MAP_PLAIN.replace("[jobs.a]", "[jobs.b]").replace("out/a", "out/a.quarantine")
+    )
+    result = project.cli("validate")
+    assert result.returncode == 2 and "jobs" in result.stderr  # outputs may not overlap
+    mine = project.root / "out" / "a.quarantine"
+    mine.mkdir(parents=True)
+    (mine / "part-0123456789abcdef01234567.parquet").write_bytes(b"not minibatch's")
+    project.write_config(MAP_PLAIN)
+    assert project.cli("run-now", "a", "-q").returncode == 0
+    assert project.cli("reset", "a", "--yes").returncode == 0
+    assert (mine / "part-0123456789abcdef01234567.parquet").read_bytes() == b"not minibatch's"
+
+
+MAP_PLAIN = """
+[jobs.a]
+input = "data/*.parquet"
+output = "out/a"
+sql = "SELECT * FROM chunk"
+"""

@@ -305,3 +305,21 @@ def test_right_sized_output_follows_its_input_down_to_no_rows(project: Project) 
     project.write_config(job.replace("SELECT * FROM chunk", "SELECT * FROM chunk WHERE id < 0"))
     assert project.cli("run-now", "p", "-q").returncode == 0
     assert not [p for p in project.out("p").iterdir() if FILE_RE.match(p.name)]
+
+
+def test_dropping_partition_by_keeps_the_old_output_until_the_new_one_is_in(project: Project) -> None:
+    """Second review: removing partition_by emptied the output when the run started."""
+    write(project, "a.parquet", range(0, 300))
+    project.write_config(JOB)
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    plain = JOB.replace('partition_by = ["day", "region"]', "").replace('target_file_bytes = "6KB"', "")
+    project.write_config(
+        plain.replace("SELECT * FROM chunk", "SELECT *, CAST(day || 'x' AS INTEGER) AS n FROM chunk")
+    )
+    assert project.cli("run-now", "p", "-q").returncode == 1  # fails: the old output stays whole
+    check_output(project)
+    project.write_config(plain)
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    assert not [p for p in project.out("p").rglob("file-*.parquet")]
+    ids = duckdb.sql(f"SELECT id FROM read_parquet('{project.out('p')}/*.parquet')").fetchall()
+    assert sorted(i for (i,) in ids) == list(range(300))

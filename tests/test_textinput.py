@@ -230,3 +230,12 @@ def test_review_text_values_as_duckdb_reads_them(project: Project) -> None:
     assert [line for line, _ in malformed(project)] == [51, 52]
     report = run_csv(project, b'{"id": 1, "tags": [1, 2]}\n', nd, "b.ndjson")
     assert "nested values are not supported" in report["bad_files"][0]["error"]
+
+
+def test_review_a_bare_null_line_alone_is_malformed_too(project: Project) -> None:
+    """Second review: without a broken line beside it, pyarrow read `null` as a row of NULLs."""
+    nd = CSV_JOB.replace('format = "csv"', 'format = "ndjson"').replace("*.csv*", "*.ndjson")
+    rows = [b'{"id": %d, "name": "n", "amount": 1.5}' % i for i in range(20)]
+    run_csv(project, b"\n".join([*rows[:5], b"null", *rows[5:]]) + b"\n", nd, "a.ndjson")
+    assert [row[0] for row in output(project)] == list(range(20))
+    assert malformed(project) == [(6, "null")]
