@@ -42,10 +42,14 @@ def read_chunk(chunk: Chunk, columns: tuple[str, ...] | None) -> pa.Table:
 def read_text(task: Task) -> TextRows:
     """A CSV or NDJSON chunk's records in the job's input schema (decided at planning)."""
     assert task.job.text is not None and task.job.input_schema is not None
-    with _open_input(task.chunk) as handle:
-        _check_unchanged(task.chunk, os.fstat(handle.fileno()))
     signature = tuple((name, kind) for name, kind in json.loads(task.job.input_schema))
-    rows = read_text_chunk(task.chunk, task.job.text, signature)
+    with _open_input(task.chunk) as handle:  # one descriptor, checked before and after the read
+        before = os.fstat(handle.fileno())
+        _check_unchanged(task.chunk, before)
+        rows = read_text_chunk(task.chunk, handle, task.job.text, signature)
+        after = os.fstat(handle.fileno())
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise InputChanged(f"{task.chunk.path} changed while it was read")
     if task.job.columns:
         rows.table = rows.table.select(list(task.job.columns))
     return rows

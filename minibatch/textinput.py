@@ -162,6 +162,14 @@ def compression_of(path: str) -> str | None:
     return next((name for ext, name in COMPRESSED.items() if path.endswith(ext)), None)
 
 
+def decompress(raw: bytes, compression: str) -> bytes:
+    """A whole compressed file's text (read by the caller from a descriptor it keeps open)."""
+    import pyarrow as pa
+
+    data: bytes = pa.CompressedInputStream(pa.BufferReader(raw), cast(Any, compression)).read()
+    return data
+
+
 def open_stream(handle: BinaryIO, compression: str | None) -> Any:
     import pyarrow as pa
 

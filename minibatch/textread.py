@@ -8,7 +8,7 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from minibatch.planner import Chunk
 from minibatch.textinput import (
@@ -17,7 +17,7 @@ from minibatch.textinput import (
     arrow_type,
     compression_of,
     convert_options,
-    open_stream,
+    decompress,
 )
 
 if TYPE_CHECKING:
@@ -30,17 +30,19 @@ class TextRows:
     malformed: pa.Table | None = None
 
 
-def read_text_chunk(chunk: Chunk, text: TextFormat, signature: Signature) -> TextRows:
-    """The chunk's records as a table of the job's schema, and the ones that did not parse."""
-    with open(chunk.path, "rb") as handle:
-        compression = compression_of(chunk.path)
-        if compression:
-            data = open_stream(handle, compression).read()
-            header = text.format == "csv" and text.header
-        else:
-            handle.seek(chunk.row_start)
-            data = handle.read(chunk.num_rows)
-            header = False
+def read_text_chunk(chunk: Chunk, handle: BinaryIO, text: TextFormat, signature: Signature) -> TextRows:
+    """The chunk's records, read from `handle` (the caller opened and checked it), as a table
+    of the job's schema, and the ones that did not parse."""
+    compression = compression_of(chunk.path)
+    if compression:
+        data = decompress(handle.read(), compression)  # (a stream over `handle` would close it)
+        header = text.format == "csv" and text.header
+    else:
+        handle.seek(chunk.row_start)
+        data = handle.read(chunk.num_rows)
+        header = False
+        if len(data) != chunk.num_rows:  # a short read must not lose the range's last records
+            raise ValueError(f"{chunk.path}: read {len(data)} bytes of the chunk's {chunk.num_rows}")
     if text.format == "ndjson":
         return _ndjson(data, signature, chunk.first_line)
     return _csv(data, text, signature, chunk.first_line + (1 if header else 0), header)

@@ -239,3 +239,20 @@ def test_review_a_bare_null_line_alone_is_malformed_too(project: Project) -> Non
     run_csv(project, b"\n".join([*rows[:5], b"null", *rows[5:]]) + b"\n", nd, "a.ndjson")
     assert [row[0] for row in output(project)] == list(range(20))
     assert malformed(project) == [(6, "null")]
+
+
+def test_a_short_read_fails_the_chunk_instead_of_losing_its_last_records(tmp_path: Path) -> None:
+    """Data safety: a byte range the file no longer holds in full is an error, never fewer rows
+    reported as the whole chunk."""
+    import pytest
+
+    from minibatch.planner import Chunk
+    from minibatch.textread import read_text_chunk
+
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"id,name,amount\n1,a,1.5\n2,b,2.5\n")
+    chunk = Chunk(str(path), "x", 15, 60, 0, 1, 15, 45)  # bytes 15..60: past the end (33)
+    with open(path, "rb") as handle, pytest.raises(ValueError, match="read 16 bytes of the chunk's 45"):
+        read_text_chunk(
+            chunk, handle, TextFormat("csv"), (("id", "int64"), ("name", "string"), ("amount", "double"))
+        )
