@@ -139,6 +139,20 @@ class OutputLayout:
         if names:
             fsync_dir(self.parts)
 
+    def remove_held(self, keep: set[str]) -> set[str]:
+        """Parts of quarantined or malformed rows, but those named in `keep`; what it removed."""
+        removed = set()
+        for held in self.held_dirs:
+            for path in held.iterdir() if held.is_dir() else []:
+                if PART_RE.match(path.name) and path.name not in keep:
+                    path.unlink()
+                    removed.add(path.name)
+        return removed
+
+    def visible_files(self) -> list[Path]:
+        """The files readers of a published output see: its reduction, or its units' files."""
+        return [self.reduced] if self.reduced.exists() else published_files(self.output)
+
     def remove_all(self, keep_claim: bool = False) -> None:
         """Remove what minibatch wrote for this job, and nothing else (`keep_claim`: the output
         stays minibatch's, for `--fresh`: the staging directory is emptied, not removed)."""
@@ -146,10 +160,10 @@ class OutputLayout:
             self.remove_parts(self.part_files())
         self.reduced.unlink(missing_ok=True)
         remove_published(self.output)
-        for held in self.held_dirs:
-            for path in held.iterdir() if held.is_dir() else []:
-                if PART_RE.match(path.name):
-                    path.unlink()
+        held_dirs = self.held_dirs
+        self.remove_held(set())
+        for held in held_dirs:
+            (held / HELD_MARK).unlink(missing_ok=True)
             _rmdir_if_empty(held)
         if self.hidden:
             _rmdir_if_empty(self.parts)

@@ -13,7 +13,6 @@ from minibatch.layout import (
     PART_RE,
     OutputLayout,
     fsync_dir,
-    published_files,
     remove_published,
     with_provenance,
     write_atomically,
@@ -85,7 +84,7 @@ def published_rows(layout: OutputLayout) -> int | None:
     """Rows of the reduce result readers see now (None before the first)."""
     import pyarrow.parquet as pq
 
-    files = [layout.reduced] if layout.reduced.exists() else published_files(layout.output)
+    files = layout.visible_files()
     return sum(pq.read_metadata(path).num_rows for path in files) if files else None
 
 

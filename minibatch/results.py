@@ -24,7 +24,6 @@ from minibatch.layout import (
     DEFINITION_KEY,
     HELD_MARK,
     INPUT_KEY,
-    PART_RE,
     OutputLayout,
     fsync_dir,
     part_name,
@@ -153,12 +152,7 @@ class ResultStore:
         strays = on_disk - {name for name in done.values() if name}
         self.layout.remove_parts(strays)
         owned = {part_name(chunk_id) for chunk_id in done}
-        for held in self.layout.held_dirs:
-            for path in held.iterdir() if held.is_dir() else []:
-                if PART_RE.match(path.name) and path.name not in owned:
-                    path.unlink()
-                    strays.add(path.name)
-        return len(strays)
+        return len(strays | self.layout.remove_held(owned))
 
     def known_input_signature(self) -> str | None:
         """The input schema the output's parts were computed under (after `repair`, the

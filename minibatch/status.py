@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from minibatch.config import Config, ConfigError, JobConfig
-from minibatch.layout import OutputLayout, OutputNotOwned, published_files
+from minibatch.layout import OutputLayout, OutputNotOwned
 from minibatch.lock import holder_pid, job_lock
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.params import DATE
@@ -71,7 +71,7 @@ def _output(config: Config, name: str, row: dict[str, Any]) -> dict[str, Any]:
     if layout is None or not layout.hidden:
         return {"output_rows": row["rows_out_total"], "output_bytes": row["bytes_out_total"]}
     rows = size = 0
-    for path in [layout.reduced] if layout.reduced.exists() else published_files(layout.output):
+    for path in layout.visible_files():
         with contextlib.suppress(OSError):  # replaced or removed meanwhile
             rows, size = rows + pq.read_metadata(path).num_rows, size + path.stat().st_size
     return {"output_rows": rows, "output_bytes": size}
