@@ -1,3 +1,3 @@
-from minibatch.cli import main
+from minibatch.cli import entry
 
-main()
+entry()

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from minibatch.cli_control import backfill, cancel, pause, resume
-from minibatch.clibase import EXIT_USAGE, Group, State, config_here, params_option, run_options
+from minibatch.clibase import EXIT_USAGE, Group, State, config_here, params_option, run_and_exit, run_options
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -301,5 +301,11 @@ for _command in main.commands.values():
         )  # fmt: skip
     )
 
+
+def entry() -> None:
+    """The `minibatch` script and `python -m minibatch`."""
+    run_and_exit(main)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

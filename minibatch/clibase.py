@@ -3,8 +3,10 @@ exceptions turned into one readable line and the spec's exit status, and common 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 from collections.abc import Callable
 from functools import cached_property
 from typing import Any
@@ -57,6 +59,28 @@ class Group(click.Group):
             where = f": {exc.filename}" if exc.filename else ""
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             sys.exit(1)
+
+
+def run_and_exit(command: click.Command) -> None:
+    """Run the command line, then end the process without the interpreter's teardown once
+    everything is written: destructors of Arrow's and DuckDB's thread pools and of every
+    module's objects cost a 1-chunk `run-now` ~0.1-0.3 s of its ~1 s. Not when a thread that
+    is not a daemon still runs (the interpreter would wait for it) or the exit status is a message."""
+    try:
+        command.main()
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    code = 0 if code is None else code
+    if not isinstance(code, int) or any(
+        not t.daemon for t in threading.enumerate() if t is not threading.main_thread()
+    ):
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BrokenPipeError, ValueError):  # closed by a reader (`| head`)
+            stream.flush()
+    os._exit(code)
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -154,3 +155,32 @@ def test_a_state_dir_that_cannot_be_created_is_a_readable_error(project: Project
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "blocker" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+EXITING = """
+import os, sys, threading, time
+from pathlib import Path
+import click
+from minibatch.clibase import run_and_exit
+
+@click.command()
+@click.argument("code", type=int)
+def command(code):
+    if os.environ.get("THREAD_FILE"):  # work a thread that is not a daemon does after the command
+        late = lambda: (time.sleep(0.2), Path(os.environ["THREAD_FILE"]).write_text("done"))
+        threading.Thread(target=late).start()
+    sys.stdout.write("x" * 100_000)  # unflushed: block-buffered into a pipe
+    sys.exit(code)
+
+run_and_exit(command)
+"""
+
+
+@pytest.mark.parametrize("code", [0, 1, 3])
+def test_the_quick_exit_keeps_the_output_and_the_status(code: int, tmp_path: Path) -> None:
+    done = tmp_path / "thread-done"
+    for env in ({}, {"THREAD_FILE": str(done)}):
+        command = [sys.executable, "-c", EXITING, str(code)]
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
+        assert (result.returncode, len(result.stdout), result.stderr) == (code, 100_000, "")
+    assert done.read_text() == "done"  # the interpreter waited for the thread

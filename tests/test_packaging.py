@@ -117,7 +117,7 @@ def test_wheel_and_sdist_hold_every_tracked_package_file(dist: Path) -> None:
         in_sdist = {name.partition("/")[2] for name in sdist.getnames()}
     assert [name for name in package if name not in in_sdist] == []
     assert f"\nVersion: {VERSION}\n" in metadata
-    assert "minibatch = minibatch.cli:main" in entry_points
+    assert "minibatch = minibatch.cli:entry" in entry_points
 
 
 def test_twine_check_passes(dist: Path) -> None:
