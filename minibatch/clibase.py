@@ -65,7 +65,8 @@ def run_and_exit(command: click.Command) -> None:
     """Run the command line, then end the process without the interpreter's teardown once
     everything is written: destructors of Arrow's and DuckDB's thread pools and of every
     module's objects cost a 1-chunk `run-now` ~0.1-0.3 s of its ~1 s. Not when a thread that
-    is not a daemon still runs (the interpreter would wait for it) or the exit status is a message."""
+    is not a daemon still runs (the interpreter would wait for it), a tracer or profiler is on,
+    or the exit status is a message."""
     try:
         command.main()
     except SystemExit as exc:
@@ -73,9 +74,9 @@ def run_and_exit(command: click.Command) -> None:
     else:
         code = 0
     code = 0 if code is None else code
-    if not isinstance(code, int) or any(
-        not t.daemon for t in threading.enumerate() if t is not threading.main_thread()
-    ):
+    busy = any(not t.daemon for t in threading.enumerate() if t is not threading.main_thread())
+    traced = sys.gettrace() is not None or sys.getprofile() is not None  # coverage, cProfile write at exit
+    if not isinstance(code, int) or busy or traced:
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(BrokenPipeError, ValueError):  # closed by a reader (`| head`)
