@@ -1,6 +1,7 @@
 """Run every workload with every engine side by side; print and write a markdown table.
 
     python -m bench.run [--quick] [--sf 1 --sf 10] [--runs 3] [--workers 2] [--out bench/results.md]
+                        [--only WORKLOAD] [--engine ENGINE]
 
 See bench/README.md for what each workload measures and what the columns mean.
 """
@@ -34,6 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="bench/results.md", help="markdown file to write [bench/results.md]")
     parser.add_argument("--data", default="bench/.data", help="dataset cache and scratch dir [bench/.data]")
     parser.add_argument("--only", action="append", default=[], help="run workloads with this name prefix")
+    parser.add_argument(
+        "--engine", action="append", default=[], help="run engines with this key prefix: duckdb, minibatch-2w"
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is killed")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.workers < 1:
@@ -51,6 +55,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         data_dir=Path(args.data).resolve(),
         timeout=args.timeout,
         only=tuple(args.only),
+        engines=tuple(args.engine),
     )
 
 
@@ -114,6 +119,8 @@ def run_workload(workload: Workload, settings: Settings, calibration: Calibratio
             cluster = _start_cluster(workload, settings, scratch, results, stack)
             prepared = {}
             for r in results:
+                if settings.engines and not r.engine.key.startswith(settings.engines):
+                    r.problem = "n/a (not chosen by --engine)"
                 r.problem = r.problem or runners.unavailable(r.engine)
                 if r.problem is None:
                     prepared[r.engine.key] = runners.prepare(
