@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default="bench/.data", help="dataset cache and scratch dir [bench/.data]")
     parser.add_argument("--only", action="append", default=[], help="run workloads with this name prefix")
     parser.add_argument(
-        "--engine", action="append", default=[], help="run engines with this key prefix: duckdb, minibatch-2w"
+        "--engine", action="append", default=[], help="engines whose label starts so: duckdb, minibatch-2w"
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is killed")
     args = parser.parse_args(argv)
@@ -119,7 +119,7 @@ def run_workload(workload: Workload, settings: Settings, calibration: Calibratio
             cluster = _start_cluster(workload, settings, scratch, results, stack)
             prepared = {}
             for r in results:
-                if settings.engines and not r.engine.key.startswith(settings.engines):
+                if settings.engines and not r.engine.label.startswith(settings.engines):
                     r.problem = "n/a (not chosen by --engine)"
                 r.problem = r.problem or runners.unavailable(r.engine)
                 if r.problem is None:

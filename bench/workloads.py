@@ -34,7 +34,7 @@ class Settings:
     data_dir: Path
     timeout: float
     only: tuple[str, ...] = ()  # workload name prefixes; empty: all
-    engines: tuple[str, ...] = ()  # engine key prefixes (minibatch-2w, duckdb, ...); empty: all
+    engines: tuple[str, ...] = ()  # engine label prefixes (minibatch-2w, duckdb, ...); empty: all
 
 
 @dataclass(frozen=True)
