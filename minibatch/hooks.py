@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import http.client
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import subprocess
 import threading
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minibatch.checking import Hook, url_label
 from minibatch.config import Config, JobConfig
@@ -30,6 +29,9 @@ from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.records import RunRecord
 from minibatch.states import RunStatus
+
+if TYPE_CHECKING:
+    import http.client
 
 OUTPUT_LIMIT = 2000  # characters of a command's output kept in the log
 KEEP_REPORTS = 50  # per job: reports written for hooks are ~5 MB each
@@ -191,6 +193,7 @@ def _killed_output(process: subprocess.Popen[str]) -> str:
 
 def _post(hook: Hook, event: str, facts: dict[str, Any], log: Any) -> None:
     assert hook.url is not None
+    import http.client  # here: ~40 ms at every run's start, for the few jobs with a webhook
     from importlib.metadata import version
 
     body = json.dumps({"event": event, **facts}).encode()
@@ -212,6 +215,8 @@ def _post_within(url: str, body: bytes, headers: dict[str, str], timeout: float)
     status line and headers) ends within `timeout`: a per-read timeout lets a server that
     trickles its answer hold the run for as long as it likes. `user:password@` is sent as
     HTTP Basic authentication."""
+    import http.client
+
     parts = urllib.parse.urlsplit(url)
     if not parts.hostname:  # http.client would take "" for localhost
         raise ValueError("the URL has no host")
