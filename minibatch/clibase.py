@@ -79,6 +79,8 @@ def run_and_exit(command: click.Command) -> None:
     if not isinstance(code, int) or busy or traced:
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # its descriptor was closed when Python started (`>&-`)
+            continue
         with contextlib.suppress(BrokenPipeError, ValueError):  # closed by a reader (`| head`)
             stream.flush()
     os._exit(code)

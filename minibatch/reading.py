@@ -153,7 +153,9 @@ def sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
     fd = held.open(chunk)
     before = os.fstat(fd)
     _check_unchanged(chunk, before)
-    rows = held.con.read_parquet(f"/proc/self/fd/{fd}", file_row_number=True)
+    # can_have_nan: Parquet's min/max leave NaN out, and DuckDB would prune by them the row groups
+    # whose only matching rows are NaN (`isnan(x)`, `x > 5`), losing those rows.
+    rows = held.con.sql(f"FROM read_parquet('/proc/self/fd/{fd}', file_row_number = 1, can_have_nan = 1)")
     rows = rows.filter(f"file_row_number BETWEEN {int(chunk.row_start)} AND {int(chunk.row_end) - 1}")
     names = list(job.columns) if job.columns else [c for c in rows.columns if c != "file_row_number"]
     rows.project(*[duckdb.ColumnExpression(name) for name in names]).create_view("chunk", replace=True)

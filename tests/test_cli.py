@@ -184,3 +184,12 @@ def test_the_quick_exit_keeps_the_output_and_the_status(code: int, tmp_path: Pat
         result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
         assert (result.returncode, len(result.stdout), result.stderr) == (code, 100_000, "")
     assert done.read_text() == "done"  # the interpreter waited for the thread
+
+
+def test_a_closed_stdout_keeps_the_exit_status() -> None:
+    """Python sets sys.stdout to None when descriptor 1 is closed: the quick exit's flush
+    turned that into a traceback and status 1."""
+    result = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m minibatch --help >&-"], capture_output=True, text=True
+    )
+    assert (result.returncode, result.stderr) == (0, "")
