@@ -153,9 +153,7 @@ def sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
     fd = held.open(chunk)
     before = os.fstat(fd)
     _check_unchanged(chunk, before)
-    # can_have_nan: Parquet's min/max leave NaN out, and DuckDB would prune by them the row groups
-    # whose only matching rows are NaN (`isnan(x)`, `x > 5`), losing those rows.
-    rows = held.con.sql(f"FROM read_parquet('/proc/self/fd/{fd}', file_row_number = 1, can_have_nan = 1)")
+    rows = held.con.sql(f"FROM {parquet_scan([f'/proc/self/fd/{fd}'], file_row_number=1)}")
     rows = rows.filter(f"file_row_number BETWEEN {int(chunk.row_start)} AND {int(chunk.row_end) - 1}")
     names = list(job.columns) if job.columns else [c for c in rows.columns if c != "file_row_number"]
     rows.project(*[duckdb.ColumnExpression(name) for name in names]).create_view("chunk", replace=True)
@@ -164,6 +162,16 @@ def sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         raise InputChanged(f"{chunk.path} changed while it was read")
     return cast(pa.Table, result)
+
+
+def parquet_scan(files: list[str], **options: int) -> str:
+    """DuckDB's `read_parquet` of exactly these files (no glob characters in them: checked by
+    the caller), as SQL. Always with can_have_nan: Parquet's min/max statistics leave NaN out,
+    and DuckDB would prune by them the row groups whose only matching rows are NaN
+    (`isnan(x)`, `x > 5`, `x <> 1`), losing those rows."""
+    listed = ", ".join("'" + name.replace("'", "''") + "'" for name in files)
+    settings = "".join(f", {key} = {int(value)}" for key, value in options.items())
+    return f"read_parquet([{listed}]{settings}, can_have_nan = 1)"
 
 
 class _HeldInput:

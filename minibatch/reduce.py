@@ -140,16 +140,16 @@ def _native_parts(con: duckdb.DuckDBPyConnection, parts: list[Path]) -> bool:
     """Make `parts` a view of DuckDB's own Parquet reader over the files if it gives back the
     Arrow types the files declare (so through Arrow DuckDB would see the same columns; a
     duration or a second-precision timestamp, for one, it does not) and no path could be
-    globbed. (Scanning an Arrow object, even an empty one, makes DuckDB import pandas.) Not
-    pruned by float statistics, which leave NaN out (see `reading.sql_on_file`)."""
+    globbed. (Scanning an Arrow object, even an empty one, makes DuckDB import pandas.)"""
     import pyarrow.parquet as pq
+
+    from minibatch.reading import parquet_scan
 
     paths = [str(p) for p in parts]
     if any(GLOB & set(path) or not path.startswith("/") for path in paths):
         return False
     declared = pq.read_schema(paths[0])
-    files = ", ".join("'" + path.replace("'", "''") + "'" for path in paths)
-    con.execute(f"CREATE VIEW parts AS FROM read_parquet([{files}], hive_partitioning = 0, can_have_nan = 1)")
+    con.execute(f"CREATE VIEW parts AS FROM {parquet_scan(paths, hive_partitioning=0)}")
     seen = con.sql("FROM parts LIMIT 0").to_arrow_table().schema
     if [(f.name, _kept(f.type)) for f in seen] != [(f.name, _kept(f.type)) for f in declared]:
         con.execute("DROP VIEW parts")
