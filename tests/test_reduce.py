@@ -99,3 +99,11 @@ def test_nan_rows_reach_the_reduction(tmp_path: Path, where: str) -> None:
     got = reduce_table(sql, paths, None, {})
     assert repr(got.to_pylist()) == repr(through_dataset(sql, paths).to_pylist())  # NaN == NaN here
     assert {1, 4} <= set(got.column("n").to_pylist())  # the NaN rows of both parts
+
+
+def test_a_quote_in_the_output_path_reaches_duckdb_escaped(tmp_path: Path) -> None:
+    paths = parts(tmp_path / "it's out", {"v": pa.array([1, 2, 3])})
+    assert _native_parts(duckdb.connect(), paths)  # read by DuckDB, the name quoted in its SQL
+    assert reduce_table("SELECT sum(v) AS v, count(*) AS n FROM parts", paths, None, {}).to_pylist() == [
+        {"v": 12, "n": 6}
+    ]
