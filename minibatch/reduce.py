@@ -56,16 +56,16 @@ def publish_if_needed(
     if key == previous and (not sql or job.shape.partition_by or layout.reduced.exists()):
         return None
     units: Published | None
-    if sql is None:
-        units = publish_parts(layout, read_slices(parts), job.workers)
-    else:
-        try:
-            result = reduce_table(sql, parts, None if parts else empty, dict(job.values))
-        except Exception as exc:  # the user's SQL: its error ends the run as failed, readably
-            raise OutputFailed(f"reduce_sql failed: {type(exc).__name__}: {exc}") from None
-        _check_result(result, job, layout, events)
-        units = _publish_reduced(result, layout, key)
-        events(EventKind.REDUCE_DONE, parts=len(parts), rows=result.num_rows)
+    try:
+        if sql is None:
+            units = publish_parts(layout, read_slices(parts), job.workers)
+        else:
+            result = _reduce(sql, parts, empty, job)
+            _check_result(result, job, layout, events)
+            units = _publish_reduced(result, layout, key)
+            events(EventKind.REDUCE_DONE, parts=len(parts), rows=result.num_rows)
+    except PublishError as exc:  # a unit it may not replace (a user's file in its place)
+        raise OutputFailed(f"output not published: {exc}", EventKind.PUBLISH_FAILED) from None
     if units is not None:
         events(EventKind.OUTPUT_PUBLISHED, **units.summary())
     return key
@@ -89,17 +89,21 @@ def published_rows(layout: OutputLayout) -> int | None:
     return sum(pq.read_metadata(path).num_rows for path in files) if files else None
 
 
-def _publish_reduced(result: pa.Table, layout: OutputLayout, key: str) -> Published | None:
+def _reduce(sql: str, parts: list[Path], empty: pa.Schema | None, job: JobConfig) -> pa.Table:
     try:
-        if layout.shape.partition_by:
-            staged = layout.staging / f"reduced-{key[:24]}.parquet"
-            write_durably(with_provenance(result, key[:24], key), staged, layout.shape)
-            try:
-                return publish_parts(layout, read_slices([staged]))
-            finally:
-                staged.unlink(missing_ok=True)
-    except PublishError as exc:
-        raise OutputFailed(f"output not published: {exc}", EventKind.PUBLISH_FAILED) from None
+        return reduce_table(sql, parts, None if parts else empty, dict(job.values))
+    except Exception as exc:  # the user's SQL: its error ends the run as failed, readably
+        raise OutputFailed(f"reduce_sql failed: {type(exc).__name__}: {exc}") from None
+
+
+def _publish_reduced(result: pa.Table, layout: OutputLayout, key: str) -> Published | None:
+    if layout.shape.partition_by:
+        staged = layout.staging / f"reduced-{key[:24]}.parquet"
+        write_durably(with_provenance(result, key[:24], key), staged, layout.shape)
+        try:
+            return publish_parts(layout, read_slices([staged]))
+        finally:
+            staged.unlink(missing_ok=True)
     write_atomically(result, layout.reduced, layout.staging)
     remove_published(layout.output)  # files of partition_by or target_file_bytes, from before
     for other in layout.output.iterdir():

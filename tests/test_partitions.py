@@ -278,6 +278,8 @@ def test_what_minibatch_did_not_write_is_never_carried_off(project: Project) -> 
     write(project, "b.parquet", range(1000, 1300), days=2)  # rows for day 2: its directory is a file
     result = project.cli("run-now", "p")
     assert result.returncode == 1 and "is not a directory minibatch made" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr  # the run fails, readably: it was a crash
+    assert "failed" in result.stdout
     assert mine.read_text().startswith("a user's file")
     (project.data / "b.parquet").unlink()
     (project.data / "a.parquet").unlink()
