@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import Project, wait_for
 
@@ -258,3 +263,19 @@ input = "data/*.parquet"
 output = "out/a"
 sql = "SELECT * FROM chunk"
 """
+
+
+def test_checks_turn_no_python_value_into_arrow(tmp_path: Path) -> None:
+    """A SQL job's workers never import pandas, but the checks did (a Python list per chunk made
+    pyarrow import it where installed: ~0.5 s and ~50 MiB in each worker)."""
+    pytest.importorskip("pandas")
+    pq.write_table(pa.table({"v": range(8)}), tmp_path / "v.parquet")  # read back: no conversion there
+    code = (
+        "import sys, pyarrow.parquet as pq; from minibatch.checks import Check, apply_checks; "
+        f"table = pq.ParquetFile({str(tmp_path / 'v.parquet')!r}).read(); "
+        "checks = (Check('small', 'v < 5', 'drop'), Check('odd', 'v % 2 = 1', 'warn')); "
+        "checked = apply_checks(table, checks); "
+        "print(checked.table['v'].to_pylist(), checked.failed, 'pandas' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[0, 1, 2, 3, 4] {'small': 3, 'odd': 4} False"
