@@ -122,7 +122,7 @@ def _cell(key: str, value: Any) -> str:
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
     cells = [[_cell(key, row.get(key)) for key, _ in columns] for row in rows]
     headers = [title for _, title in columns]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     for line in [headers, *cells]:
         click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
 

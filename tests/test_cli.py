@@ -147,6 +147,14 @@ def test_status_of_a_job_never_run(project: Project) -> None:
     assert project.cli("status", "nope").returncode == 2
 
 
+@pytest.mark.parametrize("command", ["list", "status", "history"])
+def test_a_config_without_jobs_lists_nothing(project: Project, command: str) -> None:
+    """Hostile review: an empty table (no jobs) crashed the table printer with a traceback."""
+    project.write_config("")
+    result = project.cli(command)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+
+
 def test_a_state_dir_that_cannot_be_created_is_a_readable_error(project: Project) -> None:
     (project.root / "blocker").write_text("a file where a directory should be")
     write_raw_config(project, "[minibatch]\nstate_dir = 'blocker/state'\n" + GOOD)
