@@ -50,14 +50,37 @@ def restore(config: Config, copy: Path) -> Path:
     """Put a backup in place of the manifest, while no job of this config runs; the manifest
     it replaces (and its write-ahead log, which belongs to it) is set aside, not deleted."""
     path = manifest_path(config.engine.state_dir)
+    staged = path.with_name(f".{path.name}.restoring")
     with _all_job_locks(config):
-        problem = _problem(copy)
-        if problem is not None or not copy.is_file():
-            raise ManifestError(f"{copy} is not a readable manifest backup: {problem or 'no such file'}")
+        if not copy.is_file():
+            raise ManifestError(f"{copy} is not a manifest backup: no such file")
+        # Checked as a copy: opening the backup itself would add this release's tables to it.
+        shutil.copyfile(copy, staged)
+        problem = _not_a_manifest(staged) or _problem(staged)
+        if problem is not None:
+            for leftover in (staged, staged.with_name(staged.name + ".wal")):
+                leftover.unlink(missing_ok=True)
+            raise ManifestError(f"{copy} is not a manifest backup: {problem}")
         aside = _set_aside(path, "replaced") if path.exists() else path
-        shutil.copyfile(copy, path.with_name(f".{path.name}.restoring"))
-        os.replace(path.with_name(f".{path.name}.restoring"), path)
+        os.replace(staged, path)
         return aside
+
+
+def _not_a_manifest(path: Path) -> str | None:
+    """Why the file is not a minibatch manifest of any release: not a DuckDB database (DuckDB
+    would open a Parquet file, say, as an empty database in memory), or without its tables."""
+    import duckdb
+
+    with path.open("rb") as handle:
+        if handle.read(12)[8:] != b"DUCK":
+            return "not a DuckDB database file"
+    try:
+        with contextlib.closing(duckdb.connect(str(path), read_only=True)) as con:
+            tables = {name for (name,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    except duckdb.Error as exc:
+        return str(exc).strip().splitlines()[0]
+    missing = sorted({"runs", "chunks", "job_state"} - tables)
+    return f"a DuckDB database without minibatch's tables ({', '.join(missing)})" if missing else None
 
 
 def _set_aside(path: Path, why: str) -> Path:

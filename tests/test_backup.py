@@ -3,8 +3,11 @@ is in the output exactly once."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+
+import duckdb
 
 from conftest import MAP_JOB, Project, wait_for
 
@@ -46,3 +49,32 @@ def test_backup_never_overwrites(project: Project) -> None:
     assert project.cli("backup", str(target)).returncode == 0
     again = project.cli("backup", str(target))
     assert again.returncode == 1 and "will not overwrite" in again.stderr
+
+
+def test_restore_takes_only_a_manifest_and_leaves_the_file_it_is_given_as_it_was(project: Project) -> None:
+    """Hostile review: `restore` opened the file it was given read-write, adding minibatch's
+    tables to a user's own DuckDB database, and put a Parquet file in place of the manifest
+    (DuckDB opens one as an empty database in memory): every later command then failed."""
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 100)
+    assert project.cli("run-now", "ident").returncode == 0
+    other = project.root / "other.duckdb"
+    with duckdb.connect(str(other)) as con:
+        con.execute("CREATE TABLE userdata (x INTEGER)")
+    garbage = project.root / "garbage.bin"
+    garbage.write_bytes(os.urandom(4096))
+    for given, why in [
+        (other, "without minibatch's tables"),
+        (project.data / "a.parquet", "not a DuckDB database file"),
+        (garbage, "not a DuckDB database file"),
+        (project.root / "nope.duckdb", "no such file"),
+    ]:
+        before = given.read_bytes() if given.exists() else None
+        result = project.cli("restore", str(given))
+        assert result.returncode == 1 and why in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert (given.read_bytes() if given.exists() else None) == before  # not even opened for writing
+    state = project.root / ".state"
+    assert not list(state.glob("*.replaced-*")) and not list(state.glob(".*"))  # nothing set aside or left
+    status = project.cli("status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)[0]["status"] == "succeeded", status.stderr
