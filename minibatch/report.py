@@ -83,7 +83,15 @@ def report_run(state_dir: Path, job: str, run_id: str | None, output: str | None
     if run is None:
         raise ReportError(f"no run {run_id} of {job}" if run_id else f"{job} has no runs yet")
     path = Path(output) if output else default_report_path(state_dir, job, run["run_id"])
+    if output and path.exists() and not _is_report(path):  # `-o data/a.parquet`: a typo, not a wish
+        raise ReportError(f"{path} exists and is not a minibatch report: not writing over it")
     return write_report(manifest, job, path, run["run_id"])
+
+
+def _is_report(path: Path) -> bool:
+    with path.open("rb") as handle:
+        head = handle.read(512)
+    return head.startswith(b"<!DOCTYPE html>") and b"<title>minibatch report: " in head
 
 
 def default_report_path(state_dir: Path, job: str, run_id: str) -> Path:

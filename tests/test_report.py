@@ -205,6 +205,21 @@ def test_write_report_replaces_the_file_at_the_default_path(runs: Runs) -> None:
     assert os.listdir(path.parent) == [path.name]  # no temporary file left behind
 
 
+def test_report_writes_over_a_report_but_not_over_another_file(runs: Runs) -> None:
+    """Hostile review: `report -o data/a.parquet` (or config.toml) replaced the user's file."""
+    root = runs.project.root
+    page = root / "page.html"
+    assert runs.project.cli("report", "rep", "-o", str(page)).returncode == 0
+    written = page.read_text()
+    again = runs.project.cli("report", "rep", "--run", runs.noop["run_id"], "-o", str(page))
+    assert again.returncode == 0 and page.read_text() != written  # an earlier report is replaced
+    for name in ("data/a.parquet", "config.toml"):
+        before = (root / name).read_bytes()
+        refused = runs.project.cli("report", "rep", "-o", str(root / name))
+        assert refused.returncode == 2 and "is not a minibatch report" in refused.stderr, refused.stderr
+        assert (root / name).read_bytes() == before
+
+
 def test_a_killed_run_renders_without_an_end(project: Project) -> None:
     project.write_config("""
     [jobs.f]
