@@ -101,6 +101,7 @@ class Reconciled:
     todo: list[Chunk]
     salvaged: list[tuple[Chunk, TaskResult]]
     skipped: int  # dead letters of earlier runs, not retried
+    planned: list[Chunk]  # every chunk of the plan
 
 
 def reconcile(
@@ -135,4 +136,19 @@ def reconcile(
     if foreign := store.layout.foreign_files():
         events(EventKind.FOREIGN_FILES_IN_OUTPUT, output=str(store.layout.output), files=foreign[:10])
     todo = [c for c in chunks if c.chunk_id not in dead and c.chunk_id not in ledger.outputs]
-    return Reconciled(todo=todo, salvaged=store.salvage(todo), skipped=len(dead))
+    return Reconciled(todo=todo, salvaged=store.salvage(todo), skipped=len(dead), planned=chunks)
+
+
+def drop_removed(
+    chunks: list[Chunk], removed: set[str], store: ResultStore, ledger: Ledger, events: RunEvents
+) -> int:
+    """Input files removed under the run take their results with them, earlier runs' too (the
+    next plan would drop them as well): the output never holds part of a file that is no longer
+    input. Returns how many planned chunks that leaves out."""
+    ids = [c.chunk_id for c in chunks if c.path in removed]
+    names = {ledger.outputs.pop(chunk_id, None) for chunk_id in ids}
+    ledger.flush()  # this run's records of them first: forgetting them is the last word
+    ledger.manifest.forget_chunks(ledger.record.job, ids)
+    files = store.remove_strays({name for name in names if name}, ledger.outputs)
+    events(EventKind.STALE_OUTPUTS_REMOVED, files=files, records=len(ids))
+    return len(ids)

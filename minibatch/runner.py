@@ -34,6 +34,7 @@ from minibatch.reconcile import (
     Definition,
     Reconciled,
     check_definition,
+    drop_removed,
     fit_schema,
     reconcile,
     report_bad_files,
@@ -142,6 +143,7 @@ class Run:
         self.ledger = Ledger(self.manifest, self.record, self.store.make_durable, self.events, options.clock)
         self.summary = RunSummary(record=self.record)
         self.removed_chunks = 0  # planned, but their input file was removed under the run
+        self.dropped = 0  # planned, of files removed under the run: their results went too
         self.input_schema: str | None = None  # JSON, decided at planning
         self.reduced_key: str | None = None  # what the output is the reduction of, at start
         self.memory_per_byte: float | None = None  # learned from earlier runs' attempts
@@ -168,7 +170,7 @@ class Run:
             EventKind.RUN_STARTED, workers=self.job.workers, memory_limit=self.job.memory_limit,
             temp_files_removed=leftovers, **({"params": self.record.params} if self.job.values else {}),
         )  # fmt: skip
-        work = Reconciled([], [], 0)
+        work = Reconciled([], [], 0, [])
         if inputs.missing:
             self._inputs_missing(inputs.missing)
         else:
@@ -290,6 +292,8 @@ class Run:
         self.record.busy_seconds = out.busy_seconds
         self.summary.stopped = out.stopped
         self.record.error = out.error or self._input_changed(out)
+        if (gone := {path for path in out.removed if not os.path.exists(path)}) and not self._vanished():
+            self.dropped = drop_removed(work.planned, gone, self.store, self.ledger, self.events)
 
     def _memory(self) -> TreeMemory | None:
         """The local pool's processes are this one's children: measure them (Dask's are remote)."""
@@ -379,8 +383,9 @@ class Run:
         """What readers see, if it changed; the key of it (recorded with the last commit)."""
         try:
             return publish_if_needed(
-                self.job, self.layout, self.ledger.outputs, self.record.chunks_total, self.definition.key,
-                self.reduced_key, self.store.schema or self.store.empty_schema, self.events,
+                self.job, self.layout, self.ledger.outputs, self.record.chunks_total - self.dropped,
+                self.definition.key, self.reduced_key, self.store.schema or self.store.empty_schema,
+                self.events,
             )  # fmt: skip
         except OutputFailed as exc:
             self._fail(str(exc), exc.kind)

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import Project, faulty_job, wait_for, watch_stderr
+from conftest import MAP_JOB, Project, faulty_job, wait_for, watch_stderr
 
 
 def setup(project: Project, process: str, extra: str = "", files: int = 2, rows: int = 500) -> None:
@@ -172,3 +172,28 @@ def test_chunk_with_a_different_schema_fails_naming_the_column(project: Project)
     table = project.output_table("f")  # still readable as one table
     assert table.schema.field("value").type == "int64"
     assert 500 not in table.column("id").to_pylist()
+
+
+@pytest.mark.parametrize("shape", ["", 'target_file_bytes = "1MB"'], ids=["parts", "right-sized"])
+def test_a_file_removed_under_a_resumed_run_takes_all_its_rows_with_it(project: Project, shape: str) -> None:
+    """Hostile review: b.parquet, half done by a killed run, removed while the next run ran: that
+    run exited 0 and published the half earlier runs had finished (rows of a file that is no
+    longer input, and not all of them)."""
+    job = MAP_JOB.replace("myjobs.basic:ident", "myjobs.faulty:crash_at") + f"workers = 1\n{shape}\n"
+    project.write_config(job)
+    project.write_input("a.parquet", 0, 500)  # 10 chunks of 50 rows
+    project.write_input("b.parquet", 500, 1000)  # 20
+    killed = project.start("run-now", "ident", env={"MB_CRASH_AT": "16", "MB_SLEEP": "0.15"})
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    run = project.start("run-now", "ident", env={"MB_SLEEP": "0.2"})
+    lines = watch_stderr(run)
+    wait_for(lambda: any('"run_planned"' in line for line in lines), what="the plan")
+    (project.data / "b.parquet").unlink()
+    run.wait(timeout=60)
+    assert run.returncode == 0, "".join(lines)  # a removed file is not a failure ...
+    ids = sorted(project.output_table("ident").column("id").to_pylist())
+    assert ids == list(range(500))  # ... and none of its rows stay
+    assert project.manifest_rows("SELECT count(*) FROM chunks WHERE file LIKE '%b.parquet'") == [(0,)]
+    again = project.cli("run-now", "ident")
+    assert again.returncode == 0 and sorted(project.output_table("ident").column("id").to_pylist()) == ids
