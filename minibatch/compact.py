@@ -198,7 +198,8 @@ class Publisher:
                 self.out.files_written += 1
         fsync_dir(staged)
         exchange(staged, target)
-        shutil.rmtree(staged, ignore_errors=True)  # the old unit, now here
+        _rescue(staged, target)  # the old unit, now here: what a user made in it while we built
+        shutil.rmtree(staged, ignore_errors=True)
         self.out.units_written += 1
         self.out.files_kept += len(keep)
         self.out.files += [f.nbytes for f in keep]
@@ -264,6 +265,7 @@ class Publisher:
         gone = self.layout.staging / f"gone-{_digest(unit)}"
         shutil.rmtree(gone, ignore_errors=True)
         os.rename(target, gone)
+        _rescue(gone, target)  # made since it was found to hold only minibatch's files
         shutil.rmtree(gone)
         for parent in list(target.parents)[: len(self.shape.partition_by) - 1]:
             try:
@@ -271,6 +273,30 @@ class Publisher:
             except OSError:
                 break
         fsync_dir(target.parent if target.parent.exists() else self.layout.output)
+
+
+def _rescue(old: Path, live: Path) -> None:
+    """Move into `live` what in `old` (a unit swapped out or removed) is not minibatch's and not
+    already in `live` as the same file (carried over, linked): a user's file made or replaced in
+    the unit while it was rebuilt. (One deleted meanwhile comes back, carried over.)"""
+    moved = False
+    for entry in os.scandir(old) if old.is_dir() else []:  # not there: nothing was swapped out
+        there = live / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            if there.is_dir() and not there.is_symlink():
+                _rescue(Path(entry.path), there)
+                continue
+        elif ours(entry.name) or _same_file(entry, there):
+            continue
+        live.mkdir(parents=True, exist_ok=True)
+        os.replace(entry.path, there)
+        moved = True
+    if moved:
+        fsync_dir(live)
+
+
+def _same_file(entry: os.DirEntry[str], path: Path) -> bool:
+    return os.path.lexists(path) and os.path.samestat(entry.stat(follow_symlinks=False), path.lstat())
 
 
 def exchange(staged: Path, target: Path) -> None:

@@ -17,9 +17,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from minibatch import compact
 from minibatch.compact import Slice, plan_files
 from minibatch.hive import FILE_RE, NULL_VALUE, escape, split_units
 
@@ -325,3 +327,38 @@ def test_dropping_partition_by_keeps_the_old_output_until_the_new_one_is_in(proj
     assert not [p for p in project.out("p").rglob("file-*.parquet")]
     ids = duckdb.sql(f"SELECT id FROM read_parquet('{project.out('p')}/*.parquet')").fetchall()
     assert sorted(i for (i,) in ids) == list(range(300))
+
+
+def test_a_users_file_made_while_its_partition_is_rebuilt_stays(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hostile review: the old unit, swapped out, was deleted whole, with a file a user made in
+    the partition (or replaced there) while minibatch was building the new one; and a unit
+    removed as empty took a file made after it was found to hold only minibatch's."""
+    write(project, "a.parquet", range(0, 300), days=2, regions=["eu"])
+    project.write_config(JOB)
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    day1, day2 = project.out("p") / "day=2026-11-01" / "region=eu", project.out("p") / "day=2026-11-02"
+    (day1 / "_SUCCESS").write_text("before")  # carried into the new unit
+    real_exchange, real_remove = compact.exchange, compact.Publisher._remove_unit
+
+    def user_writes_then_exchange(staged: Path, target: Path) -> None:  # as the swap happens
+        if target == day1:
+            (target / "_NOTES.txt").write_text("made while it was rebuilt")
+            (target / ".tmp").write_text("after")
+            os.replace(target / ".tmp", target / "_SUCCESS")  # replaced, not rewritten in place
+        real_exchange(staged, target)
+
+    def user_writes_then_remove(self: compact.Publisher, unit: str) -> None:
+        (project.out("p") / unit / "_LATE").write_text("made after the check")
+        real_remove(self, unit)
+
+    monkeypatch.setattr(compact, "exchange", user_writes_then_exchange)
+    monkeypatch.setattr(compact.Publisher, "_remove_unit", user_writes_then_remove)
+    (project.data / "a.parquet").unlink()
+    write(project, "b.parquet", range(1000, 1100), days=1, regions=["eu"])  # day 1 rebuilt, day 2 empty
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    assert (day1 / "_NOTES.txt").read_text() == "made while it was rebuilt"
+    assert (day1 / "_SUCCESS").read_text() == "after"
+    assert (day2 / "region=eu" / "_LATE").read_text() == "made after the check"
+    assert {i for ids in by_pyarrow(project.out("p")).values() for i in ids} == set(range(1000, 1100))
