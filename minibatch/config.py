@@ -17,8 +17,8 @@ from minibatch.checking import Checker, Hook, choice, parse_hook, positive_size,
 from minibatch.checks import Checks, parse_checks
 from minibatch.crossjob import check_dependencies, check_outputs_apart
 from minibatch.hive import Shape, parse_shape
+from minibatch.inputs import glob_root
 from minibatch.params import ParamError, bind, checkpoint_key, job_params, render
-from minibatch.planner import glob_root
 from minibatch.textinput import TextFormat, parse_text
 from minibatch.units import parse_duration, parse_size
 

@@ -19,13 +19,13 @@ from typing import Any
 
 from minibatch.config import Config, ConfigError, JobConfig, load_config
 from minibatch.control import Active, ActiveRuns, Control, fire_params, key_of, unmet_dependencies
+from minibatch.inputs import InputError, expand_inputs
 from minibatch.jobcode import code_paths
 from minibatch.lock import JobLocked
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.metrics import Metrics
 from minibatch.notify import Notifier
-from minibatch.planner import InputError, expand_inputs
 from minibatch.runner import RunOptions, new_run_id, run_job
 from minibatch.schedule import next_fire_times, parse_crontab
 from minibatch.signals import StopSignals

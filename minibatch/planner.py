@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
@@ -162,80 +160,6 @@ def _split(meta: FileMeta, index: int, offset: int, chunk_bytes: int, cap: int) 
         )
         for start, end in zip(bounds, bounds[1:], strict=False)
     ]
-
-
-class InputError(Exception):
-    """The inputs cannot be read safely: a symlink loop, or the job's own output among them."""
-
-
-@dataclass(frozen=True)
-class Inputs:
-    files: list[str]  # absolute, sorted, each real file once
-    missing: list[str]  # patterns that matched no file
-
-
-def expand_inputs(base_dir: Path, patterns: Iterable[str]) -> list[str]:
-    """Absolute paths of the files the globs match, sorted, each once."""
-    return find_inputs(base_dir, patterns).files
-
-
-def find_inputs(base_dir: Path, patterns: Iterable[str], forbidden: Sequence[Path] = ()) -> Inputs:
-    """The files the globs match, each real file once (two paths to one file through a symlink
-    are one input). Raises InputError for a symlink loop under `**` and for a file inside one
-    of the `forbidden` directories (the job's own output) reached through a symlink."""
-    by_real: dict[str, str] = {}
-    missing: list[str] = []
-    fences = [os.path.realpath(d) + os.sep for d in forbidden]
-    for pattern in patterns:
-        if "**" in pattern:
-            _refuse_symlink_loops(glob_root(base_dir, pattern), pattern)
-        full = pattern if os.path.isabs(pattern) else os.path.join(glob.escape(str(base_dir)), pattern)
-        matches = sorted(os.path.abspath(p) for p in glob.glob(full, recursive=True) if os.path.isfile(p))
-        if not matches:
-            missing.append(pattern)
-        for path in matches:
-            real = os.path.realpath(path)
-            if any(real.startswith(fence) for fence in fences):
-                raise InputError(f"input glob {pattern!r} reaches the job's own output: {path} is {real}")
-            by_real.setdefault(real, path)
-    return Inputs(files=sorted(by_real.values()), missing=missing)
-
-
-def _refuse_symlink_loops(root: Path, pattern: str) -> None:
-    """Walk what `**` walks (following symlinks, skipping hidden names) and refuse a directory
-    that is its own ancestor: glob would otherwise list every file once per trip round it."""
-
-    def walk(directory: str, ancestors: frozenset[tuple[int, int]]) -> None:
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            return  # unreadable: glob skips it too
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue
-            stat = os.stat(entry.path)
-            key = (stat.st_dev, stat.st_ino)
-            if key in ancestors:
-                target = os.readlink(entry.path) if entry.is_symlink() else entry.path
-                raise InputError(f"input glob {pattern!r} reaches a symlink loop: {entry.path} -> {target}")
-            walk(entry.path, ancestors | {key})
-
-    if root.is_dir():
-        stat = root.stat()
-        walk(str(root), frozenset({(stat.st_dev, stat.st_ino)}))
-
-
-def glob_root(base_dir: Path, pattern: str) -> Path:
-    """The directory part of a glob before its first wildcard."""
-    parts = Path(pattern).parts
-    literal: list[str] = []
-    for part in parts:
-        if glob.has_magic(part):
-            break
-        literal.append(part)
-    if len(literal) == len(parts):  # a plain file name: its directory
-        literal = literal[:-1]
-    return (base_dir / Path(*literal)).resolve() if literal else base_dir.resolve()
 
 
 Signature = tuple[tuple[str, str], ...]

@@ -23,13 +23,14 @@ from minibatch.crossjob import precious_inside
 from minibatch.events import Emitter, Listener, LogListener
 from minibatch.execute import Execution, Executor, open_pool
 from minibatch.hooks import HookListener
+from minibatch.inputs import InputError, Inputs, find_inputs
 from minibatch.jobcode import definition
 from minibatch.layout import OutputLayout, OutputNotOwned, remove_published
 from minibatch.ledger import Ledger
 from minibatch.lock import job_lock
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.params import params_json
-from minibatch.planner import BadFile, FileMeta, InputError, Inputs, find_inputs, plan_chunks, scan_inputs
+from minibatch.planner import BadFile, FileMeta, plan_chunks, scan_inputs
 from minibatch.reconcile import (
     Definition,
     Reconciled,
@@ -171,8 +172,8 @@ class Run:
             temp_files_removed=leftovers, **({"params": self.record.params} if self.job.values else {}),
         )  # fmt: skip
         work = Reconciled([], [], 0, [])
-        if inputs.missing:
-            self._inputs_missing(inputs.missing)
+        if inputs.missing or inputs.unreadable:
+            self._inputs_missing(inputs)
         else:
             # Footers are read outside a session: other processes may be waiting for the manifest.
             scanned = self._scan(inputs.files)
@@ -212,14 +213,15 @@ class Run:
         except (OutputNotOwned, InputError) as exc:
             raise ConfigError([f"jobs.{self.job.name}: {exc}"], self.config.path) from None
 
-    def _inputs_missing(self, patterns: list[str]) -> None:
-        """A glob that matches nothing is an unmounted share, a renamed folder or a typo far more
-        often than an empty day: fail, and delete nothing."""
-        quoted = ", ".join(repr(p) for p in patterns)
-        self.record.error = (
-            f"input glob {quoted} matches no file (in {self.config.base_dir}); nothing was deleted"
-        )
-        self.events(EventKind.NO_INPUT_FILES, input=patterns, error=self.record.error)
+    def _inputs_missing(self, inputs: Inputs) -> None:
+        """A glob that matches nothing, or a match that cannot be read (a dangling symlink), is an
+        unmounted share, a renamed folder or a typo far more often than an empty day or a removed
+        file: fail, and delete nothing."""
+        quoted = ", ".join(repr(p) for p in inputs.missing)
+        why = [f"input glob {quoted} matches no file (in {self.config.base_dir})"] if inputs.missing else []
+        why += [f"input {unreadable}" for unreadable in inputs.unreadable]
+        error = self.record.error = "; ".join([*why, "nothing was deleted"])
+        self.events(EventKind.NO_INPUT_FILES, input=[*inputs.missing, *inputs.unreadable], error=error)
 
     # -- planning -------------------------------------------------------------------------------
 

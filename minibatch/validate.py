@@ -10,10 +10,10 @@ import threading
 from typing import Any
 
 from minibatch.config import Config, ConfigError
+from minibatch.inputs import InputError, find_inputs
 from minibatch.jobcode import JobCodeError, forget_package, import_process
 from minibatch.layout import OutputLayout
 from minibatch.params import SAMPLE, placeholders, sql_values
-from minibatch.planner import InputError, find_inputs
 
 
 def validate_config(config: Config) -> list[str]:
@@ -116,6 +116,7 @@ def check_inputs(config: Config) -> list[str]:
             continue
         missing = [p for p in found.missing if not placeholders(p)]  # a parameter set's: checked per run
         warnings += [f"jobs.{job.name}.input: {p!r} matches no file (yet)" for p in missing]
+        warnings += [f"jobs.{job.name}.input: {bad} (a run would fail)" for bad in found.unreadable]
     if errors:
         raise ConfigError(errors, config.path)
     return warnings

@@ -15,12 +15,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from minibatch.inputs import expand_inputs
 from minibatch.planner import (
     BadFile,
     Chunk,
     FileMeta,
     RowGroup,
-    expand_inputs,
     plan_chunks,
     read_file_meta,
     scan_inputs,

@@ -476,3 +476,29 @@ def test_footer_length_claiming_gigabytes_is_a_bad_file_without_reading_it(tmp_p
     assert "footer" in error.lower(), error
     assert "MemoryError" not in error
     assert time.monotonic() - started < 30
+
+
+def test_an_input_that_cannot_be_read_fails_the_run_and_deletes_nothing(project: Project) -> None:
+    """Hostile review: b.parquet, a symlink into a share that went away, was skipped like a
+    removed file: exit 0, and its results deleted from the output. A pipe named like an input
+    was skipped as well (reading it would have waited forever)."""
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    share = project.root / "share"
+    share.mkdir()
+    project.write_input("b.parquet", 300, 200)
+    (project.data / "b.parquet").rename(share / "b.parquet")
+    (project.data / "b.parquet").symlink_to(share / "b.parquet")
+    assert project.cli("run-now", "ident").returncode == 0
+    (share / "b.parquet").rename(share / "away")  # unmounted
+    os.mkfifo(project.data / "c.parquet")
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 1, said(result)
+    assert "b.parquet: a symlink to" in said(result) and "nothing was deleted" in said(result)
+    assert "c.parquet: not a regular file" in said(result)
+    assert sorted(ids_of(project, "ident")) == list(range(500))
+    (share / "away").rename(share / "b.parquet")  # back, and the pipe gone: nothing to compute
+    (project.data / "c.parquet").unlink()
+    again = project.cli("run-now", "ident")
+    assert again.returncode == 0 and "0 done now" in said(again), said(again)
+    assert sorted(ids_of(project, "ident")) == list(range(500))

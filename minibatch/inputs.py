@@ -1,0 +1,106 @@
+"""Which files a job's input globs name: read literally (glob characters in the base
+directory are escaped), each real file once, symlink loops and the job's own output refused,
+and a match that cannot be read as a file (a dangling symlink: an unmounted share) named."""
+
+from __future__ import annotations
+
+import glob
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class InputError(Exception):
+    """The inputs cannot be read safely: a symlink loop, or the job's own output among them."""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    files: list[str]  # absolute, sorted, each real file once
+    missing: list[str]  # patterns that matched no file
+    unreadable: list[str] = field(default_factory=list)  # "path: why", matches that are not files
+
+
+def expand_inputs(base_dir: Path, patterns: Iterable[str]) -> list[str]:
+    """Absolute paths of the files the globs match, sorted, each once."""
+    return find_inputs(base_dir, patterns).files
+
+
+def find_inputs(base_dir: Path, patterns: Iterable[str], forbidden: Sequence[Path] = ()) -> Inputs:
+    """The files the globs match, each real file once (two paths to one file through a symlink
+    are one input). Raises InputError for a symlink loop under `**` and for a file inside one
+    of the `forbidden` directories (the job's own output) reached through a symlink."""
+    by_real: dict[str, str] = {}
+    missing: list[str] = []
+    unreadable: list[str] = []
+    fences = [os.path.realpath(d) + os.sep for d in forbidden]
+    for pattern in patterns:
+        if "**" in pattern:
+            _refuse_symlink_loops(glob_root(base_dir, pattern), pattern)
+        full = pattern if os.path.isabs(pattern) else os.path.join(glob.escape(str(base_dir)), pattern)
+        found = sorted(os.path.abspath(p) for p in glob.glob(full, recursive=True))
+        kinds = {path: _kind(path) for path in found}
+        matches = [path for path, kind in kinds.items() if kind == "file"]
+        bad = [f"{path}: {kind}" for path, kind in kinds.items() if kind not in ("file", "directory")]
+        if not matches and not bad:
+            missing.append(pattern)
+        unreadable += bad
+        for path in matches:
+            real = os.path.realpath(path)
+            if any(real.startswith(fence) for fence in fences):
+                raise InputError(f"input glob {pattern!r} reaches the job's own output: {path} is {real}")
+            by_real.setdefault(real, path)
+    return Inputs(files=sorted(by_real.values()), missing=missing, unreadable=sorted(set(unreadable)))
+
+
+def _kind(path: str) -> str:
+    """What the path is: "file", "directory" (a glob may match those: not input), or why it
+    cannot be read."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if os.path.islink(path):
+            return f"a symlink to {os.readlink(path)}, which cannot be reached ({exc.strerror})"
+        return exc.strerror or str(exc)
+    if stat.S_ISREG(mode):
+        return "file"
+    return "directory" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
+
+
+def _refuse_symlink_loops(root: Path, pattern: str) -> None:
+    """Walk what `**` walks (following symlinks, skipping hidden names) and refuse a directory
+    that is its own ancestor: glob would otherwise list every file once per trip round it."""
+
+    def walk(directory: str, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            return  # unreadable: glob skips it too
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            stat = os.stat(entry.path)
+            key = (stat.st_dev, stat.st_ino)
+            if key in ancestors:
+                target = os.readlink(entry.path) if entry.is_symlink() else entry.path
+                raise InputError(f"input glob {pattern!r} reaches a symlink loop: {entry.path} -> {target}")
+            walk(entry.path, ancestors | {key})
+
+    if root.is_dir():
+        stat = root.stat()
+        walk(str(root), frozenset({(stat.st_dev, stat.st_ino)}))
+
+
+def glob_root(base_dir: Path, pattern: str) -> Path:
+    """The directory part of a glob before its first wildcard."""
+    parts = Path(pattern).parts
+    literal: list[str] = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        literal.append(part)
+    if len(literal) == len(parts):  # a plain file name: its directory
+        literal = literal[:-1]
+    return (base_dir / Path(*literal)).resolve() if literal else base_dir.resolve()
