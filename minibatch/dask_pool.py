@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from minibatch.pool import QUEUE_DEPTH
 from minibatch.states import ErrorKind
-from minibatch.tasks import Failed, Finished, Lost, PoolBroken, PoolEvent, Started, Task, TaskError
+from minibatch.tasks import Failed, Finished, Lost, PoolBroken, PoolEvent, Started, Task, TaskError, said
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -245,4 +245,4 @@ class DaskPool:
 
 
 def _error(kind: ErrorKind, exc: BaseException) -> TaskError:
-    return TaskError(kind=kind, type=type(exc).__name__, message=str(exc), traceback="")
+    return TaskError(kind=kind, type=type(exc).__name__, message=said(exc), traceback="")

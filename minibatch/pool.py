@@ -26,7 +26,7 @@ from typing import Any
 
 from minibatch.clock import SYSTEM, Clock
 from minibatch.states import ErrorKind
-from minibatch.tasks import Failed, Finished, Lost, PoolEvent, Started, Task, TaskError, TaskResult
+from minibatch.tasks import Failed, Finished, Lost, PoolEvent, Started, Task, TaskError, TaskResult, said
 
 QUEUE_DEPTH = 2  # tasks sent ahead per worker, so no worker idles for a round trip
 
@@ -238,7 +238,7 @@ class InlinePool:
             self.hung[slot] = (task, self.clock.monotonic())
             return [started]
         except Exception as exc:  # the job's error, as a worker would report it
-            error = TaskError(ErrorKind.ERROR, type(exc).__name__, str(exc), traceback.format_exc())
+            error = TaskError(ErrorKind.ERROR, type(exc).__name__, said(exc), traceback.format_exc())
             return [started, Failed(task.task_id, error)]
         if isinstance(outcome, TaskError):
             return [started, Failed(task.task_id, outcome)]

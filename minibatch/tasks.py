@@ -78,6 +78,20 @@ class TaskError:
     message: str
     traceback: str
 
+    def __post_init__(self) -> None:
+        # Stored as UTF-8 in the manifest: a lone surrogate (from os.fsdecode of a non-UTF-8
+        # name, say) failed every commit of the run, so the chunk could never be dead-lettered.
+        for name in ("message", "traceback"):
+            object.__setattr__(self, name, getattr(self, name).encode("utf-8", "backslashreplace").decode())
+
+
+def said(exc: BaseException) -> str:
+    """What an exception says, even when its __str__ raises (a worker died of that)."""
+    try:
+        return str(exc)
+    except Exception as inner:
+        return f"<str() of the {type(exc).__name__} raised {type(inner).__name__}>"
+
 
 class InputChanged(Exception):
     """The input file is no longer the one the chunk was planned from."""

@@ -29,7 +29,7 @@ from minibatch.layout import MALFORMED_PREFIX, QUARANTINE_PREFIX, with_provenanc
 from minibatch.reading import read_chunk, read_text, release_held, sql_on_file, sql_on_table
 from minibatch.results import check_schema, conform
 from minibatch.states import ErrorKind
-from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task, TaskError, TaskResult
+from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task, TaskError, TaskResult, said
 from minibatch.treemem import PAGE
 
 
@@ -218,7 +218,7 @@ def describe_error(exc: BaseException) -> TaskError:
         kind = ErrorKind.ENVIRONMENT
     else:
         kind = ErrorKind.ERROR
-    message = str(exc)
+    message = said(exc)
     if kind == ErrorKind.MEMORY:
         message = f"out of memory in worker (worker_memory_limit reached): {message}"
     return TaskError(kind=kind, type=type(exc).__name__, message=message, traceback=traceback.format_exc())
@@ -232,7 +232,7 @@ def _environmental(exc: BaseException) -> bool:
     """The machine's fault, not the chunk's: a full disk, a quota, a read-only filesystem."""
     if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
         return True
-    return any(text in str(exc).lower() for text in ENVIRONMENT_TEXTS)  # Arrow's IO errors
+    return any(text in said(exc).lower() for text in ENVIRONMENT_TEXTS)  # Arrow's IO errors
 
 
 def set_memory_cap(limit: int | None) -> None:

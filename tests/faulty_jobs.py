@@ -85,6 +85,21 @@ def always_fail(table, ctx):
     raise ConnectionError("upstream service unavailable")
 
 
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no words")
+
+
+def odd_errors(table, ctx):
+    """Exceptions that are hard to put into words: a lone surrogate, a __str__ that raises."""
+    _log(ctx)
+    if ctx.row_start == 0:
+        raise FileNotFoundError("lookup file missing: " + os.fsdecode(b"/landing/bad\xff.csv"))
+    if ctx.row_start == 50:
+        raise Unprintable()
+    return _ok(table)
+
+
 def drift(table, ctx):
     _log(ctx)
     result = _ok(table)

@@ -197,3 +197,21 @@ def test_a_file_removed_under_a_resumed_run_takes_all_its_rows_with_it(project: 
     assert project.manifest_rows("SELECT count(*) FROM chunks WHERE file LIKE '%b.parquet'") == [(0,)]
     again = project.cli("run-now", "ident")
     assert again.returncode == 0 and sorted(project.output_table("ident").column("id").to_pylist()) == ids
+
+
+def test_errors_that_are_hard_to_put_into_words_are_dead_letters(project: Project) -> None:
+    """Hostile review: a message with a lone surrogate (os.fsdecode of a non-UTF-8 name) failed
+    every commit of the manifest, so every run crashed and the chunk never became a dead letter;
+    an exception whose __str__ raises killed its worker."""
+    project.write_config(faulty_job("odd_errors", "retries = 0\nbreaker_failures = 0"))
+    project.write_input("a.parquet", 0, 300)
+    first = project.cli("run-now", "f")
+    assert first.returncode == 1 and "Traceback" not in first.stderr, first.stderr
+    dead = dict(project.manifest_rows("SELECT error_type, error_message FROM chunks WHERE status = 'dead'"))
+    assert dead == {
+        "FileNotFoundError": "lookup file missing: /landing/bad\\udcff.csv",
+        "Unprintable": "<str() of the Unprintable raised RuntimeError>",
+    }
+    assert project.cli("dead", "f").returncode == 0
+    again = project.cli("run-now", "f")
+    assert again.returncode == 0, again.stderr  # the dead letters are skipped
