@@ -67,6 +67,9 @@ def run_and_exit(command: click.Command) -> None:
     module's objects cost a 1-chunk `run-now` ~0.1-0.3 s of its ~1 s. Not when a thread that
     is not a daemon still runs (the interpreter would wait for it), a tracer or profiler is on,
     or the exit status is a message."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:  # closed when Python started (`2>&-`): written nowhere, not
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (a failure at the first log line)
     try:
         command.main()
     except SystemExit as exc:
@@ -79,8 +82,6 @@ def run_and_exit(command: click.Command) -> None:
     if not isinstance(code, int) or busy or traced:
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
-        if stream is None:  # its descriptor was closed when Python started (`>&-`)
-            continue
         with contextlib.suppress(BrokenPipeError, ValueError):  # closed by a reader (`| head`)
             stream.flush()
     os._exit(code)

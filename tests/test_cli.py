@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from minibatch.cli import main
 
-from conftest import Project
+from conftest import MAP_JOB, Project
 
 COMMANDS = ["run-now", "validate", "list", "status", "retry", "reset"]
 
@@ -201,3 +201,14 @@ def test_a_closed_stdout_keeps_the_exit_status() -> None:
         ["bash", "-c", f"{sys.executable} -m minibatch --help >&-"], capture_output=True, text=True
     )
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_a_closed_stderr_still_runs_the_job(project: Project) -> None:
+    """Hostile review: with descriptor 2 closed (`2>&-`) every command exited 1 doing nothing:
+    the first log line wrote to sys.stderr, which Python had set to None."""
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 100)
+    command = f"{sys.executable} -m minibatch --config {project.root / 'config.toml'} run-now ident 2>&-"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    assert result.returncode == 0 and "succeeded" in result.stdout, result.stdout
+    assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(100))
