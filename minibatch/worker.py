@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -80,6 +81,9 @@ def run_task(task: Task) -> TaskResult:
         read = time.perf_counter()
         result = _call(task.job, table, _context(task))
         rows_in, bytes_in = table.num_rows, table.nbytes
+    if result is not None and (twice := sorted(n for n, k in Counter(result.column_names).items() if k > 1)):
+        raise ValueError(f"the result has more than one column named {', '.join(map(repr, twice))}: "
+                         "readers of the output could not tell them apart; rename them")  # fmt: skip
     checked = apply_checks(result, task.job.checks) if result is not None else None
     result = checked.table if checked is not None else result
     if result is not None and task.schema is not None:

@@ -100,6 +100,10 @@ def odd_errors(table, ctx):
     return _ok(table)
 
 
+def twin_columns(table, ctx):
+    return pa.table([table["id"], table["value"], table["id"]], names=["id", "value", "id"])
+
+
 def drift(table, ctx):
     _log(ctx)
     result = _ok(table)

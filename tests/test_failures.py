@@ -215,3 +215,15 @@ def test_errors_that_are_hard_to_put_into_words_are_dead_letters(project: Projec
     assert project.cli("dead", "f").returncode == 0
     again = project.cli("run-now", "f")
     assert again.returncode == 0, again.stderr  # the dead letters are skipped
+
+
+def test_a_result_with_two_columns_of_one_name_is_refused(project: Project) -> None:
+    """Hostile review: it was published, and pyarrow's dataset cannot read such an output."""
+    project.write_config(faulty_job("twin_columns", "retries = 0\nbreaker_failures = 0"))
+    project.write_input("a.parquet", 0, 100)
+    result = project.cli("run-now", "f")
+    assert result.returncode == 1, result.stderr
+    dead = project.manifest_rows("SELECT DISTINCT error_message FROM chunks WHERE status = 'dead'")
+    ((message,),) = dead
+    assert message.startswith("the result has more than one column named 'id'")
+    assert not list(project.out("f").glob("*.parquet"))
