@@ -37,6 +37,9 @@ def check_imports(config: Config, names: list[str] | None = None) -> None:
                 errors += _check_function(job.name, job.process, config)
             elif job.sql:
                 errors += _check_sql(job.name, job.sql, job.columns, config)
+            for key in ("sql", "reduce_sql"):
+                if (count := _statements(getattr(job, key))) > 1:  # DuckDB would return the last's rows
+                    errors.append(f"jobs.{job.name}.{key}: holds {count} statements; it must be one query")
     if errors:
         raise ConfigError(errors, config.path)
 
@@ -90,6 +93,16 @@ def _check_sql(name: str, sql: str, columns: tuple[str, ...] | None, config: Con
         except OSError:
             return []
     return []
+
+
+def _statements(sql: str | None) -> int:
+    """How many statements DuckDB's parser finds (one for what it cannot parse: binding says why)."""
+    import duckdb
+
+    try:
+        return len(_binder()[0].extract_statements(sql)) if sql else 0
+    except duckdb.Error:
+        return 1
 
 
 @functools.cache

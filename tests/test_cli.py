@@ -59,6 +59,11 @@ BAD_CONFIGS = [
     ("[minibatch]\nworkers = 0\n" + GOOD, "minibatch.workers: must be at least 1"),
     ("[minibatch]\nmemory_limit = 'lots'\n" + GOOD, "minibatch.memory_limit: bad size"),
     (GOOD.replace('input = "data/*.parquet"', ""), "jobs.ok.input: missing"),
+    (  # hostile review: DuckDB ran both and the output was the last one's rows
+        GOOD.replace('process = "myjobs.basic:ident"', 'sql = "SELECT * FROM chunk; SELECT 2"'),
+        "jobs.ok.sql: holds 2 statements",
+    ),
+    (GOOD + "reduce_sql = 'SELECT 1; SELECT 2'\n", "jobs.ok.reduce_sql: holds 2 statements"),
 ]
 
 
