@@ -131,7 +131,10 @@ def backup(config: Config, dest: Path) -> Path:
     try:
         with Manifest(source).connect(read_only=True) as con:
             (name,) = con.execute("SELECT current_database()").fetchone() or ("manifest",)
-            con.execute("ATTACH ? AS minibatch_backup (READ_WRITE)", [str(temp)])
+            try:  # the destination's fault, not the manifest's (which the connection would blame)
+                con.execute("ATTACH ? AS minibatch_backup (READ_WRITE)", [str(temp)])
+            except duckdb.Error as exc:
+                raise ManifestError(f"cannot write the backup {target}: {str(exc).splitlines()[0]}") from None
             try:
                 con.execute(f'COPY FROM DATABASE "{name}" TO minibatch_backup')
             finally:  # this process's DuckDB outlives the backup: let go of the copy either way

@@ -78,3 +78,13 @@ def test_restore_takes_only_a_manifest_and_leaves_the_file_it_is_given_as_it_was
     assert not list(state.glob("*.replaced-*")) and not list(state.glob(".*"))  # nothing set aside or left
     status = project.cli("status", "--json")
     assert status.returncode == 0 and json.loads(status.stdout)[0]["status"] == "succeeded", status.stderr
+
+
+def test_a_backup_that_cannot_be_written_blames_the_destination(project: Project) -> None:
+    """Hostile review: it said the manifest could not be used and suggested `repair`."""
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 100)
+    assert project.cli("run-now", "ident").returncode == 0
+    result = project.cli("backup", "/proc/minibatch-backup.duckdb")
+    assert result.returncode == 1 and "cannot write the backup /proc/minibatch-backup.duckdb" in result.stderr
+    assert "repair" not in result.stderr and "Traceback" not in result.stderr
