@@ -67,6 +67,8 @@ def import_process(process: str, base_dir: Path) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except Exception as exc:  # user code: any import failure is the job's error
         raise JobCodeError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    except SystemExit as exc:  # not ours to exit with (3 would say "already running")
+        raise JobCodeError(f"cannot import {module_name!r}: it called sys.exit({exc.code!r})") from None
     func = getattr(module, func_name, None)
     if not callable(func):
         raise JobCodeError(f"{module_name} has no function {func_name!r}")

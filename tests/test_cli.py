@@ -64,6 +64,10 @@ BAD_CONFIGS = [
         "jobs.ok.sql: holds 2 statements",
     ),
     (GOOD + "reduce_sql = 'SELECT 1; SELECT 2'\n", "jobs.ok.reduce_sql: holds 2 statements"),
+    (  # hostile review: the run exited 3 ("already running") without a word
+        GOOD.replace("myjobs.basic:ident", "myjobs.exits:ident"),
+        "jobs.ok.process: cannot import 'myjobs.exits': it called sys.exit(3)",
+    ),
 ]
 
 
@@ -73,6 +77,7 @@ def write_raw_config(project: Project, body: str) -> None:
 
 @pytest.mark.parametrize(("body", "expected"), BAD_CONFIGS, ids=[e for _, e in BAD_CONFIGS])
 def test_bad_config_exits_2_naming_job_and_key(project: Project, body: str, expected: str) -> None:
+    (project.root / "myjobs" / "exits.py").write_text("import sys\nsys.exit(3)\n")
     write_raw_config(project, body)
     result = project.cli("run-now", "ok")
     assert result.returncode == 2, result.stderr
