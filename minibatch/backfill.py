@@ -225,7 +225,8 @@ class _Driver:
         self.on_date = on_date or (lambda backfill, state: None)
         self.active: dict[date, StopSignals] = {}
         job = config.job(backfill.request.job)
-        parallel = backfill.request.max_parallel
+        # no more shares than dates to run at once: --max-parallel 100 over 3 dates is 3
+        parallel = self.parallel = max(1, min(backfill.request.max_parallel, len(backfill.dates)))
         self.workers = max(1, job.workers // parallel)
         self.memory_limit = max(1, job.memory_limit // parallel)
 
@@ -233,7 +234,7 @@ class _Driver:
         todo = [d for d in self.backfill.dates if d.status not in FINISHED]
         held: dict[date, float] = {}  # dates whose lock another run holds: when to try again
         running: dict[Future[bool], DateState] = {}
-        forwarded, parallel = 0, self.backfill.request.max_parallel
+        forwarded, parallel = 0, self.parallel
         with ThreadPoolExecutor(parallel, "backfill") as pool:
             while (todo or running) and not (self.stop.requested and not running):
                 ready = [d for d in todo if held.get(d.day, 0) <= time.monotonic()]

@@ -211,3 +211,13 @@ def test_a_backfill_date_is_planned_as_a_run_of_it_would_be(project: Project) ->
         project.manifest_rows(f"SELECT count(*) FROM chunks WHERE job = 'daily[date={DATES[0]}]'") == chunks
     )
     assert output_ids(project, DATES[0]) == ids[DATES[0]]
+
+
+def test_max_parallel_beyond_the_dates_does_not_shrink_their_share(project: Project) -> None:
+    """Hostile review: --max-parallel 99999 over 3 dates gave each run 1/100000 of memory_limit."""
+    write_days(project, rows=100)
+    project.write_config(DAILY)
+    result = project.cli("backfill", "daily", "--from", DATES[0], "--to", DATES[2], "--max-parallel", "99999")
+    assert result.returncode == 0, result.stderr
+    limits = project.manifest_rows("SELECT DISTINCT memory_limit, workers FROM runs")
+    assert limits == [(2**30 // 3, 1)], limits  # the default budget in three, and a worker each
