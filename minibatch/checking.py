@@ -49,6 +49,13 @@ class Checker:
             self.error(key, str(exc))
             return default
 
+    def positive_duration(self, key: str, default: float) -> float:
+        value = self.parsed(key, parse_duration, default)
+        if value <= 0:
+            self.error(key, "must be greater than zero")
+            return default
+        return float(value)
+
     def positive_int(self, key: str, default: int) -> int:
         value = self.get(key, int, default)
         if value < 1:

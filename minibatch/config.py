@@ -296,7 +296,7 @@ def _job(
         watch=c.parsed("watch", parse_duration, None),
         retries=max(retries, 0),
         retry_backoff=c.parsed("retry_backoff", parse_duration, 1.0),
-        timeout=c.parsed("timeout", parse_duration, 3600.0),
+        timeout=c.positive_duration("timeout", 3600.0),  # 0 would time every chunk out
         depends_on=c.string_list("depends_on") or (),
         workers=c.positive_int("workers", engine.workers),
         memory_limit=positive_size(c, "memory_limit", engine.memory_limit),

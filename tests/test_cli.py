@@ -33,6 +33,7 @@ BAD_CONFIGS = [
     (GOOD + "retries = 'three'\n", "jobs.ok.retries: expected an integer"),
     (GOOD + "chunk_bytes = '12XB'\n", "jobs.ok.chunk_bytes: bad size"),
     (GOOD + "timeout = 'soon'\n", "jobs.ok.timeout: bad duration"),
+    (GOOD + "timeout = 0\n", "jobs.ok.timeout: must be greater than zero"),  # every chunk timed out
     (GOOD + "schedule = '61 * * * *'\n", "jobs.ok.schedule: bad crontab"),
     (GOOD + "schedule = '* * *'\n", "jobs.ok.schedule: bad crontab"),
     (GOOD + "timezone = 'Mars/Olympus'\n", "jobs.ok.timezone: unknown time zone"),
