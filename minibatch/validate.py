@@ -38,8 +38,9 @@ def check_imports(config: Config, names: list[str] | None = None) -> None:
             elif job.sql:
                 errors += _check_sql(job.name, job.sql, job.columns, config)
             for key in ("sql", "reduce_sql"):
-                if (count := _statements(getattr(job, key))) > 1:  # DuckDB would return the last's rows
-                    errors.append(f"jobs.{job.name}.{key}: holds {count} statements; it must be one query")
+                if queries := _dropped_queries(getattr(job, key)):  # DuckDB returns the last one's rows
+                    errors.append(f"jobs.{job.name}.{key}: only its last statement may be a query, "
+                                  f"the rows of {queries} would be dropped")  # fmt: skip
     if errors:
         raise ConfigError(errors, config.path)
 
@@ -95,14 +96,17 @@ def _check_sql(name: str, sql: str, columns: tuple[str, ...] | None, config: Con
     return []
 
 
-def _statements(sql: str | None) -> int:
-    """How many statements DuckDB's parser finds (one for what it cannot parse: binding says why)."""
+def _dropped_queries(sql: str | None) -> str | None:
+    """Queries before the last statement (setup such as CREATE MACRO may come first), quoted;
+    None for none, or for SQL that does not parse (binding says why)."""
     import duckdb
 
     try:
-        return len(_binder()[0].extract_statements(sql)) if sql else 0
+        statements = _binder()[0].extract_statements(sql) if sql else []
     except duckdb.Error:
-        return 1
+        return None
+    early = [s.query.strip() for s in statements[:-1] if s.type == duckdb.StatementType.SELECT]
+    return ", ".join(repr(q) for q in early) or None
 
 
 @functools.cache

@@ -62,9 +62,9 @@ BAD_CONFIGS = [
     (GOOD.replace('input = "data/*.parquet"', ""), "jobs.ok.input: missing"),
     (  # hostile review: DuckDB ran both and the output was the last one's rows
         GOOD.replace('process = "myjobs.basic:ident"', 'sql = "SELECT * FROM chunk; SELECT 2"'),
-        "jobs.ok.sql: holds 2 statements",
+        "jobs.ok.sql: only its last statement may be a query, the rows of 'SELECT * FROM chunk;' would",
     ),
-    (GOOD + "reduce_sql = 'SELECT 1; SELECT 2'\n", "jobs.ok.reduce_sql: holds 2 statements"),
+    (GOOD + "reduce_sql = 'SELECT 1; SELECT 2'\n", "jobs.ok.reduce_sql: only its last statement may be"),
     (  # hostile review: the run exited 3 ("already running") without a word
         GOOD.replace("myjobs.basic:ident", "myjobs.exits:ident"),
         "jobs.ok.process: cannot import 'myjobs.exits': it called sys.exit(3)",
