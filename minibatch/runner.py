@@ -294,7 +294,7 @@ class Run:
         self.record.busy_seconds = out.busy_seconds
         self.summary.stopped = out.stopped
         self.record.error = out.error or self._input_changed(out)
-        if (gone := {path for path in out.removed if not os.path.exists(path)}) and not self._vanished():
+        if (gone := {path for path in out.removed if not os.path.lexists(path)}) and not self._vanished():
             self.dropped = drop_removed(work.planned, gone, self.store, self.ledger, self.events)
 
     def _memory(self) -> TreeMemory | None:
@@ -307,9 +307,9 @@ class Run:
         return open_pool(self.job, todo)
 
     def _input_changed(self, out: Execution) -> str | None:
-        """Input rewritten under the run leaves its chunks neither done nor dead: not a success.
-        A removed file is not a hole (its results go too), unless it is back by now."""
-        changed = out.changed | {path for path in out.removed if os.path.exists(path)}
+        """Input rewritten under the run, or a removed file's name back (a dangling symlink too: a
+        share gone away), leaves chunks neither done nor dead: not a success. A removed file is not."""
+        changed = out.changed | {path for path in out.removed if os.path.lexists(path)}
         self.removed_chunks = sum(n for path, n in out.removed.items() if path not in changed)
         if out.removed and (vanished := self._vanished()):
             return f"input glob {vanished} matches no file any more (it vanished during the run)"
