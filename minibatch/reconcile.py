@@ -10,10 +10,12 @@ adopted; results it staged but did not publish are salvaged; parts nobody owns a
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from minibatch.events import RunEvents
+from minibatch.inputs import Inputs
 from minibatch.jobcode import changed_facts
 from minibatch.layout import part_name
 from minibatch.ledger import Ledger
@@ -152,3 +154,15 @@ def drop_removed(
     files = store.remove_strays({name for name in names if name}, ledger.outputs)
     events(EventKind.STALE_OUTPUTS_REMOVED, files=files, records=len(ids))
     return len(ids)
+
+
+def removed_and_changed(
+    changed: set[str], removed: set[str], planned: set[str], now: Inputs
+) -> tuple[set[str], set[str]]:
+    """(input files removed under the run, whose results go too; files changed under it). A
+    removed file whose name is back (a dangling symlink too: a share gone away) is changed; so is
+    every removed one when the globs now match a file the plan did not name (renamed, or another
+    path to the same file): its results may still be input."""
+    moved = bool(set(now.files) - planned or now.unreadable)
+    back = {path for path in removed if moved or os.path.lexists(path)}
+    return removed - back, changed | back

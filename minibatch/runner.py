@@ -38,6 +38,7 @@ from minibatch.reconcile import (
     drop_removed,
     fit_schema,
     reconcile,
+    removed_and_changed,
     report_bad_files,
 )
 from minibatch.records import ChunkRecord, RunRecord
@@ -145,6 +146,7 @@ class Run:
         self.summary = RunSummary(record=self.record)
         self.removed_chunks = 0  # planned, but their input file was removed under the run
         self.dropped = 0  # planned, of files removed under the run: their results went too
+        self.gone: set[str] = set()  # input files removed under the run: their results go too
         self.input_schema: str | None = None  # JSON, decided at planning
         self.reduced_key: str | None = None  # what the output is the reduction of, at start
         self.memory_per_byte: float | None = None  # learned from earlier runs' attempts
@@ -293,9 +295,9 @@ class Run:
             )  # fmt: skip
         self.record.busy_seconds = out.busy_seconds
         self.summary.stopped = out.stopped
-        self.record.error = out.error or self._input_changed(out)
-        if (gone := {path for path in out.removed if not os.path.lexists(path)}) and not self._vanished():
-            self.dropped = drop_removed(work.planned, gone, self.store, self.ledger, self.events)
+        self.record.error = out.error or self._input_changed(out, {chunk.path for chunk in work.planned})
+        if self.gone:
+            self.dropped = drop_removed(work.planned, self.gone, self.store, self.ledger, self.events)
 
     def _memory(self) -> TreeMemory | None:
         """The local pool's processes are this one's children: measure them (Dask's are remote)."""
@@ -306,25 +308,23 @@ class Run:
     def _open_pool(self, todo: int) -> Pool:
         return open_pool(self.job, todo)
 
-    def _input_changed(self, out: Execution) -> str | None:
-        """Input rewritten under the run, or a removed file's name back (a dangling symlink too: a
-        share gone away), leaves chunks neither done nor dead: not a success. A removed file is not."""
-        changed = out.changed | {path for path in out.removed if os.path.lexists(path)}
-        self.removed_chunks = sum(n for path, n in out.removed.items() if path not in changed)
-        if out.removed and (vanished := self._vanished()):
-            return f"input glob {vanished} matches no file any more (it vanished during the run)"
+    def _input_changed(self, out: Execution, planned: set[str]) -> str | None:
+        """Input changed under the run: a failure (a removed file is not: reconcile.removed_and_changed)."""
+        changed = out.changed
+        if out.removed:
+            try:
+                now = find_inputs(self.config.base_dir, self.job.inputs)
+            except InputError as exc:
+                return str(exc)
+            if now.missing:  # an unmount mid-run is a failure, not an empty day
+                globs = ", ".join(repr(p) for p in now.missing)
+                return f"input glob {globs} matches no file any more (it vanished during the run)"
+            self.gone, changed = removed_and_changed(out.changed, set(out.removed), planned, now)
+            self.removed_chunks = sum(n for path, n in out.removed.items() if path in self.gone)
         if not changed:
             return None
         names = ", ".join(sorted(changed)[:3]) + (" ..." if len(changed) > 3 else "")
         return f"input changed during the run ({names}); the next run processes the new version"
-
-    def _vanished(self) -> str | None:
-        """Globs that match nothing now: an unmount mid-run is a failure, not an empty day."""
-        try:
-            missing = find_inputs(self.config.base_dir, self.job.inputs).missing
-        except InputError as exc:
-            return str(exc)
-        return ", ".join(repr(p) for p in missing) or None
 
     def _keep_schema(self) -> None:
         """Store a newly decided output schema: an empty reduce needs it when no part exists."""

@@ -254,3 +254,28 @@ def test_a_share_gone_under_a_run_keeps_its_results(project: Project) -> None:
     (share / "away").rename(share / "b.parquet")
     assert project.cli("run-now", "ident").returncode == 0
     assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(1500))
+
+
+@pytest.mark.parametrize("change", ["alias", "rename"])
+def test_a_file_still_matched_under_another_name_keeps_its_results(project: Project, change: str) -> None:
+    """Hostile review of drop_removed: the plan named b.parquet by a symlink (a0.parquet sorts
+    first); removing only the link dropped the results of a file still input, exit 0. Renaming
+    b.parquet mid-run dropped its results too, and the run succeeded without the renamed file."""
+    project.write_config(MAP_JOB.replace("myjobs.basic:ident", "myjobs.faulty:crash_at") + "workers = 1\n")
+    project.write_input("a.parquet", 0, 500)
+    project.write_input("b.parquet", 500, 1000)
+    if change == "alias":
+        (project.data / "a0.parquet").symlink_to(project.data / "b.parquet")
+    killed = project.start("run-now", "ident", env={"MB_CRASH_AT": "16", "MB_SLEEP": "0.15"})
+    killed.communicate(timeout=60)
+    run = project.start("run-now", "ident", env={"MB_SLEEP": "0.2"})
+    lines = watch_stderr(run)
+    wait_for(lambda: any('"run_planned"' in line for line in lines), what="the plan")
+    if change == "alias":
+        (project.data / "a0.parquet").unlink()
+    else:
+        (project.data / "b.parquet").rename(project.data / "c.parquet")
+    assert run.wait(timeout=60) == 1, "".join(lines)  # the input changed: not a success
+    assert project.manifest_rows("SELECT count(*) FROM chunks")[0][0] >= 15  # nothing was dropped
+    assert project.cli("run-now", "ident").returncode == 0
+    assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(1500))
