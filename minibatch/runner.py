@@ -165,16 +165,18 @@ class Run:
             self._finish()
             return self.summary
         inputs = self._check_paths()
+        usable = not (inputs.missing or inputs.unreadable)  # else the run fails and deletes nothing
         with self.manifest.session():  # each open of the file costs tens of milliseconds
-            state = self._start()
+            state = self._start(wipe=usable)
         leftovers = self.layout.prepare()
-        self.layout.remove_other_shape()
+        if usable:
+            self.layout.remove_other_shape()
         self.events(
             EventKind.RUN_STARTED, workers=self.job.workers, memory_limit=self.job.memory_limit,
             temp_files_removed=leftovers, **({"params": self.record.params} if self.job.values else {}),
         )  # fmt: skip
         work = Reconciled([], [], 0, [])
-        if inputs.missing or inputs.unreadable:
+        if not usable:
             self._inputs_missing(inputs)
         else:
             # Footers are read outside a session: other processes may be waiting for the manifest.
@@ -187,10 +189,10 @@ class Run:
         self._finish()
         return self.summary
 
-    def _start(self) -> dict[str, Any]:
+    def _start(self, wipe: bool) -> dict[str, Any]:
         self.manifest.start_run(self.record)
         self.started = True
-        if self.options.fresh:
+        if self.options.fresh and wipe:
             self.manifest.reset(self.job.key)
             self.layout.remove_all(keep_claim=True)
         if self.options.retry_dead:
@@ -216,9 +218,8 @@ class Run:
             raise ConfigError([f"jobs.{self.job.name}: {exc}"], self.config.path) from None
 
     def _inputs_missing(self, inputs: Inputs) -> None:
-        """A glob that matches nothing, or a match that cannot be read (a dangling symlink), is an
-        unmounted share, a renamed folder or a typo far more often than an empty day or a removed
-        file: fail, and delete nothing."""
+        """A glob that matches nothing, or a match that cannot be read (a dangling symlink), is an unmounted
+        share, a renamed folder or a typo far more often than an empty day: fail, delete nothing."""
         quoted = ", ".join(repr(p) for p in inputs.missing)
         why = [f"input glob {quoted} matches no file (in {self.config.base_dir})"] if inputs.missing else []
         why += [f"input {unreadable}" for unreadable in inputs.unreadable]
@@ -253,9 +254,8 @@ class Run:
             self.manifest, self.job.key, self.record.run_id, bad + fit.bad, self.events
         )
         self.summary.bad_files, self.record.bad_files = new_bad, len(new_bad)
-        # a chunk whose decoded rows alone would fill half the budget is split (a stable rule: the
-        # configured budget, not this run's share, a --memory-limit or the learned factor: a plan
-        # that moved would recompute chunks already done)
+        # a chunk whose decoded rows alone would fill half the budget is split (a stable rule: the configured
+        # budget, not a run's share, --memory-limit or the learned factor: a moved plan recomputes)
         budget = self.config.job(self.job.name).memory_limit
         chunks = plan_chunks(files, self.job.chunk_bytes, int(budget // MEMORY_FACTOR))
         self.record.chunks_total = len(chunks)

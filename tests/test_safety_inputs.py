@@ -497,6 +497,8 @@ def test_an_input_that_cannot_be_read_fails_the_run_and_deletes_nothing(project:
     assert "b.parquet: a symlink to" in said(result) and "nothing was deleted" in said(result)
     assert "c.parquet: not a regular file" in said(result)
     assert sorted(ids_of(project, "ident")) == list(range(500))
+    fresh = project.cli("run-now", "ident", "--fresh")  # it wiped the output before it failed
+    assert fresh.returncode == 1 and sorted(ids_of(project, "ident")) == list(range(500)), said(fresh)
     (share / "away").rename(share / "b.parquet")  # back, and the pipe gone: nothing to compute
     (project.data / "c.parquet").unlink()
     again = project.cli("run-now", "ident")
