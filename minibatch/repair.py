@@ -12,6 +12,7 @@ again) and the daemon's last fire times.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import time
@@ -85,7 +86,9 @@ def _not_a_manifest(path: Path) -> str | None:
 
 def _set_aside(path: Path, why: str) -> Path:
     """Rename the manifest (and its write-ahead log) out of the way; returns the new name."""
-    aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}")
+    stamp = f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}"
+    names = (path.with_name(stamp + (f"-{n}" if n else "")) for n in itertools.count())
+    aside = next(name for name in names if not name.exists())  # two restores in one second: two names
     path.rename(aside)
     wal = path.with_name(path.name + ".wal")
     if wal.exists():

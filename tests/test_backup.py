@@ -88,3 +88,15 @@ def test_a_backup_that_cannot_be_written_blames_the_destination(project: Project
     result = project.cli("backup", "/proc/minibatch-backup.duckdb")
     assert result.returncode == 1 and "cannot write the backup /proc/minibatch-backup.duckdb" in result.stderr
     assert "repair" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_restores_in_one_second_keep_both_manifests_they_replace(project: Project) -> None:
+    """Hostile review: both were set aside under one name, and the first was lost."""
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 100)
+    assert project.cli("run-now", "ident").returncode == 0
+    (project.root / "backups").mkdir()
+    copy = project.cli("backup", str(project.root / "backups")).stdout.strip()
+    for _ in range(3):
+        assert project.cli("restore", copy).returncode == 0
+    assert len(list((project.root / ".state").glob("manifest.duckdb.replaced-*"))) == 3
