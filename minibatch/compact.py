@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -275,19 +276,22 @@ class Publisher:
         fsync_dir(target.parent if target.parent.exists() else self.layout.output)
 
 
-def _rescue(old: Path, live: Path) -> None:
+def _rescue(old: Path, live: Path, top: bool = True) -> None:
     """Move into `live` what in `old` (a unit swapped out or removed) is not minibatch's and not
     already in `live` as the same file (carried over, linked): a user's file made or replaced in
-    the unit while it was rebuilt. (One deleted meanwhile comes back, carried over.)"""
+    the unit while it was rebuilt. (One deleted meanwhile comes back, carried over.) Minibatch's
+    own files are at a unit's top; a directory below holds only what it carried over."""
     moved = False
     for entry in os.scandir(old) if old.is_dir() else []:  # not there: nothing was swapped out
-        there = live / entry.name
-        if entry.is_dir(follow_symlinks=False):
-            if there.is_dir() and not there.is_symlink():
-                _rescue(Path(entry.path), there)
-                continue
-        elif ours(entry.name) or _same_file(entry, there):
+        there, is_dir = live / entry.name, entry.is_dir(follow_symlinks=False)
+        if is_dir and there.is_dir() and not there.is_symlink():
+            _rescue(Path(entry.path), there, top=False)
             continue
+        if not is_dir and ((top and ours(entry.name)) or _same_file(entry, there)):
+            continue
+        if os.path.lexists(there) and (is_dir or there.is_dir()):  # a file became a directory, or
+            names = (live / f"{entry.name}.{n}" for n in itertools.count(1))  # the other way round:
+            there = next(name for name in names if not os.path.lexists(name))  # both are kept
         live.mkdir(parents=True, exist_ok=True)
         os.replace(entry.path, there)
         moved = True

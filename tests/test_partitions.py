@@ -340,6 +340,8 @@ def test_a_users_file_made_while_its_partition_is_rebuilt_stays(
     assert project.cli("run-now", "p", "-q").returncode == 0
     day1, day2 = project.out("p") / "day=2026-11-01" / "region=eu", project.out("p") / "day=2026-11-02"
     (day1 / "_SUCCESS").write_text("before")  # carried into the new unit
+    (day1 / "_notes").mkdir()  # a user's directory, carried too
+    (day1 / "_report").write_text("a file")
     real_exchange, real_remove = compact.exchange, compact.Publisher._remove_unit
 
     def user_writes_then_exchange(staged: Path, target: Path) -> None:  # as the swap happens
@@ -347,6 +349,10 @@ def test_a_users_file_made_while_its_partition_is_rebuilt_stays(
             (target / "_NOTES.txt").write_text("made while it was rebuilt")
             (target / ".tmp").write_text("after")
             os.replace(target / ".tmp", target / "_SUCCESS")  # replaced, not rewritten in place
+            (target / "_notes" / "file-0123456789abcdef.parquet").write_text("named like ours, below")
+            (target / "_report").unlink()
+            (target / "_report").mkdir()  # a file became a directory
+            (target / "_report" / "x").write_text("in it")
         real_exchange(staged, target)
 
     def user_writes_then_remove(self: compact.Publisher, unit: str) -> None:
@@ -360,5 +366,7 @@ def test_a_users_file_made_while_its_partition_is_rebuilt_stays(
     assert project.cli("run-now", "p", "-q").returncode == 0
     assert (day1 / "_NOTES.txt").read_text() == "made while it was rebuilt"
     assert (day1 / "_SUCCESS").read_text() == "after"
+    assert (day1 / "_notes" / "file-0123456789abcdef.parquet").read_text() == "named like ours, below"
+    assert (day1 / "_report").read_text() == "a file" and (day1 / "_report.1" / "x").read_text() == "in it"
     assert (day2 / "region=eu" / "_LATE").read_text() == "made after the check"
     assert {i for ids in by_pyarrow(project.out("p")).values() for i in ids} == set(range(1000, 1100))
