@@ -129,6 +129,14 @@ class Project:
         pq.write_table(table, path, row_group_size=row_group)
         return path
 
+    def write_shared_input(self, name: str, start: int, rows: int) -> Path:
+        """An input in data/ that is a symlink into share/ (a mounted share); the file's path."""
+        share = self.root / "share"
+        share.mkdir(exist_ok=True)
+        self.write_input(name, start, rows).rename(share / name)
+        (self.data / name).symlink_to(share / name)
+        return share / name
+
     def cli(
         self,
         *args: str,

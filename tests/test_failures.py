@@ -234,24 +234,20 @@ def test_a_share_gone_under_a_run_keeps_its_results(project: Project) -> None:
     went away mid-run, was taken for a removed file and its results were deleted."""
     project.write_config(MAP_JOB.replace("myjobs.basic:ident", "myjobs.faulty:crash_at") + "workers = 1\n")
     project.write_input("a.parquet", 0, 500)
-    share = project.root / "share"
-    share.mkdir()
-    project.write_input("b.parquet", 500, 1000)
-    (project.data / "b.parquet").rename(share / "b.parquet")
-    (project.data / "b.parquet").symlink_to(share / "b.parquet")
+    shared = project.write_shared_input("b.parquet", 500, 1000)
     killed = project.start("run-now", "ident", env={"MB_CRASH_AT": "16", "MB_SLEEP": "0.15"})
     killed.communicate(timeout=60)
     run = project.start("run-now", "ident", env={"MB_SLEEP": "0.2"})
     lines = watch_stderr(run)
     wait_for(lambda: any('"run_planned"' in line for line in lines), what="the plan")
-    (share / "b.parquet").rename(share / "away")  # unmounted
+    shared.rename(shared.with_name("away"))  # unmounted
     run.wait(timeout=60)
     assert run.returncode == 1, "".join(lines)
     ((error,),) = project.manifest_rows("SELECT error FROM runs ORDER BY started_at DESC LIMIT 1")
     assert error.startswith("input changed during the run")
     done = project.manifest_rows("SELECT count(*) FROM chunks WHERE file LIKE '%b.parquet'")
     assert done[0][0] >= 5  # what earlier runs finished of b stays
-    (share / "away").rename(share / "b.parquet")
+    shared.with_name("away").rename(shared)
     assert project.cli("run-now", "ident").returncode == 0
     assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(1500))
 

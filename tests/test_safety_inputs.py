@@ -484,13 +484,9 @@ def test_an_input_that_cannot_be_read_fails_the_run_and_deletes_nothing(project:
     was skipped as well (reading it would have waited forever)."""
     project.write_config(MAP)
     project.write_input("a.parquet", 0, 300)
-    share = project.root / "share"
-    share.mkdir()
-    project.write_input("b.parquet", 300, 200)
-    (project.data / "b.parquet").rename(share / "b.parquet")
-    (project.data / "b.parquet").symlink_to(share / "b.parquet")
+    shared = project.write_shared_input("b.parquet", 300, 200)
     assert project.cli("run-now", "ident").returncode == 0
-    (share / "b.parquet").rename(share / "away")  # unmounted
+    shared.rename(shared.with_name("away"))  # unmounted
     os.mkfifo(project.data / "c.parquet")
     result = project.cli("run-now", "ident")
     assert result.returncode == 1, said(result)
@@ -499,7 +495,7 @@ def test_an_input_that_cannot_be_read_fails_the_run_and_deletes_nothing(project:
     assert sorted(ids_of(project, "ident")) == list(range(500))
     fresh = project.cli("run-now", "ident", "--fresh")  # it wiped the output before it failed
     assert fresh.returncode == 1 and sorted(ids_of(project, "ident")) == list(range(500)), said(fresh)
-    (share / "away").rename(share / "b.parquet")  # back, and the pipe gone: nothing to compute
+    shared.with_name("away").rename(shared)  # back, and the pipe gone: nothing to compute
     (project.data / "c.parquet").unlink()
     again = project.cli("run-now", "ident")
     assert again.returncode == 0 and "0 done now" in said(again), said(again)
