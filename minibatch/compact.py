@@ -289,9 +289,10 @@ def _rescue(old: Path, live: Path, top: bool = True) -> None:
             continue
         if not is_dir and ((top and ours(entry.name)) or _same_file(entry, there)):
             continue
-        if os.path.lexists(there) and (is_dir or there.is_dir()):  # a file became a directory, or
-            names = (live / f"{entry.name}.{n}" for n in itertools.count(1))  # the other way round:
-            there = next(name for name in names if not os.path.lexists(name))  # both are kept
+        if os.path.lexists(there) and (is_dir or there.is_dir()):
+            # a file became a directory, or the other way round: both are kept, the newer as name.N
+            names = (live / f"{entry.name}.{n}" for n in itertools.count(1))
+            there = next(name for name in names if not os.path.lexists(name))
         live.mkdir(parents=True, exist_ok=True)
         os.replace(entry.path, there)
         moved = True
