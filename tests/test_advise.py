@@ -212,7 +212,16 @@ def test_advice_on_too_many_workers_holds_less_memory_for_the_same_work(jobs: Pr
     configure(jobs, **settings | {"workers": better["workers"]})
     after = run(jobs)
     assert before["idle_memory"] - after["idle_memory"] > 4 * 10 * MiB  # 4 fewer idle workers
-    assert span(jobs, after) < 1.3 * span(jobs, before) + 0.5, (span(jobs, before), span(jobs, after))
+    # No slower: on a machine shared with other tests, 6 workers take a bigger share of the
+    # cores than 2, so compare the best of up to 3 alternating pairs of runs.
+    spans = {"before": [span(jobs, before)], "after": [span(jobs, after)]}
+    for _ in range(2):
+        if min(spans["after"]) < 1.3 * min(spans["before"]) + 0.5:
+            break
+        for name, workers in (("before", 6), ("after", better["workers"])):
+            configure(jobs, **settings | {"workers": workers})
+            spans[name].append(span(jobs, run(jobs)))
+    assert min(spans["after"]) < 1.3 * min(spans["before"]) + 0.5, spans
 
 
 def test_advice_on_a_budget_too_low_lets_chunks_run_side_by_side(jobs: Project) -> None:
