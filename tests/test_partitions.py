@@ -317,9 +317,8 @@ def test_dropping_partition_by_keeps_the_old_output_until_the_new_one_is_in(proj
     project.write_config(JOB)
     assert project.cli("run-now", "p", "-q").returncode == 0
     plain = JOB.replace('partition_by = ["day", "region"]', "").replace('target_file_bytes = "6KB"', "")
-    project.write_config(
-        plain.replace("SELECT * FROM chunk", "SELECT *, CAST(day || 'x' AS INTEGER) AS n FROM chunk")
-    )
+    failing = plain.replace("SELECT * FROM chunk", "SELECT *, CAST(day || 'x' AS INTEGER) AS n FROM chunk")
+    project.write_config(failing + "retries = 0\nbreaker_failures = 0\n")  # no 30 s cool-down
     assert project.cli("run-now", "p", "-q").returncode == 1  # fails: the old output stays whole
     check_output(project)
     project.write_config(plain)
