@@ -55,3 +55,11 @@ def __getattr__(name: str) -> Any:
     if name in _API:
         return getattr(import_module(f"minibatch.{_API[name]}"), name)
     raise AttributeError(f"module 'minibatch' has no attribute {name!r}")
+
+
+def entry() -> None:
+    """The `minibatch` script. multiprocessing runs the script again in every worker it starts
+    (as `__mp_main__`), so the script imports only this package; the CLI comes in here."""
+    from minibatch.cli import entry as cli_entry
+
+    cli_entry()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.request import urlopen
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -117,7 +118,7 @@ def test_wheel_and_sdist_hold_every_tracked_package_file(dist: Path) -> None:
         in_sdist = {name.partition("/")[2] for name in sdist.getnames()}
     assert [name for name in package if name not in in_sdist] == []
     assert f"\nVersion: {VERSION}\n" in metadata
-    assert "minibatch = minibatch.cli:entry" in entry_points
+    assert "minibatch = minibatch:entry" in entry_points
 
 
 def test_twine_check_passes(dist: Path) -> None:
@@ -190,6 +191,33 @@ def test_the_installed_wheel_runs_the_example_job(venv: Path, tmp_path: Path) ->
     shown = run(venv / "bin" / "minibatch", "--version", cwd=project, env=env)
     assert shown.returncode == 0 and shown.stdout.strip() == f"minibatch, version {VERSION}"
     assert list((tmp_path / "home").iterdir()) == []  # nothing written to HOME: fine on a read-only root
+
+
+PROBE = """
+import sys
+
+import pyarrow as pa
+
+
+def modules(table, ctx):
+    return pa.table({"loaded": [" ".join(m for m in ("minibatch.cli", "click") if m in sys.modules)]})
+"""
+
+
+def test_the_installed_script_starts_workers_without_the_cli(venv: Path, tmp_path: Path) -> None:
+    """multiprocessing runs the script's module again in every worker it starts (as
+    `__mp_main__`): a script that imports the CLI there costs each worker ~60 ms before its
+    first chunk. What the worker holds is what the job sees in `sys.modules`."""
+    project = tmp_path / "probe"
+    (project / "data").mkdir(parents=True)
+    (project / "probe.py").write_text(PROBE)
+    pq.write_table(pa.table({"x": [1, 2, 3]}), project / "data" / "a.parquet")
+    job = '[jobs.p]\ninput = "data/*.parquet"\noutput = "out/p"\nprocess = "probe:modules"\nworkers = 1\n'
+    (project / "config.toml").write_text(job)
+    ran = run(venv / "bin" / "minibatch", "--config", project / "config.toml", "run-now", "p", "--quiet",
+              cwd=project, env=installed_env(tmp_path, venv))  # fmt: skip
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert pq.read_table(project / "out" / "p")["loaded"].to_pylist() == [""]
 
 
 def free_port() -> int:
