@@ -277,13 +277,20 @@ def test_sigterm_stops_gracefully_and_the_next_run_finishes(project: Project, sh
     assert len(project.computations()) <= 36 + 2  # in-flight chunks ran to the end, were kept
 
 
+def times(job_module: str, factor: int) -> str:
+    """The test job module with `ident` multiplying by `factor` instead of doubling."""
+    doubled = 'pc.add(table["value"], table["value"])'
+    assert doubled in job_module
+    return job_module.replace(doubled, f'pc.multiply(table["value"], {factor})')
+
+
 def test_a_long_lived_worker_picks_up_an_edited_job_module(project: Project, shared: Cluster) -> None:
     inputs(project, files=1)
     dask_config(project, shared)
     assert project.cli("run-now", "ident").returncode == 0
     module = project.root / "myjobs" / "basic.py"
     source = module.read_text()
-    module.write_text(source.replace('table["value"], 2)', 'table["value"], 3)'))
+    module.write_text(times(source, 3))
     stat = module.stat()
     os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # surely a new mtime
     assert project.cli("run-now", "ident", "--fresh").returncode == 0
@@ -316,9 +323,7 @@ def test_threads_of_one_worker_and_two_projects_each_run_their_own_code(
 
     other = Project(root=project.root.parent / "other", count_file=project.root.parent / "other.txt")
     install_jobs(other.root)
-    (other.root / "myjobs" / "basic.py").write_text(
-        JOB_MODULE.replace('table["value"], 2)', 'table["value"], 5)')
-    )
+    (other.root / "myjobs" / "basic.py").write_text(times(JOB_MODULE, 5))
     c = single
     for p, factor in ((project, 2), (other, 5), (project, 2)):
         inputs(p, files=2)
