@@ -65,6 +65,7 @@ def _run(state: State, job: str, quiet: bool, as_json: bool, **options: Any) -> 
 
     listener = progress_listener(quiet or as_json)
     summary = run_job(state.config, job, RunOptions(**options), [listener] if listener else [])
+    state.exit_code = summary.exit_code
     if as_json:
         click.echo(json.dumps(summary_json(summary), indent=2, default=str))
     else:

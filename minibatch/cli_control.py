@@ -62,6 +62,7 @@ def backfill(state: State, /, job: str, first: datetime, last: datetime, dry_run
         return
     with StopSignals() as signals:
         result = run_backfill(config, request, signals, on_date=_progress)
+    state.exit_code = result.exit_code
     shown = backfill_json(result, manifest_for(config))
     if as_json:
         click.echo(json.dumps(shown, indent=2, default=str))

@@ -24,6 +24,7 @@ class State:
 
     def __init__(self, config_path: str | None) -> None:
         self.config_path = config_path
+        self.exit_code = 0  # a run's status, set before its summary is printed: see Group.invoke
 
     @cached_property
     def config(self) -> Config:
@@ -45,7 +46,7 @@ class Group(click.Group):
             return super().invoke(ctx)
         except BrokenPipeError:  # `minibatch history | head -1`: a closed pipe is not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor is the final flush
-            sys.exit(0)
+            sys.exit(ctx.obj.exit_code if isinstance(ctx.obj, State) else 0)  # but a failed run is one
         except ConfigError as exc:
             click.echo("\n".join(f"error: {line}" for line in str(exc).splitlines()), err=True)
             sys.exit(EXIT_USAGE)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from minibatch.cli import main
 
-from conftest import MAP_JOB, Project
+from conftest import MAP_JOB, Project, faulty_job
 
 COMMANDS = ["run-now", "validate", "list", "status", "retry", "reset"]
 
@@ -223,3 +223,20 @@ def test_a_closed_stderr_still_runs_the_job(project: Project) -> None:
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
     assert result.returncode == 0 and "succeeded" in result.stdout, result.stdout
     assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(100))
+
+
+@pytest.mark.parametrize(("process", "status"), [("flaky", 0), ("always_fail", 1)])
+def test_a_closed_pipe_cuts_the_summary_short_not_the_exit_status(
+    project: Project, process: str, status: int
+) -> None:
+    """`minibatch run-now f | head -1` under `set -o pipefail`: a reader that stops early cut
+    the summary short and turned a failed run's exit status into 0."""
+    project.write_input("a.parquet", 0, 100)
+    project.write_config(faulty_job(process, "retries = 0"))
+    argv = [sys.executable, "-m", "minibatch", "--config", str(project.root / "config.toml"), "run-now", "f"]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=project.env())
+    assert run.stdout is not None
+    run.stdout.close()  # the reader is gone before the summary is written
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == status, stderr
+    assert "Traceback" not in stderr
