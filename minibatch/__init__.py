@@ -7,6 +7,7 @@ coordinator's modules with it.
 
 from __future__ import annotations
 
+import sys
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -58,8 +59,25 @@ def __getattr__(name: str) -> Any:
 
 
 def entry() -> None:
-    """The `minibatch` script. multiprocessing runs the script again in every worker it starts
-    (as `__mp_main__`), so the script imports only this package; the CLI comes in here."""
-    from minibatch.cli import entry as cli_entry
+    """The `minibatch` script and `python -m minibatch`. multiprocessing runs the script again
+    in every worker it starts (as `__mp_main__`), so the script imports only this package; the
+    CLI comes in here."""
+    _load_cli().entry()
 
-    cli_entry()
+
+def _load_cli() -> Any:  # the minibatch.cli module
+    """minibatch.cli, with structlog loaded while rich is hidden. structlog imports rich, when
+    installed, for pretty tracebacks in development consoles (~0.13 s of every command's
+    start-up); the CLI's logs render exceptions without it (format_exc_info). structlog never
+    looks for rich again, so only the CLI does this, before any thread starts: a program that
+    imports the API keeps rich tracebacks in its own structlog logs. The progress bar imports
+    rich itself."""
+    hidden = "rich" not in sys.modules
+    if hidden:
+        sys.modules["rich"] = None  # type: ignore[assignment]  # an import of it raises ImportError
+    try:
+        import structlog  # noqa: F401
+    finally:
+        if hidden:
+            del sys.modules["rich"]
+    return import_module("minibatch.cli")

@@ -1,3 +1,3 @@
-from minibatch.cli import entry
+from minibatch import entry
 
 entry()

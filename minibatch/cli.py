@@ -304,7 +304,7 @@ for _command in main.commands.values():
 
 
 def entry() -> None:
-    """The `minibatch` script and `python -m minibatch`."""
+    """The command line, as `minibatch.entry` (the script, `python -m minibatch`) runs it."""
     run_and_exit(main)
 
 

@@ -7,18 +7,7 @@ import logging
 import sys
 from typing import TextIO, cast
 
-# structlog imports rich, when installed, for pretty tracebacks in development consoles: ~0.13 s
-# of every command's start-up. We render exceptions with format_exc_info, before structlog's
-# console renderer would, so hide rich while structlog loads (both modules do without it);
-# the progress bar imports rich itself, on a terminal.
-_hidden = "rich" not in sys.modules
-if _hidden:
-    sys.modules["rich"] = None  # type: ignore[assignment]  # an import of it raises ImportError
-try:
-    import structlog
-finally:
-    if _hidden:
-        del sys.modules["rich"]
+import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 

@@ -32,12 +32,15 @@ def test_an_80_column_bar_shows_the_total_and_the_time_left() -> None:
     assert len(line) <= 80
 
 
-def test_logging_loads_without_rich_and_the_bar_still_gets_it() -> None:
+def test_the_cli_loads_without_rich_and_the_bar_and_embedders_still_get_it() -> None:
     """structlog imports rich when it is installed (~0.13 s of every command's start-up) for
-    pretty tracebacks we do not use; the bar imports it when it draws."""
-    code = (
-        "import sys, minibatch.log; assert 'rich' not in sys.modules, 'rich loaded with structlog'; "
+    pretty tracebacks the CLI does not use; the bar imports it when it draws. A program that
+    imports the API keeps rich tracebacks in its own structlog logs."""
+    cli = (
+        "import sys, minibatch; minibatch._load_cli(); assert 'rich' not in sys.modules, 'rich loaded'; "
         "from minibatch.progress import BarProgress; import rich.progress; print('ok')"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.stdout.strip() == "ok", result.stderr
+    api = "import minibatch.log, structlog.dev; assert structlog.dev.rich, 'rich hidden'; print('ok')"
+    for code in (cli, api):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.stdout.strip() == "ok", result.stderr
