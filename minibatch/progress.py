@@ -126,6 +126,7 @@ class BarProgress(_Counting):
             console=console or Console(stderr=True),
             transient=True,
         )
+        self.progress.console.soft_wrap = True  # log lines routed above the bar stay whole (JSON)
         self.task: Any = None
         self.job = ""
 

@@ -44,3 +44,19 @@ def test_the_cli_loads_without_rich_and_the_bar_and_embedders_still_get_it() -> 
     for code in (cli, api):
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_log_line_written_while_the_bar_shows_stays_on_one_line() -> None:
+    """Log lines go above the live bar through rich, which wrapped them at the terminal's width:
+    a JSON log line on an 80-column terminal came out as two lines, neither of them JSON."""
+    screen = io.StringIO()
+    bar = BarProgress(Console(file=screen, width=80, force_terminal=True, color_system=None))
+    emit = Emitter([bar]).bind("carrier_delays", "r")
+    emit(EventKind.RUN_STARTED, memory_limit=2**30)
+    emit(EventKind.RUN_PLANNED, todo=10)
+    line = '{"event": "chunk_done", "label": "' + "x" * 150 + '"}'
+    sys.stderr.write(line + "\n")  # where the log's stream writes (the bar redirects stderr)
+    sys.stderr.flush()
+    bar.run_finished(None)  # type: ignore[arg-type]
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue()).replace("\r", "\n")
+    assert line in text.splitlines()
