@@ -78,13 +78,16 @@ def parse_value(name: str, text: str) -> date | str:
 
 
 def parse_assignments(items: Iterable[str]) -> dict[str, str]:
-    """`["date=2026-11-01", "region=eu"]` -> a dict; ParamError for an item without `=`."""
+    """`["date=2026-11-01", "region=eu"]` -> a dict; ParamError for an item without `=` or a
+    name given twice."""
     out: dict[str, str] = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise ParamError(f"--param {item!r}: expected NAME=VALUE")
-        out[name.strip()] = value.strip()
+        if (name := name.strip()) in out:  # one run takes one value: `backfill` runs several dates
+            raise ParamError(f"--param {name!r} given twice ({out[name]!r} and {value.strip()!r})")
+        out[name] = value.strip()
     return out
 
 

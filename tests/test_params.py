@@ -58,6 +58,9 @@ def test_values_that_could_leave_a_directory_are_refused() -> None:
             parse_value("region", bad)
     with pytest.raises(ParamError, match="NAME=VALUE"):
         parse_assignments(["date"])
+    # Hostile review: the last of two values won silently, and the run exited 0 for one date.
+    with pytest.raises(ParamError, match="'date' given twice"):
+        parse_assignments(["date=2026-11-01", "date=2026-11-02"])
 
 
 NAMES = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True)
