@@ -58,7 +58,10 @@ def backfill(state: State, /, job: str, first: datetime, last: datetime, dry_run
     if dry_run:
         dates = plan(config, request, manifest_for(config))
         rows = [{"date": d.day, "action": d.action, "reason": d.reason} for d in dates]
-        print_table(rows, [("date", "DATE"), ("action", "ACTION"), ("reason", "WHY")])
+        if as_json:
+            click.echo(json.dumps(rows, indent=2, default=str))
+        else:
+            print_table(rows, [("date", "DATE"), ("action", "ACTION"), ("reason", "WHY")])
         return
     with StopSignals() as signals:
         result = run_backfill(config, request, signals, on_date=_progress)

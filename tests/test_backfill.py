@@ -3,6 +3,7 @@ date's output exactly once; what --reprocess runs; a date whose run is held else
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from datetime import date
@@ -101,6 +102,10 @@ def test_dry_run_reprocess_and_bad_requests(project: Project) -> None:
     lines = dry.stdout.splitlines()[1:]
     assert [line.split()[:2] for line in lines] == [[DATES[2], "run"], [DATES[1], "skip"], [DATES[0], "run"]]
     assert project.manifest_rows("SELECT count(*) FROM backfills") == [(0,)]  # a dry run records nothing
+    dry = project.cli("backfill", "daily", "--from", DATES[0], "--to", DATES[1], "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr  # hostile review: --json printed the text table
+    planned = [(d["date"], d["action"]) for d in json.loads(dry.stdout)]
+    assert planned == [(DATES[0], "run"), (DATES[1], "skip")]
 
     before = (project.root / "out/daily" / DATES[1]).stat().st_mtime_ns
     result = project.cli(
