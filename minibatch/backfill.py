@@ -27,7 +27,8 @@ from minibatch.lock import JobLocked, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.params import DATE, schedule_dates
-from minibatch.runner import RunOptions, new_run_id, run_job
+from minibatch.records import new_run_id
+from minibatch.runner import RunOptions, run_job
 from minibatch.signals import StopSignals
 from minibatch.states import RunStatus
 

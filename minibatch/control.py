@@ -29,7 +29,8 @@ from minibatch.lock import JobLocked, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest
 from minibatch.params import DATE, logical_date
-from minibatch.runner import RunOptions, new_run_id
+from minibatch.records import new_run_id
+from minibatch.runner import RunOptions
 from minibatch.signals import StopSignals
 from minibatch.states import RunStatus
 

@@ -26,7 +26,8 @@ from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.metrics import Metrics
 from minibatch.notify import Notifier
-from minibatch.runner import RunOptions, new_run_id, run_job
+from minibatch.records import new_run_id
+from minibatch.runner import RunOptions, run_job
 from minibatch.schedule import next_fire_times, parse_crontab
 from minibatch.signals import StopSignals
 from minibatch.validate import check_imports

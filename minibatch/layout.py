@@ -184,6 +184,8 @@ class OutputLayout:
         minibatch names its files. An output inside another claimed output is refused, and a
         staging or parts directory that is a symlink: what is removed in it would be removed
         wherever the link points."""
+        if problem := self.not_a_directory():
+            raise OutputNotOwned(problem)
         for directory in (self.staging, self.parts):
             if directory.is_symlink():
                 raise OutputNotOwned(f"{directory} is a symlink; minibatch keeps its own files there")
@@ -202,6 +204,12 @@ class OutputLayout:
         if not self.owner():  # the first claim (or one an older release made) writes it
             self._write_owner(owner)
         self.check_owner(owner)
+
+    def not_a_directory(self) -> str | None:
+        """Why the output cannot be a directory of parts (a file is in the way), or None."""
+        if self.output.exists() and not self.output.is_dir():  # through a symlink, as writing goes
+            return f"output {self.output} is a file, not a directory: move it or choose another output"
+        return None
 
     def owner(self) -> str:
         """Whose output this is ("" when no run has said yet)."""

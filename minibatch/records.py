@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -9,6 +11,10 @@ from minibatch.states import ChunkStatus, Outcome, RunStatus
 
 if TYPE_CHECKING:
     from minibatch.tasks import TaskError, TaskResult
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
 @dataclass

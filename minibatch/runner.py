@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -41,7 +39,7 @@ from minibatch.reconcile import (
     removed_and_changed,
     report_bad_files,
 )
-from minibatch.records import ChunkRecord, RunRecord
+from minibatch.records import ChunkRecord, RunRecord, new_run_id
 from minibatch.reduce import OutputFailed, publish_if_needed
 from minibatch.results import ResultStore
 from minibatch.signals import StopSignals
@@ -120,10 +118,6 @@ def run_job(
     return summary
 
 
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
 class Run:
     def __init__(
         self, config: Config, job: JobConfig, options: RunOptions, emitter: Emitter, signals: StopSignals
@@ -152,6 +146,8 @@ class Run:
         self.memory_per_byte: float | None = None  # learned from earlier runs' attempts
 
     def record_crash(self, exc: Exception) -> None:
+        if isinstance(exc, ConfigError) and not self.started:  # refused before it began: no run
+            return
         self.record.status, self.record.error = RunStatus.CRASHED, f"{type(exc).__name__}: {exc}"
         self.record.ended_at = self.options.clock.time()
         with contextlib.suppress(Exception):  # the manifest may be what broke

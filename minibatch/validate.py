@@ -126,6 +126,8 @@ def check_inputs(config: Config) -> list[str]:
     warnings, errors = [], []
     for job in config.jobs.values():
         layout = OutputLayout.of(job)
+        if problem := layout.not_a_directory():
+            errors.append(f"jobs.{job.name}.output: {problem}")
         try:
             found = find_inputs(config.base_dir, job.inputs, [layout.output, layout.parts, layout.staging])
         except InputError as exc:

@@ -150,3 +150,19 @@ def test_what_a_jobs_sql_creates_while_it_is_checked_is_gone_after(project: Proj
     config = load_config(project.root / "config.toml")
     check_imports(config)
     check_imports(config)  # raised ConfigError ("plus1 already exists") without the rollback
+
+
+def test_an_output_that_is_a_file_is_a_config_error_and_nothing_is_made(project: Project) -> None:
+    """Hostile review: a run-now exited 1 with "File exists", left a staging directory beside
+    the user's file and recorded a crashed run; validate said OK."""
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 100)
+    project.root.joinpath("out").mkdir()
+    project.out("ident").write_text("a user's file")
+    for command in (("validate",), ("run-now", "ident")):
+        result = project.cli(*command)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"output {project.out('ident')} is a file, not a directory" in result.stderr
+    assert project.out("ident").read_text() == "a user's file"
+    assert sorted(p.name for p in project.root.joinpath("out").iterdir()) == ["ident"]
+    assert project.cli("history", "ident", "--json").stdout.strip() == "[]"  # no run recorded
