@@ -3,7 +3,10 @@ or partitions), or the results laid out in partitions and right-sized files."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +38,11 @@ class OutputFailed(Exception):
         self.kind = kind
 
 
+class ReduceStopped(OutputFailed):
+    """A stop (SIGTERM, SIGINT) interrupted `reduce_sql`: nothing was published; the next run
+    reduces again."""
+
+
 def publish_if_needed(
     job: JobConfig,
     layout: OutputLayout,
@@ -44,9 +52,10 @@ def publish_if_needed(
     previous: str | None,
     empty: pa.Schema | None,
     events: RunEvents,
+    stop: Callable[[], bool] | None = None,
 ) -> str | None:
     """Reduce over, or publish, the complete set of parts, unless the output already is that;
-    returns the key of what it published. Raises OutputFailed."""
+    returns the key of what it published. Raises OutputFailed (ReduceStopped once `stop()`)."""
     sql = job.reduce_sql
     missing = planned - len(outputs)
     if missing and sql:  # dead letters skipped, or input that changed under the run
@@ -60,7 +69,7 @@ def publish_if_needed(
         if sql is None:
             units = publish_parts(layout, read_slices(parts), job.workers)
         else:
-            result = _reduce(sql, parts, empty, job)
+            result = _reduce(sql, parts, empty, job, stop)
             _check_result(result, job, layout, events)
             units = _publish_reduced(result, layout, key)
             events(EventKind.REDUCE_DONE, parts=len(parts), rows=result.num_rows)
@@ -89,9 +98,13 @@ def published_rows(layout: OutputLayout) -> int | None:
     return sum(pq.read_metadata(path).num_rows for path in files) if files else None
 
 
-def _reduce(sql: str, parts: list[Path], empty: pa.Schema | None, job: JobConfig) -> pa.Table:
+def _reduce(
+    sql: str, parts: list[Path], empty: pa.Schema | None, job: JobConfig, stop: Callable[[], bool] | None
+) -> pa.Table:
     try:
-        return reduce_table(sql, parts, None if parts else empty, dict(job.values))
+        return reduce_table(sql, parts, None if parts else empty, dict(job.values), stop)
+    except ReduceStopped:
+        raise
     except Exception as exc:  # the user's SQL: its error ends the run as failed, readably
         raise OutputFailed(f"reduce_sql failed: {type(exc).__name__}: {exc}") from None
 
@@ -113,8 +126,14 @@ def _publish_reduced(result: pa.Table, layout: OutputLayout, key: str) -> Publis
     return None
 
 
-def reduce_table(sql: str, parts: list[Path], empty: pa.Schema | None, params: dict[str, Any]) -> pa.Table:
-    """`sql` with the parts as table `parts`.
+def reduce_table(
+    sql: str,
+    parts: list[Path],
+    empty: pa.Schema | None,
+    params: dict[str, Any],
+    stop: Callable[[], bool] | None = None,
+) -> pa.Table:
+    """`sql` with the parts as table `parts`; ReduceStopped once `stop()` says so while it runs.
 
     DuckDB reads the part files itself where it sees them as Arrow would (`_native_parts`);
     otherwise they reach it as a pyarrow dataset of exact paths, whose import costs 0.3-0.5 s
@@ -131,10 +150,34 @@ def reduce_table(sql: str, parts: list[Path], empty: pa.Schema | None, params: d
             import pyarrow.dataset as ds
 
             con.register("parts", ds.dataset([str(p) for p in parts], format="parquet"))
-        result: pa.Table = con.sql(sql, params=sql_values(sql, params)).to_arrow_table()
+        with _interrupted(con, stop):
+            result: pa.Table = con.sql(sql, params=sql_values(sql, params)).to_arrow_table()
         return result
+    except duckdb.InterruptException:
+        raise ReduceStopped("stopped while reduce_sql ran: nothing was published") from None
     finally:
         con.close()
+
+
+@contextlib.contextmanager
+def _interrupted(con: duckdb.DuckDBPyConnection, stop: Callable[[], bool] | None) -> Iterator[None]:
+    """Interrupt `con`'s query once `stop()` holds (asked every 50 ms): a reduce can take
+    minutes, and a stop must not wait for it (systemd kills what outlives its timeout)."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while stop is not None and not done.wait(0.05):
+            if stop():
+                con.interrupt()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True, name="reduce-stop")
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 GLOB = frozenset("*?[]{}")  # what DuckDB could expand in a path

@@ -40,7 +40,7 @@ from minibatch.reconcile import (
     report_bad_files,
 )
 from minibatch.records import ChunkRecord, RunRecord, new_run_id
-from minibatch.reduce import OutputFailed, publish_if_needed
+from minibatch.reduce import OutputFailed, ReduceStopped, publish_if_needed
 from minibatch.results import ResultStore
 from minibatch.signals import StopSignals
 from minibatch.states import EventKind, RunStatus
@@ -383,8 +383,11 @@ class Run:
             return publish_if_needed(
                 self.job, self.layout, self.ledger.outputs, self.record.chunks_total - self.dropped,
                 self.definition.key, self.reduced_key, self.store.schema or self.store.empty_schema,
-                self.events,
+                self.events, self.signals.arrived,
             )  # fmt: skip
+        except ReduceStopped:  # published nothing: the next run reduces again
+            self.record.status, self.summary.stopped = RunStatus.STOPPED, True
+            return None
         except OutputFailed as exc:
             self._fail(str(exc), exc.kind)
             return None

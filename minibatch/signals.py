@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import select
 import signal
 import socket
 import threading
@@ -30,6 +31,11 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         return self.count >= 1
+
+    def arrived(self) -> bool:
+        """Whether a stop was asked for, also while the main thread is inside C code (a DuckDB
+        query), where the handler that counts a signal cannot run yet: its byte is in `wakeup`."""
+        return self.requested or bool(select.select([self._reader], [], [], 0)[0])
 
     @property
     def immediate(self) -> bool:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -241,6 +243,33 @@ def test_a_reduce_job_stopped_mid_run_publishes_nothing(project: Project) -> Non
     assert status["status"] == "stopped"
     assert project.cli("run-now", "totals").returncode == 0
     assert reduced(project) == (1200, sum(range(1200)))
+
+
+def test_a_stop_during_the_reduce_interrupts_it(project: Project) -> None:
+    """Hostile review: SIGTERM waited for the whole reduce_sql (17 s against stop_grace) and the
+    run was recorded as succeeded; systemd kills a unit that outlives its stop timeout."""
+    slow = "SELECT count(*) AS n, sum(id) AS s FROM parts, range(100000000) t(x)"  # minutes
+    reduce_config(project, reduce=slow)
+    project.write_input("a.parquet", 0, 400)  # 4 chunks
+    process = project.start("run-now", "totals")
+
+    wait_for(lambda: len(project.computations()) >= 4, what="the chunks to run")
+    start = _cpu_seconds(process.pid)  # then only the reduce spends CPU in the coordinator
+    wait_for(lambda: _cpu_seconds(process.pid) > start + 1, what="the reduce to run")
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=20)  # the reduce alone would take minutes
+    assert process.returncode == 0, err
+    assert "stopped" in out
+    assert not (project.out("totals") / "part-reduced.parquet").exists()
+    assert json.loads(project.cli("status", "totals", "--json").stdout)[0]["status"] == "stopped"
+    reduce_config(project)
+    assert project.cli("run-now", "totals").returncode == 0
+    assert reduced(project) == (400, sum(range(400)))
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def test_a_dead_letter_blocks_the_reduce_and_keeps_the_old_output(project: Project) -> None:
