@@ -163,10 +163,13 @@ def reduce_table(
 def _interrupted(con: duckdb.DuckDBPyConnection, stop: Callable[[], bool] | None) -> Iterator[None]:
     """Interrupt `con`'s query once `stop()` holds (asked every 50 ms): a reduce can take
     minutes, and a stop must not wait for it (systemd kills what outlives its timeout)."""
+    if stop is None:
+        yield
+        return
     done = threading.Event()
 
     def watch() -> None:
-        while stop is not None and not done.wait(0.05):
+        while not done.wait(0.05):
             if stop():
                 con.interrupt()
                 return
