@@ -10,7 +10,16 @@ from typing import Any
 import click
 
 from minibatch.cli_control import backfill, cancel, pause, resume
-from minibatch.clibase import EXIT_USAGE, Group, State, config_here, params_option, run_and_exit, run_options
+from minibatch.clibase import (
+    EXIT_LOCKED,
+    EXIT_USAGE,
+    Group,
+    State,
+    config_here,
+    params_option,
+    run_and_exit,
+    run_options,
+)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -260,9 +269,18 @@ def repair(state: State) -> None:
     names its chunk and is checked) and computes only what is missing. Lost with the old
     manifest: run history, attempts, dead letters (tried again) and last fire times.
     """
+    from minibatch.manifest import ManifestBusy
     from minibatch.repair import repair as repair_manifest
 
-    done = repair_manifest(state.config)
+    try:
+        done = repair_manifest(state.config)
+    except ManifestBusy as exc:
+        click.echo(f"error: {exc}", err=True)
+        click.echo(
+            "  it is in use by another process, not damaged: stop what holds it open and repair again",
+            err=True,
+        )
+        sys.exit(EXIT_LOCKED)
     if done.broken is None:
         click.echo(f"{done.path}: nothing to repair ({done.reason})")
         return

@@ -28,6 +28,7 @@ NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 DEFAULT_TARGET = 128 * 2**20
 DEFAULT_ROW_GROUP = 122_880  # DuckDB's row group size: readers parallelise over row groups
+MAX_ROW_GROUP_ROWS = 64 * 1024 * 1024  # Arrow's writer cuts a longer row group in two
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,12 @@ def parse_shape(c: Checker) -> Shape:
     if len(set(partition_by)) != len(partition_by):
         c.error("partition_by", "names a column twice")
     target = positive_size(c, "target_file_bytes", DEFAULT_TARGET) if "target_file_bytes" in c.table else None
-    return Shape(partition_by, target, c.positive_int("row_group_rows", DEFAULT_ROW_GROUP))
+    row_group_rows = c.positive_int("row_group_rows", DEFAULT_ROW_GROUP)
+    if row_group_rows > MAX_ROW_GROUP_ROWS:
+        c.error(
+            "row_group_rows", f"at most {MAX_ROW_GROUP_ROWS:,} (the most rows Arrow writes in one row group)"
+        )
+    return Shape(partition_by, target, min(row_group_rows, MAX_ROW_GROUP_ROWS))
 
 
 def escape(value: str | None) -> str:
@@ -137,11 +143,12 @@ def write_units(table: pa.Table, shape: Shape, handle: BinaryIO) -> None:
 
     units: dict[str, list[int]] = {}
     first = 0
+    size = min(shape.row_group_rows, MAX_ROW_GROUP_ROWS)
     slices = split_units(table, shape.partition_by)
     for unit, rows in slices:
         if unit in units:  # two runs of rows in one directory: the footer would lose one
             raise ValueError(f"partition {unit} came out twice when splitting the result")
-        count = -(-rows.num_rows // shape.row_group_rows)
+        count = -(-rows.num_rows // size)
         units[unit] = [first, count]
         first += count
     metadata = dict(table.schema.metadata or {})
@@ -149,7 +156,20 @@ def write_units(table: pa.Table, shape: Shape, handle: BinaryIO) -> None:
     schema = table.schema.with_metadata(metadata)
     with pq.ParquetWriter(handle, schema) as writer:
         for _, rows in slices:
-            writer.write_table(rows.replace_schema_metadata(metadata), row_group_size=shape.row_group_rows)
+            writer.write_table(rows.replace_schema_metadata(metadata), row_group_size=size)
+    _check_units(writer.writer.metadata, units, [rows.num_rows for _, rows in slices])
+
+
+def _check_units(written: Any, units: dict[str, list[int]], rows: list[int]) -> None:
+    """The footer names row groups by unit ahead of writing them: that the writer wrote the
+    row groups counted is checked, since publishing copies only those (rows past them would be
+    lost without a word)."""
+    groups = [written.row_group(i).num_rows for i in range(written.num_row_groups)]
+    for (unit, (first, count)), expected in zip(units.items(), rows, strict=True):
+        if sum(groups[first : first + count]) != expected:
+            raise ValueError(f"the Parquet writer did not write partition {unit!r} in the row groups planned")
+    if sum(groups) != sum(rows):
+        raise ValueError("the Parquet writer wrote rows outside the row groups planned")
 
 
 def units_of(metadata: dict[bytes, bytes] | None) -> dict[str, tuple[int, int]]:

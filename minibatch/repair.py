@@ -22,7 +22,7 @@ from pathlib import Path
 
 from minibatch.config import Config
 from minibatch.lock import job_lock
-from minibatch.manifest import Manifest, ManifestError, manifest_path
+from minibatch.manifest import Manifest, ManifestBusy, ManifestError, manifest_path
 
 TABLES = ("runs", "chunks", "attempts", "bad_files", "job_state", "reduce_state", "schedule_state")
 
@@ -43,7 +43,8 @@ def repair(config: Config) -> Repair:
             reason = "it does not exist" if not path.exists() else "it reads without error"
             return Repair(path, None, reason)
         broken = _set_aside(path, "broken")
-        Manifest(path).status()  # creates the new, empty manifest
+        with Manifest(path).connect():  # the new, empty manifest (read-write: made with its tables)
+            pass
         return Repair(path, broken, problem)
 
 
@@ -106,6 +107,8 @@ def _problem(path: Path) -> str | None:
         with Manifest(path, deadline=5.0).connect() as con:
             for table in TABLES:
                 con.execute(f"SELECT * FROM {table}").fetchall()
+    except ManifestBusy:  # held open by another process: not damage (cli says so, exit 3)
+        raise
     except (ManifestError, duckdb.Error) as exc:  # a damaged catalog may say "no such table"
         return str(exc)
     return None
@@ -113,9 +116,13 @@ def _problem(path: Path) -> str | None:
 
 @contextlib.contextmanager
 def _all_job_locks(config: Config) -> Iterator[None]:
+    """Every job's lock, and every lock a run has made: a run of a parameter set holds its
+    checkpoint's (`daily[date=2026-01-02]`), a backfill its own, a run its worker slots."""
+    state_dir = config.engine.state_dir
+    made = {path.name.removesuffix(".lock") for path in (state_dir / "locks").glob("*.lock")}
     with contextlib.ExitStack() as stack:
-        for name in sorted(config.jobs):
-            stack.enter_context(job_lock(config.engine.state_dir, name))
+        for name in sorted(set(config.jobs) | made, key=lambda n: (".worker-" in n, n)):  # runs first: named
+            stack.enter_context(job_lock(state_dir, name))
         yield
 
 

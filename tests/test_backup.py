@@ -9,6 +9,9 @@ import signal
 
 import duckdb
 
+from minibatch.config import load_config
+from minibatch.lock import job_lock
+
 from conftest import MAP_JOB, Project, wait_for
 
 
@@ -100,3 +103,23 @@ def test_two_restores_in_one_second_keep_both_manifests_they_replace(project: Pr
     for _ in range(3):
         assert project.cli("restore", copy).returncode == 0
     assert len(list((project.root / ".state").glob("manifest.duckdb.replaced-*"))) == 3
+
+
+def test_restore_and_repair_refuse_while_a_run_of_a_parameter_set_holds_its_lock(project: Project) -> None:
+    """Hostile review: both took the locks of job names only, and a run of a parameter set holds
+    its checkpoint's (`daily[date=...]`): a restore went ahead in the middle of one."""
+    job = 'input = "data/*.parquet"\noutput = "out/{date:%Y-%m-%d}"\nprocess = "myjobs.basic:ident"\n'
+    project.write_config(f"[jobs.daily]\n{job}")
+    project.write_input("a.parquet", 0, 100)
+    assert project.cli("run-now", "daily", "--param", "date=2026-01-01").returncode == 0
+    (project.root / "backups").mkdir()
+    copy = project.cli("backup", str(project.root / "backups")).stdout.strip()
+    config = load_config(project.root / "config.toml")
+    key = config.bound("daily", {"date": "2026-01-02"}).key
+    assert key != "daily"
+    with job_lock(config.engine.state_dir, key):  # what `run-now daily --param date=2026-01-02` holds
+        for refused in (project.cli("restore", copy), project.cli("repair")):
+            assert refused.returncode == 3, refused.stdout + refused.stderr
+            assert f"job {key!r} is already running" in refused.stderr
+    assert not list((project.root / ".state").glob("manifest.duckdb.*-*"))  # nothing set aside
+    assert project.cli("restore", copy).returncode == 0

@@ -21,9 +21,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minibatch import compact
+from minibatch import compact, hive
 from minibatch.compact import Slice, plan_files
-from minibatch.hive import FILE_RE, NULL_VALUE, escape, split_units
+from minibatch.hive import FILE_RE, MAX_ROW_GROUP_ROWS, NULL_VALUE, Shape, escape, split_units
+from minibatch.layout import with_provenance, write_durably
 
 from conftest import Project, wait_for
 
@@ -369,3 +370,30 @@ def test_a_users_file_made_while_its_partition_is_rebuilt_stays(
     assert (day1 / "_report").read_text() == "a file" and (day1 / "_report.1" / "x").read_text() == "in it"
     assert (day2 / "region=eu" / "_LATE").read_text() == "made after the check"
     assert {i for ids in by_pyarrow(project.out("p")).values() for i in ids} == set(range(1000, 1100))
+
+
+def test_a_part_names_every_row_when_arrow_caps_its_row_groups(tmp_path: Path) -> None:
+    """Hostile review: row_group_rows above Arrow's 64 Mi cap. The footer counted
+    ceil(rows / row_group_rows) row groups where Arrow had written more, and publishing copied
+    only those: a 67.2 M-row result published 67,108,864 rows, and the run succeeded."""
+    rows = MAX_ROW_GROUP_ROWS + 91_136
+    table = pa.table({"x": pa.nulls(rows, pa.int8())})  # cheap to write: one run of nulls
+    part = tmp_path / "part.parquet"
+    write_durably(
+        with_provenance(table, "chunk", "job"), part, Shape(target_file_bytes=2**30, row_group_rows=10**8)
+    )
+    ((unit, slices),) = compact.read_slices([part]).items()
+    meta = pq.read_metadata(part)  # row groups [67108864, 91136]
+    assert sum(meta.row_group(i).num_rows for s in slices for i in range(s.first, s.first + s.count)) == rows
+    # and a writer that cuts row groups other than planned fails the part, never publishes part of it
+    with pytest.raises(ValueError, match="did not write partition ''"):
+        hive._check_units(meta, {"": [0, 1]}, [rows])
+
+
+def test_row_group_rows_above_what_arrow_writes_is_refused(project: Project) -> None:
+    write(project, "a.parquet", range(0, 10))
+    project.write_config(JOB.replace("row_group_rows = 64", "row_group_rows = 100000000"))
+    result = project.cli("validate")
+    assert result.returncode == 2, result.stderr
+    assert "row_group_rows: at most 67,108,864" in result.stderr, result.stderr
+    assert MAX_ROW_GROUP_ROWS == pq.core._parquet._MAX_ROW_GROUP_SIZE  # Arrow's own limit

@@ -373,6 +373,7 @@ def test_repair_sets_a_broken_manifest_aside_and_the_next_run_adopts_the_output(
     assert repaired.returncode == 0, f"exit {repaired.returncode}: {last_lines(repaired.stderr)}"
     kept = [p for p in state.iterdir() if p.name.startswith("manifest.duckdb.broken")]
     assert any(p.read_bytes() == broken for p in kept), sorted(p.name for p in state.iterdir())
+    assert manifest.exists()  # "a new manifest was started" (it was not, until the next run)
 
     again = project.cli("run-now", "ident")
     assert again.returncode == 0, last_lines(again.stderr)
@@ -429,3 +430,32 @@ def test_a_full_disk_during_the_manifest_commit_ends_in_one_readable_line(projec
     lines = result.stderr.splitlines()
     assert any("No space left" in line or "disk full" in line.lower() for line in lines), result.stderr
     assert len(prose_lines(result.stderr)) <= 1, result.stderr
+
+
+def test_repair_leaves_a_manifest_another_process_holds_open(project: Project) -> None:
+    """Hostile review: a read-only DuckDB session on the manifest (as "The manifest" in the
+    README suggests) made `repair` take the healthy file for a damaged one: it was set aside, and
+    history, dead letters and fire times went with it, exit 0."""
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    manifest = project.root / ".state" / "manifest.duckdb"
+    hold = (
+        f"import duckdb, sys; c = duckdb.connect({str(manifest)!r}, read_only=True)\n"
+        "print('open', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        repaired = project.cli("repair")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert repaired.returncode == 3, f"exit {repaired.returncode}: {repaired.stdout}{repaired.stderr}"
+    assert "in use by another process" in repaired.stderr and "Traceback" not in repaired.stderr
+    assert sorted(p.name for p in manifest.parent.iterdir() if p.name.startswith("manifest")) == [
+        "manifest.duckdb"
+    ]
+    assert project.manifest_rows("SELECT count(*) FROM runs") == [(1,)]
