@@ -8,9 +8,8 @@ import fcntl
 import json
 import os
 import threading
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -19,6 +18,9 @@ from minibatch.params import sql_values
 from minibatch.planner import Chunk, fingerprint_stat
 from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task
 from minibatch.textread import TextRows, read_text_chunk
+
+if TYPE_CHECKING:
+    import duckdb
 
 _footers: dict[tuple[str, str], pq.FileMetaData] = {}
 SQL_CONFIG: dict[str, str | bool | int | float | list[str]] = {
@@ -149,6 +151,8 @@ def sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
 
     DuckDB reads the descriptor we opened and checked (/proc/self/fd/N), never the path: it
     would expand `[`, `*` and `?` in a file's name as a glob, and a path may change under us."""
+    from duckdb import ColumnExpression
+
     held = _local.sql = getattr(_local, "sql", None) or _HeldInput()
     fd = held.open(chunk)
     before = os.fstat(fd)
@@ -156,7 +160,7 @@ def sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
     rows = held.con.sql(f"FROM {parquet_scan([f'/proc/self/fd/{fd}'], file_row_number=1)}")
     rows = rows.filter(f"file_row_number BETWEEN {int(chunk.row_start)} AND {int(chunk.row_end) - 1}")
     names = list(job.columns) if job.columns else [c for c in rows.columns if c != "file_row_number"]
-    rows.project(*[duckdb.ColumnExpression(name) for name in names]).create_view("chunk", replace=True)
+    rows.project(*[ColumnExpression(name) for name in names]).create_view("chunk", replace=True)
     result = held.con.sql(cast(str, job.sql), params=sql_values(job.sql, dict(job.params))).to_arrow_table()
     after = os.fstat(fd)
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
@@ -206,6 +210,8 @@ class _HeldInput:
 
 
 def _sql_connection() -> duckdb.DuckDBPyConnection:
+    import duckdb  # here, not at the top: a worker of a job without SQL never needs it
+
     return duckdb.connect(":memory:", config=SQL_CONFIG).execute("SET parquet_metadata_cache = true")
 
 

@@ -93,7 +93,7 @@ def run_job(
     if options.pool_factory is None and job.executor == "local":
         from minibatch.pool import warm_up
 
-        warm_up()  # the forkserver imports pyarrow and DuckDB while we plan
+        warm_up(duckdb=job.sql is not None or bool(job.checks.rows))  # imports while we plan
     check_imports(config, [name])
     # the bar stops before the last log line; hooks fire after both
     emitter = Emitter([*(listeners or []), LogListener(), HookListener(config, job)])

@@ -1,6 +1,7 @@
 """What runs inside a worker process: read one chunk, run the job on it, publish its result.
 
-Preloaded by the forkserver, so pyarrow and DuckDB are imported once, before any fork.
+Preloaded by the forkserver, so pyarrow is imported once, before any fork (DuckDB too, for a
+job that needs it in its workers: see pool.warm_up).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 
 from minibatch.checks import apply_checks
@@ -211,12 +211,19 @@ def _mtime(path: str | None) -> int | None:
         return None
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    duckdb = sys.modules.get("duckdb")  # not imported, then not DuckDB's
+    return isinstance(exc, MemoryError | pa.ArrowMemoryError) or (
+        duckdb is not None and isinstance(exc, duckdb.OutOfMemoryException)
+    )
+
+
 def describe_error(exc: BaseException) -> TaskError:
     if isinstance(exc, InputRemoved):
         kind = ErrorKind.INPUT_REMOVED
     elif isinstance(exc, InputChanged):
         kind = ErrorKind.INPUT_CHANGED
-    elif isinstance(exc, MemoryError | pa.ArrowMemoryError | duckdb.OutOfMemoryException):
+    elif _out_of_memory(exc):
         kind = ErrorKind.MEMORY
     elif _environmental(exc):
         kind = ErrorKind.ENVIRONMENT
