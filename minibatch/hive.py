@@ -24,7 +24,7 @@ NULL_VALUE = "__HIVE_DEFAULT_PARTITION__"  # what Hive, Spark, pyarrow and DuckD
 UNITS_KEY = b"minibatch.units"  # a part's footer: unit -> [first row group, row groups]
 SOURCES_KEY = b"minibatch.sources"  # a published file's footer: the chunk results it holds
 FILE_RE = re.compile(r"^file-[0-9a-f]{24}\.parquet$")  # a published file's name
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,127}")  # fullmatch; no leading `_`: pyarrow skips `_x=1/`
 SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 DEFAULT_TARGET = 128 * 2**20
 DEFAULT_ROW_GROUP = 122_880  # DuckDB's row group size: readers parallelise over row groups
@@ -48,6 +48,11 @@ class Shape:
     def target(self) -> int:
         return self.target_file_bytes or DEFAULT_TARGET
 
+    def of_parts(self, reduce_sql: str | None) -> Shape:
+        """How a chunk's part is written: by unit where parts are published, whole where
+        reduce_sql reads them (partition_by then partitions the reduce's result)."""
+        return Shape() if reduce_sql else self
+
     def facts(self) -> dict[str, Any]:
         """What a chunk's part depends on (its row groups are split by unit)."""
         return {"partition_by": list(self.partition_by)} if self.published else {}
@@ -56,9 +61,11 @@ class Shape:
 def parse_shape(c: Checker) -> Shape:
     partition_by = c.string_list("partition_by") or ()
     for column in partition_by:  # DuckDB does not decode escaped names: none to escape
-        if not NAME_RE.match(column):
+        if not NAME_RE.fullmatch(column):
             c.error(
-                "partition_by", f"{column!r}: partition columns need plain names ([A-Za-z_][A-Za-z0-9_]*)"
+                "partition_by",
+                f"{column!r}: partition columns need plain names ([A-Za-z][A-Za-z0-9_]*: pyarrow's "
+                "dataset reader skips directories whose names start with `_`)",
             )
     if len(set(partition_by)) != len(partition_by):
         c.error("partition_by", "names a column twice")

@@ -272,8 +272,8 @@ class Run:
             name=self.job.name, process=self.job.process, sql=self.job.sql, columns=self.job.columns,
             base_dir=str(self.config.base_dir), parts_dir=str(self.layout.parts),
             staging_dir=str(self.layout.staging), definition=self.definition.key,
-            input_schema=self.input_schema, params=self.job.values, shape=self.job.shape,
-            checks=self.job.checks.rows, text=self.job.text,
+            input_schema=self.input_schema, params=self.job.values, checks=self.job.checks.rows,
+            shape=self.job.shape.of_parts(self.job.reduce_sql), text=self.job.text,
         )  # fmt: skip
         executor = Executor(
             self.job, spec, self.record.run_id, store=self.store, ledger=self.ledger, events=self.events,
