@@ -221,9 +221,8 @@ def read_file_meta(path: str, columns: Sequence[str] | None) -> FileMeta:
         raise ValueError("the file name is not valid UTF-8; rename the file") from None
     with open(path, "rb") as handle:
         stat = os.fstat(handle.fileno())
-        footer = _read_footer(handle, stat.st_size)
+        fingerprint = footer_fingerprint(handle, stat)
         metadata = pq.ParquetFile(handle).metadata
-    fingerprint = _fingerprint(stat.st_size, stat.st_mtime_ns, footer)
     return FileMeta(
         path=path,
         fingerprint=fingerprint,
@@ -294,6 +293,11 @@ def _column_indexes(md: pq.FileMetaData, columns: Sequence[str]) -> list[int]:
     if missing:
         raise ValueError(f"columns not in file: {', '.join(missing)}")
     return [j for j, top in enumerate(tops) if top in columns]
+
+
+def footer_fingerprint(handle: BinaryIO, stat: os.stat_result) -> str:
+    """The fingerprint of the Parquet file open as `handle` now (ValueError: not Parquet)."""
+    return _fingerprint(stat.st_size, stat.st_mtime_ns, _read_footer(handle, stat.st_size))
 
 
 def _fingerprint(size: int, mtime_ns: int, footer: bytes) -> str:

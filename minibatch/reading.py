@@ -15,14 +15,14 @@ import pyarrow.parquet as pq
 
 from minibatch.pageslice import read_rows
 from minibatch.params import sql_values
-from minibatch.planner import Chunk, fingerprint_stat
+from minibatch.planner import Chunk, fingerprint_stat, footer_fingerprint
 from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task
 from minibatch.textread import TextRows, read_text_chunk
 
 if TYPE_CHECKING:
     import duckdb
 
-_footers: dict[tuple[str, str], pq.FileMetaData] = {}
+_footers: dict[tuple[str, str, int, int, int], pq.FileMetaData] = {}
 SQL_CONFIG: dict[str, str | bool | int | float | list[str]] = {
     "threads": 1,
     "enable_external_file_cache": False,
@@ -71,8 +71,9 @@ def sql_on_table(job: JobSpec, table: pa.Table) -> pa.Table:
 
 
 def _read_open(chunk: Chunk, handle: Any, cols: list[str] | None) -> pa.Table:
-    _check_unchanged(chunk, os.fstat(handle.fileno()))
-    parquet = pq.ParquetFile(handle, metadata=_footer(chunk, handle))
+    stat = os.fstat(handle.fileno())
+    _check_unchanged(chunk, stat)
+    parquet = pq.ParquetFile(handle, metadata=_footer(chunk, handle, stat))
     groups = range(chunk.rg_start, chunk.rg_end)
     group_rows = sum(parquet.metadata.row_group(i).num_rows for i in groups)
     if chunk.row_start == chunk.rg_row_offset and chunk.num_rows == group_rows:
@@ -80,16 +81,29 @@ def _read_open(chunk: Chunk, handle: Any, cols: list[str] | None) -> pa.Table:
     return _read_slice(parquet, chunk, cols, handle.fileno())
 
 
-def _footer(chunk: Chunk, handle: Any) -> pq.FileMetaData:
-    """The file's parsed footer, kept per (file, fingerprint): small chunks of a file with many
-    row groups would otherwise spend most of their time parsing the same footer."""
-    key = (chunk.path, chunk.fingerprint)
+def _footer(chunk: Chunk, handle: Any, stat: os.stat_result) -> pq.FileMetaData:
+    """The file's parsed footer, checked against the plan's, and kept per file and version
+    (inode, ctime: any write changes it): small chunks of a file with many row groups would
+    otherwise spend most of their time parsing the same footer."""
+    key = (chunk.path, chunk.fingerprint, stat.st_dev, stat.st_ino, stat.st_ctime_ns)
     metadata = _footers.get(key)
     if metadata is None:
+        _check_footer(chunk, handle, stat)
         if len(_footers) >= 16:
             _footers.clear()
         metadata = _footers[key] = pq.read_metadata(handle)
     return metadata
+
+
+def _check_footer(chunk: Chunk, handle: Any, stat: os.stat_result) -> None:
+    """Size and mtime say too little: `cp -p`, `rsync -t` and `touch -r` keep both for a file
+    that is another. Its footer then differs (other rows, other row groups or statistics)."""
+    try:
+        same = footer_fingerprint(handle, stat) == chunk.fingerprint
+    except ValueError:  # no longer Parquet at all
+        same = False
+    if not same:
+        raise InputChanged(f"{chunk.path} changed since it was planned (its footer is not the one planned)")
 
 
 def _read_slice(parquet: pq.ParquetFile, chunk: Chunk, cols: list[str] | None, fd: int) -> pa.Table:
@@ -185,16 +199,19 @@ class _HeldInput:
     DuckDB has seen (F_DUPFD), and after FILES_PER_CONNECTION files a fresh DuckDB starts over."""
 
     def __init__(self) -> None:
-        self.fd, self.key = -1, ("", "", 0, 0)
+        self.fd, self.key = -1, ("", "", 0, 0, 0)
         self.con, self.next_fd, self.files = _sql_connection(), 3, 0
 
     def open(self, chunk: Chunk) -> int:
         """The descriptor of the file the chunk's path names now: the one held if it is the same
-        file (device, inode) and the chunk was planned with the same fingerprint, else a new one."""
+        file (device, inode, ctime) and the chunk was planned with the same fingerprint, else a new
+        one, its footer checked against the plan's."""
         with _open_input(chunk) as handle:
             stat = os.fstat(handle.fileno())
-            key = (chunk.path, chunk.fingerprint, stat.st_dev, stat.st_ino)
+            key = (chunk.path, chunk.fingerprint, stat.st_dev, stat.st_ino, stat.st_ctime_ns)
             if key != self.key:
+                _check_unchanged(chunk, stat)
+                _check_footer(chunk, handle, stat)
                 self.release()
                 if self.files >= FILES_PER_CONNECTION:
                     self.con.close()
@@ -206,7 +223,7 @@ class _HeldInput:
     def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
-            self.fd, self.key = -1, ("", "", 0, 0)
+            self.fd, self.key = -1, ("", "", 0, 0, 0)
 
 
 def _sql_connection() -> duckdb.DuckDBPyConnection:

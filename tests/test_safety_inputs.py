@@ -19,6 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from minibatch.planner import plan_chunks, read_file_meta
+from minibatch.reading import read_chunk, release_held, sql_on_file
+from minibatch.tasks import InputChanged, JobSpec
+
 from conftest import MAP_JOB, Project, install_jobs
 
 FAST = "retries = 0\nbreaker_failures = 0\n"  # today's failures dead-letter at once, no breaker pause
@@ -500,3 +504,40 @@ def test_an_input_that_cannot_be_read_fails_the_run_and_deletes_nothing(project:
     again = project.cli("run-now", "ident")
     assert again.returncode == 0 and "0 done now" in said(again), said(again)
     assert sorted(ids_of(project, "ident")) == list(range(500))
+
+
+def _same_size_twin(path: Path, first: int) -> None:
+    """100 int64 ids from `first`, written plain and uncompressed: any `first` gives a file of
+    the same size, whose footer differs only in its min/max statistics."""
+    table = pa.table({"id": pa.array(range(first, first + 100), pa.int64())})
+    pq.write_table(table, path, row_group_size=50, compression="none", use_dictionary=False)
+
+
+@pytest.mark.parametrize("how", ["renamed over", "rewritten in place"])
+@pytest.mark.parametrize("reader", ["pyarrow", "duckdb"])
+def test_a_file_replaced_by_one_of_its_size_and_mtime_is_changed_input(
+    tmp_path: Path, how: str, reader: str
+) -> None:
+    """Hostile review: a worker compared only size and mtime with the plan, and `cp -p`,
+    `rsync -t` or `touch -r` keep both: it read the new file's rows by the old plan's ranges,
+    and the run succeeded with rows missing. Also when the worker had read the old file."""
+    path = tmp_path / "a.parquet"
+    _same_size_twin(path, 0)
+    chunks = plan_chunks([read_file_meta(str(path), None)], 500)  # a chunk per row group
+    job = JobSpec("j", None, "SELECT * FROM chunk", None, str(tmp_path), str(tmp_path), str(tmp_path))
+    read = (lambda c: read_chunk(c, None)) if reader == "pyarrow" else (lambda c: sql_on_file(job, c))
+    assert read(chunks[0])["id"].to_pylist() == list(range(50))  # the worker has the file open and parsed
+    stat = path.stat()
+    if how == "renamed over":
+        _same_size_twin(tmp_path / "new.parquet", 1000)
+        os.replace(tmp_path / "new.parquet", path)
+    else:
+        with open(path, "r+b") as handle:  # as cp does: same inode
+            _same_size_twin(tmp_path / "new.parquet", 1000)
+            handle.write((tmp_path / "new.parquet").read_bytes())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    for chunk in chunks:
+        with pytest.raises(InputChanged, match="changed since it was planned"):
+            read(chunk)
+    release_held()
