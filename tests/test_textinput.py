@@ -7,15 +7,17 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from pathlib import Path
 
 import duckdb
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minibatch.textinput import TextFormat, _segments
+from minibatch.textinput import TextFormat, _opens_mid_field, _segments
 
 from conftest import Project
 
@@ -174,10 +176,19 @@ def malformed(project: Project) -> list[tuple[int, str]]:
     )
 
 
-def test_review_a_stray_quote_keeps_the_file_whole_and_its_records_exact(project: Project) -> None:
-    """Hostile review: `5" floppy` in an unquoted field made the quote count cut a quoted field."""
+@pytest.mark.parametrize("stray", ['{i}" floppy,1', '{i}",1'], ids=["inside", "at its end"])
+def test_review_a_stray_quote_keeps_the_file_whole_and_its_records_exact(
+    project: Project, stray: str
+) -> None:
+    """Hostile review: `5" floppy` in an unquoted field made the quote count cut a quoted field.
+    So did a quote at the end of an unquoted field (`5",`), missed by the first fix: one record
+    was published as two rows, exit 0."""
     lines = ["id,name,amount"] + [
-        f'{i},"multi\nline {i}",1' if i % 50 == 0 else f'{i},{i}" floppy,1' if i == 7 else f"{i},n{i},1"
+        f'{i},"multi\nline {i}",1'
+        if i % 50 == 0
+        else f"{i}," + stray.format(i=i)
+        if i == 7
+        else f"{i},n{i},1"
         for i in range(20_000)
     ]
     run_csv(project, ("\n".join(lines) + "\n").encode())
@@ -256,3 +267,16 @@ def test_a_short_read_fails_the_chunk_instead_of_losing_its_last_records(tmp_pat
         read_text_chunk(
             chunk, handle, TextFormat("csv"), (("id", "int64"), ("name", "string"), ("amount", "double"))
         )
+
+
+def test_a_quote_opening_mid_field_is_found_across_blocks() -> None:
+    """The check behind the stray-quote rule, where a block starts inside a quoted field or
+    right after a field's byte (the byte before the block comes first in `data`)."""
+    pattern = re.compile(rb'(?:[^"]*+(?<![^"\r\n,])"[^"]*+")*+[^"]*+(?<=[^"\r\n,])"')
+    legal = b'\n1,"a, b",2\n3,"x""y",4\n'
+    assert not _opens_mid_field(legal, 0, pattern)
+    assert _opens_mid_field(b'\n1,5",2\n3,"x",4\n', 0, pattern)
+    assert not _opens_mid_field(b'\nb, c",2\n', 1, pattern)  # inside "a, b, c" from before the block
+    assert _opens_mid_field(b'\nb",2\n3,4"\n', 1, pattern)
+    assert _opens_mid_field(b'5",2\n', 0, pattern)  # the byte before the block was a field's
+    assert not _opens_mid_field(b',",2"\n', 0, pattern)
