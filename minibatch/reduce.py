@@ -62,7 +62,7 @@ def publish_if_needed(
         raise OutputFailed(f"reduce_sql not run: {missing} of {planned} chunks are not done")
     parts = sorted(layout.parts / name for name in outputs.values() if name)
     key = reduce_key(sql or repr(job.shape), definition, parts)
-    if key == previous and (not sql or job.shape.partition_by or layout.reduced.exists()):
+    if previous == f"{key}#{_seen(layout)}":  # and readers still see what was published
         return None
     units: Published | None
     try:
@@ -77,7 +77,14 @@ def publish_if_needed(
         raise OutputFailed(f"output not published: {exc}", EventKind.PUBLISH_FAILED) from None
     if units is not None:
         events(EventKind.OUTPUT_PUBLISHED, **units.summary())
-    return key
+    return f"{key}#{_seen(layout)}"
+
+
+def _seen(layout: OutputLayout) -> str:
+    """What readers of the output see, by file name and size (a stat each): a file or partition
+    removed from it since it was published changes this, and the next run publishes again."""
+    seen = sorted(f"{path}:{path.stat().st_size}" for path in layout.visible_files())
+    return hashlib.sha256("\n".join(seen).encode()).hexdigest()[:16]
 
 
 def _check_result(result: pa.Table, job: JobConfig, layout: OutputLayout, events: RunEvents) -> None:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import time
 from collections import defaultdict
@@ -419,3 +420,22 @@ def test_row_group_rows_above_what_arrow_writes_is_refused(project: Project) -> 
     assert result.returncode == 2, result.stderr
     assert "row_group_rows: at most 67,108,864" in result.stderr, result.stderr
     assert MAX_ROW_GROUP_ROWS == pq.core._parquet._MAX_ROW_GROUP_SIZE  # Arrow's own limit
+
+
+@pytest.mark.parametrize("reduce", [False, True], ids=["map", "reduce"])
+def test_a_published_partition_lost_from_the_output_is_published_again(
+    project: Project, reduce: bool
+) -> None:
+    """Hostile review: with nothing new to compute a run skipped publishing, so a partition
+    removed from the output (a user, a partial restore of the output) stayed missing, and every
+    run succeeded with its rows gone."""
+    write(project, "a.parquet", range(0, 300))
+    job = JOB.replace(
+        'sql = "SELECT * FROM chunk"', 'sql = "SELECT * FROM chunk"\nreduce_sql = "SELECT * FROM parts"'
+    )
+    project.write_config(job if reduce else JOB)
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    day = sorted(p for p in project.out("p").iterdir() if p.name.startswith("day="))[0]
+    shutil.rmtree(day)
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    check_output(project)
