@@ -17,6 +17,7 @@ from minibatch.pageslice import read_rows
 from minibatch.params import sql_values
 from minibatch.planner import Chunk, fingerprint_stat, footer_fingerprint
 from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task
+from minibatch.textinput import text_fingerprint
 from minibatch.textread import TextRows, read_text_chunk
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ def read_text(task: Task) -> TextRows:
     with _open_input(task.chunk) as handle:  # one descriptor, checked before and after the read
         before = os.fstat(handle.fileno())
         _check_unchanged(task.chunk, before)
+        if text_fingerprint(handle.fileno(), before) != task.chunk.fingerprint:  # cp -p, rsync -t
+            raise InputChanged(f"{task.chunk.path} changed since it was planned (its first or last 64 KiB)")
         rows = read_text_chunk(task.chunk, handle, task.job.text, signature)
         after = os.fstat(handle.fileno())
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):

@@ -89,9 +89,7 @@ def read_text_meta(
     with open(path, "rb") as handle:
         stat = os.fstat(handle.fileno())
         head = handle.read(65536)
-        handle.seek(max(0, stat.st_size - 65536))
-        digest = hashlib.sha256(head + handle.read()).hexdigest()[:16]
-        fingerprint = f"{stat.st_size}-{stat.st_mtime_ns}-{digest}"
+        fingerprint = text_fingerprint(handle.fileno(), stat)
         key = hashlib.sha256(json.dumps([path, fingerprint, text_facts(text), segment]).encode()).hexdigest()
         known = _cached(cache / f"{key[:32]}.json") if cache else None
         if known is not None:
@@ -100,6 +98,13 @@ def read_text_meta(
     if cache:
         _store(cache / f"{key[:32]}.json", meta)
     return replace(meta, fingerprint=fingerprint)
+
+
+def text_fingerprint(fd: int, stat: os.stat_result) -> str:
+    """Size, mtime and a digest of the first and last 64 KiB of the file open as `fd`."""
+    head = os.pread(fd, 65536, 0)
+    tail = os.pread(fd, 65536, max(0, stat.st_size - 65536))
+    return f"{stat.st_size}-{stat.st_mtime_ns}-{hashlib.sha256(head + tail).hexdigest()[:16]}"
 
 
 def _scan(handle: BinaryIO, path: str, text: TextFormat, segment: int, head: bytes, size: int) -> FileMeta:

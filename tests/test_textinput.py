@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -280,3 +281,38 @@ def test_a_quote_opening_mid_field_is_found_across_blocks() -> None:
     assert _opens_mid_field(b'\nb",2\n3,4"\n', 1, pattern)
     assert _opens_mid_field(b'5",2\n', 0, pattern)  # the byte before the block was a field's
     assert not _opens_mid_field(b',",2"\n', 0, pattern)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "ndjson"])
+def test_a_text_file_replaced_by_one_of_its_size_and_mtime_is_changed_input(tmp_path: Path, fmt: str) -> None:
+    """Hostile review: a worker compared a text file's size and mtime only with the plan, and
+    `cp -p`, `rsync -t` or `touch -r` keep both: it read the new file by the old plan's byte
+    ranges, and the run succeeded with rows of both files and one record cut in two."""
+    from minibatch.planner import plan_chunks
+    from minibatch.reading import read_text
+    from minibatch.tasks import InputChanged, JobSpec, Task
+    from minibatch.textinput import read_text_meta
+
+    def body(first: int) -> bytes:  # the same length for any first < 9000
+        if fmt == "csv":
+            return ("id,name\n" + "".join(f"{i},n{i}\n" for i in range(first, first + 1000))).encode()
+        return "".join(f'{{"id": {i}, "name": "n{i}"}}\n' for i in range(first, first + 1000)).encode()
+
+    path = tmp_path / f"a.{fmt}"
+    path.write_bytes(body(1000))
+    text = TextFormat(fmt, (("id", "int64"), ("name", "string")))
+    chunks = plan_chunks([read_text_meta(str(path), text, segment=4096)], 4096)
+    assert len(chunks) > 2
+    schema = json.dumps([["id", "int64"], ["name", "string"]])
+    job = JobSpec(
+        "j", "m:f", None, None, str(tmp_path), str(tmp_path), str(tmp_path), input_schema=schema, text=text
+    )
+    task = Task(1, chunks[1], job, "run", 1, "part")
+    assert read_text(task).table.num_rows > 0
+    stat = path.stat()
+    (tmp_path / "new").write_bytes(body(5000))
+    os.replace(tmp_path / "new", path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    with pytest.raises(InputChanged, match="changed since it was planned"):
+        read_text(task)
