@@ -127,7 +127,8 @@ def _by_header(sample: bytes, text: TextFormat) -> Signature:
         return text.schema
     import pyarrow.csv as pacsv
 
-    line = sample.split(b"\n", 1)[0] + b"\n"
+    end = header_end(sample)
+    line = sample[: end + 1] if end >= 0 else sample + b"\n"
     options = pacsv.ParseOptions(delimiter=text.delimiter)
     header = pacsv.read_csv(io.BytesIO(line), parse_options=options).column_names
     types = dict(text.schema)
@@ -196,10 +197,22 @@ def _data_start(head: bytes, text: TextFormat) -> tuple[int, int]:
     """Where records start (after a CSV's header line), and the lines before that."""
     if text.format != "csv" or not text.header:
         return 0, 0
-    end = head.find(b"\n")
+    end = header_end(head)
     if end < 0:
         raise ValueError("no newline in the first 64 KiB: not a CSV file with a header line")
-    return end + 1, 1
+    return end + 1, head.count(b"\n", 0, end) + 1
+
+
+def header_end(data: bytes) -> int:
+    """The newline that ends a CSV's header (-1: none): the first one outside quotes, since a
+    quoted header field may hold a line break (Excel writes one for a multi-line cell)."""
+    end, quotes, done = data.find(b"\n"), 0, 0
+    while end >= 0:
+        quotes, done = quotes + data.count(b'"', done, end), end
+        if quotes % 2 == 0:
+            return end
+        end = data.find(b"\n", end + 1)
+    return -1
 
 
 def _segments(
