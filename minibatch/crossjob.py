@@ -50,6 +50,19 @@ def precious_inside(job: JobConfig, config_path: Path, state_dir: Path) -> list[
     return [f"{job.output} contains {what} ({path})" for what, path in precious if _holds(job.output, path)]
 
 
+def rendered_problems(
+    job: JobConfig, jobs: Mapping[str, JobConfig], config_path: Path, state_dir: Path
+) -> list[str]:
+    """What is wrong with a parameter set's rendered output (its quarantine too), which only
+    the template was checked for: precious files inside it, or another job's output, staging,
+    parts or quarantine on it (each job whose output is not a template itself)."""
+    problems = precious_inside(job, config_path, state_dir)
+    for name, other in sorted(jobs.items()):
+        if name != job.name and "{" not in str(other.output) and _overlap(job, other):
+            problems.append(f"{job.output} overlaps the output of job {name!r}")
+    return problems
+
+
 def _holds(directory: Path, path: Path) -> bool:
     return path == directory or directory in path.parents
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, date, datetime, timedelta
 
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -267,7 +268,7 @@ def test_outputs_of_two_parameter_sets_are_kept_apart_at_run_time(project: Proje
 
     assert project.cli("run-now", "glob", "-q").returncode == 0
     stolen = project.cli("run-now", "ingest", "-q", "--param", "source=global", "--param", "region=x")
-    assert stolen.returncode == 2 and "is the output of glob" in stolen.stderr
+    assert stolen.returncode == 2 and "overlaps the output of job 'glob'" in stolen.stderr
     assert pq.read_table(project.root / "lake/global-x").column("id").to_pylist() == [500, 501, 502]
     inside = project.cli("run-now", "nested", "-q", "--param", "region=eu-west-a")
     assert inside.returncode == 2 and "inside the output" in inside.stderr
@@ -335,7 +336,7 @@ def test_reset_never_deletes_another_owners_output(project: Project) -> None:
     """)
     assert project.cli("run-now", "europe", "-q").returncode == 0
     refused = project.cli("reset", "regional", "--yes", "--param", "region=eu")
-    assert refused.returncode == 2 and "is the output of europe" in refused.stderr
+    assert refused.returncode == 2 and "overlaps the output of job 'europe'" in refused.stderr
     assert "nothing was deleted" in refused.stderr
     assert pq.read_table(project.root / "lake/eu").num_rows == 2
 
@@ -364,3 +365,41 @@ def test_a_fresh_run_stopped_before_it_began_keeps_the_output(project: Project) 
         ("succeeded",),
         ("stopped",),
     ]
+
+
+@pytest.mark.parametrize("clash", ["partition", "quarantine"])
+def test_a_rendered_output_on_another_jobs_output_is_refused_and_deletes_nothing(
+    project: Project, clash: str
+) -> None:
+    """Hostile review: `output = "out/{region}"` rendered for region=eu landed on job b's output
+    (`out/eu/k=1`, inside a's partitions; or `out/eu.quarantine`, a's quarantine). a's run
+    replaced or overwrote b's files, b kept reporting succeeded over the hole, and `reset` of
+    a's parameter set deleted b's output. Only the unrendered template was checked."""
+    b_out = "out/eu/k=1" if clash == "partition" else "out/eu.quarantine"
+    a_extra = (
+        'sql = "SELECT *, 1 AS k FROM chunk"\npartition_by = ["k"]\n'
+        if clash == "partition"
+        else 'sql = "SELECT * FROM chunk"\nchecks = [{name = "s", sql = "id < 250", action = "quarantine"}]\n'
+    )
+    project.write_config(f"""
+    [jobs.b]
+    input = "data/*.parquet"
+    output = "{b_out}"
+    process = "myjobs.basic:ident"
+    chunk_bytes = "3KB"
+
+    [jobs.a]
+    input = "data/*.parquet"
+    output = "out/{{region}}"
+    chunk_bytes = "3KB"
+    {a_extra}""")
+    project.write_input("a.parquet", 0, 500)
+    assert project.cli("run-now", "b").returncode == 0
+    before = {p.name: p.read_bytes() for p in (project.root / b_out).iterdir()}
+    for command in (["run-now", "a"], ["reset", "a", "--yes"]):
+        refused = project.cli(*command, "--param", "region=eu")
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "overlaps the output of job 'b'" in refused.stderr, refused.stderr
+        assert {p.name: p.read_bytes() for p in (project.root / b_out).iterdir()} == before
+    assert project.cli("run-now", "b").returncode == 0  # nothing to do: its output is whole
+    assert sorted(pq.read_table(project.root / b_out)["id"].to_pylist()) == list(range(500))
