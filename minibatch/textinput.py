@@ -127,7 +127,7 @@ def _by_header(sample: bytes, text: TextFormat) -> Signature:
         return text.schema
     import pyarrow.csv as pacsv
 
-    end = header_end(sample)
+    end = header_end(sample, text.delimiter)
     line = sample[: end + 1] if end >= 0 else sample + b"\n"
     options = pacsv.ParseOptions(delimiter=text.delimiter)
     header = pacsv.read_csv(io.BytesIO(line), parse_options=options).column_names
@@ -197,22 +197,36 @@ def _data_start(head: bytes, text: TextFormat) -> tuple[int, int]:
     """Where records start (after a CSV's header line), and the lines before that."""
     if text.format != "csv" or not text.header:
         return 0, 0
-    end = header_end(head)
+    end = header_end(head, text.delimiter)
     if end < 0:
         raise ValueError("no newline in the first 64 KiB: not a CSV file with a header line")
     return end + 1, head.count(b"\n", 0, end) + 1
 
 
-def header_end(data: bytes) -> int:
+def header_end(data: bytes, delimiter: str) -> int:
     """The newline that ends a CSV's header (-1: none): the first one outside quotes, since a
-    quoted header field may hold a line break (Excel writes one for a multi-line cell)."""
-    end, quotes, done = data.find(b"\n"), 0, 0
-    while end >= 0:
-        quotes, done = quotes + data.count(b'"', done, end), end
-        if quotes % 2 == 0:
-            return end
-        end = data.find(b"\n", end + 1)
+    quoted header field may hold a line break (Excel writes one for a multi-line cell). Only a
+    quote that begins a field opens one (`len"` is a name with a quote in it)."""
+    end = data.find(b"\n")
+    if b'"' not in data[: max(end, 0)]:
+        return end  # the usual header: no quote before its first newline
+    quoted, start, sep, i = False, True, ord(delimiter), 0
+    while i < len(data):
+        byte = data[i]
+        if quoted:
+            if byte == QUOTE:
+                quoted = data[i + 1 : i + 2] == b'"'  # "" inside: still quoted
+                i += quoted
+        elif byte == NEWLINE:
+            return i
+        elif byte == QUOTE and start:
+            quoted = True
+        start = not quoted and byte == sep
+        i += 1
     return -1
+
+
+QUOTE, NEWLINE = ord('"'), ord("\n")
 
 
 def _segments(

@@ -54,7 +54,7 @@ def _csv(data: bytes, text: TextFormat, signature: Signature, first_line: int, h
     import pyarrow.csv as pacsv
 
     if header:  # a compressed file's, read whole (the caller counted its line)
-        data = data[end + 1 :] if (end := header_end(data)) >= 0 else b""
+        data = data[end + 1 :] if (end := header_end(data, text.delimiter)) >= 0 else b""
     names = [name for name, _ in signature]
     short: dict[int, str] = {}  # record number (1-based) -> why
 
