@@ -34,6 +34,7 @@ SEGMENT = 4 * 2**20  # at most: a quarter of chunk_bytes when that is smaller (s
 SAMPLE = 2**20
 BLOCK = 16 * 2**20
 COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+QUOTE, NEWLINE = ord('"'), ord("\n")
 Signature = tuple[tuple[str, str], ...]  # (column, Arrow type)
 
 
@@ -224,9 +225,6 @@ def header_end(data: bytes, delimiter: str) -> int:
         start = not quoted and byte == sep
         i += 1
     return -1
-
-
-QUOTE, NEWLINE = ord('"'), ord("\n")
 
 
 def _segments(
