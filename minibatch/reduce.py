@@ -62,25 +62,34 @@ def publish_if_needed(
         raise OutputFailed(f"reduce_sql not run: {missing} of {planned} chunks are not done")
     parts = sorted(layout.parts / name for name in outputs.values() if name)
     key = reduce_key(sql or repr(job.shape), definition, parts)
-    if previous == f"{key}#{_seen(layout)}":  # and readers still see what was published
+    then = (previous or "").split("#")  # parts key, what readers saw, the result's rows
+    if then[:2] == [key, _seen(layout)]:  # and readers still see what was published
         return None
     units: Published | None
+    rows = ""
     try:
         if sql is None:
             units = publish_parts(layout, read_slices(parts), job.workers)
         else:
             result = _reduce(sql, parts, empty, job, stop)
-            # Again over the same parts (the output lost files): checked against its own rows
-            # when first published, not against the hole readers see now.
-            again = previous is not None and previous.partition("#")[0] == key
-            _check_result(result, job, None if again else published_rows(layout), events)
+            _check_result(result, job, _previous_rows(then, layout), events)
             units = _publish_reduced(result, layout, key)
+            rows = str(result.num_rows)
             events(EventKind.REDUCE_DONE, parts=len(parts), rows=result.num_rows)
     except PublishError as exc:  # a unit it may not replace (a user's file in its place)
         raise OutputFailed(f"output not published: {exc}", EventKind.PUBLISH_FAILED) from None
     if units is not None:
         events(EventKind.OUTPUT_PUBLISHED, **units.summary())
-    return f"{key}#{_seen(layout)}"
+    return f"{key}#{_seen(layout)}#{rows}"
+
+
+def _previous_rows(then: list[str], layout: OutputLayout) -> int | None:
+    """The rows of the result published before, as recorded then: what readers see now may have
+    lost files (the output is published again). A manifest from before that was recorded: what
+    readers see."""
+    if len(then) > 2 and then[2]:
+        return int(then[2])
+    return published_rows(layout)
 
 
 def _seen(layout: OutputLayout) -> str:
