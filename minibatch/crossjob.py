@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from minibatch.jobcode import module_files
-from minibatch.layout import OutputLayout, default_held
+from minibatch.layout import OutputLayout, OutputNotOwned, default_held
 
 
 class JobConfig(Protocol):  # what is read of config.JobConfig (config imports this module)
@@ -21,6 +21,8 @@ class JobConfig(Protocol):  # what is read of config.JobConfig (config imports t
     def reduce_sql(self) -> str | None: ...
     @property
     def depends_on(self) -> tuple[str, ...]: ...
+    @property
+    def values(self) -> tuple[tuple[str, object], ...]: ...
 
 
 def check_outputs_apart(
@@ -50,17 +52,18 @@ def precious_inside(job: JobConfig, config_path: Path, state_dir: Path) -> list[
     return [f"{job.output} contains {what} ({path})" for what, path in precious if _holds(job.output, path)]
 
 
-def rendered_problems(
-    job: JobConfig, jobs: Mapping[str, JobConfig], config_path: Path, state_dir: Path
-) -> list[str]:
-    """What is wrong with a parameter set's rendered output (its quarantine too), which only
-    the template was checked for: precious files inside it, or another job's output, staging,
-    parts or quarantine on it (each job whose output is not a template itself)."""
+def check_rendered(job: JobConfig, jobs: Mapping[str, JobConfig], config_path: Path, state_dir: Path) -> None:
+    """Refuse (OutputNotOwned) a parameter set's rendered output (its quarantine too), which
+    only the template was checked for, holding precious files, or on another job's output,
+    staging, parts or quarantine (each job whose output is not a template itself)."""
+    if not job.values:
+        return
     problems = precious_inside(job, config_path, state_dir)
     for name, other in sorted(jobs.items()):
         if name != job.name and "{" not in str(other.output) and _overlap(job, other):
             problems.append(f"{job.output} overlaps the output of job {name!r}")
-    return problems
+    if problems:
+        raise OutputNotOwned(problems[0])
 
 
 def _holds(directory: Path, path: Path) -> bool:

@@ -17,7 +17,7 @@ from minibatch.admission import LEARN_FROM, MEMORY_FACTOR, MemoryModel, shared_w
 from minibatch.checks import record_counts, too_many_bad
 from minibatch.clock import SYSTEM, Clock
 from minibatch.config import Config, ConfigError, JobConfig
-from minibatch.crossjob import rendered_problems
+from minibatch.crossjob import check_rendered
 from minibatch.events import Emitter, Listener, LogListener
 from minibatch.execute import Execution, Executor, open_pool
 from minibatch.hooks import HookListener
@@ -203,11 +203,7 @@ class Run:
         """Before anything changes: refuse an output that is not ours, and inputs that loop or
         reach the output (configuration errors, not runs)."""
         try:
-            c = self.config  # a parameter set's output, rendered: checked as the template was
-            if self.job.values and (
-                problems := rendered_problems(self.job, c.jobs, c.path, c.engine.state_dir)
-            ):
-                raise OutputNotOwned(problems[0])
+            check_rendered(self.job, self.config.jobs, self.config.path, self.config.engine.state_dir)
             self.layout.claim(self.job.key)
             forbidden = [self.layout.output, self.layout.parts, self.layout.staging]
             return find_inputs(self.config.base_dir, self.job.inputs, forbidden)

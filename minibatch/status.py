@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from minibatch.config import Config, ConfigError, JobConfig
-from minibatch.crossjob import rendered_problems
+from minibatch.crossjob import check_rendered
 from minibatch.layout import OutputLayout, OutputNotOwned
 from minibatch.lock import holder_pid, job_lock
 from minibatch.manifest import Manifest, manifest_path
@@ -119,10 +119,7 @@ def reset_job(config: Config, name: str, params: dict[str, str] | None = None) -
     layout = OutputLayout.of(job)
     with job_lock(config.engine.state_dir, job.key):
         try:
-            if job.values and (
-                problems := rendered_problems(job, config.jobs, config.path, config.engine.state_dir)
-            ):
-                raise OutputNotOwned(problems[0])
+            check_rendered(job, config.jobs, config.path, config.engine.state_dir)
             layout.check_owner(job.key)  # a parameter set may render another job's output
         except OutputNotOwned as exc:
             raise ConfigError([f"jobs.{name}: {exc}; nothing was deleted"], config.path) from None
