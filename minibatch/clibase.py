@@ -85,6 +85,8 @@ def run_and_exit(command: click.Command) -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(BrokenPipeError, ValueError):  # closed by a reader (`| head`)
             stream.flush()
+    if "multiprocessing.util" in sys.modules:  # its exit clean-up: the forkserver's /tmp/pymp-* directory
+        sys.modules["multiprocessing.util"]._run_finalizers()
     os._exit(code)
 
 
