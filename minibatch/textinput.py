@@ -26,16 +26,17 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from minibatch.checking import Checker, choice
 from minibatch.planner import FileMeta, RowGroup
+from minibatch.textschema import Signature, infer, type_or_none
 
 if TYPE_CHECKING:
-    import pyarrow as pa
+    pass
 
 SEGMENT = 4 * 2**20  # at most: a quarter of chunk_bytes when that is smaller (segment_size)
 SAMPLE = 2**20
 BLOCK = 16 * 2**20
 COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 QUOTE, NEWLINE = ord('"'), ord("\n")
-Signature = tuple[tuple[str, str], ...]  # (column, Arrow type)
+INFERENCE = "inferred-2"  # how schemas are inferred: a change recomputes what was read under the old way
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def parse_text(c: Checker) -> TextFormat | None:
     kind = choice(c, "format", ("parquet", "csv", "ndjson"), "parquet")
     schema = c.get("schema", dict, {})
     for name, kind_name in schema.items():
-        if not isinstance(kind_name, str) or _type_or_none(kind_name) is None:
+        if not isinstance(kind_name, str) or type_or_none(kind_name) is None:
             c.error(
                 f"schema.{name}",
                 f'expected an Arrow type such as "int64", "double", "string", got {kind_name!r}',
@@ -71,7 +72,10 @@ def parse_text(c: Checker) -> TextFormat | None:
 
 def text_facts(text: TextFormat | None) -> dict[str, Any]:
     """What a chunk's rows depend on besides its bytes (absent for Parquet: keys stay)."""
-    return {"text": [text.format, list(text.schema), text.delimiter, text.header]} if text else {}
+    if not text:
+        return {}
+    facts: list[Any] = [text.format, list(text.schema), text.delimiter, text.header]
+    return {"text": facts if text.schema else [*facts, INFERENCE]}
 
 
 # -- planning -----------------------------------------------------------------------------------
@@ -111,7 +115,7 @@ def text_fingerprint(fd: int, stat: os.stat_result) -> str:
 def _scan(handle: BinaryIO, path: str, text: TextFormat, segment: int, head: bytes, size: int) -> FileMeta:
     compression = compression_of(path)
     sample = _sample(handle, compression)
-    signature = _by_header(sample, text) if text.schema else _infer(sample, text)
+    signature = _by_header(sample, text) if text.schema else infer(sample, text.format, text.delimiter)
     if compression:
         groups, lines, first = [RowGroup(size, size, 3 * size)], [1], 0
     else:
@@ -290,69 +294,3 @@ def _opens_mid_field(data: bytes, before: int, mid_field: re.Pattern[bytes]) -> 
         if not pos:
             return False
     return mid_field.match(data, pos) is not None
-
-
-def _infer(sample: bytes, text: TextFormat) -> Signature:
-    if not sample.strip():
-        raise ValueError("the file is empty: no rows to infer a schema from")
-    table = _parse(sample, text)
-    found = tuple((f.name, "string" if str(f.type) == "null" else str(f.type)) for f in table.schema)
-    for name, kind in found:
-        if _type_or_none(kind) is None:
-            raise ValueError(
-                f"column {name!r} holds {kind} values: nested values are not supported (flatten them)"
-            )
-    return found
-
-
-def _parse(data: bytes, text: TextFormat) -> pa.Table:
-    """A sample, its types inferred (a CSV's column names from its header line)."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-
-    if text.format == "ndjson":
-        try:
-            return pajson.read_json(io.BytesIO(data))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a broken line: infer from the others
-            return pajson.read_json(
-                io.BytesIO(b"\n".join(line for line in data.split(b"\n") if _object(line)))
-            )
-    options = pacsv.ParseOptions(delimiter=text.delimiter, newlines_in_values=True)
-    return pacsv.read_csv(io.BytesIO(data), parse_options=options, convert_options=convert_options(None))
-
-
-def _object(line: bytes) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
-
-
-def convert_options(types: dict[str, Any] | None) -> Any:
-    """As DuckDB reads CSV: an unquoted empty field is NULL, and nothing else ("NA" is text)."""
-    import pyarrow.csv as pacsv
-
-    return pacsv.ConvertOptions(
-        column_types=types, null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False
-    )
-
-
-def arrow_type(kind: str) -> pa.DataType:
-    found = _type_or_none(kind)
-    if found is None:
-        raise ValueError(f"unknown Arrow type {kind!r}")
-    return found
-
-
-def _type_or_none(kind: str) -> pa.DataType | None:
-    """An Arrow type from its name: an alias ("int64", "date32"), or a zoned timestamp."""
-    import pyarrow as pa
-
-    if zoned := re.fullmatch(r"timestamp\[(s|ms|us|ns), tz=([^\]]+)\]", kind):
-        return pa.timestamp(cast(Any, zoned[1]), tz=zoned[2])
-    try:
-        found: pa.DataType = pa.type_for_alias(cast(Any, kind))
-        return found
-    except (ValueError, KeyError):
-        return None

@@ -11,15 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from minibatch.planner import Chunk
-from minibatch.textinput import (
-    Signature,
-    TextFormat,
-    arrow_type,
-    compression_of,
-    convert_options,
-    decompress,
-    header_end,
-)
+from minibatch.textinput import TextFormat, compression_of, decompress, header_end
+from minibatch.textschema import Signature, arrow_type, convert_options
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -164,11 +157,14 @@ def _ndjson(data: bytes, signature: Signature, first_line: int) -> TextRows:
     import pyarrow.json as pajson
 
     schema = pa.schema([(name, arrow_type(kind)) for name, kind in signature])
-    options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    # a field the schema does not have is an error, not dropped; pyarrow keeps bytes that are not UTF-8
+    options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
     bare = b"null" in data and re.search(rb"(?m)^\s*null\s*$", data)  # pyarrow: a row of NULLs
     try:
         if not bare:
-            return TextRows(pajson.read_json(io.BytesIO(data), parse_options=options))
+            table = pajson.read_json(io.BytesIO(data), parse_options=options)
+            table.validate(full=True)  # strings' UTF-8
+            return TextRows(table)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass  # a broken line: sort them out one by one (only in this case: it is slow)
     good, bad = [], []
@@ -176,7 +172,7 @@ def _ndjson(data: bytes, signature: Signature, first_line: int) -> TextRows:
         if not line.strip():
             continue
         try:
-            if not isinstance(json.loads(line), dict):
+            if not isinstance(json.loads(line.decode("utf-8")), dict):
                 raise ValueError("not a JSON object")
             pajson.read_json(io.BytesIO(line), parse_options=options)
             good.append(line)

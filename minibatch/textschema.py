@@ -1,0 +1,139 @@
+"""The schema of a CSV or NDJSON input, inferred from a sample (or named in the job's
+`schema`): Arrow's inference, corrected where a number would change a value as written."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+Signature = tuple[tuple[str, str], ...]  # (column, Arrow type)
+
+
+def infer(sample: bytes, fmt: str, delimiter: str) -> Signature:
+    if not sample.strip():
+        raise ValueError("the file is empty: no rows to infer a schema from")
+    table = _parse(sample, fmt, delimiter)
+    found = tuple((f.name, "string" if str(f.type) == "null" else str(f.type)) for f in table.schema)
+    for name, kind in found:
+        if kind == "binary":
+            raise ValueError(f"column {name!r} holds bytes that are not UTF-8 text")
+        if type_or_none(kind) is None:
+            raise ValueError(
+                f"column {name!r} holds {kind} values: nested values are not supported (flatten them)"
+            )
+    numeric = [name for name, kind in found if kind in ("int64", "double")]
+    exact = _exact_types(_raw_values(sample, fmt, delimiter, numeric)) if numeric else {}
+    return tuple((name, exact.get(name, kind)) for name, kind in found)
+
+
+IDENTIFIER = re.compile(r"[+-]?0\d.*|\+\d+|[+-]?0[xX].*")  # 00501, +4930123, 0x10: no numbers
+INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _exact_types(values: dict[str, list[Any]]) -> dict[str, str]:
+    """Types for numeric-looking columns that a number would change: identifiers with leading
+    zeros, a sign or a hex prefix stay text, and integers beyond int64 (which pyarrow infers as
+    double, collapsing distinct ids) are decimal128(38, 0), DuckDB's HUGEINT."""
+    exact = {}
+    for name, column in values.items():
+        if any(isinstance(v, str) and IDENTIFIER.fullmatch(v) for v in column):
+            exact[name] = "string"
+        elif column and all(
+            isinstance(v, int) or (isinstance(v, str) and INTEGER.fullmatch(v)) for v in column
+        ):
+            wide = any(not -(2**63) <= int(v) < 2**63 for v in column)
+            if wide:
+                exact[name] = (
+                    "decimal128(38, 0)" if all(len(str(abs(int(v)))) <= 38 for v in column) else "string"
+                )
+    return exact
+
+
+def _raw_values(sample: bytes, fmt: str, delimiter: str, names: list[str]) -> dict[str, list[Any]]:
+    """The sample's non-null values of `names` as written: CSV fields as text, JSON numbers as
+    Python reads them (integers exact)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    if fmt == "ndjson":
+        values: dict[str, list[Any]] = {name: [] for name in names}
+        for line in sample.split(b"\n"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                for name in names:
+                    if (v := record.get(name)) is not None and not isinstance(v, bool):
+                        values[name].append(v)
+        return values
+    options = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+    raw = pacsv.read_csv(
+        io.BytesIO(sample),
+        parse_options=options,
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names}, include_columns=names
+        ),
+    )
+    return {name: [v.strip() for v in raw[name].to_pylist() if v] for name in names}
+
+
+def _parse(data: bytes, fmt: str, delimiter: str) -> pa.Table:
+    """A sample, its types inferred (a CSV's column names from its header line)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
+    if fmt == "ndjson":
+        try:
+            return pajson.read_json(io.BytesIO(data))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a broken line: infer from the others
+            return pajson.read_json(
+                io.BytesIO(b"\n".join(line for line in data.split(b"\n") if _object(line)))
+            )
+    options = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+    return pacsv.read_csv(io.BytesIO(data), parse_options=options, convert_options=convert_options(None))
+
+
+def _object(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def convert_options(types: dict[str, Any] | None) -> Any:
+    """As DuckDB reads CSV: an unquoted empty field is NULL, and nothing else ("NA" is text)."""
+    import pyarrow.csv as pacsv
+
+    return pacsv.ConvertOptions(
+        column_types=types, null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False
+    )
+
+
+def arrow_type(kind: str) -> pa.DataType:
+    found = type_or_none(kind)
+    if found is None:
+        raise ValueError(f"unknown Arrow type {kind!r}")
+    return found
+
+
+def type_or_none(kind: str) -> pa.DataType | None:
+    """An Arrow type from its name: an alias ("int64", "date32"), or a zoned timestamp."""
+    import pyarrow as pa
+
+    if zoned := re.fullmatch(r"timestamp\[(s|ms|us|ns), tz=([^\]]+)\]", kind):
+        return pa.timestamp(cast(Any, zoned[1]), tz=zoned[2])
+    if decimal := re.fullmatch(r"decimal128\((\d+), ?(\d+)\)", kind):
+        precision, scale = int(decimal[1]), int(decimal[2])
+        return pa.decimal128(precision, scale) if 1 <= precision <= 38 and scale <= precision else None
+    try:
+        found: pa.DataType = pa.type_for_alias(cast(Any, kind))
+        return found
+    except (ValueError, KeyError):
+        return None

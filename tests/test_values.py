@@ -1,0 +1,135 @@
+"""Every value comes back as it went in, or the run says why (an eighth hostile review, on types
+and schemas): no silent cast, no dropped field, no stale schema that empties the output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import Project
+
+SQL_JOB = """
+[jobs.t]
+input = "data/*.{ext}"
+output = "out/t"
+sql = "SELECT * FROM chunk"
+{extra}
+"""
+
+
+def job(ext: str, extra: str = "") -> str:
+    fmt = {"parquet": "", "csv": 'format = "csv"', "ndjson": 'format = "ndjson"'}[ext]
+    return SQL_JOB.format(ext=ext, extra=f"{fmt}\n{extra}")
+
+
+def rows(project: Project) -> list[dict]:
+    table = ds.dataset(project.out("t"), format="parquet").to_table()
+    return sorted(table.to_pylist(), key=lambda r: json.dumps(r, sort_keys=True, default=str))
+
+
+def run(project: Project, *args: str) -> dict:
+    result = project.cli("run-now", "t", "--json", *args)
+    assert result.returncode in (0, 1), result.stderr
+    return {"exit": result.returncode, **json.loads(result.stdout)}
+
+
+def write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_an_input_schema_no_file_has_any_more_is_decided_again(project: Project) -> None:
+    """Every file rewritten with id int64 instead of int32: they were all bad files against the
+    stored schema, the output was emptied, and every later run 'succeeded' with 0 rows."""
+    project.data.mkdir()
+    for kind in (pa.int32(), pa.int64()):
+        for name, start in (("a", 0), ("b", 3)):
+            pq.write_table(
+                pa.table({"id": pa.array(range(start, start + 3), kind)}), project.data / f"{name}.parquet"
+            )
+        if kind == pa.int32():
+            project.write_config(job("parquet"))
+            assert run(project)["exit"] == 0
+    assert run(project)["exit"] == 0
+    assert rows(project) == [{"id": i} for i in range(6)]
+    assert ds.dataset(project.out("t")).schema.field("id").type == pa.int64()
+
+
+def test_a_declared_schema_replaces_the_inferred_one(project: Project) -> None:
+    """The README's advice, followed: zip inferred as an integer, then `schema` says string.
+    The stored inferred schema won, the file was bad, and the output stayed empty."""
+    write(project.data / "a.csv", b"id,zip\n1,10001\n2,20134\n")
+    project.write_config(job("csv"))
+    assert run(project)["exit"] == 0
+    project.write_config(job("csv", 'schema = { id = "int64", zip = "string" }'))
+    assert run(project)["exit"] == 0
+    assert rows(project) == [{"id": 1, "zip": "10001"}, {"id": 2, "zip": "20134"}]
+
+
+def test_an_ndjson_field_first_seen_after_the_sample_is_malformed_not_dropped(project: Project) -> None:
+    lines = [
+        json.dumps({"id": i, "amount": 10.0} | ({"discount": 2.5} if i >= 59_990 else {}))
+        for i in range(60_000)
+    ]
+    write(project.data / "a.ndjson", ("\n".join(lines) + "\n").encode())
+    project.write_config(job("ndjson"))
+    summary = run(project)
+    assert summary["exit"] == 0 and summary["rows_bad"] == 10
+    assert len(rows(project)) == 59_990
+    malformed = ds.dataset(project.root / "out" / "t.malformed").to_table()
+    assert sorted(malformed["_line"].to_pylist()) == list(range(59_991, 60_001))
+    assert all("discount" in text for text in malformed["_text"].to_pylist())
+
+
+def test_a_byte_that_is_not_utf8_in_ndjson_is_a_malformed_record(project: Project) -> None:
+    write(
+        project.data / "a.ndjson",
+        b'{"id": 0, "s": "plain"}\n{"id": 1, "s": "bad \xff\xfe"}\n{"id": 2, "s": "ok"}\n',
+    )
+    project.write_config(job("ndjson"))
+    summary = run(project)
+    assert summary["exit"] == 0 and summary["rows_bad"] == 1
+    assert rows(project) == [{"id": 0, "s": "plain"}, {"id": 2, "s": "ok"}]
+    duckdb.sql(f"SELECT count(*) FROM read_parquet('{project.out('t')}/**/*.parquet')").fetchall()
+
+
+@pytest.mark.parametrize("ext", ["csv", "ndjson"])
+def test_integers_beyond_int64_are_kept_exact(project: Project, ext: str) -> None:
+    """20-digit ids (SIM cards' ICCIDs) were inferred as double: 1,000 ids became one value."""
+    ids = [89490200001234567890 + i for i in range(1000)]
+    if ext == "csv":
+        data = "iccid,n\n" + "".join(f"{v},{i}\n" for i, v in enumerate(ids))
+    else:
+        data = "".join(json.dumps({"iccid": v, "n": i}) + "\n" for i, v in enumerate(ids))
+    write(project.data / f"a.{ext}", data.encode())
+    project.write_config(job(ext))
+    assert run(project)["exit"] == 0
+    assert sorted(int(r["iccid"]) for r in rows(project)) == ids
+
+
+def test_csv_inference_keeps_leading_zeros_and_signs(project: Project) -> None:
+    write(
+        project.data / "a.csv",
+        b"zip,phone,hex,n\n00501,+4930123,0x10,1\n02134,0301234,0x11,2\n10001,0049301,0x12,3\n",
+    )
+    project.write_config(job("csv"))
+    assert run(project)["exit"] == 0
+    assert rows(project) == [
+        {"zip": "00501", "phone": "+4930123", "hex": "0x10", "n": 1},
+        {"zip": "02134", "phone": "0301234", "hex": "0x11", "n": 2},
+        {"zip": "10001", "phone": "0049301", "hex": "0x12", "n": 3},
+    ]
+
+
+def test_a_csv_column_that_is_not_utf8_is_a_bad_file_not_binary(project: Project) -> None:
+    write(project.data / "a.csv", b"id,name\n1,Anna\n2,Bj\xf6rn\n3,Carl\n")
+    project.write_config(job("csv"))
+    summary = run(project)
+    assert summary["exit"] == 1
+    assert not project.out("t").exists() or rows(project) == []
