@@ -71,13 +71,14 @@ SELECT job, last_fire_at FROM schedule_state;
 INSERT OR REPLACE INTO schedule_state (job, last_fire_at) VALUES ($job, $at);
 
 -- name: unmet_dependencies
--- For each dependency: has it succeeded since the job's own last run started?
+-- For each dependency: is its latest run one that succeeded since the job's own last run
+-- started? (Not one running now, rebuilding its output, nor one that failed or stopped.)
 WITH mine AS (SELECT max(started_at) AS since FROM runs WHERE (job = $job OR starts_with(job, $job || '[')))
-SELECT dep, EXISTS (
-    SELECT 1 FROM runs
-    WHERE (runs.job = dep OR starts_with(runs.job, dep || '[')) AND runs.status = $succeeded
-      AND (mine.since IS NULL OR runs.ended_at > mine.since)
-) AS ok
+SELECT dep, coalesce((
+    SELECT runs.status = $succeeded AND (mine.since IS NULL OR runs.ended_at > mine.since) FROM runs
+    WHERE runs.job = dep OR starts_with(runs.job, dep || '[')
+    ORDER BY runs.started_at DESC LIMIT 1
+), false) AS ok
 FROM unnest($deps::VARCHAR[]) AS deps(dep), mine;
 
 -- name: status
@@ -208,7 +209,9 @@ DELETE FROM paused_jobs WHERE job = $job;
 SELECT * FROM runs WHERE run_id = $run_id;
 
 -- name: succeeded_run
-SELECT 1 FROM runs WHERE job = $key AND status = $succeeded LIMIT 1;
+-- The parameter set's latest run succeeded (not one running now, failed or stopped).
+SELECT 1 FROM (SELECT status FROM runs WHERE job = $key ORDER BY started_at DESC LIMIT 1)
+WHERE status = $succeeded;
 
 -- name: record_check
 INSERT OR REPLACE INTO check_counts (job, run_id, check_name, action, rows_failed)

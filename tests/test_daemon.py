@@ -196,6 +196,44 @@ def test_dependent_job_waits_for_its_dependency_to_succeed(project: Project) -> 
     assert "blocked" not in history
 
 
+def test_a_dependency_running_again_or_failed_since_its_success_is_not_met(project: Project) -> None:
+    """Hostile review: the rule asked only for a success since the job's last start, so a job
+    fired while its dependency rebuilt its output (a changed definition, `--fresh`) read the
+    half-rebuilt output and published a run of 600 of 1,100 rows as succeeded."""
+    import time
+
+    from minibatch.config import load_config
+    from minibatch.control import unmet_dependencies
+    from minibatch.records import RunRecord
+    from minibatch.states import RunStatus
+
+    config(project, hourly("up") + hourly("down", 'depends_on = ["up"]'))
+    loaded = load_config(project.root / "config.toml")
+    manifest = Manifest(project.root / ".state" / "manifest.duckdb")
+    now = time.time()
+
+    def record(run_id: str, job: str, started: float, status: RunStatus) -> None:
+        run = RunRecord(run_id=run_id, job=job, pid=os.getpid(), started_at=now + started)
+        manifest.start_run(run)
+        if status != RunStatus.RUNNING:
+            run.status, run.ended_at = status, now + started + 1
+            manifest.commit(run, [])
+
+    def unmet() -> list[str]:
+        return unmet_dependencies(loaded, manifest, loaded.jobs["down"], {})
+
+    record("d1", "down", 0, RunStatus.SUCCEEDED)
+    record("u1", "up", 10, RunStatus.SUCCEEDED)
+    assert unmet() == []
+    record("u2", "up", 20, RunStatus.RUNNING)  # rebuilding its output right now
+    assert unmet() == ["up"]
+    for status in (RunStatus.FAILED, RunStatus.STOPPED):
+        record(f"u3-{status}", "up", 30, status)
+        assert unmet() == ["up"]
+    record("u4", "up", 40, RunStatus.SUCCEEDED)
+    assert unmet() == []
+
+
 def test_a_locked_job_is_skipped_not_queued(project: Project) -> None:
     project.write_input("a.parquet", 0, 200)
     config(project, hourly("a"))

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from datetime import UTC, date, datetime, timedelta
 
 import pyarrow.parquet as pq
@@ -294,6 +296,7 @@ def test_a_dated_dependency_counts_for_the_same_date_only(project: Project) -> N
     from minibatch.config import load_config
     from minibatch.control import unmet_dependencies
     from minibatch.manifest import Manifest
+    from minibatch.records import RunRecord
 
     for day in ("2026-10-01", "2026-11-01"):
         (project.root / "landing" / day).mkdir(parents=True)
@@ -316,6 +319,10 @@ def test_a_dated_dependency_counts_for_the_same_date_only(project: Project) -> N
     assert unmet_dependencies(config, manifest, config.jobs["down"], today) == ["up"]  # another date's
     assert project.cli("run-now", "up", "-q", "--param", "date=2026-11-01").returncode == 0
     assert unmet_dependencies(config, manifest, config.jobs["down"], today) == []
+    key = config.bound("up", today).key
+    # that date's output is being rebuilt: not met until it succeeds again
+    manifest.start_run(RunRecord(run_id="again", job=key, pid=os.getpid(), started_at=time.time()))
+    assert unmet_dependencies(config, manifest, config.jobs["down"], today) == ["up"]
 
 
 def test_reset_never_deletes_another_owners_output(project: Project) -> None:
