@@ -219,9 +219,9 @@ class Daemon:
         signature = self._input_signature(job)
         fired_on, last_seen = self.seen_inputs.get(name, (signature, signature))
         self.seen_inputs[name] = (fired_on, signature)
-        if signature != fired_on and signature == last_seen:  # changed, and settled
+        settled = signature != fired_on and signature == last_seen  # changed, then the same for an interval
+        if settled and self.fire(name, WATCH_REASON):  # not when a run elsewhere held the lock: again
             self.seen_inputs[name] = (signature, signature)
-            self.fire(name, WATCH_REASON)
 
     def _catch_up(self, now: datetime | None = None) -> None:
         """Fire once each job that missed fire times while the daemon was down."""
@@ -251,25 +251,26 @@ class Daemon:
             return ()
         return tuple((p, st.st_size, st.st_mtime_ns) for p in paths if (st := _stat(p)))
 
-    def fire(self, name: str, reason: str = "schedule") -> None:
+    def fire(self, name: str, reason: str = "schedule") -> bool:
+        """Run `name` now, or make it wait for its dependencies; False if a run elsewhere held its lock."""
         job = self.config.jobs.get(name)
         if job is None:
-            return
+            return True
         if reason != WATCH_REASON:  # catch-up follows the schedule's fire times only
             self.manifest.record_fire(name, datetime.now(UTC))
         if name in self.control.paused():
             log.info("run_skipped_paused", job=name, reason=reason)
-            return
+            return True
         params = fire_params(job, datetime.now(UTC))  # the logical date is the fire's, not the run's
         missing = unmet_dependencies(self.config, self.manifest, job, params)
         if missing:
             with self.lock:
                 self.waiting[name] = params
             log.info("waiting_for_dependencies", job=name, waiting_for=missing, **params)
-            return
-        self.run_in_daemon(name, reason, RunOptions(params=params))
+            return True
+        return self.run_in_daemon(name, reason, RunOptions(params=params))
 
-    def run_in_daemon(self, name: str, reason: str, options: RunOptions | None = None) -> None:
+    def run_in_daemon(self, name: str, reason: str, options: RunOptions | None = None) -> bool:
         """One run in this thread (the scheduler's pool): fired, triggered over HTTP, or released."""
         options = options or RunOptions()
         options.run_id, options.stop = options.run_id or new_run_id(), options.stop or StopSignals()
@@ -279,13 +280,14 @@ class Daemon:
             if self.stopping or running:
                 log.info("run_skipped", job=name, reason="stopping" if self.stopping else "already running")
                 self.active.remove(options.run_id)
-                return
+                return True
             self.active.add(options.run_id, Active(name, options.stop, key=key, started=True))
         try:
             log.info("run_fired", job=name, reason=reason, run_id=options.run_id)
             run_job(self.config, name, options, [self.metrics])
         except JobLocked as exc:
             log.warning("run_skipped_locked", job=name, holder_pid=exc.pid)
+            return False
         except Exception:  # a broken run must not take the daemon down
             log.exception("run_crashed", job=name)
         finally:
@@ -293,6 +295,7 @@ class Daemon:
             self._refresh_metrics()
             self.wake.set()
             self._release_waiting()
+        return True
 
     def _release_waiting(self) -> None:
         """Start the waiting jobs whose dependencies have now succeeded."""
@@ -323,7 +326,7 @@ class Daemon:
 
     # -- what the HTTP API (control.py) uses -------------------------------------------------------
 
-    def submit(self, target: Callable[..., None], *args: Any) -> None:
+    def submit(self, target: Callable[..., object], *args: Any) -> None:
         """Run `target` in the scheduler's pool as soon as a thread is free, however late."""
         self.scheduler.add_job(target, args=list(args), misfire_grace_time=None)
 

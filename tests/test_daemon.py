@@ -283,19 +283,29 @@ def test_refuses_a_config_writable_by_others(project: Project) -> None:
 
 
 def test_watch_runs_the_job_when_inputs_change_and_settle(project: Project) -> None:
+    """And a change met by a run elsewhere (`run-now` holding the job's lock) is fired again
+    once the lock is free: it was counted as handled, and the new file never processed."""
     project.write_input("a.parquet", 0, 100)
     config(project, '[jobs.w]\ninput = "data/*.parquet"\noutput = "out/w"\nprocess = "myjobs.basic:ident"\n'
            'watch = "200ms"\n')  # fmt: skip
     daemon = Daemon(project)
+
+    def finished() -> int:
+        return sum(e["event"] == "run_finished" and e.get("job") == "w" for e in daemon.events())
+
     try:
         daemon.wait_event("daemon_started")
         project.write_input("b.parquet", 100, 100)
         fired = daemon.wait_event("run_fired", job="w")
         assert fired["reason"] == "inputs changed"
-        daemon.wait_event("run_finished", job="w")
+        wait_for(lambda: finished() == 1, what="the first run")
+        with job_lock(project.root / ".state", "w"):
+            project.write_input("c.parquet", 200, 100)
+            daemon.wait_event("run_skipped_locked", job="w")
+        wait_for(lambda: finished() == 2, what="the change fired again")
     finally:
         assert daemon.stop() == 0
-    assert sorted(project.output_table("w").column("id").to_pylist()) == list(range(200))
+    assert sorted(project.output_table("w").column("id").to_pylist()) == list(range(300))
 
 
 def test_metrics_port_in_use_is_a_config_error(project: Project) -> None:
