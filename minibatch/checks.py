@@ -160,7 +160,9 @@ def _evaluate(table: pa.Table, checks: tuple[Check, ...]) -> list[Any]:
     """Each check's verdict per row: true when the row passes (NULL counts as failing)."""
     import duckdb
 
-    con = duckdb.connect(":memory:", config={"threads": 1})  # a worker is one of `workers` processes
+    from minibatch.params import in_utc
+
+    con = in_utc(duckdb.connect(":memory:", config={"threads": 1}))  # a worker is one of `workers` processes
     try:  # ordered by the row's index: a window in a check (OVER ...) would reorder the rows
         con.register("rows", table.append_column(ROW_INDEX, _row_index(table.num_rows)))
         columns = ", ".join(f"CAST(coalesce((\n{c.sql}\n), false) AS BOOLEAN)" for c in checks)

@@ -9,6 +9,7 @@ does, the start of the interval that just ended (a daily 00:30 fire on 2 Novembe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import string
@@ -19,9 +20,12 @@ from typing import TYPE_CHECKING, Any
 from minibatch.checking import Checker
 
 if TYPE_CHECKING:
+    import duckdb
+
     from minibatch.schedule import CronSchedule
 
 DATE = "date"
+UTC_NAMES = {"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Universal", "Etc/Universal", "Zulu", "Etc/Zulu"}
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")  # all three: fullmatch (`$` allows a newline)
 # Values end up in paths, file names and lock names: no separators, no leading dot.
 VALUE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
@@ -59,6 +63,20 @@ def sql_values(sql: str | None, values: Mapping[str, Any]) -> dict[str, Any] | N
     """The values a query binds: DuckDB refuses any it does not use."""
     used = {name: values[name] for name in sql_params(sql) if name in values}
     return used or None
+
+
+def in_utc(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that runs a job's SQL (chunks, checks, the reduce), set to UTC: its
+    default is the process's TZ, and the day of an instant must not depend on which process,
+    a daemon's or a shell's, computed the chunk. A default that is UTC by another name is kept:
+    DuckDB labels TIMESTAMPTZ results with it, and outputs written so far carry that label.
+    (Without ICU, DuckDB is in UTC already.)"""
+    import duckdb  # noqa: F811 (at run time too)
+
+    with contextlib.suppress(duckdb.Error):
+        if con.execute("SELECT current_setting('TimeZone')").fetchall()[0][0] not in UTC_NAMES:
+            con.execute("SET TimeZone = 'UTC'")
+    return con
 
 
 def parse_value(name: str, text: str) -> date | str:

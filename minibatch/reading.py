@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from minibatch.pageslice import read_rows
-from minibatch.params import sql_values
+from minibatch.params import in_utc, sql_values
 from minibatch.planner import Chunk, fingerprint_stat, footer_fingerprint
 from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task
 from minibatch.textinput import text_fingerprint
@@ -232,7 +232,7 @@ class _HeldInput:
 def _sql_connection() -> duckdb.DuckDBPyConnection:
     import duckdb  # here, not at the top: a worker of a job without SQL never needs it
 
-    return duckdb.connect(":memory:", config=SQL_CONFIG).execute("SET parquet_metadata_cache = true")
+    return in_utc(duckdb.connect(":memory:", config=SQL_CONFIG).execute("SET parquet_metadata_cache = true"))
 
 
 def _removed(chunk: Chunk) -> InputRemoved:

@@ -21,7 +21,7 @@ from minibatch.layout import (
     write_atomically,
     write_durably,
 )
-from minibatch.params import sql_values
+from minibatch.params import in_utc, sql_values
 from minibatch.states import EventKind
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ def reduce_table(
     import duckdb
     import pyarrow as pa
 
-    con = duckdb.connect(":memory:")
+    con = in_utc(duckdb.connect(":memory:"))
     try:
         if not parts:
             con.register("parts", (empty or pa.schema([("_", pa.null())])).empty_table())

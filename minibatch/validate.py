@@ -13,7 +13,7 @@ from minibatch.config import Config, ConfigError
 from minibatch.inputs import InputError, find_inputs
 from minibatch.jobcode import JobCodeError, forget_package, import_process
 from minibatch.layout import OutputLayout
-from minibatch.params import SAMPLE, placeholders, sql_values
+from minibatch.params import SAMPLE, in_utc, placeholders, sql_values
 
 
 def validate_config(config: Config) -> list[str]:
@@ -117,7 +117,7 @@ def _binder() -> tuple[Any, threading.Lock]:
 
     from minibatch.reading import SQL_CONFIG  # the settings the workers run the SQL with
 
-    return duckdb.connect(":memory:", config=SQL_CONFIG), threading.Lock()
+    return in_utc(duckdb.connect(":memory:", config=SQL_CONFIG)), threading.Lock()
 
 
 def check_inputs(config: Config) -> list[str]:

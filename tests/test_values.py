@@ -3,6 +3,7 @@ and schemas): no silent cast, no dropped field, no stale schema that empties the
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -133,3 +134,23 @@ def test_a_csv_column_that_is_not_utf8_is_a_bad_file_not_binary(project: Project
     summary = run(project)
     assert summary["exit"] == 1
     assert not project.out("t").exists() or rows(project) == []
+
+
+def test_sql_results_do_not_depend_on_the_time_zone_of_the_process(project: Project) -> None:
+    """DuckDB took its TimeZone from the environment: `CAST(ts AS DATE)` of one instant gave
+    2026-11-01 in a daemon under TZ=UTC and 2026-11-02 in a shell under Europe/Berlin, in one
+    output. Every DuckDB that runs a job's SQL (chunks, checks, the reduce) runs in UTC."""
+    instant = pa.array([1_793_575_800_000_000] * 2, pa.timestamp("us", tz="UTC"))  # 2026-11-01 23:30Z
+    project.data.mkdir()
+    pq.write_table(pa.table({"ts": instant}), project.data / "a.parquet")
+    project.write_config("""
+    [jobs.t]
+    input = "data/*.parquet"
+    output = "out/t"
+    sql = "SELECT ts, CAST(ts AS DATE) AS day FROM chunk"
+    checks = [{ name = "utc_day", sql = "CAST(ts AS DATE) = DATE '2026-11-01'", action = "fail" }]
+    reduce_sql = "SELECT day, CAST(CAST(max(ts) AS DATE) AS VARCHAR) AS seen FROM parts GROUP BY day"
+    """)
+    result = project.cli("run-now", "t", env={"TZ": "Pacific/Kiritimati"}, real=True)
+    assert result.returncode == 0, result.stderr
+    assert rows(project) == [{"day": datetime.date(2026, 11, 1), "seen": "2026-11-01"}]
