@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 from typing import TextIO, cast
 
@@ -16,10 +17,25 @@ class _CurrentStderr(io.TextIOBase):
     """Writes to whatever sys.stderr is now, so a live progress bar can route log lines above it."""
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        try:
+            return sys.stderr.write(text)
+        except BrokenPipeError:  # `run-now j 2>&1 | head`: the reader is gone, the run goes on
+            _stderr_to_devnull()
+            return len(text)
 
     def flush(self) -> None:
-        sys.stderr.flush()
+        try:
+            sys.stderr.flush()
+        except BrokenPipeError:
+            _stderr_to_devnull()
+
+
+def _stderr_to_devnull() -> None:
+    """Descriptor 2 to /dev/null, for this process and those it starts from now on (what
+    sys.stderr still buffers goes there too)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 class _ToStructlog(logging.Handler):

@@ -225,6 +225,25 @@ def test_a_closed_stderr_still_runs_the_job(project: Project) -> None:
     assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(100))
 
 
+def test_logs_into_a_closed_pipe_do_not_break_the_run(project: Project) -> None:
+    """`minibatch run-now j 2>&1 | head -1`: the next log line's BrokenPipeError crashed the
+    run part-way (0 of its chunks, the output of a --fresh run already removed), and the
+    command exited 0."""
+    project.write_config(MAP_JOB)
+    for i in range(4):
+        project.write_input(f"{i}.parquet", i * 300, 300)
+    config = str(project.root / "config.toml")
+    argv = [sys.executable, "-m", "minibatch", "--config", config, "run-now", "ident"]
+    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+    run = subprocess.Popen(argv, **pipe, text=True, env=project.env())  # type: ignore[call-overload]
+    assert run.stdout is not None
+    run.stdout.readline()  # head -1
+    run.stdout.close()
+    assert run.wait(timeout=120) == 0
+    assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(1200))
+    assert project.manifest_rows("SELECT status FROM runs") == [("succeeded",)]
+
+
 def test_a_run_leaves_nothing_in_the_temp_directory(project: Project, tmp_path: Path) -> None:
     """The quick exit skipped multiprocessing's own clean-up: every `run-now` left a pymp-*
     directory (the forkserver's socket) in /tmp, ~100,000 a year from a 5-minute cron."""
