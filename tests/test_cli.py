@@ -234,8 +234,9 @@ def test_logs_into_a_closed_pipe_do_not_break_the_run(project: Project) -> None:
         project.write_input(f"{i}.parquet", i * 300, 300)
     config = str(project.root / "config.toml")
     argv = [sys.executable, "-m", "minibatch", "--config", config, "run-now", "ident"]
-    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
-    run = subprocess.Popen(argv, **pipe, text=True, env=project.env())  # type: ignore[call-overload]
+    run = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=project.env()
+    )
     assert run.stdout is not None
     run.stdout.readline()  # head -1
     run.stdout.close()
