@@ -177,13 +177,13 @@ class OutputLayout:
 
     # -- ownership ----------------------------------------------------------------------------
 
-    def claim(self, owner: str) -> None:
-        """Make sure this output is `owner`'s to write (a job, or one parameter set of it). Its
-        staging directory, which only minibatch creates, says it is minibatch's, and the owner
-        file in it whose; otherwise the output must be absent, empty, or hold only what
-        minibatch names its files. An output inside another claimed output is refused, and a
-        staging or parts directory that is a symlink: what is removed in it would be removed
-        wherever the link points."""
+    def claim(self, owner: str, state_dir: Path) -> None:
+        """Make sure this output is `owner`'s to write (a job, or one parameter set of it, of the
+        manifest in `state_dir`). Its staging directory, which only minibatch creates, says it is
+        minibatch's, and the owner file in it whose; otherwise the output must be absent, empty,
+        or hold only what minibatch names its files. An output inside another claimed output is
+        refused, and a staging or parts directory that is a symlink: what is removed in it would
+        be removed wherever the link points."""
         if problem := self.not_a_directory():
             raise OutputNotOwned(problem)
         for directory in (self.staging, self.parts):
@@ -201,9 +201,7 @@ class OutputLayout:
             except FileExistsError:  # made just now by another claim, or a file
                 if not self.staging.is_dir():
                     return  # not a directory: the run fails on it when it prepares
-        if not self.owner():  # the first claim (or one an older release made) writes it
-            self._write_owner(owner)
-        self.check_owner(owner)
+        self._take(owner, state_dir)
 
     def not_a_directory(self) -> str | None:
         """Why the output cannot be a directory of parts (a file is in the way), or None."""
@@ -211,21 +209,42 @@ class OutputLayout:
             return f"output {self.output} is a file, not a directory: move it or choose another output"
         return None
 
+    def _take(self, owner: str, state_dir: Path) -> None:
+        record = f"{owner}\n{state_dir.resolve()}"
+        if not self.owner():  # the first claim (or one an older release made) writes it
+            self._write_owner(record)
+        self.check_owner(owner, state_dir)
+        if self._owner_record() == (owner, ""):  # an older release's: no state_dir in it yet
+            self._write_owner(record, replace=True)
+
     def owner(self) -> str:
         """Whose output this is ("" when no run has said yet)."""
+        return self._owner_record()[0]
+
+    def _owner_record(self) -> tuple[str, str]:
+        """(job, state_dir) of the owner file ("" for what it does not say)."""
         try:
             fd = os.open(self.staging / OWNER_NAME, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
-            return ""
+            return "", ""
         with os.fdopen(fd) as handle:
-            return handle.read()
+            job, _, state_dir = handle.read().partition("\n")
+        return job, state_dir
 
-    def check_owner(self, owner: str) -> None:
-        holder = self.owner()
+    def check_owner(self, owner: str, state_dir: Path) -> None:
+        """Refuse another job's output, and this job's of another state_dir: two manifests would
+        each publish over, and remove, what the other recorded as done."""
+        holder, holder_dir = self._owner_record()
         if holder and holder != owner:
             raise OutputNotOwned(f"output {self.output} is the output of {holder}, not of {owner}")
+        if holder_dir and holder_dir != str(state_dir.resolve()):
+            raise OutputNotOwned(
+                f"output {self.output} is the output of {holder} with the state_dir {holder_dir}, not "
+                f"{state_dir.resolve()}: give this config's job another output (if that state_dir "
+                f"moved here, remove {self.staging / OWNER_NAME} to hand the output over)"
+            )
 
-    def _write_owner(self, owner: str) -> None:
+    def _write_owner(self, owner: str, replace: bool = False) -> None:
         """Durably, and never half: a crash leaves the file whole or absent (an empty one, from
         before, counts as absent); of two first claims at once, one links its file in first."""
         temp = self.staging / f"{OWNER_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -236,7 +255,7 @@ class OutputLayout:
         try:
             os.link(temp, target)  # fails if anyone's file is there: never replaces a claim
         except FileExistsError:
-            if not self.owner():  # an empty one, from a crash: the one case to replace
+            if replace or not self.owner():  # an older release's, or an empty one from a crash
                 os.replace(temp, target)
         finally:
             temp.unlink(missing_ok=True)

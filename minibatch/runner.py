@@ -204,7 +204,7 @@ class Run:
         reach the output (configuration errors, not runs)."""
         try:
             check_rendered(self.job, self.config.jobs, self.config.path, self.config.engine.state_dir)
-            self.layout.claim(self.job.key)
+            self.layout.claim(self.job.key, self.config.engine.state_dir)
             forbidden = [self.layout.output, self.layout.parts, self.layout.staging]
             return find_inputs(self.config.base_dir, self.job.inputs, forbidden)
         except (OutputNotOwned, InputError) as exc:

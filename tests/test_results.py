@@ -80,25 +80,25 @@ def test_only_minibatch_names_are_parts_and_foreign_files_stay(tmp_path: Path) -
 
 
 def test_claim_refuses_a_directory_minibatch_did_not_create(tmp_path: Path) -> None:
-    OutputLayout(tmp_path / "absent", reduce=False).claim("j")  # absent: fine
+    OutputLayout(tmp_path / "absent", reduce=False).claim("j", tmp_path)  # absent: fine
     (tmp_path / "empty").mkdir()
-    OutputLayout(tmp_path / "empty", reduce=False).claim("j")  # empty: fine
+    OutputLayout(tmp_path / "empty", reduce=False).claim("j", tmp_path)  # empty: fine
     layout = OutputLayout(tmp_path / "out", reduce=False)
     layout.output.mkdir()
     (layout.output / part_name("b" * 24)).write_bytes(b"x")
-    layout.claim("j")  # only what minibatch names its files: an older release's output
+    layout.claim("j", tmp_path)  # only what minibatch names its files: an older release's output
     layout.remove_all()  # the claim goes with it
     layout.output.mkdir()
     (layout.output / "keep.txt").write_text("mine")
     with pytest.raises(OutputNotOwned, match="not created by minibatch"):
-        layout.claim("j")
+        layout.claim("j", tmp_path)
     assert not layout.staging.exists()  # refused: nothing written
     layout.staging.mkdir()  # the staging directory beside it is minibatch's claim
-    layout.claim("j")
+    layout.claim("j", tmp_path)
     with pytest.raises(OutputNotOwned, match=r"is the output of j, not of j\[date=2026-11-01\]"):
-        layout.claim("j[date=2026-11-01]")  # one output, one owner
+        layout.claim("j[date=2026-11-01]", tmp_path)  # one output, one owner
     with pytest.raises(OutputNotOwned, match="inside the output"):
-        OutputLayout(layout.output / "nested", reduce=False).claim("k")
+        OutputLayout(layout.output / "nested", reduce=False).claim("k", tmp_path)
 
 
 def test_an_empty_owner_file_is_no_claim(tmp_path: Path) -> None:
@@ -107,10 +107,20 @@ def test_an_empty_owner_file_is_no_claim(tmp_path: Path) -> None:
     layout = OutputLayout(tmp_path / "out", reduce=False)
     layout.staging.mkdir(parents=True)
     (layout.staging / "minibatch-owner").write_text("")
-    layout.claim("daily")
+    layout.claim("daily", tmp_path)
     assert layout.owner() == "daily" and sorted(p.name for p in layout.staging.iterdir()) == [
         "minibatch-owner"
     ]
+
+
+def test_an_owner_file_of_an_older_release_gains_the_state_dir(tmp_path: Path) -> None:
+    layout = OutputLayout(tmp_path / "out", reduce=False)
+    layout.staging.mkdir(parents=True)
+    (layout.staging / "minibatch-owner").write_text("daily")  # the job's name only
+    layout.claim("daily", tmp_path / "state")
+    with pytest.raises(OutputNotOwned, match="with the state_dir"):
+        layout.claim("daily", tmp_path / "another")
+    assert (layout.staging / "minibatch-owner").read_text() == f"daily\n{tmp_path / 'state'}"
 
 
 def test_of_two_first_claims_at_once_one_wins(tmp_path: Path) -> None:
@@ -122,7 +132,7 @@ def test_of_two_first_claims_at_once_one_wins(tmp_path: Path) -> None:
 
         def claim(owner: str, output: Path = output, results: dict[str, str] = results) -> None:
             try:
-                OutputLayout(output, reduce=False).claim(owner)
+                OutputLayout(output, reduce=False).claim(owner, tmp_path)
                 results[owner] = "owner"
             except OutputNotOwned:
                 results[owner] = "refused"

@@ -443,6 +443,23 @@ def test_existing_output_directory_minibatch_did_not_create_is_refused(project: 
     assert snapshot(project.out("ident")) == {"keep.txt": b"not minibatch's\n"}
 
 
+def test_the_same_job_of_another_state_dir_may_not_write_the_output(project: Project) -> None:
+    """An operator review: a copy of the config with its own state_dir (to try a change) and
+    the job's name unchanged published over the output, removed 5 of its 6 parts, and the
+    first config's manifest went on calling the output complete; its `reset` removed it all."""
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    before = snapshot(project.out("ident"))
+    config = project.root / "config.toml"
+    config.write_text(config.read_text().replace('state_dir = ".state"', 'state_dir = ".state-try"'))
+    for command in (["run-now", "ident"], ["reset", "ident", "--yes"]):
+        result = project.cli(*command)
+        assert result.returncode == 2, said(result)
+        assert ".state-try" in said(result) and "state_dir" in said(result)
+    assert snapshot(project.out("ident")) == before
+
+
 def test_existing_empty_output_directory_is_fine(project: Project) -> None:
     project.write_config(MAP)
     project.write_input("a.parquet", 0, 300)
