@@ -240,7 +240,9 @@ class Publisher:
                 groups = list(range(piece.first, piece.first + piece.count))
                 table = pq.ParquetFile(piece.path).read_row_groups(groups)
                 table = table.drop_columns([c for c in table.column_names if c in drop])
-                table = table.replace_schema_metadata({SOURCES_KEY: json.dumps(tokens).encode()})
+                # parts may differ in nullability only (their inputs' writers did): the file's is nullable
+                schema = pa.schema([f.with_nullable(True) for f in table.schema])
+                table = table.cast(schema).replace_schema_metadata({SOURCES_KEY: json.dumps(tokens).encode()})
                 writer = writer or pq.ParquetWriter(handle, table.schema)
                 pending.append(table)
                 rows += table.num_rows

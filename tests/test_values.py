@@ -154,3 +154,35 @@ def test_sql_results_do_not_depend_on_the_time_zone_of_the_process(project: Proj
     result = project.cli("run-now", "t", env={"TZ": "Pacific/Kiritimati"}, real=True)
     assert result.returncode == 0, result.stderr
     assert rows(project) == [{"day": datetime.date(2026, 11, 1), "seen": "2026-11-01"}]
+
+
+def test_inputs_that_differ_only_in_nullability_publish(project: Project) -> None:
+    """One writer marked `id` NOT NULL, the other did not: the same schema to minibatch, but
+    publishing a partition concatenated both parts and failed every run, --fresh too."""
+    project.data.mkdir()
+    fields = [
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("value", pa.int64()),
+        pa.field("day", pa.string()),
+    ]
+    a = {"id": [1, 2, 3], "value": [1, 2, 3], "day": ["d1", "d1", "d2"]}
+    pq.write_table(pa.table(a, schema=pa.schema(fields)), project.data / "a.parquet")
+    b = {"id": [4, 5, 6], "value": [4, 5, 6], "day": ["d1", "d2", "d2"]}
+    pq.write_table(
+        pa.table(b, schema=pa.schema([f.with_nullable(True) for f in fields])), project.data / "b.parquet"
+    )
+    project.write_config(
+        job("parquet", 'partition_by = ["day"]').replace(
+            'sql = "SELECT * FROM chunk"', 'process = "myjobs.basic:ident"'
+        )
+    )
+    assert run(project)["exit"] == 0
+    table = ds.dataset(project.out("t"), format="parquet", partitioning="hive").to_table()
+    assert sorted(zip(table["id"].to_pylist(), table["day"].to_pylist(), strict=True)) == [
+        (1, "d1"),
+        (2, "d1"),
+        (3, "d2"),
+        (4, "d1"),
+        (5, "d2"),
+        (6, "d2"),
+    ]
