@@ -34,6 +34,8 @@ from minibatch.states import RunStatus
 
 log = get_logger()
 REPROCESS = ("none", "failed", "all")
+MAX_PARALLEL = 10**6  # runs at once (more than the dates: as many as the dates); an INTEGER in the manifest
+FIRST_SCHEDULED = date(1970, 1, 2)  # APScheduler's cron clamps earlier fire times to the epoch
 LOCK_POLL = 1.0  # seconds between looks at a date's lock held by another run
 FINISHED = ("succeeded", "skipped")
 
@@ -82,8 +84,15 @@ def check_request(config: Config, request: BackfillRequest) -> JobConfig:
         problems.append(f"--from {request.first} is after --to {request.last}")
     if request.reprocess not in REPROCESS:
         problems.append(f"--reprocess: expected one of {', '.join(REPROCESS)}, got {request.reprocess!r}")
-    if request.max_parallel < 1:
-        problems.append(f"--max-parallel must be at least 1, got {request.max_parallel}")
+    if not 1 <= request.max_parallel <= MAX_PARALLEL:
+        problems.append(
+            f"--max-parallel must be from 1 to at most {MAX_PARALLEL}, got {request.max_parallel}"
+        )
+    if job.schedule and request.first < FIRST_SCHEDULED:  # the cron calendar would start there, silently
+        problems.append(
+            f"--from {request.first}: before 1970, where a schedule's fire times start; for those "
+            "dates use a copy of the job without a schedule"
+        )
     if DATE in request.params:
         problems.append("--param date: the backfill gives each run its date")
     if problems:

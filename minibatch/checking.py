@@ -56,10 +56,10 @@ class Checker:
             return default
         return float(value)
 
-    def positive_int(self, key: str, default: int) -> int:
+    def positive_int(self, key: str, default: int, most: int = 2**31 - 1) -> int:
         value = self.get(key, int, default)
-        if value < 1:
-            self.error(key, f"must be at least 1, got {value}")
+        if not 1 <= value <= most:
+            self.error(key, f"must be from 1 to {most}, got {value}")
             return default
         return int(value)
 

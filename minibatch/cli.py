@@ -171,7 +171,9 @@ def status(state: State, job: str | None, as_json: bool) -> None:
 @main.command()
 @click.argument("job", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Runs to show.")
+@click.option(
+    "--limit", type=click.IntRange(1, 1_000_000), default=20, show_default=True, help="Runs to show."
+)
 @click.pass_obj
 def history(state: State, job: str | None, as_json: bool, limit: int) -> None:
     """Past runs of every job (or JOB), newest first: start, duration, outcome, chunks, rows, rows/s."""

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
+from minibatch.backfill import MAX_PARALLEL
 from minibatch.clibase import EXIT_USAGE, State, params_option
 
 REPROCESS_HELP = (
@@ -32,7 +33,7 @@ REPROCESS_HELP = (
               help="Last logical date (included).")  # fmt: skip
 @click.option("--reprocess", type=click.Choice(["none", "failed", "all"]), default="none", show_default=True,
               help=REPROCESS_HELP)  # fmt: skip
-@click.option("--max-parallel", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--max-parallel", type=click.IntRange(1, MAX_PARALLEL), default=1, show_default=True,
               help="Dates run at once; they share the job's workers and memory_limit.")  # fmt: skip
 @click.option("--backwards", is_flag=True, help="Newest date first.")
 @click.option("--dry-run", is_flag=True, help="Show the dates and what would run; run nothing.")

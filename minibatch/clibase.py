@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from minibatch.config import Config, ConfigError, load_config
+from minibatch.config import MAX_WORKERS, Config, ConfigError, load_config
 from minibatch.units import parse_size
 
 EXIT_DEAD_LETTERS, EXIT_USAGE, EXIT_LOCKED = 1, 2, 3
@@ -123,7 +123,7 @@ def run_options(command: Callable[..., None]) -> Callable[..., None]:
     for option in reversed(
         [
             click.option(
-                "--workers", type=click.IntRange(min=1), help="Worker processes (overrides config)."
+                "--workers", type=click.IntRange(1, MAX_WORKERS), help="Worker processes (overrides config)."
             ),
             click.option(
                 "--memory-limit",

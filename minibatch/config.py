@@ -24,6 +24,7 @@ from minibatch.units import parse_duration, parse_size
 
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PROCESS_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+MAX_WORKERS = 256  # processes of one run (each holds a lock file and a process slot)
 
 
 class ConfigError(Exception):
@@ -225,7 +226,7 @@ def _engine(table: dict[str, Any], base_dir: Path, errors: list[str]) -> EngineC
         c.error("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     return EngineConfig(
         state_dir=base_dir / c.get("state_dir", str, ".minibatch"),
-        workers=c.positive_int("workers", default_workers()),
+        workers=c.positive_int("workers", default_workers(), MAX_WORKERS),
         memory_limit=positive_size(c, "memory_limit", 2**30),
         timezone=timezone_name(c, "UTC"),
         log_format=log_format,
@@ -298,7 +299,7 @@ def _job(
         retry_backoff=c.parsed("retry_backoff", parse_duration, 1.0),
         timeout=c.positive_duration("timeout", 3600.0),  # 0 would time every chunk out
         depends_on=c.string_list("depends_on") or (),
-        workers=c.positive_int("workers", engine.workers),
+        workers=c.positive_int("workers", engine.workers, MAX_WORKERS),
         memory_limit=positive_size(c, "memory_limit", engine.memory_limit),
         stop_grace=c.parsed("stop_grace", parse_duration, engine.stop_grace),
         worker_memory_limit=c.parsed("worker_memory_limit", parse_size, engine.worker_memory_limit),

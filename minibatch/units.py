@@ -41,6 +41,8 @@ def _parse_size(value: object) -> int:
     if isinstance(value, int | float):
         if value < 0 or not math.isfinite(value):
             raise ValueError(f"size must be a non-negative number of bytes, got {value!r}")
+        if not float(value).is_integer():  # chunk_bytes = 1.5 was 1 byte: a unit was meant
+            raise ValueError(f'size {value!r}: a plain number is whole bytes (with a unit: "{value}MiB")')
         return int(value)
     if not isinstance(value, str):
         raise ValueError(f'expected a size such as "512MiB", got {value!r}')

@@ -128,6 +128,18 @@ def test_dry_run_reprocess_and_bad_requests(project: Project) -> None:
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
 
 
+def test_dates_a_schedule_cannot_give_and_absurd_parallelism_are_usage_errors(project: Project) -> None:
+    """An operator review: a scheduled job's backfill of 1960 planned nothing and 'succeeded'
+    (the cron calendar starts in 1970); --max-parallel 3000000000 was a traceback."""
+    project.write_config(DAILY + 'schedule = "30 0 * * *"\n')
+    for args, message in [
+        (["--from", "1960-01-01", "--to", "1960-01-03"], "--from 1960-01-01: before 1970"),
+        (["--from", "2026-11-01", "--to", "2026-11-02", "--max-parallel", "3000000000"], "1<=x<=1000000"),
+    ]:
+        bad = project.cli("backfill", "daily", "--dry-run", *args)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr + bad.stdout
+
+
 def test_a_date_held_by_another_run_waits_for_it(project: Project, tmp_path: Path) -> None:
     ids = write_days(project, rows=100)
     project.write_config(DAILY)

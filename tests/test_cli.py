@@ -57,7 +57,7 @@ BAD_CONFIGS = [
     ),
     ("[minibatch]\nstate_dir = 'out/ok/state'\n" + GOOD, "contains the state_dir"),
     (GOOD.replace("[jobs.ok]", "[jobs.'bad name!']"), "job names must match"),
-    ("[minibatch]\nworkers = 0\n" + GOOD, "minibatch.workers: must be at least 1"),
+    ("[minibatch]\nworkers = 0\n" + GOOD, "minibatch.workers: must be from 1 to 256, got 0"),
     ("[minibatch]\nmemory_limit = 'lots'\n" + GOOD, "minibatch.memory_limit: bad size"),
     (GOOD.replace('input = "data/*.parquet"', ""), "jobs.ok.input: missing"),
     (  # hostile review: DuckDB ran both and the output was the last one's rows
@@ -223,6 +223,24 @@ def test_a_closed_stderr_still_runs_the_job(project: Project) -> None:
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
     assert result.returncode == 0 and "succeeded" in result.stdout, result.stdout
     assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(100))
+
+
+def test_huge_numbers_in_options_are_usage_errors(project: Project) -> None:
+    """Tracebacks from DuckDB's integer conversions, and --workers 10**20 made ~20,000 lock
+    files before failing on open files."""
+    project.write_config(MAP_JOB)
+    huge = "99999999999999999999"
+    for args in (
+        ["history", "--limit", huge],
+        ["run-now", "ident", "--workers", huge],
+        ["run-now", "ident", "--workers", "257"],
+    ):
+        result = project.cli(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (
+        not (project.root / ".state" / "locks").exists()
+        or len(list((project.root / ".state" / "locks").iterdir())) < 5
+    )
 
 
 def test_logs_into_a_closed_pipe_do_not_break_the_run(project: Project) -> None:

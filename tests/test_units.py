@@ -119,6 +119,7 @@ def test_size_accepted_forms(text, expected):
         None,
         float("nan"),
         float("inf"),
+        1.5,  # chunk_bytes = 1.5 was 1 byte: 116,280 chunks for 4.7 MB
         [512],
         {"MiB": 1},
     ],
