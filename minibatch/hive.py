@@ -107,6 +107,9 @@ def split_units(table: pa.Table, columns: tuple[str, ...]) -> list[tuple[str, pa
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise ValueError(f"partition_by column {missing[0]!r} is not in the result ({table.column_names})")
+    for column in columns:  # DuckDB's names are case-insensitive: its hive read would take them as one
+        if twin := [n for n in table.column_names if n != column and n.lower() == column.lower()]:
+            raise ValueError(f"partition_by column {column!r} and the column {twin[0]!r} differ only in case")
     keys = [_text(table[c]) for c in columns]
     order = pc.sort_indices(
         pa.table({str(i): k for i, k in enumerate(keys)}),

@@ -186,3 +186,21 @@ def test_inputs_that_differ_only_in_nullability_publish(project: Project) -> Non
         (5, "d2"),
         (6, "d2"),
     ]
+
+
+def test_a_partition_column_differing_from_another_only_in_case_is_refused(project: Project) -> None:
+    """Columns `id` (1, 2, 3) and `ID` ('a', 'b', 'c'), partitioned by `ID`: DuckDB's hive read
+    of the output took them as one and returned only the letters; the run succeeded."""
+    (project.root / "myjobs" / "cased.py").write_text(
+        "import pyarrow as pa\n\ndef cased(table, ctx):\n"
+        "    keys = [f'k{i % 2}' for i in table['id'].to_pylist()]\n"
+        "    return pa.table({'id': table['id'], 'ID': pa.array(keys)})\n"
+    )
+    project.write_input("a.parquet", 0, 10)
+    project.write_config(
+        '[jobs.t]\ninput = "data/*.parquet"\noutput = "out/t"\nprocess = "myjobs.cased:cased"\n'
+        'partition_by = ["ID"]\nretries = 0\n'
+    )
+    result = project.cli("run-now", "t")
+    assert result.returncode == 1
+    assert "differ only in case" in result.stdout + result.stderr
