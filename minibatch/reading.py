@@ -76,12 +76,39 @@ def sql_on_table(job: JobSpec, table: pa.Table) -> pa.Table:
 def _read_open(chunk: Chunk, handle: Any, cols: list[str] | None) -> pa.Table:
     stat = os.fstat(handle.fileno())
     _check_unchanged(chunk, stat)
-    parquet = pq.ParquetFile(handle, metadata=_footer(chunk, handle, stat))
+    metadata = _footer(chunk, handle, stat)
+    schema = metadata.schema
+    int96 = [c.path for c in map(schema.column, range(metadata.num_columns)) if c.physical_type == "INT96"]
+    # Spark's timestamps: read exactly (us), then as the plan's ns only where they fit
+    parquet = pq.ParquetFile(handle, metadata=metadata, coerce_int96_timestamp_unit="us" if int96 else None)
     groups = range(chunk.rg_start, chunk.rg_end)
     group_rows = sum(parquet.metadata.row_group(i).num_rows for i in groups)
     if chunk.row_start == chunk.rg_row_offset and chunk.num_rows == group_rows:
-        return parquet.read_row_groups(list(groups), columns=cols)
-    return _read_slice(parquet, chunk, cols, handle.fileno())
+        table = parquet.read_row_groups(list(groups), columns=cols)
+    elif int96:  # (slicing pages makes a reader of its own, without the unit)
+        arrow = parquet.schema_arrow
+        table = _read_batches(parquet, chunk, cols, pa.schema([arrow.field(c) for c in cols or arrow.names]))
+    else:
+        return _read_slice(parquet, chunk, cols, handle.fileno())
+    return _int96_as_ns(chunk, table, int96) if int96 else table
+
+
+def _int96_as_ns(chunk: Chunk, table: pa.Table, int96: list[str]) -> pa.Table:
+    """pyarrow reads INT96 as timestamp[ns] by default and wraps what lies outside 1677-2262
+    (9999-12-31, a usual "valid to", came out as 1816): a value that does not fit fails."""
+    import pyarrow.compute as pc
+
+    for name in int96:
+        if name in table.column_names:
+            try:
+                column = pc.cast(table[name], pa.timestamp("ns"), safe=True)
+            except pa.ArrowInvalid as exc:
+                raise ValueError(
+                    f"{chunk.path}: column {name!r} holds an INT96 timestamp outside 1677-2262, the range of "
+                    f"timestamp[ns] pyarrow reads it as ({exc}); a job with `sql` reads it exactly"
+                ) from None
+            table = table.set_column(table.column_names.index(name), name, column)
+    return table
 
 
 def _footer(chunk: Chunk, handle: Any, stat: os.stat_result) -> pq.FileMetaData:

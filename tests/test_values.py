@@ -204,3 +204,25 @@ def test_a_partition_column_differing_from_another_only_in_case_is_refused(proje
     result = project.cli("run-now", "t")
     assert result.returncode == 1
     assert "differ only in case" in result.stdout + result.stderr
+
+
+def test_int96_timestamps_outside_nanoseconds_fail_their_chunk_not_wrap(project: Project) -> None:
+    """Spark's INT96 timestamps were read as timestamp[ns]: 9999-12-31 (a usual 'valid to'
+    sentinel) came out as 1816-03-29, exit 0. In-range values stay exact; others fail the chunk."""
+    project.data.mkdir()
+    stamps = [datetime.datetime(2024, 1, 1, 12, 30), datetime.datetime(2262, 4, 11)]
+    table = pa.table({"id": [1, 2], "valid_to": pa.array(stamps, pa.timestamp("us"))})
+    pq.write_table(table, project.data / "a.parquet", use_deprecated_int96_timestamps=True)
+    project.write_config(
+        job("parquet").replace('sql = "SELECT * FROM chunk"', 'process = "myjobs.cased:same"\nretries = 0')
+    )
+    (project.root / "myjobs" / "cased.py").write_text("def same(table, ctx):\n    return table\n")
+    assert run(project)["exit"] == 0
+    got = ds.dataset(project.out("t")).to_table().column("valid_to").cast(pa.timestamp("us")).to_pylist()
+    assert sorted(got) == stamps
+    far = pa.table({"id": [3], "valid_to": pa.array([datetime.datetime(9999, 12, 31)], pa.timestamp("us"))})
+    pq.write_table(far, project.data / "b.parquet", use_deprecated_int96_timestamps=True)
+    result = project.cli("run-now", "t")
+    assert result.returncode == 1 and "valid_to" in result.stdout + result.stderr
+    got = ds.dataset(project.out("t")).to_table().column("valid_to").cast(pa.timestamp("us")).to_pylist()
+    assert sorted(got) == stamps  # b's row is not published, wrapped or otherwise
