@@ -157,14 +157,21 @@ def _ndjson(data: bytes, signature: Signature, first_line: int) -> TextRows:
     import pyarrow.json as pajson
 
     schema = pa.schema([(name, arrow_type(kind)) for name, kind in signature])
+    # timestamps as text, then cast by CSV's rules: pyarrow's JSON reader turns an offset into a
+    # zone-less column into UTC, and takes a zone-less time for a zoned column as UTC
+    as_read = pa.schema([f.with_type(pa.string()) if pa.types.is_timestamp(f.type) else f for f in schema])
     # a field the schema does not have is an error, not dropped; pyarrow keeps bytes that are not UTF-8
-    options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
+    options = pajson.ParseOptions(explicit_schema=as_read, unexpected_field_behavior="error")
+
+    def parse(lines: bytes) -> pa.Table:
+        table = pajson.read_json(io.BytesIO(lines), parse_options=options)
+        table.validate(full=True)  # strings' UTF-8
+        return table.cast(schema)
+
     bare = b"null" in data and re.search(rb"(?m)^\s*null\s*$", data)  # pyarrow: a row of NULLs
     try:
         if not bare:
-            table = pajson.read_json(io.BytesIO(data), parse_options=options)
-            table.validate(full=True)  # strings' UTF-8
-            return TextRows(table)
+            return TextRows(parse(data))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass  # a broken line: sort them out one by one (only in this case: it is slow)
     good, bad = [], []
@@ -174,16 +181,11 @@ def _ndjson(data: bytes, signature: Signature, first_line: int) -> TextRows:
         try:
             if not isinstance(json.loads(line.decode("utf-8")), dict):
                 raise ValueError("not a JSON object")
-            pajson.read_json(io.BytesIO(line), parse_options=options)
+            parse(line)
             good.append(line)
         except (ValueError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             bad.append((first_line + number, str(exc).splitlines()[0][:200], line.decode("utf-8", "replace")))
-    table = (
-        pajson.read_json(io.BytesIO(b"\n".join(good)), parse_options=options)
-        if good
-        else schema.empty_table()
-    )
-    return TextRows(table, _malformed(bad))
+    return TextRows(parse(b"\n".join(good)) if good else schema.empty_table(), _malformed(bad))
 
 
 def _malformed(bad: list[tuple[int, str, str]]) -> pa.Table | None:

@@ -27,12 +27,22 @@ def infer(sample: bytes, fmt: str, delimiter: str) -> Signature:
                 f"column {name!r} holds {kind} values: nested values are not supported (flatten them)"
             )
     numeric = [name for name, kind in found if kind in ("int64", "double")]
-    exact = _exact_types(_raw_values(sample, fmt, delimiter, numeric)) if numeric else {}
+    # NDJSON: pyarrow infers a zone-less timestamp for "...Z" and "...+02:00" (CSV a zoned one)
+    stamps = [
+        n for n, kind in found if fmt == "ndjson" and kind.startswith("timestamp[") and "tz=" not in kind
+    ]
+    raw = _raw_values(sample, fmt, delimiter, numeric + stamps) if numeric or stamps else {}
+    exact = _exact_types({name: raw[name] for name in numeric})
+    kinds = dict(found)
+    for name in stamps:
+        if any(isinstance(v, str) and OFFSET.search(v) for v in raw[name]):
+            exact[name] = kinds[name][:-1] + ", tz=UTC]"
     return tuple((name, exact.get(name, kind)) for name, kind in found)
 
 
 IDENTIFIER = re.compile(r"[+-]?0\d.*|\+\d+|[+-]?0[xX].*")  # 00501, +4930123, 0x10: no numbers
 INTEGER = re.compile(r"[+-]?\d+")
+OFFSET = re.compile(r"(Z|[+-]\d\d(:?\d\d)?)$")  # a timestamp that says its zone
 
 
 def _exact_types(values: dict[str, list[Any]]) -> dict[str, str]:

@@ -226,3 +226,37 @@ def test_int96_timestamps_outside_nanoseconds_fail_their_chunk_not_wrap(project:
     assert result.returncode == 1 and "valid_to" in result.stdout + result.stderr
     got = ds.dataset(project.out("t")).to_table().column("valid_to").cast(pa.timestamp("us")).to_pylist()
     assert sorted(got) == stamps  # b's row is not published, wrapped or otherwise
+
+
+def test_ndjson_timestamps_follow_the_csv_rules_not_shifted(project: Project) -> None:
+    """NDJSON turned an offset into a zone-less column into UTC (10:00+02:00 became 08:00) and
+    read a zone-less time into a zoned column as UTC; CSV refuses both records, as it should."""
+    lines = [
+        {"id": 1, "local": "2026-06-01 10:00:00", "berlin": "2026-06-01 10:00:00+02:00"},
+        {"id": 2, "local": "2026-06-01 10:00:00+02:00", "berlin": "2026-06-01 10:00:00+02:00"},
+        {"id": 3, "local": "2026-06-01 10:00:00", "berlin": "2026-06-01 10:00:00"},
+    ]
+    write(project.data / "a.ndjson", "".join(json.dumps(line) + "\n" for line in lines).encode())
+    schema = 'schema = { id = "int64", local = "timestamp[s]", berlin = "timestamp[s, tz=Europe/Berlin]" }'
+    project.write_config(job("ndjson", schema))
+    summary = run(project)
+    assert summary["exit"] == 0 and summary["rows_bad"] == 2
+    table = ds.dataset(project.out("t")).to_table()
+    assert table["id"].to_pylist() == [1]
+    assert table["local"].to_pylist() == [datetime.datetime(2026, 6, 1, 10, 0)]
+    assert table["berlin"].cast(pa.timestamp("s", "UTC")).to_pylist()[0].hour == 8
+
+
+def test_inferred_ndjson_timestamps_with_a_zone_keep_their_instant(project: Project) -> None:
+    """pyarrow infers a zone-less timestamp for "...Z": read by CSV's rules, every record would
+    be malformed; such a column is inferred zoned (UTC), as CSV's inference makes it."""
+    lines = [{"id": i, "at": f"2026-06-01T1{i}:00:00Z"} for i in range(3)]
+    lines.append({"id": 3, "at": "2026-06-01 13:00:00+02:00"})
+    write(project.data / "a.ndjson", "".join(json.dumps(line) + "\n" for line in lines).encode())
+    project.write_config(job("ndjson"))
+    summary = run(project)
+    assert summary["exit"] == 0 and summary["rows_bad"] == 0
+    table = ds.dataset(project.out("t")).to_table()
+    assert json.loads(table.schema.metadata[b"minibatch.input_schema"])[1] == ["at", "timestamp[s, tz=UTC]"]
+    hours = sorted(v.hour for v in table["at"].to_pylist())
+    assert hours == [10, 11, 11, 12]
