@@ -91,8 +91,9 @@ def daemon(state: State) -> None:
     waits for `depends_on`, reloads config.toml on SIGHUP, speaks systemd's notify protocol,
     serves Prometheus metrics at `metrics_addr`, and logs to stdout.
     """
-    from minibatch.daemon import load_daemon_config, run_daemon
+    from minibatch.daemon import run_daemon
     from minibatch.log import configure_logging
+    from minibatch.validate import load_daemon_config
 
     config = load_daemon_config(state.config_path)
     configure_logging(config.engine.log_format, config.engine.log_level, stream=sys.stdout)

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from minibatch.config import Config, ConfigError, JobConfig, load_config
 from minibatch.control import Active, ActiveRuns, Control, fire_params, key_of, unmet_dependencies
 from minibatch.inputs import InputError, expand_inputs
-from minibatch.jobcode import code_paths
 from minibatch.lock import JobLocked
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
@@ -30,46 +27,13 @@ from minibatch.records import new_run_id
 from minibatch.runner import RunOptions, run_job
 from minibatch.schedule import next_fire_times, parse_crontab
 from minibatch.signals import StopSignals
-from minibatch.validate import check_imports
+from minibatch.states import RunStatus
+from minibatch.validate import check_permissions, load_daemon_config
 
 log = get_logger()
 WATCH_REASON = "inputs changed"
 METRICS_REFRESH = 30.0  # seconds between re-reads of dead letters and last successes
 INTERVAL_FIRES = 100  # fire times looked ahead for a job's longest gap
-
-
-def check_permissions(config: Config) -> None:
-    """Like sshd's StrictModes: refuse config or job code that others could have changed.
-
-    It runs before any job module is imported (importing one runs it), so the job code's
-    files are found by walking the config directory, not by the import system."""
-    paths = [config.path, config.base_dir]
-    for job in config.jobs.values():
-        if job.process:
-            paths += code_paths(config.base_dir, job.process)
-    paths.append(config.engine.state_dir)  # the manifest, locks and reports
-    errors = [
-        f"{path} is writable by group or others; refusing to run it (chmod go-w {path})"
-        for path in dict.fromkeys(paths)
-        if _writable_by_others(path)
-    ]
-    if errors:
-        raise ConfigError(errors)
-
-
-def _writable_by_others(path: Path) -> bool:
-    try:
-        return bool(os.stat(path).st_mode & (stat.S_IWGRP | stat.S_IWOTH))
-    except FileNotFoundError:  # the state_dir of a first start
-        return False
-
-
-def load_daemon_config(path: str | None) -> Config:
-    """The config, its permissions checked before any job module is imported."""
-    config = load_config(path)
-    check_permissions(config)
-    check_imports(config)
-    return config
 
 
 class Daemon:
@@ -242,6 +206,18 @@ class Daemon:
             else:
                 log.info("missed_runs_skipped", job=name, missed_since=missed.isoformat())
                 self.manifest.record_fire(name, now)
+        self._resume_unfinished()
+
+    def _resume_unfinished(self) -> None:
+        """Fire once each job whose latest run an earlier daemon (or its death) left unfinished:
+        stopped by SIGTERM, crashed, or still `running` with no process; not waiting for its next
+        fire (a day, for a daily job). A fire waiting for dependencies is not kept: see README."""
+        queued = {job.id for job in self.scheduler.get_jobs()}
+        for row in self.manifest.named("unfinished_runs", done=[RunStatus.SUCCEEDED, RunStatus.FAILED]):
+            job = self.config.jobs.get(row["job"])
+            if job and (job.schedule or job.watch) and f"{job.name}-catch-up" not in queued:
+                log.info("resuming", job=job.name, last_status=row["status"])
+                self.scheduler.add_job(self.fire, args=[job.name, "resume"], misfire_grace_time=None)
 
     def _input_signature(self, job: JobConfig) -> tuple[tuple[str, int, int], ...]:
         """What `watch` compares; inputs that loop are the run's to refuse, loudly, not this poll's."""

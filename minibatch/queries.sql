@@ -67,6 +67,12 @@ INSERT OR REPLACE INTO reduce_state (job, parts_key, reduced_at) VALUES ($job, $
 -- name: last_fires
 SELECT job, last_fire_at FROM schedule_state;
 
+-- name: unfinished_runs
+-- Jobs (not parameter sets) whose latest run neither succeeded nor failed.
+SELECT job, status FROM (
+    SELECT job, status, row_number() OVER (PARTITION BY job ORDER BY started_at DESC) AS latest FROM runs
+) WHERE latest = 1 AND NOT contains(job, '[') AND status NOT IN (SELECT unnest($done::VARCHAR[]));
+
 -- name: record_fire
 INSERT OR REPLACE INTO schedule_state (job, last_fire_at) VALUES ($job, $at);
 

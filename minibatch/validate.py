@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import stat
 import threading
+from pathlib import Path
 from typing import Any
 
-from minibatch.config import Config, ConfigError
+from minibatch.config import Config, ConfigError, load_config
 from minibatch.inputs import InputError, find_inputs
-from minibatch.jobcode import JobCodeError, forget_package, import_process
+from minibatch.jobcode import JobCodeError, code_paths, forget_package, import_process
 from minibatch.layout import OutputLayout
 from minibatch.params import SAMPLE, in_utc, placeholders, sql_values
 
@@ -139,3 +142,37 @@ def check_inputs(config: Config) -> list[str]:
     if errors:
         raise ConfigError(errors, config.path)
     return warnings
+
+
+def check_permissions(config: Config) -> None:
+    """Like sshd's StrictModes: refuse config or job code that others could have changed.
+
+    It runs before any job module is imported (importing one runs it), so the job code's
+    files are found by walking the config directory, not by the import system."""
+    paths = [config.path, config.base_dir]
+    for job in config.jobs.values():
+        if job.process:
+            paths += code_paths(config.base_dir, job.process)
+    paths.append(config.engine.state_dir)  # the manifest, locks and reports
+    errors = [
+        f"{path} is writable by group or others; refusing to run it (chmod go-w {path})"
+        for path in dict.fromkeys(paths)
+        if _writable_by_others(path)
+    ]
+    if errors:
+        raise ConfigError(errors)
+
+
+def _writable_by_others(path: Path) -> bool:
+    try:
+        return bool(os.stat(path).st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    except FileNotFoundError:  # the state_dir of a first start
+        return False
+
+
+def load_daemon_config(path: str | None) -> Config:
+    """The config, its permissions checked before any job module is imported."""
+    config = load_config(path)
+    check_permissions(config)
+    check_imports(config)
+    return config

@@ -234,6 +234,37 @@ def test_a_dependency_running_again_or_failed_since_its_success_is_not_met(proje
     assert unmet() == []
 
 
+def test_a_restarted_daemon_resumes_a_run_the_last_one_left_unfinished(project: Project) -> None:
+    """Hostile review: a run stopped by the daemon's SIGTERM (or cut short by its death) was
+    left for the job's next fire: a daily job stayed at 200 of 1,000 rows until the next day.
+    It is fired once when the daemon starts; a job whose last run finished is not."""
+    import time
+
+    from minibatch.records import RunRecord
+    from minibatch.states import RunStatus
+
+    project.write_input("a.parquet", 0, 200)
+    config(project, hourly("s") + hourly("c") + hourly("done"))
+    manifest = Manifest(project.root / ".state" / "manifest.duckdb")
+    for name, status in (("s", RunStatus.STOPPED), ("c", RunStatus.RUNNING), ("done", RunStatus.SUCCEEDED)):
+        seed_last_fire(project, name, hours_ago=0)  # nothing missed: no catch-up
+        run = RunRecord(run_id=f"{name}1", job=name, pid=os.getpid(), started_at=time.time() - 60)
+        manifest.start_run(run)
+        if status != RunStatus.RUNNING:  # "c": its process died mid-run
+            run.status, run.ended_at = status, time.time() - 50
+            manifest.commit(run, [])
+    daemon = Daemon(project)
+    try:
+        fired = [daemon.wait_event("run_fired", job=name) for name in ("s", "c")]
+        wait_for(lambda: sum(e["event"] == "run_finished" for e in daemon.events()) == 2, what="both runs")
+    finally:
+        assert daemon.stop() == 0
+    assert [f["reason"] for f in fired] == ["resume", "resume"]
+    for name in ("s", "c"):
+        assert sorted(project.output_table(name).column("id").to_pylist()) == list(range(200))
+    assert not project.out("done").exists()
+
+
 def test_a_locked_job_is_skipped_not_queued(project: Project) -> None:
     project.write_input("a.parquet", 0, 200)
     config(project, hourly("a"))

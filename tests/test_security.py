@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from minibatch.config import ConfigError, parse_config
-from minibatch.daemon import load_daemon_config
 from minibatch.lock import holder_pid, job_lock
+from minibatch.validate import load_daemon_config
 
 from conftest import Project, faulty_job, wait_for
 
