@@ -18,7 +18,7 @@ from typing import Any
 from minibatch.config import Config, ConfigError, JobConfig, load_config
 from minibatch.control import Active, ActiveRuns, Control, fire_params, key_of, unmet_dependencies
 from minibatch.inputs import InputError, expand_inputs
-from minibatch.lock import JobLocked
+from minibatch.lock import JobLocked, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.metrics import Metrics
@@ -367,5 +367,7 @@ def _stat(path: str) -> os.stat_result | None:
 
 
 def run_daemon(config: Config, config_path: str | None) -> int:
-    """Schedule until SIGTERM; `config_path` is read again on SIGHUP. Returns the exit status."""
-    return Daemon(config, config_path).run()
+    """Schedule until SIGTERM; `config_path` is read again on SIGHUP. Returns the exit status.
+    One daemon per state_dir: two would fire every job twice (JobLocked: exit 3)."""
+    with job_lock(config.engine.state_dir, "minibatch.daemon"):  # no job's name has a dot
+        return Daemon(config, config_path).run()
