@@ -307,7 +307,13 @@ def reset(state: State, job: str, yes: bool, params: dict[str, str]) -> None:
         if not sys.stdin.isatty():  # a pipe or a script cannot answer: it must say --yes
             click.echo(f"error: reset {job} deletes its output; without a terminal, pass --yes", err=True)
             sys.exit(EXIT_USAGE)
-        click.confirm(f"Remove the output of {job} and forget its checkpoint?", abort=True)
+        try:
+            sure = click.confirm(f"Remove the output of {job} and forget its checkpoint?")
+        except click.Abort:  # Ctrl-D, Ctrl-C
+            sure = False
+        if not sure:  # a usage answer, not a failed run (exit 1)
+            click.echo(f"\n{job}: not confirmed; nothing removed", err=True)
+            sys.exit(EXIT_USAGE)
     reset_job(config, job, params)
     click.echo(f"{job}: checkpoint forgotten, output removed")
 

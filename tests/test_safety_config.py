@@ -3,7 +3,11 @@ that must end in one readable line (exit 2), never in a traceback or a deleted d
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pty
 import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -104,6 +108,30 @@ def test_reset_without_yes_and_without_a_terminal_refuses(project: Project) -> N
     assert before
     result = project.cli("reset", "ident", input="n\n")
     assert result.returncode == 2, said(result)
+    assert snapshot(project.out("ident")) == before
+    # on a terminal, answering no (or Ctrl-D) was "Aborted!" with exit 1, a failed run's status
+    for answer in (b"n\n", b"\x04"):
+        pid, terminal = pty.fork()
+        if pid == 0:  # the child: minibatch on the terminal
+            argv = [
+                sys.executable,
+                "-m",
+                "minibatch",
+                "--config",
+                str(project.root / "config.toml"),
+                "reset",
+                "ident",
+            ]
+            os.execvpe(sys.executable, argv, project.env())
+        said_so = b""
+        while b"?" not in said_so:
+            said_so += os.read(terminal, 1024)
+        os.write(terminal, answer)
+        with contextlib.suppress(OSError):  # the terminal closes with the child
+            while chunk := os.read(terminal, 1024):
+                said_so += chunk
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 2, said_so
+        assert b"nothing removed" in said_so and b"Traceback" not in said_so
     assert snapshot(project.out("ident")) == before
 
 
