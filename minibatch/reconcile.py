@@ -64,14 +64,16 @@ def fit_schema(
     stored_json: str | None,
     files: list[FileMeta],
     columns: tuple[str, ...] | None,
+    unreadable: bool = False,
 ) -> Fit:
     """Files whose columns differ from the job's input schema are bad files. The schema is the
     one earlier runs stored (or, after `repair`, the one the output's parts name) while any
     input still has it, else the one most files have; it is stored from now on. (A schema no
     input has any more, after every file was rewritten or a `schema` was declared, would make
-    them all bad files: an empty output, and later runs succeeding over it.)"""
+    them all bad files: an empty output, and later runs succeeding over it.) Not while some
+    input cannot be read: it may be one of those that have the stored schema."""
     stored: Signature | None = tuple((n, t) for n, t in json.loads(stored_json)) if stored_json else None
-    if stored and files and all(misfits(meta, stored, columns) for meta in files):
+    if stored and files and not unreadable and all(misfits(meta, stored, columns) for meta in files):
         stored = None
     signature = input_signature(files, stored)
     if signature is None:

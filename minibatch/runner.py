@@ -241,7 +241,7 @@ class Run:
 
     def _reconcile(self, files: list[FileMeta], bad: list[BadFile], state: dict[str, Any]) -> Reconciled:
         stored = state.get("input_schema") or self.store.known_input_signature()
-        fit = fit_schema(self.manifest, self.job.key, stored, files, self.job.columns)
+        fit = fit_schema(self.manifest, self.job.key, stored, files, self.job.columns, unreadable=bool(bad))
         files, self.input_schema = fit.good, fit.signature
         new_bad = report_bad_files(
             self.manifest, self.job.key, self.record.run_id, bad + fit.bad, self.events

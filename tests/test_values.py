@@ -260,3 +260,23 @@ def test_inferred_ndjson_timestamps_with_a_zone_keep_their_instant(project: Proj
     assert json.loads(table.schema.metadata[b"minibatch.input_schema"])[1] == ["at", "timestamp[s, tz=UTC]"]
     hours = sorted(v.hour for v in table["at"].to_pylist())
     assert hours == [10, 11, 11, 12]
+
+
+def test_files_unreadable_for_a_run_do_not_decide_the_schema_again(project: Project) -> None:
+    """A review of the rule above: with the job's files cut short mid-copy (unreadable) and one
+    drifted file readable, the drift's schema was taken, and the job's own files were bad
+    files from then on: 2 rows published of 302, later runs exit 0."""
+    project.data.mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"a": list(range(i * 100, i * 100 + 100))}), project.data / f"a{i}.parquet")
+    pq.write_table(pa.table({"a": [1, 2], "extra": ["x", "y"]}), project.data / "z_drift.parquet")
+    saved = {p.name: p.read_bytes() for p in project.data.iterdir()}
+    project.write_config(job("parquet"))
+    assert run(project)["exit"] == 1  # the drifted file is a bad file
+    for i in range(3):
+        (project.data / f"a{i}.parquet").write_bytes(saved[f"a{i}.parquet"][:100])
+    run(project)
+    for name, data in saved.items():
+        (project.data / name).write_bytes(data)
+    run(project)
+    assert sorted(r["a"] for r in rows(project)) == list(range(300))
