@@ -38,7 +38,7 @@ def read_text_chunk(chunk: Chunk, handle: BinaryIO, text: TextFormat, signature:
         if len(data) != chunk.num_rows:  # a short read must not lose the range's last records
             raise ValueError(f"{chunk.path}: read {len(data)} bytes of the chunk's {chunk.num_rows}")
     if text.format == "ndjson":
-        return _ndjson(data, signature, chunk.first_line)
+        return _ndjson(data, signature, chunk.first_line, declared=bool(text.schema))
     return _csv(data, text, signature, chunk.first_line + (1 if header else 0), header)
 
 
@@ -152,7 +152,7 @@ def _typed(table: pa.Table, signature: Signature) -> tuple[pa.Table, list[tuple[
     return typed, sorted(wrong.items())
 
 
-def _ndjson(data: bytes, signature: Signature, first_line: int) -> TextRows:
+def _ndjson(data: bytes, signature: Signature, first_line: int, declared: bool) -> TextRows:
     import pyarrow as pa
     import pyarrow.json as pajson
 
@@ -160,8 +160,11 @@ def _ndjson(data: bytes, signature: Signature, first_line: int) -> TextRows:
     # timestamps as text, then cast by CSV's rules: pyarrow's JSON reader turns an offset into a
     # zone-less column into UTC, and takes a zone-less time for a zoned column as UTC
     as_read = pa.schema([f.with_type(pa.string()) if pa.types.is_timestamp(f.type) else f for f in schema])
-    # a field the schema does not have is an error, not dropped; pyarrow keeps bytes that are not UTF-8
-    options = pajson.ParseOptions(explicit_schema=as_read, unexpected_field_behavior="error")
+    # a field an inferred schema does not have (first seen after the sample) makes its record
+    # malformed, not dropped; a declared schema may name some fields only (skipping nested ones)
+    options = pajson.ParseOptions(
+        explicit_schema=as_read, unexpected_field_behavior="ignore" if declared else "error"
+    )
 
     def parse(lines: bytes) -> pa.Table:
         table = pajson.read_json(io.BytesIO(lines), parse_options=options)
