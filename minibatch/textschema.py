@@ -26,6 +26,8 @@ def infer(sample: bytes, fmt: str, delimiter: str) -> Signature:
             raise ValueError(
                 f"column {name!r} holds {kind} values: nested values are not supported (flatten them)"
             )
+    if len({name for name, _ in found}) < len(found):  # `a,a`: pyarrow names them a, a later
+        return found
     numeric = [name for name, kind in found if kind in ("int64", "double")]
     # NDJSON: pyarrow infers a zone-less timestamp for "...Z" and "...+02:00" (CSV a zoned one)
     stamps = [
@@ -40,27 +42,23 @@ def infer(sample: bytes, fmt: str, delimiter: str) -> Signature:
     return tuple((name, exact.get(name, kind)) for name, kind in found)
 
 
-IDENTIFIER = re.compile(r"[+-]?0\d.*|\+\d+|[+-]?0[xX].*")  # 00501, +4930123, 0x10: no numbers
 INTEGER = re.compile(r"[+-]?\d+")
 OFFSET = re.compile(r"(Z|[+-]\d\d(:?\d\d)?)$")  # a timestamp that says its zone
 
 
 def _exact_types(values: dict[str, list[Any]]) -> dict[str, str]:
-    """Types for numeric-looking columns that a number would change: identifiers with leading
-    zeros, a sign or a hex prefix stay text, and integers beyond int64 (which pyarrow infers as
-    double, collapsing distinct ids) are decimal128(38, 0), DuckDB's HUGEINT."""
+    """decimal128(38, 0), DuckDB's HUGEINT, for integer columns beyond int64, which pyarrow
+    infers as double (distinct 20-digit ids became one value). Numbers with leading zeros stay
+    numbers (00501 is 501), as before: text for the files whose sample shows them would split
+    a job's files into two schemas. A `schema` keeps them."""
     exact = {}
     for name, column in values.items():
-        if any(isinstance(v, str) and IDENTIFIER.fullmatch(v) for v in column):
-            exact[name] = "string"
-        elif column and all(
+        if column and all(
             isinstance(v, int) or (isinstance(v, str) and INTEGER.fullmatch(v)) for v in column
         ):
-            wide = any(not -(2**63) <= int(v) < 2**63 for v in column)
-            if wide:
-                exact[name] = (
-                    "decimal128(38, 0)" if all(len(str(abs(int(v)))) <= 38 for v in column) else "string"
-                )
+            digits = max(len(str(abs(int(v)))) for v in column)
+            if any(not -(2**63) <= int(v) < 2**63 for v in column) and digits <= 38:
+                exact[name] = "decimal128(38, 0)"
     return exact
 
 
