@@ -25,7 +25,21 @@ if TYPE_CHECKING:
     from minibatch.schedule import CronSchedule
 
 DATE = "date"
-UTC_NAMES = {"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Universal", "Etc/Universal", "Zulu", "Etc/Zulu"}
+UTC_NAMES = {  # zones that are UTC all year, by their IANA names and links
+    *("UTC", "Etc/UTC", "Etc/UCT", "UCT", "Universal", "Etc/Universal", "Zulu", "Etc/Zulu"),
+    *(
+        "GMT",
+        "Etc/GMT",
+        "GMT0",
+        "Etc/GMT0",
+        "GMT+0",
+        "Etc/GMT+0",
+        "GMT-0",
+        "Etc/GMT-0",
+        "Greenwich",
+        "Etc/Greenwich",
+    ),
+}
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")  # all three: fullmatch (`$` allows a newline)
 # Values end up in paths, file names and lock names: no separators, no leading dot.
 VALUE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")

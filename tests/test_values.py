@@ -309,3 +309,16 @@ def test_a_csv_header_naming_a_column_twice_and_ndjson_beyond_38_digits_read_as_
     project.write_config(job("ndjson"))
     summary = run(project)
     assert summary["exit"] == 0 and summary["rows_bad"] == 0 and len(rows(project)) == 2
+
+
+@pytest.mark.parametrize("zone", ["GMT", "Etc/GMT", "Greenwich", "GMT0", "Etc/UTC"])
+def test_a_zone_that_is_utc_by_another_name_is_kept(zone: str) -> None:
+    """DuckDB labels TIMESTAMPTZ results with its zone: outputs written under TZ=GMT carry
+    tz=GMT, and a switch to UTC dead-lettered every new chunk on the label (a review)."""
+    from minibatch.params import in_utc
+
+    con = duckdb.connect()
+    con.execute(f"SET TimeZone = '{zone}'")
+    assert in_utc(con).execute("SELECT current_setting('TimeZone')").fetchall() == [(zone,)]
+    con.execute("SET TimeZone = 'Europe/Berlin'")
+    assert in_utc(con).execute("SELECT current_setting('TimeZone')").fetchall() == [("UTC",)]
