@@ -77,14 +77,16 @@ SELECT job, status FROM (
 INSERT OR REPLACE INTO schedule_state (job, last_fire_at) VALUES ($job, $at);
 
 -- name: unmet_dependencies
--- For each dependency: is its latest run one that succeeded since the job's own last run
--- started? (Not one running now, rebuilding its output, nor one that failed or stopped.)
-WITH mine AS (SELECT max(started_at) AS since FROM runs WHERE (job = $job OR starts_with(job, $job || '[')))
-SELECT dep, coalesce((
-    SELECT runs.status = $succeeded AND (mine.since IS NULL OR runs.ended_at > mine.since) FROM runs
-    WHERE runs.job = dep OR starts_with(runs.job, dep || '[')
-    ORDER BY runs.started_at DESC LIMIT 1
-), false) AS ok
+-- For each dependency: is the latest run of one of its parameter sets (of the job itself, if
+-- it has none) one that succeeded since the job's own last run started? Not one running now,
+-- rebuilding its output, nor one that failed or stopped.
+WITH mine AS (SELECT max(started_at) AS since FROM runs WHERE (job = $job OR starts_with(job, $job || '['))),
+latest AS (SELECT job, status, ended_at FROM runs QUALIFY row_number() OVER (PARTITION BY job ORDER BY started_at DESC) = 1)
+SELECT dep, EXISTS (
+    SELECT 1 FROM latest
+    WHERE (latest.job = dep OR starts_with(latest.job, dep || '[')) AND latest.status = $succeeded
+      AND (mine.since IS NULL OR latest.ended_at > mine.since)
+) AS ok
 FROM unnest($deps::VARCHAR[]) AS deps(dep), mine;
 
 -- name: status

@@ -234,6 +234,8 @@ def test_a_dependency_running_again_or_failed_since_its_success_is_not_met(proje
         assert unmet() == ["up"]
     record("u4", "up", 40, RunStatus.SUCCEEDED)
     assert unmet() == []
+    record("u5", "up[region=us]", 50, RunStatus.FAILED)  # another parameter set's failure
+    assert unmet() == []
 
 
 def test_a_restarted_daemon_resumes_a_run_the_last_one_left_unfinished(project: Project) -> None:
