@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,13 +177,12 @@ class OutputLayout:
 
     # -- ownership ----------------------------------------------------------------------------
 
-    def claim(self, owner: str, state_dir: Path) -> None:
+    def claim(self, owner: str, state_dir: Path, known: Callable[[], bool] = lambda: True) -> None:
         """Make sure this output is `owner`'s to write (a job, or one parameter set of it, of the
-        manifest in `state_dir`). Its staging directory, which only minibatch creates, says it is
-        minibatch's, and the owner file in it whose; otherwise the output must be absent, empty,
-        or hold only what minibatch names its files. An output inside another claimed output is
-        refused, and a staging or parts directory that is a symlink: what is removed in it would
-        be removed wherever the link points."""
+        manifest in `state_dir`, which has run it: `known`). Its staging directory, which only
+        minibatch creates, says it is minibatch's, and the owner file in it whose; otherwise the
+        output must be absent, empty, or hold only what minibatch names its files. An output inside
+        another claimed output is refused, and a staging or parts directory that is a symlink."""
         if problem := self.not_a_directory():
             raise OutputNotOwned(problem)
         for directory in (self.staging, self.parts):
@@ -201,7 +200,7 @@ class OutputLayout:
             except FileExistsError:  # made just now by another claim, or a file
                 if not self.staging.is_dir():
                     return  # not a directory: the run fails on it when it prepares
-        self._take(owner, state_dir)
+        self._take(owner, state_dir, known)
 
     def not_a_directory(self) -> str | None:
         """Why the output cannot be a directory of parts (a file is in the way), or None."""
@@ -209,13 +208,16 @@ class OutputLayout:
             return f"output {self.output} is a file, not a directory: move it or choose another output"
         return None
 
-    def _take(self, owner: str, state_dir: Path) -> None:
-        record = f"{owner}\n{state_dir.resolve()}"
+    def _take(self, owner: str, state_dir: Path, known: Callable[[], bool]) -> None:
+        record = f"{owner}\n{self._seen(state_dir)}"
         if not self.owner():  # the first claim (or one an older release made) writes it
             self._write_owner(record)
-        self.check_owner(owner, state_dir)
+        self.check_owner(owner, state_dir, known)
         if self._owner_record() == (owner, ""):  # an older release's: no state_dir in it yet
             self._write_owner(record, replace=True)
+
+    def _seen(self, state_dir: Path) -> str:  # from the output's directory: `mv proj proj2` keeps it
+        return os.path.relpath(state_dir.resolve(), self.output.parent.resolve())
 
     def owner(self) -> str:
         """Whose output this is ("" when no run has said yet)."""
@@ -231,17 +233,21 @@ class OutputLayout:
             job, _, state_dir = handle.read().partition("\n")
         return job, state_dir
 
-    def check_owner(self, owner: str, state_dir: Path) -> None:
+    def check_owner(self, owner: str, state_dir: Path, known: Callable[[], bool] = lambda: True) -> None:
         """Refuse another job's output, and this job's of another state_dir: two manifests would
         each publish over, and remove, what the other recorded as done."""
         holder, holder_dir = self._owner_record()
+        hand_over = f"remove {self.staging / OWNER_NAME} to hand the output over"
         if holder and holder != owner:
             raise OutputNotOwned(f"output {self.output} is the output of {holder}, not of {owner}")
-        if holder_dir and holder_dir != str(state_dir.resolve()):
+        if holder and not holder_dir and not known():
+            why = f"was claimed for {holder} by an older release, and {state_dir} has no run of it"
+            raise OutputNotOwned(f"output {self.output} {why} (if it is this one's: {hand_over})")
+        if holder_dir and holder_dir != self._seen(state_dir):
+            why = f"is the output of {holder} with the state_dir {holder_dir} (from {self.output.parent})"
             raise OutputNotOwned(
-                f"output {self.output} is the output of {holder} with the state_dir {holder_dir}, not "
-                f"{state_dir.resolve()}: give this config's job another output (if that state_dir "
-                f"moved here, remove {self.staging / OWNER_NAME} to hand the output over)"
+                f"output {self.output} {why}, not {state_dir}: give this config's job another output (if "
+                f"that state_dir moved here: {hand_over})"
             )
 
     def _write_owner(self, owner: str, replace: bool = False) -> None:

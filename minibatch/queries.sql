@@ -216,6 +216,9 @@ DELETE FROM paused_jobs WHERE job = $job;
 -- name: run_by_id
 SELECT * FROM runs WHERE run_id = $run_id;
 
+-- name: has_run
+SELECT 1 FROM runs WHERE job = $key LIMIT 1;
+
 -- name: succeeded_run
 -- The parameter set's latest run succeeded (not one running now, failed or stopped).
 SELECT 1 FROM (SELECT status FROM runs WHERE job = $key ORDER BY started_at DESC LIMIT 1)

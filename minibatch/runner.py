@@ -204,11 +204,14 @@ class Run:
         reach the output (configuration errors, not runs)."""
         try:
             check_rendered(self.job, self.config.jobs, self.config.path, self.config.engine.state_dir)
-            self.layout.claim(self.job.key, self.config.engine.state_dir)
+            self.layout.claim(self.job.key, self.config.engine.state_dir, self._has_run)
             forbidden = [self.layout.output, self.layout.parts, self.layout.staging]
             return find_inputs(self.config.base_dir, self.job.inputs, forbidden)
         except (OutputNotOwned, InputError) as exc:
             raise ConfigError([f"jobs.{self.job.name}: {exc}"], self.config.path) from None
+
+    def _has_run(self) -> bool:
+        return bool(self.manifest.named("has_run", key=self.job.key))
 
     def _inputs_missing(self, inputs: Inputs) -> None:
         """A glob that matches nothing, or a match that cannot be read (a dangling symlink), is an unmounted

@@ -120,7 +120,8 @@ def reset_job(config: Config, name: str, params: dict[str, str] | None = None) -
     with job_lock(config.engine.state_dir, job.key):
         try:
             check_rendered(job, config.jobs, config.path, config.engine.state_dir)
-            layout.check_owner(job.key, config.engine.state_dir)  # a parameter set may render another job's
+            ran = lambda: bool(manifest_for(config).named("has_run", key=job.key))  # noqa: E731
+            layout.check_owner(job.key, config.engine.state_dir, ran)  # a parameter set's may be another's
         except OutputNotOwned as exc:
             raise ConfigError([f"jobs.{name}: {exc}; nothing was deleted"], config.path) from None
         manifest_for(config).reset(job.key)

@@ -460,6 +460,41 @@ def test_the_same_job_of_another_state_dir_may_not_write_the_output(project: Pro
     assert snapshot(project.out("ident")) == before
 
 
+def test_a_project_moved_whole_keeps_its_output(project: Project, tmp_path: Path) -> None:
+    """The owner file named the state_dir's absolute path: `mv proj proj2` refused every run."""
+    import shutil
+
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    moved = Project(root=tmp_path / "moved", count_file=project.count_file)
+    shutil.move(project.root, moved.root)
+    moved.write_input("b.parquet", 300, 100)
+    result = moved.cli("run-now", "ident")
+    assert result.returncode == 0, said(result)
+    assert ids_of(moved, "ident") == list(range(400))
+
+
+def test_an_older_releases_owner_file_is_not_taken_by_a_state_dir_without_its_runs(project: Project) -> None:
+    """An owner file from before the state_dir was in it names the job only: the first config
+    to run after the upgrade took it, a copy with its own state_dir included (a review)."""
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    owner = project.root / "out" / ".ident.minibatch-staging" / "minibatch-owner"
+    owner.write_text("ident")  # as an older release wrote it
+    before = snapshot(project.out("ident"))
+    config = project.root / "config.toml"
+    config.write_text(config.read_text().replace('state_dir = ".state"', 'state_dir = ".state-try"'))
+    for command in (["run-now", "ident"], ["reset", "ident", "--yes"]):
+        result = project.cli(*command)
+        assert result.returncode == 2 and "older release" in said(result), said(result)
+    assert snapshot(project.out("ident")) == before and owner.read_text() == "ident"
+    config.write_text(config.read_text().replace('state_dir = ".state-try"', 'state_dir = ".state"'))
+    assert project.cli("run-now", "ident").returncode == 0  # the manifest that wrote it: upgraded
+    assert owner.read_text().startswith("ident\n")
+
+
 def test_existing_empty_output_directory_is_fine(project: Project) -> None:
     project.write_config(MAP)
     project.write_input("a.parquet", 0, 300)
