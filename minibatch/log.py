@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import sys
 from typing import TextIO, cast
 
 import structlog
+
+from minibatch.streams import to_devnull
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -20,22 +21,14 @@ class _CurrentStderr(io.TextIOBase):
         try:
             return sys.stderr.write(text)
         except BrokenPipeError:  # `run-now j 2>&1 | head`: the reader is gone, the run goes on
-            _stderr_to_devnull()
+            to_devnull(2)
             return len(text)
 
     def flush(self) -> None:
         try:
             sys.stderr.flush()
         except BrokenPipeError:
-            _stderr_to_devnull()
-
-
-def _stderr_to_devnull() -> None:
-    """Descriptor 2 to /dev/null, for this process and those it starts from now on (what
-    sys.stderr still buffers goes there too)."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
+            to_devnull(2)
 
 
 class _ToStructlog(logging.Handler):

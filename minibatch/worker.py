@@ -30,6 +30,7 @@ from minibatch.layout import MALFORMED_PREFIX, QUARANTINE_PREFIX, with_provenanc
 from minibatch.reading import read_chunk, read_text, release_held, sql_on_file, sql_on_table
 from minibatch.results import check_schema, conform
 from minibatch.states import ErrorKind
+from minibatch.streams import ForgivingStream
 from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task, TaskError, TaskResult, said
 from minibatch.treemem import PAGE
 
@@ -283,6 +284,8 @@ def worker_main(conn: Connection, memory_cap: int | None, stopping: Any) -> None
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the coordinator's
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.stdout is not None and sys.stderr is not None:  # (None: closed when Python started)
+        sys.stdout, sys.stderr = ForgivingStream(sys.stdout, 1), ForgivingStream(sys.stderr, 2)
     _die_with_parent()
     _die_with_coordinator()
     set_memory_cap(memory_cap)
