@@ -68,6 +68,10 @@ def print_summary(summary: RunSummary) -> None:
     if summary.checks:
         counts = ", ".join(f"{name} ({action}) {rows:,}" for name, (action, rows) in summary.checks.items())
         click.echo(f"  checks: {r.rows_bad:,} rows dropped or quarantined; rows failing each: {counts}")
+    elif r.rows_bad:  # a text input's records that did not parse: a run of them all still "succeeds"
+        click.echo(
+            f"  malformed: {r.rows_bad:,} records did not parse, kept in the output's .malformed directory"
+        )
     click.echo(
         f"  time: {summary.seconds:.2f}s, {r.rows_in / seconds:,.0f} rows/s, "
         f"{format_size(r.bytes_in / seconds)}/s"

@@ -97,6 +97,8 @@ def test_a_byte_that_is_not_utf8_in_ndjson_is_a_malformed_record(project: Projec
     summary = run(project)
     assert summary["exit"] == 0 and summary["rows_bad"] == 1
     assert rows(project) == [{"id": 0, "s": "plain"}, {"id": 2, "s": "ok"}]
+    said = project.cli("run-now", "t", "--fresh").stdout  # the summary says so, not only --json
+    assert "malformed: 1 records did not parse" in said, said
     duckdb.sql(f"SELECT count(*) FROM read_parquet('{project.out('t')}/**/*.parquet')").fetchall()
 
 
