@@ -92,9 +92,12 @@ def run_and_exit(command: click.Command) -> None:
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     try:
-        return None if value is None else parse_size(value)
+        size = None if value is None else parse_size(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    if size == 0:  # was taken as "not given": the config's budget, silently
+        raise click.BadParameter("must be more than 0")
+    return size
 
 
 def _params(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 from typing import TextIO, cast
 
@@ -40,7 +41,8 @@ class _ToStructlog(logging.Handler):
 
 
 def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
-    colors = (stream or sys.stderr).isatty()
+    plain = bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"  # no-color.org
+    colors = (stream or sys.stderr).isatty() and not plain
     renderer: structlog.typing.Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()

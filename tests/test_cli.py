@@ -230,6 +230,8 @@ def test_huge_numbers_in_options_are_usage_errors(project: Project) -> None:
     files before failing on open files."""
     project.write_config(MAP_JOB)
     huge = "99999999999999999999"
+    zero = project.cli("run-now", "ident", "--memory-limit", "0")  # was "not given": the config's
+    assert zero.returncode == 2 and "more than 0" in zero.stderr, zero.stderr
     for args in (
         ["history", "--limit", huge],
         ["run-now", "ident", "--workers", huge],
@@ -316,3 +318,26 @@ def test_a_closed_pipe_cuts_the_summary_short_not_the_exit_status(
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == status, stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("env", [{"NO_COLOR": "1"}, {"TERM": "dumb"}, {}])
+def test_no_color_and_a_dumb_terminal_get_plain_log_lines(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from minibatch.log import configure_logging, get_logger
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = Terminal()
+    configure_logging("console", stream=out)
+    get_logger().info("hello")
+    assert ("\x1b[" in out.getvalue()) == (not env), out.getvalue()
+    configure_logging("console")
