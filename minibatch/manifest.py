@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from minibatch.log import get_logger
 from minibatch.records import AttemptRecord, ChunkRecord, RunRecord
 from minibatch.states import ChunkStatus, RunStatus
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     import duckdb
 
 SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
+BUSY_SAYS = 2.0  # seconds of waiting for the manifest before saying who holds it (a `duckdb` shell?)
 
 
 def _named_queries(text: str) -> dict[str, str]:
@@ -36,8 +38,7 @@ def _named_queries(text: str) -> dict[str, str]:
 
 
 Q = _named_queries((Path(__file__).with_name("queries.sql")).read_text())
-# One thread: each connection is short-lived, and DuckDB starts (and joins) a thread per core
-# on every open otherwise.
+# One thread: each connection is short-lived, and DuckDB starts (and joins) a thread per core otherwise.
 CONNECT_CONFIG: dict[str, str | bool | int | float | list[str]] = {"threads": 1}
 
 
@@ -57,12 +58,8 @@ CHUNK_COLUMNS = [f.name for f in fields(ChunkRecord)]
 RUN_COLUMNS = [f.name for f in fields(RunRecord)]
 ATTEMPT_COLUMNS = [f.name for f in fields(AttemptRecord)]
 TIMESTAMPS = {"started_at", "ended_at", "finished_at", "admitted_at"}  # unix time in Python
-
-
 _IN_PROCESS = threading.RLock()
 MIGRATE_DEADLINE = 2.0  # seconds a reader waits to add new columns to an older manifest
-
-
 ALIAS = "manifest"  # the attached file's name in the shared DuckDB
 _instance: Any = None  # a DuckDBPyConnection
 _attached: list[tuple[str, str]] = []  # (path, alias) of the files attached now, innermost last
@@ -177,8 +174,7 @@ class Manifest:
     def _open(self, duckdb: Any, con: Any, read_only: bool, alias: str) -> None:
         """Attach the file to `con` as its default database, waiting while another process has it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        give_up = time.monotonic() + self.deadline
-        delay = 0.005
+        start, said, delay = time.monotonic(), False, 0.005
         mode = "READ_ONLY" if read_only else "READ_WRITE"
         while True:
             try:
@@ -187,8 +183,12 @@ class Manifest:
             except duckdb.Error as exc:
                 if not _locked(exc):  # "Corrupt database file", not a DuckDB file, ...
                     raise _unusable(self.path, exc) from exc
-                if time.monotonic() > give_up:
+                waited = time.monotonic() - start
+                if waited > self.deadline:
                     raise ManifestBusy(f"manifest {self.path} is busy: {exc}") from exc
+                if waited > BUSY_SAYS and not said:
+                    said = True
+                    get_logger().warning("manifest_busy", manifest=str(self.path), holder=str(exc))
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.2)
         con.execute(f"USE {alias}")

@@ -459,3 +459,24 @@ def test_repair_leaves_a_manifest_another_process_holds_open(project: Project) -
         "manifest.duckdb"
     ]
     assert project.manifest_rows("SELECT count(*) FROM runs") == [(1,)]
+
+
+def test_a_run_waiting_for_a_held_manifest_says_so(project: Project) -> None:
+    """An operator review: with a `duckdb` shell holding the manifest, `run-now` printed nothing
+    for its whole minute of waiting. After BUSY_SAYS seconds it names the holder."""
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    manifest = project.root / ".state" / "manifest.duckdb"
+    hold = (
+        f"import duckdb, sys, time; c = duckdb.connect({str(manifest)!r})\n"
+        "print('open', flush=True); time.sleep(3.5); c.close()"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        status = project.cli("status")
+    finally:
+        holder.wait()
+    assert status.returncode == 0, status.stderr
+    assert "manifest_busy" in status.stderr and "Conflicting lock" in status.stderr, status.stderr
