@@ -62,7 +62,12 @@ def entry() -> None:
     """The `minibatch` script and `python -m minibatch`. multiprocessing runs the script again
     in every worker it starts (as `__mp_main__`), so the script imports only this package; the
     CLI comes in here."""
-    _load_cli().entry()
+    try:
+        cli = _load_cli()
+    except KeyboardInterrupt:  # Ctrl-C while the command loads: nothing has started
+        sys.stderr.write("interrupted\n")
+        raise SystemExit(130) from None
+    cli.entry()
 
 
 def _load_cli() -> Any:  # the minibatch.cli module

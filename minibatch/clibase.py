@@ -17,6 +17,7 @@ from minibatch.config import MAX_WORKERS, Config, ConfigError, load_config
 from minibatch.units import parse_size
 
 EXIT_DEAD_LETTERS, EXIT_USAGE, EXIT_LOCKED = 1, 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 class State:
@@ -44,6 +45,9 @@ class Group(click.Group):
 
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:  # Ctrl-C outside a run (a run stops gracefully): not click's "Aborted!", 1
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:  # `minibatch history | head -1`: a closed pipe is not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor is the final flush
             sys.exit(ctx.obj.exit_code if isinstance(ctx.obj, State) else 0)  # but a failed run is one

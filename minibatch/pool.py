@@ -15,6 +15,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import threading
 import time
 import traceback
 from collections import deque
@@ -58,7 +59,16 @@ def warm_up(duckdb: bool = True) -> None:
     import multiprocessing.forkserver
 
     _context(*(["duckdb"] if duckdb else []))
-    multiprocessing.forkserver.ensure_running()
+    if threading.current_thread() is not threading.main_thread():  # (signals are the main thread's)
+        multiprocessing.forkserver.ensure_running()
+        return
+    # A terminal's Ctrl-C goes to the whole process group: the server, importing its modules,
+    # printed a KeyboardInterrupt traceback. It starts ignoring SIGINT, as it would after them.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class WorkerPool:

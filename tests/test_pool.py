@@ -4,6 +4,8 @@ real forkserver workers, real Parquet chunks, real process deaths."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -413,3 +415,19 @@ def test_read_chunk_refuses_a_rewritten_file(tmp_path: Path) -> None:
     write_parquet(path, rows=150, row_group=100)
     with pytest.raises(InputChanged):
         read_chunk(chunk, None)
+
+
+def test_the_forkserver_ignores_a_terminals_ctrl_c_while_it_loads() -> None:
+    """Ctrl-C in a run's first second reached the forkserver (one process group) while it was
+    importing, and it printed a KeyboardInterrupt traceback. The coordinator's handler stays."""
+    code = (
+        "import multiprocessing.forkserver as fs, signal\n"
+        "from minibatch.pool import warm_up\n"
+        "warm_up(duckdb=False)\n"
+        "status = open(f'/proc/{fs._forkserver._forkserver_pid}/status').read()\n"
+        "ignored = int(status.split('SigIgn:')[1].split()[0], 16)\n"
+        "kept = signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+        "print(bool(ignored & (1 << (signal.SIGINT - 1))), kept)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["True", "True"], result.stderr

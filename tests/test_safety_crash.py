@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from conftest import MAP_JOB, Project, faulty_job, wait_for
+from conftest import MAP_JOB, Project, faulty_job, wait_for, watch_stderr
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, mounts a tmpfs")
 
@@ -480,3 +480,15 @@ def test_a_run_waiting_for_a_held_manifest_says_so(project: Project) -> None:
         holder.wait()
     assert status.returncode == 0, status.stderr
     assert "manifest_busy" in status.stderr and "Conflicting lock" in status.stderr, status.stderr
+    # and Ctrl-C while it waits: one line and 130, not a traceback nor "Aborted!" with a failed run's 1
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        waiting = project.start("status")
+        seen = watch_stderr(waiting)
+        wait_for(lambda: any("manifest_busy" in line for line in seen), what="manifest_busy")
+        waiting.send_signal(signal.SIGINT)
+        assert waiting.wait(timeout=30) == 130
+    finally:
+        holder.wait()
+    assert "interrupted" in "".join(seen) and "Traceback" not in "".join(seen), seen
