@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from minibatch.units import parse_duration, parse_size
 
 DEFAULT_HOOK_TIMEOUT = 10.0
+PATH_KEYS = {"input", "output", "state_dir", "quarantine", "api_token_file"}  # no shell expands them
 BAD_URL = "(unparsable URL)"
 
 
@@ -32,6 +33,12 @@ class Checker:
         if key not in self.table:
             return default
         value = self.table[key]
+        for text in value if key in PATH_KEYS and isinstance(value, list) else [value]:
+            if key in PATH_KEYS and isinstance(text, str) and (text.startswith("~") or "${" in text):
+                self.error(
+                    key, f"{text!r}: a path is read literally, `~` is not your home nor `${{...}}` a variable"
+                )
+                return default
         if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
             self.error(key, f"expected {kind_name(kinds)}, got {value!r}")
             return default

@@ -65,6 +65,14 @@ BAD_CONFIGS = [
         "jobs.ok.sql: only its last statement may be a query, the rows of 'SELECT * FROM chunk;' would",
     ),
     (GOOD + "reduce_sql = 'SELECT 1; SELECT 2'\n", "jobs.ok.reduce_sql: only its last statement may be"),
+    (  # an operator review: a directory named `~` was made beside the config
+        GOOD.replace('output = "out/ok"', 'output = "~/out/ok"'),
+        "jobs.ok.output: '~/out/ok': a path is read literally, `~` is not your home",
+    ),
+    (
+        "[minibatch]\nstate_dir = '${STATE:-.mb2}'\n" + GOOD,
+        "minibatch.state_dir: '${STATE:-.mb2}': a path is read",
+    ),
     (  # hostile review: the run exited 3 ("already running") without a word
         GOOD.replace("myjobs.basic:ident", "myjobs.exits:ident"),
         "jobs.ok.process: cannot import 'myjobs.exits': it called sys.exit(3)",
