@@ -484,7 +484,11 @@ def test_a_run_waiting_for_a_held_manifest_says_so(project: Project) -> None:
     holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "open\n"
-        waiting = project.start("status")
+        argv = [sys.executable, "-m", "minibatch", "--config", str(project.root / "config.toml"), "status"]
+        default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731 (xdist ignores it)
+        waiting = subprocess.Popen(
+            argv, stderr=subprocess.PIPE, text=True, env=project.env(), preexec_fn=default_sigint
+        )
         seen = watch_stderr(waiting)
         wait_for(lambda: any("manifest_busy" in line for line in seen), what="manifest_busy")
         waiting.send_signal(signal.SIGINT)

@@ -71,13 +71,13 @@ def test_another_file_under_the_same_descriptor_number_is_read_afresh(tmp_path: 
     write(b, parquet_bytes(1000))
     assert a.stat().st_size == b.stat().st_size
     numbers = []
-    for path, start in [(a, 0), (b, 1000), (a, 0), (b, 1000)]:
+    for path, start in [(a, 0), (b, 1000), (a, 0), (b, 1000), (a, 0)]:
         gc.collect()  # an earlier test's garbage closing its files mid-loop would change the number
         with open(path, "rb") as probe:  # the number a plain open gets: the same one each time
             numbers.append(probe.fileno())
         for chunk in chunks(path):
             assert answer(chunk) == expected(start, chunk)
-    assert len(set(numbers)) == 1
+    assert len(set(numbers[1:])) == 1  # (the first: before this thread's DuckDB settled its own files)
 
 
 def test_a_file_rewritten_in_place_same_size_and_mtime_is_read_afresh(tmp_path: Path) -> None:
