@@ -324,3 +324,15 @@ def test_a_zone_that_is_utc_by_another_name_is_kept(zone: str) -> None:
     assert in_utc(con).execute("SELECT current_setting('TimeZone')").fetchall() == [(zone,)]
     con.execute("SET TimeZone = 'Europe/Berlin'")
     assert in_utc(con).execute("SELECT current_setting('TimeZone')").fetchall() == [("UTC",)]
+
+
+def test_an_ndjson_date_column_is_not_taken_for_zoned_times(project: Project) -> None:
+    """A review: the offset pattern matched the `-01` of `2024-01-01`, the column was inferred
+    zoned, and every record was malformed (0 rows, exit 0)."""
+    lines = [
+        {"id": i, "day": f"2024-01-{i + 1:02d}", "at": f"2024-01-{i + 1:02d} 10:00:00"} for i in range(20)
+    ]
+    write(project.data / "a.ndjson", "".join(json.dumps(line) + "\n" for line in lines).encode())
+    project.write_config(job("ndjson"))
+    summary = run(project)
+    assert summary["exit"] == 0 and summary["rows_bad"] == 0 and len(rows(project)) == 20
