@@ -3,9 +3,8 @@ after that goes to /dev/null, and the run goes on."""
 
 from __future__ import annotations
 
-import io
 import os
-from typing import TextIO
+from typing import Any, TextIO
 
 
 def to_devnull(fd: int) -> None:
@@ -16,12 +15,15 @@ def to_devnull(fd: int) -> None:
     os.close(devnull)
 
 
-class ForgivingStream(io.TextIOBase):
+class ForgivingStream:
     """A worker's stdout or stderr, written by the job's own print(): a closed pipe must not
-    fail the chunk."""
+    fail the chunk. Everything else (`.buffer`, `.encoding`, `.reconfigure`) is the stream's."""
 
     def __init__(self, stream: TextIO, fd: int) -> None:
         self.stream, self.fd = stream, fd
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
     def write(self, text: str) -> int:
         try:
@@ -35,9 +37,3 @@ class ForgivingStream(io.TextIOBase):
             self.stream.flush()
         except BrokenPipeError:
             to_devnull(self.fd)
-
-    def fileno(self) -> int:
-        return self.stream.fileno()
-
-    def isatty(self) -> bool:
-        return self.stream.isatty()

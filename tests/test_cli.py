@@ -349,3 +349,20 @@ def test_no_color_and_a_dumb_terminal_get_plain_log_lines(
     get_logger().info("hello")
     assert ("\x1b[" in out.getvalue()) == (not env), out.getvalue()
     configure_logging("console")
+
+
+def test_a_job_may_use_its_workers_standard_streams_as_files(project: Project) -> None:
+    """A review: wrapping workers' stdout and stderr (above) hid `.buffer`, `.encoding` and
+    `.reconfigure`, and a job using them failed every chunk."""
+    (project.root / "myjobs" / "streams.py").write_text(
+        "import sys\n\ndef streams(table, ctx):\n"
+        "    sys.stdout.buffer.write(b'bytes\\n')\n"
+        "    print('x'.encode(sys.stdout.encoding), sys.stderr.name, file=sys.stderr)\n"
+        "    sys.stderr.reconfigure(line_buffering=True)\n"
+        "    return table\n"
+    )
+    project.write_config(MAP_JOB.replace("myjobs.basic:ident", "myjobs.streams:streams") + "retries = 0\n")
+    project.write_input("a.parquet", 0, 300)
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(300))
