@@ -204,14 +204,12 @@ class Run:
         reach the output (configuration errors, not runs)."""
         try:
             check_rendered(self.job, self.config.jobs, self.config.path, self.config.engine.state_dir)
-            self.layout.claim(self.job.key, self.config.engine.state_dir, self._has_run)
+            ran = lambda: bool(self.manifest.named("has_run", key=self.job.key))  # noqa: E731
+            self.layout.claim(self.job.key, self.config.engine.state_dir, ran)
             forbidden = [self.layout.output, self.layout.parts, self.layout.staging]
             return find_inputs(self.config.base_dir, self.job.inputs, forbidden)
         except (OutputNotOwned, InputError) as exc:
             raise ConfigError([f"jobs.{self.job.name}: {exc}"], self.config.path) from None
-
-    def _has_run(self) -> bool:
-        return bool(self.manifest.named("has_run", key=self.job.key))
 
     def _inputs_missing(self, inputs: Inputs) -> None:
         """A glob that matches nothing, or a match that cannot be read (a dangling symlink), is an unmounted
@@ -244,7 +242,9 @@ class Run:
 
     def _reconcile(self, files: list[FileMeta], bad: list[BadFile], state: dict[str, Any]) -> Reconciled:
         stored = state.get("input_schema") or self.store.known_input_signature()
-        fit = fit_schema(self.manifest, self.job.key, stored, files, self.job.columns, unreadable=bool(bad))
+        known = self.manifest.known_bad_files(self.job.key)  # skipped each run: not "cannot be read now"
+        unreadable = any((b.path, b.fingerprint) not in known for b in bad)
+        fit = fit_schema(self.manifest, self.job.key, stored, files, self.job.columns, unreadable)
         files, self.input_schema = fit.good, fit.signature
         new_bad = report_bad_files(
             self.manifest, self.job.key, self.record.run_id, bad + fit.bad, self.events
