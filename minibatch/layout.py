@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from minibatch.hive import FILE_RE, Shape, write_units
+from minibatch.lock import state_id
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -209,15 +210,12 @@ class OutputLayout:
         return None
 
     def _take(self, owner: str, state_dir: Path, known: Callable[[], bool]) -> None:
-        record = f"{owner}\n{self._seen(state_dir)}"
+        record = f"{owner}\n{state_id(state_dir)}"
         if not self.owner():  # the first claim (or one an older release made) writes it
             self._write_owner(record)
         self.check_owner(owner, state_dir, known)
         if self._owner_record() == (owner, ""):  # an older release's: no state_dir in it yet
             self._write_owner(record, replace=True)
-
-    def _seen(self, state_dir: Path) -> str:  # from the output's directory: `mv proj proj2` keeps it
-        return os.path.relpath(state_dir.resolve(), self.output.parent.resolve())
 
     def owner(self) -> str:
         """Whose output this is ("" when no run has said yet)."""
@@ -243,8 +241,8 @@ class OutputLayout:
         if holder and not holder_dir and not known():
             why = f"was claimed for {holder} by an older release, and {state_dir} has no run of it"
             raise OutputNotOwned(f"output {self.output} {why} (if it is this one's: {hand_over})")
-        if holder_dir and holder_dir != self._seen(state_dir):
-            why = f"is the output of {holder} with the state_dir {holder_dir} (from {self.output.parent})"
+        if holder_dir and holder_dir != state_id(state_dir):
+            why = f"is the output of {holder} of another state_dir (its minibatch-id is {holder_dir})"
             raise OutputNotOwned(
                 f"output {self.output} {why}, not {state_dir}: give this config's job another output (if "
                 f"that state_dir moved here: {hand_over})"

@@ -6,6 +6,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +21,29 @@ class JobLocked(Exception):
         self.pid = pid
         holder = f"process {pid}" if pid else "another process"
         super().__init__(f"job {job!r} is already running in {holder}")
+
+
+def state_id(state_dir: Path) -> str:
+    """The state_dir's identity: a random name made once in `minibatch-id`. It goes where the
+    directory goes (moved, or behind a symlink on another disk); another state_dir has another."""
+    path = state_dir / "minibatch-id"
+    with contextlib.suppress(FileNotFoundError):
+        if found := path.read_text().strip():
+            return found
+    state_dir.mkdir(parents=True, exist_ok=True)
+    temp = state_dir / f"minibatch-id.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(temp, "w") as handle:
+        handle.write(secrets.token_hex(16))
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.link(temp, path)  # of two first runs at once, one links first; the other reads it
+    except FileExistsError:
+        if not path.read_text().strip():  # empty: a crash between creating and writing it
+            os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path.read_text().strip()
 
 
 def lock_path(state_dir: Path, job: str) -> Path:

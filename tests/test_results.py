@@ -118,9 +118,10 @@ def test_an_owner_file_of_an_older_release_gains_the_state_dir(tmp_path: Path) -
     layout.staging.mkdir(parents=True)
     (layout.staging / "minibatch-owner").write_text("daily")  # the job's name only
     layout.claim("daily", tmp_path / "state")
-    with pytest.raises(OutputNotOwned, match="with the state_dir"):
+    with pytest.raises(OutputNotOwned, match="of another state_dir"):
         layout.claim("daily", tmp_path / "another")
-    assert (layout.staging / "minibatch-owner").read_text() == "daily\nstate"  # from the output's directory
+    state = (tmp_path / "state" / "minibatch-id").read_text()
+    assert (layout.staging / "minibatch-owner").read_text() == f"daily\n{state}"
 
 
 def test_of_two_first_claims_at_once_one_wins(tmp_path: Path) -> None:

@@ -460,8 +460,11 @@ def test_the_same_job_of_another_state_dir_may_not_write_the_output(project: Pro
     assert snapshot(project.out("ident")) == before
 
 
-def test_a_project_moved_whole_keeps_its_output(project: Project, tmp_path: Path) -> None:
-    """The owner file named the state_dir's absolute path: `mv proj proj2` refused every run."""
+def test_a_project_moved_whole_or_its_state_dir_behind_a_symlink_keeps_its_output(
+    project: Project, tmp_path: Path
+) -> None:
+    """The owner file named the state_dir's path: `mv proj proj2`, or the state_dir moved to
+    a bigger disk behind a symlink, refused every run (reviews). It names the state_dir's id."""
     import shutil
 
     project.write_config(MAP)
@@ -472,7 +475,12 @@ def test_a_project_moved_whole_keeps_its_output(project: Project, tmp_path: Path
     moved.write_input("b.parquet", 300, 100)
     result = moved.cli("run-now", "ident")
     assert result.returncode == 0, said(result)
-    assert ids_of(moved, "ident") == list(range(400))
+    shutil.move(moved.root / ".state", tmp_path / "bigdisk")
+    (moved.root / ".state").symlink_to(tmp_path / "bigdisk")
+    moved.write_input("c.parquet", 400, 100)
+    result = moved.cli("run-now", "ident")
+    assert result.returncode == 0, said(result)
+    assert ids_of(moved, "ident") == list(range(500))
 
 
 def test_an_older_releases_owner_file_is_not_taken_by_a_state_dir_without_its_runs(project: Project) -> None:
