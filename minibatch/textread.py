@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -177,18 +178,34 @@ def _ndjson(data: bytes, signature: Signature, first_line: int, declared: bool) 
             return TextRows(parse(data))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass  # a broken line: sort them out one by one (only in this case: it is slow)
-    good, bad = [], []
-    for number, line in enumerate(data.split(b"\n")):
-        if not line.strip():
-            continue
+    lines = [(first_line + n, line) for n, line in enumerate(data.split(b"\n")) if line.strip()]
+    bad: list[tuple[int, str, str]] = []
+    # JSON and fields line by line (pyarrow's reader alone is quick); the casts of what passes at once
+    good = _sort_out(lines, bad, lambda line: pajson.read_json(io.BytesIO(line), parse_options=options))
+    try:
+        table = parse(b"\n".join(line for _, line in good)) if good else schema.empty_table()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a value that does not cast: find its line
+        good = _sort_out(good, bad, parse)
+        table = parse(b"\n".join(line for _, line in good)) if good else schema.empty_table()
+    return TextRows(table, _malformed(bad))
+
+
+def _sort_out(
+    lines: list[tuple[int, bytes]], bad: list[tuple[int, str, str]], check: Callable[[bytes], Any]
+) -> list[tuple[int, bytes]]:
+    """The lines that are JSON objects `check` takes; the others go to `bad` with the reason."""
+    import pyarrow as pa
+
+    good = []
+    for number, line in lines:
         try:
             if not isinstance(json.loads(line.decode("utf-8")), dict):
                 raise ValueError("not a JSON object")
-            parse(line)
-            good.append(line)
+            check(line)
+            good.append((number, line))
         except (ValueError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            bad.append((first_line + number, str(exc).splitlines()[0][:200], line.decode("utf-8", "replace")))
-    return TextRows(parse(b"\n".join(good)) if good else schema.empty_table(), _malformed(bad))
+            bad.append((number, str(exc).splitlines()[0][:200], line.decode("utf-8", "replace")))
+    return good
 
 
 def _malformed(bad: list[tuple[int, str, str]]) -> pa.Table | None:
