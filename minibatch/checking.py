@@ -33,12 +33,11 @@ class Checker:
         if key not in self.table:
             return default
         value = self.table[key]
-        for text in value if key in PATH_KEYS and isinstance(value, list) else [value]:
-            if key in PATH_KEYS and isinstance(text, str) and (text.startswith("~") or "${" in text):
-                self.error(
-                    key, f"{text!r}: a path is read literally, `~` is not your home nor `${{...}}` a variable"
-                )
-                return default
+        if key in PATH_KEYS and (shell := _shell_syntax(value)):
+            self.error(
+                key, f"{shell!r}: a path is read literally, `~` is not your home nor `${{...}}` a variable"
+            )
+            return default
         if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
             self.error(key, f"expected {kind_name(kinds)}, got {value!r}")
             return default
@@ -181,3 +180,11 @@ def url_label(url: str) -> str:
     host = parts.hostname or ""
     host = f"[{host}]" if ":" in host else host
     return urllib.parse.urlunsplit((parts.scheme, f"{host}:{port}" if port else host, parts.path, "", ""))
+
+
+def _shell_syntax(value: Any) -> str | None:
+    """A path (or one of a list) that a shell would have expanded, or None."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and (text.startswith("~") or "${" in text):
+            return text
+    return None
