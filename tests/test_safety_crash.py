@@ -432,6 +432,20 @@ def test_a_full_disk_during_the_manifest_commit_ends_in_one_readable_line(projec
     assert len(prose_lines(result.stderr)) <= 1, result.stderr
 
 
+def hold_manifest(manifest: Path, then: str, read_only: bool = False) -> subprocess.Popen[str]:
+    """Another process holding the manifest open (a `duckdb` shell, say), once it has it; it
+    runs `then` (Python) and lets go when it ends."""
+    code = (
+        f"import duckdb, sys, time; c = duckdb.connect({str(manifest)!r}, read_only={read_only})\n"
+        f"print('open', flush=True); {then}"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+    return holder
+
+
 def test_repair_leaves_a_manifest_another_process_holds_open(project: Project) -> None:
     """Hostile review: a read-only DuckDB session on the manifest (as "The manifest" in the
     README suggests) made `repair` take the healthy file for a damaged one: it was set aside, and
@@ -440,15 +454,8 @@ def test_repair_leaves_a_manifest_another_process_holds_open(project: Project) -
     project.write_input("a.parquet", 0, 300)
     assert project.cli("run-now", "ident").returncode == 0
     manifest = project.root / ".state" / "manifest.duckdb"
-    hold = (
-        f"import duckdb, sys; c = duckdb.connect({str(manifest)!r}, read_only=True)\n"
-        "print('open', flush=True); sys.stdin.read()"
-    )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    holder = hold_manifest(manifest, "sys.stdin.read()", read_only=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
         repaired = project.cli("repair")
     finally:
         holder.kill()
@@ -468,22 +475,16 @@ def test_a_run_waiting_for_a_held_manifest_says_so(project: Project) -> None:
     project.write_input("a.parquet", 0, 300)
     assert project.cli("run-now", "ident").returncode == 0
     manifest = project.root / ".state" / "manifest.duckdb"
-    hold = (
-        f"import duckdb, sys, time; c = duckdb.connect({str(manifest)!r})\n"
-        "print('open', flush=True); time.sleep(3.5); c.close()"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    holder = hold_manifest(manifest, "time.sleep(3.5)")
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
         status = project.cli("status")
     finally:
         holder.wait()
     assert status.returncode == 0, status.stderr
     assert "manifest_busy" in status.stderr and "Conflicting lock" in status.stderr, status.stderr
     # and Ctrl-C while it waits: one line and 130, not a traceback nor "Aborted!" with a failed run's 1
-    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    holder = hold_manifest(manifest, "time.sleep(3.5)")
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
         argv = [sys.executable, "-m", "minibatch", "--config", str(project.root / "config.toml"), "status"]
         default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731 (xdist ignores it)
         waiting = subprocess.Popen(
