@@ -71,7 +71,8 @@ def fit_schema(
     input still has it, else the one most files have; it is stored from now on. (A schema no
     input has any more, after every file was rewritten or a `schema` was declared, would make
     them all bad files: an empty output, and later runs succeeding over it.) Not while some
-    input cannot be read: it may be one of those that have the stored schema."""
+    input cannot be read, known bad or new: it may be one of those that have the stored schema
+    (a copy cut short stays so for runs), and taking another would make them bad for good."""
     stored: Signature | None = tuple((n, t) for n, t in json.loads(stored_json)) if stored_json else None
     if stored and files and not unreadable and all(misfits(meta, stored, columns) for meta in files):
         stored = None

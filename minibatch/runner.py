@@ -242,9 +242,7 @@ class Run:
 
     def _reconcile(self, files: list[FileMeta], bad: list[BadFile], state: dict[str, Any]) -> Reconciled:
         stored = state.get("input_schema") or self.store.known_input_signature()
-        known = self.manifest.known_bad_files(self.job.key)  # skipped each run: not "cannot be read now"
-        unreadable = any((b.path, b.fingerprint) not in known for b in bad)
-        fit = fit_schema(self.manifest, self.job.key, stored, files, self.job.columns, unreadable)
+        fit = fit_schema(self.manifest, self.job.key, stored, files, self.job.columns, unreadable=bool(bad))
         files, self.input_schema = fit.good, fit.signature
         new_bad = report_bad_files(
             self.manifest, self.job.key, self.record.run_id, bad + fit.bad, self.events
