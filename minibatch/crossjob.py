@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Protocol
 
 from minibatch.jobcode import module_files
-from minibatch.layout import OutputLayout, OutputNotOwned, default_held
+from minibatch.layout import OutputLayout, default_held
+from minibatch.owner import OutputNotOwned
 
 
 class JobConfig(Protocol):  # what is read of config.JobConfig (config imports this module)

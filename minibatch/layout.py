@@ -14,14 +14,13 @@ import contextlib
 import os
 import re
 import shutil
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from minibatch.hive import FILE_RE, Shape, write_units
-from minibatch.lock import state_id
+from minibatch.owner import OWNER_NAME, OutputNotOwned, check, read_owner, take
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -30,16 +29,11 @@ REDUCED_NAME = "part-reduced.parquet"
 HELD_MARK = ".minibatch-held"  # in a quarantine or malformed directory minibatch made
 QUARANTINE_PREFIX = "quarantine-"  # a staged file of quarantined rows: never salvaged
 MALFORMED_PREFIX = "malformed-"  # a staged file of text records that did not parse
-OWNER_NAME = "minibatch-owner"  # in the staging directory: the job (parameter set) the output is
 PART_RE = re.compile(r"^part-[0-9a-f]{24}\.parquet$")
 STAGED_RE = re.compile(r"^part-(?P<chunk>[0-9a-f]{24})\.parquet\.[\w-]+\.\d+\.tmp$")
 CHUNK_KEY = b"minibatch.chunk"  # Parquet key-value metadata of every part
 DEFINITION_KEY = b"minibatch.definition"
 INPUT_KEY = b"minibatch.input_schema"
-
-
-class OutputNotOwned(Exception):
-    """An existing, non-empty output directory that minibatch did not create."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +195,7 @@ class OutputLayout:
             except FileExistsError:  # made just now by another claim, or a file
                 if not self.staging.is_dir():
                     return  # not a directory: the run fails on it when it prepares
-        self._take(owner, state_dir, known)
+        take(self.staging, self.output, owner, state_dir, known)
 
     def not_a_directory(self) -> str | None:
         """Why the output cannot be a directory of parts (a file is in the way), or None."""
@@ -209,61 +203,13 @@ class OutputLayout:
             return f"output {self.output} is a file, not a directory: move it or choose another output"
         return None
 
-    def _take(self, owner: str, state_dir: Path, known: Callable[[], bool]) -> None:
-        record = f"{owner}\n{state_id(state_dir)}"
-        if not self.owner():  # the first claim (or one an older release made) writes it
-            self._write_owner(record)
-        self.check_owner(owner, state_dir, known)
-        if self._owner_record() == (owner, ""):  # an older release's: no state_dir in it yet
-            self._write_owner(record, replace=True)
-
     def owner(self) -> str:
         """Whose output this is ("" when no run has said yet)."""
-        return self._owner_record()[0]
-
-    def _owner_record(self) -> tuple[str, str]:
-        """(job, state_dir) of the owner file ("" for what it does not say)."""
-        try:
-            fd = os.open(self.staging / OWNER_NAME, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            return "", ""
-        with os.fdopen(fd) as handle:
-            job, _, state_dir = handle.read().partition("\n")
-        return job, state_dir
+        return read_owner(self.staging)[0]
 
     def check_owner(self, owner: str, state_dir: Path, known: Callable[[], bool] = lambda: True) -> None:
-        """Refuse another job's output, and this job's of another state_dir: two manifests would
-        each publish over, and remove, what the other recorded as done."""
-        holder, holder_dir = self._owner_record()
-        hand_over = f"remove {self.staging / OWNER_NAME} to hand the output over"
-        if holder and holder != owner:
-            raise OutputNotOwned(f"output {self.output} is the output of {holder}, not of {owner}")
-        if holder and not holder_dir and not known():
-            why = f"was claimed for {holder} by an older release, and {state_dir} has no run of it"
-            raise OutputNotOwned(f"output {self.output} {why} (if it is this one's: {hand_over})")
-        if holder_dir and holder_dir != state_id(state_dir):
-            why = f"is the output of {holder} of another state_dir (its minibatch-id is {holder_dir})"
-            raise OutputNotOwned(
-                f"output {self.output} {why}, not {state_dir}: give this config's job another output (if "
-                f"that state_dir moved here: {hand_over})"
-            )
-
-    def _write_owner(self, owner: str, replace: bool = False) -> None:
-        """Durably, and never half: a crash leaves the file whole or absent (an empty one, from
-        before, counts as absent); of two first claims at once, one links its file in first."""
-        temp = self.staging / f"{OWNER_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
-        temp.write_text(owner)
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        target = self.staging / OWNER_NAME
-        try:
-            os.link(temp, target)  # fails if anyone's file is there: never replaces a claim
-        except FileExistsError:
-            if replace or not self.owner():  # an older release's, or an empty one from a crash
-                os.replace(temp, target)
-        finally:
-            temp.unlink(missing_ok=True)
-        fsync_dir(self.staging)
+        """Refuse another job's output, and this job's of another state_dir (owner.py)."""
+        check(self.staging, self.output, owner, state_dir, known)
 
     def _check_foreign(self) -> None:
         foreign = self.foreign_files()

@@ -23,10 +23,11 @@ from minibatch.execute import Execution, Executor, open_pool
 from minibatch.hooks import HookListener
 from minibatch.inputs import InputError, Inputs, find_inputs
 from minibatch.jobcode import definition
-from minibatch.layout import OutputLayout, OutputNotOwned, remove_published
+from minibatch.layout import OutputLayout, remove_published
 from minibatch.ledger import Ledger
 from minibatch.lock import job_lock
 from minibatch.manifest import Manifest, manifest_path
+from minibatch.owner import OutputNotOwned
 from minibatch.params import params_json
 from minibatch.planner import BadFile, FileMeta, plan_chunks, scan_inputs
 from minibatch.reconcile import (

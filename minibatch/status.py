@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 
 from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.crossjob import check_rendered
-from minibatch.layout import OutputLayout, OutputNotOwned
+from minibatch.layout import OutputLayout
 from minibatch.lock import holder_pid, job_lock
 from minibatch.manifest import Manifest, manifest_path
+from minibatch.owner import OutputNotOwned
 from minibatch.params import DATE
 from minibatch.states import RunStatus
 

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minibatch.layout import OutputLayout, OutputNotOwned, part_name, with_provenance
+from minibatch.layout import OutputLayout, part_name, with_provenance
+from minibatch.owner import OutputNotOwned
 from minibatch.results import SchemaGate, inspect_part
 
 A = pa.schema([("id", pa.int64())])
@@ -118,10 +119,10 @@ def test_an_owner_file_of_an_older_release_gains_the_state_dir(tmp_path: Path) -
     layout.staging.mkdir(parents=True)
     (layout.staging / "minibatch-owner").write_text("daily")  # the job's name only
     layout.claim("daily", tmp_path / "state")
-    with pytest.raises(OutputNotOwned, match="of another state_dir"):
+    with pytest.raises(OutputNotOwned, match="with the state_dir"):
         layout.claim("daily", tmp_path / "another")
     state = (tmp_path / "state" / "minibatch-id").read_text()
-    assert (layout.staging / "minibatch-owner").read_text() == f"daily\n{state}"
+    assert (layout.staging / "minibatch-owner").read_text() == f"daily\n{state}\n{tmp_path / 'state'}"
 
 
 def test_of_two_first_claims_at_once_one_wins(tmp_path: Path) -> None:

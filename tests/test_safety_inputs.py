@@ -444,6 +444,8 @@ def test_existing_output_directory_minibatch_did_not_create_is_refused(project: 
 
 
 def test_the_same_job_of_another_state_dir_may_not_write_the_output(project: Project) -> None:
+    import shutil
+
     """An operator review: a copy of the config with its own state_dir (to try a change) and
     the job's name unchanged published over the output, removed 5 of its 6 parts, and the
     first config's manifest went on calling the output complete; its `reset` removed it all."""
@@ -457,6 +459,11 @@ def test_the_same_job_of_another_state_dir_may_not_write_the_output(project: Pro
         result = project.cli(*command)
         assert result.returncode == 2, said(result)
         assert ".state-try" in said(result) and "state_dir" in said(result)
+    assert snapshot(project.out("ident")) == before
+    # nor a copy of the state_dir (`cp -r .state .state-try`), which carries its id along
+    shutil.copytree(project.root / ".state", project.root / ".state-try", dirs_exist_ok=True)
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 2 and "copy" in said(result), said(result)
     assert snapshot(project.out("ident")) == before
 
 

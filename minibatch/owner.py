@@ -1,0 +1,96 @@
+"""Whose output this is: the owner file in an output's staging directory names the job (or
+parameter set) that writes it and the state_dir whose manifest records it, by the random id in
+that state_dir (lock.state_id) and where it was. Two manifests publishing into one output would
+each overwrite, and remove, what the other recorded as done."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from minibatch.lock import state_id
+
+OWNER_NAME = "minibatch-owner"
+ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
+class OutputNotOwned(Exception):
+    """An existing, non-empty output directory that minibatch did not create."""
+
+
+def read_owner(staging: Path) -> tuple[str, str, str]:
+    """(job, state_dir id, state_dir path) of the owner file ("" for what it does not say)."""
+    try:
+        fd = os.open(staging / OWNER_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return "", "", ""
+    with os.fdopen(fd) as handle:
+        job, state, where = (handle.read().split("\n") + ["", ""])[:3]
+    return job, state, where
+
+
+def take(staging: Path, output: Path, owner: str, state_dir: Path, known: Callable[[], bool]) -> None:
+    """Claim the output for `owner` of `state_dir`, or refuse (see `check`); an owner file an
+    older release wrote, or one naming where this state_dir was before it moved, is brought up
+    to date."""
+    record = f"{owner}\n{state_id(state_dir)}\n{state_dir.resolve()}"
+    if not read_owner(staging)[0]:  # the first claim writes it
+        write(staging, record)
+    check(staging, output, owner, state_dir, known)
+    if "\n".join(read_owner(staging)) != record:
+        write(staging, record, replace=True)
+
+
+def check(staging: Path, output: Path, owner: str, state_dir: Path, known: Callable[[], bool]) -> None:
+    holder, holder_id, holder_dir = read_owner(staging)
+    hand_over = f"remove {staging / OWNER_NAME} to hand the output over"
+    if holder and holder != owner:
+        raise OutputNotOwned(f"output {output} is the output of {holder}, not of {owner}")
+    if holder and not ID_RE.fullmatch(holder_id):  # an older release's: it did not say which state_dir
+        if not known():
+            why = f"was claimed for {holder} by an older release, and {state_dir} has no run of it"
+            raise OutputNotOwned(f"output {output} {why} (if it is this one's: {hand_over})")
+        return
+    if holder_id and holder_id != state_id(state_dir):
+        raise OutputNotOwned(
+            f"output {output} is the output of {holder} with the state_dir {holder_dir}, not {state_dir}: "
+            f"give this config's job another output (if that state_dir moved here: {hand_over})"
+        )
+    there = Path(holder_dir) if holder_dir else None
+    if there and there.resolve() != state_dir.resolve() and _same_id(there, holder_id):
+        raise OutputNotOwned(  # both are there: `cp -r .state .state-try` copied the id along
+            f"output {output} is the output of {holder} with the state_dir {there}, and {state_dir} is a "
+            f"copy of it (the same minibatch-id): give this config's job another output ({hand_over})"
+        )
+
+
+def _same_id(state_dir: Path, wanted: str) -> bool:
+    try:
+        return (state_dir / "minibatch-id").read_text().strip() == wanted
+    except OSError:  # moved away, or unreadable: not a second live copy
+        return False
+
+
+def write(staging: Path, record: str, replace: bool = False) -> None:
+    """Durably, and never half: a crash leaves the file whole or absent (an empty one, from
+    before, counts as absent); of two first claims at once, one links its file in first."""
+    temp = staging / f"{OWNER_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
+    temp.write_text(record)
+    with open(temp, "rb") as handle:
+        os.fsync(handle.fileno())
+    target = staging / OWNER_NAME
+    try:
+        os.link(temp, target)  # fails if anyone's file is there: never replaces a claim
+    except FileExistsError:
+        if replace or not read_owner(staging)[0]:  # brought up to date, or an empty one from a crash
+            os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
