@@ -285,6 +285,9 @@ def test_a_job_printing_into_a_closed_pipe_loses_no_chunk(project: Project) -> N
         "import sys\n\ndef noisy(table, ctx):\n"
         "    print('a chunk', file=sys.stderr, flush=True)\n"
         "    print('a chunk', flush=True)\n"
+        "    sys.stdout.writelines(['a line\\n'] * 2000)\n"
+        "    sys.stdout.buffer.write(b'bytes\\n')\n"
+        "    sys.stdout.buffer.flush()\n"
         "    return table\n"
     )
     project.write_config(MAP_JOB.replace("myjobs.basic:ident", "myjobs.noisy:noisy") + "retries = 0\n")
