@@ -43,7 +43,7 @@ def infer(sample: bytes, fmt: str, delimiter: str) -> Signature:
 
 
 INTEGER = re.compile(r"[+-]?\d+")
-OFFSET = re.compile(r"\d:\d\d(:\d\d(\.\d+)?)?\s*(Z|[+-]\d\d(:?\d\d)?)$")  # a time that says its zone
+OFFSET = re.compile(r"[T ]\d\d(:\d\d(:\d\d(\.\d+)?)?)?\s*(Z|[+-]\d\d(:?\d\d)?)$")  # a time with its zone
 
 
 def _exact_types(values: dict[str, list[Any]]) -> dict[str, str]:
