@@ -181,14 +181,14 @@ def _ndjson(data: bytes, signature: Signature, first_line: int, declared: bool) 
     bad: list[tuple[int, str, str]] = []
     objects = []  # each line a JSON object (json.loads: quick), then what pyarrow takes, by halves
     for number, line in enumerate(data.split(b"\n"), first_line):
+        if not line.strip():
+            continue
         try:
-            if line.strip() and not isinstance(json.loads(line.decode("utf-8")), dict):
+            if not isinstance(json.loads(line.decode("utf-8")), dict):
                 raise ValueError("not a JSON object")
+            objects.append((number, line))
         except ValueError as exc:  # (UnicodeDecodeError too)
             bad.append((number, str(exc).splitlines()[0][:200], line.decode("utf-8", "replace")))
-            continue
-        if line.strip():
-            objects.append((number, line))
     good = _halves(objects, bad, parse)
     return TextRows(
         parse(b"\n".join(line for _, line in good)) if good else schema.empty_table(), _malformed(bad)
