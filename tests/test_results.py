@@ -122,7 +122,8 @@ def test_an_owner_file_of_an_older_release_gains_the_state_dir(tmp_path: Path) -
     with pytest.raises(OutputNotOwned, match="with the state_dir"):
         layout.claim("daily", tmp_path / "another")
     state = (tmp_path / "state" / "minibatch-id").read_text()
-    assert (layout.staging / "minibatch-owner").read_text() == f"daily\n{state}\n{tmp_path / 'state'}"
+    record = f"daily\n{state}\n{tmp_path / 'state'}\n{tmp_path / 'out'}"  # job, state_dir id and path, output
+    assert (layout.staging / "minibatch-owner").read_text() == record
 
 
 def test_of_two_first_claims_at_once_one_wins(tmp_path: Path) -> None:

@@ -488,6 +488,13 @@ def test_a_project_moved_whole_or_its_state_dir_behind_a_symlink_keeps_its_outpu
     result = moved.cli("run-now", "ident")
     assert result.returncode == 0, said(result)
     assert ids_of(moved, "ident") == list(range(500))
+    # a whole project copied (its output and state_dir with it) owns its copy of the output
+    copy = Project(root=tmp_path / "copy", count_file=project.count_file)
+    shutil.copytree(moved.root, copy.root, symlinks=False)
+    copy.write_input("d.parquet", 500, 100)
+    result = copy.cli("run-now", "ident")
+    assert result.returncode == 0, said(result)
+    assert ids_of(copy, "ident") == list(range(600)) and ids_of(moved, "ident") == list(range(500))
 
 
 def test_an_older_releases_owner_file_is_not_taken_by_a_state_dir_without_its_runs(project: Project) -> None:
