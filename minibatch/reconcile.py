@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,7 @@ class Fit:
     good: list[FileMeta]
     bad: list[BadFile]
     signature: str | None  # the job's input schema, JSON
+    stuck: bool = False  # kept for an unreadable input while no readable one has it: bad files fail every run
 
 
 def fit_schema(
@@ -72,9 +74,11 @@ def fit_schema(
     input has any more, after every file was rewritten or a `schema` was declared, would make
     them all bad files: an empty output, and later runs succeeding over it.) Not while some
     input cannot be read, known bad or new: it may be one of those that have the stored schema
-    (a copy cut short stays so for runs), and taking another would make them bad for good."""
+    (a copy cut short stays so for runs), and taking another would make them bad for good. Then
+    the misfits fail every run (`stuck`), not only the first: else later runs succeed over them."""
     stored: Signature | None = tuple((n, t) for n, t in json.loads(stored_json)) if stored_json else None
-    if stored and files and not unreadable and all(misfits(meta, stored, columns) for meta in files):
+    stale = bool(stored and files and all(misfits(meta, stored, columns) for meta in files))
+    if stale and not unreadable:
         stored = None
     signature = input_signature(files, stored)
     if signature is None:
@@ -87,21 +91,28 @@ def fit_schema(
         if problem is None:
             good.append(meta)
         else:
-            bad.append(BadFile(meta.path, meta.fingerprint, meta.size, problem))
-    return Fit(good, bad, json.dumps(signature))
+            why = "; kept while an input cannot be read: fix or remove it" if stale else ""
+            bad.append(BadFile(meta.path, meta.fingerprint, meta.size, problem + why))
+    return Fit(good, bad, json.dumps(signature), stuck=stale)
 
 
 def report_bad_files(
-    manifest: Manifest, job: str, run_id: str, bad: list[BadFile], events: RunEvents
+    manifest: Manifest,
+    job: str,
+    run_id: str,
+    bad: list[BadFile],
+    events: RunEvents,
+    failing: Sequence[BadFile] = (),
 ) -> list[BadFile]:
-    """Log every bad file; record the new ones (a known one fails no run again). Returns those."""
+    """Log every bad file; record the new ones (a known one fails no run again). Returns those,
+    and the `failing` ones, which fail every run and are not recorded."""
     known = manifest.known_bad_files(job)
-    new = [b for b in bad if (b.path, b.fingerprint) not in known]
+    new = [b for b in bad if (b.path, b.fingerprint) not in known or b in failing]
     for item in bad:
         kind = EventKind.BAD_FILE if item in new else EventKind.KNOWN_BAD_FILE
         events(kind, file=item.path, error=item.error)
-    if new:
-        manifest.record_bad_files(job, run_id, new)
+    if recorded := [b for b in new if b not in failing]:
+        manifest.record_bad_files(job, run_id, recorded)
     return new
 
 

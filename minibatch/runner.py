@@ -245,9 +245,9 @@ class Run:
         stored = state.get("input_schema") or self.store.known_input_signature()
         fit = fit_schema(self.manifest, self.job.key, stored, files, self.job.columns, unreadable=bool(bad))
         files, self.input_schema = fit.good, fit.signature
-        new_bad = report_bad_files(
-            self.manifest, self.job.key, self.record.run_id, bad + fit.bad, self.events
-        )
+        failing = fit.bad if fit.stuck else []  # misfits of a schema kept for an unreadable input
+        args = (self.manifest, self.job.key, self.record.run_id, bad + fit.bad, self.events, failing)
+        new_bad = report_bad_files(*args)
         self.summary.bad_files, self.record.bad_files = new_bad, len(new_bad)
         # a chunk whose decoded rows alone would fill half the budget is split (a stable rule: the configured
         # budget, not a run's share, --memory-limit or the learned factor: a moved plan recomputes)

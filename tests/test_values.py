@@ -339,3 +339,22 @@ def test_an_ndjson_date_column_is_not_taken_for_zoned_times(project: Project) ->
     project.write_config(job("ndjson"))
     summary = run(project)
     assert summary["exit"] == 0 and summary["rows_bad"] == 0 and len(rows(project)) == 20
+
+
+def test_a_schema_kept_for_an_unreadable_input_fails_every_run_until_it_is_fixed(project: Project) -> None:
+    """A review of the rule above: with a corrupt file left among the inputs, the rewritten files
+    were bad files against the kept schema, known from the second run on: every later run
+    'succeeded' over an empty output. Such a run fails each time, saying why."""
+    project.data.mkdir()
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"id": list(range(10))}), project.data / f"{name}.parquet")
+    project.write_config(job("parquet"))
+    assert run(project)["exit"] == 0
+    (project.data / "c.parquet").write_bytes((project.data / "a.parquet").read_bytes()[:100])
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"id": [str(i) for i in range(10)]}), project.data / f"{name}.parquet")
+    for _ in range(3):
+        result = project.cli("run-now", "t")
+        assert result.returncode == 1 and "cannot be read" in result.stdout + result.stderr
+    (project.data / "c.parquet").unlink()
+    assert run(project)["exit"] == 0 and len(rows(project)) == 20
