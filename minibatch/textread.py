@@ -153,6 +153,9 @@ def _typed(table: pa.Table, signature: Signature) -> tuple[pa.Table, list[tuple[
     return typed, sorted(wrong.items())
 
 
+BLANK = re.compile(rb"\n[ \t\r\f\v]*(?:\n|\Z)")  # a blank line after the first
+
+
 def _ndjson(data: bytes, signature: Signature, first_line: int, declared: bool) -> TextRows:
     import pyarrow as pa
     import pyarrow.json as pajson
@@ -174,8 +177,8 @@ def _ndjson(data: bytes, signature: Signature, first_line: int, declared: bool) 
 
     bare = b"null" in data and re.search(rb"(?m)^\s*null\s*$", data)  # pyarrow: a row of NULLs
     try:
-        if not bare:
-            return TextRows(parse(data))
+        if not bare and _one_row_a_line(table := parse(data), data):
+            return TextRows(table)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass  # a broken line: sort them out one by one (only in this case: it is slow)
     bad: list[tuple[int, str, str]] = []
@@ -193,6 +196,16 @@ def _ndjson(data: bytes, signature: Signature, first_line: int, declared: bool) 
     return TextRows(
         parse(b"\n".join(line for _, line in good)) if good else schema.empty_table(), _malformed(bad)
     )
+
+
+def _one_row_a_line(table: pa.Table, data: bytes) -> bool:
+    """pyarrow takes `{"id": 1} {"id": 2}` on one line as two records: a malformed line."""
+    end = len(data) - data.endswith(b"\n")  # (what follows the last newline is no line)
+    first = data.find(b"\n", 0, end)
+    lines = data.count(b"\n", 0, end) + 1
+    if not data[: first if first >= 0 else end].strip() or BLANK.search(data, 0, end):  # rare
+        lines = sum(1 for line in data[:end].split(b"\n") if line.strip())  # the lines not blank
+    return table.num_rows == lines
 
 
 def _halves(

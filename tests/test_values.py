@@ -358,3 +358,13 @@ def test_a_schema_kept_for_an_unreadable_input_fails_every_run_until_it_is_fixed
         assert result.returncode == 1 and "cannot be read" in result.stdout + result.stderr
     (project.data / "c.parquet").unlink()
     assert run(project)["exit"] == 0 and len(rows(project)) == 20
+
+
+def test_two_json_objects_on_one_line_are_a_malformed_record_not_two_rows(project: Project) -> None:
+    """A review: pyarrow's reader takes `{"id": 1} {"id": 2}` as two records; in a chunk with no
+    other broken line they were published as two rows of one line."""
+    write(project.data / "a.ndjson", b'{"id": 0}\n{"id": 1} {"id": 2}\n\n{"id": 3}\n')
+    project.write_config(job("ndjson"))
+    summary = run(project)
+    assert summary["exit"] == 0 and summary["rows_bad"] == 1
+    assert [r["id"] for r in rows(project)] == [0, 3]
