@@ -180,7 +180,7 @@ def _ndjson(data: bytes, signature: Signature, first_line: int, declared: bool) 
         if not bare and _one_row_a_line(table := parse(data), data):
             return TextRows(table)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass  # a broken line: sort them out one by one (only in this case: it is slow)
+        pass  # a broken line: find it, below (only in this case: it is slower)
     bad: list[tuple[int, str, str]] = []
     objects = []  # each line a JSON object (json.loads: quick), then what pyarrow takes, by halves
     for number, line in enumerate(data.split(b"\n"), first_line):
