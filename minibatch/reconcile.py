@@ -67,6 +67,7 @@ def fit_schema(
     files: list[FileMeta],
     columns: tuple[str, ...] | None,
     unreadable: bool = False,
+    declared: bool = False,
 ) -> Fit:
     """Files whose columns differ from the job's input schema are bad files. The schema is the
     one earlier runs stored (or, after `repair`, the one the output's parts name) while any
@@ -78,7 +79,7 @@ def fit_schema(
     the misfits fail every run (`stuck`), not only the first: else later runs succeed over them."""
     stored: Signature | None = tuple((n, t) for n, t in json.loads(stored_json)) if stored_json else None
     stale = bool(stored and files and all(misfits(meta, stored, columns) for meta in files))
-    if stale and not unreadable:
+    if stale and (declared or not unreadable):  # a declared `schema` is the schema, whatever else
         stored = None
     signature = input_signature(files, stored)
     if signature is None:
@@ -91,9 +92,9 @@ def fit_schema(
         if problem is None:
             good.append(meta)
         else:
-            why = "; kept while an input cannot be read: fix or remove it" if stale else ""
+            why = "; kept while an input cannot be read: fix or remove it" if stale and stored else ""
             bad.append(BadFile(meta.path, meta.fingerprint, meta.size, problem + why))
-    return Fit(good, bad, json.dumps(signature), stuck=stale)
+    return Fit(good, bad, json.dumps(signature), stuck=stale and stored is not None)
 
 
 def report_bad_files(

@@ -243,7 +243,8 @@ class Run:
 
     def _reconcile(self, files: list[FileMeta], bad: list[BadFile], state: dict[str, Any]) -> Reconciled:
         stored = state.get("input_schema") or self.store.known_input_signature()
-        fit = fit_schema(self.manifest, self.job.key, stored, files, self.job.columns, unreadable=bool(bad))
+        declared = bool(self.job.text and self.job.text.schema)
+        fit = fit_schema(self.manifest, self.job.key, stored, files, self.job.columns, bool(bad), declared)
         files, self.input_schema = fit.good, fit.signature
         failing = fit.bad if fit.stuck else []  # misfits of a schema kept for an unreadable input
         args = (self.manifest, self.job.key, self.record.run_id, bad + fit.bad, self.events, failing)

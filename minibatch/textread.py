@@ -187,7 +187,9 @@ def _ndjson(data: bytes, signature: Signature, first_line: int, declared: bool) 
         if not line.strip():
             continue
         try:
-            if not isinstance(json.loads(line.decode("utf-8")), dict):
+            if not isinstance(
+                json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8")), dict
+            ):  # a BOM
                 raise ValueError("not a JSON object")
             objects.append((number, line))
         except ValueError as exc:  # (UnicodeDecodeError too)

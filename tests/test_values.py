@@ -368,3 +368,30 @@ def test_two_json_objects_on_one_line_are_a_malformed_record_not_two_rows(projec
     summary = run(project)
     assert summary["exit"] == 0 and summary["rows_bad"] == 1
     assert [r["id"] for r in rows(project)] == [0, 3]
+
+
+def test_a_declared_schema_applies_beside_a_known_bad_file(project: Project) -> None:
+    """A review: with an old corrupt file among the inputs, declaring `schema` (as the README
+    advises) kept the inferred one, and every run failed over an emptied output."""
+    write(project.data / "a.csv", b"id,zip\n1,10001\n2,20134\n")
+    write(project.data / "c.csv.gz", b"\x1f\x8b\x08 not gzip at all")
+    project.write_config(job("csv").replace('"data/*.csv"', '["data/*.csv", "data/*.csv.gz"]'))
+    assert run(project)["exit"] == 1  # c: a new bad file
+    assert run(project)["exit"] == 0
+    project.write_config(
+        job("csv", 'schema = { id = "int64", zip = "string" }').replace(
+            '"data/*.csv"', '["data/*.csv", "data/*.csv.gz"]'
+        )
+    )
+    assert run(project)["exit"] == 0
+    assert rows(project) == [{"id": 1, "zip": "10001"}, {"id": 2, "zip": "20134"}]
+
+
+def test_a_bom_before_the_first_ndjson_record_is_read_alike_on_both_paths(project: Project) -> None:
+    """A BOM was accepted by pyarrow's reader and refused by the line-by-line check: the first
+    record was lost to the malformed ones whenever another line of its chunk was broken."""
+    write(project.data / "a.ndjson", b'\xef\xbb\xbf{"id": 1}\n{"id": 2}\n{broken\n')
+    project.write_config(job("ndjson"))
+    summary = run(project)
+    assert summary["exit"] == 0 and summary["rows_bad"] == 1
+    assert [r["id"] for r in rows(project)] == [1, 2]
