@@ -187,9 +187,8 @@ def _ndjson(data: bytes, signature: Signature, first_line: int, declared: bool) 
         if not line.strip():
             continue
         try:
-            if not isinstance(
-                json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8")), dict
-            ):  # a BOM
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM may open the file
+            if not isinstance(json.loads(text), dict):
                 raise ValueError("not a JSON object")
             objects.append((number, line))
         except ValueError as exc:  # (UnicodeDecodeError too)
