@@ -63,8 +63,8 @@ def check(staging: Path, output: Path, owner: str, state_dir: Path, known: Calla
             f"output {output} is the output of {holder} with the state_dir {holder_dir}, not {state_dir}: "
             f"give this config's job another output (if that state_dir moved here: {hand_over})"
         )
-    if holder_output and not _same(Path(holder_output), output):  # copied or moved whole, with its
-        return  # state_dir (the same id): this copy is that state_dir's copy's
+    if holder_output and Path(holder_output).is_dir() and not _same(Path(holder_output), output):
+        return  # the output was copied whole with its state_dir (the same id): the copy's is this
     there = Path(holder_dir) if holder_dir else None
     if there and not _same(there, state_dir) and _same_id(there, holder_id):
         raise OutputNotOwned(  # both are there: `cp -r .state .state-try` copied the id along

@@ -460,11 +460,21 @@ def test_the_same_job_of_another_state_dir_may_not_write_the_output(project: Pro
         assert result.returncode == 2, said(result)
         assert ".state-try" in said(result) and "state_dir" in said(result)
     assert snapshot(project.out("ident")) == before
-    # nor a copy of the state_dir (`cp -r .state .state-try`), which carries its id along
+    # nor a copy of the state_dir (`cp -r .state .state-try`), which carries its id along,
     shutil.copytree(project.root / ".state", project.root / ".state-try", dirs_exist_ok=True)
     result = project.cli("run-now", "ident")
     assert result.returncode == 2 and "copy" in said(result), said(result)
     assert snapshot(project.out("ident")) == before
+    # also once the output moved (renamed, the config following): the copy ran first and took it
+    for name in ("ident", ".ident.minibatch-staging", ".ident.minibatch-parts"):
+        if (project.root / "out" / name).exists():
+            (project.root / "out" / name).rename(project.root / "out" / name.replace("ident", "renamed"))
+    config.write_text(config.read_text().replace('"out/ident"', '"out/renamed"'))
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 2 and "copy" in said(result), said(result)
+    config.write_text(config.read_text().replace('state_dir = ".state-try"', 'state_dir = ".state"'))
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 0, said(result)
 
 
 def test_a_project_moved_whole_or_its_state_dir_behind_a_symlink_keeps_its_output(
