@@ -74,13 +74,15 @@ def fit_schema(
     input still has it, else the one most files have; it is stored from now on. (A schema no
     input has any more, after every file was rewritten or a `schema` was declared, would make
     them all bad files: an empty output, and later runs succeeding over it.) Not while some
-    input cannot be read, known bad or new: it may be one of those that have the stored schema
-    (a copy cut short stays so for runs), and taking another would make them bad for good. Then
-    the misfits fail every run (`stuck`), not only the first: else later runs succeed over them."""
+    input cannot be read, known bad or new, unless the job declares its `schema`: it may be one
+    of those that have the stored schema (a copy cut short stays so for runs), and taking
+    another would make them bad for good. Then the misfits fail every run (`stuck`), not only
+    the first: else later runs succeed over them."""
     stored: Signature | None = tuple((n, t) for n, t in json.loads(stored_json)) if stored_json else None
     stale = bool(stored and files and all(misfits(meta, stored, columns) for meta in files))
     if stale and (declared or not unreadable):  # a declared `schema` is the schema, whatever else
         stored = None
+    kept = stale and stored is not None
     signature = input_signature(files, stored)
     if signature is None:
         return Fit(files, [], None)
@@ -92,9 +94,9 @@ def fit_schema(
         if problem is None:
             good.append(meta)
         else:
-            why = "; kept while an input cannot be read: fix or remove it" if stale and stored else ""
+            why = "; kept while an input cannot be read: fix or remove it" if kept else ""
             bad.append(BadFile(meta.path, meta.fingerprint, meta.size, problem + why))
-    return Fit(good, bad, json.dumps(signature), stuck=stale and stored is not None)
+    return Fit(good, bad, json.dumps(signature), stuck=kept)
 
 
 def report_bad_files(
