@@ -40,7 +40,7 @@ def take(staging: Path, output: Path, owner: str, state_dir: Path, known: Callab
     """Claim the output for `owner` of `state_dir`, or refuse (see `check`); an owner file an
     older release wrote, or one naming where this state_dir was before it moved, is brought up
     to date."""
-    record = f"{owner}\n{state_id(state_dir)}\n{state_dir.resolve()}\n{output.resolve()}"
+    record = f"{owner}\n{state_id(state_dir)}\n{os.path.abspath(state_dir)}\n{output.resolve()}"
     if not read_owner(staging)[0]:  # the first claim writes it
         write(staging, record)
     check(staging, output, owner, state_dir, known)
@@ -63,8 +63,11 @@ def check(staging: Path, output: Path, owner: str, state_dir: Path, known: Calla
             f"output {output} is the output of {holder} with the state_dir {holder_dir}, not {state_dir}: "
             f"give this config's job another output (if that state_dir moved here: {hand_over})"
         )
-    if holder_output and Path(holder_output).is_dir() and not _same(Path(holder_output), output):
-        return  # the output was copied whole with its state_dir (the same id): the copy's is this
+    # output and state_dir moved or copied together (a whole project): another output, this one's
+    together = os.path.relpath(output.resolve(), os.path.abspath(state_dir))  # the output from the state_dir
+    moved = holder_output and holder_dir and os.path.relpath(holder_output, holder_dir) == together
+    if moved and not _same(Path(holder_output), output):
+        return
     there = Path(holder_dir) if holder_dir else None
     if there and not _same(there, state_dir) and _same_id(there, holder_id):
         raise OutputNotOwned(  # both are there: `cp -r .state .state-try` copied the id along

@@ -153,6 +153,7 @@ def _typed(table: pa.Table, signature: Signature) -> tuple[pa.Table, list[tuple[
     return typed, sorted(wrong.items())
 
 
+BOM = b"\xef\xbb\xbf"
 BLANK = re.compile(rb"\n[ \t\r\f\v]*(?:\n|\Z)")  # a blank line after the first
 
 
@@ -184,11 +185,10 @@ def _ndjson(data: bytes, signature: Signature, first_line: int, declared: bool) 
     bad: list[tuple[int, str, str]] = []
     objects = []  # each line a JSON object (json.loads: quick), then what pyarrow takes, by halves
     for number, line in enumerate(data.split(b"\n"), first_line):
-        if not line.strip():
+        if not line.removeprefix(BOM).strip():
             continue
-        try:
-            text = line.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM may open the file
-            if not isinstance(json.loads(text), dict):
+        try:  # a BOM: where pyarrow takes it, at a chunk's start, and where it does not, alike
+            if not isinstance(json.loads(line.decode("utf-8-sig")), dict):
                 raise ValueError("not a JSON object")
             objects.append((number, line))
         except ValueError as exc:  # (UnicodeDecodeError too)

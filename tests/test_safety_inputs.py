@@ -505,6 +505,12 @@ def test_a_project_moved_whole_or_its_state_dir_behind_a_symlink_keeps_its_outpu
     result = copy.cli("run-now", "ident")
     assert result.returncode == 0, said(result)
     assert ids_of(copy, "ident") == list(range(600)) and ids_of(moved, "ident") == list(range(500))
+    # and when the original's output is gone before the copy first runs (a review)
+    again = Project(root=tmp_path / "again", count_file=project.count_file)
+    shutil.copytree(moved.root, again.root, symlinks=False)
+    shutil.rmtree(moved.root / "out")
+    result = again.cli("run-now", "ident")
+    assert result.returncode == 0, said(result)
 
 
 def test_an_older_releases_owner_file_is_not_taken_by_a_state_dir_without_its_runs(project: Project) -> None:

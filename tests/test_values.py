@@ -395,3 +395,6 @@ def test_a_bom_before_the_first_ndjson_record_is_read_alike_on_both_paths(projec
     summary = run(project)
     assert summary["exit"] == 0 and summary["rows_bad"] == 1
     assert [r["id"] for r in rows(project)] == [1, 2]
+    write(project.data / "a.ndjson", b'\xef\xbb\xbf\n{"id": 1}\n{"id": 2}\n')  # a BOM, then a blank line
+    summary = run(project)
+    assert summary["exit"] == 0 and summary["rows_bad"] == 0 and len(rows(project)) == 2
