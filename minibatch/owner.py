@@ -63,10 +63,12 @@ def check(staging: Path, output: Path, owner: str, state_dir: Path, known: Calla
             f"output {output} is the output of {holder} with the state_dir {holder_dir}, not {state_dir}: "
             f"give this config's job another output (if that state_dir moved here: {hand_over})"
         )
-    # output and state_dir moved or copied together (a whole project): another output, this one's
+    # a whole project copied (output and state_dir together, the original output still there):
+    # another output, this copy's. Once the original output is gone, a state_dir copy beside a
+    # moved output looks the same, so the copy check below decides (it may refuse such a copy).
     together = os.path.relpath(output.resolve(), os.path.abspath(state_dir))  # the output from the state_dir
-    moved = holder_output and holder_dir and os.path.relpath(holder_output, holder_dir) == together
-    if moved and not _same(Path(holder_output), output):
+    copied = holder_output and holder_dir and os.path.relpath(holder_output, holder_dir) == together
+    if copied and Path(holder_output).is_dir() and not _same(Path(holder_output), output):
         return
     there = Path(holder_dir) if holder_dir else None
     if there and not _same(there, state_dir) and _same_id(there, holder_id):

@@ -475,6 +475,14 @@ def test_the_same_job_of_another_state_dir_may_not_write_the_output(project: Pro
     config.write_text(config.read_text().replace('state_dir = ".state-try"', 'state_dir = ".state"'))
     result = project.cli("run-now", "ident")
     assert result.returncode == 0, said(result)
+    # and a state_dir copy moved beside the output it moved along (their places kept: a review)
+    (project.root / "sub").mkdir()
+    shutil.copytree(project.root / ".state", project.root / "sub" / ".state-try")
+    (project.root / "out").rename(project.root / "sub" / "out")
+    text = config.read_text().replace('"out/renamed"', '"sub/out/renamed"')
+    config.write_text(text.replace('state_dir = ".state"', 'state_dir = "sub/.state-try"'))
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 2 and "copy" in said(result), said(result)
 
 
 def test_a_project_moved_whole_or_its_state_dir_behind_a_symlink_keeps_its_output(
@@ -505,12 +513,15 @@ def test_a_project_moved_whole_or_its_state_dir_behind_a_symlink_keeps_its_outpu
     result = copy.cli("run-now", "ident")
     assert result.returncode == 0, said(result)
     assert ids_of(copy, "ident") == list(range(600)) and ids_of(moved, "ident") == list(range(500))
-    # and when the original's output is gone before the copy first runs (a review)
+    # but once the original's output is gone, a copy cannot be told from a state_dir copied beside
+    # a moved output (a review: that took the output from the original): refused, with the way out
     again = Project(root=tmp_path / "again", count_file=project.count_file)
     shutil.copytree(moved.root, again.root, symlinks=False)
     shutil.rmtree(moved.root / "out")
     result = again.cli("run-now", "ident")
-    assert result.returncode == 0, said(result)
+    assert result.returncode == 2 and "to hand the output over" in said(result), said(result)
+    (again.root / "out" / ".ident.minibatch-staging" / "minibatch-owner").unlink()
+    assert again.cli("run-now", "ident").returncode == 0
 
 
 def test_an_older_releases_owner_file_is_not_taken_by_a_state_dir_without_its_runs(project: Project) -> None:
