@@ -1,10 +1,10 @@
 """Whose output this is: the owner file in an output's staging directory names the job (or
-parameter set) that writes it, the state_dir whose manifest records it (the random id kept in
-that state_dir, lock.state_id, and where it was), and where the output was. Two manifests
-publishing into one output would each overwrite, and remove, what the other recorded as done:
-a state_dir copied with its id while the original is still there is refused; one moved, or
-reached by another path (a symlink, a bind mount), is followed; an output copied or moved whole
-with its state_dir belongs to that state_dir's copy."""
+parameter set) that writes it, and the state_dir whose manifest records it (the random id kept
+in that state_dir, lock.state_id, and where it was). Two manifests publishing into one output
+would each overwrite, and remove, what the other recorded as done: a state_dir copied with its
+id while the original is still there is refused; one moved, or reached by another path (a
+symlink, a bind mount), is followed. A project copied whole has owner files that name the
+original: the copy's runs are refused until they are removed."""
 
 from __future__ import annotations
 
@@ -24,23 +24,22 @@ class OutputNotOwned(Exception):
     """An existing, non-empty output directory that minibatch did not create."""
 
 
-def read_owner(staging: Path) -> tuple[str, str, str, str]:
-    """(job, state_dir id, state_dir path, output path) of the owner file ("" for what it does
-    not say)."""
+def read_owner(staging: Path) -> tuple[str, str, str]:
+    """(job, state_dir id, state_dir path) of the owner file ("" for what it does not say)."""
     try:
         fd = os.open(staging / OWNER_NAME, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        return "", "", "", ""
+        return "", "", ""
     with os.fdopen(fd) as handle:
-        job, state, where, output = (handle.read().split("\n") + ["", "", ""])[:4]
-    return job, state, where, output
+        job, state, where = (handle.read().split("\n") + ["", ""])[:3]
+    return job, state, where
 
 
 def take(staging: Path, output: Path, owner: str, state_dir: Path, known: Callable[[], bool]) -> None:
     """Claim the output for `owner` of `state_dir`, or refuse (see `check`); an owner file an
     older release wrote, or one naming where this state_dir was before it moved, is brought up
     to date."""
-    record = f"{owner}\n{state_id(state_dir)}\n{os.path.abspath(state_dir)}\n{output.resolve()}"
+    record = f"{owner}\n{state_id(state_dir)}\n{os.path.abspath(state_dir)}"
     if not read_owner(staging)[0]:  # the first claim writes it
         write(staging, record)
     check(staging, output, owner, state_dir, known)
@@ -49,7 +48,7 @@ def take(staging: Path, output: Path, owner: str, state_dir: Path, known: Callab
 
 
 def check(staging: Path, output: Path, owner: str, state_dir: Path, known: Callable[[], bool]) -> None:
-    holder, holder_id, holder_dir, holder_output = read_owner(staging)
+    holder, holder_id, holder_dir = read_owner(staging)
     hand_over = f"remove {staging / OWNER_NAME} to hand the output over"
     if holder and holder != owner:
         raise OutputNotOwned(f"output {output} is the output of {holder}, not of {owner}")
@@ -63,13 +62,9 @@ def check(staging: Path, output: Path, owner: str, state_dir: Path, known: Calla
             f"output {output} is the output of {holder} with the state_dir {holder_dir}, not {state_dir}: "
             f"give this config's job another output (if that state_dir moved here: {hand_over})"
         )
-    # a whole project copied (output and state_dir together, the original output still there):
-    # another output, this copy's. Once the original output is gone, a state_dir copy beside a
-    # moved output looks the same, so the copy check below decides (it may refuse such a copy).
-    together = os.path.relpath(output.resolve(), os.path.abspath(state_dir))  # the output from the state_dir
-    copied = holder_output and holder_dir and os.path.relpath(holder_output, holder_dir) == together
-    if copied and Path(holder_output).is_dir() and not _same(Path(holder_output), output):
-        return
+    # A copy of the state_dir (the same id) while the original is still there is refused, wherever
+    # it and the output are: a whole project copied too (its owner files name the original), as
+    # no layout tells that apart from a state_dir copied beside a moved or copied output.
     there = Path(holder_dir) if holder_dir else None
     if there and not _same(there, state_dir) and _same_id(there, holder_id):
         raise OutputNotOwned(  # both are there: `cp -r .state .state-try` copied the id along

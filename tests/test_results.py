@@ -122,7 +122,7 @@ def test_an_owner_file_of_an_older_release_gains_the_state_dir(tmp_path: Path) -
     with pytest.raises(OutputNotOwned, match="with the state_dir"):
         layout.claim("daily", tmp_path / "another")
     state = (tmp_path / "state" / "minibatch-id").read_text()
-    record = f"daily\n{state}\n{tmp_path / 'state'}\n{tmp_path / 'out'}"  # job, state_dir id and path, output
+    record = f"daily\n{state}\n{tmp_path / 'state'}"  # job, state_dir id and path
     assert (layout.staging / "minibatch-owner").read_text() == record
 
 
