@@ -31,19 +31,31 @@ def state_id(state_dir: Path) -> str:
         if found := path.read_text().strip():
             return found
     state_dir.mkdir(parents=True, exist_ok=True)
-    temp = state_dir / f"minibatch-id.{os.getpid()}.{threading.get_ident()}.tmp"
+    write_once(path, secrets.token_hex(16))  # of two first runs at once, one links first
+    return path.read_text().strip()
+
+
+def write_once(path: Path, text: str, replace: bool = False) -> None:
+    """`text` in `path` durably and never half: written beside it, synced and linked in, which
+    fails if anyone's file is there. That one is replaced only if empty (a crash between
+    creating and writing it) or with `replace`."""
+    temp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(temp, "w") as handle:
-        handle.write(secrets.token_hex(16))
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     try:
-        os.link(temp, path)  # of two first runs at once, one links first; the other reads it
+        os.link(temp, path)
     except FileExistsError:
-        if not path.read_text().strip():  # empty: a crash between creating and writing it
+        if replace or not path.read_text().strip():
             os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
-    return path.read_text().strip()
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def lock_path(state_dir: Path, job: str) -> Path:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from minibatch.lock import state_id
+from minibatch.lock import state_id, write_once
 
 OWNER_NAME = "minibatch-owner"
 ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -89,22 +88,6 @@ def _same_id(state_dir: Path, wanted: str) -> bool:
 
 
 def write(staging: Path, record: str, replace: bool = False) -> None:
-    """Durably, and never half: a crash leaves the file whole or absent (an empty one, from
-    before, counts as absent); of two first claims at once, one links its file in first."""
-    temp = staging / f"{OWNER_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
-    temp.write_text(record)
-    with open(temp, "rb") as handle:
-        os.fsync(handle.fileno())
-    target = staging / OWNER_NAME
-    try:
-        os.link(temp, target)  # fails if anyone's file is there: never replaces a claim
-    except FileExistsError:
-        if replace or not read_owner(staging)[0]:  # brought up to date, or an empty one from a crash
-            os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
-    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Durably and never half (lock.write_once): of two first claims at once, one links its
+    file in first; an empty one, from a crash, counts as absent."""
+    write_once(staging / OWNER_NAME, record, replace)
