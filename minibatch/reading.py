@@ -23,7 +23,7 @@ from minibatch.textread import TextRows, read_text_chunk
 if TYPE_CHECKING:
     import duckdb
 
-_footers: dict[tuple[str, str, int, int, int], pq.FileMetaData] = {}
+_footers: dict[tuple[str, str, int, int, int], tuple[pq.FileMetaData, list[str]]] = {}  # and INT96 columns
 SQL_CONFIG: dict[str, str | bool | int | float | list[str]] = {
     "threads": 1,
     "enable_external_file_cache": False,
@@ -76,9 +76,7 @@ def sql_on_table(job: JobSpec, table: pa.Table) -> pa.Table:
 def _read_open(chunk: Chunk, handle: Any, cols: list[str] | None) -> pa.Table:
     stat = os.fstat(handle.fileno())
     _check_unchanged(chunk, stat)
-    metadata = _footer(chunk, handle, stat)
-    schema = metadata.schema
-    int96 = [c.path for c in map(schema.column, range(metadata.num_columns)) if c.physical_type == "INT96"]
+    metadata, int96 = _footer(chunk, handle, stat)
     # Spark's timestamps: read exactly (us), then as the plan's ns only where they fit
     parquet = pq.ParquetFile(handle, metadata=metadata, coerce_int96_timestamp_unit="us" if int96 else None)
     groups = range(chunk.rg_start, chunk.rg_end)
@@ -111,18 +109,20 @@ def _int96_as_ns(chunk: Chunk, table: pa.Table, int96: list[str]) -> pa.Table:
     return table
 
 
-def _footer(chunk: Chunk, handle: Any, stat: os.stat_result) -> pq.FileMetaData:
-    """The file's parsed footer, checked against the plan's, and kept per file and version
-    (inode, ctime: any write changes it): small chunks of a file with many row groups would
-    otherwise spend most of their time parsing the same footer."""
+def _footer(chunk: Chunk, handle: Any, stat: os.stat_result) -> tuple[pq.FileMetaData, list[str]]:
+    """The file's parsed footer, checked against the plan's, and its INT96 columns, kept per
+    file and version (inode, ctime: any write changes it): small chunks of a file with many row
+    groups would otherwise spend most of their time parsing the same footer."""
     key = (chunk.path, chunk.fingerprint, stat.st_dev, stat.st_ino, stat.st_ctime_ns)
-    metadata = _footers.get(key)
-    if metadata is None:
+    found = _footers.get(key)
+    if found is None:
         _check_footer(chunk, handle, stat)
         if len(_footers) >= 16:
             _footers.clear()
-        metadata = _footers[key] = pq.read_metadata(handle)
-    return metadata
+        metadata = pq.read_metadata(handle)
+        columns = map(metadata.schema.column, range(metadata.num_columns))
+        found = _footers[key] = metadata, [c.path for c in columns if c.physical_type == "INT96"]
+    return found
 
 
 def _check_footer(chunk: Chunk, handle: Any, stat: os.stat_result) -> None:
