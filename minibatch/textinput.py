@@ -22,14 +22,11 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 from minibatch.checking import Checker, choice
 from minibatch.planner import FileMeta, RowGroup
 from minibatch.textschema import Signature, infer, type_or_none
-
-if TYPE_CHECKING:
-    pass
 
 SEGMENT = 4 * 2**20  # at most: a quarter of chunk_bytes when that is smaller (segment_size)
 SAMPLE = 2**20
