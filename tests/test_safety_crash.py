@@ -475,17 +475,23 @@ def test_a_run_waiting_for_a_held_manifest_says_so(project: Project) -> None:
     project.write_input("a.parquet", 0, 300)
     assert project.cli("run-now", "ident").returncode == 0
     manifest = project.root / ".state" / "manifest.duckdb"
-    holder = hold_manifest(manifest, "time.sleep(3.5)")
+    argv = [sys.executable, "-m", "minibatch", "--config", str(project.root / "config.toml"), "status"]
+    # the holder lets go only once the waiting command has said so: a loaded machine's slow start
+    # must not let the command find the manifest free
+    holder = hold_manifest(manifest, "sys.stdin.read()")
     try:
-        status = project.cli("status")
+        waiting = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=project.env()
+        )
+        seen = watch_stderr(waiting)
+        wait_for(lambda: any("manifest_busy" in line for line in seen), what="manifest_busy")
     finally:
-        holder.wait()
-    assert status.returncode == 0, status.stderr
-    assert "manifest_busy" in status.stderr and "Conflicting lock" in status.stderr, status.stderr
+        holder.communicate("")
+    assert waiting.wait(timeout=60) == 0, seen
+    assert "Conflicting lock" in "".join(seen), seen
     # and Ctrl-C while it waits: one line and 130, not a traceback nor "Aborted!" with a failed run's 1
-    holder = hold_manifest(manifest, "time.sleep(3.5)")
+    holder = hold_manifest(manifest, "sys.stdin.read()")
     try:
-        argv = [sys.executable, "-m", "minibatch", "--config", str(project.root / "config.toml"), "status"]
         default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731 (xdist ignores it)
         waiting = subprocess.Popen(
             argv, stderr=subprocess.PIPE, text=True, env=project.env(), preexec_fn=default_sigint
@@ -495,5 +501,5 @@ def test_a_run_waiting_for_a_held_manifest_says_so(project: Project) -> None:
         waiting.send_signal(signal.SIGINT)
         assert waiting.wait(timeout=30) == 130
     finally:
-        holder.wait()
+        holder.communicate("")
     assert "interrupted" in "".join(seen) and "Traceback" not in "".join(seen), seen
