@@ -122,8 +122,9 @@ def _decide(day: date, last: str | None, reprocess: str) -> DateState:
         return DateState(day, "fresh", reason="reprocess all" if last else "never run")
     if last is None:
         return DateState(day, "run", reason="never run")
-    if last == RunStatus.SUCCEEDED or reprocess == "none":
+    if last == RunStatus.SUCCEEDED or (reprocess == "none" and last == RunStatus.FAILED):
         return DateState(day, "skip", "skipped", reason=f"last run {last}")
+    # stopped, killed or crashed: not a result to leave alone but a checkpoint to resume
     return DateState(day, "run", reason=f"last run {last}")
 
 

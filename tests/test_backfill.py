@@ -52,7 +52,8 @@ def backfill_dates(project: Project) -> dict[str, str]:
 
 def output_ids(project: Project, day: str) -> list[int]:
     folder = project.root / "out" / "daily" / day
-    return sorted(pq.read_table(folder).column("id").to_pylist()) if folder.is_dir() else []
+    parts = sorted(folder.glob("part-*.parquet"))
+    return sorted(pq.read_table([str(p) for p in parts]).column("id").to_pylist()) if parts else []
 
 
 def test_a_backfill_killed_and_started_again_gives_each_date_once(project: Project) -> None:
@@ -87,10 +88,28 @@ def test_reprocess_decides_per_date_from_its_last_run() -> None:
     assert (_decide(day, None, "none").action, _decide(day, None, "failed").action) == ("run", "run")
     assert _decide(day, "succeeded", "none").status == "skipped"
     assert _decide(day, "failed", "none").status == "skipped"  # none: dates that ran are left alone
+    for cut_short in ("stopped", "crashed", "running"):  # ... to the end: the rest resume
+        assert _decide(day, cut_short, "none").action == "run", cut_short
     assert _decide(day, "failed", "failed").action == "run"
     assert _decide(day, "crashed", "failed").action == "run"
     assert _decide(day, "succeeded", "failed").status == "skipped"
     assert _decide(day, "succeeded", "all").action == "fresh"
+
+
+def test_a_date_cut_short_before_the_backfill_resumes_in_it(project: Project) -> None:
+    """Hostile review: a date whose run was killed (a killed backfill restarted with another
+    range, a stopped run-now) was `skipped` by `--reprocess none`, and the backfill succeeded
+    with a third of that date's rows."""
+    ids = write_days(project)
+    project.write_config(DAILY)
+    process = project.start("run-now", "daily", "--param", f"date={DATES[0]}", env={"MB_SLEEP": "0.3"})
+    wait_for(lambda: len(project.computations()) >= 1, timeout=60, what="a chunk begun")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert output_ids(project, DATES[0]) != ids[DATES[0]]
+    result = project.cli("backfill", "daily", "--from", DATES[0], "--to", DATES[1])
+    assert result.returncode == 0, result.stderr
+    assert output_ids(project, DATES[0]) == ids[DATES[0]] and output_ids(project, DATES[1]) == ids[DATES[1]]
 
 
 def test_dry_run_reprocess_and_bad_requests(project: Project) -> None:
