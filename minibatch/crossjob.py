@@ -60,11 +60,28 @@ def check_rendered(job: JobConfig, jobs: Mapping[str, JobConfig], config_path: P
     if not job.values:
         return
     problems = precious_inside(job, config_path, state_dir)
+    if reserved := _reserved_name(job.output, jobs[job.name].output):
+        problems.append(
+            f"{job.output}: {reserved!r} is named like what minibatch keeps beside an output (its "
+            "quarantined or malformed rows, its staging): choose another parameter value"
+        )
     for name, other in sorted(jobs.items()):
         if name != job.name and "{" not in str(other.output) and _overlap(job, other):
             problems.append(f"{job.output} overlaps the output of job {name!r}")
     if problems:
         raise OutputNotOwned(problems[0])
+
+
+RESERVED_ENDINGS = (".quarantine", ".malformed", ".minibatch-staging", ".minibatch-parts")
+
+
+def _reserved_name(rendered: Path, template: Path) -> str | None:
+    """A directory of the rendered part of an output named as another output's held rows or
+    staging would be: a value can make one parameter set's output another's quarantine, which no
+    owner file guards (templates are only known as rendered)."""
+    fixed = next(p for p in (template, *template.parents) if "{" not in str(p))
+    tail = rendered.relative_to(fixed).parts if rendered.is_relative_to(fixed) else rendered.parts
+    return next((part for part in tail if part.endswith(RESERVED_ENDINGS)), None)
 
 
 def _holds(directory: Path, path: Path) -> bool:

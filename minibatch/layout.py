@@ -105,13 +105,16 @@ class OutputLayout:
         return {p.name for p in self.parts.iterdir() if PART_RE.match(p.name) and p.is_file()}
 
     def foreign_files(self) -> list[str]:
-        """Files in the output that minibatch did not write: never deleted, reported."""
-        if not self.output.is_dir():
-            return []
-        partitioned = bool(self.shape.partition_by)
-        return sorted(
-            p.name for p in self.output.iterdir() if not (ours(p.name) or partitioned and "=" in p.name)
-        )
+        """What in the output minibatch did not write, as paths in it (in partitions too): never
+        deleted; reported, and a first claim's reason to refuse the output."""
+        found: list[str] = []
+        for directory, subdirs, files in os.walk(self.output):  # nothing when it is no directory
+            here = Path(directory).relative_to(self.output)
+            units = [d for d in subdirs if self.shape.partition_by and "=" in d and not d.startswith(".")]
+            found += [str(here / name) for name in files if not ours(name)]
+            found += [str(here / name) for name in subdirs if name not in units]
+            subdirs[:] = units
+        return sorted(found)
 
     def remove_other_shape(self) -> None:
         """What an earlier definition of the other kind left: a map job removes the reduced file

@@ -117,9 +117,10 @@ def parse_assignments(items: Iterable[str]) -> dict[str, str]:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise ParamError(f"--param {item!r}: expected NAME=VALUE")
-        if (name := name.strip()) in out:  # one run takes one value: `backfill` runs several dates
-            raise ParamError(f"--param {name!r} given twice ({out[name]!r} and {value.strip()!r})")
-        out[name] = value.strip()
+        name, value = name.strip(" "), value.strip(" ")  # not newlines: `$(cmd)` gone wrong is refused
+        if name in out:  # one run takes one value: `backfill` runs several dates
+            raise ParamError(f"--param {name!r} given twice ({out[name]!r} and {value!r})")
+        out[name] = value
     return out
 
 

@@ -229,6 +229,8 @@ def test_newlines_and_overlong_values_are_refused() -> None:
     for bad in ("eu\n", "eu\nx", "x" * 65):
         with pytest.raises(ParamError, match="not allowed"):
             parse_value("region", bad)
+        with pytest.raises(ParamError, match="not allowed"):  # hostile review: --param stripped it
+            parse_value("region", parse_assignments([f"region={bad}"])["region"])
     with pytest.raises(ParamError, match="YYYY-MM-DD"):
         parse_value("date", "2026-11-01\n")
     with pytest.raises(ValueError, match="bad placeholder"):
@@ -372,6 +374,45 @@ def test_a_fresh_run_stopped_before_it_began_keeps_the_output(project: Project) 
         ("succeeded",),
         ("stopped",),
     ]
+
+
+def test_a_value_naming_a_quarantine_or_another_templates_output_is_refused(project: Project) -> None:
+    """Hostile review: `--param r=x.quarantine` rendered the quarantine directory of the set
+    r=x: r=x's run deleted its parts and wrote its quarantined rows there, and r=x.quarantine then
+    published them as its own, exit 0. And two templates met: b's `out/{s}/k=1` inside a's
+    partitioned `out/{r}`; a's first run swapped b's partition out, deleting b's parts."""
+    project.write_config("""
+    [jobs.q]
+    input = "data/*.parquet"
+    output = "out/{r}"
+    sql = "SELECT * FROM chunk"
+    checks = [{name = "s", sql = "id < 250", action = "quarantine"}]
+
+    [jobs.a]
+    input = "data/*.parquet"
+    output = "nest/{r}"
+    sql = "SELECT *, 1 AS k FROM chunk"
+    partition_by = ["k"]
+
+    [jobs.b]
+    input = "data/*.parquet"
+    output = "nest/{s}/k=1"
+    process = "myjobs.basic:ident"
+    """)
+    project.write_input("a.parquet", 0, 500)
+    for value in ("x.quarantine", "x.malformed", ".x.minibatch-staging"):
+        refused = project.cli("run-now", "q", "--param", f"r={value}")
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert "named like" in refused.stderr or "not allowed" in refused.stderr, refused.stderr
+    assert not (project.root / "out").exists()
+    assert project.cli("run-now", "b", "--param", "s=x").returncode == 0
+    b_out = project.root / "nest/x/k=1"
+    before = {p.name: p.read_bytes() for p in b_out.iterdir()}
+    refused = project.cli("run-now", "a", "--param", "r=x")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert ".k=1.minibatch-staging" in refused.stderr, refused.stderr
+    assert {p.name: p.read_bytes() for p in b_out.iterdir()} == before
+    assert project.cli("run-now", "b", "--param", "s=x").returncode == 0
 
 
 @pytest.mark.parametrize("clash", ["partition", "quarantine"])

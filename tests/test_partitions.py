@@ -293,6 +293,21 @@ def test_what_minibatch_did_not_write_is_never_carried_off(project: Project) -> 
     assert not [p for p in keep.parent.iterdir() if p.suffix == ".parquet"]
 
 
+def test_a_users_directory_of_partitions_is_not_taken(project: Project) -> None:
+    """Hostile review: a partitioned job's first run took an existing output whose `k=v`
+    directories held the user's own files (any name with `=` passed for minibatch's), and
+    published beside them: the output read 2 rows more than its input, exit 0."""
+    write(project, "a.parquet", range(0, 300), days=1)
+    project.write_config(JOB)
+    theirs = project.out("p") / "day=2026-11-01" / "region=eu" / "users_own.parquet"
+    theirs.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"id": [999_999]}), theirs)
+    refused = project.cli("run-now", "p")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "day=2026-11-01/region=eu/users_own.parquet" in refused.stderr, refused.stderr
+    assert [p.name for p in theirs.parent.iterdir()] == ["users_own.parquet"]
+
+
 @pytest.mark.parametrize("name", ["my col", "_day", "day\\n"])
 def test_partition_columns_need_plain_names(project: Project, name: str) -> None:
     """Hostile review: `_day` was accepted, and pyarrow's dataset reader skips every directory
