@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -30,7 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from minibatch.hive import FILE_RE, SOURCES_KEY, units_of
-from minibatch.layout import CHUNK_KEY, DEFINITION_KEY, OutputLayout, fsync_dir, ours, remove_published
+from minibatch.layout import (
+    CHUNK_KEY,
+    DEFINITION_KEY,
+    OutputLayout,
+    fsync_dir,
+    note_unit,
+    ours,
+    remove_published,
+    rescue,
+)
 
 RENAME_EXCHANGE = 2
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
@@ -190,6 +198,7 @@ class Publisher:
         staged = self.layout.staging / f"unit-{_digest(unit, *sorted(p.token for p in todo))}"
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir()
+        note = note_unit(staged, unit)
         self._carry_over(target, staged, {f.name for f in keep})
         groups = plan_files(todo, self.shape.target)
         with ThreadPoolExecutor(max(1, min(self.threads, len(groups)))) as pool:  # pyarrow frees the GIL
@@ -199,8 +208,9 @@ class Publisher:
                 self.out.files_written += 1
         fsync_dir(staged)
         exchange(staged, target)
-        _rescue(staged, target)  # the old unit, now here: what a user made in it while we built
+        rescue(staged, target)  # the old unit, now here: what a user made in it while we built
         shutil.rmtree(staged, ignore_errors=True)
+        note.unlink()
         self.out.units_written += 1
         self.out.files_kept += len(keep)
         self.out.files += [f.nbytes for f in keep]
@@ -267,43 +277,17 @@ class Publisher:
             return
         gone = self.layout.staging / f"gone-{_digest(unit)}"
         shutil.rmtree(gone, ignore_errors=True)
+        note = note_unit(gone, unit)
         os.rename(target, gone)
-        _rescue(gone, target)  # made since it was found to hold only minibatch's files
+        rescue(gone, target)  # made since it was found to hold only minibatch's files
         shutil.rmtree(gone)
+        note.unlink()
         for parent in list(target.parents)[: len(self.shape.partition_by) - 1]:
             try:
                 parent.rmdir()
             except OSError:
                 break
         fsync_dir(target.parent if target.parent.exists() else self.layout.output)
-
-
-def _rescue(old: Path, live: Path, top: bool = True) -> None:
-    """Move into `live` what in `old` (a unit swapped out or removed) is not minibatch's and not
-    already in `live` as the same file (carried over, linked): a user's file made or replaced in
-    the unit while it was rebuilt. (One deleted meanwhile comes back, carried over.) Minibatch's
-    own files are at a unit's top; a directory below holds only what it carried over."""
-    moved = False
-    for entry in os.scandir(old) if old.is_dir() else []:  # not there: nothing was swapped out
-        there, is_dir = live / entry.name, entry.is_dir(follow_symlinks=False)
-        if is_dir and there.is_dir() and not there.is_symlink():
-            _rescue(Path(entry.path), there, top=False)
-            continue
-        if not is_dir and ((top and ours(entry.name)) or _same_file(entry, there)):
-            continue
-        if os.path.lexists(there) and (is_dir or there.is_dir()):
-            # a file became a directory, or the other way round: both are kept, the newer as name.N
-            names = (live / f"{entry.name}.{n}" for n in itertools.count(1))
-            there = next(name for name in names if not os.path.lexists(name))
-        live.mkdir(parents=True, exist_ok=True)
-        os.replace(entry.path, there)
-        moved = True
-    if moved:
-        fsync_dir(live)
-
-
-def _same_file(entry: os.DirEntry[str], path: Path) -> bool:
-    return os.path.lexists(path) and os.path.samestat(entry.stat(follow_symlinks=False), path.lstat())
 
 
 def exchange(staged: Path, target: Path) -> None:

@@ -11,6 +11,7 @@ staging directory. The staging directory is also its claim on the output.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ REDUCED_NAME = "part-reduced.parquet"
 HELD_MARK = ".minibatch-held"  # in a quarantine or malformed directory minibatch made
 QUARANTINE_PREFIX = "quarantine-"  # a staged file of quarantined rows: never salvaged
 MALFORMED_PREFIX = "malformed-"  # a staged file of text records that did not parse
+NOTE_SUFFIX = ".unit"  # beside a unit swapped out in staging: which unit it was
 PART_RE = re.compile(r"^part-[0-9a-f]{24}\.parquet$")
 STAGED_RE = re.compile(r"^part-(?P<chunk>[0-9a-f]{24})\.parquet\.[\w-]+\.\d+\.tmp$")
 CHUNK_KEY = b"minibatch.chunk"  # Parquet key-value metadata of every part
@@ -88,6 +90,11 @@ class OutputLayout:
         leftovers = [
             p for p in self.staging.iterdir() if not STAGED_RE.match(p.name) and p.name != OWNER_NAME
         ]
+        for path in leftovers:  # a unit a dead publication swapped out: a user's files in it go back
+            note = self.staging / f"{path.name.removesuffix('.old')}{NOTE_SUFFIX}"
+            unit = note.read_text() if path.is_dir() and not path.is_symlink() and note.is_file() else None
+            if unit is not None and ".." not in Path(unit).parts and not Path(unit).is_absolute():
+                rescue(path, self.output / unit)
         for path in leftovers:
             _remove(path)
         return len(leftovers)
@@ -298,6 +305,43 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def note_unit(aside: Path, unit: str) -> Path:
+    """Note in staging which unit the directory `aside` swaps out, before it does: a run that
+    dies before the rescue leaves the next one where to move a user's files back (`prepare`)."""
+    note = aside.with_name(aside.name + NOTE_SUFFIX)
+    note.write_text(unit)
+    fsync_dir(aside.parent)
+    return note
+
+
+def rescue(old: Path, live: Path, top: bool = True) -> None:
+    """Move into `live` what in `old` (a unit swapped out or removed) is not minibatch's and not
+    already in `live` as the same file (carried over, linked): a user's file made or replaced in
+    the unit while it was rebuilt. (One deleted meanwhile comes back, carried over.) Minibatch's
+    own files are at a unit's top; a directory below holds only what it carried over."""
+    moved = False
+    for entry in os.scandir(old) if old.is_dir() else []:  # not there: nothing was swapped out
+        there, is_dir = live / entry.name, entry.is_dir(follow_symlinks=False)
+        if is_dir and there.is_dir() and not there.is_symlink():
+            rescue(Path(entry.path), there, top=False)
+            continue
+        if not is_dir and ((top and ours(entry.name)) or _same_file(entry, there)):
+            continue
+        if os.path.lexists(there) and (is_dir or there.is_dir()):
+            # a file became a directory, or the other way round: both are kept, the newer as name.N
+            names = (live / f"{entry.name}.{n}" for n in itertools.count(1))
+            there = next(name for name in names if not os.path.lexists(name))
+        live.mkdir(parents=True, exist_ok=True)
+        os.replace(entry.path, there)
+        moved = True
+    if moved:
+        fsync_dir(live)
+
+
+def _same_file(entry: os.DirEntry[str], path: Path) -> bool:
+    return os.path.lexists(path) and os.path.samestat(entry.stat(follow_symlinks=False), path.lstat())
 
 
 def _remove(path: Path) -> None:

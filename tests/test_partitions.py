@@ -410,6 +410,45 @@ def test_a_users_file_made_while_its_partition_is_rebuilt_stays(
     assert {i for ids in by_pyarrow(project.out("p")).values() for i in ids} == set(range(1000, 1100))
 
 
+@pytest.mark.parametrize("swap", ["replaced", "removed"])
+def test_a_users_file_in_a_unit_a_dead_publication_swapped_out_stays(
+    project: Project, monkeypatch: pytest.MonkeyPatch, swap: str
+) -> None:
+    """Hostile review: a publication that died between swapping a unit out and moving back what
+    a user made in it meanwhile left the user's file in staging, and the next run deleted it
+    with the rest of staging (`temp_files_removed=1`)."""
+    write(project, "a.parquet", range(0, 300), days=2, regions=["eu"])
+    project.write_config(JOB)
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    unit = project.out("p") / ("day=2026-11-01" if swap == "replaced" else "day=2026-11-02") / "region=eu"
+    real_exchange, real_rename = compact.exchange, os.rename
+
+    def dies_after_the_swap(staged: Path, target: Path) -> None:
+        if target == unit:
+            (target / "_NOTES.txt").write_text("made while it was rebuilt")
+        real_exchange(staged, target)
+        if target == unit:
+            raise OSError(28, "No space left on device")  # the process's end, as far as the unit knows
+
+    def dies_after_the_removal(source: Path, destination: Path) -> None:
+        if Path(source) == unit:
+            (unit / "_NOTES.txt").write_text("made after the check")
+            real_rename(source, destination)
+            raise OSError(28, "No space left on device")
+        real_rename(source, destination)
+
+    monkeypatch.setattr(compact, "exchange", dies_after_the_swap)
+    monkeypatch.setattr(compact.os, "rename", dies_after_the_removal)
+    (project.data / "a.parquet").unlink()
+    write(project, "b.parquet", range(1000, 1100), days=1, regions=["eu"])  # day 1 rebuilt, day 2 empty
+    assert project.cli("run-now", "p", "-q").returncode == 1
+    monkeypatch.undo()
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    assert (unit / "_NOTES.txt").read_text().startswith("made")
+    assert {i for ids in by_pyarrow(project.out("p")).values() for i in ids} == set(range(1000, 1100))
+    assert [p.name for p in project.out("p").parent.glob(".p.minibatch-staging/*")] == ["minibatch-owner"]
+
+
 def test_a_part_names_every_row_when_arrow_caps_its_row_groups(tmp_path: Path) -> None:
     """Hostile review: row_group_rows above Arrow's 64 Mi cap. The footer counted
     ceil(rows / row_group_rows) row groups where Arrow had written more, and publishing copied
