@@ -23,10 +23,13 @@ class JobLocked(Exception):
         super().__init__(f"job {job!r} is already running in {holder}")
 
 
+ID_NAME = "minibatch-id"
+
+
 def state_id(state_dir: Path) -> str:
     """The state_dir's identity: a random name made once in `minibatch-id`. It goes where the
     directory goes (moved, or behind a symlink on another disk); another state_dir has another."""
-    path = state_dir / "minibatch-id"
+    path = state_dir / ID_NAME
     with contextlib.suppress(FileNotFoundError):
         if found := path.read_text().strip():
             return found

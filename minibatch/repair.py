@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minibatch.config import Config
-from minibatch.lock import job_lock
+from minibatch.lock import ID_NAME, job_lock, state_id, write_once
 from minibatch.manifest import Manifest, ManifestBusy, ManifestError, manifest_path
 
+IDENTITY_TABLE = "state_identity"  # in a backup: the id of the state_dir it was taken from
 TABLES = ("runs", "chunks", "attempts", "bad_files", "job_state", "reduce_state", "schedule_state")
 
 
@@ -63,9 +64,24 @@ def restore(config: Config, copy: Path) -> Path:
             for leftover in (staged, staged.with_name(staged.name + ".wal")):
                 leftover.unlink(missing_ok=True)
             raise ManifestError(f"{copy} is not a manifest backup: {problem}")
+        identity = _identity(staged)
         aside = _set_aside(path, "replaced") if path.exists() else path
         os.replace(staged, path)
+        if identity:  # the outputs' owner files name the backed-up state_dir by it (owner.py)
+            write_once(config.engine.state_dir / ID_NAME, identity, replace=True)
         return aside
+
+
+def _identity(path: Path) -> str | None:
+    """The minibatch-id of the state_dir a backup was taken from (None: an older release's)."""
+    import duckdb
+
+    with contextlib.closing(duckdb.connect(str(path), read_only=True)) as con:
+        try:
+            found = con.execute(f"SELECT id FROM {IDENTITY_TABLE}").fetchone()
+        except duckdb.CatalogException:
+            return None
+    return str(found[0]) if found else None
 
 
 def _not_a_manifest(path: Path) -> str | None:
@@ -147,6 +163,10 @@ def backup(config: Config, dest: Path) -> Path:
                 raise ManifestError(f"cannot write the backup {target}: {str(exc).splitlines()[0]}") from None
             try:
                 con.execute(f'COPY FROM DATABASE "{name}" TO minibatch_backup')
+                identity = state_id(config.engine.state_dir)  # for a restore into a state_dir made anew
+                con.execute(
+                    f"CREATE OR REPLACE TABLE minibatch_backup.{IDENTITY_TABLE} AS SELECT ? AS id", [identity]
+                )
             finally:  # this process's DuckDB outlives the backup: let go of the copy either way
                 con.execute("DETACH DATABASE IF EXISTS minibatch_backup")
         with open(temp, "rb") as handle:

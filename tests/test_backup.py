@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import duckdb
@@ -42,6 +43,33 @@ def test_a_backup_taken_during_a_live_run_restores_to_a_manifest_that_resumes_ex
     # parts published after the backup are adopted (their footers name chunk and definition):
     # only the chunks in flight at the kill are computed again
     assert len(computed) - len(set(computed)) <= 2
+
+
+def test_a_state_dir_lost_with_its_manifest_gets_its_outputs_back(project: Project) -> None:
+    """Hostile review: after the README's disaster recovery (the state_dir's disk lost, then
+    `restore` of a backup, or no backup at all) every job was refused its own output: the new
+    state_dir had a new minibatch-id, which no backup kept."""
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    copy = project.root / "m.duckdb"
+    assert project.cli("backup", str(copy)).returncode == 0
+    state = project.root / ".state"
+    shutil.rmtree(state)  # the disk holding the state_dir is lost
+    assert project.cli("restore", str(copy)).returncode == 0
+    resumed = project.cli("run-now", "ident")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "0 done now" in resumed.stdout and len(project.computations()) == len(set(project.computations()))
+    shutil.rmtree(state)  # and no backup: the way out is named
+    refused = project.cli("run-now", "ident")
+    assert refused.returncode == 2 and "was made anew" in refused.stderr, refused.stderr
+    owner_file = next((project.root / "out").glob(".ident.minibatch-staging/minibatch-owner"))
+    assert f"remove {owner_file}" in refused.stderr
+    owner_file.unlink()
+    adopted = project.cli("run-now", "ident")
+    assert adopted.returncode == 0, adopted.stderr
+    assert "0 done now" in adopted.stdout
+    assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(300))
 
 
 def test_backup_never_overwrites(project: Project) -> None:
