@@ -95,24 +95,42 @@ def _progress(backfill: Any, state: Any) -> None:
 def cancel(state: State, run_id: str) -> None:
     """Stop run RUN_ID gracefully: chunks in flight finish (within stop_grace), queued ones
     are handed back, the run is recorded `stopped` and its next run resumes it."""
-    from minibatch.status import manifest_for
+    from minibatch.status import actual_status, manifest_for
 
-    rows = manifest_for(state.config).named("run_by_id", read_only=True, run_id=run_id)
+    manifest = manifest_for(state.config)
+    rows = manifest.named("run_by_id", read_only=True, run_id=run_id)
+    lock = None
+    if not rows:  # a backfill's id: the backfill as a whole
+        rows = manifest.named("backfill", read_only=True, id=run_id)
+        lock = f"{rows[0]['job']}.backfill" if rows else None
     if not rows:
         _fail(f"no run {run_id!r}")
     run = rows[0]
     argv = _command_line(run["pid"])
-    if run["status"] != "running" or argv is None:
-        _fail(f"run {run_id!r} of {run['job']} is not running (it is {run['status']})")
-    if "daemon" in argv:
+    # its pid, dead, may be another process's by now: the lock's holder says
+    status = actual_status(state.config, {**run, "job": lock or run["job"]})
+    if status != "running" or argv is None:
+        _fail(f"run {run_id!r} of {run['job']} is not running (it is {status})")
+    command = _command(argv)
+    if command == "daemon":
         answer = api_call(state, "POST", f"/runs/{run_id}/cancel")
         click.echo(
             f"run {run_id} of {answer['job']}: {answer['status']} (asked the daemon, pid {run['pid']})"
         )
         return
     os.kill(run["pid"], signal.SIGTERM)
-    what = "its backfill (run the same command again to continue)" if "backfill" in argv else "it"
+    what = "its backfill (run the same command again to continue)" if command == "backfill" else "it"
     click.echo(f"run {run_id} of {run['job']}: stopping {what} (SIGTERM to process {run['pid']})")
+
+
+def _command(argv: list[str]) -> str | None:
+    """The minibatch command a process runs (`daemon`, `run-now`, ...), not a job so named."""
+    rest = argv[1:]
+    if "-m" in rest and rest[rest.index("-m") + 1 :][:1] == ["minibatch"]:  # python [flags] -m minibatch
+        rest = rest[rest.index("-m") + 2 :]
+    while rest and rest[0].startswith("-"):  # the group's options: --config PATH, --config=PATH
+        rest = rest[2:] if rest[0] == "--config" else rest[1:]
+    return rest[0] if rest else None
 
 
 def _command_line(pid: int | None) -> list[str] | None:

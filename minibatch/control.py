@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -25,7 +25,7 @@ from minibatch.backfill import (
     run_backfill,
 )
 from minibatch.config import Config, ConfigError, JobConfig
-from minibatch.lock import JobLocked, job_lock
+from minibatch.lock import JobLocked, holder_pid
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest
 from minibatch.params import DATE, logical_date
@@ -64,6 +64,7 @@ class Active:
     kind: str = "run"  # run | backfill
     key: str | None = None  # a run's checkpoint key
     started: bool = True  # False: accepted over HTTP, waiting for a thread of the pool
+    params: dict[str, str] = field(default_factory=dict)
 
 
 class ActiveRuns:
@@ -95,6 +96,7 @@ class Control:
         self.host = host
         self._triggers: dict[str, list[float]] = {}
         self._lock = threading.Lock()
+        self._claims = threading.Lock()  # a check that nothing runs and the claim, as one step
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -110,19 +112,29 @@ class Control:
             "params": list(job.params), "paused": paused,
             "next_fire": None if paused else self.host.next_fire(name),
             "running": [i for i, a in self.host.active.items() if a.job == name and a.kind == "run"],
-            "last_run": run_json(last[0]) if last else None,
+            "last_run": self._shown(last[0]) if last else None,
         }  # fmt: skip
 
     def runs(self, job: str | None, limit: int) -> list[dict[str, Any]]:
         if job is not None:
             self._job(job)
-        return [run_json(row) for row in self.host.manifest.runs(job, limit)]
+        return [self._shown(row) for row in self.host.manifest.runs(job, limit)]
 
     def run(self, run_id: str) -> dict[str, Any]:
         rows = self.host.manifest.named("run_by_id", run_id=run_id)
         if not rows:
+            if (waiting := self.host.active.get(run_id)) is not None:  # accepted, not begun: no row yet
+                params = json.dumps(waiting.params)
+                return run_json({"run_id": run_id, "job": waiting.key, "status": "queued", "params": params})
             raise ControlError(404, "Run not found", f"no run {run_id!r}")
-        return run_json(rows[0])
+        return self._shown(rows[0])
+
+    def _shown(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A run as run_json shows it, `crashed` if its process died running it (a daemon
+        SIGKILLed: its runs' rows still say `running`)."""
+        from minibatch.status import actual_status
+
+        return {**run_json(row), "status": actual_status(self.host.config, row)}
 
     def report(self, run_id: str) -> str:
         from minibatch.report import render_report
@@ -144,12 +156,15 @@ class Control:
         except ConfigError as exc:
             raise ControlError(422, "Bad parameters", "; ".join(exc.errors)) from None
         self._rate_limit(name)
-        if any(a.key == key for _, a in self.host.active.items()):
-            raise ControlError(409, "Already running", f"job {key!r} is running")
-        self._check_free(key, f"job {key!r} is running")
         run_id, stop = new_run_id(), StopSignals()
+        with self._claims:  # two requests at once: one is accepted, the other told so
+            if any(a.key == key for _, a in self.host.active.items()):
+                raise ControlError(409, "Already running", f"job {key!r} is running")
+            self._check_free(key, f"job {key!r} is running")
+            self.host.active.add(
+                run_id, Active(name, stop, key=key, started=False, params=params)
+            )  # cancellable from now on
         options = RunOptions(params=params, fresh=fresh, retry_dead=retry_dead, run_id=run_id, stop=stop)
-        self.host.active.add(run_id, Active(name, stop, key=key, started=False))  # cancellable from now on
         self.host.submit(self.host.run_in_daemon, name, "api", options)
         log.info("run_requested", job=name, run_id=run_id, params=params or None)
         return {"run_id": run_id, "job": key, "status": "queued", "url": f"/runs/{run_id}"}
@@ -162,10 +177,13 @@ class Control:
             rows = self.host.manifest.named("run_by_id", run_id=run_id)
             if not rows:
                 raise ControlError(404, "Run not found", f"no run {run_id!r} in this daemon")
-            status = rows[0]["status"]
-            raise ControlError(
-                409, "Run not running here", f"run {run_id!r} is {status}, not running in this daemon"
-            )
+            found = self.host.manifest.named("backfill_of_run", run_id=run_id)
+            active = self.host.active.get(found[0]["backfill_id"]) if found else None
+            status = self._shown(rows[0])["status"]
+            if active is None or status != RunStatus.RUNNING:
+                raise ControlError(
+                    409, "Run not running here", f"run {run_id!r} is {status}, not running in this daemon"
+                )  # else a date of a backfill here: the backfill stops, as its process would on SIGTERM
         active.stop.request()
         log.info("run_cancel_requested", job=active.job, run_id=run_id)
         return {"run_id": run_id, "job": active.job, "status": "stopping"}
@@ -182,14 +200,22 @@ class Control:
             check_request(self.host.config, request)
         except ConfigError as exc:
             raise ControlError(422, "Bad backfill", "; ".join(exc.errors)) from None
-        self._check_free(f"{request.job}.backfill", f"a backfill of job {request.job!r} is running")
         spec: dict[str, Any] = {"job": request.job, "first": request.first, "last": request.last}
-        found = self.host.manifest.named(
-            "unfinished_backfill", params=json.dumps(request.params, sort_keys=True), **spec
-        )
-        old = load(self.host.manifest, found[0]["backfill_id"]) if found else None
-        backfill_id = old.backfill_id if old and continues(old, request) else new_backfill_id()
-        self.host.submit(self._run_backfill, request, backfill_id)
+        with self._claims:
+            running = [
+                a for _, a in self.host.active.items() if a.kind == "backfill" and a.job == request.job
+            ]
+            if running:
+                raise ControlError(409, "Already running", f"a backfill of job {request.job!r} is running")
+            self._check_free(f"{request.job}.backfill", f"a backfill of job {request.job!r} is running")
+            found = self.host.manifest.named(
+                "unfinished_backfill", params=json.dumps(request.params, sort_keys=True), **spec
+            )
+            old = load(self.host.manifest, found[0]["backfill_id"]) if found else None
+            backfill_id = old.backfill_id if old and continues(old, request) else new_backfill_id()
+            stop = StopSignals()
+            self.host.active.add(backfill_id, Active(request.job, stop, "backfill", started=False))
+        self.host.submit(self._run_backfill, request, backfill_id, stop)
         return {
             "backfill_id": backfill_id,
             "job": request.job,
@@ -201,15 +227,23 @@ class Control:
         backfill = load(self.host.manifest, backfill_id)
         if backfill is None:
             raise ControlError(404, "Backfill not found", f"no backfill {backfill_id!r}")
-        return backfill_json(backfill, self.host.manifest)
+        shown = backfill_json(backfill, self.host.manifest)
+        lock = f"{backfill.request.job}.backfill"
+        if shown["status"] == "running" and holder_pid(self.host.config.engine.state_dir, lock) is None:
+            # its process died (a daemon SIGKILLed): the same request continues it
+            shown["status"] = RunStatus.CRASHED
+            for day in shown["dates"]:
+                day["status"] = RunStatus.CRASHED if day["status"] == "running" else day["status"]
+        return shown
 
-    def _run_backfill(self, request: BackfillRequest, backfill_id: str) -> None:
-        stop = StopSignals()
+    def _run_backfill(self, request: BackfillRequest, backfill_id: str, stop: StopSignals) -> None:
         self.host.active.add(backfill_id, Active(request.job, stop, "backfill"))
         try:
             run_backfill(self.host.config, request, stop, backfill_id=backfill_id)
         except JobLocked as exc:
-            log.warning("backfill_skipped_locked", job=request.job, holder_pid=exc.pid)
+            log.warning(
+                "backfill_skipped_locked", job=request.job, backfill_id=backfill_id, holder_pid=exc.pid
+            )
         except Exception:  # a broken backfill must not take the daemon down
             log.exception("backfill_crashed", job=request.job, backfill_id=backfill_id)
         finally:
@@ -228,11 +262,10 @@ class Control:
             raise ControlError(503, "Stopping", "the daemon is stopping; it starts no new runs")
 
     def _check_free(self, lock: str, detail: str) -> None:
-        try:
-            with job_lock(self.host.config.engine.state_dir, lock):
-                pass
-        except JobLocked:
-            raise ControlError(409, "Already running", detail) from None
+        """Refuse what a process holds the lock of: asked, not taken (taking it, even for a
+        moment, could make a run starting elsewhere at that moment give up)."""
+        if holder_pid(self.host.config.engine.state_dir, lock) is not None:
+            raise ControlError(409, "Already running", detail)
 
     def _rate_limit(self, name: str) -> None:
         now = time.monotonic()

@@ -254,7 +254,8 @@ class Daemon:
             key = key_of(self.config, name, options.params)
             running = key and any(a.key == key and i != options.run_id for i, a in self.active.items())
             if self.stopping or running:
-                log.info("run_skipped", job=name, reason="stopping" if self.stopping else "already running")
+                why = "stopping" if self.stopping else "already running"
+                log.info("run_skipped", job=name, run_id=options.run_id, reason=why)
                 self.active.remove(options.run_id)
                 return True
             self.active.add(options.run_id, Active(name, options.stop, key=key, started=True))
@@ -262,7 +263,7 @@ class Daemon:
             log.info("run_fired", job=name, reason=reason, run_id=options.run_id)
             run_job(self.config, name, options, [self.metrics])
         except JobLocked as exc:
-            log.warning("run_skipped_locked", job=name, holder_pid=exc.pid)
+            log.warning("run_skipped_locked", job=name, run_id=options.run_id, holder_pid=exc.pid)
             return False
         except Exception:  # a broken run must not take the daemon down
             log.exception("run_crashed", job=name)

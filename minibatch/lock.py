@@ -125,9 +125,19 @@ def _open_lock(path: Path) -> int:
 
 
 def holder_pid(state_dir: Path, job: str) -> int | None:
-    """The pid written by the lock's holder, if the holder is alive."""
+    """The pid of the lock's holder, if it is held: the kernel's word (/proc/locks), not only
+    the pid the holder wrote, which outlives it and may be another process's by now."""
+    path = lock_path(state_dir, job)
     try:
-        pid = int(_read_lock(lock_path(state_dir, job)).strip() or 0)
+        holder = _flock_holder(path)
+    except (OSError, ValueError):  # no lock file: no holder; no /proc/locks: the file's word
+        holder = None if not os.path.lexists(path) else 0
+    if holder:
+        return holder
+    if holder is None:
+        return None
+    try:
+        pid = int(_read_lock(path).strip() or 0)
     except (OSError, ValueError):
         return None
     if not pid:
@@ -139,6 +149,18 @@ def holder_pid(state_dir: Path, job: str) -> int | None:
     except PermissionError:
         pass
     return pid
+
+
+def _flock_holder(path: Path) -> int | None:
+    """Who holds the flock on `path` (0: held by a pid this namespace cannot see), or None."""
+    st = os.stat(path, follow_symlinks=False)
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks") as handle:
+        for line in handle:
+            fields = line.split()  # "3: FLOCK ADVISORY WRITE <pid> <dev>:<inode> 0 EOF"; "->": a waiter
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == where:
+                return int(fields[4])
+    return None
 
 
 def _read_lock(path: Path) -> bytes:

@@ -204,6 +204,9 @@ SELECT d.logical_date, d.action, d.status, d.run_id, d.error, r.chunks_done, r.c
 FROM backfill_dates d LEFT JOIN runs r USING (run_id)
 WHERE d.backfill_id = $id ORDER BY d.position;
 
+-- name: backfill_of_run
+SELECT backfill_id FROM backfill_dates WHERE run_id = $run_id;
+
 -- name: paused
 SELECT job, paused_at FROM paused_jobs;
 

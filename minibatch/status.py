@@ -32,7 +32,7 @@ def job_status(config: Config, job: str | None = None) -> list[dict[str, Any]]:
 def _entry(config: Config, name: str, row: dict[str, Any] | None) -> dict[str, Any]:
     if row is None:
         return {"job": name, "status": "never run"}
-    status = _actual_status(config, row)
+    status = actual_status(config, row)
     total = row["chunks_total"] or 0
     done = row["done_total"]  # the checkpoint as it stands, not the run's own counters
     dead = row["dead_total"]
@@ -79,10 +79,16 @@ def _output(config: Config, name: str, row: dict[str, Any]) -> dict[str, Any]:
     return {"output_rows": rows, "output_bytes": size}
 
 
-def _actual_status(config: Config, row: dict[str, Any]) -> str:
-    """A run recorded as running whose process no longer holds the job's lock has crashed."""
+def actual_status(config: Config, row: dict[str, Any]) -> str:
+    """A run recorded as running whose process no longer holds the job's lock has crashed,
+    unless it ended between the row's read and the lock's (a run records its end, then lets go)."""
     if row["status"] == RunStatus.RUNNING and holder_pid(config.engine.state_dir, row["job"]) != row["pid"]:
-        return RunStatus.CRASHED
+        now = (
+            manifest_for(config).named("run_by_id", read_only=True, run_id=row["run_id"])
+            if "run_id" in row
+            else []
+        )
+        return str(now[0]["status"]) if now and now[0]["status"] != RunStatus.RUNNING else RunStatus.CRASHED
     return str(row["status"])
 
 
@@ -90,7 +96,7 @@ def run_history(config: Config, job: str | None = None, limit: int = 20) -> list
     """Past runs, newest first, with their throughput."""
     entries = []
     for row in manifest_for(config).runs(job, limit):
-        status = _actual_status(config, row)
+        status = actual_status(config, row)
         ended, started = row["ended_at"], row["started_at"]
         entries.append(
             {

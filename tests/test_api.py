@@ -130,13 +130,13 @@ def test_trigger_watch_conflict_cancel_and_exactly_once(project: Project) -> Non
         wait_for(lambda: len(project.computations()) >= 4, what="chunks to finish")
         status, body, _ = api.call("POST", f"/runs/{first}/cancel")
         assert (status, body["status"]) == (202, "stopping")
-        stopped = api.run_until(first, lambda run: run["status"] != "running")
+        stopped = api.run_until(first, lambda run: run["status"] not in ("queued", "running"))
         assert stopped["status"] == "stopped" and 0 < stopped["chunks_done"] < stopped["chunks_total"]
         assert api.call("POST", f"/runs/{first}/cancel")[0] == 409  # not running any more
 
         project.write_env({"MB_SLEEP": "0"})
         second = api.call("POST", "/jobs/slow/runs", {"retry_dead": True})[1]["run_id"]
-        done = api.run_until(second, lambda run: run["status"] != "running")
+        done = api.run_until(second, lambda run: run["status"] not in ("queued", "running"))
         assert done["status"] == "succeeded"
         assert done["chunks_reused"] == stopped["chunks_done"]  # resumed, not redone
         assert done["chunks_done"] + done["chunks_reused"] == done["chunks_total"] == stopped["chunks_total"]
@@ -284,7 +284,10 @@ def test_a_run_cancelled_as_soon_as_it_is_accepted_stops(project: Project) -> No
             run_id = api.call("POST", "/jobs/slow/runs", {"fresh": True})[1]["run_id"]
             status, body, _ = api.call("POST", f"/runs/{run_id}/cancel")  # before its thread starts it
             assert (status, body["status"]) == (202, "stopping")
-            assert api.run_until(run_id, lambda run: run["status"] != "running")["status"] == "stopped"
+            assert (
+                api.run_until(run_id, lambda run: run["status"] not in ("queued", "running"))["status"]
+                == "stopped"
+            )
     finally:
         assert api.stop() == 0
 
@@ -308,3 +311,185 @@ def test_a_catch_up_fire_runs_its_logical_date(project: Project) -> None:
     assert project.manifest_rows("SELECT job, status FROM runs") == [
         (f"daily[date={yesterday}]", "succeeded")
     ]
+
+
+class StubDaemon:
+    """What Control asks of the daemon (control.Host), without its scheduler or HTTP."""
+
+    def __init__(self, project: Project) -> None:
+        from minibatch.config import load_config
+        from minibatch.control import ActiveRuns
+
+        self.config = load_config(project.root / "config.toml")
+        self.manifest = Manifest(project.root / ".state" / "manifest.duckdb")
+        self.active, self.stopping, self.submitted = ActiveRuns(), False, []
+
+    def submit(self, target: Any, *args: Any) -> None:
+        self.submitted.append(args)
+
+    def next_fire(self, job: str) -> None:
+        return None
+
+    def run_in_daemon(self, name: str, reason: str, options: Any) -> bool:
+        return True
+
+
+def fake_running(project: Project, pid: int) -> str:
+    """The project's one run as a SIGKILLed process leaves it: `running`, its pid in the row and
+    in the job's lock file, which nobody holds now."""
+    import duckdb
+
+    con = duckdb.connect(str(project.root / ".state" / "manifest.duckdb"))
+    try:
+        con.execute("UPDATE runs SET status = 'running', ended_at = NULL, pid = ?", [pid])
+        (run_id,) = con.execute("SELECT run_id FROM runs").fetchone() or ("",)
+    finally:
+        con.close()
+    (project.root / ".state" / "locks" / "slow.lock").write_text(f"{pid:<20}\n")
+    return str(run_id)
+
+
+def test_cancel_of_a_run_whose_pid_is_now_another_process_signals_no_one(project: Project) -> None:
+    """Hostile review: a run-now SIGKILLed, its pid given to another minibatch process (a
+    container's restart makes that likely): `minibatch cancel` of the dead run sent SIGTERM to
+    it, exit 0. The API said the dead run was `running` for good."""
+    import subprocess
+    import sys
+
+    project.write_input("a.parquet", 0, 100)
+    project.write_config(SLOW_JOB)
+    assert project.cli("run-now", "slow", "-q").returncode == 0
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "minibatch", "backfill"])
+    try:
+        run_id = fake_running(project, other.pid)
+        refused = project.cli("cancel", run_id)
+        assert refused.returncode == 2 and "is not running (it is crashed)" in refused.stderr, refused.stderr
+        assert other.poll() is None
+        control = Control(StubDaemon(project))
+        assert control.run(run_id)["status"] == "crashed"
+        assert control.job("slow")["last_run"]["status"] == "crashed"
+        with pytest.raises(ControlError, match="is crashed"):
+            control.cancel(run_id)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_two_triggers_at_once_one_is_accepted_and_a_queued_run_is_found(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hostile review: two POSTs at once both got 202 and one run id never existed (the check
+    that nothing ran and the claim were two steps); and an accepted run was 404 until it began."""
+    import threading
+    import time
+
+    project.write_config(SLOW_JOB)
+    control = Control(StubDaemon(project))
+    real_check = control._check_free
+
+    def slow_check(lock: str, detail: str) -> None:
+        time.sleep(0.2)  # the window between the check and the claim, wide open
+        real_check(lock, detail)
+
+    monkeypatch.setattr(control, "_check_free", slow_check)
+    answers: list[Any] = []
+
+    def trigger() -> None:
+        try:
+            answers.append(control.trigger("slow", {}, fresh=False, retry_dead=False))
+        except ControlError as exc:
+            answers.append(exc.status)
+
+    threads = [threading.Thread(target=trigger) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    accepted = [a for a in answers if isinstance(a, dict)]
+    assert len(accepted) == 1 and 409 in answers, answers
+    from minibatch.api import Run
+
+    queued = control.run(accepted[0]["run_id"])
+    assert queued["status"] == "queued" and Run(**queued).job == "slow"  # the API's answer, not a 500
+
+
+def test_which_command_a_process_runs() -> None:
+    """Hostile review: `cancel` sent a run of a job named `daemon` to the daemon's API."""
+    from minibatch.cli_control import _command
+
+    assert _command(["/venv/bin/minibatch", "run-now", "daemon"]) == "run-now"
+    assert (
+        _command(["/usr/bin/python3", "-X", "importtime", "-m", "minibatch", "--config", "c", "daemon"])
+        == "daemon"
+    )
+    assert _command(["minibatch", "--config=c.toml", "backfill", "daemon"]) == "backfill"
+
+
+def test_a_date_of_a_backfill_here_is_cancelled_by_its_run_id_and_a_dead_one_is_crashed(
+    project: Project,
+) -> None:
+    """Hostile review: cancelling the run a daemon's backfill was running (the id GET
+    /backfills shows) was refused, 409 "is running, not running in this daemon"; and after a
+    SIGKILLed daemon GET /backfills/{id} said `running` for good."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from minibatch.backfill import BackfillRequest, run_backfill
+    from minibatch.control import Active
+    from minibatch.lock import job_lock
+    from minibatch.signals import StopSignals
+
+    (project.root / "landing" / "2026-11-01").mkdir(parents=True)
+    pq.write_table(pa.table({"id": [1], "value": [1]}), project.root / "landing/2026-11-01/a.parquet")
+    project.write_config(DAILY)
+    daemon = StubDaemon(project)
+    done = run_backfill(
+        daemon.config, BackfillRequest("daily", datetime(2026, 11, 1).date(), datetime(2026, 11, 1).date())
+    )
+    run_id = done.dates[0].run_id
+    con = duckdb.connect(str(project.root / ".state" / "manifest.duckdb"))
+    try:  # as the daemon's process left it, killed mid-date
+        con.execute("UPDATE runs SET status = 'running', pid = ?", [os.getpid()])
+        con.execute("UPDATE backfills SET status = 'running'")
+        con.execute("UPDATE backfill_dates SET status = 'running'")
+    finally:
+        con.close()
+    control = Control(daemon)
+    shown = control.backfill_info(done.backfill_id)
+    assert shown["status"] == "crashed" and shown["dates"][0]["status"] == "crashed"
+    stop = StopSignals()
+    daemon.active.add(done.backfill_id, Active("daily", stop, "backfill"))
+    with (
+        job_lock(project.root / ".state", "daily[date=2026-11-01]"),
+        job_lock(project.root / ".state", "daily.backfill"),
+    ):
+        assert control.cancel(run_id)["status"] == "stopping"  # the date's run: its backfill stops
+        assert control.backfill_info(done.backfill_id)["status"] == "running"
+    assert stop.requested
+
+
+def test_cancel_takes_a_backfills_id_too(project: Project) -> None:
+    """Hostile review: `minibatch cancel bf-...` said "no run": a backfill could not be stopped
+    by the id it prints."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for n, day in enumerate(["2026-11-01", "2026-11-02"]):
+        (project.root / "landing" / day).mkdir(parents=True)
+        ids = list(range(n * 1000, n * 1000 + 600))
+        pq.write_table(
+            pa.table({"id": ids, "value": ids}),
+            project.root / "landing" / day / "a.parquet",
+            row_group_size=100,
+        )
+    project.write_config(DAILY + 'chunk_bytes = "1KB"\n')
+    process = project.start(
+        "backfill", "daily", "--from", "2026-11-01", "--to", "2026-11-02", env={"MB_SLEEP": "0.2"}
+    )
+    wait_for(lambda: len(project.computations()) >= 1, what="a chunk begun")
+    (backfill_id,) = [r[0] for r in project.manifest_rows("SELECT backfill_id FROM backfills")]
+    result = project.cli("cancel", backfill_id)
+    assert result.returncode == 0 and "SIGTERM" in result.stdout, result.stderr
+    assert process.wait(timeout=60) == 0
+    assert project.manifest_rows("SELECT status FROM backfills") == [("stopped",)]
