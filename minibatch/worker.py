@@ -11,12 +11,14 @@ import errno
 import multiprocessing
 import os
 import resource
+import secrets
 import signal
 import sys
 import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -26,7 +28,7 @@ import pyarrow as pa
 
 from minibatch.checks import apply_checks
 from minibatch.jobcode import forget_package, import_process
-from minibatch.layout import MALFORMED_PREFIX, QUARANTINE_PREFIX, with_provenance, write_durably
+from minibatch.layout import MALFORMED_PREFIX, QUARANTINE_PREFIX, staged_name, with_provenance, write_durably
 from minibatch.reading import read_chunk, read_text, release_held, sql_on_file, sql_on_table
 from minibatch.results import check_schema, conform
 from minibatch.states import ErrorKind
@@ -53,12 +55,15 @@ EXIT_ORPHANED = 70  # a worker whose coordinator died
 RELEASE_AFTER = 8 * 2**20  # chunk bytes from which a worker returns Arrow's freed memory at once
 
 _functions: dict[str, tuple[Any, str | None, int | None]] = {}  # key -> (func, file, mtime)
-_import_lock = threading.Lock()
+_loaded: dict[str, str] = {}  # a top-level package in sys.modules -> the directory it came from
+_project: list[Any] = ["", 0]  # whose job code runs in this process now, and in how many tasks
+_import_lock = threading.Condition()
 
 
 def run_task(task: Task) -> TaskResult:
     if task.job.process is not None:
-        _function(task.job)  # a first import is the worker's start-up, not this chunk's compute
+        with _job_code(task.job):  # a first import is the worker's start-up, not this chunk's compute
+            pass
     start_rss = _reset_peak_rss()
     cpu, queued = time.process_time(), _queued()
     started = time.perf_counter()
@@ -172,14 +177,22 @@ def _context(task: Task) -> ChunkContext:
 
 def _write(task: Task, result: pa.Table, prefix: str = "") -> tuple[int, str]:
     """Stage the result durably; the coordinator publishes it (a worker never does: the fence)."""
-    name = prefix + (task.staged_name or f"{task.output_name}.{os.getpid()}.tmp")
+    # Each execution its own file: Dask may run one attempt twice (a worker it gave up on still
+    # runs it), and a late writer must not rewrite the file the coordinator has published.
+    run = f"{task.run_id}-{secrets.token_hex(4)}"
+    name = prefix + (
+        staged_name(task.output_name, run, task.attempt)
+        if task.staged_name
+        else f"{task.output_name}.{os.getpid()}.tmp"
+    )
     staged = Path(task.job.staging_dir) / name
     table = with_provenance(result, task.chunk.chunk_id, task.job.definition, task.job.input_schema)
     return write_durably(table, staged, None if prefix else task.job.shape), str(staged)
 
 
 def _call(job: JobSpec, table: pa.Table, ctx: ChunkContext) -> pa.Table | None:
-    result = _function(job)(table, ctx)
+    with _job_code(job) as function:
+        result = function(table, ctx)
     if result is None or isinstance(result, pa.Table):
         return result
     if isinstance(result, pa.RecordBatch):
@@ -187,22 +200,42 @@ def _call(job: JobSpec, table: pa.Table, ctx: ChunkContext) -> pa.Table | None:
     return pa.table(result)
 
 
-def _function(job: JobSpec) -> Any:
-    """The job's function, imported once per process and again when its file changed: a Dask
-    worker outlives runs and serves several configs, so a module cached under the same name
-    may be another directory's or an older version of this one."""
+@contextlib.contextmanager
+def _job_code(job: JobSpec) -> Iterator[Any]:
+    """The job's function, while it runs. A Dask worker outlives runs and serves several
+    configs: a module cached under the same name may be another directory's or an older
+    version of this one, and what the function imports as it runs must come from its own
+    directory, so a task of another directory waits until this one's are done."""
     assert job.process is not None
-    key = f"{job.base_dir}:{job.process}"
-    module_name = job.process.partition(":")[0]
     with _import_lock:  # a Dask worker's threads share sys.modules and sys.path
-        cached = _functions.get(key)
-        if cached is not None and _mtime(cached[1]) == cached[2]:
-            return cached[0]
-        forget_package(job.process)  # the package and its helpers, afresh from this job's directory
-        func = import_process(job.process, Path(job.base_dir))
-        path = getattr(sys.modules.get(module_name), "__file__", None)
-        _functions[key] = (func, path, _mtime(path))
-        return func
+        while _project[0] != job.base_dir and _project[1]:
+            _import_lock.wait()
+        function = _function(job)
+        _project[:] = [job.base_dir, (_project[1] if _project[0] == job.base_dir else 0) + 1]
+    try:
+        yield function
+    finally:
+        with _import_lock:
+            _project[1] = int(_project[1]) - 1
+            _import_lock.notify_all()
+
+
+def _function(job: JobSpec) -> Any:
+    """Imported once per process, and again when its file, its definition (`version`) or the
+    directory whose package is loaded changed (called under _import_lock)."""
+    assert job.process is not None
+    key = f"{job.base_dir}:{job.process}:{job.definition}"
+    module_name = job.process.partition(":")[0]
+    root = module_name.split(".")[0]
+    cached = _functions.get(key)
+    if cached is not None and _loaded.get(root) == job.base_dir and _mtime(cached[1]) == cached[2]:
+        return cached[0]
+    forget_package(job.process)  # the package and its helpers, afresh from this job's directory
+    _loaded[root] = job.base_dir
+    func = import_process(job.process, Path(job.base_dir))
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    _functions[key] = (func, path, _mtime(path))
+    return func
 
 
 def _mtime(path: str | None) -> int | None:

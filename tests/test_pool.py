@@ -432,3 +432,62 @@ def test_the_forkserver_ignores_a_terminals_ctrl_c_while_it_loads() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.split() == ["True", "True"], result.stderr
+
+
+def test_one_attempt_run_twice_never_rewrites_the_others_file(env: dict[str, Path]) -> None:
+    """Hostile review (Dask): a worker the scheduler gave up on, still alive, ran an attempt
+    that the scheduler had run again elsewhere; both wrote the one staged name, so the late one
+    truncated and rewrote the part after the coordinator had published it (unreadable, exit 0)."""
+    from minibatch.worker import run_task
+
+    chunk = plan_chunks([read_file_meta(str(env["input"]), None)], 10**9)[0]
+    first = run_task(task(1, chunk, spec(env)))
+    written = Path(str(first.staged)).read_bytes()
+    second = run_task(task(1, chunk, spec(env)))  # the same attempt again, as Dask may run it
+    assert first.staged != second.staged
+    assert Path(str(first.staged)).read_bytes() == written
+
+
+def test_a_long_lived_worker_runs_each_projects_own_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hostile review (Dask, whose workers outlive runs and serve several configs): project a's
+    job, whose function imports its helper as it runs, got project b's helper after b ran on the
+    same worker; and a helper edited with `version` raised kept its old code (exit 0 both)."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from minibatch.worker import run_task
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    chunk = plan_chunks(
+        [read_file_meta(str(write_parquet(tmp_path / "in.parquet", rows=10, row_group=10)), None)], 10**9
+    )[0]
+
+    def project(name: str, factor: int) -> JobSpec:
+        base = tmp_path / name
+        (base / "mbjobs").mkdir(parents=True)
+        (base / "mbjobs" / "__init__.py").write_text("")
+        (base / "mbjobs" / "helpers.py").write_text(f"FACTOR = {factor}\n")
+        (base / "mbjobs" / "etl.py").write_text(
+            "import pyarrow as pa\n\ndef run(table, ctx):\n    from mbjobs.helpers import FACTOR\n"
+            "    return pa.table({'y': [FACTOR] * table.num_rows})\n"
+        )
+        (tmp_path / f"staging-{name}").mkdir()
+        staging = str(tmp_path / f"staging-{name}")
+        return JobSpec(name="t", process="mbjobs.etl:run", sql=None, columns=None, base_dir=str(base),
+                       parts_dir=staging, staging_dir=staging, definition="v1")  # fmt: skip
+
+    def factors(job: JobSpec) -> set[int]:
+        result = run_task(Task(1, chunk, job, "run-1", 1, "part-1.parquet", "staged"))
+        return set(pq.read_table(str(result.staged))["y"].to_pylist())
+
+    try:
+        a, b = project("a", 1), project("b", 1000)
+        assert [factors(a), factors(b), factors(a)] == [{1}, {1000}, {1}]
+        (Path(a.base_dir) / "mbjobs" / "helpers.py").write_text("FACTOR = 10\n")  # edited, `version` raised
+        assert factors(dataclasses.replace(a, definition="v2")) == {10}
+    finally:
+        for name in [n for n in sys.modules if n == "mbjobs" or n.startswith("mbjobs.")]:
+            del sys.modules[name]
