@@ -17,6 +17,7 @@ from typing import Any
 
 from minibatch.config import Config, ConfigError, JobConfig, load_config
 from minibatch.control import Active, ActiveRuns, Control, fire_params, key_of, unmet_dependencies
+from minibatch.events import Event, Listener
 from minibatch.inputs import InputError, expand_inputs
 from minibatch.lock import JobLocked, job_lock
 from minibatch.log import get_logger
@@ -261,7 +262,7 @@ class Daemon:
             self.active.add(options.run_id, Active(name, options.stop, key=key, started=True))
         try:
             log.info("run_fired", job=name, reason=reason, run_id=options.run_id)
-            run_job(self.config, name, options, [self.metrics])
+            run_job(self.config, name, options, [self.metrics, _Ended(self.active, options.run_id)])
         except JobLocked as exc:
             log.warning("run_skipped_locked", job=name, run_id=options.run_id, holder_pid=exc.pid)
             return False
@@ -372,3 +373,15 @@ def run_daemon(config: Config, config_path: str | None) -> int:
     One daemon per state_dir: two would fire every job twice (JobLocked: exit 3)."""
     with job_lock(config.engine.state_dir, "minibatch.daemon"):  # no job's name has a dot
         return Daemon(config, config_path).run()
+
+
+class _Ended(Listener):
+    """Takes a run off the daemon's list as it ends, before its hooks fire: a hook may trigger
+    the job again over the API (the job's lock is already free)."""
+
+    def __init__(self, active: ActiveRuns, run_id: str | None) -> None:
+        self.active, self.run_id = active, run_id
+
+    def run_ended(self, event: Event) -> None:
+        if self.run_id is not None:
+            self.active.remove(self.run_id)

@@ -20,7 +20,7 @@ import subprocess
 import threading
 import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from minibatch.checking import Hook, url_label
 from minibatch.config import Config, JobConfig
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 OUTPUT_LIMIT = 2000  # characters of a command's output kept in the log
 KEEP_REPORTS = 50  # per job: reports written for hooks are ~5 MB each
-KILLED_OUTPUT_WAIT = 1.0  # seconds to collect a killed command's last output
+KILLED_OUTPUT_WAIT = 1.0  # seconds to collect a command's last output after it ended
+ENV_LIMIT = 16 * 1024  # characters of a fact in a command's environment
 ASSIGNMENT_RE = re.compile(r"^[A-Za-z_]\w*=")  # FOO=bar before a command
 
 
@@ -143,7 +144,7 @@ def _redact(text: str, url: str) -> str:
 def _run_command(hook: Hook, event: str, facts: dict[str, Any], cwd: Path, log: Any) -> None:
     assert hook.command is not None
     env = os.environ | {"MINIBATCH_EVENT": event}
-    env |= {f"MINIBATCH_{key.upper()}": "" if value is None else str(value) for key, value in facts.items()}
+    env |= {f"MINIBATCH_{key.upper()}": _env_value(value) for key, value in facts.items()}
     label = command_label(hook.command)
     try:
         process = subprocess.Popen(
@@ -153,42 +154,58 @@ def _run_command(hook: Hook, event: str, facts: dict[str, Any], cwd: Path, log: 
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
             start_new_session=True,  # so a timeout kills the command's children too
         )
     except OSError as exc:
         log.warning("hook_failed", hook=event, command=label, error=str(exc))
         return
-    try:
-        output, _ = process.communicate(timeout=hook.timeout)
+    assert process.stdout is not None
+    tail = _Tail(process.stdout)
+    try:  # the command's own end, not its output's: a child it left running may hold the pipe
+        process.wait(timeout=hook.timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
         log.warning(
             "hook_failed", hook=event, command=label, error=f"timed out after {hook.timeout:g}s",
-            output=_killed_output(process)[-OUTPUT_LIMIT:],
+            output=tail.text(),
         )  # fmt: skip
         return
     if process.returncode != 0:
         log.warning(
-            "hook_failed", hook=event, command=label, exit_status=process.returncode,
-            output=output[-OUTPUT_LIMIT:],
-        )  # fmt: skip
+            "hook_failed", hook=event, command=label, exit_status=process.returncode, output=tail.text()
+        )
     else:
         log.info("hook_done", hook=event, command=label)
 
 
-def _killed_output(process: subprocess.Popen[str]) -> str:
-    """The last output of a command killed at its timeout. A child that left the session
-    (`setsid`, a daemon) survives the kill and may hold the pipe open: stop reading then."""
-    try:
-        output, _ = process.communicate(timeout=KILLED_OUTPUT_WAIT)
-        return output
-    except subprocess.TimeoutExpired:
-        assert process.stdout is not None
-        process.stdout.close()
-        process.wait()
-        return ""
+def _env_value(value: Any) -> str:
+    """A fact as an environment variable: Linux refuses to start a command with one string in
+    its environment over 128 KiB (an error quoting a long input value would silence the alert)."""
+    text = "" if value is None else str(value)
+    return text if len(text) <= ENV_LIMIT else text[:ENV_LIMIT] + " ... (cut)"
+
+
+class _Tail:
+    """A command's last OUTPUT_LIMIT characters, read as it writes: never all of its output in
+    memory (a hook printing gigabytes)."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self.kept = bytearray()
+        self.reader = threading.Thread(
+            target=self._read, args=(pipe,), name="minibatch-hook-output", daemon=True
+        )
+        self.reader.start()
+
+    def _read(self, pipe: IO[bytes]) -> None:
+        with pipe, contextlib.suppress(OSError, ValueError):
+            while chunk := os.read(pipe.fileno(), 65536):
+                self.kept = (self.kept + chunk)[-4 * OUTPUT_LIMIT :]
+
+    def text(self) -> str:
+        """What it wrote; the last of it, if it is still writing, is not waited for long."""
+        self.reader.join(KILLED_OUTPUT_WAIT)
+        return bytes(self.kept).decode(errors="replace")[-OUTPUT_LIMIT:]
 
 
 def _post(hook: Hook, event: str, facts: dict[str, Any], log: Any) -> None:

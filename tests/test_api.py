@@ -493,3 +493,33 @@ def test_cancel_takes_a_backfills_id_too(project: Project) -> None:
     assert result.returncode == 0 and "SIGTERM" in result.stdout, result.stderr
     assert process.wait(timeout=60) == 0
     assert project.manifest_rows("SELECT status FROM backfills") == [("stopped",)]
+
+
+def test_a_hook_of_a_daemons_run_may_trigger_the_job_again(project: Project) -> None:
+    """Hostile review: a hook's `POST /jobs/a/runs` got 409 "Already running": the daemon kept
+    the run on its list until its hooks were done, though its lock was free."""
+    import sys
+
+    project.write_input("a.parquet", 0, 100)
+    once, answer = project.root / "once", project.root / "answer"
+    port = free_port()
+    trigger = project.root / "trigger.py"
+    trigger.write_text(
+        "import urllib.request as u\n"
+        f"r = u.Request('http://127.0.0.1:{port}/jobs/slow/runs', b'{{}}',\n"
+        "              {'Content-Type': 'application/json'})\n"
+        "print(u.urlopen(r).status)\n"
+    )
+    hook = f"[ -e {once} ] || {{ touch {once}; {sys.executable} {trigger} > {answer} 2>&1; }}"
+    engine = f'api_addr = "127.0.0.1:{port}"\nmetrics_addr = ""\n'
+    project.write_config(SLOW_JOB + f"on_success = {json.dumps(hook)}\n", engine=engine)
+    api = Api.__new__(Api)
+    api.project, api.token, api.env, api.port = project, "", None, port
+    api.start()
+    try:
+        api.call("POST", "/jobs/slow/runs", {})
+        wait_for(lambda: answer.exists() and answer.read_text().strip() != "", what="the hook's trigger")
+        assert answer.read_text().strip() == "202", answer.read_text()
+        wait_for(lambda: len(api.call("GET", "/runs?job=slow")[1]) == 2, what="the second run")
+    finally:
+        assert api.stop() == 0

@@ -16,7 +16,7 @@ import pytest
 from minibatch.config import ConfigError, parse_config
 from minibatch.hooks import Hook
 
-from conftest import Project, faulty_job
+from conftest import Project, faulty_job, wait_for
 
 
 def setup(project: Project, process: str, hooks: str = "", engine: str = "") -> None:
@@ -188,3 +188,57 @@ def test_a_run_that_breaks_is_recorded_crashed_and_fires_on_failure(project: Pro
     env = read_env(seen)
     assert env["MINIBATCH_OUTCOME"] == "crashed" and "FileExistsError" in env["MINIBATCH_ERROR"]
     assert project.manifest_rows("SELECT status FROM runs") == [("crashed",)]
+
+
+def test_a_hooks_output_is_kept_as_its_tail_and_its_end_is_the_shells(project: Project) -> None:
+    """Hostile review: a hook's whole output was held in memory (512 MiB of output: 1.8 GB
+    RSS; `yes` within a 4 s timeout: 15 GB), and a hook leaving a child in the background was
+    waited for until its timeout, reported failed and its child killed."""
+    import os
+    import subprocess
+    import sys
+
+    flood = "head -c 600000000 /dev/zero | tr '\\\\0' x; echo THE-END; exit 3"
+    setup(project, "poison", f'on_success = "{flood}"')
+    argv = [sys.executable, "-m", "minibatch", "--config", str(project.root / "config.toml"), "run-now", "f"]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=project.env())
+    assert process.stderr is not None
+    stderr = process.stderr.read().decode()
+    _, status, usage = os.wait4(process.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, stderr
+    failure = next(json.loads(line) for line in stderr.splitlines() if "hook_failed" in line)
+    assert failure["exit_status"] == 3 and failure["output"].endswith("xxxTHE-END\n")
+    assert usage.ru_maxrss < 500 * 1024, f"{usage.ru_maxrss // 1024} MiB at most in the process"  # KiB
+
+    done = project.root / "bg_done"
+    setup(project, "poison", f'on_success = {{ command = "(sleep 1; touch {done}) &", timeout = "3s" }}')
+    started = time.monotonic()
+    result = project.cli("run-now", "f", "--fresh")
+    assert result.returncode == 0 and "hook_done" in result.stderr and "hook_failed" not in result.stderr
+    assert time.monotonic() - started < 3  # not its timeout
+    wait_for(done.exists, timeout=10, what="the hook's own child, left running")
+
+
+def test_a_long_error_still_reaches_the_hook(tmp_path: Path) -> None:
+    """Hostile review: an error quoting a 200 KB input value made `MINIBATCH_ERROR` longer
+    than Linux lets one environment string be: the on_failure command never started."""
+    from minibatch.hooks import ENV_LIMIT, fire
+
+    seen = tmp_path / "seen"
+    facts = {"job": "j", "run_id": "r", "error": "x" * 200_000}
+    fire(Hook(command=f'printf %s "$MINIBATCH_ERROR" | wc -c > {seen}'), "on_failure", facts, tmp_path)
+    assert ENV_LIMIT <= int(seen.read_text()) < ENV_LIMIT + 100
+
+
+def test_a_stop_signal_while_a_hook_runs_ends_the_command_as_the_run_did(project: Project) -> None:
+    """Hostile review: SIGTERM while on_success ran killed `run-now` with 143 (no summary) and
+    left the hook running: the handlers were the default ones again after the run."""
+    import signal
+
+    started = project.root / "hook_started"
+    setup(project, "poison", f'on_success = {{ command = "touch {started}; sleep 2", timeout = "20s" }}')
+    process = project.start("run-now", "f")
+    wait_for(started.exists, timeout=60, what="the hook")
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0 and "succeeded" in out, out
