@@ -32,6 +32,7 @@ from minibatch.hive import FILE_RE, SOURCES_KEY, units_of
 from minibatch.layout import (
     CHUNK_KEY,
     DEFINITION_KEY,
+    WHOLE_PREFIX,
     OutputLayout,
     fsync_dir,
     note_unit,
@@ -101,8 +102,11 @@ def read_slices(parts: Iterable[Path]) -> dict[str, list[Slice]]:
     return found
 
 
-def publish_parts(layout: OutputLayout, wanted: dict[str, list[Slice]], threads: int = 1) -> Published:
-    return Publisher(layout, threads).publish(wanted)
+def publish_parts(
+    layout: OutputLayout, wanted: dict[str, list[Slice]], threads: int = 1, whole: bool = False
+) -> Published:
+    publisher = Publisher(layout, threads)
+    return publisher.publish_whole(wanted) if whole else publisher.publish(wanted)
 
 
 def plan_files(slices: list[Slice], target: int) -> list[list[Slice]]:
@@ -135,6 +139,45 @@ class Publisher:
                 if path.is_file() and ours(path.name):
                     path.unlink()
         fsync_dir(self.layout.output)
+        return self.out
+
+    def publish_whole(self, wanted: dict[str, list[Slice]]) -> Published:
+        """Every partition at once (a reduction's, whose rows may move between partitions): the
+        whole output is built beside it, what minibatch did not write linked in, and swapped in
+        one step, so readers and a crash see the old result or the new one, never parts of both."""
+        output = self.layout.output
+        staged = (
+            self.layout.staging
+            / f"{WHOLE_PREFIX}{_digest(*sorted(p.token for v in wanted.values() for p in v))}"
+        )
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir()
+        note = note_unit(staged, "")
+        _link_theirs(output, staged)
+        files = []
+        for unit, slices in sorted(wanted.items()):
+            for path in [*reversed(Path(unit).parents[:-1]), Path(unit)]:  # a user's file in the way
+                if os.path.lexists(staged / path) and not (staged / path).is_dir():
+                    shutil.rmtree(staged)
+                    note.unlink()
+                    raise PublishError(f"{output / path} is not a directory minibatch made; move it away")
+            (staged / unit).mkdir(parents=True, exist_ok=True)
+            files += [(staged / unit, unit, group) for group in plan_files(slices, self.shape.target)]
+        with ThreadPoolExecutor(max(1, min(self.threads, len(files)))) as pool:
+            for rows, size in pool.map(lambda job: self._write_file(*job), files):
+                self.out.rows_written, self.out.files_written = (
+                    self.out.rows_written + rows,
+                    self.out.files_written + 1,
+                )
+                self.out.files.append(size)
+        for directory, _, _ in os.walk(staged, topdown=False):
+            fsync_dir(Path(directory))
+        self.out.units_written = len(wanted)
+        self.out.units_removed = len(self.existing_units().keys() - wanted.keys())
+        exchange(staged, output)
+        rescue(staged, output, anywhere=True)  # the old output, now here: what a user made meanwhile
+        shutil.rmtree(staged, ignore_errors=True)
+        note.unlink()
         return self.out
 
     # -- what the output holds ----------------------------------------------------------------
@@ -288,6 +331,19 @@ class Publisher:
             except OSError:
                 break
         fsync_dir(target.parent if target.parent.exists() else self.layout.output)
+
+
+def _link_theirs(source: Path, target: Path) -> None:
+    """What minibatch did not write in `source` (an output), linked at the same place under
+    `target`; a directory of the user's is kept even empty, a partition only with such files."""
+    for entry in os.scandir(source) if source.is_dir() else []:
+        if entry.is_dir(follow_symlinks=False):
+            _link_theirs(Path(entry.path), target / entry.name)
+            if "=" not in entry.name:
+                (target / entry.name).mkdir(parents=True, exist_ok=True)
+        elif not ours(entry.name):
+            target.mkdir(parents=True, exist_ok=True)
+            os.link(entry.path, target / entry.name, follow_symlinks=False)
 
 
 def exchange(staged: Path, target: Path) -> None:

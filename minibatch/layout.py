@@ -31,6 +31,7 @@ HELD_MARK = ".minibatch-held"  # in a quarantine or malformed directory minibatc
 QUARANTINE_PREFIX = "quarantine-"  # a staged file of quarantined rows: never salvaged
 MALFORMED_PREFIX = "malformed-"  # a staged file of text records that did not parse
 NOTE_SUFFIX = ".unit"  # beside a unit swapped out in staging: which unit it was
+WHOLE_PREFIX = "whole-"  # in staging: a whole output built to be swapped in at once
 PART_RE = re.compile(r"^part-[0-9a-f]{24}\.parquet$")
 STAGED_RE = re.compile(r"^part-(?P<chunk>[0-9a-f]{24})\.parquet\.[\w-]+\.\d+\.tmp$")
 CHUNK_KEY = b"minibatch.chunk"  # Parquet key-value metadata of every part
@@ -94,7 +95,7 @@ class OutputLayout:
             note = self.staging / f"{path.name.removesuffix('.old')}{NOTE_SUFFIX}"
             unit = note.read_text() if path.is_dir() and not path.is_symlink() and note.is_file() else None
             if unit is not None and ".." not in Path(unit).parts and not Path(unit).is_absolute():
-                rescue(path, self.output / unit)
+                rescue(path, self.output / unit, anywhere=path.name.startswith(WHOLE_PREFIX))
         for path in leftovers:
             _remove(path)
         return len(leftovers)
@@ -316,23 +317,27 @@ def note_unit(aside: Path, unit: str) -> Path:
     return note
 
 
-def rescue(old: Path, live: Path, top: bool = True) -> None:
+def rescue(old: Path, live: Path, top: bool = True, anywhere: bool = False) -> None:
     """Move into `live` what in `old` (a unit swapped out or removed) is not minibatch's and not
     already in `live` as the same file (carried over, linked): a user's file made or replaced in
     the unit while it was rebuilt. (One deleted meanwhile comes back, carried over.) Minibatch's
-    own files are at a unit's top; a directory below holds only what it carried over."""
+    own files are at a unit's top; a directory below holds only what it carried over. A whole
+    output swapped out (`anywhere`) has minibatch's files in its partitions too: they stay."""
     moved = False
     for entry in os.scandir(old) if old.is_dir() else []:  # not there: nothing was swapped out
         there, is_dir = live / entry.name, entry.is_dir(follow_symlinks=False)
         if is_dir and there.is_dir() and not there.is_symlink():
-            rescue(Path(entry.path), there, top=False)
+            rescue(Path(entry.path), there, False, anywhere)
             continue
-        if not is_dir and ((top and ours(entry.name)) or _same_file(entry, there)):
+        if not is_dir and (((top or anywhere) and ours(entry.name)) or _same_file(entry, there)):
             continue
         if os.path.lexists(there) and (is_dir or there.is_dir()):
             # a file became a directory, or the other way round: both are kept, the newer as name.N
             names = (live / f"{entry.name}.{n}" for n in itertools.count(1))
             there = next(name for name in names if not os.path.lexists(name))
+        if is_dir and anywhere:  # a partition gone from the new result: only a user's files go back
+            rescue(Path(entry.path), there, False, anywhere)
+            continue
         live.mkdir(parents=True, exist_ok=True)
         os.replace(entry.path, there)
         moved = True

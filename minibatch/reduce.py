@@ -134,7 +134,7 @@ def _publish_reduced(result: pa.Table, layout: OutputLayout, key: str) -> Publis
         staged = layout.staging / f"reduced-{key[:24]}.parquet"
         write_durably(with_provenance(result, key[:24], key), staged, layout.shape)
         try:
-            return publish_parts(layout, read_slices([staged]))
+            return publish_parts(layout, read_slices([staged]), whole=True)  # rows move between partitions
         finally:
             staged.unlink(missing_ok=True)
     write_atomically(result, layout.reduced, layout.staging)

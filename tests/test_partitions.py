@@ -510,3 +510,67 @@ def test_output_rows_change_compares_with_the_previous_result_not_with_a_hole(pr
     again = project.cli("run-now", "p", "-q")
     assert again.returncode == 0, again.stdout + again.stderr
     check_output(project)
+
+
+MOVING = """
+[jobs.r]
+input = "data/*.parquet"
+output = "out/r"
+sql = "SELECT id AS k, day FROM chunk"
+reduce_sql = '''SELECT k, count(*)::BIGINT AS n, CASE WHEN k = 3 THEN 'zzz'
+                WHEN count(*) >= 3 THEN 'big' ELSE 'small' END AS p FROM parts GROUP BY k'''
+partition_by = ["p"]
+"""
+
+
+def reduced(project: Project) -> list[tuple]:
+    files = f"{project.out('r')}/*/*.parquet"
+    return duckdb.sql(
+        f"SELECT k, n, p FROM read_parquet('{files}', hive_partitioning = 1) ORDER BY k, p"
+    ).fetchall()
+
+
+@pytest.mark.parametrize("dies", ["before", "after"])
+def test_a_partitioned_reduction_is_replaced_whole(
+    project: Project, monkeypatch: pytest.MonkeyPatch, dies: str
+) -> None:
+    """Hostile review: a reduction's partitions were swapped one by one; a row moving between
+    partitions (k=1 from p=small to p=big) was in both for a reader during the publication, and
+    after a SIGKILL in it until the next run. And a publication refused part-way (a user's file
+    where a new partition goes) left the new partitions before it in, a row lost, exit 1."""
+    project.data.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": [1, 1, 2], "day": ["d"] * 3}), project.data / "a.parquet")
+    project.write_config(MOVING)
+    assert project.cli("run-now", "r", "-q").returncode == 0
+    old = [(1, 2, "small"), (2, 1, "small")]
+    assert reduced(project) == old
+    (project.out("r") / "p=small" / "_NOTES").write_text("a user's")
+    pq.write_table(pa.table({"id": [1], "day": ["d"]}), project.data / "b.parquet")  # k=1 moves to big
+    real_exchange = compact.exchange
+    seen: list[list[tuple]] = []
+
+    def crash(staged: Path, target: Path) -> None:
+        seen.append(reduced(project))  # what a reader sees just before the swap
+        if dies == "after":
+            real_exchange(staged, target)
+        raise OSError(28, "No space left on device")  # the process's end, as far as the output knows
+
+    monkeypatch.setattr(compact, "exchange", crash)
+    assert project.cli("run-now", "r", "-q").returncode == 1
+    assert seen == [old] and reduced(project) == (
+        old if dies == "before" else [(1, 3, "big"), (2, 1, "small")]
+    )
+    monkeypatch.undo()
+    assert project.cli("run-now", "r", "-q").returncode == 0
+    assert reduced(project) == [(1, 3, "big"), (2, 1, "small")]
+    assert (project.out("r") / "p=small" / "_NOTES").read_text() == "a user's"
+    # a user's file where a new partition goes: refused before anything is replaced
+    (project.out("r") / "p=zzz").write_text("my notes")
+    pq.write_table(pa.table({"id": [3, 2, 2], "day": ["d"] * 3}), project.data / "c.parquet")
+    refused = project.cli("run-now", "r")
+    assert (
+        refused.returncode == 1
+        and "p=zzz is not a directory minibatch made" in refused.stdout + refused.stderr
+    )
+    assert reduced(project) == [(1, 3, "big"), (2, 1, "small")]
+    assert [p.name for p in project.out("r").parent.glob(".r.minibatch-staging/*")] == ["minibatch-owner"]
