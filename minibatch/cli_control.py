@@ -124,10 +124,10 @@ def cancel(state: State, run_id: str) -> None:
 
 
 def _command(argv: list[str]) -> str | None:
-    """The minibatch command a process runs (`daemon`, `run-now`, ...), not a job so named."""
-    rest = argv[1:]
-    if "-m" in rest and rest[rest.index("-m") + 1 :][:1] == ["minibatch"]:  # python [flags] -m minibatch
-        rest = rest[rest.index("-m") + 2 :]
+    """The minibatch command a process runs (`daemon`, `run-now`, ...), not a job so named:
+    after `minibatch`, the script (`python3 /venv/bin/minibatch daemon`) or the module (`-m`)."""
+    start = next((i + 1 for i, arg in enumerate(argv) if os.path.basename(arg) == "minibatch"), len(argv))
+    rest = argv[start:]
     while rest and rest[0].startswith("-"):  # the group's options: --config PATH, --config=PATH
         rest = rest[2:] if rest[0] == "--config" else rest[1:]
     return rest[0] if rest else None

@@ -32,10 +32,10 @@ from minibatch.hive import FILE_RE, SOURCES_KEY, units_of
 from minibatch.layout import (
     CHUNK_KEY,
     DEFINITION_KEY,
+    NOTE_SUFFIX,
     WHOLE_PREFIX,
     OutputLayout,
     fsync_dir,
-    note_unit,
     ours,
     remove_published,
     rescue,
@@ -331,6 +331,15 @@ class Publisher:
             except OSError:
                 break
         fsync_dir(target.parent if target.parent.exists() else self.layout.output)
+
+
+def note_unit(aside: Path, unit: str) -> Path:
+    """Note in staging which unit the directory `aside` swaps out, before it does: a run that
+    dies before the rescue leaves the next one where to move a user's files back (`prepare`)."""
+    note = aside.with_name(aside.name + NOTE_SUFFIX)
+    note.write_text(unit)
+    fsync_dir(aside.parent)
+    return note
 
 
 def _link_theirs(source: Path, target: Path) -> None:

@@ -88,17 +88,23 @@ class OutputLayout:
         results, which the run may salvage (`staged_results`). Returns how many it removed."""
         for directory in (self.output, self.staging, self.parts):
             directory.mkdir(parents=True, exist_ok=True)
+        self._rescue_leftovers()
         leftovers = [
             p for p in self.staging.iterdir() if not STAGED_RE.match(p.name) and p.name != OWNER_NAME
         ]
-        for path in leftovers:  # a unit a dead publication swapped out: a user's files in it go back
-            note = self.staging / f"{path.name.removesuffix('.old')}{NOTE_SUFFIX}"
-            unit = note.read_text() if path.is_dir() and not path.is_symlink() and note.is_file() else None
-            if unit is not None and ".." not in Path(unit).parts and not Path(unit).is_absolute():
-                rescue(path, self.output / unit, anywhere=path.name.startswith(WHOLE_PREFIX))
         for path in leftovers:
             _remove(path)
         return len(leftovers)
+
+    def _rescue_leftovers(self) -> None:
+        """A unit a dead publication swapped out: a user's files in it go back, beside (not over)
+        what is there now, which the user may have changed since."""
+        for path in self.staging.iterdir() if self.staging.is_dir() else []:
+            note = self.staging / f"{path.name.removesuffix('.old')}{NOTE_SUFFIX}"
+            unit = note.read_text() if path.is_dir() and not path.is_symlink() and note.is_file() else None
+            if unit is not None and ".." not in Path(unit).parts and not Path(unit).is_absolute():
+                whole = path.name.startswith(WHOLE_PREFIX)
+                rescue(path, self.output / unit, anywhere=whole, overwrite=False)
 
     def staged_results(self) -> dict[str, list[Path]]:
         """Results a worker wrote and fsynced that no coordinator published: chunk id -> files."""
@@ -161,7 +167,9 @@ class OutputLayout:
 
     def remove_all(self, keep_claim: bool = False) -> None:
         """Remove what minibatch wrote for this job, and nothing else (`keep_claim`: the output
-        stays minibatch's, for `--fresh`: the staging directory is emptied, not removed)."""
+        stays minibatch's, for `--fresh`: the staging directory is emptied, not removed; so it
+        does while files of the user's are left in it)."""
+        self._rescue_leftovers()
         if self.parts.is_dir():
             self.remove_parts(self.part_files())
         self.reduced.unlink(missing_ok=True)
@@ -173,7 +181,7 @@ class OutputLayout:
             _rmdir_if_empty(held)
         if self.hidden:
             _rmdir_if_empty(self.parts)
-        if keep_claim:
+        if keep_claim or self.foreign_files():  # else the next run would find them not minibatch's
             for path in self.staging.iterdir() if self.staging.is_dir() else []:
                 if path.name != OWNER_NAME:
                     _remove(path)
@@ -308,35 +316,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def note_unit(aside: Path, unit: str) -> Path:
-    """Note in staging which unit the directory `aside` swaps out, before it does: a run that
-    dies before the rescue leaves the next one where to move a user's files back (`prepare`)."""
-    note = aside.with_name(aside.name + NOTE_SUFFIX)
-    note.write_text(unit)
-    fsync_dir(aside.parent)
-    return note
-
-
-def rescue(old: Path, live: Path, top: bool = True, anywhere: bool = False) -> None:
+def rescue(old: Path, live: Path, top: bool = True, anywhere: bool = False, overwrite: bool = True) -> None:
     """Move into `live` what in `old` (a unit swapped out or removed) is not minibatch's and not
     already in `live` as the same file (carried over, linked): a user's file made or replaced in
     the unit while it was rebuilt. (One deleted meanwhile comes back, carried over.) Minibatch's
     own files are at a unit's top; a directory below holds only what it carried over. A whole
-    output swapped out (`anywhere`) has minibatch's files in its partitions too: they stay."""
+    output swapped out (`anywhere`) has minibatch's files in its partitions too: they stay.
+    Without `overwrite`, a file goes beside one of the name in `live`, not over it."""
     moved = False
     for entry in os.scandir(old) if old.is_dir() else []:  # not there: nothing was swapped out
         there, is_dir = live / entry.name, entry.is_dir(follow_symlinks=False)
         if is_dir and there.is_dir() and not there.is_symlink():
-            rescue(Path(entry.path), there, False, anywhere)
+            rescue(Path(entry.path), there, False, anywhere, overwrite)
             continue
         if not is_dir and (((top or anywhere) and ours(entry.name)) or _same_file(entry, there)):
             continue
-        if os.path.lexists(there) and (is_dir or there.is_dir()):
+        if os.path.lexists(there) and (is_dir or there.is_dir() or not overwrite):
             # a file became a directory, or the other way round: both are kept, the newer as name.N
             names = (live / f"{entry.name}.{n}" for n in itertools.count(1))
             there = next(name for name in names if not os.path.lexists(name))
         if is_dir and anywhere:  # a partition gone from the new result: only a user's files go back
-            rescue(Path(entry.path), there, False, anywhere)
+            rescue(Path(entry.path), there, False, anywhere, overwrite)
             continue
         live.mkdir(parents=True, exist_ok=True)
         os.replace(entry.path, there)

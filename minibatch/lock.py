@@ -31,8 +31,8 @@ def state_id(state_dir: Path) -> str:
     directory goes (moved, or behind a symlink on another disk); another state_dir has another."""
     path = state_dir / ID_NAME
     with contextlib.suppress(FileNotFoundError):
-        if found := path.read_text().strip():
-            return found
+        if found := path.read_text().split():
+            return found[0]
     state_dir.mkdir(parents=True, exist_ok=True)
     write_once(path, secrets.token_hex(16))  # of two first runs at once, one links first
     return path.read_text().strip()
@@ -111,6 +111,14 @@ def worker_slots(
     finally:
         for fd in held:
             os.close(fd)
+
+
+def former_ids(state_dir: Path) -> list[str]:
+    """The ids this state_dir had before a restore gave it its backup's (after the first line)."""
+    try:
+        return (state_dir / ID_NAME).read_text().split()[1:]
+    except OSError:
+        return []
 
 
 def _open_lock(path: Path) -> int:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from minibatch.lock import ID_NAME, state_id, write_once
+from minibatch.lock import ID_NAME, former_ids, state_id, write_once
 
 OWNER_NAME = "minibatch-owner"
 ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -57,6 +57,8 @@ def check(staging: Path, output: Path, owner: str, state_dir: Path, known: Calla
             raise OutputNotOwned(f"output {output} {why} (if it is this one's: {hand_over})")
         return
     if holder_id and holder_id != state_id(state_dir) and holder_dir == os.path.abspath(state_dir):
+        if holder_id in former_ids(state_dir):  # claimed here before a restore brought the backup's id
+            return
         raise OutputNotOwned(  # not taken on its own: another host may have its own state_dir here
             f"output {output} is the output of {holder} with the state_dir {holder_dir}, which was made "
             f"anew since (its {ID_NAME} changed): `minibatch restore` a backup of its manifest, or if it "
@@ -88,7 +90,7 @@ def _same(a: Path, b: Path) -> bool:
 
 def _same_id(state_dir: Path, wanted: str) -> bool:
     try:
-        return (state_dir / ID_NAME).read_text().strip() == wanted
+        return (state_dir / ID_NAME).read_text().split()[:1] == [wanted]
     except OSError:  # moved away, or unreadable: not a second live copy
         return False
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minibatch.config import Config
-from minibatch.lock import ID_NAME, job_lock, state_id, write_once
+from minibatch.lock import ID_NAME, former_ids, job_lock, state_id, write_once
 from minibatch.manifest import Manifest, ManifestBusy, ManifestError, manifest_path
 
 IDENTITY_TABLE = "state_identity"  # in a backup: the id of the state_dir it was taken from
@@ -67,8 +67,10 @@ def restore(config: Config, copy: Path) -> Path:
         identity = _identity(staged)
         aside = _set_aside(path, "replaced") if path.exists() else path
         os.replace(staged, path)
-        if identity:  # the outputs' owner files name the backed-up state_dir by it (owner.py)
-            write_once(config.engine.state_dir / ID_NAME, identity, replace=True)
+        if identity:  # the outputs' owner files name the backed-up state_dir by it (owner.py);
+            state = config.engine.state_dir  # those it claimed since with its own id stay its own
+            had = [i for i in [state_id(state), *former_ids(state)] if i != identity]
+            write_once(state / ID_NAME, "\n".join([identity, *dict.fromkeys(had)]), replace=True)
         return aside
 
 

@@ -418,6 +418,7 @@ def test_which_command_a_process_runs() -> None:
     from minibatch.cli_control import _command
 
     assert _command(["/venv/bin/minibatch", "run-now", "daemon"]) == "run-now"
+    assert _command(["/usr/bin/python3", "/venv/bin/minibatch", "daemon"]) == "daemon"  # a script's cmdline
     assert (
         _command(["/usr/bin/python3", "-X", "importtime", "-m", "minibatch", "--config", "c", "daemon"])
         == "daemon"

@@ -70,6 +70,15 @@ def test_a_state_dir_lost_with_its_manifest_gets_its_outputs_back(project: Proje
     assert adopted.returncode == 0, adopted.stderr
     assert "0 done now" in adopted.stdout
     assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(300))
+    # an output first claimed after the loss, then a restore: both are this state_dir's (a review)
+    project.write_config(
+        MAP_JOB + MAP_JOB.replace("[jobs.ident]", "[jobs.two]").replace("out/ident", "out/two")
+    )
+    assert project.cli("run-now", "two").returncode == 0
+    assert project.cli("restore", str(copy)).returncode == 0
+    for job in ("ident", "two"):
+        again = project.cli("run-now", job)
+        assert again.returncode == 0 and "0 done now" in again.stdout, again.stderr
 
 
 def test_backup_never_overwrites(project: Project) -> None:

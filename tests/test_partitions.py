@@ -410,17 +410,21 @@ def test_a_users_file_made_while_its_partition_is_rebuilt_stays(
     assert {i for ids in by_pyarrow(project.out("p")).values() for i in ids} == set(range(1000, 1100))
 
 
-@pytest.mark.parametrize("swap", ["replaced", "removed"])
+@pytest.mark.parametrize(
+    "swap, then", [("replaced", "run"), ("removed", "run"), ("replaced", "fresh"), ("removed", "reset")]
+)
 def test_a_users_file_in_a_unit_a_dead_publication_swapped_out_stays(
-    project: Project, monkeypatch: pytest.MonkeyPatch, swap: str
+    project: Project, monkeypatch: pytest.MonkeyPatch, swap: str, then: str
 ) -> None:
     """Hostile review: a publication that died between swapping a unit out and moving back what
     a user made in it meanwhile left the user's file in staging, and the next run deleted it
-    with the rest of staging (`temp_files_removed=1`)."""
+    with the rest of staging (`temp_files_removed=1`); so did `--fresh` and `reset` after the
+    first fix, and a file the user changed after the crash got its old copy back over it."""
     write(project, "a.parquet", range(0, 300), days=2, regions=["eu"])
     project.write_config(JOB)
     assert project.cli("run-now", "p", "-q").returncode == 0
     unit = project.out("p") / ("day=2026-11-01" if swap == "replaced" else "day=2026-11-02") / "region=eu"
+    (unit / "_KEEP").write_text("old")
     real_exchange, real_rename = compact.exchange, os.rename
 
     def dies_after_the_swap(staged: Path, target: Path) -> None:
@@ -443,10 +447,22 @@ def test_a_users_file_in_a_unit_a_dead_publication_swapped_out_stays(
     write(project, "b.parquet", range(1000, 1100), days=1, regions=["eu"])  # day 1 rebuilt, day 2 empty
     assert project.cli("run-now", "p", "-q").returncode == 1
     monkeypatch.undo()
-    assert project.cli("run-now", "p", "-q").returncode == 0
+    if swap == "replaced":  # the user changes a file of theirs before the next command
+        (unit / ".new").write_text("changed after the crash")
+        os.replace(unit / ".new", unit / "_KEEP")
+    command = {
+        "run": ["run-now", "p"],
+        "fresh": ["run-now", "p", "--fresh"],
+        "reset": ["reset", "p", "--yes"],
+    }
+    assert project.cli(*command[then], "-q" if then != "reset" else "--yes").returncode == 0
     assert (unit / "_NOTES.txt").read_text().startswith("made")
-    assert {i for ids in by_pyarrow(project.out("p")).values() for i in ids} == set(range(1000, 1100))
-    assert [p.name for p in project.out("p").parent.glob(".p.minibatch-staging/*")] == ["minibatch-owner"]
+    assert (unit / "_KEEP").read_text() == ("changed after the crash" if swap == "replaced" else "old")
+    if then != "reset":
+        assert {i for ids in by_pyarrow(project.out("p")).values() for i in ids} == set(range(1000, 1100))
+        assert [p.name for p in project.out("p").parent.glob(".p.minibatch-staging/*")] == ["minibatch-owner"]
+    else:  # what is left is the user's: the claim stays, so the next run is not refused
+        assert project.cli("run-now", "p", "-q").returncode == 0
 
 
 def test_a_part_names_every_row_when_arrow_caps_its_row_groups(tmp_path: Path) -> None:

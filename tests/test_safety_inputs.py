@@ -430,6 +430,7 @@ def test_foreign_files_in_the_output_survive_runs_fresh_runs_and_reset(project: 
         assert result.returncode == 0, (args, said(result))
         assert {name: (out / name).read_bytes() for name in foreign if (out / name).exists()} == foreign, args
     assert parquet_names(out) == ["foreign.parquet"]  # reset removed what minibatch wrote
+    assert project.cli("run-now", "ident").returncode == 0  # and kept its claim: not refused for them
 
 
 def test_existing_output_directory_minibatch_did_not_create_is_refused(project: Project) -> None:
