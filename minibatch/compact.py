@@ -16,6 +16,7 @@ target are merged with them: rewritten row by row, never concatenated (PARQUET-1
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -152,12 +153,18 @@ class Publisher:
         )
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir()
-        note = note_unit(staged, "")
+        if output.is_dir():  # the output's own mode, owner and group (a restricted one stays so)
+            shutil.copystat(output, staged)
+            with contextlib.suppress(PermissionError):
+                os.chown(staged, (st := output.stat()).st_uid, st.st_gid)
+        note = note_unit(staged, "", output)
         _link_theirs(output, staged)
         files = []
         for unit, slices in sorted(wanted.items()):
-            for path in [*reversed(Path(unit).parents[:-1]), Path(unit)]:  # a user's file in the way
-                if os.path.lexists(staged / path) and not (staged / path).is_dir():
+            for path in [*reversed(Path(unit).parents[:-1]), Path(unit)]:  # a user's file or link in the way
+                if os.path.lexists(staged / path) and (
+                    (staged / path).is_symlink() or not (staged / path).is_dir()
+                ):
                     shutil.rmtree(staged)
                     note.unlink()
                     raise PublishError(f"{output / path} is not a directory minibatch made; move it away")
@@ -241,7 +248,7 @@ class Publisher:
         staged = self.layout.staging / f"unit-{_digest(unit, *sorted(p.token for p in todo))}"
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir()
-        note = note_unit(staged, unit)
+        note = note_unit(staged, unit, target)
         self._carry_over(target, staged, {f.name for f in keep})
         groups = plan_files(todo, self.shape.target)
         with ThreadPoolExecutor(max(1, min(self.threads, len(groups)))) as pool:  # pyarrow frees the GIL
@@ -320,7 +327,7 @@ class Publisher:
             return
         gone = self.layout.staging / f"gone-{_digest(unit)}"
         shutil.rmtree(gone, ignore_errors=True)
-        note = note_unit(gone, unit)
+        note = note_unit(gone, unit, target)
         os.rename(target, gone)
         rescue(gone, target)  # made since it was found to hold only minibatch's files
         shutil.rmtree(gone)
@@ -333,24 +340,26 @@ class Publisher:
         fsync_dir(target.parent if target.parent.exists() else self.layout.output)
 
 
-def note_unit(aside: Path, unit: str) -> Path:
-    """Note in staging which unit the directory `aside` swaps out, before it does: a run that
-    dies before the rescue leaves the next one where to move a user's files back (`prepare`)."""
+def note_unit(aside: Path, unit: str, target: Path) -> Path:
+    """Note in staging which unit the directory `aside` swaps out, and the inode of the one it
+    replaces, before it does: a run that dies before the rescue leaves the next one where to
+    move a user's files back, if the swap happened (`prepare`)."""
     note = aside.with_name(aside.name + NOTE_SUFFIX)
-    note.write_text(unit)
+    note.write_text(f"{unit}\n{target.stat().st_ino if target.is_dir() else ''}")
     fsync_dir(aside.parent)
     return note
 
 
-def _link_theirs(source: Path, target: Path) -> None:
+def _link_theirs(source: Path, target: Path, mine: bool = True) -> None:
     """What minibatch did not write in `source` (an output), linked at the same place under
-    `target`; a directory of the user's is kept even empty, a partition only with such files."""
+    `target`; a directory of the user's is kept even empty, a partition only with such files.
+    Minibatch's files are in the output and its partitions (`mine`), not in a user's directory."""
     for entry in os.scandir(source) if source.is_dir() else []:
         if entry.is_dir(follow_symlinks=False):
-            _link_theirs(Path(entry.path), target / entry.name)
+            _link_theirs(Path(entry.path), target / entry.name, mine and "=" in entry.name)
             if "=" not in entry.name:
                 (target / entry.name).mkdir(parents=True, exist_ok=True)
-        elif not ours(entry.name):
+        elif not (mine and ours(entry.name)):
             target.mkdir(parents=True, exist_ok=True)
             os.link(entry.path, target / entry.name, follow_symlinks=False)
 

@@ -13,11 +13,13 @@ import contextlib
 import json
 import os
 import re
+import select
 import shlex
 import signal
 import socket
 import subprocess
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -28,6 +30,7 @@ from minibatch.events import Event, Listener
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.records import RunRecord
+from minibatch.signals import StopSignals
 from minibatch.states import RunStatus
 
 if TYPE_CHECKING:
@@ -58,11 +61,11 @@ class HookListener(Listener):
             return
         if hook is None:
             return
-        try:
-            facts = describe_run(
-                record, self.config.path, _write_report(self.config.engine.state_dir, record)
-            )
-            fire(hook, name, facts, self.config.base_dir)
+        try:  # a stop signal now: the hook keeps its timeout; a second one ends it at once
+            with StopSignals() as signals:
+                report = _write_report(self.config.engine.state_dir, record)
+                facts = describe_run(record, self.config.path, report)
+                fire(hook, name, facts, self.config.base_dir, signals)
         except Exception as exc:  # the boundary: whatever a hook does, the run's outcome stands
             get_logger(job=record.job, run_id=record.run_id).warning(
                 "hook_failed", hook=name, error=repr(exc)
@@ -110,10 +113,12 @@ def describe_run(record: Any, config_path: Path, report: Path | None) -> dict[st
     }
 
 
-def fire(hook: Hook, event: str, facts: dict[str, Any], cwd: Path) -> None:
+def fire(
+    hook: Hook, event: str, facts: dict[str, Any], cwd: Path, signals: StopSignals | None = None
+) -> None:
     log = get_logger(job=facts["job"], run_id=facts["run_id"])
     if hook.command:
-        _run_command(hook, event, facts, cwd, log)
+        _run_command(hook, event, facts, cwd, log, signals)
     if hook.url:
         _post(hook, event, facts, log)
 
@@ -141,7 +146,9 @@ def _redact(text: str, url: str) -> str:
     return text
 
 
-def _run_command(hook: Hook, event: str, facts: dict[str, Any], cwd: Path, log: Any) -> None:
+def _run_command(
+    hook: Hook, event: str, facts: dict[str, Any], cwd: Path, log: Any, signals: StopSignals | None
+) -> None:
     assert hook.command is not None
     env = os.environ | {"MINIBATCH_EVENT": event}
     env |= {f"MINIBATCH_{key.upper()}": _env_value(value) for key, value in facts.items()}
@@ -161,20 +168,19 @@ def _run_command(hook: Hook, event: str, facts: dict[str, Any], cwd: Path, log: 
         return
     assert process.stdout is not None
     tail = _Tail(process.stdout)
-    try:  # the command's own end, not its output's: a child it left running may hold the pipe
-        process.wait(timeout=hook.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        log.warning(
-            "hook_failed", hook=event, command=label, error=f"timed out after {hook.timeout:g}s",
-            output=tail.text(),
-        )  # fmt: skip
-        return
+    deadline = time.monotonic() + hook.timeout
+    while process.poll() is None:  # the command's own end, not its output's (a child left running)
+        stopped = signals is not None and signals.immediate
+        if stopped or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            why = "stopped by a second signal" if stopped else f"timed out after {hook.timeout:g}s"
+            log.warning("hook_failed", hook=event, command=label, error=why, output=tail.text())
+            return
+        select.select([signals.wakeup] if signals else [], [], [], 0.05)
+    output = tail.text()
     if process.returncode != 0:
-        log.warning(
-            "hook_failed", hook=event, command=label, exit_status=process.returncode, output=tail.text()
-        )
+        log.warning("hook_failed", hook=event, command=label, exit_status=process.returncode, output=output)
     else:
         log.info("hook_done", hook=event, command=label)
 
@@ -188,10 +194,12 @@ def _env_value(value: Any) -> str:
 
 class _Tail:
     """A command's last OUTPUT_LIMIT characters, read as it writes: never all of its output in
-    memory (a hook printing gigabytes)."""
+    memory (a hook printing gigabytes). Once asked for them, it reads on for KILLED_OUTPUT_WAIT
+    at most, then closes the pipe: a child left running keeps no thread and no descriptor of a
+    daemon's for as long as it lives."""
 
     def __init__(self, pipe: IO[bytes]) -> None:
-        self.kept = bytearray()
+        self.kept, self.done = bytearray(), threading.Event()
         self.reader = threading.Thread(
             target=self._read, args=(pipe,), name="minibatch-hook-output", daemon=True
         )
@@ -199,12 +207,17 @@ class _Tail:
 
     def _read(self, pipe: IO[bytes]) -> None:
         with pipe, contextlib.suppress(OSError, ValueError):
-            while chunk := os.read(pipe.fileno(), 65536):
-                self.kept = (self.kept + chunk)[-4 * OUTPUT_LIMIT :]
+            while not self.done.is_set():
+                if select.select([pipe], [], [], 0.05)[0]:
+                    if not (chunk := os.read(pipe.fileno(), 65536)):
+                        return
+                    self.kept = (self.kept + chunk)[-4 * OUTPUT_LIMIT :]
 
     def text(self) -> str:
-        """What it wrote; the last of it, if it is still writing, is not waited for long."""
+        """What it wrote, then no more."""
         self.reader.join(KILLED_OUTPUT_WAIT)
+        self.done.set()
+        self.reader.join()
         return bytes(self.kept).decode(errors="replace")[-OUTPUT_LIMIT:]
 
 

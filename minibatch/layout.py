@@ -101,8 +101,11 @@ class OutputLayout:
         what is there now, which the user may have changed since."""
         for path in self.staging.iterdir() if self.staging.is_dir() else []:
             note = self.staging / f"{path.name.removesuffix('.old')}{NOTE_SUFFIX}"
-            unit = note.read_text() if path.is_dir() and not path.is_symlink() and note.is_file() else None
-            if unit is not None and ".." not in Path(unit).parts and not Path(unit).is_absolute():
+            if not (path.is_dir() and not path.is_symlink() and note.is_file()):
+                continue
+            unit, _, inode = note.read_text().partition("\n")
+            swapped = inode.isdigit() and path.stat().st_ino == int(inode)  # else: the new one, unused
+            if swapped and ".." not in Path(unit).parts and not Path(unit).is_absolute():
                 whole = path.name.startswith(WHOLE_PREFIX)
                 rescue(path, self.output / unit, anywhere=whole, overwrite=False)
 
@@ -326,17 +329,18 @@ def rescue(old: Path, live: Path, top: bool = True, anywhere: bool = False, over
     moved = False
     for entry in os.scandir(old) if old.is_dir() else []:  # not there: nothing was swapped out
         there, is_dir = live / entry.name, entry.is_dir(follow_symlinks=False)
+        below = anywhere and top and "=" in entry.name  # a partition of a whole output: its files are too
         if is_dir and there.is_dir() and not there.is_symlink():
-            rescue(Path(entry.path), there, False, anywhere, overwrite)
+            rescue(Path(entry.path), there, below, anywhere, overwrite)
             continue
-        if not is_dir and (((top or anywhere) and ours(entry.name)) or _same_file(entry, there)):
+        if not is_dir and ((top and ours(entry.name)) or _same_file(entry, there)):
             continue
         if os.path.lexists(there) and (is_dir or there.is_dir() or not overwrite):
             # a file became a directory, or the other way round: both are kept, the newer as name.N
             names = (live / f"{entry.name}.{n}" for n in itertools.count(1))
             there = next(name for name in names if not os.path.lexists(name))
         if is_dir and anywhere:  # a partition gone from the new result: only a user's files go back
-            rescue(Path(entry.path), there, False, anywhere, overwrite)
+            rescue(Path(entry.path), there, below, anywhere, overwrite)
             continue
         live.mkdir(parents=True, exist_ok=True)
         os.replace(entry.path, there)

@@ -115,8 +115,7 @@ def run_job(
             if run is not None and run.started:  # it broke: tell on_failure before the error surfaces
                 run.events(EventKind.RUN_ENDED, record=run.record)
             raise
-    with StopSignals():  # after the lock (a hook may start a run); a stop now ends as the run did
-        run.events(EventKind.RUN_ENDED, record=summary.record)
+    run.events(EventKind.RUN_ENDED, record=summary.record)  # after the lock: a hook may start a run
     return summary
 
 

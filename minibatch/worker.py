@@ -57,6 +57,7 @@ RELEASE_AFTER = 8 * 2**20  # chunk bytes from which a worker returns Arrow's fre
 _functions: dict[str, tuple[Any, str | None, int | None]] = {}  # key -> (func, file, mtime)
 _loaded: dict[str, str] = {}  # a top-level package in sys.modules -> the directory it came from
 _project: list[Any] = ["", 0]  # whose job code runs in this process now, and in how many tasks
+_waiting: Counter[str] = Counter()  # tasks waiting for their directory's turn, by directory
 _import_lock = threading.Condition()
 
 
@@ -205,11 +206,16 @@ def _job_code(job: JobSpec) -> Iterator[Any]:
     """The job's function, while it runs. A Dask worker outlives runs and serves several
     configs: a module cached under the same name may be another directory's or an older
     version of this one, and what the function imports as it runs must come from its own
-    directory, so a task of another directory waits until this one's are done."""
+    directory, so a task of another directory waits until this one's are done (and, while one
+    waits, this directory's next tasks wait for their turn after it)."""
     assert job.process is not None
     with _import_lock:  # a Dask worker's threads share sys.modules and sys.path
-        while _project[0] != job.base_dir and _project[1]:
-            _import_lock.wait()
+        _waiting[job.base_dir] += 1
+        try:
+            while not _may_enter(job.base_dir):
+                _import_lock.wait()
+        finally:
+            _waiting[job.base_dir] -= 1
         function = _function(job)
         _project[:] = [job.base_dir, (_project[1] if _project[0] == job.base_dir else 0) + 1]
     try:
@@ -218,6 +224,12 @@ def _job_code(job: JobSpec) -> Iterator[Any]:
         with _import_lock:
             _project[1] = int(_project[1]) - 1
             _import_lock.notify_all()
+
+
+def _may_enter(directory: str) -> bool:
+    if _project[0] == directory:
+        return not any(n for other, n in _waiting.items() if other != directory)
+    return not _project[1]
 
 
 def _function(job: JobSpec) -> Any:

@@ -540,7 +540,7 @@ partition_by = ["p"]
 
 
 def reduced(project: Project) -> list[tuple]:
-    files = f"{project.out('r')}/*/*.parquet"
+    files = f"{project.out('r')}/p=*/*.parquet"
     return duckdb.sql(
         f"SELECT k, n, p FROM read_parquet('{files}', hive_partitioning = 1) ORDER BY k, p"
     ).fetchall()
@@ -577,16 +577,45 @@ def test_a_partitioned_reduction_is_replaced_whole(
         old if dies == "before" else [(1, 3, "big"), (2, 1, "small")]
     )
     monkeypatch.undo()
+    notes = project.out("r") / "p=small" / "_NOTES"
+    (notes.parent / ".new").write_text("changed after the crash")  # a review: the old copy came back
+    os.replace(notes.parent / ".new", notes)
     assert project.cli("run-now", "r", "-q").returncode == 0
     assert reduced(project) == [(1, 3, "big"), (2, 1, "small")]
-    assert (project.out("r") / "p=small" / "_NOTES").read_text() == "a user's"
+    assert notes.read_text() == "changed after the crash" and sorted(os.listdir(notes.parent))[0] == "_NOTES"
+    if dies == "before":  # nothing was swapped out: nothing comes back (not even beside it)
+        assert not (notes.parent / "_NOTES.1").exists()
+    # a review: a copy of a published file in a directory of the user's, the output's mode, and
+    # a symlink in a partition's place (written through, rows doubled)
+    archive = project.out("r") / "_archive"
+    archive.mkdir()
+    shutil.copy(
+        next((project.out("r") / "p=big").glob("file-*.parquet")),
+        archive / "file-0123456789abcdef01234567.parquet",
+    )
+    os.chmod(project.out("r"), 0o700)
+    elsewhere = project.root / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(project.out("r") / "p=big")
+    os.symlink(elsewhere, project.out("r") / "p=big")
+    pq.write_table(pa.table({"id": [2], "day": ["d"]}), project.data / "d.parquet")
+    linked = project.cli("run-now", "r")
+    assert (
+        linked.returncode == 1 and "p=big is not a directory minibatch made" in linked.stdout + linked.stderr
+    )
+    assert list(elsewhere.iterdir()) == []
+    (project.out("r") / "p=big").unlink()
+    assert project.cli("run-now", "r", "-q").returncode == 0
+    assert reduced(project) == [(1, 3, "big"), (2, 2, "small")]
+    assert [p.name for p in archive.iterdir()] == ["file-0123456789abcdef01234567.parquet"]
+    assert os.stat(project.out("r")).st_mode & 0o777 == 0o700
     # a user's file where a new partition goes: refused before anything is replaced
     (project.out("r") / "p=zzz").write_text("my notes")
-    pq.write_table(pa.table({"id": [3, 2, 2], "day": ["d"] * 3}), project.data / "c.parquet")
+    pq.write_table(pa.table({"id": [3, 2], "day": ["d"] * 2}), project.data / "c.parquet")
     refused = project.cli("run-now", "r")
     assert (
         refused.returncode == 1
         and "p=zzz is not a directory minibatch made" in refused.stdout + refused.stderr
     )
-    assert reduced(project) == [(1, 3, "big"), (2, 1, "small")]
+    assert reduced(project) == [(1, 3, "big"), (2, 2, "small")]
     assert [p.name for p in project.out("r").parent.glob(".r.minibatch-staging/*")] == ["minibatch-owner"]

@@ -32,6 +32,8 @@ from minibatch.tasks import (
 )
 from minibatch.worker import read_chunk
 
+from conftest import wait_for
+
 JOBS = """
 import os, time
 import pyarrow.compute as pc
@@ -491,3 +493,44 @@ def test_a_long_lived_worker_runs_each_projects_own_code(
     finally:
         for name in [n for n in sys.modules if n == "mbjobs" or n.startswith("mbjobs.")]:
             del sys.modules[name]
+
+
+def test_a_directory_waiting_for_a_worker_gets_its_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: on a worker with several threads, project b's task waited for as long as
+    project a's tasks kept overlapping (each new one of a's went in ahead of it)."""
+    import threading
+
+    from minibatch import worker
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"job_{name}.py").write_text("def run(table, ctx):\n    return table\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = {
+        name: JobSpec(name=name, process=f"job_{name}:run", sql=None, columns=None,
+                      base_dir=str(tmp_path / name), parts_dir="", staging_dir="")
+        for name in ("a", "b")
+    }  # fmt: skip
+    order: list[str] = []
+    release = threading.Event()
+
+    def task(name: str, hold: bool = False) -> None:
+        with worker._job_code(spec[name]):
+            order.append(name)
+            if hold:
+                release.wait(10)
+
+    first = threading.Thread(target=task, args=("a", True))
+    first.start()
+    wait_for(lambda: order == ["a"], what="a's first task in")
+    later = [threading.Thread(target=task, args=(name,)) for name in ("b", "a")]
+    later[0].start()
+    wait_for(lambda: worker._waiting[spec["b"].base_dir] == 1, what="b waiting")
+    later[1].start()
+    wait_for(lambda: worker._waiting[spec["a"].base_dir] == 1, what="a's second task waiting")
+    release.set()
+    for thread in [first, *later]:
+        thread.join(10)
+    assert order == ["a", "b", "a"]
