@@ -95,6 +95,7 @@ def _progress(backfill: Any, state: Any) -> None:
 def cancel(state: State, run_id: str) -> None:
     """Stop run RUN_ID gracefully: chunks in flight finish (within stop_grace), queued ones
     are handed back, the run is recorded `stopped` and its next run resumes it."""
+    from minibatch.lock import DAEMON_LOCK, holder_pid
     from minibatch.status import actual_status, manifest_for
 
     manifest = manifest_for(state.config)
@@ -106,41 +107,25 @@ def cancel(state: State, run_id: str) -> None:
     if not rows:
         _fail(f"no run {run_id!r}")
     run = rows[0]
-    argv = _command_line(run["pid"])
-    # its pid, dead, may be another process's by now: the lock's holder says
+    # its pid, dead, may be another process's by now: the locks' holders say who runs what
     status = actual_status(state.config, {**run, "job": lock or run["job"]})
-    if status != "running" or argv is None:
+    if status != "running":
         _fail(f"run {run_id!r} of {run['job']} is not running (it is {status})")
-    command = _command(argv)
-    if command == "daemon":
+    state_dir = state.config.engine.state_dir
+    if holder_pid(state_dir, DAEMON_LOCK) == run["pid"]:  # a run inside the daemon: not a signal to it all
         answer = api_call(state, "POST", f"/runs/{run_id}/cancel")
         click.echo(
             f"run {run_id} of {answer['job']}: {answer['status']} (asked the daemon, pid {run['pid']})"
         )
         return
     os.kill(run["pid"], signal.SIGTERM)
-    what = "its backfill (run the same command again to continue)" if command == "backfill" else "it"
+    backfill = lock or f"{str(run['job']).partition('[')[0]}.backfill"
+    what = (
+        "its backfill (run the same command again to continue)"
+        if holder_pid(state_dir, backfill) == run["pid"]
+        else "it"
+    )
     click.echo(f"run {run_id} of {run['job']}: stopping {what} (SIGTERM to process {run['pid']})")
-
-
-def _command(argv: list[str]) -> str | None:
-    """The minibatch command a process runs (`daemon`, `run-now`, ...), not a job so named:
-    after `minibatch`, the script (`python3 /venv/bin/minibatch daemon`) or the module (`-m`)."""
-    start = next((i + 1 for i, arg in enumerate(argv) if os.path.basename(arg) == "minibatch"), len(argv))
-    rest = argv[start:]
-    while rest and rest[0].startswith("-"):  # the group's options: --config PATH, --config=PATH
-        rest = rest[2:] if rest[0] == "--config" else rest[1:]
-    return rest[0] if rest else None
-
-
-def _command_line(pid: int | None) -> list[str] | None:
-    """A live minibatch process's arguments (None: gone, or the pid is now someone else's)."""
-    try:
-        with open(f"/proc/{int(pid or 0)}/cmdline", "rb") as handle:
-            argv = handle.read().decode(errors="replace").split("\0")
-    except (OSError, ValueError):
-        return None
-    return argv if pid and any("minibatch" in arg for arg in argv) else None
 
 
 @click.command()

@@ -153,10 +153,6 @@ class Publisher:
         )
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir()
-        if output.is_dir():  # the output's own mode, owner and group (a restricted one stays so)
-            shutil.copystat(output, staged)
-            with contextlib.suppress(PermissionError):
-                os.chown(staged, (st := output.stat()).st_uid, st.st_gid)
         note = note_unit(staged, "", output)
         _link_theirs(output, staged)
         files = []
@@ -172,11 +168,10 @@ class Publisher:
             files += [(staged / unit, unit, group) for group in plan_files(slices, self.shape.target)]
         with ThreadPoolExecutor(max(1, min(self.threads, len(files)))) as pool:
             for rows, size in pool.map(lambda job: self._write_file(*job), files):
-                self.out.rows_written, self.out.files_written = (
-                    self.out.rows_written + rows,
-                    self.out.files_written + 1,
-                )
+                self.out.rows_written += rows
                 self.out.files.append(size)
+        self.out.files_written = len(files)
+        _keep_attributes(output, staged)
         for directory, _, _ in os.walk(staged, topdown=False):
             fsync_dir(Path(directory))
         self.out.units_written = len(wanted)
@@ -256,6 +251,7 @@ class Publisher:
                 self.out.rows_written += rows
                 self.out.files.append(size)
                 self.out.files_written += 1
+        _keep_attributes(target, staged)
         fsync_dir(staged)
         exchange(staged, target)
         rescue(staged, target)  # the old unit, now here: what a user made in it while we built
@@ -348,6 +344,18 @@ def note_unit(aside: Path, unit: str, target: Path) -> Path:
     note.write_text(f"{unit}\n{target.stat().st_ino if target.is_dir() else ''}")
     fsync_dir(aside.parent)
     return note
+
+
+def _keep_attributes(old: Path, new: Path) -> None:
+    """Each directory of `new` (built by this run's user, with its umask) gets the owner, group,
+    mode and times of its counterpart in `old`, when it has one: a private or group-shared output
+    stays so. Done last: a read-only directory could not be filled."""
+    for directory, _, _ in os.walk(new, topdown=False):
+        before = old / Path(directory).relative_to(new)
+        if before.is_dir() and not before.is_symlink():
+            with contextlib.suppress(PermissionError):  # owner and group: as far as this user may
+                os.chown(directory, (st := before.stat()).st_uid, st.st_gid)
+            shutil.copystat(before, directory)
 
 
 def _link_theirs(source: Path, target: Path, mine: bool = True) -> None:

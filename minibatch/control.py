@@ -61,7 +61,7 @@ class Host(Protocol):
 class Active:
     job: str
     stop: StopSignals
-    kind: str = "run"  # run | backfill
+    kind: str = "run"  # run | backfill | hooks (a run that ended, its hooks firing)
     key: str | None = None  # a run's checkpoint key
     started: bool = True  # False: accepted over HTTP, waiting for a thread of the pool
     params: dict[str, str] = field(default_factory=dict)
@@ -158,7 +158,7 @@ class Control:
         self._rate_limit(name)
         run_id, stop = new_run_id(), StopSignals()
         with self._claims:  # two requests at once: one is accepted, the other told so
-            if any(a.key == key for _, a in self.host.active.items()):
+            if any(a.key == key and a.kind == "run" for _, a in self.host.active.items()):
                 raise ControlError(409, "Already running", f"job {key!r} is running")
             self._check_free(key, f"job {key!r} is running")
             self.host.active.add(
@@ -173,6 +173,7 @@ class Control:
         """A graceful stop of one run (or backfill) of this daemon: in-flight chunks finish
         within stop_grace, queued ones are handed back; the run is recorded `stopped`."""
         active = self.host.active.get(run_id)
+        active = None if active is not None and active.kind == "hooks" else active  # it has ended
         if active is None:
             rows = self.host.manifest.named("run_by_id", run_id=run_id)
             if not rows:

@@ -19,7 +19,7 @@ from minibatch.config import Config, ConfigError, JobConfig, load_config
 from minibatch.control import Active, ActiveRuns, Control, fire_params, key_of, unmet_dependencies
 from minibatch.events import Event, Listener
 from minibatch.inputs import InputError, expand_inputs
-from minibatch.lock import JobLocked, job_lock
+from minibatch.lock import DAEMON_LOCK, JobLocked, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.metrics import Metrics
@@ -253,7 +253,9 @@ class Daemon:
         options.run_id, options.stop = options.run_id or new_run_id(), options.stop or StopSignals()
         with self.lock:  # the same parameter set (a key) runs once; its lock says so across processes
             key = key_of(self.config, name, options.params)
-            running = key and any(a.key == key and i != options.run_id for i, a in self.active.items())
+            running = key and any(
+                a.key == key and a.kind == "run" and i != options.run_id for i, a in self.active.items()
+            )
             if self.stopping or running:
                 why = "stopping" if self.stopping else "already running"
                 log.info("run_skipped", job=name, run_id=options.run_id, reason=why)
@@ -371,17 +373,17 @@ def _stat(path: str) -> os.stat_result | None:
 def run_daemon(config: Config, config_path: str | None) -> int:
     """Schedule until SIGTERM; `config_path` is read again on SIGHUP. Returns the exit status.
     One daemon per state_dir: two would fire every job twice (JobLocked: exit 3)."""
-    with job_lock(config.engine.state_dir, "minibatch.daemon"):  # no job's name has a dot
+    with job_lock(config.engine.state_dir, DAEMON_LOCK):
         return Daemon(config, config_path).run()
 
 
 class _Ended(Listener):
-    """Takes a run off the daemon's list as it ends, before its hooks fire: a hook may trigger
-    the job again over the API (the job's lock is already free)."""
+    """Marks a run ended as it ends, before its hooks fire: a hook may trigger the job again over
+    the API (the job's lock is already free), and a stopping daemon still waits for its hooks."""
 
     def __init__(self, active: ActiveRuns, run_id: str | None) -> None:
         self.active, self.run_id = active, run_id
 
     def run_ended(self, event: Event) -> None:
-        if self.run_id is not None:
-            self.active.remove(self.run_id)
+        if self.run_id is not None and (entry := self.active.get(self.run_id)) is not None:
+            entry.kind = "hooks"

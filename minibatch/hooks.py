@@ -177,7 +177,8 @@ def _run_command(
             why = "stopped by a second signal" if stopped else f"timed out after {hook.timeout:g}s"
             log.warning("hook_failed", hook=event, command=label, error=why, output=tail.text())
             return
-        select.select([signals.wakeup] if signals else [], [], [], 0.05)
+        if select.select([signals.wakeup] if signals else [], [], [], 0.05)[0] and signals:
+            signals.drain()  # a signal's byte, read: or every wait after it returns at once
     output = tail.text()
     if process.returncode != 0:
         log.warning("hook_failed", hook=event, command=label, exit_status=process.returncode, output=output)

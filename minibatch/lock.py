@@ -24,6 +24,7 @@ class JobLocked(Exception):
 
 
 ID_NAME = "minibatch-id"
+DAEMON_LOCK = "minibatch.daemon"  # one daemon per state_dir (no job's name has a dot)
 
 
 def state_id(state_dir: Path) -> str:

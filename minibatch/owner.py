@@ -90,7 +90,7 @@ def _same(a: Path, b: Path) -> bool:
 
 def _same_id(state_dir: Path, wanted: str) -> bool:
     try:
-        return (state_dir / ID_NAME).read_text().split()[:1] == [wanted]
+        return wanted in (state_dir / ID_NAME).read_text().split()  # its id now, or before a restore
     except OSError:  # moved away, or unreadable: not a second live copy
         return False
 

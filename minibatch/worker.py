@@ -216,6 +216,7 @@ def _job_code(job: JobSpec) -> Iterator[Any]:
                 _import_lock.wait()
         finally:
             _waiting[job.base_dir] -= 1
+            _import_lock.notify_all()  # one fewer waiting may let another in (also if it fails below)
         function = _function(job)
         _project[:] = [job.base_dir, (_project[1] if _project[0] == job.base_dir else 0) + 1]
     try:

@@ -128,8 +128,8 @@ def test_trigger_watch_conflict_cancel_and_exactly_once(project: Project) -> Non
         assert problem == {"type": "about:blank", "title": "Already running", "status": 409,
                            "detail": "job 'slow' is running"}  # fmt: skip
         wait_for(lambda: len(project.computations()) >= 4, what="chunks to finish")
-        status, body, _ = api.call("POST", f"/runs/{first}/cancel")
-        assert (status, body["status"]) == (202, "stopping")
+        asked = project.cli("cancel", first)  # a review: a console script's cmdline SIGTERMed the daemon
+        assert asked.returncode == 0 and "stopping (asked the daemon" in asked.stdout, asked.stderr
         stopped = api.run_until(first, lambda run: run["status"] not in ("queued", "running"))
         assert stopped["status"] == "stopped" and 0 < stopped["chunks_done"] < stopped["chunks_total"]
         assert api.call("POST", f"/runs/{first}/cancel")[0] == 409  # not running any more
@@ -413,19 +413,6 @@ def test_two_triggers_at_once_one_is_accepted_and_a_queued_run_is_found(
     assert queued["status"] == "queued" and Run(**queued).job == "slow"  # the API's answer, not a 500
 
 
-def test_which_command_a_process_runs() -> None:
-    """Hostile review: `cancel` sent a run of a job named `daemon` to the daemon's API."""
-    from minibatch.cli_control import _command
-
-    assert _command(["/venv/bin/minibatch", "run-now", "daemon"]) == "run-now"
-    assert _command(["/usr/bin/python3", "/venv/bin/minibatch", "daemon"]) == "daemon"  # a script's cmdline
-    assert (
-        _command(["/usr/bin/python3", "-X", "importtime", "-m", "minibatch", "--config", "c", "daemon"])
-        == "daemon"
-    )
-    assert _command(["minibatch", "--config=c.toml", "backfill", "daemon"]) == "backfill"
-
-
 def test_a_date_of_a_backfill_here_is_cancelled_by_its_run_id_and_a_dead_one_is_crashed(
     project: Project,
 ) -> None:
@@ -498,7 +485,8 @@ def test_cancel_takes_a_backfills_id_too(project: Project) -> None:
 
 def test_a_hook_of_a_daemons_run_may_trigger_the_job_again(project: Project) -> None:
     """Hostile review: a hook's `POST /jobs/a/runs` got 409 "Already running": the daemon kept
-    the run on its list until its hooks were done, though its lock was free."""
+    the run on its list until its hooks were done, though its lock was free. And a SIGTERM to the
+    daemon while a hook ran: the daemon was gone 0.2 s later, the hook abandoned."""
     import sys
 
     project.write_input("a.parquet", 0, 100)
@@ -511,7 +499,10 @@ def test_a_hook_of_a_daemons_run_may_trigger_the_job_again(project: Project) -> 
         "              {'Content-Type': 'application/json'})\n"
         "print(u.urlopen(r).status)\n"
     )
-    hook = f"[ -e {once} ] || {{ touch {once}; {sys.executable} {trigger} > {answer} 2>&1; }}"
+    hook = (
+        f"[ -e {once} ] || {{ touch {once}; {sys.executable} {trigger} > {answer} 2>&1; }}; "
+        f"cd {project.root}; touch hooking-$MINIBATCH_RUN_ID; sleep 2; touch done-$MINIBATCH_RUN_ID"
+    )
     engine = f'api_addr = "127.0.0.1:{port}"\nmetrics_addr = ""\n'
     project.write_config(SLOW_JOB + f"on_success = {json.dumps(hook)}\n", engine=engine)
     api = Api.__new__(Api)
@@ -521,6 +512,8 @@ def test_a_hook_of_a_daemons_run_may_trigger_the_job_again(project: Project) -> 
         api.call("POST", "/jobs/slow/runs", {})
         wait_for(lambda: answer.exists() and answer.read_text().strip() != "", what="the hook's trigger")
         assert answer.read_text().strip() == "202", answer.read_text()
-        wait_for(lambda: len(api.call("GET", "/runs?job=slow")[1]) == 2, what="the second run")
+        wait_for(lambda: len(list(project.root.glob("hooking-*"))) == 2, what="the second run's hook")
     finally:
         assert api.stop() == 0
+    # a review: a stopping daemon left the hook in flight behind (cut short under systemd)
+    assert len(list(project.root.glob("done-*"))) == 2

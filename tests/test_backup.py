@@ -13,7 +13,7 @@ import duckdb
 from minibatch.config import load_config
 from minibatch.lock import job_lock
 
-from conftest import MAP_JOB, Project, wait_for
+from conftest import MAP_JOB, Project, in_process, wait_for
 
 
 def test_a_backup_taken_during_a_live_run_restores_to_a_manifest_that_resumes_exactly(
@@ -75,7 +75,17 @@ def test_a_state_dir_lost_with_its_manifest_gets_its_outputs_back(project: Proje
         MAP_JOB + MAP_JOB.replace("[jobs.ident]", "[jobs.two]").replace("out/ident", "out/two")
     )
     assert project.cli("run-now", "two").returncode == 0
+    shutil.copytree(state, project.root / ".state-copy")  # `cp -r`, before the restore
     assert project.cli("restore", str(copy)).returncode == 0
+    # the copy holds the id the original had before the restore: it stays a copy (a review)
+    config = (
+        (project.root / "config.toml")
+        .read_text()
+        .replace('state_dir = ".state"', 'state_dir = ".state-copy"')
+    )
+    (project.root / "copy.toml").write_text(config)
+    taken = in_process(["--config", str(project.root / "copy.toml"), "run-now", "two"])
+    assert taken.returncode == 2 and "is a copy of it" in taken.stderr, taken.stdout + taken.stderr
     for job in ("ident", "two"):
         again = project.cli("run-now", job)
         assert again.returncode == 0 and "0 done now" in again.stdout, again.stderr

@@ -293,6 +293,19 @@ def test_what_minibatch_did_not_write_is_never_carried_off(project: Project) -> 
     assert not [p for p in keep.parent.iterdir() if p.suffix == ".parquet"]
 
 
+def test_a_replaced_partition_keeps_its_mode(project: Project) -> None:
+    """A review: a partition swapped in was made anew with the run's umask, so a group-shared
+    one (2770) became 755: world-readable, and no longer the group's."""
+    write(project, "a.parquet", range(0, 300), days=1, regions=["eu"])
+    project.write_config(JOB)
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    unit = project.out("p") / "day=2026-11-01" / "region=eu"
+    os.chmod(unit, 0o2770)
+    write(project, "b.parquet", range(1000, 1100), days=1, regions=["eu"])  # the unit is replaced
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    assert os.stat(unit).st_mode & 0o7777 == 0o2770
+
+
 def test_a_users_directory_of_partitions_is_not_taken(project: Project) -> None:
     """Hostile review: a partitioned job's first run took an existing output whose `k=v`
     directories held the user's own files (any name with `=` passed for minibatch's), and
@@ -588,7 +601,8 @@ def test_a_partitioned_reduction_is_replaced_whole(
     # a review: a copy of a published file in a directory of the user's, the output's mode, and
     # a symlink in a partition's place (written through, rows doubled)
     archive = project.out("r") / "_archive"
-    archive.mkdir()
+    archive.mkdir(mode=0o750)
+    os.chmod(archive, 0o750)
     shutil.copy(
         next((project.out("r") / "p=big").glob("file-*.parquet")),
         archive / "file-0123456789abcdef01234567.parquet",
@@ -608,7 +622,7 @@ def test_a_partitioned_reduction_is_replaced_whole(
     assert project.cli("run-now", "r", "-q").returncode == 0
     assert reduced(project) == [(1, 3, "big"), (2, 2, "small")]
     assert [p.name for p in archive.iterdir()] == ["file-0123456789abcdef01234567.parquet"]
-    assert os.stat(project.out("r")).st_mode & 0o777 == 0o700
+    assert os.stat(project.out("r")).st_mode & 0o777 == 0o700 and os.stat(archive).st_mode & 0o777 == 0o750
     # a user's file where a new partition goes: refused before anything is replaced
     (project.out("r") / "p=zzz").write_text("my notes")
     pq.write_table(pa.table({"id": [3, 2], "day": ["d"] * 2}), project.data / "c.parquet")

@@ -3,6 +3,7 @@ real forkserver workers, real Parquet chunks, real process deaths."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -534,3 +535,50 @@ def test_a_directory_waiting_for_a_worker_gets_its_turn(
     for thread in [first, *later]:
         thread.join(10)
     assert order == ["a", "b", "a"]
+
+
+def test_a_task_whose_import_fails_lets_the_others_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a task of another directory whose job code failed to import left the queue
+    without a word, and a task that had gone back to wait behind it waited for good."""
+    import threading
+
+    from minibatch import worker
+    from minibatch.jobcode import JobCodeError
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "job_bad.py").write_text("raise RuntimeError('broken')\n")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "job_b.py").write_text("def run(table, ctx):\n    return table\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    bad = JobSpec(name="a", process="job_bad:run", sql=None, columns=None, base_dir=str(tmp_path / "a"),
+                  parts_dir="", staging_dir="")  # fmt: skip
+    good = dataclasses.replace(bad, name="b", process="job_b:run", base_dir=str(tmp_path / "b"))
+    for _ in range(20):  # which waiter takes the lock first after a wake-up is the scheduler's choice
+        release, outcomes = threading.Event(), []
+
+        def task(
+            job: JobSpec, hold: bool = False, release: threading.Event = release, seen: list = outcomes
+        ) -> None:
+            try:
+                with worker._job_code(job):
+                    seen.append(job.name)
+                    if hold:
+                        release.wait(10)
+            except JobCodeError:
+                seen.append("failed")
+
+        threads = [threading.Thread(target=task, args=(good, True))]
+        threads[0].start()
+        wait_for(lambda seen=outcomes: seen == ["b"], what="b's first task in")
+        threads.append(threading.Thread(target=task, args=(bad,)))
+        threads[1].start()
+        wait_for(lambda: worker._waiting[bad.base_dir] == 1, what="a waiting")
+        threads.append(threading.Thread(target=task, args=(good,)))
+        threads[2].start()
+        wait_for(lambda: worker._waiting[good.base_dir] == 1, what="b's second task waiting")
+        release.set()
+        for thread in threads:
+            thread.join(5)
+        assert outcomes == ["b", "failed", "b"]
