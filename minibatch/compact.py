@@ -30,17 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from minibatch.hive import FILE_RE, SOURCES_KEY, units_of
-from minibatch.layout import (
-    CHUNK_KEY,
-    DEFINITION_KEY,
-    NOTE_SUFFIX,
-    WHOLE_PREFIX,
-    OutputLayout,
-    fsync_dir,
-    ours,
-    remove_published,
-    rescue,
-)
+from minibatch.layout import CHUNK_KEY, DEFINITION_KEY, OutputLayout, remove_published
+from minibatch.userfiles import WHOLE_PREFIX, fsync_dir, note_unit, ours, remove_tree, rescue
 
 RENAME_EXCHANGE = 2
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
@@ -151,7 +142,7 @@ class Publisher:
             self.layout.staging
             / f"{WHOLE_PREFIX}{_digest(*sorted(p.token for v in wanted.values() for p in v))}"
         )
-        shutil.rmtree(staged, ignore_errors=True)
+        remove_tree(staged)
         staged.mkdir()
         note = note_unit(staged, "", output)
         _link_theirs(output, staged)
@@ -171,14 +162,14 @@ class Publisher:
                 self.out.rows_written += rows
                 self.out.files.append(size)
         self.out.files_written = len(files)
-        _keep_attributes(output, staged)
         for directory, _, _ in os.walk(staged, topdown=False):
             fsync_dir(Path(directory))
         self.out.units_written = len(wanted)
         self.out.units_removed = len(self.existing_units().keys() - wanted.keys())
         exchange(staged, output)
         rescue(staged, output, anywhere=True)  # the old output, now here: what a user made meanwhile
-        shutil.rmtree(staged, ignore_errors=True)
+        _keep_attributes(staged, output)
+        remove_tree(staged)
         note.unlink()
         return self.out
 
@@ -241,7 +232,7 @@ class Publisher:
         target = self.layout.output / unit if unit else self.layout.output
         self._check_path(target)
         staged = self.layout.staging / f"unit-{_digest(unit, *sorted(p.token for p in todo))}"
-        shutil.rmtree(staged, ignore_errors=True)
+        remove_tree(staged)
         staged.mkdir()
         note = note_unit(staged, unit, target)
         self._carry_over(target, staged, {f.name for f in keep})
@@ -251,11 +242,11 @@ class Publisher:
                 self.out.rows_written += rows
                 self.out.files.append(size)
                 self.out.files_written += 1
-        _keep_attributes(target, staged)
         fsync_dir(staged)
         exchange(staged, target)
         rescue(staged, target)  # the old unit, now here: what a user made in it while we built
-        shutil.rmtree(staged, ignore_errors=True)
+        _keep_attributes(staged, target)
+        remove_tree(staged)
         note.unlink()
         self.out.units_written += 1
         self.out.files_kept += len(keep)
@@ -322,11 +313,11 @@ class Publisher:
         if not unit or not target.is_dir():
             return
         gone = self.layout.staging / f"gone-{_digest(unit)}"
-        shutil.rmtree(gone, ignore_errors=True)
+        remove_tree(gone)
         note = note_unit(gone, unit, target)
         os.rename(target, gone)
         rescue(gone, target)  # made since it was found to hold only minibatch's files
-        shutil.rmtree(gone)
+        remove_tree(gone)
         note.unlink()
         for parent in list(target.parents)[: len(self.shape.partition_by) - 1]:
             try:
@@ -336,25 +327,19 @@ class Publisher:
         fsync_dir(target.parent if target.parent.exists() else self.layout.output)
 
 
-def note_unit(aside: Path, unit: str, target: Path) -> Path:
-    """Note in staging which unit the directory `aside` swaps out, and the inode of the one it
-    replaces, before it does: a run that dies before the rescue leaves the next one where to
-    move a user's files back, if the swap happened (`prepare`)."""
-    note = aside.with_name(aside.name + NOTE_SUFFIX)
-    note.write_text(f"{unit}\n{target.stat().st_ino if target.is_dir() else ''}")
-    fsync_dir(aside.parent)
-    return note
-
-
 def _keep_attributes(old: Path, new: Path) -> None:
-    """Each directory of `new` (built by this run's user, with its umask) gets the owner, group,
-    mode and times of its counterpart in `old`, when it has one: a private or group-shared output
-    stays so. Done last: a read-only directory could not be filled."""
+    """Each directory of `new` (just swapped in, built by this run's user with its umask) gets
+    the owner, group, mode and times of its counterpart in `old` (swapped out), when it has one:
+    a private or group-shared output stays so. After the swap: a directory whose mode lacks
+    write could not have been filled, nor moved."""
     for directory, _, _ in os.walk(new, topdown=False):
         before = old / Path(directory).relative_to(new)
         if before.is_dir() and not before.is_symlink():
-            with contextlib.suppress(PermissionError):  # owner and group: as far as this user may
-                os.chown(directory, (st := before.stat()).st_uid, st.st_gid)
+            st = before.stat()
+            for uid in (st.st_uid, -1):  # owner and group as far as this user may: else the group
+                with contextlib.suppress(PermissionError):
+                    os.chown(directory, uid, st.st_gid)
+                    break
             shutil.copystat(before, directory)
 
 

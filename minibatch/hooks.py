@@ -47,9 +47,10 @@ class HookListener(Listener):
     """Fires the job's on_failure or on_success hook once its run has ended and released the
     job's lock (so a hook may start the next run). A run stopped by a signal fires neither."""
 
-    def __init__(self, config: Config, job: JobConfig) -> None:
+    def __init__(self, config: Config, job: JobConfig, stop: StopSignals | None = None) -> None:
         self.config = config
         self.job = job
+        self.stop = stop  # the run's (a daemon's run: its stop asked twice ends the hook too)
 
     def run_ended(self, event: Event) -> None:
         record: RunRecord = event.data["record"]
@@ -65,7 +66,7 @@ class HookListener(Listener):
             with StopSignals() as signals:
                 report = _write_report(self.config.engine.state_dir, record)
                 facts = describe_run(record, self.config.path, report)
-                fire(hook, name, facts, self.config.base_dir, signals)
+                fire(hook, name, facts, self.config.base_dir, signals, self.stop)
         except Exception as exc:  # the boundary: whatever a hook does, the run's outcome stands
             get_logger(job=record.job, run_id=record.run_id).warning(
                 "hook_failed", hook=name, error=repr(exc)
@@ -113,12 +114,10 @@ def describe_run(record: Any, config_path: Path, report: Path | None) -> dict[st
     }
 
 
-def fire(
-    hook: Hook, event: str, facts: dict[str, Any], cwd: Path, signals: StopSignals | None = None
-) -> None:
+def fire(hook: Hook, event: str, facts: dict[str, Any], cwd: Path, *stops: StopSignals | None) -> None:
     log = get_logger(job=facts["job"], run_id=facts["run_id"])
     if hook.command:
-        _run_command(hook, event, facts, cwd, log, signals)
+        _run_command(hook, event, facts, cwd, log, [s for s in stops if s is not None])
     if hook.url:
         _post(hook, event, facts, log)
 
@@ -147,7 +146,7 @@ def _redact(text: str, url: str) -> str:
 
 
 def _run_command(
-    hook: Hook, event: str, facts: dict[str, Any], cwd: Path, log: Any, signals: StopSignals | None
+    hook: Hook, event: str, facts: dict[str, Any], cwd: Path, log: Any, stops: list[StopSignals]
 ) -> None:
     assert hook.command is not None
     env = os.environ | {"MINIBATCH_EVENT": event}
@@ -170,15 +169,17 @@ def _run_command(
     tail = _Tail(process.stdout)
     deadline = time.monotonic() + hook.timeout
     while process.poll() is None:  # the command's own end, not its output's (a child left running)
-        stopped = signals is not None and signals.immediate
+        stopped = any(stop.immediate for stop in stops)
         if stopped or time.monotonic() > deadline:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             why = "stopped by a second signal" if stopped else f"timed out after {hook.timeout:g}s"
             log.warning("hook_failed", hook=event, command=label, error=why, output=tail.text())
             return
-        if select.select([signals.wakeup] if signals else [], [], [], 0.05)[0] and signals:
-            signals.drain()  # a signal's byte, read: or every wait after it returns at once
+        if stops and select.select([stops[0].wakeup], [], [], 0.05)[0]:
+            stops[0].drain()  # a signal's byte, read: or every wait after it returns at once
+        elif not stops:
+            time.sleep(0.05)
     output = tail.text()
     if process.returncode != 0:
         log.warning("hook_failed", hook=event, command=label, exit_status=process.returncode, output=output)

@@ -11,10 +11,8 @@ staging directory. The staging directory is also its claim on the output.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +20,23 @@ from typing import TYPE_CHECKING, Any
 
 from minibatch.hive import FILE_RE, Shape, write_units
 from minibatch.owner import OWNER_NAME, OutputNotOwned, check, read_owner, take
+from minibatch.userfiles import (
+    NOTE_SUFFIX,
+    PART_RE,
+    REDUCED_NAME,
+    WHOLE_PREFIX,
+    fsync_dir,
+    ours,
+    remove_tree,
+    rescue,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-REDUCED_NAME = "part-reduced.parquet"
 HELD_MARK = ".minibatch-held"  # in a quarantine or malformed directory minibatch made
 QUARANTINE_PREFIX = "quarantine-"  # a staged file of quarantined rows: never salvaged
 MALFORMED_PREFIX = "malformed-"  # a staged file of text records that did not parse
-NOTE_SUFFIX = ".unit"  # beside a unit swapped out in staging: which unit it was
-WHOLE_PREFIX = "whole-"  # in staging: a whole output built to be swapped in at once
-PART_RE = re.compile(r"^part-[0-9a-f]{24}\.parquet$")
 STAGED_RE = re.compile(r"^part-(?P<chunk>[0-9a-f]{24})\.parquet\.[\w-]+\.\d+\.tmp$")
 CHUNK_KEY = b"minibatch.chunk"  # Parquet key-value metadata of every part
 DEFINITION_KEY = b"minibatch.definition"
@@ -189,7 +193,7 @@ class OutputLayout:
                 if path.name != OWNER_NAME:
                     _remove(path)
             return
-        shutil.rmtree(self.staging, ignore_errors=True)
+        remove_tree(self.staging)
         _rmdir_if_empty(self.output)
 
     # -- ownership ----------------------------------------------------------------------------
@@ -311,57 +315,11 @@ def publish(staged: Path, target: Path) -> None:
         raise
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def rescue(old: Path, live: Path, top: bool = True, anywhere: bool = False, overwrite: bool = True) -> None:
-    """Move into `live` what in `old` (a unit swapped out or removed) is not minibatch's and not
-    already in `live` as the same file (carried over, linked): a user's file made or replaced in
-    the unit while it was rebuilt. (One deleted meanwhile comes back, carried over.) Minibatch's
-    own files are at a unit's top; a directory below holds only what it carried over. A whole
-    output swapped out (`anywhere`) has minibatch's files in its partitions too: they stay.
-    Without `overwrite`, a file goes beside one of the name in `live`, not over it."""
-    moved = False
-    for entry in os.scandir(old) if old.is_dir() else []:  # not there: nothing was swapped out
-        there, is_dir = live / entry.name, entry.is_dir(follow_symlinks=False)
-        below = anywhere and top and "=" in entry.name  # a partition of a whole output: its files are too
-        if is_dir and there.is_dir() and not there.is_symlink():
-            rescue(Path(entry.path), there, below, anywhere, overwrite)
-            continue
-        if not is_dir and ((top and ours(entry.name)) or _same_file(entry, there)):
-            continue
-        if os.path.lexists(there) and (is_dir or there.is_dir() or not overwrite):
-            # a file became a directory, or the other way round: both are kept, the newer as name.N
-            names = (live / f"{entry.name}.{n}" for n in itertools.count(1))
-            there = next(name for name in names if not os.path.lexists(name))
-        if is_dir and anywhere:  # a partition gone from the new result: only a user's files go back
-            rescue(Path(entry.path), there, below, anywhere, overwrite)
-            continue
-        live.mkdir(parents=True, exist_ok=True)
-        os.replace(entry.path, there)
-        moved = True
-    if moved:
-        fsync_dir(live)
-
-
-def _same_file(entry: os.DirEntry[str], path: Path) -> bool:
-    return os.path.lexists(path) and os.path.samestat(entry.stat(follow_symlinks=False), path.lstat())
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
     else:
         path.unlink(missing_ok=True)
-
-
-def ours(name: str) -> bool:
-    return bool(PART_RE.match(name) or FILE_RE.match(name)) or name == REDUCED_NAME
 
 
 def published_files(output: Path) -> list[Path]:

@@ -12,17 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from minibatch.checks import check_output
 from minibatch.compact import Published, PublishError, publish_parts, read_slices
-from minibatch.layout import (
-    PART_RE,
-    OutputLayout,
-    fsync_dir,
-    remove_published,
-    with_provenance,
-    write_atomically,
-    write_durably,
-)
+from minibatch.layout import OutputLayout, remove_published, with_provenance, write_atomically, write_durably
 from minibatch.params import in_utc, sql_values
 from minibatch.states import EventKind
+from minibatch.userfiles import PART_RE, fsync_dir
 
 if TYPE_CHECKING:
     import duckdb

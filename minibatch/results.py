@@ -19,19 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from minibatch.layout import (
-    CHUNK_KEY,
-    DEFINITION_KEY,
-    HELD_MARK,
-    INPUT_KEY,
-    OutputLayout,
-    fsync_dir,
-    part_name,
-    publish,
-)
+from minibatch.layout import CHUNK_KEY, DEFINITION_KEY, HELD_MARK, INPUT_KEY, OutputLayout, part_name, publish
 from minibatch.planner import Chunk
 from minibatch.states import ErrorKind, EventKind
 from minibatch.tasks import SchemaMismatch, TaskError, TaskResult
+from minibatch.userfiles import fsync_dir
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -97,7 +97,7 @@ def run_job(
         warm_up(duckdb=job.sql is not None or bool(job.checks.rows))  # imports while we plan
     check_imports(config, [name])
     # the bar stops before the last log line; hooks fire after both
-    emitter = Emitter([*(listeners or []), LogListener(), HookListener(config, job)])
+    emitter = Emitter([*(listeners or []), LogListener(), HookListener(config, job, options.stop)])
     run: Run | None = None
     # Signals are ours from here: a stop while planning ends the run as cleanly as one later.
     with options.stop or StopSignals() as signals:

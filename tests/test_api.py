@@ -517,3 +517,29 @@ def test_a_hook_of_a_daemons_run_may_trigger_the_job_again(project: Project) -> 
         assert api.stop() == 0
     # a review: a stopping daemon left the hook in flight behind (cut short under systemd)
     assert len(list(project.root.glob("done-*"))) == 2
+
+
+def test_a_second_sigterm_to_a_daemon_ends_a_hook_in_flight(project: Project) -> None:
+    """A review: the daemon waited for a hook to its end (or systemd's SIGKILL) after a second
+    SIGTERM, which ends a hook at once everywhere else."""
+    import time
+
+    project.write_input("a.parquet", 0, 100)
+    started = project.root / "hook_started"
+    hook = json.dumps(f"touch {started}; sleep 60")
+    port = free_port()
+    engine = f'api_addr = "127.0.0.1:{port}"\nmetrics_addr = ""\n'
+    project.write_config(SLOW_JOB + f'on_success = {{ command = {hook}, timeout = "120s" }}\n', engine=engine)
+    api = Api.__new__(Api)
+    api.project, api.token, api.env, api.port = project, "", None, port
+    api.start()
+    api.call("POST", "/jobs/slow/runs", {})
+    wait_for(started.exists, timeout=60, what="the hook")
+    api.process.send_signal(signal.SIGTERM)
+    api.wait_event("daemon_stopping")
+    began = time.monotonic()
+    api.process.send_signal(signal.SIGTERM)
+    assert api.process.wait(timeout=60) == 0
+    assert time.monotonic() - began < 30
+    failed = api.wait_event("hook_failed")
+    assert failed["error"] == "stopped by a second signal"

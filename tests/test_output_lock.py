@@ -15,8 +15,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from minibatch.layout import REDUCED_NAME, OutputLayout, part_name, write_atomically
+from minibatch.layout import OutputLayout, part_name, write_atomically
 from minibatch.lock import JobLocked, holder_pid, job_lock, lock_path
+from minibatch.userfiles import REDUCED_NAME
 
 from conftest import start_ready
 

@@ -633,3 +633,72 @@ def test_a_partitioned_reduction_is_replaced_whole(
     )
     assert reduced(project) == [(1, 3, "big"), (2, 2, "small")]
     assert [p.name for p in project.out("r").parent.glob(".r.minibatch-staging/*")] == ["minibatch-owner"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="drops root's bypass of modes")
+def test_a_partition_read_only_for_a_while_blocks_nothing_after(project: Project) -> None:
+    """A review: a partition the user made read-only failed a run (as it must), but the unit
+    minibatch had staged kept that mode, so later runs failed on it for good ('File exists'),
+    after the user had made the partition writable again: readers missed rows. Run without
+    the capabilities that let root ignore modes, as any other user would."""
+    import subprocess
+    import sys
+
+    write(project, "a.parquet", range(0, 100), days=1, regions=["eu"])
+    project.write_config(JOB)
+    bare = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    argv = [
+        *bare,
+        sys.executable,
+        "-m",
+        "minibatch",
+        "--config",
+        str(project.root / "config.toml"),
+        "run-now",
+        "p",
+    ]
+    run = lambda: subprocess.run(argv, capture_output=True, text=True, env=project.env(), timeout=120)  # noqa: E731
+    assert run().returncode == 0
+    unit = project.out("p") / "day=2026-11-01" / "region=eu"
+    os.chmod(unit, 0o555)
+    write(project, "b.parquet", range(1000, 1100), days=1, regions=["eu"])
+    assert run().returncode == 1  # its partition may not be replaced: the run says so
+    os.chmod(unit, 0o755)
+    again = run()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert {i for ids in by_pyarrow(project.out("p")).values() for i in ids} == {
+        *range(100),
+        *range(1000, 1100),
+    }
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="drops root's right to chown")
+def test_a_replaced_partition_keeps_its_group_where_its_owner_cannot_be_kept(project: Project) -> None:
+    """A review: a team member's run (in the partition's group, not its owner) swapped in a
+    partition of its own group: the owner, in the group, could no longer write it. The owner
+    cannot be given away without privilege, the group can."""
+    import subprocess
+    import sys
+
+    write(project, "a.parquet", range(0, 100), days=1, regions=["eu"])
+    project.write_config(JOB)
+    member = ["setpriv", "--groups=5000", "--bounding-set=-chown"]
+    argv = [
+        *member,
+        sys.executable,
+        "-m",
+        "minibatch",
+        "--config",
+        str(project.root / "config.toml"),
+        "run-now",
+        "p",
+    ]
+    run = lambda: subprocess.run(argv, capture_output=True, text=True, env=project.env(), timeout=120)  # noqa: E731
+    assert run().returncode == 0
+    unit = project.out("p") / "day=2026-11-01" / "region=eu"
+    os.chown(unit, 1234, 5000)
+    os.chmod(unit, 0o770)
+    write(project, "b.parquet", range(1000, 1100), days=1, regions=["eu"])
+    again = run()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (os.stat(unit).st_gid, os.stat(unit).st_mode & 0o777) == (5000, 0o770)
