@@ -16,7 +16,6 @@ target are merged with them: rewritten row by row, never concatenated (PARQUET-1
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import hashlib
@@ -31,7 +30,16 @@ from typing import Any
 
 from minibatch.hive import FILE_RE, SOURCES_KEY, units_of
 from minibatch.layout import CHUNK_KEY, DEFINITION_KEY, OutputLayout, remove_published
-from minibatch.userfiles import WHOLE_PREFIX, fsync_dir, note_unit, ours, remove_tree, rescue
+from minibatch.userfiles import (
+    WHOLE_PREFIX,
+    fresh_dir,
+    fsync_dir,
+    keep_attributes,
+    note_unit,
+    ours,
+    remove_tree,
+    rescue,
+)  # fmt: skip
 
 RENAME_EXCHANGE = 2
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
@@ -142,8 +150,7 @@ class Publisher:
             self.layout.staging
             / f"{WHOLE_PREFIX}{_digest(*sorted(p.token for v in wanted.values() for p in v))}"
         )
-        remove_tree(staged)
-        staged.mkdir()
+        staged = fresh_dir(staged)
         note = note_unit(staged, "", output)
         _link_theirs(output, staged)
         files = []
@@ -168,7 +175,7 @@ class Publisher:
         self.out.units_removed = len(self.existing_units().keys() - wanted.keys())
         exchange(staged, output)
         rescue(staged, output, anywhere=True)  # the old output, now here: what a user made meanwhile
-        _keep_attributes(staged, output)
+        keep_attributes(staged, output)
         remove_tree(staged)
         note.unlink()
         return self.out
@@ -232,8 +239,7 @@ class Publisher:
         target = self.layout.output / unit if unit else self.layout.output
         self._check_path(target)
         staged = self.layout.staging / f"unit-{_digest(unit, *sorted(p.token for p in todo))}"
-        remove_tree(staged)
-        staged.mkdir()
+        staged = fresh_dir(staged)
         note = note_unit(staged, unit, target)
         self._carry_over(target, staged, {f.name for f in keep})
         groups = plan_files(todo, self.shape.target)
@@ -245,7 +251,7 @@ class Publisher:
         fsync_dir(staged)
         exchange(staged, target)
         rescue(staged, target)  # the old unit, now here: what a user made in it while we built
-        _keep_attributes(staged, target)
+        keep_attributes(staged, target)
         remove_tree(staged)
         note.unlink()
         self.out.units_written += 1
@@ -312,8 +318,8 @@ class Publisher:
         target = self.layout.output / unit
         if not unit or not target.is_dir():
             return
-        gone = self.layout.staging / f"gone-{_digest(unit)}"
-        remove_tree(gone)
+        gone = fresh_dir(self.layout.staging / f"gone-{_digest(unit)}")
+        gone.rmdir()  # the unit is renamed here
         note = note_unit(gone, unit, target)
         os.rename(target, gone)
         rescue(gone, target)  # made since it was found to hold only minibatch's files
@@ -325,22 +331,6 @@ class Publisher:
             except OSError:
                 break
         fsync_dir(target.parent if target.parent.exists() else self.layout.output)
-
-
-def _keep_attributes(old: Path, new: Path) -> None:
-    """Each directory of `new` (just swapped in, built by this run's user with its umask) gets
-    the owner, group, mode and times of its counterpart in `old` (swapped out), when it has one:
-    a private or group-shared output stays so. After the swap: a directory whose mode lacks
-    write could not have been filled, nor moved."""
-    for directory, _, _ in os.walk(new, topdown=False):
-        before = old / Path(directory).relative_to(new)
-        if before.is_dir() and not before.is_symlink():
-            st = before.stat()
-            for uid in (st.st_uid, -1):  # owner and group as far as this user may: else the group
-                with contextlib.suppress(PermissionError):
-                    os.chown(directory, uid, st.st_gid)
-                    break
-            shutil.copystat(before, directory)
 
 
 def _link_theirs(source: Path, target: Path, mine: bool = True) -> None:

@@ -26,6 +26,7 @@ from minibatch.userfiles import (
     REDUCED_NAME,
     WHOLE_PREFIX,
     fsync_dir,
+    keep_attributes,
     ours,
     remove_tree,
     rescue,
@@ -112,6 +113,7 @@ class OutputLayout:
             if swapped and ".." not in Path(unit).parts and not Path(unit).is_absolute():
                 whole = path.name.startswith(WHOLE_PREFIX)
                 rescue(path, self.output / unit, anywhere=whole, overwrite=False)
+                keep_attributes(path, self.output / unit)  # the run died before it could
 
     def staged_results(self) -> dict[str, list[Path]]:
         """Results a worker wrote and fsynced that no coordinator published: chunk id -> files."""
@@ -235,6 +237,8 @@ class OutputLayout:
 
     def check_owner(self, owner: str, state_dir: Path, known: Callable[[], bool] = lambda: True) -> None:
         """Refuse another job's output, and this job's of another state_dir (owner.py)."""
+        if self.staging.is_symlink():  # `reset` would empty what it points to
+            raise OutputNotOwned(f"{self.staging} is a symlink; minibatch keeps its own files there")
         check(self.staging, self.output, owner, state_dir, known)
 
     def _check_foreign(self) -> None:

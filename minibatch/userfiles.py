@@ -65,9 +65,45 @@ def _same_file(entry: os.DirEntry[str], path: Path) -> bool:
     return os.path.lexists(path) and os.path.samestat(entry.stat(follow_symlinks=False), path.lstat())
 
 
+def keep_attributes(old: Path, new: Path) -> None:
+    """Each directory of `new` (just swapped in, built by this run's user with its umask) gets
+    the owner, group, mode and times of its counterpart in `old` (swapped out), when it has one:
+    a private or group-shared output stays so. After the swap: a directory whose mode lacks
+    write could not have been filled, nor moved."""
+    for directory, _, _ in os.walk(new, topdown=False):
+        before = old / Path(directory).relative_to(new)
+        if before.is_dir() and not before.is_symlink():
+            st = before.stat()
+            for uid in (st.st_uid, -1):  # owner and group as far as this user may: else the group
+                with contextlib.suppress(PermissionError):
+                    os.chown(directory, uid, st.st_gid)
+                    break
+            with contextlib.suppress(
+                PermissionError
+            ):  # a directory no longer this user's (it was given away)
+                shutil.copystat(before, directory)
+
+
+def fresh_dir(path: Path) -> Path:
+    """A new, empty directory at `path`, what an earlier run left there removed; if that could
+    not be (another user's directory in it), beside it: a leftover must not block every run."""
+    remove_tree(path)
+    for candidate in itertools.chain(
+        [path], (path.with_name(f"{path.name}-{n}") for n in itertools.count(1))
+    ):
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            remove_tree(candidate)
+    raise AssertionError("unreachable")
+
+
 def remove_tree(path: Path) -> None:
     """A directory minibatch made in staging, whole: also where it holds a directory with a mode
     copied from the user's (0555), which would stop rmtree and block the next run."""
+    if path.is_symlink() or not path.is_dir():  # never through a link: what it points to is not ours
+        return
     for directory, _, _ in os.walk(path):
         with contextlib.suppress(OSError):
             os.chmod(directory, os.lstat(directory).st_mode & 0o7777 | 0o700)

@@ -146,3 +146,18 @@ def test_of_two_first_claims_at_once_one_wins(tmp_path: Path) -> None:
         for thread in threads:
             thread.join()
         assert sorted(results.values()) == ["owner", "refused"], results
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_block_the_next_unit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a unit staged by an earlier run that this run's user could not remove (another
+    user's directory in it) made every later run fail with 'File exists' on its name."""
+    from minibatch import userfiles
+
+    leftover = tmp_path / "unit-abc"
+    (leftover / "theirs").mkdir(parents=True)
+    monkeypatch.setattr(userfiles, "remove_tree", lambda path: None)  # as if not permitted
+    fresh = userfiles.fresh_dir(leftover)
+    assert fresh == tmp_path / "unit-abc-1" and list(fresh.iterdir()) == []
+    assert (leftover / "theirs").is_dir()

@@ -9,6 +9,7 @@ file in an output directory that it did not write.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -431,6 +432,27 @@ def test_foreign_files_in_the_output_survive_runs_fresh_runs_and_reset(project: 
         assert {name: (out / name).read_bytes() for name in foreign if (out / name).exists()} == foreign, args
     assert parquet_names(out) == ["foreign.parquet"]  # reset removed what minibatch wrote
     assert project.cli("run-now", "ident").returncode == 0  # and kept its claim: not refused for them
+
+
+def test_reset_never_follows_a_symlink_in_place_of_the_staging_directory(
+    project: Project, tmp_path: Path
+) -> None:
+    """A review: with the staging directory replaced by a symlink to a user's directory,
+    `reset` made that directory world-writable and emptied it, exit 0."""
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    (project.out("ident") / "README.txt").write_text("the user's")
+    theirs = tmp_path / "theirs"
+    (theirs / "sub").mkdir(parents=True)
+    (theirs / "notes.txt").write_text("keep")
+    os.chmod(theirs, 0o750)
+    staging = project.out("ident").parent / ".ident.minibatch-staging"
+    shutil.rmtree(staging)
+    staging.symlink_to(theirs)
+    refused = project.cli("reset", "ident", "--yes")
+    assert refused.returncode == 2 and "is a symlink" in refused.stderr, refused.stdout + refused.stderr
+    assert (theirs / "notes.txt").read_text() == "keep" and os.stat(theirs).st_mode & 0o777 == 0o750
 
 
 def test_existing_output_directory_minibatch_did_not_create_is_refused(project: Project) -> None:
