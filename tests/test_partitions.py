@@ -10,8 +10,11 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -638,29 +641,22 @@ def test_a_partitioned_reduction_is_replaced_whole(
     assert [p.name for p in project.out("r").parent.glob(".r.minibatch-staging/*")] == ["minibatch-owner"]
 
 
+def limited_run(project: Project, *setpriv: str) -> Callable[[], subprocess.CompletedProcess[str]]:
+    """`run-now p` as a process setpriv starts (root without some of its powers, or in a group)."""
+    config = str(project.root / "config.toml")
+    argv = ["setpriv", *setpriv, sys.executable, "-m", "minibatch", "--config", config, "run-now", "p"]
+    return lambda: subprocess.run(argv, capture_output=True, text=True, env=project.env(), timeout=120)
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="drops root's bypass of modes")
 def test_a_partition_read_only_for_a_while_blocks_nothing_after(project: Project) -> None:
     """A review: a partition the user made read-only failed a run (as it must), but the unit
     minibatch had staged kept that mode, so later runs failed on it for good ('File exists'),
     after the user had made the partition writable again: readers missed rows. Run without
     the capabilities that let root ignore modes, as any other user would."""
-    import subprocess
-    import sys
-
     write(project, "a.parquet", range(0, 100), days=1, regions=["eu"])
     project.write_config(JOB)
-    bare = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
-    argv = [
-        *bare,
-        sys.executable,
-        "-m",
-        "minibatch",
-        "--config",
-        str(project.root / "config.toml"),
-        "run-now",
-        "p",
-    ]
-    run = lambda: subprocess.run(argv, capture_output=True, text=True, env=project.env(), timeout=120)  # noqa: E731
+    run = limited_run(project, "--bounding-set=-dac_override,-dac_read_search,-fowner")
     assert run().returncode == 0
     unit = project.out("p") / "day=2026-11-01" / "region=eu"
     os.chmod(unit, 0o555)
@@ -680,23 +676,9 @@ def test_a_replaced_partition_keeps_its_group_where_its_owner_cannot_be_kept(pro
     """A review: a team member's run (in the partition's group, not its owner) swapped in a
     partition of its own group: the owner, in the group, could no longer write it. The owner
     cannot be given away without privilege, the group can."""
-    import subprocess
-    import sys
-
     write(project, "a.parquet", range(0, 100), days=1, regions=["eu"])
     project.write_config(JOB)
-    member = ["setpriv", "--groups=5000", "--bounding-set=-chown"]
-    argv = [
-        *member,
-        sys.executable,
-        "-m",
-        "minibatch",
-        "--config",
-        str(project.root / "config.toml"),
-        "run-now",
-        "p",
-    ]
-    run = lambda: subprocess.run(argv, capture_output=True, text=True, env=project.env(), timeout=120)  # noqa: E731
+    run = limited_run(project, "--groups=5000", "--bounding-set=-chown")
     assert run().returncode == 0
     unit = project.out("p") / "day=2026-11-01" / "region=eu"
     os.chown(unit, 1234, 5000)
