@@ -78,25 +78,22 @@ def keep_attributes(old: Path, new: Path) -> None:
                 with contextlib.suppress(PermissionError):
                     os.chown(directory, uid, st.st_gid)
                     break
-            with contextlib.suppress(
-                PermissionError
-            ):  # a directory no longer this user's (it was given away)
+            with contextlib.suppress(PermissionError):  # given away just above: no longer ours
                 shutil.copystat(before, directory)
 
 
 def fresh_dir(path: Path) -> Path:
     """A new, empty directory at `path`, what an earlier run left there removed; if that could
     not be (another user's directory in it), beside it: a leftover must not block every run."""
-    remove_tree(path)
-    for candidate in itertools.chain(
-        [path], (path.with_name(f"{path.name}-{n}") for n in itertools.count(1))
-    ):
+    candidate, n = path, 0
+    while True:
+        remove_tree(candidate)
         try:
             candidate.mkdir()
             return candidate
         except FileExistsError:
-            remove_tree(candidate)
-    raise AssertionError("unreachable")
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
 
 
 def remove_tree(path: Path) -> None:
