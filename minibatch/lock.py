@@ -126,7 +126,8 @@ def _open_lock(path: Path) -> int:
     """Open or create the lock file, never through a symlink: the holder writes into it, so a link
     planted there would have each run overwrite the start of the file it points to."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        # 0o666 less the umask: a group sharing the state_dir (umask 002) shares its locks too
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OSError(errno.ELOOP, "lock file is a symlink; refusing to follow it", str(path)) from None

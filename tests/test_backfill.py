@@ -257,3 +257,20 @@ def test_max_parallel_beyond_the_dates_does_not_shrink_their_share(project: Proj
     assert result.returncode == 0, result.stderr
     limits = project.manifest_rows("SELECT DISTINCT memory_limit, workers FROM runs")
     assert limits == [(2**30 // 3, 1)], limits  # the default budget in three, and a worker each
+
+
+def test_lock_files_follow_the_umask_so_a_group_can_share_a_state_dir(tmp_path: Path) -> None:
+    """A review: lock files were made 0644 whatever the umask, so a second member of a group
+    sharing the state_dir (umask 002) could not run the job until they were chmodded."""
+    from minibatch.lock import worker_slots
+
+    old = os.umask(0o002)
+    try:
+        with job_lock(tmp_path, "j"), worker_slots(tmp_path, "j", 1, 1, lambda: False):
+            pass
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "locks").iterdir()} == {
+        "j.lock": 0o664,
+        "j.worker-0.lock": 0o664,
+    }
