@@ -159,7 +159,7 @@ class Publisher:
                 if os.path.lexists(staged / path) and (
                     (staged / path).is_symlink() or not (staged / path).is_dir()
                 ):
-                    shutil.rmtree(staged)
+                    remove_tree(staged)
                     note.unlink()
                     raise PublishError(f"{output / path} is not a directory minibatch made; move it away")
             (staged / unit).mkdir(parents=True, exist_ok=True)
