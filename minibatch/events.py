@@ -87,6 +87,7 @@ LOGGED: dict[EventKind, str] = {
     EventKind.RUN_STARTED: "info",
     EventKind.RUN_PLANNED: "info",
     EventKind.NO_INPUT_FILES: "error",
+    EventKind.OUTPUT_GONE: "error",
     EventKind.BAD_FILE: "error",
     EventKind.KNOWN_BAD_FILE: "warning",
     EventKind.DEAD_LETTERS_SKIPPED: "warning",

@@ -123,6 +123,16 @@ class OutputLayout:
                 found.setdefault(match["chunk"], []).append(path)
         return found
 
+    def vacant(self) -> bool:
+        """No directory of chunk results, or an empty one: what an unmounted share looks like."""
+        try:
+            with os.scandir(self.parts) as entries:
+                return next(entries, None) is None
+        except FileNotFoundError:
+            return True
+        except NotADirectoryError:  # a file in the way: the claim says so
+            return False
+
     def part_files(self) -> set[str]:
         """The parts minibatch wrote (by name); anything else in the directory is not ours."""
         return {p.name for p in self.parts.iterdir() if PART_RE.match(p.name) and p.is_file()}

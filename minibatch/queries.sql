@@ -219,6 +219,10 @@ DELETE FROM paused_jobs WHERE job = $job;
 -- name: run_by_id
 SELECT * FROM runs WHERE run_id = $run_id;
 
+-- name: results_recorded
+-- Chunks recorded done with a result file (a chunk whose result had no rows has none).
+SELECT count(*) AS n FROM chunks WHERE job = $key AND status = $done AND output_file IS NOT NULL;
+
 -- name: has_run
 SELECT 1 FROM runs WHERE job = $key LIMIT 1;
 

@@ -13,18 +13,21 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minibatch.events import RunEvents
 from minibatch.inputs import Inputs
 from minibatch.jobcode import changed_facts
-from minibatch.layout import part_name
+from minibatch.layout import OutputLayout, part_name
 from minibatch.ledger import Ledger
 from minibatch.manifest import Manifest
 from minibatch.planner import BadFile, Chunk, FileMeta, Signature, input_signature, misfits
 from minibatch.results import ResultStore
 from minibatch.states import ChunkStatus, EventKind
 from minibatch.tasks import TaskResult
+
+if TYPE_CHECKING:
+    from minibatch.config import JobConfig
 
 
 @dataclass
@@ -160,6 +163,22 @@ def reconcile(
         events(EventKind.FOREIGN_FILES_IN_OUTPUT, output=str(store.layout.output), files=foreign[:10])
     todo = [c for c in chunks if c.chunk_id not in dead and c.chunk_id not in ledger.outputs]
     return Reconciled(todo=todo, salvaged=store.salvage(todo), skipped=len(dead), planned=chunks)
+
+
+def results_lost(manifest: Manifest, job: JobConfig, layout: OutputLayout, fresh: bool) -> str | None:
+    """Why the results recorded done cannot be where they were written, none of them (a share
+    not mounted, a directory moved or deleted: written anew, they would fill another disk)."""
+    if fresh or not layout.vacant():
+        return None
+    done = manifest.named("results_recorded", key=job.key, done=ChunkStatus.DONE)[0]["n"]
+    if not done:
+        return None
+    where = f"the parts directory {layout.parts} of output" if layout.hidden else "output"
+    return (
+        f"{where} {layout.output} holds none of the {done:,} results recorded done (a share not mounted, "
+        f"a directory moved or deleted?): put it back and run again, or compute them anew with "
+        f"`minibatch run-now {job.name}{''.join(f' --param {k}={v}' for k, v in job.values)} --fresh`"
+    )
 
 
 def drop_removed(

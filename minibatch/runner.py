@@ -11,6 +11,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from minibatch.admission import LEARN_FROM, MEMORY_FACTOR, MemoryModel, shared_workers
@@ -39,6 +40,7 @@ from minibatch.reconcile import (
     reconcile,
     removed_and_changed,
     report_bad_files,
+    results_lost,
 )
 from minibatch.records import ChunkRecord, RunRecord, new_run_id
 from minibatch.reduce import OutputFailed, ReduceStopped, publish_if_needed
@@ -162,10 +164,10 @@ class Run:
             self._finish()
             return self.summary
         inputs = self._check_paths()
-        usable = not (inputs.missing or inputs.unreadable)  # else the run fails and deletes nothing
+        usable = not (inputs.missing or inputs.unreadable or self.lost)  # else it fails, deletes nothing
         with self.manifest.session():  # each open of the file costs tens of milliseconds
             state = self._start(wipe=usable)
-        leftovers = self.layout.prepare()
+        leftovers = 0 if self.lost else self.layout.prepare()
         if usable:
             self.layout.remove_other_shape()
         self.events(
@@ -174,7 +176,7 @@ class Run:
         )  # fmt: skip
         work = Reconciled([], [], 0, [])
         if not usable:
-            self._inputs_missing(inputs)
+            self._refuse(inputs)
         else:
             # Footers are read outside a session: other processes may be waiting for the manifest.
             scanned = self._scan(inputs.files)
@@ -206,20 +208,25 @@ class Run:
         try:
             check_rendered(self.job, self.config.jobs, self.config.path, self.config.engine.state_dir)
             ran = lambda: bool(self.manifest.named("has_run", key=self.job.key))  # noqa: E731
-            self.layout.claim(self.job.key, self.config.engine.state_dir, ran)
+            self.lost = results_lost(self.manifest, self.job, self.layout, self.options.fresh)
+            if not self.lost:
+                self.layout.claim(self.job.key, self.config.engine.state_dir, ran)
             forbidden = [self.layout.output, self.layout.parts, self.layout.staging]
             return find_inputs(self.config.base_dir, self.job.inputs, forbidden)
         except (OutputNotOwned, InputError) as exc:
             raise ConfigError([f"jobs.{self.job.name}: {exc}"], self.config.path) from None
 
-    def _inputs_missing(self, inputs: Inputs) -> None:
-        """A glob that matches nothing, or a match that cannot be read (a dangling symlink), is an unmounted
-        share, a renamed folder or a typo far more often than an empty day: fail, delete nothing."""
-        quoted = ", ".join(repr(p) for p in inputs.missing)
-        why = [f"input glob {quoted} matches no file (in {self.config.base_dir})"] if inputs.missing else []
+    def _refuse(self, inputs: Inputs) -> None:
+        """A glob matching nothing, a match that cannot be read (a dangling symlink), an output holding none
+        of its results: an unmounted share, a renamed folder, a typo, not an empty day. Delete nothing."""
+        why = [f"input glob {glob!r} matches no file (in {self.config.base_dir})" for glob in inputs.missing]
         why += [f"input {unreadable}" for unreadable in inputs.unreadable]
-        error = self.record.error = "; ".join([*why, "nothing was deleted"])
-        self.events(EventKind.NO_INPUT_FILES, input=[*inputs.missing, *inputs.unreadable], error=error)
+        lost = [self.lost] if self.lost else []
+        error = self.record.error = "; ".join([*why, *lost, "nothing was deleted"])
+        if why:
+            self.events(EventKind.NO_INPUT_FILES, input=[*inputs.missing, *inputs.unreadable], error=error)
+        if lost:
+            self.events(EventKind.OUTPUT_GONE, output=str(self.layout.parts), error=error)
 
     # -- planning -------------------------------------------------------------------------------
 
@@ -275,10 +282,13 @@ class Run:
             input_schema=self.input_schema, params=self.job.values, checks=self.job.checks.rows,
             shape=self.job.shape.of_parts(self.job.reduce_sql), text=self.job.text,
         )  # fmt: skip
+        # the local pool's processes are this one's children: measure them (Dask's are remote)
+        local = self.options.pool_factory is None and self.job.executor == "local"
         executor = Executor(
             self.job, spec, self.record.run_id, store=self.store, ledger=self.ledger, events=self.events,
-            signals=self.signals, pool_factory=self.options.pool_factory or self._open_pool,
-            clock=self.options.clock, memory=self._memory(), model=MemoryModel(self.memory_per_byte),
+            signals=self.signals, pool_factory=self.options.pool_factory or partial(open_pool, self.job),
+            clock=self.options.clock, memory=TreeMemory() if local else None,
+            model=MemoryModel(self.memory_per_byte),
         )  # fmt: skip
         out = executor.run(work.todo, work.salvaged)
         self.record.workers = out.workers  # fewer when chunks are few
@@ -294,15 +304,6 @@ class Run:
         self.record.error = out.error or self._input_changed(out, {chunk.path for chunk in work.planned})
         if self.gone:
             self.dropped = drop_removed(work.planned, self.gone, self.store, self.ledger, self.events)
-
-    def _memory(self) -> TreeMemory | None:
-        """The local pool's processes are this one's children: measure them (Dask's are remote)."""
-        if self.options.pool_factory is None and self.job.executor == "local":
-            return TreeMemory()
-        return None
-
-    def _open_pool(self, todo: int) -> Pool:
-        return open_pool(self.job, todo)
 
     def _input_changed(self, out: Execution, planned: set[str]) -> str | None:
         """Input changed under the run: a failure (a removed file is not: reconcile.removed_and_changed)."""

@@ -56,6 +56,7 @@ class EventKind(StrEnum):
 
     RUN_STARTED = "run_started"
     NO_INPUT_FILES = "no_input_files"
+    OUTPUT_GONE = "output_gone"
     DEFINITION_CHANGED = "definition_changed"
     BAD_FILE = "bad_file"
     KNOWN_BAD_FILE = "known_bad_file"

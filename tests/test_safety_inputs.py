@@ -415,6 +415,51 @@ def test_inputs_that_vanished_do_not_wipe_the_output(project: Project) -> None:
     assert "matches no file" in said(check).lower()
 
 
+def test_an_output_gone_with_every_result_is_refused_not_written_anew(project: Project) -> None:
+    """The output's share not mounted (or its directory moved): the run wrote every result again
+    into an empty directory on another disk, exit 0. It fails, writes nothing, names the fix."""
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    share = project.root / "out"
+    share.rename(project.root / "unmounted")
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 1, said(result)
+    assert f"output {project.out('ident')} holds none of the 6 results recorded done" in said(result)
+    assert "minibatch run-now ident --fresh" in said(result)
+    assert not share.exists()  # not even the directories
+    (project.root / "unmounted").rename(share)  # mounted back: as it was
+    again = project.cli("run-now", "ident")
+    assert again.returncode == 0, said(again)
+    assert "0 done now, 6 already done" in again.stdout
+    share.rename(project.root / "unmounted")
+    share.mkdir()  # an empty mount point in its place: the same
+    assert project.cli("run-now", "ident").returncode == 1
+    assert list(share.iterdir()) == []
+    fresh = project.cli("run-now", "ident", "--fresh")  # the way to compute them anew
+    assert fresh.returncode == 0, said(fresh)
+    assert ids_of(project, "ident") == list(range(300))
+
+
+def test_a_reduce_job_whose_parts_are_gone_is_refused_and_keeps_its_output(project: Project) -> None:
+    project.write_config("""
+    [jobs.sums]
+    input = "data/*.parquet"
+    output = "out/sums"
+    sql = "SELECT id FROM chunk"
+    reduce_sql = "SELECT count(*) AS n FROM parts"
+    chunk_bytes = "3KB"
+    """)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "sums").returncode == 0
+    before = snapshot(project.out("sums"))
+    shutil.rmtree(project.root / "out" / ".sums.minibatch-parts")
+    result = project.cli("run-now", "sums")
+    assert result.returncode == 1, said(result)
+    assert "the parts directory" in said(result) and "holds none of the 6 results" in said(result)
+    assert snapshot(project.out("sums")) == before
+
+
 # -- H. files in the output that minibatch did not write -------------------------------------
 
 
