@@ -55,7 +55,7 @@ class Group(click.Group):
             click.echo("\n".join(f"error: {line}" for line in str(exc).splitlines()), err=True)
             sys.exit(EXIT_USAGE)
         except JobLocked as exc:
-            click.echo(f"error: {exc}; not starting a second run", err=True)
+            click.echo(f"error: {exc}; try again once it has ended", err=True)
             sys.exit(EXIT_LOCKED)
         except ManifestError as exc:
             click.echo(f"error: {exc}", err=True)

@@ -307,19 +307,3 @@ def fire_params(job: JobConfig, now: datetime) -> dict[str, str]:
     from minibatch.schedule import parse_crontab
 
     return {DATE: logical_date(parse_crontab(job.schedule, job.timezone), now).isoformat()}
-
-
-def unmet_dependencies(
-    config: Config, manifest: Manifest, job: JobConfig, params: dict[str, str]
-) -> list[str]:
-    """The dependencies that have not succeeded for this fire: a dated dependency of a dated
-    fire for the same date; any other since the job's own last run started."""
-    day = params.get(DATE)
-    dated = [d for d in job.depends_on if day and d in config.jobs and DATE in config.jobs[d].params]
-    plain = [d for d in job.depends_on if d not in dated]
-    missing = manifest.unmet_dependencies(job.name, plain) if plain else []
-    for dep in dated:
-        key = config.bound(dep, {DATE: str(day)}).key
-        if not manifest.named("succeeded_run", key=key, succeeded=RunStatus.SUCCEEDED):
-            missing.append(dep)
-    return missing

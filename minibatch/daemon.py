@@ -8,15 +8,18 @@ SIGHUP reloads config.toml, SIGTERM/SIGINT stop gracefully (twice: at once).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from minibatch.config import Config, ConfigError, JobConfig, load_config
-from minibatch.control import Active, ActiveRuns, Control, fire_params, key_of, unmet_dependencies
+from minibatch.control import Active, ActiveRuns, Control, fire_params, key_of
+from minibatch.depends import busy_dependencies, unmet_dependencies
 from minibatch.events import Event, Listener
 from minibatch.inputs import InputError, expand_inputs
 from minibatch.lock import DAEMON_LOCK, JobLocked, job_lock
@@ -26,15 +29,14 @@ from minibatch.metrics import Metrics
 from minibatch.notify import Notifier
 from minibatch.records import new_run_id
 from minibatch.runner import RunOptions, run_job
-from minibatch.schedule import next_fire_times, parse_crontab
+from minibatch.schedule import log_skipped, longest_gap, parse_crontab
 from minibatch.signals import StopSignals
 from minibatch.states import RunStatus
-from minibatch.validate import check_permissions, load_daemon_config
+from minibatch.validate import check_permissions, load_daemon_config, validate_in_fresh_process
 
 log = get_logger()
 WATCH_REASON = "inputs changed"
 METRICS_REFRESH = 30.0  # seconds between re-reads of dead letters and last successes
-INTERVAL_FIRES = 100  # fire times looked ahead for a job's longest gap
 
 
 class Daemon:
@@ -47,7 +49,8 @@ class Daemon:
         self.active = ActiveRuns()  # run and backfill id -> its job and stop handle
         self.control = Control(self)
         self.api: Any = None  # api.ApiServer
-        self.waiting: dict[str, dict[str, str]] = {}  # fired, waiting for their dependencies: params
+        self.waiting: dict[tuple[str, str], dict[str, str]] = {}  # fires waiting for dependencies
+        self.firing: Counter[str] = Counter()  # jobs whose fire (and its run) is under way
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.pending_signals: list[int] = []
@@ -58,6 +61,7 @@ class Daemon:
     # -- lifecycle --------------------------------------------------------------------------
 
     def run(self) -> int:
+        from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
         from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -74,6 +78,7 @@ class Daemon:
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(workers), "watchdog": ThreadPoolExecutor(1)},
         )
+        self.scheduler.add_listener(log_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         self._schedule_jobs()
         self._catch_up()
         self.scheduler.add_job(  # runs and retries from the shell change these too
@@ -138,7 +143,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             check_permissions(load_config(self.config_path))  # before any code of the new config runs
-            _validate_in_fresh_process(self.config_path)  # job modules already imported here are stale
+            validate_in_fresh_process(self.config_path)  # job modules already imported here are stale
             config = load_daemon_config(self.config_path)
         except ConfigError as exc:
             log.error("reload_rejected", errors=exc.errors)
@@ -158,7 +163,7 @@ class Daemon:
         for existing in self.scheduler.get_jobs():  # one-off runs (catch-up, dependencies met) stay
             if existing.id.startswith(("cron:", "watch:")):
                 existing.remove()
-        intervals = {name: _interval(job) for name, job in self._scheduled().items()}
+        intervals = {name: longest_gap(job.schedule, job.timezone) for name, job in self._scheduled().items()}
         self.metrics.set_jobs(self.config.jobs, {n: i for n, i in intervals.items() if i is not None})
         for name, job in self._scheduled().items():
             self.scheduler.add_job(
@@ -228,24 +233,42 @@ class Daemon:
             return ()
         return tuple((p, st.st_size, st.st_mtime_ns) for p in paths if (st := _stat(p)))
 
-    def fire(self, name: str, reason: str = "schedule") -> bool:
+    def fire(self, name: str, reason: str = "schedule", now: datetime | None = None) -> bool:
         """Run `name` now, or make it wait for its dependencies; False if a run elsewhere held its lock."""
         job = self.config.jobs.get(name)
         if job is None:
             return True
-        if reason != WATCH_REASON:  # catch-up follows the schedule's fire times only
-            self.manifest.record_fire(name, datetime.now(UTC))
-        if name in self.control.paused():
-            log.info("run_skipped_paused", job=name, reason=reason)
-            return True
-        params = fire_params(job, datetime.now(UTC))  # the logical date is the fire's, not the run's
-        missing = unmet_dependencies(self.config, self.manifest, job, params)
-        if missing:
+        with self.lock:  # before the fire is recorded: a dependent's check reads them in that order
+            self.firing[name] += 1
+        try:
+            return self._fire(job, reason, now or datetime.now(UTC))
+        finally:
             with self.lock:
-                self.waiting[name] = params
-            log.info("waiting_for_dependencies", job=name, waiting_for=missing, **params)
+                self.firing[name] -= 1
+            self._release_waiting()
+
+    def _fire(self, job: JobConfig, reason: str, now: datetime) -> bool:
+        if reason != WATCH_REASON:  # catch-up follows the schedule's fire times only
+            self.manifest.record_fire(job.name, now)
+        if job.name in self.control.paused():
+            log.info("run_skipped_paused", job=job.name, reason=reason)
             return True
-        return self.run_in_daemon(name, reason, RunOptions(params=params))
+        params = fire_params(job, now)  # the logical date is the fire's, not the run's
+        if missing := self._unmet(job, params):
+            with self.lock:  # each parameter set (each date) waits on its own
+                self.waiting[(job.name, json.dumps(params, sort_keys=True))] = params
+            log.info("waiting_for_dependencies", job=job.name, waiting_for=missing, **params)
+            return True
+        return self.run_in_daemon(job.name, reason, RunOptions(params=params))
+
+    def _unmet(self, job: JobConfig, params: dict[str, str]) -> list[str]:
+        def running() -> set[str]:
+            with self.lock:
+                firing = set(+self.firing)
+            return firing | {active.job for _, active in self.active.items()}
+
+        busy = busy_dependencies(self.config, self.manifest, job, running, datetime.now(UTC))
+        return unmet_dependencies(self.config, self.manifest, job, params, busy)
 
     def run_in_daemon(self, name: str, reason: str, options: RunOptions | None = None) -> bool:
         """One run in this thread (the scheduler's pool): fired, triggered over HTTP, or released."""
@@ -278,18 +301,20 @@ class Daemon:
         return True
 
     def _release_waiting(self) -> None:
-        """Start the waiting jobs whose dependencies have now succeeded."""
+        """Start the waiting fires whose dependencies are now met; drop those of a paused job."""
         with self.lock:
             waiting = sorted(self.waiting.items())
-        for name, params in waiting:
+        paused = self.control.paused() if waiting else set()
+        for (name, fired), params in waiting:
             job = self.config.jobs.get(name)
-            if job is not None and unmet_dependencies(self.config, self.manifest, job, params):
+            if job is not None and name not in paused and self._unmet(job, params):
                 continue
             with self.lock:
-                self.waiting.pop(name, None)
-            if job is not None and not self.stopping:
-                options = RunOptions(params=params)
-                self.submit(self.run_in_daemon, name, "dependencies met", options)
+                self.waiting.pop((name, fired), None)
+            if name in paused:
+                log.info("run_skipped_paused", job=name, reason="dependencies met", **params)
+            elif job is not None and not self.stopping:
+                self.submit(self.run_in_daemon, name, "dependencies met", RunOptions(params=params))
 
     def _refresh_metrics(self) -> None:
         try:
@@ -335,32 +360,6 @@ class Daemon:
             f"; next {min(upcoming)[1][5:]} at {min(upcoming)[0]:%Y-%m-%d %H:%M %Z}" if upcoming else ""
         )
         return f"running {running}{following}"
-
-
-def _validate_in_fresh_process(config_path: str | None) -> None:
-    import subprocess
-    import sys
-
-    command = [
-        sys.executable,
-        "-m",
-        "minibatch",
-        *(["--config", config_path] if config_path else []),
-        "validate",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        lines = [line.removeprefix("error: ") for line in result.stderr.splitlines() if line.strip()]
-        raise ConfigError(lines or [f"validate exited with status {result.returncode}"])
-
-
-def _interval(job: JobConfig, now: datetime | None = None) -> float | None:
-    """The longest gap between the job's next fire times (a weekday job: the weekend), what
-    "overdue" means for alerts; None for a schedule that never fires."""
-    assert job.schedule is not None
-    fires = next_fire_times(job.schedule, job.timezone, INTERVAL_FIRES, now)
-    gaps = [(b - a).total_seconds() for a, b in zip(fires, fires[1:], strict=False)]
-    return max(gaps) if gaps else None
 
 
 def _stat(path: str) -> os.stat_result | None:

@@ -23,7 +23,7 @@ from minibatch.events import RunEvents
 from minibatch.manifest import Manifest
 from minibatch.planner import Chunk
 from minibatch.records import AttemptRecord, ChunkRecord, RunRecord
-from minibatch.states import ChunkStatus, EventKind
+from minibatch.states import ChunkStatus, EventKind, RunStatus
 from minibatch.tasks import TaskError, TaskResult
 
 FLUSH_INTERVAL = 1.0  # seconds between commits of finished chunks
@@ -128,6 +128,8 @@ class Ledger:
         chunks, attempts = self._chunks, self._attempts
         self._chunks, self._attempts = [], []
         run = replace(self.record)  # a snapshot: the coordinator goes on counting
+        if run.ended_at is None:  # not `succeeded` before its output is published: killed, it resumes
+            run.status = RunStatus.RUNNING
 
         def commit() -> None:
             if any(c.output_file for c in chunks):

@@ -20,7 +20,8 @@ class JobLocked(Exception):
         self.job = job
         self.pid = pid
         holder = f"process {pid}" if pid else "another process"
-        super().__init__(f"job {job!r} is already running in {holder}")
+        what = "a daemon of this state_dir" if job == DAEMON_LOCK else f"job {job!r}"
+        super().__init__(f"{what} is already running in {holder}")
 
 
 ID_NAME = "minibatch-id"

@@ -292,13 +292,6 @@ class Manifest:
     def record_fire(self, job: str, at: datetime) -> None:
         self.named("record_fire", job=job, at=at)
 
-    def unmet_dependencies(self, job: str, depends_on: Sequence[str]) -> list[str]:
-        """The dependencies that have not succeeded since `job`'s own last run started."""
-        params = {"job": job, "deps": list(depends_on), "succeeded": RunStatus.SUCCEEDED}
-        with self.connect() as con:
-            rows = con.execute(Q["unmet_dependencies"], params).fetchall()
-        return [dep for dep, ok in rows if not ok]
-
     def status(self, job: str | None = None) -> list[dict[str, Any]]:
         """The latest run of each job (or of one), with its manifest-wide chunk counts."""
         params = {"job": job, "done": ChunkStatus.DONE, "dead": ChunkStatus.DEAD}

@@ -78,9 +78,12 @@ INSERT OR REPLACE INTO schedule_state (job, last_fire_at) VALUES ($job, $at);
 
 -- name: unmet_dependencies
 -- For each dependency: is the latest run of one of its parameter sets (of the job itself, if
--- it has none) one that succeeded since the job's own last run started? Not one running now,
--- rebuilding its output, nor one that failed or stopped.
-WITH mine AS (SELECT max(started_at) AS since FROM runs WHERE (job = $job OR starts_with(job, $job || '['))),
+-- it has none) one that succeeded since the job's own last finished run started? Not one
+-- running now, rebuilding its output, nor one that failed or stopped.
+WITH mine AS (
+    SELECT max(started_at) AS since FROM runs
+    WHERE (job = $job OR starts_with(job, $job || '[')) AND status IN (SELECT unnest($finished::VARCHAR[]))
+),
 latest AS (SELECT job, status, ended_at FROM runs QUALIFY row_number() OVER (PARTITION BY job ORDER BY started_at DESC) = 1)
 SELECT dep, EXISTS (
     SELECT 1 FROM latest

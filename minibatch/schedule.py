@@ -11,14 +11,17 @@ skips fires once, at the moment the clocks jump.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.base import BaseTrigger
 
+from minibatch.log import get_logger
+
 if TYPE_CHECKING:
     from apscheduler.triggers.cron import CronTrigger
 
+log = get_logger()
 SHORTCUTS = {
     "@yearly": "0 0 1 1 *",
     "@annually": "0 0 1 1 *",
@@ -31,6 +34,7 @@ SHORTCUTS = {
 # cron counts Sunday as 0 (and 7); APScheduler counts Monday as 0, so days are passed by name.
 DAY_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
 TICK = timedelta(microseconds=1)
+LOOK_AHEAD = 100  # fire times looked at for a schedule's longest gap
 
 
 class CronSchedule(BaseTrigger):
@@ -145,3 +149,24 @@ def next_fire_times(expr: str, timezone: str, count: int, now: datetime | None =
         fires.append(fire)
         previous = fire
     return fires
+
+
+def longest_gap(expr: str, timezone: str, now: datetime | None = None) -> float | None:
+    """The longest gap between a schedule's next fire times, seconds (a weekday job: the
+    weekend): what "overdue" means for alerts; None for a schedule that never fires."""
+    fires = next_fire_times(expr, timezone, LOOK_AHEAD, now)
+    gaps = [(b - a).total_seconds() for a, b in zip(fires, fires[1:], strict=False)]
+    return max(gaps) if gaps else None
+
+
+def log_skipped(event: Any) -> None:
+    """APScheduler's own line for a fire it skipped names no job: say it as minibatch does."""
+    from apscheduler.events import EVENT_JOB_MISSED
+
+    kind, _, job = event.job_id.partition(":")
+    if kind not in ("cron", "watch"):
+        return
+    if event.code == EVENT_JOB_MISSED:
+        log.info("missed_runs_skipped", job=job, missed_since=event.scheduled_run_time.isoformat())
+    else:  # EVENT_JOB_MAX_INSTANCES: its run of an earlier fire goes on
+        log.info("run_skipped", job=job, reason="already running")

@@ -176,3 +176,20 @@ def load_daemon_config(path: str | None) -> Config:
     check_permissions(config)
     check_imports(config)
     return config
+
+
+def validate_in_fresh_process(config_path: str | None) -> None:
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "minibatch",
+        *(["--config", config_path] if config_path else []),
+        "validate",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        lines = [line.removeprefix("error: ") for line in result.stderr.splitlines() if line.strip()]
+        raise ConfigError(lines or [f"validate exited with status {result.returncode}"])

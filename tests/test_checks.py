@@ -143,6 +143,30 @@ def test_output_checks_keep_the_published_result(project: Project) -> None:
     assert pq.read_table(reduced).num_rows == 97
 
 
+def test_a_reduce_judged_by_max_bad_fraction_is_not_recorded_succeeded_before_it_is_published(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hostile review: the commit that let max_bad_fraction judge every done chunk recorded the
+    run `succeeded` before its reduction was published; killed in between, `history` said
+    succeeded over the old reduction, a restarted daemon did not resume it, a dependent ran."""
+    import minibatch.runner as runner
+    from minibatch.manifest import Manifest
+
+    rows(project, 0, 300)
+    project.write_config(REDUCE + 'checks = [{ name = "c", sql = "id >= 0", action = "drop" }]\n'
+                         + "max_bad_fraction = 0.5\n")  # fmt: skip
+    seen: list[str] = []
+    publish = runner.publish_if_needed
+
+    def observed(*args: object) -> object:  # the manifest as a kill at this moment leaves it
+        seen.extend(r["status"] for r in Manifest(project.root / ".state" / "manifest.duckdb").runs("r"))
+        return publish(*args)
+
+    monkeypatch.setattr(runner, "publish_if_needed", observed)
+    assert project.cli("run-now", "r", "-q").returncode == 0
+    assert seen == ["running"]
+
+
 def test_check_settings_are_validated(project: Project) -> None:
     rows(project, 0, 10)
     project.write_config(

@@ -205,7 +205,7 @@ def test_a_dependency_running_again_or_failed_since_its_success_is_not_met(proje
     import time
 
     from minibatch.config import load_config
-    from minibatch.control import unmet_dependencies
+    from minibatch.depends import unmet_dependencies
     from minibatch.records import RunRecord
     from minibatch.states import RunStatus
 

@@ -296,7 +296,7 @@ def test_a_dated_dependency_counts_for_the_same_date_only(project: Project) -> N
     import pyarrow.parquet as pq
 
     from minibatch.config import load_config
-    from minibatch.control import unmet_dependencies
+    from minibatch.depends import unmet_dependencies
     from minibatch.manifest import Manifest
     from minibatch.records import RunRecord
 

@@ -83,3 +83,34 @@ def test_daily_job_fires_once_per_local_day_across_the_year(
     assert len(set(dates)) == 5
     assert all(a < b for a, b in zip(times, times[1:], strict=False))
     assert all((b - a).total_seconds() <= 25 * 3600 for a, b in zip(times, times[1:], strict=False))
+
+
+def test_a_fire_apscheduler_skips_is_logged_with_its_job() -> None:
+    """Hostile review: a fire skipped because the job's run of the last one went on, or missed
+    after a suspend, was logged by APScheduler alone, naming no job."""
+    import threading
+
+    import structlog
+    from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from minibatch.schedule import log_skipped
+
+    release = threading.Event()
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.add_listener(log_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
+    with structlog.testing.capture_logs() as logs:
+        scheduler.add_job(release.wait, "interval", seconds=0.05, id="cron:busy", max_instances=1)
+        past = datetime.now(ZoneInfo("UTC")) - timedelta(seconds=30)
+        scheduler.add_job(print, "date", run_date=past, id="cron:late", misfire_grace_time=1)
+        scheduler.start()
+        try:
+            deadline = datetime.now() + timedelta(seconds=10)
+            while not {"run_skipped", "missed_runs_skipped"} <= {e["event"] for e in logs}:
+                assert datetime.now() < deadline, logs
+                release.wait(0.02)
+        finally:
+            release.set()
+            scheduler.shutdown(wait=True)
+    said = {(e["event"], e["job"]) for e in logs}
+    assert {("run_skipped", "busy"), ("missed_runs_skipped", "late")} <= said

@@ -1,0 +1,126 @@
+"""`depends_on` in the daemon, in-process: a real manifest, real runs, the daemon's own
+`fire` (its scheduler not started; what it would hand a thread runs at once here)."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime, timedelta
+
+from minibatch.config import load_config
+from minibatch.control import Active
+from minibatch.daemon import Daemon
+from minibatch.manifest import Manifest
+from minibatch.records import RunRecord
+from minibatch.signals import StopSignals
+from minibatch.states import RunStatus
+
+from conftest import Project
+
+JOBS = """
+[jobs.up]
+input = "data/*.parquet"
+output = "out/up"
+process = "myjobs.basic:ident"
+schedule = "{schedule}"
+{up}
+[jobs.down]
+input = "data/*.parquet"
+output = "out/down"
+process = "myjobs.basic:ident"
+schedule = "{schedule}"
+depends_on = ["up"]
+{down}
+"""
+
+
+def daemon(project: Project, schedule: str = "0 * * * *", up: str = "", down: str = "") -> Daemon:
+    project.write_input("a.parquet", 0, 100)
+    project.write_config(JOBS.format(schedule=schedule, up=up, down=down))
+    path = project.root / "config.toml"
+    found = Daemon(load_config(path), str(path))
+    found.submit = lambda target, *args: target(*args)  # type: ignore[method-assign]
+    return found
+
+
+def record(manifest: Manifest, run_id: str, job: str, started: float, status: RunStatus) -> None:
+    run = RunRecord(run_id=run_id, job=job, pid=os.getpid(), started_at=started)
+    manifest.start_run(run)
+    if status != RunStatus.RUNNING:
+        run.status, run.ended_at = status, started + 1
+        manifest.commit(run, [])
+
+
+def statuses(d: Daemon, job: str) -> list[str]:
+    return [r["status"] for r in d.manifest.runs(job)]
+
+
+def test_a_dependency_whose_fire_of_this_minute_has_not_begun_is_waited_for(project: Project) -> None:
+    """Hostile review: fired in the same minute as its dependency (two `0 2 * * *` jobs), the
+    dependent checked the manifest before the dependency's run had begun, saw its success of
+    the day before and ran beside it on half its output: 'succeeded', a day's rows short, every day."""
+    d = daemon(project)
+    now = datetime.now(UTC)
+    record(d.manifest, "u0", "up", time.time() - 7200, RunStatus.SUCCEEDED)  # yesterday's success
+    for job in ("up", "down"):
+        d.manifest.record_fire(job, now - timedelta(minutes=61))  # both due: this hour's fire came
+    assert d.fire("down")
+    assert statuses(d, "down") == []  # not run beside the dependency's coming run
+    assert [key[0] for key in d.waiting] == ["down"]
+    assert d.fire("up")  # its run ends: the waiting dependent goes
+    assert statuses(d, "up")[0] == "succeeded" and statuses(d, "down") == ["succeeded"]
+    assert d.waiting == {}
+
+
+def test_a_dependency_running_in_the_daemon_before_its_row_exists_is_waited_for(project: Project) -> None:
+    d = daemon(project)
+    record(d.manifest, "u0", "up", time.time() - 7200, RunStatus.SUCCEEDED)
+    d.active.add("r1", Active("up", StopSignals()))  # accepted or begun, no `running` row yet
+    assert d.fire("down")
+    assert statuses(d, "down") == []
+    d.active.remove("r1")
+    d.fire("up")
+    assert statuses(d, "down") == ["succeeded"]
+
+
+def test_a_stopped_or_crashed_dependent_resumes_without_waiting(project: Project) -> None:
+    """Hostile review: the restarted daemon's resume fire of a dependent whose run was stopped
+    waited for the dependency to succeed again (a day), its output half-built meanwhile."""
+    d = daemon(project)
+    config = d.config
+    from minibatch.depends import unmet_dependencies
+
+    def unmet() -> list[str]:
+        return unmet_dependencies(config, d.manifest, config.jobs["down"], {})
+
+    start = time.time() - 1000
+    record(d.manifest, "d0", "down", start, RunStatus.SUCCEEDED)
+    record(d.manifest, "u1", "up", start + 10, RunStatus.SUCCEEDED)
+    for i, status in enumerate((RunStatus.STOPPED, RunStatus.CRASHED, RunStatus.RUNNING)):
+        record(d.manifest, f"d{i + 1}", "down", start + 20 + i, status)  # began on u1's output
+        assert unmet() == []
+    record(d.manifest, "d9", "down", start + 30, RunStatus.FAILED)  # finished with it: wait again
+    assert unmet() == ["up"]
+
+
+def test_each_dated_fire_waits_for_its_own_date(project: Project) -> None:
+    """Hostile review: a dated fire waiting for its dependency was replaced by the next day's
+    fire: that logical date never ran, and nothing said so."""
+    d = daemon(project, schedule="0 2 * * *")
+    dated = JOBS.format(schedule="0 2 * * *", up="", down="").replace('out/up"', 'out/up/{date}"')
+    project.write_config(dated.replace('out/down"', 'out/down/{date}"'))
+    d.config = load_config(project.root / "config.toml")
+    day = datetime(2026, 11, 28, 2, 0, 0, 50_000, tzinfo=UTC)
+    for n in range(2):
+        d.fire("down", now=day + timedelta(days=n))
+    assert sorted(params["date"] for params in d.waiting.values()) == ["2026-11-27", "2026-11-28"]
+
+
+def test_a_paused_job_waiting_for_its_dependencies_is_not_released(project: Project) -> None:
+    d = daemon(project)
+    d.fire("down")  # `up` never succeeded: waits
+    assert len(d.waiting) == 1
+    d.control.pause("down", True)
+    d.fire("up")
+    assert statuses(d, "up") == ["succeeded"]
+    assert statuses(d, "down") == [] and d.waiting == {}
