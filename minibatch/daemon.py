@@ -254,20 +254,20 @@ class Daemon:
             log.info("run_skipped_paused", job=job.name, reason=reason)
             return True
         params = fire_params(job, now)  # the logical date is the fire's, not the run's
-        if missing := self._unmet(job, params):
+        if missing := self._unmet(job, params, now):
             with self.lock:  # each parameter set (each date) waits on its own
                 self.waiting[(job.name, json.dumps(params, sort_keys=True))] = params
             log.info("waiting_for_dependencies", job=job.name, waiting_for=missing, **params)
             return True
         return self.run_in_daemon(job.name, reason, RunOptions(params=params))
 
-    def _unmet(self, job: JobConfig, params: dict[str, str]) -> list[str]:
+    def _unmet(self, job: JobConfig, params: dict[str, str], now: datetime | None = None) -> list[str]:
         def running() -> set[str]:
             with self.lock:
                 firing = set(+self.firing)
             return firing | {active.job for _, active in self.active.items()}
 
-        busy = busy_dependencies(self.config, self.manifest, job, running, datetime.now(UTC))
+        busy = busy_dependencies(self.config, self.manifest, job, running, now or datetime.now(UTC))
         return unmet_dependencies(self.config, self.manifest, job, params, busy)
 
     def run_in_daemon(self, name: str, reason: str, options: RunOptions | None = None) -> bool:

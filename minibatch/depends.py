@@ -8,7 +8,7 @@ comes a moment after its fire, and two jobs fired in the same minute start in an
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from minibatch.config import Config, JobConfig
 from minibatch.lock import holder_pid
@@ -16,6 +16,8 @@ from minibatch.manifest import Manifest
 from minibatch.params import DATE
 from minibatch.schedule import parse_crontab
 from minibatch.states import RunStatus
+
+FIRE_LATENCY = timedelta(minutes=1)  # a fire time to its fire beginning, at most (threads free)
 
 
 def unmet_dependencies(
@@ -51,7 +53,10 @@ def busy_dependencies(
 
 
 def _due(job: JobConfig, last_fire: datetime | None, now: datetime) -> bool:
+    """A fire time has come and gone unrecorded within FIRE_LATENCY: APScheduler is starting it.
+    Later than that it was skipped (the run of an earlier fire went on, the daemon was
+    suspended) or belongs to an older schedule: waiting for it would wait for the next one."""
     if not job.schedule or last_fire is None:
         return False
     due = parse_crontab(job.schedule, job.timezone).get_next_fire_time(last_fire, last_fire)
-    return due is not None and due <= now
+    return due is not None and timedelta(0) <= now - due < FIRE_LATENCY

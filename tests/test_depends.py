@@ -59,17 +59,24 @@ def test_a_dependency_whose_fire_of_this_minute_has_not_begun_is_waited_for(proj
     """Hostile review: fired in the same minute as its dependency (two `0 2 * * *` jobs), the
     dependent checked the manifest before the dependency's run had begun, saw its success of
     the day before and ran beside it on half its output: 'succeeded', a day's rows short, every day."""
-    d = daemon(project)
-    now = datetime.now(UTC)
-    record(d.manifest, "u0", "up", time.time() - 7200, RunStatus.SUCCEEDED)  # yesterday's success
-    for job in ("up", "down"):
-        d.manifest.record_fire(job, now - timedelta(minutes=61))  # both due: this hour's fire came
-    assert d.fire("down")
+    d = daemon(project, schedule="* * * * *")
+    minute = datetime.now(UTC).replace(second=0, microsecond=0)
+    record(d.manifest, "u0", "up", time.time() - 70, RunStatus.SUCCEEDED)  # the last minute's success
+    d.manifest.record_fire("up", minute - timedelta(seconds=59.96))  # its fire of that minute
+    assert d.fire("down")  # this minute's fire: `up`'s has not begun yet
     assert statuses(d, "down") == []  # not run beside the dependency's coming run
     assert [key[0] for key in d.waiting] == ["down"]
     assert d.fire("up")  # its run ends: the waiting dependent goes
     assert statuses(d, "up")[0] == "succeeded" and statuses(d, "down") == ["succeeded"]
     assert d.waiting == {}
+    from minibatch.depends import busy_dependencies
+
+    d.manifest.record_fire("up", minute - timedelta(seconds=59.96))
+    down, nothing = d.config.jobs["down"], set
+    assert busy_dependencies(d.config, d.manifest, down, nothing, minute + timedelta(seconds=50)) == {"up"}
+    # a fire time long gone unrecorded was skipped (its run of an earlier fire went on, the daemon
+    # was suspended): waiting for it would wait for the next
+    assert busy_dependencies(d.config, d.manifest, down, nothing, minute + timedelta(seconds=70)) == set()
 
 
 def test_a_dependency_running_in_the_daemon_before_its_row_exists_is_waited_for(project: Project) -> None:
