@@ -125,12 +125,15 @@ def validate(state: State, as_json: bool) -> None:
 @click.pass_obj
 def list_jobs(state: State, as_json: bool) -> None:
     """Jobs, their schedules and next fire times."""
+    from minibatch.manifest import Manifest, manifest_path
     from minibatch.summary import job_rows, print_jobs
 
+    manifest = Manifest(manifest_path(state.config.engine.state_dir))
+    paused = {row["job"] for row in manifest.named("paused", read_only=True)}
     if as_json:
-        click.echo(json.dumps(job_rows(state.config), indent=2))
+        click.echo(json.dumps(job_rows(state.config, paused), indent=2))
     else:
-        print_jobs(state.config)
+        print_jobs(state.config, paused)
 
 
 @main.command()

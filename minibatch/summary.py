@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from typing import Any
 
 import click
@@ -157,29 +158,30 @@ def print_history(rows: list[dict[str, Any]]) -> None:
     print_table(rows, [c for c in HISTORY_COLUMNS if checked or c[0] != "rows_bad"])
 
 
-def job_rows(config: Config) -> list[dict[str, Any]]:
-    """Each job with its schedule and next fire time (`list`)."""
+def job_rows(config: Config, paused: Collection[str] = ()) -> list[dict[str, Any]]:
+    """Each job with its schedule and next fire time (`list`); a paused job's is "paused"."""
     from minibatch.schedule import next_fire_times
 
     rows = []
     for job in config.jobs.values():
         fires = next_fire_times(job.schedule, job.timezone, 1) if job.schedule else []
+        following = "paused" if fires and job.name in paused else fires[0].isoformat() if fires else "-"
         rows.append(
             {
                 "job": job.name,
                 "schedule": job.schedule or "-",
                 "timezone": job.timezone,
                 "watch": f"{job.watch:g}s" if job.watch else "-",
-                "next": fires[0].isoformat() if fires else "-",
+                "next": following,
                 "description": job.description,
             }
         )
     return rows
 
 
-def print_jobs(config: Config) -> None:
+def print_jobs(config: Config, paused: Collection[str] = ()) -> None:
     print_table(
-        job_rows(config),
+        job_rows(config, paused),
         [
             ("job", "JOB"),
             ("schedule", "SCHEDULE"),

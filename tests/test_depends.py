@@ -131,3 +131,14 @@ def test_a_paused_job_waiting_for_its_dependencies_is_not_released(project: Proj
     d.fire("up")
     assert statuses(d, "up") == ["succeeded"]
     assert statuses(d, "down") == [] and d.waiting == {}
+
+
+def test_list_says_a_paused_job_fires_no_more(project: Project) -> None:
+    """Hostile review: `list` showed a paused job's next fire time (the API said none)."""
+    import json
+
+    d = daemon(project)
+    d.control.pause("down", True)
+    listed = {row["job"]: row["next"] for row in json.loads(project.cli("list", "--json").stdout)}
+    assert listed["down"] == "paused" and listed["up"] != "paused"
+    assert "paused" in project.cli("list").stdout
