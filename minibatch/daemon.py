@@ -80,6 +80,7 @@ class Daemon:
         )
         self.scheduler.add_listener(log_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         self._schedule_jobs()
+        self.restore_waiting()
         self._catch_up()
         self.scheduler.add_job(  # runs and retries from the shell change these too
             self._refresh_metrics, "interval", seconds=METRICS_REFRESH, id="minibatch-metrics",
@@ -225,6 +226,12 @@ class Daemon:
                 log.info("resuming", job=job.name, last_status=row["status"])
                 self.scheduler.add_job(self.fire, args=[job.name, "resume"], misfire_grace_time=None)
 
+    def restore_waiting(self) -> None:
+        """Wait on with the fires an earlier daemon left waiting for their dependencies."""
+        for row in self.manifest.named("waiting_fires"):
+            log.info("still_waiting", job=row["job"], **json.loads(row["params"]))
+            self.waiting[(row["job"], row["params"])] = json.loads(row["params"])
+
     def _input_signature(self, job: JobConfig) -> tuple[tuple[str, int, int], ...]:
         """What `watch` compares; inputs that loop are the run's to refuse, loudly, not this poll's."""
         try:
@@ -255,8 +262,10 @@ class Daemon:
             return True
         params = fire_params(job, now)  # the logical date is the fire's, not the run's
         if missing := self._unmet(job, params, now):
+            fired = json.dumps(params, sort_keys=True)
+            self.manifest.named("wait_fire", job=job.name, params=fired, at=now)  # kept across restarts
             with self.lock:  # each parameter set (each date) waits on its own
-                self.waiting[(job.name, json.dumps(params, sort_keys=True))] = params
+                self.waiting[(job.name, fired)] = params
             log.info("waiting_for_dependencies", job=job.name, waiting_for=missing, **params)
             return True
         return self.run_in_daemon(job.name, reason, RunOptions(params=params))
@@ -311,6 +320,7 @@ class Daemon:
                 continue
             with self.lock:
                 self.waiting.pop((name, fired), None)
+            self.manifest.named("unwait_fire", job=name, params=fired)
             if name in paused:
                 log.info("run_skipped_paused", job=name, reason="dependencies met", **params)
             elif job is not None and not self.stopping:

@@ -73,6 +73,15 @@ SELECT job, status FROM (
     SELECT job, status, row_number() OVER (PARTITION BY job ORDER BY started_at DESC) AS latest FROM runs
 ) WHERE latest = 1 AND NOT contains(job, '[') AND status NOT IN (SELECT unnest($done::VARCHAR[]));
 
+-- name: waiting_fires
+SELECT job, params FROM waiting_fires ORDER BY fired_at;
+
+-- name: wait_fire
+INSERT OR REPLACE INTO waiting_fires (job, params, fired_at) VALUES ($job, $params, $at);
+
+-- name: unwait_fire
+DELETE FROM waiting_fires WHERE job = $job AND params = $params;
+
 -- name: record_fire
 INSERT OR REPLACE INTO schedule_state (job, last_fire_at) VALUES ($job, $at);
 
@@ -145,7 +154,7 @@ FROM chunks WHERE job = $job AND status = $dead ORDER BY file, row_start;
 -- name: is_current
 -- Whether the file has this release's schema (its newest column).
 SELECT 1 FROM duckdb_columns()
-WHERE database_name = current_database() AND table_name = 'paused_jobs' AND column_name = 'paused_at';
+WHERE database_name = current_database() AND table_name = 'waiting_fires' AND column_name = 'fired_at';
 
 -- name: memory_per_byte
 -- What a job's recent attempts grew (peak minus start RSS) per byte of their estimated size

@@ -143,6 +143,15 @@ CREATE TABLE IF NOT EXISTS schedule_state (
     last_fire_at   TIMESTAMPTZ NOT NULL
 );
 
+-- Fires waiting for their dependencies (`depends_on`), one per job and parameter set: a
+-- restarted daemon waits on with them (a dated fire lost would leave its date never run).
+CREATE TABLE IF NOT EXISTS waiting_fires (
+    job            VARCHAR NOT NULL,
+    params         VARCHAR NOT NULL,
+    fired_at       TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (job, params)
+);
+
 -- What each reduce job's published output was built from (reduce_sql and the part files).
 CREATE TABLE IF NOT EXISTS reduce_state (
     job            VARCHAR PRIMARY KEY,

@@ -142,3 +142,20 @@ def test_list_says_a_paused_job_fires_no_more(project: Project) -> None:
     listed = {row["job"]: row["next"] for row in json.loads(project.cli("list", "--json").stdout)}
     assert listed["down"] == "paused" and listed["up"] != "paused"
     assert "paused" in project.cli("list").stdout
+
+
+def test_a_fire_waiting_for_its_dependencies_outlives_a_daemon_restart(project: Project) -> None:
+    """A dated fire waiting for its dependency was kept in memory only: a restart (an upgrade, a
+    reboot) lost it, and that date never ran, silently."""
+    d = daemon(project)
+    d.fire("down")  # `up` never succeeded
+    waiting = dict(d.waiting)
+    assert len(waiting) == 1
+    restarted = daemon(project)
+    restarted.restore_waiting()
+    assert restarted.waiting == waiting
+    restarted.fire("up")
+    assert statuses(restarted, "down") == ["succeeded"] and restarted.waiting == {}
+    again = daemon(project)
+    again.restore_waiting()
+    assert again.waiting == {}  # released for good, not again after the next restart

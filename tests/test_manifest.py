@@ -378,7 +378,7 @@ def test_a_reader_adds_this_releases_columns_to_an_older_manifest_once(path: Pat
     )
     for table, column in dropped:
         con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
-    for table in ("paused_jobs", "backfill_dates", "backfills"):
+    for table in ("paused_jobs", "backfill_dates", "backfills", "waiting_fires"):
         con.execute(f"DROP TABLE {table}")
     con.close()
     reader = Manifest(path)
