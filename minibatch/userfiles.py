@@ -5,10 +5,12 @@ in staging goes whole (`remove_tree`)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from minibatch.hive import FILE_RE
@@ -29,6 +31,16 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_dir(path: Path | str, dir_fd: int | None = None, flags: int = os.O_RDONLY) -> int | None:
+    """A real directory opened, never through a symlink in its place; None if it is not one."""
+    try:
+        return os.open(path, flags | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
 
 
 def rescue(old: Path, live: Path, top: bool = True, anywhere: bool = False, overwrite: bool = True) -> None:
@@ -69,17 +81,37 @@ def keep_attributes(old: Path, new: Path) -> None:
     """Each directory of `new` (just swapped in, built by this run's user with its umask) gets
     the owner, group, mode and times of its counterpart in `old` (swapped out), when it has one:
     a private or group-shared output stays so. After the swap: a directory whose mode lacks
-    write could not have been filled, nor moved."""
-    for directory, _, _ in os.walk(new, topdown=False):
-        before = old / Path(directory).relative_to(new)
-        if before.is_dir() and not before.is_symlink():
-            st = before.stat()
-            for uid in (st.st_uid, -1):  # owner and group as far as this user may: else the group
-                with contextlib.suppress(PermissionError):
-                    os.chown(directory, uid, st.st_gid)
-                    break
-            with contextlib.suppress(PermissionError):  # given away just above: no longer ours
-                shutil.copystat(before, directory)
+    write could not have been filled, nor moved. Through descriptors of real directories only:
+    a symlink put in a directory's place meanwhile is never followed."""
+    fd = open_dir(new)
+    if fd is not None:
+        _keep_attributes(fd, open_dir(old, flags=os.O_PATH))
+
+
+def _keep_attributes(fd: int, before: int | None) -> None:
+    """The attributes of `before` (None: no counterpart) onto `fd`, below first; closes both."""
+    try:
+        with os.scandir(fd) as listing:
+            names = [entry.name for entry in listing if entry.is_dir(follow_symlinks=False)]
+        for name in names:
+            if (child := open_dir(name, fd)) is not None:
+                _keep_attributes(child, None if before is None else open_dir(name, before, os.O_PATH))
+        if before is not None:
+            _copy_attributes(os.fstat(before), fd)
+    finally:
+        os.close(fd)
+        if before is not None:
+            os.close(before)
+
+
+def _copy_attributes(st: os.stat_result, fd: int) -> None:
+    for uid in (st.st_uid, -1):  # owner and group as far as this user may: else the group
+        with contextlib.suppress(PermissionError):
+            os.fchown(fd, uid, st.st_gid)
+            break
+    with contextlib.suppress(PermissionError):  # given away just above: no longer ours
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
 
 
 def fresh_dir(path: Path) -> Path:
@@ -98,13 +130,33 @@ def fresh_dir(path: Path) -> Path:
 
 def remove_tree(path: Path) -> None:
     """A directory minibatch made in staging, whole: also where it holds a directory with a mode
-    copied from the user's (0555), which would stop rmtree and block the next run."""
-    if path.is_symlink() or not path.is_dir():  # never through a link: what it points to is not ours
-        return
-    for directory, _, _ in os.walk(path):
-        with contextlib.suppress(OSError):
-            os.chmod(directory, os.lstat(directory).st_mode & 0o7777 | 0o700)
+    copied from the user's (0555), which would stop rmtree and block the next run. Only real
+    directories, opened without following a link, are made writable: what a symlink put in the
+    place of one points to is not ours."""
+    with contextlib.suppress(OSError):
+        fd = open_dir(path)
+        if fd is None:
+            return
+        try:
+            _make_writable(fd)
+        finally:
+            os.close(fd)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _make_writable(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | 0o700)
+    with os.scandir(fd) as listing:
+        names = [entry.name for entry in listing if entry.is_dir(follow_symlinks=False)]
+    for name in names:
+        with contextlib.suppress(OSError):
+            child = open_dir(name, fd)
+            if child is not None:
+                try:
+                    _make_writable(child)
+                finally:
+                    os.close(child)
 
 
 def note_unit(aside: Path, unit: str, target: Path) -> Path:
