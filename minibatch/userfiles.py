@@ -19,6 +19,7 @@ REDUCED_NAME = "part-reduced.parquet"
 PART_RE = re.compile(r"^part-[0-9a-f]{24}\.parquet$")
 NOTE_SUFFIX = ".unit"  # beside a unit swapped out in staging: which unit it was
 WHOLE_PREFIX = "whole-"  # in staging: a whole output built to be swapped in at once
+Placed = dict[str, tuple[int, int, int, int]]  # live path -> what minibatch put there (`place`)
 
 
 def ours(name: str) -> bool:
@@ -43,34 +44,102 @@ def open_dir(path: Path | str, dir_fd: int | None = None, flags: int = os.O_RDON
         raise
 
 
-def rescue(old: Path, live: Path, top: bool = True, anywhere: bool = False, overwrite: bool = True) -> None:
+def place(source: str, target: Path, placed: Placed) -> None:
+    """A user's file (or symlink) into staging as it is: linked, never moved, so no crash can
+    leave it only in staging. Where the kernel refuses the link (another user's file under
+    fs.protected_hardlinks, another file system) a copy stands in until the rescue moves the
+    original back over it. `placed` notes what was put there by where it goes live."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK):
+            raise
+        shutil.copy2(source, target, follow_symlinks=False)
+    placed[source] = _identity(os.lstat(target))
+
+
+def link_theirs(source: Path, target: Path, placed: Placed, mine: bool = True) -> None:
+    """What minibatch did not write in `source` (an output, a unit), placed at the same place
+    under `target`; a directory of the user's is kept even empty, a partition only with such
+    files. Minibatch's files are in the output and its partitions (`mine`), not in a user's
+    directory."""
+    for entry in os.scandir(source) if source.is_dir() and not source.is_symlink() else []:
+        if entry.is_dir(follow_symlinks=False):
+            link_theirs(Path(entry.path), target / entry.name, placed, mine and "=" in entry.name)
+            if not mine or "=" not in entry.name:
+                (target / entry.name).mkdir(parents=True, exist_ok=True)
+        elif not (mine and ours(entry.name)):
+            target.mkdir(parents=True, exist_ok=True)
+            place(entry.path, target / entry.name, placed)
+
+
+def rescue(old: Path, live: Path, placed: Placed | None = None, anywhere: bool = False) -> None:
     """Move into `live` what in `old` (a unit swapped out or removed) is not minibatch's and not
     already in `live` as the same file (carried over, linked): a user's file made or replaced in
     the unit while it was rebuilt. (One deleted meanwhile comes back, carried over.) Minibatch's
     own files are at a unit's top; a directory below holds only what it carried over. A whole
     output swapped out (`anywhere`) has minibatch's files in its partitions too: they stay.
-    Without `overwrite`, a file goes beside one of the name in `live`, not over it."""
+    A file goes over one of its name in `live` only if that is still what minibatch placed
+    there (`placed`); else beside it: the user saved it anew since. `old` is read only if it
+    is a real directory, never through a symlink."""
+    fd = open_dir(old)
+    if fd is not None:
+        try:
+            _rescue(fd, live, True, anywhere, placed or {})
+        finally:
+            os.close(fd)
+
+
+def _rescue(fd: int, live: Path, top: bool, anywhere: bool, placed: Placed) -> None:
     moved = False
-    for entry in os.scandir(old) if old.is_dir() else []:  # not there: nothing was swapped out
+    with os.scandir(fd) as listing:
+        entries = list(listing)
+    for entry in entries:
         there, is_dir = live / entry.name, entry.is_dir(follow_symlinks=False)
         below = anywhere and top and "=" in entry.name  # a partition of a whole output: its files are too
-        if is_dir and there.is_dir() and not there.is_symlink():
-            rescue(Path(entry.path), there, below, anywhere, overwrite)
+        if (
+            is_dir
+            and there.is_dir()
+            and not there.is_symlink()
+            and _below(fd, entry.name, there, below, anywhere, placed)
+        ):
             continue
         if not is_dir and ((top and ours(entry.name)) or _same_file(entry, there)):
             continue
-        if os.path.lexists(there) and (is_dir or there.is_dir() or not overwrite):
-            # a file became a directory, or the other way round: both are kept, the newer as name.N
+        ours_there = os.path.lexists(there) and placed.get(str(there)) == _identity(there.lstat())
+        if os.path.lexists(there) and (is_dir or there.is_dir() or not ours_there):
+            # the user's newer file, or a file became a directory or the other way round: both kept
             names = (live / f"{entry.name}.{n}" for n in itertools.count(1))
             there = next(name for name in names if not os.path.lexists(name))
-        if is_dir and anywhere:  # a partition gone from the new result: only a user's files go back
-            rescue(Path(entry.path), there, below, anywhere, overwrite)
-            continue
+        if is_dir and anywhere and _below(fd, entry.name, there, below, anywhere, placed):
+            continue  # a partition gone from the new result: only a user's files go back
         live.mkdir(parents=True, exist_ok=True)
-        os.replace(entry.path, there)
+        try:
+            os.replace(entry.name, there, src_dir_fd=fd)
+        except PermissionError:
+            if not ours_there:
+                raise
+            continue  # the original in a directory this user may not write: its copy stays
         moved = True
     if moved:
         fsync_dir(live)
+
+
+def _below(fd: int, name: str, live: Path, top: bool, anywhere: bool, placed: Placed) -> bool:
+    """Rescue from the directory `name` in `fd`; False if it is not one now (a symlink put in
+    its place goes back as it is, not followed)."""
+    child = open_dir(name, fd)
+    if child is None:
+        return False
+    try:
+        _rescue(child, live, top, anywhere, placed)
+    finally:
+        os.close(child)
+    return True
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns  # a copy written into since differs
 
 
 def _same_file(entry: os.DirEntry[str], path: Path) -> bool:
