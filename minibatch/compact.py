@@ -21,22 +21,25 @@ import errno
 import hashlib
 import json
 import os
-import shutil
+import stat
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from minibatch.hive import FILE_RE, SOURCES_KEY, units_of
 from minibatch.layout import CHUNK_KEY, DEFINITION_KEY, OutputLayout, remove_published
 from minibatch.userfiles import (
     WHOLE_PREFIX,
+    Placed,
     fresh_dir,
     fsync_dir,
     keep_attributes,
+    link_theirs,
     note_unit,
     ours,
+    place,
     remove_tree,
     rescue,
 )  # fmt: skip
@@ -152,16 +155,13 @@ class Publisher:
         )
         staged = fresh_dir(staged)
         note = note_unit(staged, "", output)
-        _link_theirs(output, staged)
+        placed: Placed = {}
+        link_theirs(output, staged, placed)
         files = []
         for unit, slices in sorted(wanted.items()):
             for path in [*reversed(Path(unit).parents[:-1]), Path(unit)]:  # a user's file or link in the way
-                if os.path.lexists(staged / path) and (
-                    (staged / path).is_symlink() or not (staged / path).is_dir()
-                ):
-                    remove_tree(staged)
-                    note.unlink()
-                    raise PublishError(f"{output / path} is not a directory minibatch made; move it away")
+                if os.path.lexists(staged / path) and not _real_dir(staged / path):
+                    _refuse(staged, note, output / path)
             (staged / unit).mkdir(parents=True, exist_ok=True)
             files += [(staged / unit, unit, group) for group in plan_files(slices, self.shape.target)]
         with ThreadPoolExecutor(max(1, min(self.threads, len(files)))) as pool:
@@ -173,8 +173,8 @@ class Publisher:
             fsync_dir(Path(directory))
         self.out.units_written = len(wanted)
         self.out.units_removed = len(self.existing_units().keys() - wanted.keys())
-        exchange(staged, output)
-        rescue(staged, output, anywhere=True)  # the old output, now here: what a user made meanwhile
+        _swap_in(staged, output, note)
+        rescue(staged, output, placed, anywhere=True)  # the old output, now here: what a user made meanwhile
         keep_attributes(staged, output)
         remove_tree(staged)
         note.unlink()
@@ -241,7 +241,7 @@ class Publisher:
         staged = self.layout.staging / f"unit-{_digest(unit, *sorted(p.token for p in todo))}"
         staged = fresh_dir(staged)
         note = note_unit(staged, unit, target)
-        self._carry_over(target, staged, {f.name for f in keep})
+        placed = self._carry_over(target, staged, {f.name for f in keep})
         groups = plan_files(todo, self.shape.target)
         with ThreadPoolExecutor(max(1, min(self.threads, len(groups)))) as pool:  # pyarrow frees the GIL
             for rows, size in pool.map(lambda group: self._write_file(staged, unit, group), groups):
@@ -249,8 +249,8 @@ class Publisher:
                 self.out.files.append(size)
                 self.out.files_written += 1
         fsync_dir(staged)
-        exchange(staged, target)
-        rescue(staged, target)  # the old unit, now here: what a user made in it while we built
+        _swap_in(staged, target, note)
+        rescue(staged, target, placed)  # the old unit, now here: what a user made in it while we built
         keep_attributes(staged, target)
         remove_tree(staged)
         note.unlink()
@@ -266,15 +266,18 @@ class Publisher:
             if os.path.lexists(where) and (where.is_symlink() or not where.is_dir()):
                 raise PublishError(f"{where} is not a directory minibatch made; move it away")
 
-    def _carry_over(self, target: Path, staged: Path, keep: set[str]) -> None:
+    def _carry_over(self, target: Path, staged: Path, keep: set[str]) -> Placed:
         """Kept files, and what minibatch did not write, go into the new unit as they are
-        (linked: never moved, so no crash can leave them only in staging). A directory is
-        linked file by file (an earlier layout's partitions: their files go after)."""
-        for entry in os.scandir(target) if target.is_dir() else []:
+        (`place`). A directory goes file by file (an earlier layout's partitions: their files
+        go after). Returns what was placed."""
+        placed: Placed = {}
+        for entry in os.scandir(target) if _real_dir(target) else []:
             if entry.is_dir(follow_symlinks=False):
-                shutil.copytree(entry.path, staged / entry.name, symlinks=True, copy_function=os.link)
+                (staged / entry.name).mkdir()
+                link_theirs(Path(entry.path), staged / entry.name, placed, mine=False)
             elif entry.name in keep or not ours(entry.name):
-                os.link(entry.path, staged / entry.name, follow_symlinks=False)
+                place(entry.path, staged / entry.name, placed)
+        return placed
 
     def _write_file(self, directory: Path, unit: str, group: list[Slice]) -> tuple[int, int]:
         """One file of a unit: its rows and bytes (run in threads: it touches no shared state)."""
@@ -316,12 +319,17 @@ class Publisher:
     def _remove_unit(self, unit: str) -> None:
         """A unit holding only minibatch's files goes in one rename (then out of sight)."""
         target = self.layout.output / unit
-        if not unit or not target.is_dir():
+        if not unit or not _real_dir(target):
             return
         gone = fresh_dir(self.layout.staging / f"gone-{_digest(unit)}")
         gone.rmdir()  # the unit is renamed here
         note = note_unit(gone, unit, target)
         os.rename(target, gone)
+        if not _real_dir(gone):  # a user's symlink or file put in its place meanwhile: back, unfollowed
+            if not os.path.lexists(target):
+                os.rename(gone, target)
+            note.unlink()
+            raise PublishError(f"{target} is not a directory minibatch made; move it away")
         rescue(gone, target)  # made since it was found to hold only minibatch's files
         remove_tree(gone)
         note.unlink()
@@ -333,18 +341,24 @@ class Publisher:
         fsync_dir(target.parent if target.parent.exists() else self.layout.output)
 
 
-def _link_theirs(source: Path, target: Path, mine: bool = True) -> None:
-    """What minibatch did not write in `source` (an output), linked at the same place under
-    `target`; a directory of the user's is kept even empty, a partition only with such files.
-    Minibatch's files are in the output and its partitions (`mine`), not in a user's directory."""
-    for entry in os.scandir(source) if source.is_dir() else []:
-        if entry.is_dir(follow_symlinks=False):
-            _link_theirs(Path(entry.path), target / entry.name, mine and "=" in entry.name)
-            if "=" not in entry.name:
-                (target / entry.name).mkdir(parents=True, exist_ok=True)
-        elif not (mine and ours(entry.name)):
-            target.mkdir(parents=True, exist_ok=True)
-            os.link(entry.path, target / entry.name, follow_symlinks=False)
+def _real_dir(path: Path) -> bool:
+    """A directory, not a symlink to one."""
+    return os.path.lexists(path) and stat.S_ISDIR(os.lstat(path).st_mode)
+
+
+def _refuse(staged: Path, note: Path, where: Path) -> NoReturn:
+    remove_tree(staged)
+    note.unlink()
+    raise PublishError(f"{where} is not a directory minibatch made; move it away")
+
+
+def _swap_in(staged: Path, target: Path, note: Path) -> None:
+    """`exchange`, then what it swapped out must be a real directory: a symlink or file the
+    user put in the unit's place meanwhile goes back there, never followed, and the run fails."""
+    exchange(staged, target)
+    if os.path.lexists(staged) and not _real_dir(staged):
+        exchange(staged, target)
+        _refuse(staged, note, target)
 
 
 def exchange(staged: Path, target: Path) -> None:

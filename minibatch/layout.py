@@ -112,7 +112,7 @@ class OutputLayout:
             swapped = inode.isdigit() and path.stat().st_ino == int(inode)  # else: the new one, unused
             if swapped and ".." not in Path(unit).parts and not Path(unit).is_absolute():
                 whole = path.name.startswith(WHOLE_PREFIX)
-                rescue(path, self.output / unit, anywhere=whole, overwrite=False)
+                rescue(path, self.output / unit, anywhere=whole)
                 keep_attributes(path, self.output / unit)  # the run died before it could
 
     def staged_results(self) -> dict[str, list[Path]]:

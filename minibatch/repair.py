@@ -24,7 +24,7 @@ from minibatch.config import Config
 from minibatch.lock import ID_NAME, former_ids, job_lock, state_id, write_once
 from minibatch.manifest import Manifest, ManifestBusy, ManifestError, manifest_path
 
-IDENTITY_TABLE = "state_identity"  # in a backup: the id of the state_dir it was taken from
+IDENTITY_TABLE = "state_identity"  # in a backup: the ids of the state_dir it was taken from, current first
 TABLES = ("runs", "chunks", "attempts", "bad_files", "job_state", "reduce_state", "schedule_state")
 
 
@@ -64,26 +64,27 @@ def restore(config: Config, copy: Path) -> Path:
             for leftover in (staged, staged.with_name(staged.name + ".wal")):
                 leftover.unlink(missing_ok=True)
             raise ManifestError(f"{copy} is not a manifest backup: {problem}")
-        identity = _identity(staged)
+        identities = _identities(staged)
         aside = _set_aside(path, "replaced") if path.exists() else path
         os.replace(staged, path)
-        if identity:  # the outputs' owner files name the backed-up state_dir by it (owner.py);
+        if identities:  # the outputs' owner files name the backed-up state_dir by them (owner.py);
             state = config.engine.state_dir  # those it claimed since with its own id stay its own
-            had = [i for i in [state_id(state), *former_ids(state)] if i != identity]
-            write_once(state / ID_NAME, "\n".join([identity, *dict.fromkeys(had)]), replace=True)
+            had = [i for i in [*identities, state_id(state), *former_ids(state)] if i != identities[0]]
+            write_once(state / ID_NAME, "\n".join([identities[0], *dict.fromkeys(had)]), replace=True)
         return aside
 
 
-def _identity(path: Path) -> str | None:
-    """The minibatch-id of the state_dir a backup was taken from (None: an older release's)."""
+def _identities(path: Path) -> list[str]:
+    """The minibatch-ids of the state_dir a backup was taken from, current first (none: an
+    older release's backup; one: a release that kept only the current id)."""
     import duckdb
 
     with contextlib.closing(duckdb.connect(str(path), read_only=True)) as con:
         try:
-            found = con.execute(f"SELECT id FROM {IDENTITY_TABLE}").fetchone()
+            rows = con.execute(f"SELECT * FROM {IDENTITY_TABLE}").fetchall()
         except duckdb.CatalogException:
-            return None
-    return str(found[0]) if found else None
+            return []
+    return [str(row[0]) for row in sorted(rows, key=lambda row: row[1] if len(row) > 1 else 0)]
 
 
 def _not_a_manifest(path: Path) -> str | None:
@@ -165,9 +166,14 @@ def backup(config: Config, dest: Path) -> Path:
                 raise ManifestError(f"cannot write the backup {target}: {str(exc).splitlines()[0]}") from None
             try:
                 con.execute(f'COPY FROM DATABASE "{name}" TO minibatch_backup')
-                identity = state_id(config.engine.state_dir)  # for a restore into a state_dir made anew
+                state = config.engine.state_dir  # for a restore into a state_dir made anew
+                ids = [state_id(state), *former_ids(state)]  # a former id may name an output too
                 con.execute(
-                    f"CREATE OR REPLACE TABLE minibatch_backup.{IDENTITY_TABLE} AS SELECT ? AS id", [identity]
+                    f"CREATE OR REPLACE TABLE minibatch_backup.{IDENTITY_TABLE} (id VARCHAR, n INTEGER)"
+                )
+                con.executemany(
+                    f"INSERT INTO minibatch_backup.{IDENTITY_TABLE} VALUES (?, ?)",
+                    [(i, n) for n, i in enumerate(ids)],
                 )
             finally:  # this process's DuckDB outlives the backup: let go of the copy either way
                 con.execute("DETACH DATABASE IF EXISTS minibatch_backup")

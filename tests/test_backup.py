@@ -170,3 +170,30 @@ def test_restore_and_repair_refuse_while_a_run_of_a_parameter_set_holds_its_lock
             assert f"job {key!r} is already running" in refused.stderr
     assert not list((project.root / ".state").glob("manifest.duckdb.*-*"))  # nothing set aside
     assert project.cli("restore", copy).returncode == 0
+
+
+def test_a_second_restore_keeps_the_ids_the_first_one_kept(project: Project) -> None:
+    """Hostile review: a backup kept only the state_dir's current minibatch-id, not the former
+    ones; after a second disaster and restore, an output claimed under a former id was refused."""
+    project.write_config(
+        MAP_JOB + MAP_JOB.replace("[jobs.ident]", "[jobs.two]").replace("out/ident", "out/two")
+    )
+    project.write_input("a.parquet", 0, 100)
+    state = project.root / ".state"
+    assert project.cli("run-now", "ident").returncode == 0
+    first, second = project.root / "1.duckdb", project.root / "2.duckdb"
+    assert project.cli("backup", str(first)).returncode == 0
+    shutil.rmtree(state)  # disaster 1
+    assert project.cli("run-now", "two").returncode == 0  # claimed under the new state_dir's id
+    assert project.cli("restore", str(first)).returncode == 0
+    assert project.cli("backup", str(second)).returncode == 0
+    shutil.rmtree(state)  # disaster 2
+    assert project.cli("restore", str(second)).returncode == 0
+    for job in ("ident", "two"):
+        again = project.cli("run-now", job)
+        assert again.returncode == 0 and "0 done now" in again.stdout, again.stderr
+    # a backup of the previous release: one row, the current id only
+    with duckdb.connect(str(second)) as con:
+        con.execute("CREATE OR REPLACE TABLE state_identity AS SELECT 'aaaa' AS id")
+    assert project.cli("restore", str(second)).returncode == 0
+    assert (state / "minibatch-id").read_text().split()[0] == "aaaa"
