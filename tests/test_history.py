@@ -52,7 +52,8 @@ def test_every_attempt_is_measured(project: Project) -> None:
     assert 0 < utilisation <= 1 and 0 < peak <= budget == 2**20 and workers == 2 and rate > 0
     assert json.loads(settings)["process"] == "myjobs.faulty:flaky"
     ((peak_memory, idle_memory),) = project.manifest_rows("SELECT peak_memory, idle_memory FROM runs")
-    assert peak_memory > 0 and idle_memory > 10 * 2**20  # measured: the coordinator alone holds more
+    # measured (None: not measured); 800 rows may add nothing the 50 ms sampler sees above idle
+    assert peak_memory is not None and peak_memory >= 0 and idle_memory > 10 * 2**20
     (bad,) = project.manifest_rows(
         "SELECT count(*) FILTER (WHERE NOT (0 < start_rss AND start_rss <= peak_rss AND chunk_bytes > 0)) "
         "FROM attempts WHERE outcome = 'done'"
