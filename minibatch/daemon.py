@@ -21,7 +21,7 @@ from minibatch.config import Config, ConfigError, JobConfig, load_config
 from minibatch.control import Active, ActiveRuns, Control, fire_params, key_of
 from minibatch.depends import busy_dependencies, unmet_dependencies
 from minibatch.events import Event, Listener
-from minibatch.inputs import InputError, expand_inputs
+from minibatch.inputs import input_signature
 from minibatch.lock import DAEMON_LOCK, JobLocked, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
@@ -78,7 +78,7 @@ class Daemon:
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(workers), "watchdog": ThreadPoolExecutor(1)},
         )
-        self.scheduler.add_listener(log_skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
+        self.scheduler.add_listener(self.skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         self._schedule_jobs()
         self.restore_waiting()
         self._catch_up()
@@ -175,7 +175,7 @@ class Daemon:
         for name, job in self.config.jobs.items():
             if job.watch:
                 if name not in self.seen_inputs:  # the baseline: changes from now on fire
-                    signature = self._input_signature(job)
+                    signature = input_signature(self.config.base_dir, job.inputs)
                     self.seen_inputs[name] = (signature, signature)
                 self.scheduler.add_job(
                     self._watch, "interval", seconds=job.watch, args=[name], id=f"watch:{name}",
@@ -187,7 +187,7 @@ class Daemon:
         job = self.config.jobs.get(name)
         if job is None or self._running(name):
             return
-        signature = self._input_signature(job)
+        signature = input_signature(self.config.base_dir, job.inputs)
         fired_on, last_seen = self.seen_inputs.get(name, (signature, signature))
         self.seen_inputs[name] = (fired_on, signature)
         settled = signature != fired_on and signature == last_seen  # changed, then the same for an interval
@@ -232,14 +232,6 @@ class Daemon:
             log.info("still_waiting", job=row["job"], **json.loads(row["params"]))
             self.waiting[(row["job"], row["params"])] = json.loads(row["params"])
 
-    def _input_signature(self, job: JobConfig) -> tuple[tuple[str, int, int], ...]:
-        """What `watch` compares; inputs that loop are the run's to refuse, loudly, not this poll's."""
-        try:
-            paths = expand_inputs(self.config.base_dir, job.inputs)
-        except InputError:
-            return ()
-        return tuple((p, st.st_size, st.st_mtime_ns) for p in paths if (st := _stat(p)))
-
     def fire(self, name: str, reason: str = "schedule", now: datetime | None = None) -> bool:
         """Run `name` now, or make it wait for its dependencies; False if a run elsewhere held its lock."""
         job = self.config.jobs.get(name)
@@ -270,10 +262,17 @@ class Daemon:
             return True
         return self.run_in_daemon(job.name, reason, RunOptions(params=params))
 
+    def skipped(self, event: Any) -> None:
+        """A fire APScheduler skipped (the run of the one before goes on; missed): said, and
+        recorded as fired, so that no dependent waits for it to begin."""
+        if job := log_skipped(event):
+            self.manifest.record_fire(job, datetime.now(UTC))
+            self._release_waiting()
+
     def _unmet(self, job: JobConfig, params: dict[str, str], now: datetime | None = None) -> list[str]:
-        def running() -> set[str]:
+        def running() -> set[str]:  # under way, or fired and waiting for dependencies of its own
             with self.lock:
-                firing = set(+self.firing)
+                firing = set(+self.firing) | {name for name, _ in self.waiting}
             return firing | {active.job for _, active in self.active.items()}
 
         busy = busy_dependencies(self.config, self.manifest, job, running, now or datetime.now(UTC))
@@ -319,7 +318,8 @@ class Daemon:
             if job is not None and name not in paused and self._unmet(job, params):
                 continue
             with self.lock:
-                self.waiting.pop((name, fired), None)
+                if self.waiting.pop((name, fired), None) is None:  # another thread released it
+                    continue
             self.manifest.named("unwait_fire", job=name, params=fired)
             if name in paused:
                 log.info("run_skipped_paused", job=name, reason="dependencies met", **params)
@@ -370,13 +370,6 @@ class Daemon:
             f"; next {min(upcoming)[1][5:]} at {min(upcoming)[0]:%Y-%m-%d %H:%M %Z}" if upcoming else ""
         )
         return f"running {running}{following}"
-
-
-def _stat(path: str) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
 
 
 def run_daemon(config: Config, config_path: str | None) -> int:

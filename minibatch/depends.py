@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from minibatch.config import Config, JobConfig
-from minibatch.lock import holder_pid
+from minibatch.lock import holder_pid, keys_of
 from minibatch.manifest import Manifest
 from minibatch.params import DATE
 from minibatch.schedule import parse_crontab
@@ -44,12 +44,15 @@ def busy_dependencies(
     config: Config, manifest: Manifest, job: JobConfig, running: Callable[[], set[str]], now: datetime
 ) -> set[str]:
     """`job`'s dependencies that run now or are about to: whose scheduled fire has come but not
-    begun, which `running()` names (in flight in the daemon), or which hold their job lock."""
+    begun, which `running()` names (in flight in the daemon), or which hold their job lock (or
+    one of their parameter sets does: `run-now D --param ...` elsewhere)."""
     deps = [d for d in job.depends_on if d in config.jobs]
     last = manifest.last_fires()  # before running(): a fire counts as running before it is recorded
     busy = {d for d in deps if _due(config.jobs[d], last.get(d), now)}
     in_flight = running()
-    return busy | {d for d in deps if d in in_flight or holder_pid(config.engine.state_dir, d)}
+    state_dir = config.engine.state_dir
+    held = {d for d in deps if any(holder_pid(state_dir, key) for key in keys_of(state_dir, d))}
+    return busy | held | {d for d in deps if d in in_flight}
 
 
 def _due(job: JobConfig, last_fire: datetime | None, now: datetime) -> bool:

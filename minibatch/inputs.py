@@ -4,6 +4,7 @@ and a match that cannot be read as a file (a dangling symlink: an unmounted shar
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import stat
@@ -26,6 +27,21 @@ class Inputs:
 def expand_inputs(base_dir: Path, patterns: Iterable[str]) -> list[str]:
     """Absolute paths of the files the globs match, sorted, each once."""
     return find_inputs(base_dir, patterns).files
+
+
+def input_signature(base_dir: Path, patterns: Iterable[str]) -> tuple[tuple[str, int, int], ...]:
+    """Each input's path, size and mtime: what the daemon's `watch` compares. Inputs that loop
+    are the run's to refuse, loudly, not a poll's."""
+    try:
+        paths = expand_inputs(base_dir, patterns)
+    except InputError:
+        return ()
+    found = []
+    for path in paths:
+        with contextlib.suppress(OSError):  # gone since the glob
+            st = os.stat(path)
+            found.append((path, st.st_size, st.st_mtime_ns))
+    return tuple(found)
 
 
 def find_inputs(base_dir: Path, patterns: Iterable[str], forbidden: Sequence[Path] = ()) -> Inputs:

@@ -162,6 +162,18 @@ def holder_pid(state_dir: Path, job: str) -> int | None:
     return pid
 
 
+def keys_of(state_dir: Path, job: str) -> list[str]:
+    """`job`, and each of its parameter sets (`job[k=v]`) that has ever taken its lock."""
+    try:
+        names = os.listdir(state_dir / "locks")
+    except OSError:
+        names = []
+    return [
+        job,
+        *(n.removesuffix(".lock") for n in names if n.startswith(f"{job}[") and n.endswith("].lock")),
+    ]
+
+
 def _flock_holder(path: Path) -> int | None:
     """Who holds the flock on `path` (0: held by a pid this namespace cannot see), or None."""
     st = os.stat(path, follow_symlinks=False)

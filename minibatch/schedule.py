@@ -159,14 +159,16 @@ def longest_gap(expr: str, timezone: str, now: datetime | None = None) -> float 
     return max(gaps) if gaps else None
 
 
-def log_skipped(event: Any) -> None:
-    """APScheduler's own line for a fire it skipped names no job: say it as minibatch does."""
+def log_skipped(event: Any) -> str | None:
+    """APScheduler's own line for a fire it skipped names no job: say it as minibatch does.
+    The job of a scheduled fire, else None."""
     from apscheduler.events import EVENT_JOB_MISSED
 
     kind, _, job = event.job_id.partition(":")
     if kind not in ("cron", "watch"):
-        return
+        return None
     if event.code == EVENT_JOB_MISSED:
         log.info("missed_runs_skipped", job=job, missed_since=event.scheduled_run_time.isoformat())
     else:  # EVENT_JOB_MAX_INSTANCES: its run of an earlier fire goes on
         log.info("run_skipped", job=job, reason="already running")
+    return job if kind == "cron" else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from minibatch.config import load_config
 from minibatch.control import Active
@@ -159,3 +160,76 @@ def test_a_fire_waiting_for_its_dependencies_outlives_a_daemon_restart(project: 
     again = daemon(project)
     again.restore_waiting()
     assert again.waiting == {}  # released for good, not again after the next restart
+
+
+def test_a_dependency_waiting_for_its_own_dependency_is_about_to_run(project: Project) -> None:
+    """Hostile review: with A -> B -> C fired in the same minute, B waiting for A was not
+    counted as about to run: C ran at once on B's output of the day before."""
+    top = '[jobs.top]\ninput = "data/*.parquet"\noutput = "out/top"\nprocess = "myjobs.basic:ident"\n'
+    d = daemon(project)
+    project.write_config(JOBS.format(schedule="0 * * * *", up='depends_on = ["top"]', down="") + top)
+    d.config = load_config(project.root / "config.toml")
+    record(d.manifest, "u0", "up", time.time() - 100, RunStatus.SUCCEEDED)
+    d.fire("up")  # waits for `top`, which never ran
+    d.fire("down")
+    assert statuses(d, "down") == [] and ("down", "{}") in d.waiting
+
+
+def test_a_parameter_set_of_the_dependency_running_elsewhere_is_not_met(project: Project) -> None:
+    """Hostile review: only the bare name's lock was asked; a parameter set's run (`run-now up
+    --param region=us` in a shell) holds `up[region=us]`'s lock, and the dependent ran beside it."""
+    from minibatch.lock import job_lock
+
+    d = daemon(project)
+    project.write_config(
+        JOBS.format(schedule="0 * * * *", up='params = { region = "eu" }', down="").replace(
+            'output = "out/up"\n', 'output = "out/up/{region}"\n'
+        )
+    )
+    d.config = load_config(project.root / "config.toml")
+    record(d.manifest, "u0", "up[region=eu]", time.time() - 100, RunStatus.SUCCEEDED)
+    with job_lock(project.root / ".state", "up[region=us]"):
+        d.fire("down")
+        assert statuses(d, "down") == []
+    d.fire("up")  # (any run's end releases it)
+    assert statuses(d, "down") == ["succeeded"]
+
+
+def test_a_fire_skipped_while_the_dependencys_run_goes_on_is_not_waited_for(project: Project) -> None:
+    """Hostile review: a dependency's run outlasting its next fire time had that fire skipped
+    by APScheduler, unrecorded: for a minute after it the dependency looked about to run, and a
+    dependent released meanwhile waited for its next fire (an hour, a day)."""
+    from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
+
+    d = daemon(project, schedule="* * * * *")
+    minute = datetime.now(UTC).replace(second=0, microsecond=0)
+    record(d.manifest, "u0", "up", time.time() - 100, RunStatus.SUCCEEDED)
+    d.manifest.record_fire("up", minute - timedelta(seconds=59.96))
+    d.skipped(JobSubmissionEvent(EVENT_JOB_MAX_INSTANCES, "cron:up", "default", [minute]))
+    d.fire("down")
+    assert statuses(d, "down") == ["succeeded"]
+
+
+def test_a_waiting_fire_is_released_once_by_two_runs_ending_together(project: Project) -> None:
+    import threading
+
+    d = daemon(project)
+    record(d.manifest, "u0", "up", time.time() - 100, RunStatus.SUCCEEDED)
+    d.waiting[("down", "{}")] = {}
+    submitted: list[str] = []
+    together = threading.Barrier(2)
+    unmet = d._unmet
+
+    def both_check(*args: Any) -> list[str]:
+        found = unmet(*args)
+        together.wait(timeout=10)  # both threads have found it met before either takes it
+        return found
+
+    d._unmet = both_check  # type: ignore[method-assign]
+    d.submit = lambda target, *args: submitted.append(args[0])  # type: ignore[method-assign]
+    threads = [threading.Thread(target=d._release_waiting) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert submitted == ["down"]
