@@ -154,7 +154,7 @@ FROM chunks WHERE job = $job AND status = $dead ORDER BY file, row_start;
 -- name: is_current
 -- Whether the file has this release's schema (its newest column).
 SELECT 1 FROM duckdb_columns()
-WHERE database_name = current_database() AND table_name = 'waiting_fires' AND column_name = 'fired_at';
+WHERE database_name = current_database() AND table_name = 'runs' AND column_name = 'parts_dir';
 
 -- name: memory_per_byte
 -- What a job's recent attempts grew (peak minus start RSS) per byte of their estimated size
@@ -232,8 +232,10 @@ DELETE FROM paused_jobs WHERE job = $job;
 SELECT * FROM runs WHERE run_id = $run_id;
 
 -- name: results_recorded
--- Chunks recorded done with a result file (a chunk whose result had no rows has none).
-SELECT count(*) AS n FROM chunks WHERE job = $key AND status = $done AND output_file IS NOT NULL;
+-- Chunks recorded done with a result file (a chunk whose result had no rows has none), and
+-- where the job's latest run put its results.
+SELECT (SELECT count(*) FROM chunks WHERE job = $key AND status = $done AND output_file IS NOT NULL) AS n,
+       (SELECT parts_dir FROM runs WHERE job = $key ORDER BY started_at DESC LIMIT 1) AS parts_dir;
 
 -- name: has_run
 SELECT 1 FROM runs WHERE job = $key LIMIT 1;

@@ -167,11 +167,13 @@ def reconcile(
 
 def results_lost(manifest: Manifest, job: JobConfig, layout: OutputLayout, fresh: bool) -> str | None:
     """Why the results recorded done cannot be where they were written, none of them (a share
-    not mounted, a directory moved or deleted: written anew, they would fill another disk)."""
+    not mounted, a directory moved or deleted: written anew, they would fill another disk). Not
+    where the config moved them (another output, a shape with a hidden parts directory)."""
     if fresh or not layout.vacant():
         return None
-    done = manifest.named("results_recorded", key=job.key, done=ChunkStatus.DONE)[0]["n"]
-    if not done:
+    (found,) = manifest.named("results_recorded", key=job.key, done=ChunkStatus.DONE)
+    done = found["n"]
+    if not done or found["parts_dir"] != str(layout.parts):  # (None: recorded by an older release)
         return None
     where = f"the parts directory {layout.parts} of output" if layout.hidden else "output"
     return (

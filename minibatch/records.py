@@ -72,6 +72,7 @@ class RunRecord:
     rows_per_second: float | None = None
     mb_per_second: float | None = None
     settings: str | None = None  # JSON
+    parts_dir: str | None = None  # where its chunk results go (the output, or beside it)
 
 
 @dataclass

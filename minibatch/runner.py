@@ -135,14 +135,15 @@ class Run:
         self.record = RunRecord(
             run_id=options.run_id or new_run_id(), job=job.key, pid=os.getpid(),
             started_at=options.clock.time(), workers=job.workers, memory_limit=job.memory_limit,
-            settings=job.to_json(), params=params_json(job.values),
+            settings=job.to_json(), params=params_json(job.values), parts_dir=str(self.layout.parts),
         )  # fmt: skip
         self.events = emitter.bind(job.name, self.record.run_id)
         self.store = ResultStore(self.layout, self.definition.key, self.events)
         self.ledger = Ledger(self.manifest, self.record, self.store.make_durable, self.events, options.clock)
         self.summary = RunSummary(record=self.record)
-        self.removed_chunks = 0  # planned, but their input file was removed under the run
-        self.dropped = 0  # planned, of files removed under the run: their results went too
+        self.removed_chunks = self.dropped = (
+            0  # planned, of files removed under the run (dropped: with results)
+        )
         self.gone: set[str] = set()  # input files removed under the run: their results go too
         self.input_schema: str | None = None  # JSON, decided at planning
         self.reduced_key: str | None = None  # what the output is the reduction of, at start
@@ -166,7 +167,7 @@ class Run:
         inputs = self._check_paths()
         usable = not (inputs.missing or inputs.unreadable or self.lost)  # else it fails, deletes nothing
         with self.manifest.session():  # each open of the file costs tens of milliseconds
-            state = self._start(wipe=usable)
+            state = self._start(usable)
         leftovers = 0 if self.lost else self.layout.prepare()
         if usable:
             self.layout.remove_other_shape()
@@ -188,10 +189,12 @@ class Run:
         self._finish()
         return self.summary
 
-    def _start(self, wipe: bool) -> dict[str, Any]:
+    def _start(self, usable: bool) -> dict[str, Any]:
         self.manifest.start_run(self.record)
         self.started = True
-        if self.options.fresh and wipe:
+        if not usable:  # it fails and changes nothing: not even the records of an old definition
+            return {}
+        if self.options.fresh:
             self.manifest.reset(self.job.key)
             self.layout.remove_all(keep_claim=True)
         if self.options.retry_dead:
@@ -221,11 +224,10 @@ class Run:
         of its results: an unmounted share, a renamed folder, a typo, not an empty day. Delete nothing."""
         why = [f"input glob {glob!r} matches no file (in {self.config.base_dir})" for glob in inputs.missing]
         why += [f"input {unreadable}" for unreadable in inputs.unreadable]
-        lost = [self.lost] if self.lost else []
-        error = self.record.error = "; ".join([*why, *lost, "nothing was deleted"])
+        error = self.record.error = "; ".join(filter(None, [*why, self.lost, "nothing was deleted"]))
         if why:
             self.events(EventKind.NO_INPUT_FILES, input=[*inputs.missing, *inputs.unreadable], error=error)
-        if lost:
+        if self.lost:
             self.events(EventKind.OUTPUT_GONE, output=str(self.layout.parts), error=error)
 
     # -- planning -------------------------------------------------------------------------------

@@ -103,6 +103,7 @@ ALTER TABLE attempts ADD COLUMN IF NOT EXISTS cpu_seconds DOUBLE; -- the worker'
 ALTER TABLE attempts ADD COLUMN IF NOT EXISTS queued_seconds DOUBLE; -- runnable, waiting for a CPU
 ALTER TABLE attempts ADD COLUMN IF NOT EXISTS chunk_size BIGINT;  -- estimated size in Arrow
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS params VARCHAR;         -- JSON {name: value}; job is job[k=v]
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS parts_dir VARCHAR;      -- where its chunk results go
 
 -- Backfills (backfill.py): one row each, and one per logical date it covers.
 CREATE TABLE IF NOT EXISTS backfills (

@@ -460,6 +460,36 @@ def test_a_reduce_job_whose_parts_are_gone_is_refused_and_keeps_its_output(proje
     assert snapshot(project.out("sums")) == before
 
 
+def test_an_output_gone_stays_refused_when_the_definition_changed_too(project: Project) -> None:
+    """Hostile review: the refused run still forgot the old definition's records, so the next
+    run found none and wrote every result into the empty mount point, exit 0."""
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    (project.root / "out").rename(project.root / "unmounted")
+    project.write_config(MAP.replace("myjobs.basic:ident", "myjobs.basic:nothing"))
+    for _ in range(2):
+        result = project.cli("run-now", "ident")
+        assert result.returncode == 1 and "holds none of the 6 results" in said(result), said(result)
+    assert not (project.root / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "change",
+    ['reduce_sql = "SELECT count(*) AS n FROM parts"', 'partition_by = ["value"]', "output"],
+)
+def test_an_output_moved_in_the_config_is_computed_again_not_refused(project: Project, change: str) -> None:
+    """Hostile review: a new `output` or a new shape (reduce_sql, partition_by: results in a
+    hidden parts directory) was taken for an unmounted share: every run failed until --fresh."""
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    moved = MAP.replace('"out/ident"', '"out/moved"') if change == "output" else MAP + change + "\n"
+    project.write_config(moved)
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 0, said(result)
+
+
 # -- H. files in the output that minibatch did not write -------------------------------------
 
 
