@@ -141,9 +141,7 @@ class Run:
         self.store = ResultStore(self.layout, self.definition.key, self.events)
         self.ledger = Ledger(self.manifest, self.record, self.store.make_durable, self.events, options.clock)
         self.summary = RunSummary(record=self.record)
-        self.removed_chunks = self.dropped = (
-            0  # planned, of files removed under the run (dropped: with results)
-        )
+        self.removed_chunks = self.dropped = 0  # planned chunks of files removed under the run
         self.gone: set[str] = set()  # input files removed under the run: their results go too
         self.input_schema: str | None = None  # JSON, decided at planning
         self.reduced_key: str | None = None  # what the output is the reduction of, at start
