@@ -26,12 +26,11 @@ from minibatch.lock import DAEMON_LOCK, JobLocked, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.metrics import Metrics
-from minibatch.notify import Notifier
+from minibatch.notify import Notifier, status_line
 from minibatch.records import new_run_id
 from minibatch.runner import RunOptions, run_job
-from minibatch.schedule import log_skipped, longest_gap, parse_crontab
+from minibatch.schedule import catch_up, log_skipped, longest_gap, parse_crontab
 from minibatch.signals import StopSignals
-from minibatch.states import RunStatus
 from minibatch.validate import check_permissions, load_daemon_config, validate_in_fresh_process
 
 log = get_logger()
@@ -81,10 +80,10 @@ class Daemon:
         self.scheduler.add_listener(self.skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         self._schedule_jobs()
         self.restore_waiting()
-        self._catch_up()
+        catch_up(self.manifest, self.config.jobs, self.scheduler, self.fire)
         self.scheduler.add_job(  # runs and retries from the shell change these too
             self._refresh_metrics, "interval", seconds=METRICS_REFRESH, id="minibatch-metrics",
-            executor="watchdog",
+            executor="watchdog", args=[True],
         )  # fmt: skip
         if self.notifier.watchdog_interval:
             self.scheduler.add_job(
@@ -92,7 +91,7 @@ class Daemon:
                 id="minibatch-watchdog", executor="watchdog",
             )  # fmt: skip
         self.scheduler.start()
-        self.notifier.ready(self._status())
+        self.notifier.ready(status_line(self.active, self.scheduler))
         self.notifier.watchdog()
         watched = sorted(name for name, job in self.config.jobs.items() if job.watch)
         log.info("daemon_started", jobs=sorted(self._scheduled()), watched=watched, pid=os.getpid())
@@ -148,12 +147,12 @@ class Daemon:
             config = load_daemon_config(self.config_path)
         except ConfigError as exc:
             log.error("reload_rejected", errors=exc.errors)
-            self.notifier.ready(self._status())
+            self.notifier.ready(status_line(self.active, self.scheduler))
             return
         self.config = config
         self._schedule_jobs()
         log.info("config_reloaded", jobs=sorted(self._scheduled()))
-        self.notifier.ready(self._status())
+        self.notifier.ready(status_line(self.active, self.scheduler))
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -193,38 +192,6 @@ class Daemon:
         settled = signature != fired_on and signature == last_seen  # changed, then the same for an interval
         if settled and self.fire(name, WATCH_REASON):  # not when a run elsewhere held the lock: again
             self.seen_inputs[name] = (signature, signature)
-
-    def _catch_up(self, now: datetime | None = None) -> None:
-        """Fire once each job that missed fire times while the daemon was down."""
-        now = now or datetime.now(UTC)
-        last = self.manifest.last_fires()
-        for name, job in self._scheduled().items():
-            if name not in last:
-                self.manifest.record_fire(name, now)  # a baseline: nothing missed before now
-                continue
-            missed = parse_crontab(job.schedule, job.timezone).get_next_fire_time(last[name], last[name])
-            if missed is None or missed > now:
-                continue
-            if job.catchup == "once":
-                log.info("catching_up", job=name, missed_since=missed.isoformat())
-                self.scheduler.add_job(
-                    self.fire, args=[name, "catch-up"], id=f"{name}-catch-up", misfire_grace_time=None
-                )
-            else:
-                log.info("missed_runs_skipped", job=name, missed_since=missed.isoformat())
-                self.manifest.record_fire(name, now)
-        self._resume_unfinished()
-
-    def _resume_unfinished(self) -> None:
-        """Fire once each job whose latest run an earlier daemon (or its death) left unfinished:
-        stopped by SIGTERM, crashed, or still `running` with no process; not waiting for its next
-        fire (a day, for a daily job). A fire waiting for dependencies is not kept: see README."""
-        queued = {job.id for job in self.scheduler.get_jobs()}
-        for row in self.manifest.named("unfinished_runs", done=[RunStatus.SUCCEEDED, RunStatus.FAILED]):
-            job = self.config.jobs.get(row["job"])
-            if job and (job.schedule or job.watch) and f"{job.name}-catch-up" not in queued:
-                log.info("resuming", job=job.name, last_status=row["status"])
-                self.scheduler.add_job(self.fire, args=[job.name, "resume"], misfire_grace_time=None)
 
     def restore_waiting(self) -> None:
         """Wait on with the fires an earlier daemon left waiting for their dependencies."""
@@ -278,8 +245,11 @@ class Daemon:
         busy = busy_dependencies(self.config, self.manifest, job, running, now or datetime.now(UTC))
         return unmet_dependencies(self.config, self.manifest, job, params, busy)
 
-    def run_in_daemon(self, name: str, reason: str, options: RunOptions | None = None) -> bool:
-        """One run in this thread (the scheduler's pool): fired, triggered over HTTP, or released."""
+    def run_in_daemon(
+        self, name: str, reason: str, options: RunOptions | None = None, waited: str | None = None
+    ) -> bool:
+        """One run in this thread (the scheduler's pool): fired, triggered over HTTP, or released
+        from waiting (`waited`: it waits on if it cannot start, and stops waiting once it does)."""
         options = options or RunOptions()
         options.run_id, options.stop = options.run_id or new_run_id(), options.stop or StopSignals()
         with self.lock:  # the same parameter set (a key) runs once; its lock says so across processes
@@ -291,13 +261,21 @@ class Daemon:
                 why = "stopping" if self.stopping else "already running"
                 log.info("run_skipped", job=name, run_id=options.run_id, reason=why)
                 self.active.remove(options.run_id)
+                if waited is not None:  # its row is still in the manifest: a restart keeps it too
+                    self.waiting[(name, waited)] = options.params
                 return True
             self.active.add(options.run_id, Active(name, options.stop, key=key, started=True))
+        if waited is not None:
+            self.manifest.named("unwait_fire", job=name, params=waited)
         try:
             log.info("run_fired", job=name, reason=reason, run_id=options.run_id)
             run_job(self.config, name, options, [self.metrics, _Ended(self.active, options.run_id)])
         except JobLocked as exc:
             log.warning("run_skipped_locked", job=name, run_id=options.run_id, holder_pid=exc.pid)
+            if waited is not None:  # a run elsewhere holds the lock: waits on for it to end
+                self.manifest.named("wait_fire", job=name, params=waited, at=datetime.now(UTC))
+                with self.lock:
+                    self.waiting[(name, waited)] = options.params
             return False
         except Exception:  # a broken run must not take the daemon down
             log.exception("run_crashed", job=name)
@@ -309,32 +287,46 @@ class Daemon:
         return True
 
     def _release_waiting(self) -> None:
-        """Start the waiting fires whose dependencies are now met; drop those of a paused job."""
+        """Start the waiting fires whose dependencies are now met; drop those of a paused or
+        removed job. Not while stopping: they wait on, in the manifest, for the next daemon."""
         with self.lock:
             waiting = sorted(self.waiting.items())
         paused = self.control.paused() if waiting else set()
         for (name, fired), params in waiting:
             job = self.config.jobs.get(name)
-            if job is not None and name not in paused and self._unmet(job, params):
+            if self.stopping or (job is not None and name not in paused and self._unmet(job, params)):
                 continue
             with self.lock:
                 if self.waiting.pop((name, fired), None) is None:  # another thread released it
                     continue
-            self.manifest.named("unwait_fire", job=name, params=fired)
-            if name in paused:
-                log.info("run_skipped_paused", job=name, reason="dependencies met", **params)
-            elif job is not None and not self.stopping:
-                self.submit(self.run_in_daemon, name, "dependencies met", RunOptions(params=params))
+                if job is not None and name not in paused:  # under way from now: a dependent waits
+                    self.firing[name] += 1
+            if job is None or name in paused:
+                self.manifest.named("unwait_fire", job=name, params=fired)
+                event = "run_skipped_paused" if job else "run_skipped"
+                log.info(event, job=name, reason="dependencies met", **params)
+            else:
+                self.submit(self._released, name, fired, params)
 
-    def _refresh_metrics(self) -> None:
+    def _released(self, name: str, fired: str, params: dict[str, str]) -> None:
+        try:
+            self.run_in_daemon(name, "dependencies met", RunOptions(params=params), waited=fired)
+        finally:
+            with self.lock:
+                self.firing[name] -= 1
+            self._release_waiting()
+
+    def _refresh_metrics(self, release: bool = False) -> None:
         try:
             self.metrics.load_state(self.manifest.status())
+            if release:  # dependencies met by no run here: one in a shell, a reload, a restart
+                self._release_waiting()
         except Exception as exc:  # busy or unreadable now: the next refresh tries again
             log.warning("metrics_refresh_failed", error=str(exc))
 
     def _watchdog(self) -> None:
         self.notifier.watchdog()
-        self.notifier.status(self._status())
+        self.notifier.status(status_line(self.active, self.scheduler))
 
     def _running(self, name: str) -> bool:
         return any(active.job == name and active.kind == "run" for _, active in self.active.items())
@@ -358,18 +350,6 @@ class Daemon:
             log.warning("api_off", reason=f"{exc.name} is not installed (pip install 'minibatch[api]')")
             return
         self.api = serve_api(self.config.engine, self.control)
-
-    def _status(self) -> str:
-        running = ", ".join(sorted({a.job for _, a in self.active.items()})) or "nothing"
-        upcoming = [
-            (job.next_run_time, job.id)
-            for job in self.scheduler.get_jobs()
-            if job.next_run_time and job.id.startswith("cron:")
-        ]
-        following = (
-            f"; next {min(upcoming)[1][5:]} at {min(upcoming)[0]:%Y-%m-%d %H:%M %Z}" if upcoming else ""
-        )
-        return f"running {running}{following}"
 
 
 def run_daemon(config: Config, config_path: str | None) -> int:

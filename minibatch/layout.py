@@ -125,13 +125,7 @@ class OutputLayout:
 
     def vacant(self) -> bool:
         """No directory of chunk results, or an empty one: what an unmounted share looks like."""
-        try:
-            with os.scandir(self.parts) as entries:
-                return next(entries, None) is None
-        except FileNotFoundError:
-            return True
-        except NotADirectoryError:  # a file in the way: the claim says so
-            return False
+        return vacant(self.parts)
 
     def part_files(self) -> set[str]:
         """The parts minibatch wrote (by name); anything else in the directory is not ours."""
@@ -343,6 +337,17 @@ def published_files(output: Path) -> list[Path]:
         subdirs[:] = sorted(d for d in subdirs if "=" in d)
         found += [Path(directory) / name for name in sorted(files) if FILE_RE.match(name)]
     return found
+
+
+def vacant(directory: Path) -> bool:
+    """No such directory, or an empty one (a file in the way is not: the claim says so)."""
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is None
+    except FileNotFoundError:
+        return True
+    except NotADirectoryError:
+        return False
 
 
 def remove_published(output: Path, columns: tuple[str, ...] | None = None) -> int:

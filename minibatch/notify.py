@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from typing import Any
 
 
 class Notifier:
@@ -53,3 +54,15 @@ class Notifier:
 
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=stopping: letting chunks in flight finish")
+
+
+def status_line(active: Any, scheduler: Any) -> str:
+    """What the daemon says in systemd's STATUS=: its runs (an ActiveRuns), its next fire."""
+    running = ", ".join(sorted({a.job for _, a in active.items()})) or "nothing"
+    upcoming = [
+        (job.next_run_time, job.id)
+        for job in scheduler.get_jobs()
+        if job.next_run_time and job.id.startswith("cron:")
+    ]
+    following = f"; next {min(upcoming)[1][5:]} at {min(upcoming)[0]:%Y-%m-%d %H:%M %Z}" if upcoming else ""
+    return f"running {running}{following}"

@@ -233,9 +233,10 @@ SELECT * FROM runs WHERE run_id = $run_id;
 
 -- name: results_recorded
 -- Chunks recorded done with a result file (a chunk whose result had no rows has none), and
--- where the job's latest run put its results.
+-- where the latest run that could write put its results (a refused run records no place).
 SELECT (SELECT count(*) FROM chunks WHERE job = $key AND status = $done AND output_file IS NOT NULL) AS n,
-       (SELECT parts_dir FROM runs WHERE job = $key ORDER BY started_at DESC LIMIT 1) AS parts_dir;
+       (SELECT parts_dir FROM runs WHERE job = $key AND parts_dir IS NOT NULL
+        ORDER BY started_at DESC LIMIT 1) AS parts_dir;
 
 -- name: has_run
 SELECT 1 FROM runs WHERE job = $key LIMIT 1;

@@ -13,12 +13,13 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from minibatch.events import RunEvents
 from minibatch.inputs import Inputs
 from minibatch.jobcode import changed_facts
-from minibatch.layout import OutputLayout, part_name
+from minibatch.layout import OutputLayout, part_name, vacant
 from minibatch.ledger import Ledger
 from minibatch.manifest import Manifest
 from minibatch.planner import BadFile, Chunk, FileMeta, Signature, input_signature, misfits
@@ -168,13 +169,15 @@ def reconcile(
 def results_lost(manifest: Manifest, job: JobConfig, layout: OutputLayout, fresh: bool) -> str | None:
     """Why the results recorded done cannot be where they were written, none of them (a share
     not mounted, a directory moved or deleted: written anew, they would fill another disk). Not
-    where the config moved them (another output, a shape with a hidden parts directory)."""
+    where the config moved them (another output, a shape with a hidden parts directory) while
+    the place of the last run that could write still holds them."""
     if fresh or not layout.vacant():
         return None
     (found,) = manifest.named("results_recorded", key=job.key, done=ChunkStatus.DONE)
-    done = found["n"]
-    if not done or found["parts_dir"] != str(layout.parts):  # (None: recorded by an older release)
+    written = Path(found["parts_dir"] or layout.parts)  # (None: only runs of an older release)
+    if not found["n"] or not vacant(written):  # the place resolved anew: a symlink on a share
         return None
+    done = found["n"]
     where = f"the parts directory {layout.parts} of output" if layout.hidden else "output"
     return (
         f"{where} {layout.output} holds none of the {done:,} results recorded done (a share not mounted, "

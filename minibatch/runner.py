@@ -164,6 +164,7 @@ class Run:
             return self.summary
         inputs = self._check_paths()
         usable = not (inputs.missing or inputs.unreadable or self.lost)  # else it fails, deletes nothing
+        self.record.parts_dir = self.record.parts_dir if usable else None  # it writes nowhere
         with self.manifest.session():  # each open of the file costs tens of milliseconds
             state = self._start(usable)
         leftovers = 0 if self.lost else self.layout.prepare()
@@ -177,8 +178,7 @@ class Run:
         if not usable:
             self._refuse(inputs)
         else:
-            # Footers are read outside a session: other processes may be waiting for the manifest.
-            scanned = self._scan(inputs.files)
+            scanned = self._scan(inputs.files)  # footers, outside a session: others may wait for it
             if scanned is not None:
                 with self.manifest.session():
                     work = self._plan(*scanned, state)

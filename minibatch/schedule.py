@@ -10,6 +10,7 @@ skips fires once, at the moment the clocks jump.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
@@ -17,6 +18,7 @@ from zoneinfo import ZoneInfo
 from apscheduler.triggers.base import BaseTrigger
 
 from minibatch.log import get_logger
+from minibatch.states import RunStatus
 
 if TYPE_CHECKING:
     from apscheduler.triggers.cron import CronTrigger
@@ -172,3 +174,33 @@ def log_skipped(event: Any) -> str | None:
     else:  # EVENT_JOB_MAX_INSTANCES: its run of an earlier fire goes on
         log.info("run_skipped", job=job, reason="already running")
     return job if kind == "cron" else None
+
+
+def catch_up(
+    manifest: Any, jobs: dict[str, Any], scheduler: Any, fire: Callable[..., Any], now: datetime | None = None
+) -> None:
+    """At the daemon's start: fire once each job that missed fire times while it was down, and
+    each job whose latest run an earlier daemon (or its death) left unfinished (stopped by
+    SIGTERM, crashed, or still `running` with no process), not waiting for its next fire (a day,
+    for a daily job)."""
+    now = now or datetime.now(UTC)
+    last = manifest.last_fires()
+    for name, job in ((n, j) for n, j in jobs.items() if j.schedule):
+        if name not in last:
+            manifest.record_fire(name, now)  # a baseline: nothing missed before now
+            continue
+        missed = parse_crontab(job.schedule, job.timezone).get_next_fire_time(last[name], last[name])
+        if missed is None or missed > now:
+            continue
+        if job.catchup == "once":
+            log.info("catching_up", job=name, missed_since=missed.isoformat())
+            scheduler.add_job(fire, args=[name, "catch-up"], id=f"{name}-catch-up", misfire_grace_time=None)
+        else:
+            log.info("missed_runs_skipped", job=name, missed_since=missed.isoformat())
+            manifest.record_fire(name, now)
+    queued = {job.id for job in scheduler.get_jobs()}
+    for row in manifest.named("unfinished_runs", done=[RunStatus.SUCCEEDED, RunStatus.FAILED]):
+        job = jobs.get(row["job"])
+        if job and (job.schedule or job.watch) and f"{job.name}-catch-up" not in queued:
+            log.info("resuming", job=job.name, last_status=row["status"])
+            scheduler.add_job(fire, args=[job.name, "resume"], misfire_grace_time=None)

@@ -233,3 +233,50 @@ def test_a_waiting_fire_is_released_once_by_two_runs_ending_together(project: Pr
     for thread in threads:
         thread.join(timeout=30)
     assert submitted == ["down"]
+
+
+def test_a_chain_released_at_once_runs_one_link_at_a_time(project: Project) -> None:
+    """Hostile review: A -> B -> C, B and C waiting: A's end released B (handed to the pool) and,
+    in the same pass, C, since B was then neither waiting nor running: C read B's output while
+    B rebuilt it."""
+    job = '[jobs.{}]\ninput = "data/*.parquet"\noutput = "out/{}"\nprocess = "myjobs.basic:ident"\n'
+    d = daemon(project)
+    chain = job.format("a", "a") + job.format("b", "b") + 'depends_on = ["a"]\n'
+    project.write_config(chain + job.format("c", "c") + 'depends_on = ["b"]\n')
+    d.config = load_config(project.root / "config.toml")
+    record(d.manifest, "b0", "b", time.time() - 100, RunStatus.SUCCEEDED)  # yesterday's `b`
+    handed: list[Any] = []
+    d.submit = lambda target, *args: handed.append((target, args))  # type: ignore[method-assign]
+    d.fire("b")  # waits for `a`
+    d.fire("c")  # waits for `b`
+    d.fire("a")  # runs; its end releases `b` only
+    assert [args[0] for _, args in handed] == ["b"]
+    target, args = handed.pop()
+    target(*args)  # the pool runs `b`; its end releases `c`
+    assert [args[0] for _, args in handed] == ["c"]
+
+
+def test_a_dependency_done_while_the_daemon_stops_leaves_the_fire_for_the_next(project: Project) -> None:
+    """Hostile review: a fire released while the daemon stopped was dropped from the manifest but
+    not run: that date never ran."""
+    d = daemon(project)
+    d.fire("down")  # `up` never succeeded
+    assert project.cli("run-now", "up", "-q").returncode == 0  # (a run the stop let finish)
+    d.stopping = True
+    d._release_waiting()  # as that run's end does
+    restarted = daemon(project)
+    restarted.restore_waiting()
+    assert list(restarted.waiting) == [("down", "{}")]
+
+
+def test_a_waiting_fire_met_by_a_run_outside_the_daemon_is_released_by_the_periodic_check(
+    project: Project,
+) -> None:
+    """Hostile review: met by a `run-now` in a shell (or a reload dropping the dependency, or a
+    restart), a waiting fire waited for some run in the daemon to end: a day, for daily jobs."""
+    d = daemon(project)
+    d.fire("down")
+    assert project.cli("run-now", "up", "-q").returncode == 0
+    assert statuses(d, "down") == []
+    d._refresh_metrics(release=True)  # every METRICS_REFRESH seconds
+    assert statuses(d, "down") == ["succeeded"]

@@ -490,6 +490,39 @@ def test_an_output_moved_in_the_config_is_computed_again_not_refused(project: Pr
     assert result.returncode == 0, said(result)
 
 
+def test_an_output_moved_whose_first_run_failed_is_still_computed_again(project: Project) -> None:
+    """Hostile review: the first run under a new `output` failed for another reason (no input)
+    yet recorded the new place as where results go: every later run was refused."""
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    project.write_config(MAP.replace('"out/ident"', '"out/moved"'))
+    project.data.rename(project.root / "away")
+    assert project.cli("run-now", "ident").returncode == 1  # no input
+    (project.root / "away").rename(project.data)
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 0, said(result)
+
+
+def test_an_output_behind_a_symlink_on_the_share_is_refused_when_the_share_is_gone(
+    project: Project,
+) -> None:
+    """Hostile review: `output = "share/current/out"` with `current -> v2` on the share resolved
+    to share/v2/out, and with the share gone to share/current/out: another place, so the run
+    wrote every result into the mount point."""
+    share = project.root / "share"
+    (share / "v2").mkdir(parents=True)
+    (share / "current").symlink_to("v2")
+    project.write_config(MAP.replace('"out/ident"', '"share/current/out"'))
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "ident").returncode == 0
+    share.rename(project.root / "unmounted")
+    share.mkdir()  # the bare mount point
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 1 and "holds none of the 6 results" in said(result), said(result)
+    assert list(share.iterdir()) == []
+
+
 # -- H. files in the output that minibatch did not write -------------------------------------
 
 
