@@ -22,7 +22,7 @@ from minibatch.control import Active, ActiveRuns, Control, fire_params, key_of
 from minibatch.depends import busy_dependencies, unmet_dependencies
 from minibatch.events import Event, Listener
 from minibatch.inputs import input_signature
-from minibatch.lock import DAEMON_LOCK, JobLocked, job_lock
+from minibatch.lock import DAEMON_LOCK, JobLocked, holder_pid, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.metrics import Metrics
@@ -294,7 +294,9 @@ class Daemon:
         paused = self.control.paused() if waiting else set()
         for (name, fired), params in waiting:
             job = self.config.jobs.get(name)
-            if self.stopping or (job is not None and name not in paused and self._unmet(job, params)):
+            if self.stopping or (
+                job and name not in paused and (self._own_run(name, params) or self._unmet(job, params))
+            ):
                 continue
             with self.lock:
                 if self.waiting.pop((name, fired), None) is None:  # another thread released it
@@ -307,6 +309,15 @@ class Daemon:
                 log.info(event, job=name, reason="dependencies met", **params)
             else:
                 self.submit(self._released, name, fired, params)
+
+    def _own_run(self, name: str, params: dict[str, str]) -> bool:
+        """A run of this parameter set goes on, here or elsewhere: released, the fire would be
+        skipped and wait again at once, round and round; its end releases it."""
+        key = key_of(self.config, name, params)
+        if key is None:
+            return False
+        here = any(a.key == key and a.kind == "run" for _, a in self.active.items())
+        return here or holder_pid(self.config.engine.state_dir, key) is not None
 
     def _released(self, name: str, fired: str, params: dict[str, str]) -> None:
         try:

@@ -280,3 +280,17 @@ def test_a_waiting_fire_met_by_a_run_outside_the_daemon_is_released_by_the_perio
     assert statuses(d, "down") == []
     d._refresh_metrics(release=True)  # every METRICS_REFRESH seconds
     assert statuses(d, "down") == ["succeeded"]
+
+
+def test_a_fire_released_while_its_own_run_goes_on_waits_for_that_run(project: Project) -> None:
+    """Released while a run of its own parameter set held the job's lock, the fire was skipped,
+    waited again, and was released again at once: round and round until that run ended."""
+    from minibatch.lock import job_lock
+
+    d = daemon(project)
+    d.fire("down")
+    with job_lock(project.root / ".state", "down"):  # `run-now down` in a shell
+        d.fire("up")  # met: but `down` runs already
+        assert statuses(d, "up") == ["succeeded"] and list(d.waiting) == [("down", "{}")]
+    d._refresh_metrics(release=True)
+    assert statuses(d, "down") == ["succeeded"]
