@@ -22,7 +22,7 @@ from minibatch.control import Active, ActiveRuns, Control, fire_params, key_of
 from minibatch.depends import busy_dependencies, unmet_dependencies
 from minibatch.events import Event, Listener
 from minibatch.inputs import input_signature
-from minibatch.lock import DAEMON_LOCK, JobLocked, holder_pid, job_lock
+from minibatch.lock import DAEMON_LOCK, JobLocked, job_lock, lock_held
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.metrics import Metrics
@@ -252,6 +252,11 @@ class Daemon:
         from waiting (`waited`: it waits on if it cannot start, and stops waiting once it does)."""
         options = options or RunOptions()
         options.run_id, options.stop = options.run_id or new_run_id(), options.stop or StopSignals()
+        job = self.config.jobs.get(name)
+        if waited is not None and job is not None and self._unmet(job, options.params):  # since released
+            with self.lock:  # (a dependency began again while this waited for a thread)
+                self.waiting[(name, waited)] = options.params
+            return True
         with self.lock:  # the same parameter set (a key) runs once; its lock says so across processes
             key = key_of(self.config, name, options.params)
             running = key and any(
@@ -294,9 +299,13 @@ class Daemon:
         paused = self.control.paused() if waiting else set()
         for (name, fired), params in waiting:
             job = self.config.jobs.get(name)
-            if self.stopping or (
-                job and name not in paused and (self._own_run(name, params) or self._unmet(job, params))
-            ):
+            try:
+                if self.stopping or (
+                    job and name not in paused and (self._own_run(name, params) or self._unmet(job, params))
+                ):
+                    continue
+            except Exception as exc:  # this one cannot be checked now (a reload): the others can
+                log.warning("waiting_check_failed", job=name, error=str(exc), **params)
                 continue
             with self.lock:
                 if self.waiting.pop((name, fired), None) is None:  # another thread released it
@@ -317,7 +326,7 @@ class Daemon:
         if key is None:
             return False
         here = any(a.key == key and a.kind == "run" for _, a in self.active.items())
-        return here or holder_pid(self.config.engine.state_dir, key) is not None
+        return here or lock_held(self.config.engine.state_dir, key)
 
     def _released(self, name: str, fired: str, params: dict[str, str]) -> None:
         try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from minibatch.config import Config, JobConfig
-from minibatch.lock import holder_pid, keys_of
+from minibatch.config import Config, ConfigError, JobConfig
+from minibatch.lock import keys_of, lock_held
 from minibatch.manifest import Manifest
 from minibatch.params import DATE
 from minibatch.schedule import parse_crontab
@@ -34,7 +34,11 @@ def unmet_dependencies(
     ) if plain else []  # fmt: skip
     missing = [row["dep"] for row in rows if not row["ok"]]
     for dep in dated:
-        key = config.bound(dep, {DATE: str(day)}).key
+        try:
+            key = config.bound(dep, {DATE: str(day)}).key
+        except ConfigError:  # another parameter without a default (a reload): never met
+            missing.append(dep)
+            continue
         if not manifest.named("succeeded_run", key=key, succeeded=RunStatus.SUCCEEDED):
             missing.append(dep)
     return [d for d in job.depends_on if d in missing or d in (busy or set())]
@@ -51,7 +55,7 @@ def busy_dependencies(
     busy = {d for d in deps if _due(config.jobs[d], last.get(d), now)}
     in_flight = running()
     state_dir = config.engine.state_dir
-    held = {d for d in deps if any(holder_pid(state_dir, key) for key in keys_of(state_dir, d))}
+    held = {d for d in deps if any(lock_held(state_dir, key) for key in keys_of(state_dir, d))}
     return busy | held | {d for d in deps if d in in_flight}
 
 

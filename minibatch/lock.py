@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 SLOT_POLL = 0.2  # seconds between looks for a free worker slot
+PROBE_TRIES, PROBE_WAIT = 5, 0.01  # a job lock found taken is tried again: `lock_held` may hold it an instant
 
 
 class JobLocked(Exception):
@@ -73,10 +74,14 @@ def job_lock(state_dir: Path, job: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = _open_lock(path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise JobLocked(job, holder_pid(state_dir, job)) from None
+        for attempt in range(PROBE_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == PROBE_TRIES - 1:  # held: not a `lock_held` probe's instant
+                    raise JobLocked(job, holder_pid(state_dir, job)) from None
+                time.sleep(PROBE_WAIT)
         # Overwritten in place, never truncated: ext4 flushes a file truncated and rewritten
         # at close (auto_da_alloc), some milliseconds per run. The width covers any pid.
         os.pwrite(fd, f"{os.getpid():<20}\n".encode(), 0)
@@ -160,6 +165,23 @@ def holder_pid(state_dir: Path, job: str) -> int | None:
     except PermissionError:
         pass
     return pid
+
+
+def lock_held(state_dir: Path, job: str) -> bool:
+    """Whether anyone holds the lock, asked of the lock itself: also a holder this PID namespace
+    cannot see (a run in another container sharing the state_dir), whom /proc/locks leaves out.
+    A shared lock taken and dropped at once: `job_lock` waits out such a probe."""
+    try:
+        fd = os.open(lock_path(state_dir, job), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (and with it the probe's shared lock)
+    return False
 
 
 def keys_of(state_dir: Path, job: str) -> list[str]:

@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import pytest
 
 from minibatch.config import load_config
 from minibatch.control import Active
@@ -294,3 +298,80 @@ def test_a_fire_released_while_its_own_run_goes_on_waits_for_that_run(project: P
         assert statuses(d, "up") == ["succeeded"] and list(d.waiting) == [("down", "{}")]
     d._refresh_metrics(release=True)
     assert statuses(d, "down") == ["succeeded"]
+
+
+def test_a_lock_held_by_a_process_this_namespace_cannot_see_is_held(project: Project) -> None:
+    """Hostile review: a daemon in a container (another PID namespace) did not see a run holding
+    a job's lock from the host or another container: /proc/locks leaves such a lock out. A
+    released fire met JobLocked, waited, and was released again at once, round and round; a
+    dependency so running was not "busy"."""
+    from minibatch.lock import job_lock
+
+    state = project.root / ".state"
+    code = "import sys; from pathlib import Path; from minibatch.lock import lock_held; "
+    code += "print(lock_held(Path(sys.argv[1]), 'down'))"
+    unshare = ["unshare", "--pid", "--fork", "--mount-proc"]
+    try:
+        subprocess.run([*unshare, "true"], capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("no new PID namespace here (unshare needs CAP_SYS_ADMIN)")
+    with job_lock(state, "down"):
+        seen = subprocess.run(
+            [*unshare, sys.executable, "-c", code, str(state)], capture_output=True, text=True
+        )
+    assert seen.stdout.strip() == "True", seen.stderr
+
+
+def test_a_probe_of_a_lock_makes_no_run_fail(project: Project) -> None:
+    """`lock_held` takes the lock shared for an instant: a run starting in that instant waits it
+    out rather than exiting 3."""
+    import fcntl
+    import threading
+
+    from minibatch.lock import job_lock, lock_path
+
+    state = project.root / ".state"
+    with job_lock(state, "down"):
+        pass  # the lock file exists
+    probe = os.open(lock_path(state, "down"), os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    threading.Timer(0.015, os.close, [probe]).start()  # a probe lasting far longer than any does
+    with job_lock(state, "down"):
+        pass
+
+
+def test_a_released_fire_checks_its_dependencies_again_when_it_starts(project: Project) -> None:
+    """Hostile review: released, the fire waited in the pool's queue (all threads busy) and then
+    started without a second look, beside a run of its dependency begun meanwhile."""
+    d = daemon(project)
+    d.fire("down")
+    assert project.cli("run-now", "up", "-q").returncode == 0
+    queued: list[Any] = []
+    d.submit = lambda target, *args: queued.append((target, args))  # type: ignore[method-assign]
+    d._refresh_metrics(release=True)
+    assert [args[0] for _, args in queued] == ["down"]
+    d.active.add("u2", Active("up", StopSignals()))  # `up` begins again before `down` gets a thread
+    target, args = queued.pop()
+    target(*args)
+    assert statuses(d, "down") == [] and list(d.waiting) == [("down", "{}")]
+
+
+def test_a_waiting_fire_that_cannot_be_checked_holds_up_no_other(project: Project) -> None:
+    """Hostile review: one waiting fire whose check raised (a dependency that no longer binds
+    after a reload: another parameter without a default) stopped the release of every waiting
+    fire sorted after it."""
+    broken = (
+        '[jobs.alpha]\ninput = "data/*.parquet"\noutput = "out/alpha/{date}"\n'
+        'process = "myjobs.basic:ident"\nschedule = "0 2 * * *"\ndepends_on = ["up2"]\n'
+        '[jobs.up2]\ninput = "data/*.parquet"\noutput = "out/up2/{date}/{region}"\n'
+        'process = "myjobs.basic:ident"\n'
+    )
+    d = daemon(project)
+    project.write_config(JOBS.format(schedule="0 * * * *", up="", down="") + broken)
+    d.config = load_config(project.root / "config.toml")
+    d.fire("down")
+    d.waiting[("alpha", '{"date": "2026-11-29"}')] = {"date": "2026-11-29"}  # sorted first
+    assert project.cli("run-now", "up", "-q").returncode == 0
+    d._refresh_metrics(release=True)
+    assert statuses(d, "down") == ["succeeded"]
+    assert ("alpha", '{"date": "2026-11-29"}') in d.waiting
