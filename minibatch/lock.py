@@ -175,6 +175,8 @@ def lock_held(state_dir: Path, job: str) -> bool:
         fd = os.open(lock_path(state_dir, job), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
+    except OSError:  # not ours to read (another user's umask), a symlink: the kernel's list
+        return holder_pid(state_dir, job) is not None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
