@@ -8,6 +8,7 @@ SIGHUP reloads config.toml, SIGTERM/SIGINT stop gracefully (twice: at once).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -230,8 +231,7 @@ class Daemon:
         return self.run_in_daemon(job.name, reason, RunOptions(params=params))
 
     def skipped(self, event: Any) -> None:
-        """A fire APScheduler skipped (the run of the one before goes on; missed): said, and
-        recorded as fired, so that no dependent waits for it to begin."""
+        """A fire APScheduler skipped: said, and recorded as fired (no dependent waits for it)."""
         if job := log_skipped(event):
             self.manifest.record_fire(job, datetime.now(UTC))
             self._release_waiting()
@@ -252,10 +252,7 @@ class Daemon:
         from waiting (`waited`: it waits on if it cannot start, and stops waiting once it does)."""
         options = options or RunOptions()
         options.run_id, options.stop = options.run_id or new_run_id(), options.stop or StopSignals()
-        job = self.config.jobs.get(name)
-        if waited is not None and job is not None and self._unmet(job, options.params):  # since released
-            with self.lock:  # (a dependency began again while this waited for a thread)
-                self.waiting[(name, waited)] = options.params
+        if waited is not None and not self._still_met(name, waited, options.params):
             return True
         with self.lock:  # the same parameter set (a key) runs once; its lock says so across processes
             key = key_of(self.config, name, options.params)
@@ -270,8 +267,9 @@ class Daemon:
                     self.waiting[(name, waited)] = options.params
                 return True
             self.active.add(options.run_id, Active(name, options.stop, key=key, started=True))
-        if waited is not None:
-            self.manifest.named("unwait_fire", job=name, params=waited)
+        if waited is not None:  # (left in the manifest, it only runs again after a restart)
+            with contextlib.suppress(Exception):
+                self.manifest.named("unwait_fire", job=name, params=waited)
         try:
             log.info("run_fired", job=name, reason=reason, run_id=options.run_id)
             run_job(self.config, name, options, [self.metrics, _Ended(self.active, options.run_id)])
@@ -292,8 +290,7 @@ class Daemon:
         return True
 
     def _release_waiting(self) -> None:
-        """Start the waiting fires whose dependencies are now met; drop those of a paused or
-        removed job. Not while stopping: they wait on, in the manifest, for the next daemon."""
+        """Start the waiting fires now met, drop a paused or removed job's; none while stopping."""
         with self.lock:
             waiting = sorted(self.waiting.items())
         paused = self.control.paused() if waiting else set()
@@ -319,9 +316,20 @@ class Daemon:
             else:
                 self.submit(self._released, name, fired, params)
 
+    def _still_met(self, name: str, fired: str, params: dict[str, str]) -> bool:
+        """A released fire about to start: still met (else, or if unknown now, it waits on)."""
+        job = self.config.jobs.get(name)
+        try:
+            if job is None or not self._unmet(job, params):
+                return True
+        except Exception as exc:
+            log.warning("waiting_check_failed", job=name, error=str(exc), **params)
+        with self.lock:
+            self.waiting[(name, fired)] = params
+        return False
+
     def _own_run(self, name: str, params: dict[str, str]) -> bool:
-        """A run of this parameter set goes on, here or elsewhere: released, the fire would be
-        skipped and wait again at once, round and round; its end releases it."""
+        """A run of this parameter set goes on, here or elsewhere: its end releases the fire."""
         key = key_of(self.config, name, params)
         if key is None:
             return False

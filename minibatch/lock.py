@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 SLOT_POLL = 0.2  # seconds between looks for a free worker slot
+_HELD: set[str] = set()  # the job locks this process holds
+_HELD_LOCK = threading.Lock()
 PROBE_TRIES, PROBE_WAIT = 5, 0.01  # a job lock found taken is tried again: `lock_held` may hold it an instant
 
 
@@ -82,11 +84,15 @@ def job_lock(state_dir: Path, job: str) -> Iterator[None]:
                 if attempt == PROBE_TRIES - 1:  # held: not a `lock_held` probe's instant
                     raise JobLocked(job, holder_pid(state_dir, job)) from None
                 time.sleep(PROBE_WAIT)
+        with _HELD_LOCK:
+            _HELD.add(str(path))
         # Overwritten in place, never truncated: ext4 flushes a file truncated and rewritten
         # at close (auto_da_alloc), some milliseconds per run. The width covers any pid.
         os.pwrite(fd, f"{os.getpid():<20}\n".encode(), 0)
         yield
     finally:
+        with _HELD_LOCK:
+            _HELD.discard(str(path))
         os.close(fd)  # closing the descriptor releases the lock
 
 
@@ -171,8 +177,12 @@ def lock_held(state_dir: Path, job: str) -> bool:
     """Whether anyone holds the lock, asked of the lock itself: also a holder this PID namespace
     cannot see (a run in another container sharing the state_dir), whom /proc/locks leaves out.
     A shared lock taken and dropped at once: `job_lock` waits out such a probe."""
+    path = lock_path(state_dir, job)
+    with _HELD_LOCK:
+        if str(path) in _HELD:  # this process's own: never probed (on NFS, closing a descriptor
+            return True  # of the file drops every lock the process holds on it)
     try:
-        fd = os.open(lock_path(state_dir, job), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
     except OSError:  # not ours to read (another user's umask), a symlink: the kernel's list

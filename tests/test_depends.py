@@ -375,3 +375,27 @@ def test_a_waiting_fire_that_cannot_be_checked_holds_up_no_other(project: Projec
     d._refresh_metrics(release=True)
     assert statuses(d, "down") == ["succeeded"]
     assert ("alpha", '{"date": "2026-11-29"}') in d.waiting
+
+
+def test_a_released_fire_whose_second_check_fails_waits_on(project: Project) -> None:
+    """Hostile review: the check a released fire makes when it starts raised (the manifest held
+    by another process past its deadline): the fire was neither run nor waiting any more."""
+    d = daemon(project)
+    d.fire("down")
+    assert project.cli("run-now", "up", "-q").returncode == 0
+    queued: list[Any] = []
+    d.submit = lambda target, *args: queued.append((target, args))  # type: ignore[method-assign]
+    d._refresh_metrics(release=True)
+    target, args = queued.pop()
+    unmet = d._unmet
+
+    def busy(*given: Any) -> list[str]:
+        raise OSError("the manifest is busy")
+
+    d._unmet = busy  # type: ignore[method-assign]
+    target(*args)
+    assert list(d.waiting) == [("down", "{}")] and statuses(d, "down") == []
+    d._unmet = unmet  # type: ignore[method-assign]
+    d.submit = lambda target, *args: target(*args)  # type: ignore[method-assign]
+    d._refresh_metrics(release=True)
+    assert statuses(d, "down") == ["succeeded"]
