@@ -340,19 +340,26 @@ def test_a_probe_of_a_lock_makes_no_run_fail(project: Project) -> None:
         pass
 
 
-def test_a_released_fire_checks_its_dependencies_again_when_it_starts(project: Project) -> None:
-    """Hostile review: released, the fire waited in the pool's queue (all threads busy) and then
-    started without a second look, beside a run of its dependency begun meanwhile."""
+def released(project: Project) -> tuple[Daemon, Any]:
+    """A daemon whose waiting `down` was released (its `up` succeeded in a shell) into a pool
+    whose threads are all busy; and what starts it once one is free."""
     d = daemon(project)
     d.fire("down")
     assert project.cli("run-now", "up", "-q").returncode == 0
     queued: list[Any] = []
     d.submit = lambda target, *args: queued.append((target, args))  # type: ignore[method-assign]
     d._refresh_metrics(release=True)
-    assert [args[0] for _, args in queued] == ["down"]
+    ((target, args),) = queued
+    assert args[0] == "down"
+    return d, lambda: target(*args)
+
+
+def test_a_released_fire_checks_its_dependencies_again_when_it_starts(project: Project) -> None:
+    """Hostile review: released, the fire waited in the pool's queue (all threads busy) and then
+    started without a second look, beside a run of its dependency begun meanwhile."""
+    d, start = released(project)
     d.active.add("u2", Active("up", StopSignals()))  # `up` begins again before `down` gets a thread
-    target, args = queued.pop()
-    target(*args)
+    start()
     assert statuses(d, "down") == [] and list(d.waiting) == [("down", "{}")]
 
 
@@ -380,20 +387,14 @@ def test_a_waiting_fire_that_cannot_be_checked_holds_up_no_other(project: Projec
 def test_a_released_fire_whose_second_check_fails_waits_on(project: Project) -> None:
     """Hostile review: the check a released fire makes when it starts raised (the manifest held
     by another process past its deadline): the fire was neither run nor waiting any more."""
-    d = daemon(project)
-    d.fire("down")
-    assert project.cli("run-now", "up", "-q").returncode == 0
-    queued: list[Any] = []
-    d.submit = lambda target, *args: queued.append((target, args))  # type: ignore[method-assign]
-    d._refresh_metrics(release=True)
-    target, args = queued.pop()
+    d, start = released(project)
     unmet = d._unmet
 
     def busy(*given: Any) -> list[str]:
         raise OSError("the manifest is busy")
 
     d._unmet = busy  # type: ignore[method-assign]
-    target(*args)
+    start()
     assert list(d.waiting) == [("down", "{}")] and statuses(d, "down") == []
     d._unmet = unmet  # type: ignore[method-assign]
     d.submit = lambda target, *args: target(*args)  # type: ignore[method-assign]
