@@ -174,10 +174,10 @@ def results_lost(manifest: Manifest, job: JobConfig, layout: OutputLayout, fresh
     if fresh or not layout.vacant():
         return None
     (found,) = manifest.named("results_recorded", key=job.key, done=ChunkStatus.DONE)
-    written = Path(found["parts_dir"] or layout.parts)  # (None: only runs of an older release)
-    if not found["n"] or not vacant(written):  # the place resolved anew: a symlink on a share
-        return None
     done = found["n"]
+    written = Path(found["parts_dir"] or layout.parts)  # (None: only runs of an older release)
+    if not done or not vacant(written):  # (written elsewhere: a symlink on a share resolved anew)
+        return None
     where = f"the parts directory {layout.parts} of output" if layout.hidden else "output"
     return (
         f"{where} {layout.output} holds none of the {done:,} results recorded done (a share not mounted, "
