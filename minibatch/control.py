@@ -90,6 +90,10 @@ class ActiveRuns:
         with self._lock:
             return list(self._items.items())
 
+    def running(self, key: str, but: str | None = None) -> bool:
+        """A run (not a backfill, nor hooks after one) of checkpoint `key` is in flight, other than `but`."""
+        return any(a.key == key and a.kind == "run" and i != but for i, a in self.items())
+
 
 class Control:
     def __init__(self, host: Host) -> None:
@@ -158,7 +162,7 @@ class Control:
         self._rate_limit(name)
         run_id, stop = new_run_id(), StopSignals()
         with self._claims:  # two requests at once: one is accepted, the other told so
-            if any(a.key == key and a.kind == "run" for _, a in self.host.active.items()):
+            if self.host.active.running(key):
                 raise ControlError(409, "Already running", f"job {key!r} is running")
             self._check_free(key, f"job {key!r} is running")
             self.host.active.add(

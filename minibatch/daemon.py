@@ -256,9 +256,7 @@ class Daemon:
             return True
         with self.lock:  # the same parameter set (a key) runs once; its lock says so across processes
             key = key_of(self.config, name, options.params)
-            running = key and any(
-                a.key == key and a.kind == "run" and i != options.run_id for i, a in self.active.items()
-            )
+            running = key and self.active.running(key, but=options.run_id)
             if self.stopping or running:
                 why = "stopping" if self.stopping else "already running"
                 log.info("run_skipped", job=name, run_id=options.run_id, reason=why)
@@ -333,8 +331,7 @@ class Daemon:
         key = key_of(self.config, name, params)
         if key is None:
             return False
-        here = any(a.key == key and a.kind == "run" for _, a in self.active.items())
-        return here or lock_held(self.config.engine.state_dir, key)
+        return self.active.running(key) or lock_held(self.config.engine.state_dir, key)
 
     def _released(self, name: str, fired: str, params: dict[str, str]) -> None:
         try:
