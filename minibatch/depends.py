@@ -14,7 +14,7 @@ from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.lock import keys_of, lock_held
 from minibatch.manifest import Manifest
 from minibatch.params import DATE
-from minibatch.schedule import parse_crontab
+from minibatch.schedule import fire_after
 from minibatch.states import RunStatus
 
 FIRE_LATENCY = timedelta(minutes=1)  # a fire time to its fire beginning, at most (threads free)
@@ -65,5 +65,5 @@ def _due(job: JobConfig, last_fire: datetime | None, now: datetime) -> bool:
     suspended) or belongs to an older schedule: waiting for it would wait for the next one."""
     if not job.schedule or last_fire is None:
         return False
-    due = parse_crontab(job.schedule, job.timezone).get_next_fire_time(last_fire, last_fire)
+    due = fire_after(job.schedule, job.timezone, last_fire)
     return due is not None and timedelta(0) <= now - due < FIRE_LATENCY

@@ -153,6 +153,12 @@ def next_fire_times(expr: str, timezone: str, count: int, now: datetime | None =
     return fires
 
 
+def fire_after(expr: str, timezone: str, last: datetime) -> datetime | None:
+    """The first fire time after `last`, a recorded fire (which begins just after its fire time):
+    the one a daemon that was down missed, or a dependency's that has not begun yet."""
+    return parse_crontab(expr, timezone).get_next_fire_time(last, last)
+
+
 def longest_gap(expr: str, timezone: str, now: datetime | None = None) -> float | None:
     """The longest gap between a schedule's next fire times, seconds (a weekday job: the
     weekend): what "overdue" means for alerts; None for a schedule that never fires."""
@@ -189,7 +195,7 @@ def catch_up(
         if name not in last:
             manifest.record_fire(name, now)  # a baseline: nothing missed before now
             continue
-        missed = parse_crontab(job.schedule, job.timezone).get_next_fire_time(last[name], last[name])
+        missed = fire_after(job.schedule, job.timezone, last[name])
         if missed is None or missed > now:
             continue
         if job.catchup == "once":
