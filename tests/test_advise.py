@@ -198,8 +198,17 @@ def test_advice_on_too_small_chunks_makes_the_run_faster(jobs: Project) -> None:
     configure(jobs, **settings | {"chunk_bytes": str(better["chunk_bytes"])})
     after = run(jobs)
     assert after["chunks_total"] <= before["chunks_total"] // 16
-    assert after["seconds"] < 0.6 * before["seconds"], (before["seconds"], after["seconds"])
     assert jobs.output_table("a").num_rows == 60_000
+    # On a machine shared with other tests a burst of load can land on either run: compare the
+    # best of up to 3 alternating pairs.
+    seconds = {"before": [before["seconds"]], "after": [after["seconds"]]}
+    for _ in range(2):
+        if min(seconds["after"]) < 0.6 * min(seconds["before"]):
+            break
+        for name, chunk_bytes in (("before", "4KB"), ("after", str(better["chunk_bytes"]))):
+            configure(jobs, **settings | {"chunk_bytes": chunk_bytes})
+            seconds[name].append(run(jobs)["seconds"])
+    assert min(seconds["after"]) < 0.6 * min(seconds["before"]), seconds
 
 
 def test_advice_on_too_many_workers_holds_less_memory_for_the_same_work(jobs: Project) -> None:
