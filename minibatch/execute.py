@@ -295,9 +295,8 @@ class Executor:
         to the queue, and the run stops admitting and fails, its chunks left to do."""
         self._record_attempt(item, Outcome.RETRIED, err=error)
         self.pending.appendleft(item.chunk)
-        self._stop_admitting(
-            f"{error.type}: {error.message} (free space, or fix the filesystem, and run again)"
-        )
+        fix = "make it readable" if error.type == "InputUnreadable" else "free space, or fix the filesystem,"
+        self._stop_admitting(f"{error.type}: {error.message} ({fix} and run again)")
 
     def _stop_admitting(self, why: str) -> None:
         if self.out.error is None:

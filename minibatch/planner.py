@@ -207,9 +207,22 @@ def scan_inputs(
             break
         try:
             good.append(read(path) if read else read_file_meta(path, columns))
-        except Exception as exc:  # any reader error makes the file bad, not the run
+        except Exception as exc:  # a reader's error makes the file bad, not the run
+            if isinstance(exc, OSError) and exc.errno is not None:  # the OS's: pyarrow's have none
+                raise InputUnreadable(path, exc) from None
             bad.append(_bad_file(path, exc))
     return good, bad
+
+
+class InputUnreadable(Exception):
+    """An input the OS will not let us read (its mode or owner changed, a share's credentials
+    expired, an I/O error; at planning also removed since the glob). Not a bad file, whose
+    fingerprint would change and whose results would go: the planner stops the run before it
+    plans; a worker's chunk is the machine's fault, not charged."""
+
+    def __init__(self, path: str, exc: OSError) -> None:
+        printable = path.encode("utf-8", "backslashreplace").decode()
+        super().__init__(f"{printable}: cannot be read ({exc.strerror or exc})")
 
 
 def read_file_meta(path: str, columns: Sequence[str] | None) -> FileMeta:
@@ -318,9 +331,9 @@ def _bad_file(path: str, exc: Exception) -> BadFile:
             stat = os.fstat(handle.fileno())
             handle.seek(max(0, stat.st_size - 65536))
             tail = handle.read()
-        fingerprint = _fingerprint(stat.st_size, stat.st_mtime_ns, tail)
-        size = stat.st_size
-    except OSError:
-        fingerprint, size = "unreadable", 0
+    except OSError as again:
+        raise InputUnreadable(path, again) from None
+    fingerprint = _fingerprint(stat.st_size, stat.st_mtime_ns, tail)
     printable = path.encode("utf-8", "backslashreplace").decode()
-    return BadFile(path=printable, fingerprint=fingerprint, size=size, error=f"{type(exc).__name__}: {exc}")
+    error = f"{type(exc).__name__}: {exc}"
+    return BadFile(path=printable, fingerprint=fingerprint, size=stat.st_size, error=error)

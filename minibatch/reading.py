@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from minibatch.pageslice import read_rows
 from minibatch.params import in_utc, sql_values
-from minibatch.planner import Chunk, fingerprint_stat, footer_fingerprint
+from minibatch.planner import Chunk, InputUnreadable, fingerprint_stat, footer_fingerprint
 from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task
 from minibatch.textinput import text_fingerprint
 from minibatch.textread import TextRows, read_text_chunk
@@ -183,6 +183,8 @@ def _open_input(chunk: Chunk) -> BinaryIO:
         return open(chunk.path, "rb")
     except FileNotFoundError:
         raise _removed(chunk) from None
+    except OSError as exc:
+        raise InputUnreadable(chunk.path, exc) from None
 
 
 def _check_unchanged(chunk: Chunk, stat: os.stat_result) -> None:

@@ -30,7 +30,7 @@ from minibatch.lock import job_lock
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.owner import OutputNotOwned
 from minibatch.params import params_json
-from minibatch.planner import BadFile, FileMeta, plan_chunks, scan_inputs
+from minibatch.planner import BadFile, FileMeta, InputUnreadable, plan_chunks, scan_inputs
 from minibatch.reconcile import (
     Definition,
     Reconciled,
@@ -235,7 +235,11 @@ class Run:
         segment = segment_size(self.job.chunk_bytes)
         cache = self.config.engine.state_dir / "text-plans"
         read = (lambda path: read_text_meta(path, text, segment, cache)) if text else None
-        scanned = scan_inputs(paths, self.job.columns, stop=lambda: self.signals.requested, read=read)
+        try:
+            scanned = scan_inputs(paths, self.job.columns, stop=lambda: self.signals.requested, read=read)
+        except InputUnreadable as exc:  # not a bad file: its results stay, and the run fails
+            self._refuse(Inputs(files=[], missing=[], unreadable=[str(exc)]))
+            return None
         if self.signals.requested:  # a partial plan must not decide what is stale
             self.summary.stopped = True
             return None

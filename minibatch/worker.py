@@ -29,6 +29,7 @@ import pyarrow as pa
 from minibatch.checks import apply_checks
 from minibatch.jobcode import forget_package, import_process
 from minibatch.layout import MALFORMED_PREFIX, QUARANTINE_PREFIX, staged_name, with_provenance, write_durably
+from minibatch.planner import InputUnreadable
 from minibatch.reading import read_chunk, read_text, release_held, sql_on_file, sql_on_table
 from minibatch.results import check_schema, conform
 from minibatch.states import ErrorKind
@@ -272,7 +273,7 @@ def describe_error(exc: BaseException) -> TaskError:
         kind = ErrorKind.INPUT_CHANGED
     elif _out_of_memory(exc):
         kind = ErrorKind.MEMORY
-    elif _environmental(exc):
+    elif isinstance(exc, InputUnreadable) or _environmental(exc):
         kind = ErrorKind.ENVIRONMENT
     else:
         kind = ErrorKind.ERROR

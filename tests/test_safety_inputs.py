@@ -20,9 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minibatch.planner import plan_chunks, read_file_meta
+from minibatch.planner import InputUnreadable, plan_chunks, read_file_meta, scan_inputs
 from minibatch.reading import read_chunk, release_held, sql_on_file
+from minibatch.states import ErrorKind
 from minibatch.tasks import InputChanged, JobSpec
+from minibatch.worker import describe_error
 
 from conftest import MAP_JOB, Project, install_jobs
 
@@ -521,6 +523,60 @@ def test_an_output_behind_a_symlink_on_the_share_is_refused_when_the_share_is_go
     result = project.cli("run-now", "ident")
     assert result.returncode == 1 and "holds none of the 6 results" in said(result), said(result)
     assert list(share.iterdir()) == []
+
+
+def as_a_user(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a process for which file modes hold: root without its bypass of them."""
+    argv = [sys.executable, "-m", "minibatch", "--config", str(project.root / "config.toml"), *args]
+    if os.geteuid() == 0:
+        argv = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, env=project.env(), timeout=120)
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root ignores file modes")
+def test_an_input_that_cannot_be_opened_keeps_its_results_and_fails_every_run(project: Project) -> None:
+    """Hostile review: an unchanged input that could not be opened (its mode or owner changed,
+    a share's credentials expired) was taken for a rewritten file: its results were deleted,
+    and the next run succeeded without them. It fails, deleting nothing, until it can be read."""
+    project.write_config(MAP)
+    project.write_input("a.parquet", 0, 300)
+    project.write_input("b.parquet", 300, 200)
+    assert as_a_user(project, "run-now", "ident").returncode == 0
+    before = snapshot(project.out("ident"))
+    (project.data / "a.parquet").chmod(0)
+    try:
+        for _ in range(2):
+            result = as_a_user(project, "run-now", "ident")
+            assert result.returncode == 1, said(result)
+            assert "a.parquet: cannot be read (Permission denied)" in said(result)
+            assert "nothing was deleted" in said(result)
+            assert snapshot(project.out("ident")) == before
+    finally:
+        (project.data / "a.parquet").chmod(0o644)
+    again = as_a_user(project, "run-now", "ident")
+    assert again.returncode == 0, said(again)
+    assert "0 done now, 10 already done" in again.stdout
+    assert ids_of(project, "ident") == list(range(500))
+
+
+def test_a_file_that_cannot_be_opened_while_planning_is_not_a_bad_file(tmp_path: Path) -> None:
+    """The same between the glob and the footer's read (here: removed): not a file whose
+    results may go, but a reason to stop."""
+    with pytest.raises(InputUnreadable, match="gone.parquet: cannot be read"):
+        scan_inputs([str(tmp_path / "gone.parquet")], None)
+
+
+def test_an_input_the_worker_cannot_open_is_the_machines_fault_not_the_chunks(tmp_path: Path) -> None:
+    """Made unreadable after planning: the chunk is not charged (a dead letter would be skipped
+    by later runs, a hole with exit 0), the run halts and the next one carries on."""
+    path = tmp_path / "a.parquet"
+    write_ids(path, range(10))
+    (chunk,) = plan_chunks([read_file_meta(str(path), None)], 10_000)
+    path.unlink()
+    path.mkdir()  # open() fails here as it does, for any user, on a file of mode 000
+    with pytest.raises(InputUnreadable, match="a.parquet: cannot be read") as caught:
+        read_chunk(chunk, None)
+    assert describe_error(caught.value).kind == ErrorKind.ENVIRONMENT
 
 
 # -- H. files in the output that minibatch did not write -------------------------------------
