@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import product
 from pathlib import Path
 from typing import Protocol
 
@@ -31,17 +32,32 @@ def check_outputs_apart(
 ) -> None:
     """Each job owns its output, which must not hold what `reset` would then delete: the
     config file, job code, the state directory, or another job's output, staging or parts."""
-    names = sorted(jobs)
-    for i, name in enumerate(names):
-        job = jobs[name]
-        errors += [
-            f"jobs.{name}.output: {problem}" for problem in precious_inside(job, config_path, state_dir)
-        ]
-        for other in names[i + 1 :]:
-            if _overlap(job, jobs[other]):
-                errors.append(
-                    f"jobs.{other}.output: {jobs[other].output} overlaps the output of job {name!r}"
-                )
+    clashes = _clashes(jobs)
+    for name in sorted(jobs):
+        problems = precious_inside(jobs[name], config_path, state_dir)
+        errors += [f"jobs.{name}.output: {problem}" for problem in problems]
+        for other in sorted(clashes.get(name, ())):
+            errors.append(f"jobs.{other}.output: {jobs[other].output} overlaps the output of job {name!r}")
+
+
+def _clashes(jobs: Mapping[str, JobConfig]) -> dict[str, set[str]]:
+    """Each job -> the jobs after it by name that _overlap it, found by looking up each place's
+    ancestors rather than comparing every pair (a config of 200 jobs took 6 s to load)."""
+    at: dict[tuple[str, ...], list[tuple[str, str]]] = {}  # a place's path parts -> (job, role)
+    for name, job in jobs.items():
+        layout = OutputLayout.of(job)
+        places = [(layout.output, "output"), (layout.staging, "aside"), (layout.parts, "aside")]
+        places += [(held, "held") for held in (*layout.held, *default_held(layout.output))]
+        for path, role in places:
+            at.setdefault(path.parts, []).append((name, role))
+    clashes: dict[str, set[str]] = {}
+    for parts, here in at.items():
+        for depth in range(1, len(parts) + 1):  # every place at or above this one
+            for (one, role), (two, above) in product(here, at.get(parts[:depth], ())):
+                if one != two and ("output" in (role, above) or role == above == "held"):
+                    first, second = sorted((one, two))
+                    clashes.setdefault(first, set()).add(second)
+    return clashes
 
 
 def precious_inside(job: JobConfig, config_path: Path, state_dir: Path) -> list[str]:
@@ -85,7 +101,7 @@ def _reserved_name(rendered: Path, template: Path) -> str | None:
 
 
 def _holds(directory: Path, path: Path) -> bool:
-    return path == directory or directory in path.parents
+    return path.parts[: len(directory.parts)] == directory.parts  # `in path.parents` is slow
 
 
 def _overlap(one: JobConfig, two: JobConfig) -> bool:
