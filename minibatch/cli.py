@@ -315,7 +315,7 @@ def reset(state: State, job: str, yes: bool, params: dict[str, str]) -> None:
         except click.Abort:  # Ctrl-D, Ctrl-C
             sure = False
         if not sure:  # a usage answer, not a failed run (exit 1)
-            click.echo(f"\n{job}: not confirmed; nothing removed", err=True)
+            click.echo(f"\nerror: {job}: not confirmed; nothing removed", err=True)
             sys.exit(EXIT_USAGE)
     reset_job(config, job, params)
     click.echo(f"{job}: checkpoint forgotten, output removed")

@@ -9,7 +9,7 @@ import sys
 import threading
 from collections.abc import Callable
 from functools import cached_property
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -49,8 +49,9 @@ class Group(click.Group):
             click.echo("interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:  # `minibatch history | head -1`: a closed pipe is not an error
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor is the final flush
-            sys.exit(ctx.obj.exit_code if isinstance(ctx.obj, State) else 0)  # but a failed run is one
+            _closed_pipe(ctx.obj.exit_code if isinstance(ctx.obj, State) else 0)  # but a failed run is one
+        except click.UsageError as exc:
+            _usage_error(exc)
         except ConfigError as exc:
             click.echo("\n".join(f"error: {line}" for line in str(exc).splitlines()), err=True)
             sys.exit(EXIT_USAGE)
@@ -64,6 +65,26 @@ class Group(click.Group):
             where = f": {exc.filename}" if exc.filename else ""
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             sys.exit(1)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:  # the top level's options: click's main would handle these its own way
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:  # `minibatch --help | true`: not exit 1
+            _closed_pipe(0)
+        except click.UsageError as exc:
+            _usage_error(exc)
+
+
+def _usage_error(exc: click.UsageError) -> NoReturn:
+    """One `error:` line, as every other error, not click's "Usage:", "Try ...", "Error: ..."."""
+    hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+    click.echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _closed_pipe(code: int) -> NoReturn:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush is no error either
+    sys.exit(code)
 
 
 def run_and_exit(command: click.Command) -> None:

@@ -240,10 +240,8 @@ class Run:
         except InputUnreadable as exc:  # not a bad file: its results stay, and the run fails
             self._refuse(Inputs(files=[], missing=[], unreadable=[str(exc)]))
             return None
-        if self.signals.requested:  # a partial plan must not decide what is stale
-            self.summary.stopped = True
-            return None
-        return scanned
+        self.summary.stopped = self.signals.requested  # a partial plan must not decide what is stale
+        return None if self.summary.stopped else scanned
 
     def _plan(self, files: list[FileMeta], bad: list[BadFile], state: dict[str, Any]) -> Reconciled:
         work = self._reconcile(files, bad, state)
@@ -358,8 +356,7 @@ class Run:
         record.ended_at = self.options.clock.time()
         wall = max(record.ended_at - record.started_at, 1e-9)
         record.utilisation = record.busy_seconds / (max(record.workers, 1) * wall)
-        record.rows_per_second = record.rows_in / wall
-        record.mb_per_second = record.bytes_in / 1e6 / wall
+        record.rows_per_second, record.mb_per_second = record.rows_in / wall, record.bytes_in / 1e6 / wall
         self.summary.seconds = wall  # the same wall time as `history` and the report
         self.summary.dead = self.ledger.dead
         with self.manifest.session():
@@ -392,12 +389,10 @@ class Run:
             )  # fmt: skip
         except ReduceStopped:  # published nothing: the next run reduces again
             self.record.status, self.summary.stopped = RunStatus.STOPPED, True
-            return None
         except OutputFailed as exc:
             self._fail(str(exc), exc.kind)
-            return None
+        return None
 
     def _fail(self, error: str, kind: EventKind = EventKind.REDUCE_FAILED) -> None:
-        self.record.status = RunStatus.FAILED
-        self.record.error = error
+        self.record.status, self.record.error = RunStatus.FAILED, error
         self.events(kind, error=error)

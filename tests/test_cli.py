@@ -233,6 +233,19 @@ def test_a_closed_stderr_still_runs_the_job(project: Project) -> None:
     assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(100))
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["run-now"], ["nosuch"], ["--nosuch", "list"], ["run-now", "j", "--workers", "x"], ["history", "--bad"]],
+)
+def test_a_usage_error_is_one_error_line(args: list[str]) -> None:
+    """click printed "Usage: ...", "Try ...", "Error: ..." where every other error is one line
+    starting with `error:` (a review)."""
+    result = subprocess.run([sys.executable, "-m", "minibatch", *args], capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], result.stderr
+
+
 def test_huge_numbers_in_options_are_usage_errors(project: Project) -> None:
     """Tracebacks from DuckDB's integer conversions, and --workers 10**20 made ~20,000 lock
     files before failing on open files."""
@@ -292,6 +305,19 @@ def test_a_job_printing_into_a_closed_pipe_loses_no_chunk(project: Project) -> N
     )
     project.write_config(MAP_JOB.replace("myjobs.basic:ident", "myjobs.noisy:noisy") + "retries = 0\n")
     run_into_head(project)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["list", "--help"]])
+def test_help_into_a_closed_pipe_exits_0(args: list[str]) -> None:
+    """`minibatch --help | true`: click's own handler of the closed pipe exited 1 (a review)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte
+    try:
+        argv = [sys.executable, "-m", "minibatch", *args]
+        done = subprocess.run(argv, stdout=write, stderr=subprocess.PIPE)
+    finally:
+        os.close(write)
+    assert done.returncode == 0 and not done.stderr, done.stderr
 
 
 def test_a_run_leaves_nothing_in_the_temp_directory(project: Project) -> None:
