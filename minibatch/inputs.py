@@ -44,10 +44,14 @@ def input_signature(base_dir: Path, patterns: Iterable[str]) -> tuple[tuple[str,
     return tuple(found)
 
 
-def find_inputs(base_dir: Path, patterns: Iterable[str], forbidden: Sequence[Path] = ()) -> Inputs:
+def find_inputs(
+    base_dir: Path, patterns: Iterable[str], forbidden: Sequence[Path] = (), read: Iterable[str] | None = None
+) -> Inputs:
     """The files the globs match, each real file once (two paths to one file through a symlink
     are one input). Raises InputError for a symlink loop under `**` and for a file inside one
-    of the `forbidden` directories (the job's own output) reached through a symlink."""
+    of the `forbidden` directories (the job's own output) reached through a symlink. With `read`
+    (a run's check: the files earlier runs read), a file that cannot be opened is unreadable, and
+    so is the directory of one read before that no glob lists, if it cannot be listed."""
     by_real: dict[str, str] = {}
     missing: list[str] = []
     unreadable: list[str] = []
@@ -68,7 +72,35 @@ def find_inputs(base_dir: Path, patterns: Iterable[str], forbidden: Sequence[Pat
             if any(real.startswith(fence) for fence in fences):
                 raise InputError(f"input glob {pattern!r} reaches the job's own output: {path} is {real}")
             by_real.setdefault(real, path)
-    return Inputs(files=sorted(by_real.values()), missing=missing, unreadable=sorted(set(unreadable)))
+    files = sorted(by_real.values())
+    if read is not None:
+        unreadable += [f"{path}: cannot be read ({why})" for path in files if (why := _unopenable(path))]
+        unreadable += _unlistable_dirs(set(read) - set(files))
+    return Inputs(files=files, missing=missing, unreadable=sorted(set(unreadable)))
+
+
+def _unopenable(path: str) -> str | None:
+    """Why the file cannot be opened for reading (its mode, its owner, a share's credentials)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _unlistable_dirs(paths: Iterable[str]) -> list[str]:
+    """Directories of `paths` (files earlier runs read that the globs no longer list) that
+    cannot be listed, as "directory: why": glob passes over such a directory in silence, and its
+    files would look removed, their results deleted. A directory that is gone is not one."""
+    found = []
+    for directory in sorted({os.path.dirname(path) for path in paths}):
+        try:
+            os.scandir(directory).close()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            found.append(f"{directory}: a directory that cannot be listed ({exc.strerror or exc})")
+    return found
 
 
 def _kind(path: str) -> str:

@@ -241,6 +241,10 @@ SELECT (SELECT count(*) FROM chunks WHERE job = $key AND status = $done AND outp
 -- name: has_run
 SELECT 1 FROM runs WHERE job = $key LIMIT 1;
 
+-- name: input_files
+-- The input files of the job's recorded chunks.
+SELECT DISTINCT file FROM chunks WHERE job = $key;
+
 -- name: succeeded_run
 -- The parameter set's latest run succeeded (not one running now, failed or stopped).
 SELECT 1 FROM (SELECT status FROM runs WHERE job = $key ORDER BY started_at DESC LIMIT 1)

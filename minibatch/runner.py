@@ -213,7 +213,8 @@ class Run:
             if not self.lost:
                 self.layout.claim(self.job.key, self.config.engine.state_dir, ran)
             forbidden = [self.layout.output, self.layout.parts, self.layout.staging]
-            return find_inputs(self.config.base_dir, self.job.inputs, forbidden)
+            read = {row["file"] for row in self.manifest.named("input_files", key=self.job.key)}
+            return find_inputs(self.config.base_dir, self.job.inputs, forbidden, read)
         except (OutputNotOwned, InputError) as exc:
             raise ConfigError([f"jobs.{self.job.name}: {exc}"], self.config.path) from None
 

@@ -551,12 +551,37 @@ def test_an_input_that_cannot_be_opened_keeps_its_results_and_fails_every_run(pr
             assert "a.parquet: cannot be read (Permission denied)" in said(result)
             assert "nothing was deleted" in said(result)
             assert snapshot(project.out("ident")) == before
+        fresh = as_a_user(project, "run-now", "ident", "--fresh")  # it said so, and had deleted all
+        assert fresh.returncode == 1 and snapshot(project.out("ident")) == before, said(fresh)
     finally:
         (project.data / "a.parquet").chmod(0o644)
     again = as_a_user(project, "run-now", "ident")
     assert again.returncode == 0, said(again)
     assert "0 done now, 10 already done" in again.stdout
     assert ids_of(project, "ident") == list(range(500))
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root ignores file modes")
+def test_a_directory_the_glob_cannot_list_keeps_its_files_results(project: Project) -> None:
+    """Hostile review: glob passes over a directory it may not list (a share's credentials
+    expired) in silence; its files looked removed, their results were deleted, exit 0."""
+    project.write_config(MAP.replace('"data/*.parquet"', '"data/*/*.parquet"'))
+    for place, first in (("a", 0), ("b", 300)):
+        (project.data / place).mkdir(parents=True)
+        project.write_input(f"{place}/x.parquet", first, 300)
+    assert as_a_user(project, "run-now", "ident").returncode == 0
+    before = snapshot(project.out("ident"))
+    (project.data / "b").chmod(0)
+    try:
+        result = as_a_user(project, "run-now", "ident")
+        assert result.returncode == 1, said(result)
+        assert f"{project.data / 'b'}: a directory that cannot be listed (Permission denied)" in said(result)
+        assert snapshot(project.out("ident")) == before
+    finally:
+        (project.data / "b").chmod(0o755)
+    shutil.rmtree(project.data / "b")  # removed for real: its results go
+    assert as_a_user(project, "run-now", "ident").returncode == 0
+    assert ids_of(project, "ident") == list(range(300))
 
 
 def test_a_file_that_cannot_be_opened_while_planning_is_not_a_bad_file(tmp_path: Path) -> None:
