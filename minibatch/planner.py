@@ -220,9 +220,10 @@ class InputUnreadable(Exception):
     fingerprint would change and whose results would go: the planner stops the run before it
     plans; a worker's chunk is the machine's fault, not charged."""
 
-    def __init__(self, path: str, exc: OSError) -> None:
+    def __init__(self, path: str, exc: OSError | str) -> None:
         printable = path.encode("utf-8", "backslashreplace").decode()
-        super().__init__(f"{printable}: cannot be read ({exc.strerror or exc})")
+        why = exc if isinstance(exc, str) else exc.strerror or str(exc)
+        super().__init__(f"{printable}: cannot be read ({why})")
 
 
 def read_file_meta(path: str, columns: Sequence[str] | None) -> FileMeta:

@@ -4,10 +4,12 @@ Either way from a descriptor opened and checked against the chunk's fingerprint.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import pyarrow as pa
@@ -178,13 +180,23 @@ def _read_batches(
     return pa.Table.from_batches(batches, schema=schema)
 
 
-def _open_input(chunk: Chunk) -> BinaryIO:
+@contextlib.contextmanager
+def _open_input(chunk: Chunk) -> Iterator[BinaryIO]:
+    """The chunk's file, open; the OS's errors opening or reading it (its mode, a share's
+    credentials, an I/O error) are InputUnreadable: the machine's fault, not the chunk's."""
     try:
-        return open(chunk.path, "rb")
+        handle = open(chunk.path, "rb")  # noqa: SIM115 (closed below, its errors told apart)
     except FileNotFoundError:
         raise _removed(chunk) from None
     except OSError as exc:
         raise InputUnreadable(chunk.path, exc) from None
+    with handle:
+        try:
+            yield handle
+        except OSError as exc:
+            if exc.errno is None:  # pyarrow's parse errors: the data's fault
+                raise
+            raise InputUnreadable(chunk.path, exc) from None
 
 
 def _check_unchanged(chunk: Chunk, stat: os.stat_result) -> None:
@@ -197,7 +209,7 @@ def sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
 
     DuckDB reads the descriptor we opened and checked (/proc/self/fd/N), never the path: it
     would expand `[`, `*` and `?` in a file's name as a glob, and a path may change under us."""
-    from duckdb import ColumnExpression
+    from duckdb import ColumnExpression, IOException
 
     held = _local.sql = getattr(_local, "sql", None) or _HeldInput()
     fd = held.open(chunk)
@@ -207,7 +219,14 @@ def sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
     rows = rows.filter(f"file_row_number BETWEEN {int(chunk.row_start)} AND {int(chunk.row_end) - 1}")
     names = list(job.columns) if job.columns else [c for c in rows.columns if c != "file_row_number"]
     rows.project(*[ColumnExpression(name) for name in names]).create_view("chunk", replace=True)
-    result = held.con.sql(cast(str, job.sql), params=sql_values(job.sql, dict(job.params))).to_arrow_table()
+    try:
+        result = held.con.sql(
+            cast(str, job.sql), params=sql_values(job.sql, dict(job.params))
+        ).to_arrow_table()
+    except IOException as exc:  # "Could not read from file "/proc/self/fd/4": Input/output error"
+        if f'"/proc/self/fd/{fd}"' not in str(exc):  # a file the job's SQL reads itself
+            raise
+        raise InputUnreadable(chunk.path, str(exc).rpartition(": ")[2]) from None
     after = os.fstat(fd)
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         raise InputChanged(f"{chunk.path} changed while it was read")

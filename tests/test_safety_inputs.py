@@ -584,6 +584,62 @@ def test_a_directory_the_glob_cannot_list_keeps_its_files_results(project: Proje
     assert ids_of(project, "ident") == list(range(300))
 
 
+EIO_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+/* A read of the data pages (offsets 4..63) of a file named *EIOFILE* fails with EIO, as a bad
+   sector or a flaky share would; its footer reads well. */
+static int bad(int fd, off_t off) {
+    char link[64], path[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (n <= 0) return 0;
+    path[n] = 0;
+    return strstr(path, "EIOFILE") != NULL && off >= 4 && off < 64;
+}
+ssize_t pread64(int fd, void *buf, size_t count, off_t off) {
+    static ssize_t (*real)(int, void *, size_t, off_t);
+    if (!real) real = dlsym(RTLD_NEXT, "pread64");
+    if (bad(fd, off)) { errno = EIO; return -1; }
+    return real(fd, buf, count, off);
+}
+ssize_t pread(int fd, void *buf, size_t count, off_t off) { return pread64(fd, buf, count, off); }
+ssize_t read(int fd, void *buf, size_t count) {
+    static ssize_t (*real)(int, void *, size_t);
+    if (!real) real = dlsym(RTLD_NEXT, "read");
+    if (bad(fd, lseek(fd, 0, SEEK_CUR))) { errno = EIO; return -1; }
+    return real(fd, buf, count);
+}
+"""
+
+
+@pytest.mark.skipif(not shutil.which("cc"), reason="builds an LD_PRELOAD shim")
+@pytest.mark.parametrize("job", ["process", "sql"])
+def test_an_io_error_reading_an_input_is_the_machines_fault_not_a_dead_letter(
+    project: Project, tmp_path: Path, job: str
+) -> None:
+    """Hostile review: an I/O error reading a chunk's pages (not opening the file) was the
+    chunk's error: dead-lettered, skipped by every later run, exit 0 with a hole."""
+    (tmp_path / "eio.c").write_text(EIO_SHIM)
+    shim = tmp_path / "eio.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", shim, tmp_path / "eio.c", "-ldl"], check=True)
+    config = MAP if job == "process" else MAP.replace('process = "myjobs.basic:ident"', 'sql = "FROM chunk"')
+    project.write_config(config)
+    project.write_input("a.parquet", 0, 300)
+    project.write_input("EIOFILE.parquet", 300, 300)
+    failing = project.cli("run-now", "ident", env={"LD_PRELOAD": str(shim)}, real=True)
+    assert failing.returncode == 1, said(failing)
+    assert "EIOFILE.parquet: cannot be read (Input/output error)" in said(failing)
+    assert project.manifest_rows("SELECT count(*) FROM chunks WHERE status = 'dead'") == [(0,)]
+    healed = project.cli("run-now", "ident")
+    assert healed.returncode == 0, said(healed)
+    assert ids_of(project, "ident") == list(range(600))
+
+
 def test_a_file_that_cannot_be_opened_while_planning_is_not_a_bad_file(tmp_path: Path) -> None:
     """The same between the glob and the footer's read (here: removed): not a file whose
     results may go, but a reason to stop."""
