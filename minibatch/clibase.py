@@ -76,7 +76,11 @@ class Group(click.Group):
 
 
 def _usage_error(exc: click.UsageError) -> NoReturn:
-    """One `error:` line, as every other error, not click's "Usage:", "Try ...", "Error: ..."."""
+    """One `error:` line, as every other error, not click's "Usage:", "Try ...", "Error: ...";
+    a bare `minibatch` is no error: its help."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError) and exc.ctx:
+        click.echo(exc.ctx.get_help())
+        sys.exit(0)
     hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
     click.echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
     sys.exit(EXIT_USAGE)

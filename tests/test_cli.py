@@ -233,6 +233,11 @@ def test_a_closed_stderr_still_runs_the_job(project: Project) -> None:
     assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(100))
 
 
+def test_a_bare_command_prints_its_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "minibatch"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("Usage: ") and not result.stderr
+
+
 @pytest.mark.parametrize(
     "args",
     [["run-now"], ["nosuch"], ["--nosuch", "list"], ["run-now", "j", "--workers", "x"], ["history", "--bad"]],
