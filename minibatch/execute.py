@@ -74,6 +74,7 @@ DETERMINISTIC = {  # errors no retry mends
     "JobCodeError", "ParserException", "BinderException", "CatalogException", "CheckFailed",
 }  # fmt: skip
 BREAKER_EVENTS = {state: EventKind(f"breaker_{state}") for state in Breaker}
+FIXES = {"InputUnreadable": "make it readable and run again", "CodeChanged": "run again with the new code"}
 
 
 @dataclass
@@ -295,8 +296,8 @@ class Executor:
         to the queue, and the run stops admitting and fails, its chunks left to do."""
         self._record_attempt(item, Outcome.RETRIED, err=error)
         self.pending.appendleft(item.chunk)
-        fix = "make it readable" if error.type == "InputUnreadable" else "free space, or fix the filesystem,"
-        self._stop_admitting(f"{error.type}: {error.message} ({fix} and run again)")
+        fix = FIXES.get(error.type, "free space, or fix the filesystem, and run again")
+        self._stop_admitting(f"{error.type}: {error.message} ({fix})")
 
     def _stop_admitting(self, why: str) -> None:
         if self.out.error is None:

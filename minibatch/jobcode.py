@@ -120,5 +120,13 @@ def changed_facts(old: str | None, new: dict[str, Any]) -> list[str]:
     return sorted(key for key in new.keys() | before.keys() if before.get(key) != new.get(key))
 
 
+def source_digest(path: str | None) -> str | None:
+    """What `definition` counts of a module's source file."""
+    try:
+        return _digest(Path(path).read_bytes()) if path else None
+    except OSError:
+        return None
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]

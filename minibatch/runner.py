@@ -177,11 +177,9 @@ class Run:
         work = Reconciled([], [], 0, [])
         if not usable:
             self._refuse(inputs)
-        else:
-            scanned = self._scan(inputs.files)  # footers, outside a session: others may wait for it
-            if scanned is not None:
-                with self.manifest.session():
-                    work = self._plan(*scanned, state)
+        elif (scanned := self._scan(inputs.files)) is not None:  # footers, outside a session: others wait
+            with self.manifest.session():
+                work = self._plan(*scanned, state)
         if work.todo:
             self._execute_chunks(work)
         self._finish()
@@ -282,8 +280,9 @@ class Run:
             name=self.job.name, process=self.job.process, sql=self.job.sql, columns=self.job.columns,
             base_dir=str(self.config.base_dir), parts_dir=str(self.layout.parts),
             staging_dir=str(self.layout.staging), definition=self.definition.key,
-            input_schema=self.input_schema, params=self.job.values, checks=self.job.checks.rows,
-            shape=self.job.shape.of_parts(self.job.reduce_sql), text=self.job.text,
+            source=self.definition.facts.get("source"), input_schema=self.input_schema,
+            params=self.job.values, checks=self.job.checks.rows, text=self.job.text,
+            shape=self.job.shape.of_parts(self.job.reduce_sql),
         )  # fmt: skip
         # the local pool's processes are this one's children: measure them (Dask's are remote)
         local = self.options.pool_factory is None and self.job.executor == "local"

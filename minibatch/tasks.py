@@ -34,6 +34,12 @@ class JobSpec:
     shape: Shape = Shape()  # partition_by: a part's row groups are grouped by partition
     checks: tuple[Check, ...] = ()  # on each chunk's result rows (checks.py)
     text: TextFormat | None = None  # CSV or NDJSON input (textinput.py)
+    source: str | None = None  # the digest of the `process` module's source the definition counts
+
+
+class CodeChanged(Exception):
+    """The job's module is not the source the run's definition counted: it was edited during
+    the run. Not the chunk's fault; its result would be labelled with the wrong definition."""
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,23 @@ from typing import Any
 import pyarrow as pa
 
 from minibatch.checks import apply_checks
-from minibatch.jobcode import forget_package, import_process
+from minibatch.jobcode import forget_package, import_process, source_digest
 from minibatch.layout import MALFORMED_PREFIX, QUARANTINE_PREFIX, staged_name, with_provenance, write_durably
 from minibatch.planner import InputUnreadable
 from minibatch.reading import read_chunk, read_text, release_held, sql_on_file, sql_on_table
 from minibatch.results import check_schema, conform
 from minibatch.states import ErrorKind
 from minibatch.streams import ForgivingStream
-from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task, TaskError, TaskResult, said
+from minibatch.tasks import (
+    CodeChanged,
+    InputChanged,
+    InputRemoved,
+    JobSpec,
+    Task,
+    TaskError,
+    TaskResult,
+    said,
+)
 from minibatch.treemem import PAGE
 
 
@@ -248,6 +257,8 @@ def _function(job: JobSpec) -> Any:
     _loaded[root] = job.base_dir
     func = import_process(job.process, Path(job.base_dir))
     path = getattr(sys.modules.get(module_name), "__file__", None)
+    if job.source is not None and source_digest(path) != job.source:
+        raise CodeChanged(f"the job's module {path} changed during the run; the next run computes with it")
     _functions[key] = (func, path, _mtime(path))
     return func
 
@@ -273,7 +284,7 @@ def describe_error(exc: BaseException) -> TaskError:
         kind = ErrorKind.INPUT_CHANGED
     elif _out_of_memory(exc):
         kind = ErrorKind.MEMORY
-    elif isinstance(exc, InputUnreadable) or _environmental(exc):
+    elif isinstance(exc, InputUnreadable | CodeChanged) or _environmental(exc):
         kind = ErrorKind.ENVIRONMENT
     else:
         kind = ErrorKind.ERROR

@@ -26,7 +26,7 @@ from minibatch.states import ErrorKind
 from minibatch.tasks import InputChanged, JobSpec
 from minibatch.worker import describe_error
 
-from conftest import MAP_JOB, Project, install_jobs
+from conftest import MAP_JOB, Project, install_jobs, wait_for
 
 FAST = "retries = 0\nbreaker_failures = 0\n"  # today's failures dead-letter at once, no breaker pause
 MAP = MAP_JOB + FAST
@@ -271,6 +271,34 @@ def test_edited_job_module_recomputes_every_chunk(project: Project) -> None:
     result = project.cli("run-now", "sc")
     assert result.returncode == 0, said(result)
     assert values_by_id(project, "sc", "scaled") == {i: (i % 97) * 300 for i in range(300)}
+
+
+def test_a_module_edited_during_a_run_fails_it_and_labels_no_result_wrongly(project: Project) -> None:
+    """Hostile review: workers imported the edited module at their next chunk and labelled its
+    results with the definition the run began with: the run succeeded with rows of both
+    versions, and once the file was put back the new version's rows looked current for good."""
+    project.write_config("""
+    [jobs.sc]
+    input = "data/*.parquet"
+    output = "out/sc"
+    process = "myjobs.scaled:scale"
+    chunk_bytes = "3KB"
+    """)
+    project.write_input("a.parquet", 0, 600)
+    slow = SCALED_MODULE.replace("    return", "    __import__('time').sleep(0.2)\n    return")
+    module = project.root / "myjobs" / "scaled.py"
+    module.write_text(slow.replace("{factor}", "3").replace("{{", "{").replace("}}", "}"))
+    original = module.read_bytes()
+    run = project.start("run-now", "sc")
+    wait_for(lambda: len(project.computations()) >= 2, timeout=60, what="two chunks")
+    module.write_bytes(original.replace(b"FACTOR = 3", b"FACTOR = 5"))
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err
+    assert "changed during the run" in err
+    module.write_bytes(original)  # put back: the results of the run's definition are current
+    again = project.cli("run-now", "sc")
+    assert again.returncode == 0, said(again)
+    assert values_by_id(project, "sc", "scaled") == {i: (i % 97) * 3 for i in range(600)}
 
 
 def test_changed_columns_recompute_every_chunk(project: Project) -> None:
