@@ -128,7 +128,8 @@ class Run:
         self.config, self.job, self.options, self.signals = config, job, options, signals
         self.manifest = Manifest(manifest_path(config.engine.state_dir))
         self.layout = OutputLayout.of(job)
-        facts = job.shape.facts() | job.checks.facts() | text_facts(job.text)  # beyond the code
+        # beyond the code: how parts are written (whole where reduce_sql reads them), checks, text
+        facts = job.shape.of_parts(job.reduce_sql).facts() | job.checks.facts() | text_facts(job.text)
         self.definition = Definition(*definition(job.process, job.sql, job.columns, job.version,
                                                  config.base_dir, facts))  # fmt: skip
         self.started = False  # recorded in the manifest: a crash from here on is the run's

@@ -259,6 +259,23 @@ def test_changing_the_layout_keeps_every_row_once(project: Project) -> None:
     assert sorted(i for (i,) in seen) == ids
 
 
+@pytest.mark.parametrize("shape", ['partition_by = ["day"]', 'target_file_bytes = "4KB"'])
+def test_removing_reduce_sql_recomputes_the_parts_for_the_output(project: Project, shape: str) -> None:
+    """Hostile review: parts a reduce read are written whole; taken up as a partitioned or
+    right-sized output's parts, every later run crashed with a traceback until --fresh."""
+    write(project, "a.parquet", range(0, 300), days=2)
+    base = JOB.replace('partition_by = ["day", "region"]\ntarget_file_bytes = "6KB"', shape)
+    reduce = base.replace(
+        'sql = "SELECT * FROM chunk"', 'sql = "SELECT * FROM chunk"\nreduce_sql = "FROM parts"'
+    )
+    for config in (reduce, base, reduce):
+        project.write_config(config)
+        result = project.cli("run-now", "p", "-q")
+        assert result.returncode == 0, result.stdout + result.stderr
+        seen = duckdb.sql(f"SELECT id FROM read_parquet('{project.out('p')}/**/*.parquet')").fetchall()
+        assert sorted(i for (i,) in seen) == list(range(300))
+
+
 def test_an_empty_partitioned_reduction_removes_the_partitions(project: Project) -> None:
     write(project, "a.parquet", range(0, 300))
     reduce = JOB.replace(
