@@ -301,6 +301,18 @@ def test_a_module_edited_during_a_run_fails_it_and_labels_no_result_wrongly(proj
     assert values_by_id(project, "sc", "scaled") == {i: (i % 97) * 3 for i in range(600)}
 
 
+def test_an_input_column_named_file_row_number_is_read_by_a_sql_job(project: Project) -> None:
+    """Hostile review: the chunk view DuckDB reads adds its own `file_row_number`; an input
+    column of that name failed every chunk (dead letters, then an empty output, exit 0)."""
+    project.write_config(MAP.replace('process = "myjobs.basic:ident"', 'sql = "SELECT * FROM chunk"'))
+    project.data.mkdir()
+    table = pa.table({"id": pa.array(range(500), pa.int64()), "file_row_number": pa.array(range(500, 1000))})
+    pq.write_table(table, project.data / "a.parquet", row_group_size=100)
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 0, said(result)
+    assert project.output_table("ident").sort_by("id").to_pydict() == table.to_pydict()
+
+
 def test_changed_columns_recompute_every_chunk(project: Project) -> None:
     job = """
     [jobs.ident]
