@@ -364,6 +364,8 @@ def worker_main(conn: Connection, memory_cap: int | None, stopping: Any) -> None
         except BaseException as exc:  # the process boundary: every failure becomes data
             reply = ("error", task.task_id, describe_error(exc))
         conn.send(reply)
+        if reply[0] == "error" and reply[2].kind == ErrorKind.MEMORY:
+            return  # an allocation failed half-way: Arrow's or DuckDB's state may be torn; a fresh worker
         # Hand freed memory back after a big chunk (measured: -50 MiB of tree peak on 16 MiB
         # chunks; after smaller ones (map_light: 7 MiB) reusing it is up to 15% faster) or idle.
         if task.chunk.size >= RELEASE_AFTER or not conn.poll():

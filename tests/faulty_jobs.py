@@ -132,3 +132,13 @@ def crash_at(table, ctx):
 def count_rows(table, ctx):
     """One row per chunk: which file, how many rows (for hostile-input tests)."""
     return pa.table({"file": [os.path.basename(ctx.file)], "n": pa.array([table.num_rows], pa.int64())})
+
+
+def hog_once(table, ctx):
+    """The target's first attempt allocates past the worker's cap; each call notes its pid."""
+    hog_now = _is_target(ctx) and ctx.attempt == 1
+    with open(env("MB_PIDS"), "a") as f:
+        f.write(f"{os.getpid()} {'hog' if hog_now else 'ok'}\n")
+    if hog_now:
+        bytearray(64 * 2**30)
+    return _ok(table)

@@ -97,6 +97,20 @@ def test_runaway_allocation_fails_in_its_worker_with_a_memory_error(project: Pro
     assert 500 not in ids(project) and 499 in ids(project)
 
 
+def test_a_worker_whose_allocation_failed_takes_no_more_chunks(project: Project) -> None:
+    """Hostile review: after a MemoryError, Arrow's or DuckDB's state in that worker may be
+    torn; it took the next chunks and failed them with other errors (a ZSTD decompression
+    failure), dead letters that later runs skip. A fresh worker takes over."""
+    pids = project.root / "pids.txt"
+    setup(project, "hog_once", 'worker_memory_limit = "3GiB"\nworkers = 1')
+    result = project.cli("run-now", "f", env={"MB_TARGET": "f0.parquet:0", "MB_PIDS": str(pids)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = [line.split() for line in pids.read_text().splitlines()]
+    hogged = {pid for pid, what in calls if what == "hog"}
+    assert hogged and not hogged & {pid for pid, what in calls if what == "ok"}, calls
+    assert ids(project) == list(range(1000))
+
+
 def test_two_concurrent_runs_second_exits_3(project: Project) -> None:
     setup(project, "slow")
     first = project.start("run-now", "f", env={"MB_SLEEP": "0.2"})
