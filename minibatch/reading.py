@@ -211,7 +211,9 @@ def sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
     would expand `[`, `*` and `?` in a file's name as a glob, and a path may change under us."""
     from duckdb import ColumnExpression, IOException
 
-    if job.input_schema and any(name == "file_row_number" for name, _ in json.loads(job.input_schema)):
+    if job.input_schema and any(
+        name.lower() == "file_row_number" for name, _ in json.loads(job.input_schema)
+    ):
         return sql_on_table(
             job, read_chunk(chunk, job.columns)
         )  # DuckDB's own column of that name: read here

@@ -54,7 +54,9 @@ def publish_if_needed(
     if missing and sql:  # dead letters skipped, or input that changed under the run
         raise OutputFailed(f"reduce_sql not run: {missing} of {planned} chunks are not done")
     parts = sorted(layout.parts / name for name in outputs.values() if name)
-    key = reduce_key(sql or repr(job.shape), definition, parts)
+    # a reduction is laid out by partition_by (its parts are written whole: the definition does not say)
+    layout_of = f"{sql}\n{job.shape!r}" if sql and job.shape.published else sql or repr(job.shape)
+    key = reduce_key(layout_of, definition, parts)
     then = (previous or "").split("#")  # parts key, what readers saw, the result's rows
     if then[:2] == [key, _seen(layout)]:  # and readers still see what was published
         return None

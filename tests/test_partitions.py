@@ -276,6 +276,22 @@ def test_removing_reduce_sql_recomputes_the_parts_for_the_output(project: Projec
         assert sorted(i for (i,) in seen) == list(range(300))
 
 
+def test_a_reductions_new_partition_by_lays_it_out_anew(project: Project) -> None:
+    """Hostile review: once parts written whole no longer counted partition_by, a reduce job's
+    new partition_by changed nothing: readers of the new layout found nothing, exit 0."""
+    write(project, "a.parquet", range(0, 300), days=2, regions=["eu", "us"])
+    reduce = JOB.replace(
+        'sql = "SELECT * FROM chunk"', 'sql = "SELECT * FROM chunk"\nreduce_sql = "FROM parts"'
+    )
+    for layout, top in (('["day"]', "day"), ('["region"]', "region"), ("[]", "part")):
+        project.write_config(reduce.replace('["day", "region"]', layout))
+        assert project.cli("run-now", "p", "-q").returncode == 0
+        tops = {p.name.partition("=")[0] if "=" in p.name else p.name[:4] for p in project.out("p").iterdir()}
+        assert tops == {top}, layout
+        seen = duckdb.sql(f"SELECT id FROM read_parquet('{project.out('p')}/**/*.parquet')").fetchall()
+        assert sorted(i for (i,) in seen) == list(range(300))
+
+
 def test_an_empty_partitioned_reduction_removes_the_partitions(project: Project) -> None:
     write(project, "a.parquet", range(0, 300))
     reduce = JOB.replace(
