@@ -5,6 +5,7 @@ and a match that cannot be read as a file (a dangling symlink: an unmounted shar
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import os
 import stat
@@ -55,11 +56,14 @@ def find_inputs(
     by_real: dict[str, str] = {}
     missing: list[str] = []
     unreadable: list[str] = []
+    reach: list[tuple[tuple[str, ...], tuple[str, ...]]] = []  # (literal base, glob parts) of each pattern
     fences = [os.path.realpath(d) + os.sep for d in forbidden]
     for pattern in patterns:
         if "**" in pattern:
             _refuse_symlink_loops(glob_root(base_dir, pattern), pattern)
         full = pattern if os.path.isabs(pattern) else os.path.join(glob.escape(str(base_dir)), pattern)
+        base = () if os.path.isabs(pattern) else Path(os.path.abspath(base_dir)).parts
+        reach.append((base, Path(os.path.normpath(pattern)).parts))
         found = sorted(os.path.abspath(p) for p in glob.glob(full, recursive=True))
         kinds = {path: _kind(path) for path in found}
         matches = [path for path, kind in kinds.items() if kind == "file"]
@@ -75,7 +79,8 @@ def find_inputs(
     files = sorted(by_real.values())
     if read is not None:
         unreadable += [f"{path}: cannot be read ({why})" for path in files if (why := _unopenable(path))]
-        unreadable += _unlistable_dirs(set(read) - set(files))
+        gone = [path for path in set(read) - set(files) if any(_could_match(path, *r) for r in reach)]
+        unreadable += _unlistable_dirs(gone)
     return Inputs(files=files, missing=missing, unreadable=sorted(set(unreadable)))
 
 
@@ -89,18 +94,37 @@ def _unopenable(path: str) -> str | None:
 
 
 def _unlistable_dirs(paths: Iterable[str]) -> list[str]:
-    """Directories of `paths` (files earlier runs read that the globs no longer list) that
-    cannot be listed, as "directory: why": glob passes over such a directory in silence, and its
-    files would look removed, their results deleted. A directory that is gone is not one."""
+    """Directories of `paths` (files earlier runs read that the globs could list but do not)
+    that cannot be listed, or are reached through a symlink to nothing (a share unmounted), as
+    "place: why": glob passes over those in silence, and their files would look removed, their
+    results deleted. A directory that is gone is not one."""
     found = []
     for directory in sorted({os.path.dirname(path) for path in paths}):
         try:
             os.scandir(directory).close()
         except (FileNotFoundError, NotADirectoryError):
-            continue
+            for place in [directory, *map(str, Path(directory).parents)]:
+                if os.path.islink(place) and not os.path.exists(place):
+                    found.append(f"{place}: a symlink to {os.readlink(place)}, which cannot be reached")
+                    break
         except OSError as exc:
             found.append(f"{directory}: a directory that cannot be listed ({exc.strerror or exc})")
     return found
+
+
+def _could_match(path: str, base: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Whether glob could list `path` for the pattern, component by component (`**`: any number
+    of directories); the base directory's own name is literal."""
+    parts = Path(path).parts
+    return parts[: len(base)] == base and _match(parts[len(base) :], pattern)
+
+
+def _match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(parts[1:], pattern[1:])
 
 
 def _kind(path: str) -> str:

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from minibatch.inputs import _could_match, find_inputs
 from minibatch.planner import InputUnreadable, plan_chunks, read_file_meta, scan_inputs
 from minibatch.reading import read_chunk, release_held, sql_on_file
 from minibatch.states import ErrorKind
@@ -680,6 +681,69 @@ def test_an_io_error_reading_an_input_is_the_machines_fault_not_a_dead_letter(
     healed = project.cli("run-now", "ident")
     assert healed.returncode == 0, said(healed)
     assert ids_of(project, "ident") == list(range(600))
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root ignores file modes")
+def test_a_directory_no_glob_reaches_any_more_may_be_unreadable(project: Project) -> None:
+    """Hostile review: a glob moved to another directory, the old one locked away: every run,
+    --fresh too, was refused for a directory that was no longer input."""
+    for place, first in (("old", 0), ("new", 300)):
+        (project.data / place).mkdir(parents=True)
+        project.write_input(f"{place}/x.parquet", first, 300)
+    project.write_config(MAP.replace('"data/*.parquet"', '"data/old/*.parquet"'))
+    assert as_a_user(project, "run-now", "ident").returncode == 0
+    project.write_config(MAP.replace('"data/*.parquet"', '"data/new/*.parquet"'))
+    (project.data / "old").chmod(0)
+    try:
+        result = as_a_user(project, "run-now", "ident")
+    finally:
+        (project.data / "old").chmod(0o755)
+    assert result.returncode == 0, said(result)
+    assert ids_of(project, "ident") == list(range(300, 600))
+
+
+def test_a_directory_symlink_to_a_share_gone_keeps_its_files_results(project: Project) -> None:
+    """Hostile review: data/share -> a share, unmounted: its files looked removed, their
+    results were deleted, exit 0 (a file symlink in the same state fails the run)."""
+    share = project.root / "mnt" / "share"
+    share.mkdir(parents=True)
+    (project.data / "local").mkdir(parents=True)
+    project.write_input("local/x.parquet", 0, 300)
+    (project.data / "share").symlink_to(share)
+    project.write_input("share/y.parquet", 300, 300)
+    project.write_config(MAP.replace('"data/*.parquet"', '"data/*/*.parquet"'))
+    assert project.cli("run-now", "ident").returncode == 0
+    before = snapshot(project.out("ident"))
+    share.rename(project.root / "mnt" / "away")  # unmounted
+    result = project.cli("run-now", "ident")
+    assert result.returncode == 1, said(result)
+    assert f"{project.data / 'share'}: a symlink to {share}, which cannot be reached" in said(result)
+    assert snapshot(project.out("ident")) == before
+    (project.root / "mnt" / "away").rename(share)
+    shutil.rmtree(project.data / "local")  # removed for real: its results go
+    assert project.cli("run-now", "ident").returncode == 0
+    assert ids_of(project, "ident") == list(range(300, 600))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "listed"),
+    [
+        ("*/*.parquet", {"a/x.parquet", "b/y.parquet"}),
+        ("**/*.parquet", {"top.parquet", "a/x.parquet", "b/y.parquet", "b/c/z.parquet"}),
+        ("b/**", {"b/y.parquet", "b/c/z.parquet"}),
+        ("*.parquet", {"top.parquet"}),
+    ],
+)
+def test_what_a_glob_could_list_is_what_it_lists(tmp_path: Path, pattern: str, listed: set[str]) -> None:
+    base = tmp_path / "[x]"  # the base directory's name is not a pattern
+    for name in ("top.parquet", "a/x.parquet", "b/y.parquet", "b/c/z.parquet"):
+        (base / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / name).write_bytes(b"")
+    found = {str(Path(p).relative_to(base)) for p in find_inputs(base, [pattern]).files}
+    assert found == listed
+    reach = (Path(os.path.abspath(base)).parts, Path(pattern).parts)
+    everything = ("top.parquet", "a/x.parquet", "b/y.parquet", "b/c/z.parquet")
+    assert {name for name in everything if _could_match(str(base / name), *reach)} == listed
 
 
 def test_a_file_that_cannot_be_opened_while_planning_is_not_a_bad_file(tmp_path: Path) -> None:
