@@ -132,7 +132,8 @@ def check_inputs(config: Config) -> list[str]:
         if problem := layout.not_a_directory():
             errors.append(f"jobs.{job.name}.output: {problem}")
         try:
-            found = find_inputs(config.base_dir, job.inputs, [layout.output, layout.parts, layout.staging])
+            forbidden = [layout.output, layout.parts, layout.staging]
+            found = find_inputs(config.base_dir, job.inputs, forbidden, read=())  # each file opened too
         except InputError as exc:
             errors.append(f"jobs.{job.name}.input: {exc}")
             continue

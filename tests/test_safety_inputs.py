@@ -594,6 +594,8 @@ def test_an_input_that_cannot_be_opened_keeps_its_results_and_fails_every_run(pr
             assert "a.parquet: cannot be read (Permission denied)" in said(result)
             assert "nothing was deleted" in said(result)
             assert snapshot(project.out("ident")) == before
+        check = as_a_user(project, "validate")
+        assert "a.parquet: cannot be read (Permission denied) (a run would fail)" in said(check), said(check)
         fresh = as_a_user(project, "run-now", "ident", "--fresh")  # it said so, and had deleted all
         assert fresh.returncode == 1 and snapshot(project.out("ident")) == before, said(fresh)
     finally:
