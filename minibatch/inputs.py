@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import glob
+import itertools
 import os
 import stat
 from collections.abc import Iterable, Sequence
@@ -62,8 +63,7 @@ def find_inputs(
         if "**" in pattern:
             _refuse_symlink_loops(glob_root(base_dir, pattern), pattern)
         full = pattern if os.path.isabs(pattern) else os.path.join(glob.escape(str(base_dir)), pattern)
-        base = () if os.path.isabs(pattern) else Path(os.path.abspath(base_dir)).parts
-        reach.append((base, Path(os.path.normpath(pattern)).parts))
+        reach.append(reach_of(base_dir, pattern))
         found = sorted(os.path.abspath(p) for p in glob.glob(full, recursive=True))
         kinds = {path: _kind(path) for path in found}
         matches = [path for path, kind in kinds.items() if kind == "file"]
@@ -79,7 +79,7 @@ def find_inputs(
     files = sorted(by_real.values())
     if read is not None:
         unreadable += [f"{path}: cannot be read ({why})" for path in files if (why := _unopenable(path))]
-        gone = [path for path in set(read) - set(files) if any(_could_match(path, *r) for r in reach)]
+        gone = {path: roots for path in set(read) - set(files) if (roots := _reached_from(path, reach))}
         unreadable += _unlistable_dirs(gone)
     return Inputs(files=files, missing=missing, unreadable=sorted(set(unreadable)))
 
@@ -93,28 +93,58 @@ def _unopenable(path: str) -> str | None:
     return None
 
 
-def _unlistable_dirs(paths: Iterable[str]) -> list[str]:
-    """Directories of `paths` (files earlier runs read that the globs could list but do not)
-    that cannot be listed, or are reached through a symlink to nothing (a share unmounted), as
-    "place: why": glob passes over those in silence, and their files would look removed, their
-    results deleted. A directory that is gone is not one."""
-    found = []
-    for directory in sorted({os.path.dirname(path) for path in paths}):
-        try:
-            os.scandir(directory).close()
-        except (FileNotFoundError, NotADirectoryError):
-            for place in [directory, *map(str, Path(directory).parents)]:
-                if os.path.islink(place) and not os.path.exists(place):
-                    found.append(f"{place}: a symlink to {os.readlink(place)}, which cannot be reached")
+def _unlistable_dirs(gone: dict[str, list[Path]]) -> list[str]:
+    """For files earlier runs read that the globs could list but do not (each with the literal
+    roots of the globs that could), the directories on the way from a root that cannot be
+    listed, or that are a symlink to nothing (a share unmounted), as "place: why": glob passes
+    over those in silence, and the files would look removed, their results deleted. A directory
+    that is gone is not one."""
+    found: dict[str, str] = {}
+    for path, roots in gone.items():
+        for root in roots:
+            below = [d for d in Path(path).parents if d == root or root in d.parents]
+            for directory in map(str, reversed(below)):
+                if why := found.get(directory) or _unlistable(directory):
+                    found[directory] = why
                     break
-        except OSError as exc:
-            found.append(f"{directory}: a directory that cannot be listed ({exc.strerror or exc})")
-    return found
+    return sorted(f"{place}: {why}" for place, why in found.items())
+
+
+def _unlistable(directory: str) -> str | None:
+    try:
+        os.scandir(directory).close()
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(directory) and not os.path.exists(directory):
+            return f"a symlink to {os.readlink(directory)}, which cannot be reached"
+    except OSError as exc:
+        return f"a directory that cannot be listed ({exc.strerror or exc})"
+    return None
+
+
+def reach_of(base_dir: Path, pattern: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the literal directory a pattern starts from, as path parts; the pattern's parts below it)."""
+    parts = Path(os.path.normpath(pattern)).parts
+    if os.path.isabs(pattern):
+        return (), parts
+    up = len(list(itertools.takewhile(lambda part: part == "..", parts)))  # `../landing/*`
+    base = Path(os.path.abspath(base_dir)).parts
+    return base[: max(1, len(base) - up)], parts[up:]
+
+
+def _reached_from(path: str, reach: list[tuple[tuple[str, ...], tuple[str, ...]]]) -> list[Path]:
+    """The literal roots (the directories before the first wildcard) of the patterns that could
+    list `path`."""
+    roots = []
+    for base, pattern in reach:
+        if _could_match(path, base, pattern):
+            literal = list(itertools.takewhile(lambda part: not glob.has_magic(part), pattern[:-1]))
+            roots.append(Path(*base, *literal) if base or literal else Path(path).parent)
+    return roots
 
 
 def _could_match(path: str, base: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
     """Whether glob could list `path` for the pattern, component by component (`**`: any number
-    of directories); the base directory's own name is literal."""
+    of directories; wildcards pass over hidden names, as glob's do); the base is literal."""
     parts = Path(path).parts
     return parts[: len(base)] == base and _match(parts[len(base) :], pattern)
 
@@ -123,8 +153,14 @@ def _match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
     if not pattern:
         return not parts
     if pattern[0] == "**":
-        return any(_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(parts[1:], pattern[1:])
+        visible = itertools.takewhile(  # the directories `**` passes: none hidden
+            lambda i: i == 0 or not parts[i - 1].startswith("."), range(len(parts) + 1)
+        )
+        return any(_match(parts[i:], pattern[1:]) for i in visible)
+    if not parts or not fnmatch.fnmatchcase(parts[0], pattern[0]):
+        return False
+    hidden = parts[0].startswith(".") and glob.has_magic(pattern[0]) and not pattern[0].startswith(".")
+    return not hidden and _match(parts[1:], pattern[1:])
 
 
 def _kind(path: str) -> str:

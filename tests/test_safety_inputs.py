@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minibatch.inputs import _could_match, find_inputs
+from minibatch.inputs import _could_match, find_inputs, reach_of
 from minibatch.planner import InputUnreadable, plan_chunks, read_file_meta, scan_inputs
 from minibatch.reading import read_chunk, release_held, sql_on_file
 from minibatch.states import ErrorKind
@@ -686,6 +686,28 @@ def test_an_io_error_reading_an_input_is_the_machines_fault_not_a_dead_letter(
 
 
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root ignores file modes")
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root ignores file modes")
+def test_a_directory_above_an_input_that_may_be_entered_not_listed_keeps_its_results(
+    project: Project,
+) -> None:
+    """Hostile review: under `**`, data/a made enter-only (0111): glob could not list it and
+    passed over data/a/b; only data/a/b was checked, so y.parquet's results went, exit 0."""
+    project.write_config(MAP.replace('"data/*.parquet"', '"data/**/*.parquet"'))
+    (project.data / "a" / "b").mkdir(parents=True)
+    project.write_input("x.parquet", 0, 300)
+    project.write_input("a/b/y.parquet", 300, 300)
+    assert as_a_user(project, "run-now", "ident").returncode == 0
+    before = snapshot(project.out("ident"))
+    (project.data / "a").chmod(0o111)
+    try:
+        result = as_a_user(project, "run-now", "ident")
+    finally:
+        (project.data / "a").chmod(0o755)
+    assert result.returncode == 1, said(result)
+    assert f"{project.data / 'a'}: a directory that cannot be listed" in said(result)
+    assert snapshot(project.out("ident")) == before
+
+
 def test_a_directory_no_glob_reaches_any_more_may_be_unreadable(project: Project) -> None:
     """Hostile review: a glob moved to another directory, the old one locked away: every run,
     --fresh too, was refused for a directory that was no longer input."""
@@ -734,18 +756,26 @@ def test_a_directory_symlink_to_a_share_gone_keeps_its_files_results(project: Pr
         ("**/*.parquet", {"top.parquet", "a/x.parquet", "b/y.parquet", "b/c/z.parquet"}),
         ("b/**", {"b/y.parquet", "b/c/z.parquet"}),
         ("*.parquet", {"top.parquet"}),
+        ("*/.h/*.parquet", {"a/.h/v.parquet"}),
+        ("../[[]x]/b/*.parquet", {"b/y.parquet"}),  # reaching out of the base, back into it
     ],
 )
 def test_what_a_glob_could_list_is_what_it_lists(tmp_path: Path, pattern: str, listed: set[str]) -> None:
     base = tmp_path / "[x]"  # the base directory's name is not a pattern
-    for name in ("top.parquet", "a/x.parquet", "b/y.parquet", "b/c/z.parquet"):
+    everything = (
+        "top.parquet",
+        "a/x.parquet",
+        "b/y.parquet",
+        "b/c/z.parquet",
+        ".h/w.parquet",
+        "a/.h/v.parquet",
+    )
+    for name in everything:  # (glob's wildcards, `**` too, pass over hidden names)
         (base / name).parent.mkdir(parents=True, exist_ok=True)
         (base / name).write_bytes(b"")
     found = {str(Path(p).relative_to(base)) for p in find_inputs(base, [pattern]).files}
     assert found == listed
-    reach = (Path(os.path.abspath(base)).parts, Path(pattern).parts)
-    everything = ("top.parquet", "a/x.parquet", "b/y.parquet", "b/c/z.parquet")
-    assert {name for name in everything if _could_match(str(base / name), *reach)} == listed
+    assert {name for name in everything if _could_match(str(base / name), *reach_of(base, pattern))} == listed
 
 
 def test_a_file_that_cannot_be_opened_while_planning_is_not_a_bad_file(tmp_path: Path) -> None:
