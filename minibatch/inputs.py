@@ -53,7 +53,7 @@ def find_inputs(
     are one input). Raises InputError for a symlink loop under `**` and for a file inside one
     of the `forbidden` directories (the job's own output) reached through a symlink. With `read`
     (a run's check: the files earlier runs read), a file that cannot be opened is unreadable, and
-    so is the directory of one read before that no glob lists, if it cannot be listed."""
+    so is a directory on the way to one read before that the globs could list but do not."""
     by_real: dict[str, str] = {}
     missing: list[str] = []
     unreadable: list[str] = []

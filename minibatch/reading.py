@@ -211,12 +211,9 @@ def sql_on_file(job: JobSpec, chunk: Chunk) -> pa.Table:
     would expand `[`, `*` and `?` in a file's name as a glob, and a path may change under us."""
     from duckdb import ColumnExpression, IOException
 
-    if job.input_schema and any(
-        name.lower() == "file_row_number" for name, _ in json.loads(job.input_schema)
-    ):
-        return sql_on_table(
-            job, read_chunk(chunk, job.columns)
-        )  # DuckDB's own column of that name: read here
+    lowered = (name.lower() for name, _ in json.loads(job.input_schema or "[]"))
+    if "file_row_number" in lowered:  # the name of DuckDB's own row numbers, which pick the chunk's rows
+        return sql_on_table(job, read_chunk(chunk, job.columns))
     held = _local.sql = getattr(_local, "sql", None) or _HeldInput()
     fd = held.open(chunk)
     before = os.fstat(fd)
