@@ -79,7 +79,7 @@ def find_inputs(
     files = sorted(by_real.values())
     if read is not None:
         unreadable += [f"{path}: cannot be read ({why})" for path in files if (why := _unopenable(path))]
-        gone = {path: roots for path in set(read) - set(files) if (roots := _reached_from(path, reach))}
+        gone = {path: way for path in set(read) - set(files) if (way := _way(path, reach))}
         unreadable += _unlistable_dirs(gone)
     return Inputs(files=files, missing=missing, unreadable=sorted(set(unreadable)))
 
@@ -93,31 +93,33 @@ def _unopenable(path: str) -> str | None:
     return None
 
 
-def _unlistable_dirs(gone: dict[str, list[Path]]) -> list[str]:
-    """For files earlier runs read that the globs could list but do not (each with the literal
-    roots of the globs that could), the directories on the way from a root that cannot be
-    listed, or that are a symlink to nothing (a share unmounted), as "place: why": glob passes
-    over those in silence, and the files would look removed, their results deleted. A directory
+def _unlistable_dirs(gone: dict[str, list[tuple[str, str, bool]]]) -> list[str]:
+    """For files earlier runs read that the globs could list but do not (each with its way down
+    from where the pattern starts: directory, the next name, whether glob lists the directory
+    or only passes through it), the first directory on the way that cannot be listed (or passed
+    through), or is a symlink to nothing (a share unmounted), as "place: why": glob passes over
+    those in silence, and the files would look removed, their results deleted. A directory
     that is gone is not one."""
     found: dict[str, str] = {}
-    for path, roots in gone.items():
-        for root in roots:
-            below = [d for d in Path(path).parents if d == root or root in d.parents]
-            for directory in map(str, reversed(below)):
-                if why := found.get(directory) or _unlistable(directory):
-                    found[directory] = why
-                    break
+    for way in gone.values():
+        for directory, child, listed in way:
+            if why := found.get(directory) or _unreachable(directory, child, listed):
+                found[directory] = why
+                break
     return sorted(f"{place}: {why}" for place, why in found.items())
 
 
-def _unlistable(directory: str) -> str | None:
+def _unreachable(directory: str, child: str, listed: bool) -> str | None:
     try:
-        os.scandir(directory).close()
+        if listed:
+            os.scandir(directory).close()
+        else:  # a name after it is literal: glob only needs to enter it (a home directory's 0711)
+            os.stat(os.path.join(directory, child))
     except (FileNotFoundError, NotADirectoryError):
         if os.path.islink(directory) and not os.path.exists(directory):
             return f"a symlink to {os.readlink(directory)}, which cannot be reached"
     except OSError as exc:
-        return f"a directory that cannot be listed ({exc.strerror or exc})"
+        return f"a directory that cannot be {'listed' if listed else 'entered'} ({exc.strerror or exc})"
     return None
 
 
@@ -131,36 +133,47 @@ def reach_of(base_dir: Path, pattern: str) -> tuple[tuple[str, ...], tuple[str, 
     return base[: max(1, len(base) - up)], parts[up:]
 
 
-def _reached_from(path: str, reach: list[tuple[tuple[str, ...], tuple[str, ...]]]) -> list[Path]:
-    """The literal roots (the directories before the first wildcard) of the patterns that could
-    list `path`."""
-    roots = []
+def _way(path: str, reach: list[tuple[tuple[str, ...], tuple[str, ...]]]) -> list[tuple[str, str, bool]]:
+    """The way glob would go down to `path` for the first pattern that could list it: each
+    directory from where the pattern starts, the next name, and whether glob lists it."""
+    parts = Path(path).parts
     for base, pattern in reach:
-        if _could_match(path, base, pattern):
-            literal = list(itertools.takewhile(lambda part: not glob.has_magic(part), pattern[:-1]))
-            roots.append(Path(*base, *literal) if base or literal else Path(path).parent)
-    return roots
+        listed = _listed(parts[len(base) :], pattern) if parts[: len(base)] == base else None
+        if listed is not None:
+            return [
+                (str(Path(*parts[:i])), parts[i], i - len(base) in listed)
+                for i in range(max(len(base), 1), len(parts))  # (an absolute pattern starts at "/")
+            ]
+    return []
 
 
 def _could_match(path: str, base: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
     """Whether glob could list `path` for the pattern, component by component (`**`: any number
     of directories; wildcards pass over hidden names, as glob's do); the base is literal."""
     parts = Path(path).parts
-    return parts[: len(base)] == base and _match(parts[len(base) :], pattern)
+    return parts[: len(base)] == base and _listed(parts[len(base) :], pattern) is not None
 
 
-def _match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+def _listed(parts: tuple[str, ...], pattern: tuple[str, ...], depth: int = 0) -> tuple[int, ...] | None:
+    """None if glob could not list `parts` for `pattern`; else the depths of the directories on
+    the way (0: where the pattern starts) that it lists, rather than only passes through."""
     if not pattern:
-        return not parts
+        return None if parts else ()
     if pattern[0] == "**":
         visible = itertools.takewhile(  # the directories `**` passes: none hidden
             lambda i: i == 0 or not parts[i - 1].startswith("."), range(len(parts) + 1)
         )
-        return any(_match(parts[i:], pattern[1:]) for i in visible)
+        for i in visible:
+            if (rest := _listed(parts[i:], pattern[1:], depth + i)) is not None:
+                return (*range(depth, depth + i + 1), *rest)
+        return None
     if not parts or not fnmatch.fnmatchcase(parts[0], pattern[0]):
-        return False
-    hidden = parts[0].startswith(".") and glob.has_magic(pattern[0]) and not pattern[0].startswith(".")
-    return not hidden and _match(parts[1:], pattern[1:])
+        return None
+    magic = glob.has_magic(pattern[0])
+    if magic and parts[0].startswith(".") and not pattern[0].startswith("."):
+        return None
+    rest = _listed(parts[1:], pattern[1:], depth + 1)
+    return None if rest is None else ((depth,) if magic else ()) + rest
 
 
 def _kind(path: str) -> str:

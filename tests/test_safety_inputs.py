@@ -708,6 +708,27 @@ def test_a_directory_above_an_input_that_may_be_entered_not_listed_keeps_its_res
     assert snapshot(project.out("ident")) == before
 
 
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root ignores file modes")
+def test_a_directory_glob_only_passes_through_may_be_enter_only(project: Project) -> None:
+    """Hostile review: `data/*/exports/*.parquet` with data/alice enter-only (0711, a home
+    directory): glob passes through it to the literal `exports`; a file removed there on
+    purpose made every run, --fresh too, refuse data/alice as a directory it cannot list."""
+    project.write_config(MAP.replace('"data/*.parquet"', '"data/*/exports/*.parquet"'))
+    for who, first in (("alice", 0), ("bob", 300)):
+        (project.data / who / "exports").mkdir(parents=True)
+        project.write_input(f"{who}/exports/x.parquet", first, 300)
+    project.write_input("alice/exports/y.parquet", 600, 300)
+    assert as_a_user(project, "run-now", "ident").returncode == 0
+    (project.data / "alice" / "exports" / "y.parquet").unlink()  # removed on purpose
+    (project.data / "alice").chmod(0o111)
+    try:
+        result = as_a_user(project, "run-now", "ident")
+    finally:
+        (project.data / "alice").chmod(0o755)
+    assert result.returncode == 0, said(result)
+    assert ids_of(project, "ident") == list(range(600))
+
+
 def test_a_directory_no_glob_reaches_any_more_may_be_unreadable(project: Project) -> None:
     """Hostile review: a glob moved to another directory, the old one locked away: every run,
     --fresh too, was refused for a directory that was no longer input."""
