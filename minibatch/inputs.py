@@ -62,8 +62,10 @@ def find_inputs(
     for pattern in patterns:
         if "**" in pattern:
             _refuse_symlink_loops(glob_root(base_dir, pattern), pattern)
-        full = pattern if os.path.isabs(pattern) else os.path.join(glob.escape(str(base_dir)), pattern)
-        reach.append(reach_of(base_dir, pattern))
+        # `..` is the OS's parent of the real directory (a config directory reached by a symlink)
+        base = Path(os.path.realpath(base_dir)) if ".." in Path(pattern).parts else base_dir
+        full = pattern if os.path.isabs(pattern) else os.path.join(glob.escape(str(base)), pattern)
+        reach.append(reach_of(base, pattern))
         found = sorted(os.path.abspath(p) for p in glob.glob(full, recursive=True))
         kinds = {path: _kind(path) for path in found}
         matches = [path for path, kind in kinds.items() if kind == "file"]

@@ -729,6 +729,17 @@ def test_a_directory_glob_only_passes_through_may_be_enter_only(project: Project
     assert ids_of(project, "ident") == list(range(600))
 
 
+def test_a_dotdot_glob_from_a_config_directory_reached_by_a_symlink(tmp_path: Path) -> None:
+    """Hostile review: glob resolves `..` on disk, minibatch's paths did so by text: from a
+    config directory that is a symlink, every input was "No such file", on the first run."""
+    (tmp_path / "deploy" / "etl").mkdir(parents=True)
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "etl").symlink_to(tmp_path / "deploy" / "etl")
+    write_ids(tmp_path / "deploy" / "landing" / "a.parquet", range(3))
+    found = find_inputs(tmp_path / "jobs" / "etl", ["../landing/*.parquet"], read=())
+    assert found.files == [str(tmp_path / "deploy" / "landing" / "a.parquet")] and not found.unreadable
+
+
 def test_a_directory_no_glob_reaches_any_more_may_be_unreadable(project: Project) -> None:
     """Hostile review: a glob moved to another directory, the old one locked away: every run,
     --fresh too, was refused for a directory that was no longer input."""
