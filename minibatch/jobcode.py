@@ -106,7 +106,7 @@ def definition(
         loaded = getattr(module, "__file__", None)
         source = Path(loaded) if loaded else None
         source = source or (files[-1] if files else None)
-        facts["source"] = _digest(source.read_bytes()) if source and source.is_file() else None
+        facts["source"] = source_digest(str(source) if source else None)
     key = _digest(json.dumps(facts, sort_keys=True).encode())
     return key, facts
 
