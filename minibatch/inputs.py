@@ -62,8 +62,7 @@ def find_inputs(
     for pattern in patterns:
         if "**" in pattern:
             _refuse_symlink_loops(glob_root(base_dir, pattern), pattern)
-        # `..` is the OS's parent of the real directory (a config directory reached by a symlink)
-        base = Path(os.path.realpath(base_dir)) if ".." in Path(pattern).parts else base_dir
+        base = _dotdot_base(base_dir, pattern)
         full = pattern if os.path.isabs(pattern) else os.path.join(glob.escape(str(base)), pattern)
         reach.append(reach_of(base, pattern))
         found = sorted(os.path.abspath(p) for p in glob.glob(full, recursive=True))
@@ -84,6 +83,21 @@ def find_inputs(
         gone = {path: way for path in set(read) - set(files) if (way := _way(path, reach))}
         unreadable += _unlistable_dirs(gone)
     return Inputs(files=files, missing=missing, unreadable=sorted(set(unreadable)))
+
+
+def _dotdot_base(base_dir: Path, pattern: str) -> Path:
+    """Where a relative pattern's `..` leads is the OS's parent of the real directory; paths are
+    spelled from the config's directory as given, unless that leads elsewhere (a config
+    directory reached through a symlink: every input was "No such file")."""
+    up = list(itertools.takewhile(lambda part: part == "..", Path(os.path.normpath(pattern)).parts))
+    if not up or os.path.isabs(pattern):
+        return base_dir
+    said = os.path.abspath(os.path.join(base_dir, *up))  # how paths are spelled: `..` by text
+    return (
+        base_dir
+        if os.path.realpath(said) == os.path.realpath(os.path.join(base_dir, *up))
+        else Path(os.path.realpath(base_dir))
+    )
 
 
 def _unopenable(path: str) -> str | None:

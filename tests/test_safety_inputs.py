@@ -738,6 +738,9 @@ def test_a_dotdot_glob_from_a_config_directory_reached_by_a_symlink(tmp_path: Pa
     write_ids(tmp_path / "deploy" / "landing" / "a.parquet", range(3))
     found = find_inputs(tmp_path / "jobs" / "etl", ["../landing/*.parquet"], read=())
     assert found.files == [str(tmp_path / "deploy" / "landing" / "a.parquet")] and not found.unreadable
+    (tmp_path / "link").symlink_to(tmp_path / "deploy")  # a symlink above the config directory:
+    found = find_inputs(tmp_path / "link" / "etl", ["../landing/*.parquet"])  # paths spelled as before
+    assert found.files == [str(tmp_path / "link" / "landing" / "a.parquet")]
 
 
 def test_a_directory_no_glob_reaches_any_more_may_be_unreadable(project: Project) -> None:
