@@ -62,10 +62,9 @@ def find_inputs(
     for pattern in patterns:
         if "**" in pattern:
             _refuse_symlink_loops(glob_root(base_dir, pattern), pattern)
-        base = _dotdot_base(base_dir, pattern)
-        full = pattern if os.path.isabs(pattern) else os.path.join(glob.escape(str(base)), pattern)
-        reach.append(reach_of(base, pattern))
-        found = sorted(os.path.abspath(p) for p in glob.glob(full, recursive=True))
+        full = pattern if os.path.isabs(pattern) else os.path.join(glob.escape(str(base_dir)), pattern)
+        reach.append(reach_of(base_dir, pattern))
+        found = sorted(_spelled(p) for p in glob.glob(full, recursive=True))
         kinds = {path: _kind(path) for path in found}
         matches = [path for path, kind in kinds.items() if kind == "file"]
         bad = [f"{path}: {kind}" for path, kind in kinds.items() if kind not in ("file", "directory")]
@@ -85,19 +84,15 @@ def find_inputs(
     return Inputs(files=files, missing=missing, unreadable=sorted(set(unreadable)))
 
 
-def _dotdot_base(base_dir: Path, pattern: str) -> Path:
-    """Where a relative pattern's `..` leads is the OS's parent of the real directory; paths are
-    spelled from the config's directory as given, unless that leads elsewhere (a config
-    directory reached through a symlink: every input was "No such file")."""
-    up = list(itertools.takewhile(lambda part: part == "..", Path(os.path.normpath(pattern)).parts))
-    if not up or os.path.isabs(pattern):
-        return base_dir
-    said = os.path.abspath(os.path.join(base_dir, *up))  # how paths are spelled: `..` by text
-    return (
-        base_dir
-        if os.path.realpath(said) == os.path.realpath(os.path.join(base_dir, *up))
-        else Path(os.path.realpath(base_dir))
-    )
+def _spelled(path: str) -> str:
+    """A path glob found, absolute, its `..` taken as text (as paths always were spelled) unless
+    that names another file: glob's `..` is the OS's parent of the real directory (a config
+    directory reached through a symlink), so the part before it is resolved."""
+    text = os.path.abspath(path)
+    if ".." not in Path(path).parts or os.path.realpath(text) == os.path.realpath(path):
+        return text
+    head, _, tail = path.rpartition(f"{os.sep}..{os.sep}")
+    return os.path.join(os.path.realpath(f"{head}{os.sep}.."), tail)
 
 
 def _unopenable(path: str) -> str | None:
