@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minibatch.config import ConfigError, load_config, parse_config
-from minibatch.crossjob import _clashes, _overlap
+from minibatch.crossjob import _clashes
+from minibatch.layout import OutputLayout, default_held
 from minibatch.schedule import next_fire_times, parse_crontab
 from minibatch.validate import check_imports
 
@@ -667,6 +668,17 @@ def _one_job(name: str, output: str, quarantine: str | None, reduce: bool):
         + ('reduce_sql = "FROM parts"\n' if reduce else "")
     )
     return _parse(job.replace("[jobs.a]", f"[jobs.{name}]")).jobs[name]
+
+
+def _overlap(one, two) -> bool:
+    """The rule, pair by pair, as minibatch checked it before _clashes: the oracle."""
+    mine, theirs = (OutputLayout.of(job) for job in (one, two))
+    pairs = [(mine.output, theirs.output)]
+    mine_held, theirs_held = ([*x.held, *default_held(x.output)] for x in (mine, theirs))
+    pairs += [(mine.output, d) for d in (theirs.staging, theirs.parts, *theirs_held)]
+    pairs += [(theirs.output, d) for d in (mine.staging, mine.parts, *mine_held)]
+    pairs += [(d, e) for d in mine_held for e in theirs_held]
+    return any(a == b or a in b.parents or b in a.parents for a, b in pairs)
 
 
 @settings(max_examples=60, deadline=None)
