@@ -158,16 +158,10 @@ def _way(path: str, reach: list[tuple[tuple[str, ...], tuple[str, ...]]]) -> lis
     return []
 
 
-def _could_match(path: str, base: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
-    """Whether glob could list `path` for the pattern, component by component (`**`: any number
-    of directories; wildcards pass over hidden names, as glob's do); the base is literal."""
-    parts = Path(path).parts
-    return parts[: len(base)] == base and _listed(parts[len(base) :], pattern) is not None
-
-
 def _listed(parts: tuple[str, ...], pattern: tuple[str, ...], depth: int = 0) -> tuple[int, ...] | None:
-    """None if glob could not list `parts` for `pattern`; else the depths of the directories on
-    the way (0: where the pattern starts) that it lists, rather than only passes through."""
+    """None if glob could not list `parts` for `pattern` (component by component; `**`: any number
+    of directories; wildcards pass over hidden names, as glob's do); else the depths of the
+    directories on the way (0: where the pattern starts) that it lists, not only passes through."""
     if not pattern:
         return None if parts else ()
     if pattern[0] == "**":
