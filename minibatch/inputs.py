@@ -24,6 +24,7 @@ class Inputs:
     files: list[str]  # absolute, sorted, each real file once
     missing: list[str]  # patterns that matched no file
     unreadable: list[str] = field(default_factory=list)  # "path: why", matches that are not files
+    mounts: list[str] = field(default_factory=list)  # mount points above the files (a run's check)
 
 
 def expand_inputs(base_dir: Path, patterns: Iterable[str]) -> list[str]:
@@ -47,13 +48,19 @@ def input_signature(base_dir: Path, patterns: Iterable[str]) -> tuple[tuple[str,
 
 
 def find_inputs(
-    base_dir: Path, patterns: Iterable[str], forbidden: Sequence[Path] = (), read: Iterable[str] | None = None
+    base_dir: Path,
+    patterns: Iterable[str],
+    forbidden: Sequence[Path] = (),
+    read: Iterable[str] | None = None,
+    mounts: Iterable[str] = (),
 ) -> Inputs:
     """The files the globs match, each real file once (two paths to one file through a symlink
     are one input). Raises InputError for a symlink loop under `**` and for a file inside one
     of the `forbidden` directories (the job's own output) reached through a symlink. With `read`
     (a run's check: the files earlier runs read), a file that cannot be opened is unreadable, and
-    so is a directory on the way to one read before that the globs could list but do not."""
+    so is a directory on the way to one read before that the globs could list but do not, and a
+    directory that was a mount point above it (`mounts`, as the last run found them) and is not
+    one now: an unmounted share's mount point is an empty directory, its files would look removed."""
     by_real: dict[str, str] = {}
     missing: list[str] = []
     unreadable: list[str] = []
@@ -80,8 +87,35 @@ def find_inputs(
     if read is not None:
         unreadable += [f"{path}: cannot be read ({why})" for path in files if (why := _unopenable(path))]
         gone = {path: way for path in set(read) - set(files) if (way := _way(path, reach))}
-        unreadable += _unlistable_dirs(gone)
+        unreadable += _unlistable_dirs(gone) + _unmounted(gone, mounts)
+        return Inputs(files, missing, sorted(set(unreadable)), mounts_above(files))
     return Inputs(files=files, missing=missing, unreadable=sorted(set(unreadable)))
+
+
+def mounts_above(files: Iterable[str]) -> list[str]:
+    """The mount points above the files' real directories, the root's aside."""
+    real: dict[str, str] = {}
+    mount: dict[str, bool] = {}
+    for path in files:
+        directory = os.path.dirname(path)
+        if directory not in real:
+            real[directory] = way = os.path.realpath(directory)
+            while way not in mount and way != os.path.dirname(way):  # ("/" is always one)
+                mount[way] = os.path.ismount(way)
+                way = os.path.dirname(way)
+    return sorted(way for way, is_mount in mount.items() if is_mount)
+
+
+def _unmounted(gone: Iterable[str], mounts: Iterable[str]) -> list[str]:
+    """The mount points recorded above files the globs could list but do not that are there, and
+    not mount points: a share unmounted. One that is gone is not one (a share retired with it)."""
+    found = {mount for path in gone for mount in mounts if os.path.realpath(path).startswith(mount + os.sep)}
+    return [
+        f"{mount}: a mount point when the last run read its inputs, and not one now (a share unmounted? "
+        "mount it, or remove the directory if the share is gone for good)"
+        for mount in sorted(found)
+        if os.path.isdir(mount) and not os.path.ismount(mount)
+    ]
 
 
 def _spelled(path: str) -> str:

@@ -154,7 +154,7 @@ FROM chunks WHERE job = $job AND status = $dead ORDER BY file, row_start;
 -- name: is_current
 -- Whether the file has this release's schema (its newest column).
 SELECT 1 FROM duckdb_columns()
-WHERE database_name = current_database() AND table_name = 'runs' AND column_name = 'parts_dir';
+WHERE database_name = current_database() AND table_name = 'runs' AND column_name = 'mounts';
 
 -- name: memory_per_byte
 -- What a job's recent attempts grew (peak minus start RSS) per byte of their estimated size
@@ -244,6 +244,10 @@ SELECT 1 FROM runs WHERE job = $key LIMIT 1;
 -- name: input_files
 -- The input files of the job's recorded chunks.
 SELECT DISTINCT file FROM chunks WHERE job = $key;
+
+-- name: input_mounts
+-- The mount points above the inputs of the latest run that read them (a refused run records none).
+SELECT mounts FROM runs WHERE job = $key AND mounts IS NOT NULL ORDER BY started_at DESC LIMIT 1;
 
 -- name: succeeded_run
 -- The parameter set's latest run succeeded (not one running now, failed or stopped).

@@ -73,6 +73,7 @@ class RunRecord:
     mb_per_second: float | None = None
     settings: str | None = None  # JSON
     parts_dir: str | None = None  # where its chunk results go (the output, or beside it)
+    mounts: str | None = None  # JSON: the mount points above its inputs (a refused run: None)
 
 
 @dataclass

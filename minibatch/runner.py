@@ -8,6 +8,7 @@ lock, and emits `run_ended` after releasing it (hooks listen for that).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -82,10 +83,7 @@ class RunSummary:
 
 
 def run_job(
-    config: Config,
-    name: str,
-    options: RunOptions | None = None,
-    listeners: list[Listener] | None = None,
+    config: Config, name: str, options: RunOptions | None = None, listeners: list[Listener] | None = None
 ) -> RunSummary:
     """Run job `name` now, resuming its checkpoint. Raises JobLocked, ConfigError."""
     options = options or RunOptions()
@@ -166,6 +164,7 @@ class Run:
         inputs = self._check_paths()
         usable = not (inputs.missing or inputs.unreadable or self.lost)  # else it fails, deletes nothing
         self.record.parts_dir = self.record.parts_dir if usable else None  # it writes nowhere
+        self.record.mounts = json.dumps(inputs.mounts) if usable else None
         with self.manifest.session():  # each open of the file costs tens of milliseconds
             state = self._start(usable)
         leftovers = 0 if self.lost else self.layout.prepare()
@@ -212,8 +211,8 @@ class Run:
             if not self.lost:
                 self.layout.claim(self.job.key, self.config.engine.state_dir, ran)
             forbidden = [self.layout.output, self.layout.parts, self.layout.staging]
-            read = {row["file"] for row in self.manifest.named("input_files", key=self.job.key)}
-            return find_inputs(self.config.base_dir, self.job.inputs, forbidden, read)
+            read, mounts = self.manifest.earlier_inputs(self.job.key)
+            return find_inputs(self.config.base_dir, self.job.inputs, forbidden, read, mounts)
         except (OutputNotOwned, InputError) as exc:
             raise ConfigError([f"jobs.{self.job.name}: {exc}"], self.config.path) from None
 

@@ -376,6 +376,7 @@ def test_a_reader_adds_this_releases_columns_to_an_older_manifest_once(path: Pat
         ("attempts", "chunk_size"),
         ("runs", "params"),
         ("runs", "parts_dir"),
+        ("runs", "mounts"),
     )
     for table, column in dropped:
         con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")

@@ -784,6 +784,61 @@ def test_a_directory_symlink_to_a_share_gone_keeps_its_files_results(project: Pr
     assert ids_of(project, "ident") == list(range(300, 600))
 
 
+def in_a_mount_namespace() -> list[str] | None:
+    """The argv prefix of a private mount namespace where this user may mount a tmpfs, if any."""
+    for argv in (
+        ["unshare", "-m", "--propagation", "private"],
+        ["unshare", "-rm", "--propagation", "private"],
+    ):
+        probe = "d=$(mktemp -d) && mount -t tmpfs probe $d && umount $d && rmdir $d"
+        if (
+            shutil.which("unshare")
+            and subprocess.run([*argv, "sh", "-c", probe], capture_output=True).returncode == 0
+        ):
+            return argv
+    return None
+
+
+@pytest.mark.skipif(in_a_mount_namespace() is None, reason="no mount namespace to mount a tmpfs in")
+def test_a_share_mounted_under_a_glob_unmounted_keeps_its_files_results(project: Project) -> None:
+    """Left alone in an earlier session, then fixed: `data/*/*.parquet` with data/b a share's
+    mount point. Unmounted, data/b is an empty directory: its files looked removed, their
+    results were deleted, exit 0. A file removed on the mounted share still has its results go."""
+    project.write_config(MAP.replace('"data/*.parquet"', '"data/*/*.parquet"'))
+    for place in ("a", "b"):
+        (project.data / place).mkdir(parents=True)
+    project.write_input("a/x.parquet", 0, 300)
+    for name, first in (("y", 300), ("z", 600)):
+        project.write_input(f"{name}.parquet", first, 300).rename(project.root / f"{name}.parquet")
+    run = f"{sys.executable} -m minibatch --config {project.root / 'config.toml'} run-now ident"
+    script = f"""
+        cd {project.root}
+        mount -t tmpfs share data/b && cp y.parquet z.parquet data/b/ || exit 9
+        {run} > 1.out 2>&1; echo $? > 1.rc
+        rm data/b/z.parquet  # removed on the share: its results go
+        {run} > 2.out 2>&1; echo $? > 2.rc
+        umount data/b
+        {run} > 3.out 2>&1; echo $? > 3.rc
+    """
+    namespace = in_a_mount_namespace()
+    assert namespace is not None
+    done = subprocess.run([*namespace, "sh", "-c", script], env=project.env(), timeout=300)
+    assert done.returncode == 0
+    outcome = [
+        ((project.root / f"{i}.rc").read_text().strip(), (project.root / f"{i}.out").read_text())
+        for i in (1, 2, 3)
+    ]
+    assert [rc for rc, _ in outcome] == ["0", "0", "1"], outcome
+    assert (
+        f"{project.data / 'b'}: a mount point when the last run read its inputs, and not one now"
+        in outcome[2][1]
+    )
+    assert ids_of(project, "ident") == list(range(600))
+    (project.data / "b").rmdir()  # the share gone for good: its results go
+    assert project.cli("run-now", "ident").returncode == 0
+    assert ids_of(project, "ident") == list(range(300))
+
+
 @pytest.mark.parametrize(
     ("pattern", "listed"),
     [
@@ -1079,3 +1134,22 @@ def test_a_file_replaced_by_one_of_its_size_and_mtime_is_changed_input(
         with pytest.raises(InputChanged, match="changed since it was planned"):
             read(chunk)
     release_held()
+
+
+def test_a_mount_point_recorded_above_a_symlinked_share_is_checked_where_it_resolves(tmp_path: Path) -> None:
+    """data/share -> mnt/share, a mount point (recorded so by the last run), now a bare
+    directory: the share unmounted behind a symlink that still resolves. Removed for good, the
+    mount point's directory gone with it, a share's files' results may go."""
+    mount = tmp_path / "mnt" / "share"
+    write_ids(tmp_path / "data" / "local" / "x.parquet", range(3))
+    mount.mkdir(parents=True)
+    (tmp_path / "data" / "share").symlink_to(mount)
+    gone = str(tmp_path / "data" / "share" / "y.parquet")
+    found = find_inputs(tmp_path, ["data/*/*.parquet"], read={gone}, mounts=[str(mount)])
+    [why] = found.unreadable
+    assert why.startswith(f"{mount}: a mount point when the last run read its inputs, and not one now"), why
+    assert find_inputs(tmp_path, ["data/*/*.parquet"], read={gone}, mounts=["/elsewhere"]).unreadable == []
+    retired = tmp_path / "data" / "b"  # a mount point removed with its share: not refused
+    assert find_inputs(
+        tmp_path, ["data/*/*.parquet"], read={f"{retired}/z.parquet"}, mounts=[str(retired)]
+    ) == (find_inputs(tmp_path, ["data/*/*.parquet"], read=set()))
