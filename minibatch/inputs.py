@@ -175,7 +175,10 @@ def reach_of(base_dir: Path, pattern: str) -> tuple[tuple[str, ...], tuple[str, 
         return (), parts
     up = len(list(itertools.takewhile(lambda part: part == "..", parts)))  # `../landing/*`
     base = Path(os.path.abspath(base_dir)).parts
-    return base[: max(1, len(base) - up)], parts[up:]
+    text, real = base[: max(1, len(base) - up)], os.path.realpath(os.path.join(base_dir, *[".."] * up))
+    if up and os.path.realpath(Path(*text)) != real:  # spelled as `_spelled` spells what glob finds
+        return Path(real).parts, parts[up:]
+    return text, parts[up:]
 
 
 def _way(path: str, reach: list[tuple[tuple[str, ...], tuple[str, ...]]]) -> list[tuple[str, str, bool]]:

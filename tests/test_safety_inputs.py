@@ -1153,3 +1153,22 @@ def test_a_mount_point_recorded_above_a_symlinked_share_is_checked_where_it_reso
     assert find_inputs(
         tmp_path, ["data/*/*.parquet"], read={f"{retired}/z.parquet"}, mounts=[str(retired)]
     ) == (find_inputs(tmp_path, ["data/*/*.parquet"], read=set()))
+
+
+def test_a_dotdot_glob_from_a_symlinked_config_directory_still_checks_what_is_gone(tmp_path: Path) -> None:
+    """Hostile review: with the config directory reached through a symlink (`current ->
+    releases/7`), a `../../data/*/*.parquet` glob's way down was taken from the symlink's text
+    parents, which glob never visits: no earlier input was checked, and a share gone behind a
+    directory symlink lost its results."""
+    (tmp_path / "releases" / "7").mkdir(parents=True)
+    (tmp_path / "current").symlink_to(tmp_path / "releases" / "7")
+    data = tmp_path / "data"
+    write_ids(data / "a" / "x.parquet", range(3))
+    (data / "b").symlink_to(tmp_path / "unmounted")
+    found = find_inputs(
+        tmp_path / "current", ["../../data/*/*.parquet"], read={str(data / "b" / "y.parquet")}
+    )
+    assert found.files == [str(data / "a" / "x.parquet")]
+    assert found.unreadable == [
+        f"{data / 'b'}: a symlink to {tmp_path / 'unmounted'}, which cannot be reached"
+    ]
