@@ -9,6 +9,7 @@ import fnmatch
 import glob
 import itertools
 import os
+import re
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ class Inputs:
     files: list[str]  # absolute, sorted, each real file once
     missing: list[str]  # patterns that matched no file
     unreadable: list[str] = field(default_factory=list)  # "path: why", matches that are not files
-    mounts: list[str] = field(default_factory=list)  # mount points above the files (a run's check)
+    mounts: dict[str, str] = field(default_factory=dict)  # mount points above the files: what is on each
 
 
 def expand_inputs(base_dir: Path, patterns: Iterable[str]) -> list[str]:
@@ -52,15 +53,15 @@ def find_inputs(
     patterns: Iterable[str],
     forbidden: Sequence[Path] = (),
     read: Iterable[str] | None = None,
-    mounts: Iterable[str] = (),
+    mounts: dict[str, str] | None = None,
 ) -> Inputs:
     """The files the globs match, each real file once (two paths to one file through a symlink
     are one input). Raises InputError for a symlink loop under `**` and for a file inside one
     of the `forbidden` directories (the job's own output) reached through a symlink. With `read`
     (a run's check: the files earlier runs read), a file that cannot be opened is unreadable, and
     so is a directory on the way to one read before that the globs could list but do not, and a
-    directory that was a mount point above it (`mounts`, as the last run found them) and is not
-    one now: an unmounted share's mount point is an empty directory, its files would look removed."""
+    mount point above one the globs could list (`mounts`, as the last run found them) that holds
+    something else now: an unmounted share's is an empty directory, its files would look removed."""
     by_real: dict[str, str] = {}
     missing: list[str] = []
     unreadable: list[str] = []
@@ -86,36 +87,62 @@ def find_inputs(
     files = sorted(by_real.values())
     if read is not None:
         unreadable += [f"{path}: cannot be read ({why})" for path in files if (why := _unopenable(path))]
-        gone = {path: way for path in set(read) - set(files) if (way := _way(path, reach))}
-        unreadable += _unlistable_dirs(gone) + _unmounted(gone, mounts)
-        return Inputs(files, missing, sorted(set(unreadable)), mounts_above(files))
+        earlier, table = set(read), mount_table()
+        gone = {path: way for path in earlier - set(files) if (way := _way(path, reach))}
+        unreadable += _unlistable_dirs(gone) + _unmounted([*gone, *earlier & set(files)], mounts or {}, table)
+        return Inputs(files, missing, sorted(set(unreadable)), mounts_above(files, table))
     return Inputs(files=files, missing=missing, unreadable=sorted(set(unreadable)))
 
 
-def mounts_above(files: Iterable[str]) -> list[str]:
-    """The mount points above the files' real directories, the root's aside."""
-    real: dict[str, str] = {}
-    mount: dict[str, bool] = {}
-    for path in files:
-        directory = os.path.dirname(path)
-        if directory not in real:
-            real[directory] = way = os.path.realpath(directory)
-            while way not in mount and way != os.path.dirname(way):  # ("/" is always one)
-                mount[way] = os.path.ismount(way)
-                way = os.path.dirname(way)
-    return sorted(way for way, is_mount in mount.items() if is_mount)
+def mount_table() -> dict[str, str]:
+    """What is mounted where (the top of a stack), from Linux's /proc/self/mountinfo: each mount
+    point but the root, and its source, root within it and type. Elsewhere nothing is known."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text(errors="surrogateescape").splitlines()
+    except OSError:
+        return {}
+    table = {}
+    for line in lines:
+        fields = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), f) for f in line.split()]
+        kind, source = fields[fields.index("-") + 1 :][:2]
+        source = "a device" if source.startswith("/dev/") else source  # (renamed when disks are added)
+        table[fields[4]] = f"{source}{'' if fields[3] == '/' else fields[3]} ({kind})"
+    table.pop("/", None)
+    return table
 
 
-def _unmounted(gone: Iterable[str], mounts: Iterable[str]) -> list[str]:
-    """The mount points recorded above files the globs could list but do not that are there, and
-    not mount points: a share unmounted. One that is gone is not one (a share retired with it)."""
-    found = {mount for path in gone for mount in mounts if os.path.realpath(path).startswith(mount + os.sep)}
+def mounts_above(files: Iterable[str], table: dict[str, str]) -> dict[str, str]:
+    """The mount points above the files (or a file itself, bind-mounted), as spelled and where
+    they resolve, and what is mounted on each."""
+    return {place: table[place] for places in _places(files).values() for place in places if place in table}
+
+
+def _unmounted(files: Iterable[str], recorded: dict[str, str], table: dict[str, str]) -> list[str]:
+    """The mount points the last run recorded above the files that are there and hold something
+    else now: a share unmounted, its mount point a bare directory (or a file bind mount's
+    placeholder), or another filesystem mounted over it. One that is gone was retired with it."""
+    changed = {place for place, was in recorded.items() if table.get(place) != was and os.path.lexists(place)}
+    hit = {place for places in _places(files).values() for place in places & changed} if changed else set()
+    way_out = "if its files now live here, `run-now --fresh` computes everything anew"
     return [
-        f"{mount}: a mount point when the last run read its inputs, and not one now (a share unmounted? "
-        "mount it, or remove the directory if the share is gone for good)"
-        for mount in sorted(found)
-        if os.path.isdir(mount) and not os.path.ismount(mount)
-    ]
+        f"{place}: a mount point of {recorded[place]} when the last run read its inputs, "
+        + (f"{table[place]} now (mount the share again, or, {way_out})" if place in table else
+           f"and not one now (a share unmounted? mount it again; {way_out}; if the share is gone for good, "
+           "remove the empty directory)")
+        for place in sorted(hit)
+    ]  # fmt: skip
+
+
+def _places(files: Iterable[str]) -> dict[str, set[str]]:
+    """Each file, with itself and the directories above it, as spelled and where they resolve."""
+    above: dict[str, set[str]] = {}
+    for directory in {os.path.dirname(path) for path in files}:
+        above[directory] = set()
+        for way in (directory, os.path.realpath(directory)):
+            while way != os.path.dirname(way):
+                above[directory].add(way)
+                way = os.path.dirname(way)
+    return {path: above[os.path.dirname(path)] | {path} for path in files}
 
 
 def _spelled(path: str) -> str:

@@ -319,10 +319,10 @@ class Manifest:
         """A run's chunk attempts in the order they were admitted."""
         return self.named("attempts", read_only=True, run_id=run_id)
 
-    def earlier_inputs(self, key: str) -> tuple[set[str], list[str]]:
+    def earlier_inputs(self, key: str) -> tuple[set[str], dict[str, str]]:
         """The input files of the job's recorded chunks; the mount points above its latest run's inputs."""
         mounts = [json.loads(row["mounts"]) for row in self.named("input_mounts", key=key)]
-        return {row["file"] for row in self.named("input_files", key=key)}, sum(mounts, [])
+        return {row["file"] for row in self.named("input_files", key=key)}, (mounts or [{}])[0]
 
     def dead_letters(self, job: str) -> list[dict[str, Any]]:
         return self.named("dead_letters", read_only=True, job=job, dead=ChunkStatus.DEAD)

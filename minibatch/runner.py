@@ -212,6 +212,7 @@ class Run:
                 self.layout.claim(self.job.key, self.config.engine.state_dir, ran)
             forbidden = [self.layout.output, self.layout.parts, self.layout.staging]
             read, mounts = self.manifest.earlier_inputs(self.job.key)
+            mounts = {} if self.options.fresh else mounts  # (they are of results it computes again)
             return find_inputs(self.config.base_dir, self.job.inputs, forbidden, read, mounts)
         except (OutputNotOwned, InputError) as exc:
             raise ConfigError([f"jobs.{self.job.name}: {exc}"], self.config.path) from None

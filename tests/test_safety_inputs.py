@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from minibatch.inputs import _way, find_inputs, reach_of
+from minibatch.inputs import _unmounted, _way, find_inputs, mounts_above, reach_of
 from minibatch.planner import InputUnreadable, plan_chunks, read_file_meta, scan_inputs
 from minibatch.reading import read_chunk, release_held, sql_on_file
 from minibatch.states import ErrorKind
@@ -803,12 +804,15 @@ def in_a_mount_namespace() -> list[str] | None:
 def test_a_share_mounted_under_a_glob_unmounted_keeps_its_files_results(project: Project) -> None:
     """Left alone in an earlier session, then fixed: `data/*/*.parquet` with data/b a share's
     mount point. Unmounted, data/b is an empty directory: its files looked removed, their
-    results were deleted, exit 0. A file removed on the mounted share still has its results go."""
+    results were deleted, exit 0. Hostile review: a stale file of the same name left in the bare
+    mount point, or another filesystem mounted over it, lost them too. A file removed on the
+    mounted share still has its results go; a mount point removed with its share, too; `--fresh`
+    is the way out when the share's files live in the bare mount point now."""
     project.write_config(MAP.replace('"data/*.parquet"', '"data/*/*.parquet"'))
     for place in ("a", "b"):
         (project.data / place).mkdir(parents=True)
     project.write_input("a/x.parquet", 0, 300)
-    for name, first in (("y", 300), ("z", 600)):
+    for name, first in (("y", 300), ("z", 600), ("stale", 900)):
         project.write_input(f"{name}.parquet", first, 300).rename(project.root / f"{name}.parquet")
     run = f"{sys.executable} -m minibatch --config {project.root / 'config.toml'} run-now ident"
     script = f"""
@@ -819,24 +823,52 @@ def test_a_share_mounted_under_a_glob_unmounted_keeps_its_files_results(project:
         {run} > 2.out 2>&1; echo $? > 2.rc
         umount data/b
         {run} > 3.out 2>&1; echo $? > 3.rc
+        cp stale.parquet data/b/y.parquet  # written into the bare mount point meanwhile
+        {run} > 4.out 2>&1; echo $? > 4.rc
+        mount -t tmpfs other data/b  # another filesystem mounted there
+        {run} > 5.out 2>&1; echo $? > 5.rc
+        umount data/b
+        cp -r out/ident kept
+        {run} --fresh > 6.out 2>&1; echo $? > 6.rc  # the share's files live here now: the way out
     """
     namespace = in_a_mount_namespace()
     assert namespace is not None
     done = subprocess.run([*namespace, "sh", "-c", script], env=project.env(), timeout=300)
     assert done.returncode == 0
-    outcome = [
-        ((project.root / f"{i}.rc").read_text().strip(), (project.root / f"{i}.out").read_text())
-        for i in (1, 2, 3)
-    ]
-    assert [rc for rc, _ in outcome] == ["0", "0", "1"], outcome
-    assert (
-        f"{project.data / 'b'}: a mount point when the last run read its inputs, and not one now"
-        in outcome[2][1]
+    outcome = [((project.root / f"{i}.rc").read_text().strip(), (project.root / f"{i}.out").read_text())
+               for i in range(1, 7)]  # fmt: skip
+    assert [rc for rc, _ in outcome] == ["0", "0", "1", "1", "1", "0"], outcome
+    unmounted = (
+        f"{project.data / 'b'}: a mount point of share (tmpfs) when the last run read its inputs, and not"
     )
-    assert ids_of(project, "ident") == list(range(600))
-    (project.data / "b").rmdir()  # the share gone for good: its results go
+    assert unmounted in outcome[2][1] and unmounted in outcome[3][1]
+    assert "when the last run read its inputs, other (tmpfs) now" in outcome[4][1], outcome[4][1]
+    kept = ds.dataset(project.root / "kept", format="parquet").to_table()  # after the refused runs
+    assert sorted(kept.column("id").to_pylist()) == list(range(600))
+    assert ids_of(project, "ident") == [*range(300), *range(900, 1200)]
+    shutil.rmtree(project.data / "b")  # the share gone for good: its results go
     assert project.cli("run-now", "ident").returncode == 0
     assert ids_of(project, "ident") == list(range(300))
+
+
+def test_a_mount_point_is_checked_as_spelled_where_it_resolves_and_on_a_file(tmp_path: Path) -> None:
+    """Hostile review: a directory symlink on the share leading off it (data/b/day1 -> store)
+    was checked only where it resolves, so data/b, unmounted, was never seen; a file
+    bind-mounted over a placeholder (a container's volume) was not checked at all."""
+    write_ids(tmp_path / "store" / "y.parquet", range(3))
+    (tmp_path / "data" / "b").mkdir(parents=True)
+    (tmp_path / "data" / "b" / "day1").symlink_to(tmp_path / "store")
+    y, placeholder = tmp_path / "data" / "b" / "day1" / "y.parquet", tmp_path / "data" / "f.parquet"
+    placeholder.touch()
+    share = {str(tmp_path / "data" / "b"): "srv:/share (nfs4)", str(placeholder): "a device (ext4)"}
+    assert mounts_above([str(y), str(placeholder)], share | {"/elsewhere": "x (tmpfs)"}) == share
+    assert _unmounted([str(y), str(placeholder)], share, share) == []
+    unmounted = _unmounted([str(y), str(placeholder)], share, {})
+    assert [why.split(":")[0] for why in unmounted] == sorted(share)
+    (tmp_path / "data" / "b" / "day1").unlink()  # both gone with what they were: retired
+    placeholder.unlink()
+    (tmp_path / "data" / "b").rmdir()
+    assert _unmounted([str(y), str(placeholder)], share, {}) == []
 
 
 @pytest.mark.parametrize(
@@ -1145,13 +1177,18 @@ def test_a_mount_point_recorded_above_a_symlinked_share_is_checked_where_it_reso
     mount.mkdir(parents=True)
     (tmp_path / "data" / "share").symlink_to(mount)
     gone = str(tmp_path / "data" / "share" / "y.parquet")
-    found = find_inputs(tmp_path, ["data/*/*.parquet"], read={gone}, mounts=[str(mount)])
+    found = find_inputs(tmp_path, ["data/*/*.parquet"], read={gone}, mounts={str(mount): "srv:/share (nfs4)"})
     [why] = found.unreadable
-    assert why.startswith(f"{mount}: a mount point when the last run read its inputs, and not one now"), why
-    assert find_inputs(tmp_path, ["data/*/*.parquet"], read={gone}, mounts=["/elsewhere"]).unreadable == []
+    assert why.startswith(
+        f"{mount}: a mount point of srv:/share (nfs4) when the last run read its inputs, and"
+    ), why
+    assert (
+        find_inputs(tmp_path, ["data/*/*.parquet"], read={gone}, mounts={"/elsewhere": "x (nfs4)"}).unreadable
+        == []
+    )
     retired = tmp_path / "data" / "b"  # a mount point removed with its share: not refused
     assert find_inputs(
-        tmp_path, ["data/*/*.parquet"], read={f"{retired}/z.parquet"}, mounts=[str(retired)]
+        tmp_path, ["data/*/*.parquet"], read={f"{retired}/z.parquet"}, mounts={str(retired): "x (nfs4)"}
     ) == (find_inputs(tmp_path, ["data/*/*.parquet"], read=set()))
 
 
