@@ -9,11 +9,12 @@ import fnmatch
 import glob
 import itertools
 import os
-import re
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from minibatch.mounts import mount_table, mounts_above, unmounted
 
 
 class InputError(Exception):
@@ -52,7 +53,7 @@ def find_inputs(
     base_dir: Path,
     patterns: Iterable[str],
     forbidden: Sequence[Path] = (),
-    read: Iterable[str] | None = None,
+    read: Mapping[str, Collection[tuple[int, int]]] | None = None,
     mounts: dict[str, str] | None = None,
 ) -> Inputs:
     """The files the globs match, each real file once (two paths to one file through a symlink
@@ -60,8 +61,8 @@ def find_inputs(
     of the `forbidden` directories (the job's own output) reached through a symlink. With `read`
     (a run's check: the files earlier runs read), a file that cannot be opened is unreadable, and
     so is a directory on the way to one read before that the globs could list but do not, and a
-    mount point above one the globs could list (`mounts`, as the last run found them) that holds
-    something else now: an unmounted share's is an empty directory, its files would look removed."""
+    mount point (`mounts`, as the last run found them) holding something else now above one of
+    those, or above one whose (size, mtime) is not what it was (`read`'s values)."""
     by_real: dict[str, str] = {}
     missing: list[str] = []
     unreadable: list[str] = []
@@ -87,62 +88,12 @@ def find_inputs(
     files = sorted(by_real.values())
     if read is not None:
         unreadable += [f"{path}: cannot be read ({why})" for path in files if (why := _unopenable(path))]
-        earlier, table = set(read), mount_table()
-        gone = {path: way for path in earlier - set(files) if (way := _way(path, reach))}
-        unreadable += _unlistable_dirs(gone) + _unmounted([*gone, *earlier & set(files)], mounts or {}, table)
+        table = mount_table()
+        gone = {path: way for path in set(read) - set(files) if (way := _way(path, reach))}
+        changed = [path for path in set(read) & set(files) if _stamp(path) not in read[path]]
+        unreadable += _unlistable_dirs(gone) + unmounted([*gone, *changed], mounts or {}, table)
         return Inputs(files, missing, sorted(set(unreadable)), mounts_above(files, table))
     return Inputs(files=files, missing=missing, unreadable=sorted(set(unreadable)))
-
-
-def mount_table() -> dict[str, str]:
-    """What is mounted where (the top of a stack), from Linux's /proc/self/mountinfo: each mount
-    point but the root, and its source, root within it and type. Elsewhere nothing is known."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text(errors="surrogateescape").splitlines()
-    except OSError:
-        return {}
-    table = {}
-    for line in lines:
-        fields = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), f) for f in line.split()]
-        kind, source = fields[fields.index("-") + 1 :][:2]
-        source = "a device" if source.startswith("/dev/") else source  # (renamed when disks are added)
-        table[fields[4]] = f"{source}{'' if fields[3] == '/' else fields[3]} ({kind})"
-    table.pop("/", None)
-    return table
-
-
-def mounts_above(files: Iterable[str], table: dict[str, str]) -> dict[str, str]:
-    """The mount points above the files (or a file itself, bind-mounted), as spelled and where
-    they resolve, and what is mounted on each."""
-    return {place: table[place] for places in _places(files).values() for place in places if place in table}
-
-
-def _unmounted(files: Iterable[str], recorded: dict[str, str], table: dict[str, str]) -> list[str]:
-    """The mount points the last run recorded above the files that are there and hold something
-    else now: a share unmounted, its mount point a bare directory (or a file bind mount's
-    placeholder), or another filesystem mounted over it. One that is gone was retired with it."""
-    changed = {place for place, was in recorded.items() if table.get(place) != was and os.path.lexists(place)}
-    hit = {place for places in _places(files).values() for place in places & changed} if changed else set()
-    way_out = "if its files now live here, `run-now --fresh` computes everything anew"
-    return [
-        f"{place}: a mount point of {recorded[place]} when the last run read its inputs, "
-        + (f"{table[place]} now (mount the share again, or, {way_out})" if place in table else
-           f"and not one now (a share unmounted? mount it again; {way_out}; if the share is gone for good, "
-           "remove the empty directory)")
-        for place in sorted(hit)
-    ]  # fmt: skip
-
-
-def _places(files: Iterable[str]) -> dict[str, set[str]]:
-    """Each file, with itself and the directories above it, as spelled and where they resolve."""
-    above: dict[str, set[str]] = {}
-    for directory in {os.path.dirname(path) for path in files}:
-        above[directory] = set()
-        for way in (directory, os.path.realpath(directory)):
-            while way != os.path.dirname(way):
-                above[directory].add(way)
-                way = os.path.dirname(way)
-    return {path: above[os.path.dirname(path)] | {path} for path in files}
 
 
 def _spelled(path: str) -> str:
@@ -154,6 +105,14 @@ def _spelled(path: str) -> str:
         return text
     head, _, tail = path.rpartition(f"{os.sep}..{os.sep}")
     return os.path.join(os.path.realpath(f"{head}{os.sep}.."), tail)
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _unopenable(path: str) -> str | None:

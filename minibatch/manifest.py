@@ -10,7 +10,6 @@ briefly and retries while someone else has it. Runs buffer records and commit th
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import re
 import threading
@@ -318,11 +317,6 @@ class Manifest:
     def attempts(self, run_id: str) -> list[dict[str, Any]]:
         """A run's chunk attempts in the order they were admitted."""
         return self.named("attempts", read_only=True, run_id=run_id)
-
-    def earlier_inputs(self, key: str) -> tuple[set[str], dict[str, str]]:
-        """The input files of the job's recorded chunks; the mount points above its latest run's inputs."""
-        mounts = [json.loads(row["mounts"]) for row in self.named("input_mounts", key=key)]
-        return {row["file"] for row in self.named("input_files", key=key)}, (mounts or [{}])[0]
 
     def dead_letters(self, job: str) -> list[dict[str, Any]]:
         return self.named("dead_letters", read_only=True, job=job, dead=ChunkStatus.DEAD)

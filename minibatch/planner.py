@@ -319,13 +319,6 @@ def _fingerprint(size: int, mtime_ns: int, footer: bytes) -> str:
     return f"{size}-{mtime_ns}-{digest}"
 
 
-def fingerprint_stat(fingerprint: str) -> tuple[int, int]:
-    """(size, mtime_ns) of a fingerprint; mtime_ns is negative for files dated before 1970."""
-    size, rest = fingerprint.split("-", 1)
-    mtime_ns, _ = rest.rsplit("-", 1)
-    return int(size), int(mtime_ns)
-
-
 def _bad_file(path: str, exc: Exception) -> BadFile:
     try:
         with open(path, "rb") as handle:

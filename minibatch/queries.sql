@@ -242,8 +242,8 @@ SELECT (SELECT count(*) FROM chunks WHERE job = $key AND status = $done AND outp
 SELECT 1 FROM runs WHERE job = $key LIMIT 1;
 
 -- name: input_files
--- The input files of the job's recorded chunks.
-SELECT DISTINCT file FROM chunks WHERE job = $key;
+-- The input files of the job's recorded chunks, and their fingerprints.
+SELECT file, list(DISTINCT fingerprint) AS prints FROM chunks WHERE job = $key GROUP BY file;
 
 -- name: input_mounts
 -- The mount points above the inputs of the latest run that read them (a refused run records none).

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 
 from minibatch.pageslice import read_rows
 from minibatch.params import in_utc, sql_values
-from minibatch.planner import Chunk, InputUnreadable, fingerprint_stat, footer_fingerprint
+from minibatch.planner import Chunk, InputUnreadable, footer_fingerprint
+from minibatch.records import fingerprint_stat
 from minibatch.tasks import InputChanged, InputRemoved, JobSpec, Task
 from minibatch.textinput import text_fingerprint
 from minibatch.textread import TextRows, read_text_chunk

@@ -23,6 +23,7 @@ from minibatch.layout import OutputLayout, part_name, vacant
 from minibatch.ledger import Ledger
 from minibatch.manifest import Manifest
 from minibatch.planner import BadFile, Chunk, FileMeta, Signature, input_signature, misfits
+from minibatch.records import fingerprint_stat
 from minibatch.results import ResultStore
 from minibatch.states import ChunkStatus, EventKind
 from minibatch.tasks import TaskResult
@@ -211,3 +212,15 @@ def removed_and_changed(
     moved = bool(set(now.files) - planned or now.unreadable)
     back = {path for path in removed if moved or os.path.lexists(path)}
     return removed - back, changed | back
+
+
+def earlier_inputs(
+    manifest: Manifest, key: str, fresh: bool
+) -> tuple[dict[str, set[tuple[int, int]]], dict[str, str]]:
+    """The input files of the job's recorded chunks with their (size, mtime_ns), and the mount
+    points above the inputs of its latest run that read them (none for a `fresh` run: it
+    computes their results anew, wherever they come from now)."""
+    rows = manifest.named("input_files", key=key)
+    files = {row["file"]: {fingerprint_stat(fp) for fp in row["prints"]} for row in rows}
+    mounts = [] if fresh else [json.loads(row["mounts"]) for row in manifest.named("input_mounts", key=key)]
+    return files, (mounts or [{}])[0]

@@ -120,3 +120,10 @@ class AttemptRecord:
             self.error_type, self.error_message = error.type, error.message
             self.traceback = error.traceback or None
         return self
+
+
+def fingerprint_stat(fingerprint: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a fingerprint; mtime_ns is negative for files dated before 1970."""
+    size, rest = fingerprint.split("-", 1)
+    mtime_ns, _ = rest.rsplit("-", 1)
+    return int(size), int(mtime_ns)

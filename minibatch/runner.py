@@ -37,6 +37,7 @@ from minibatch.reconcile import (
     Reconciled,
     check_definition,
     drop_removed,
+    earlier_inputs,
     fit_schema,
     reconcile,
     removed_and_changed,
@@ -211,8 +212,7 @@ class Run:
             if not self.lost:
                 self.layout.claim(self.job.key, self.config.engine.state_dir, ran)
             forbidden = [self.layout.output, self.layout.parts, self.layout.staging]
-            read, mounts = self.manifest.earlier_inputs(self.job.key)
-            mounts = {} if self.options.fresh else mounts  # (they are of results it computes again)
+            read, mounts = earlier_inputs(self.manifest, self.job.key, self.options.fresh)
             return find_inputs(self.config.base_dir, self.job.inputs, forbidden, read, mounts)
         except (OutputNotOwned, InputError) as exc:
             raise ConfigError([f"jobs.{self.job.name}: {exc}"], self.config.path) from None

@@ -133,7 +133,7 @@ def check_inputs(config: Config) -> list[str]:
             errors.append(f"jobs.{job.name}.output: {problem}")
         try:
             forbidden = [layout.output, layout.parts, layout.staging]
-            found = find_inputs(config.base_dir, job.inputs, forbidden, read=())  # each file opened too
+            found = find_inputs(config.base_dir, job.inputs, forbidden, read={})  # each file opened too
         except InputError as exc:
             errors.append(f"jobs.{job.name}.input: {exc}")
             continue

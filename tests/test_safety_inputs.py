@@ -21,7 +21,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from minibatch.inputs import _unmounted, _way, find_inputs, mounts_above, reach_of
+from minibatch.inputs import _way, find_inputs, reach_of
+from minibatch.mounts import mounted, mounts_above, unmounted
 from minibatch.planner import InputUnreadable, plan_chunks, read_file_meta, scan_inputs
 from minibatch.reading import read_chunk, release_held, sql_on_file
 from minibatch.states import ErrorKind
@@ -737,7 +738,7 @@ def test_a_dotdot_glob_from_a_config_directory_reached_by_a_symlink(tmp_path: Pa
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "etl").symlink_to(tmp_path / "deploy" / "etl")
     write_ids(tmp_path / "deploy" / "landing" / "a.parquet", range(3))
-    found = find_inputs(tmp_path / "jobs" / "etl", ["../landing/*.parquet"], read=())
+    found = find_inputs(tmp_path / "jobs" / "etl", ["../landing/*.parquet"], read={})
     assert found.files == [str(tmp_path / "deploy" / "landing" / "a.parquet")] and not found.unreadable
     (tmp_path / "link").symlink_to(tmp_path / "deploy")  # a symlink above the config directory:
     found = find_inputs(tmp_path / "link" / "etl", ["../landing/*.parquet"])  # paths spelled as before
@@ -821,54 +822,74 @@ def test_a_share_mounted_under_a_glob_unmounted_keeps_its_files_results(project:
         {run} > 1.out 2>&1; echo $? > 1.rc
         rm data/b/z.parquet  # removed on the share: its results go
         {run} > 2.out 2>&1; echo $? > 2.rc
-        umount data/b
+        cp -p data/b/y.parquet y.parquet; umount data/b
+        mount -t tmpfs moved data/b && cp -p y.parquet data/b/  # the same file on another share
         {run} > 3.out 2>&1; echo $? > 3.rc
-        cp stale.parquet data/b/y.parquet  # written into the bare mount point meanwhile
+        umount data/b
         {run} > 4.out 2>&1; echo $? > 4.rc
-        mount -t tmpfs other data/b  # another filesystem mounted there
+        cp stale.parquet data/b/y.parquet  # written into the bare mount point meanwhile
         {run} > 5.out 2>&1; echo $? > 5.rc
+        mount -t tmpfs other data/b  # another filesystem mounted there
+        {run} > 6.out 2>&1; echo $? > 6.rc
         umount data/b
         cp -r out/ident kept
-        {run} --fresh > 6.out 2>&1; echo $? > 6.rc  # the share's files live here now: the way out
+        {run} --fresh > 7.out 2>&1; echo $? > 7.rc  # the share's files live here now: the way out
     """
     namespace = in_a_mount_namespace()
     assert namespace is not None
     done = subprocess.run([*namespace, "sh", "-c", script], env=project.env(), timeout=300)
     assert done.returncode == 0
     outcome = [((project.root / f"{i}.rc").read_text().strip(), (project.root / f"{i}.out").read_text())
-               for i in range(1, 7)]  # fmt: skip
-    assert [rc for rc, _ in outcome] == ["0", "0", "1", "1", "1", "0"], outcome
+               for i in range(1, 8)]  # fmt: skip
+    assert [rc for rc, _ in outcome] == ["0", "0", "0", "1", "1", "1", "0"], outcome
+    assert "0 done now, 12 already done" in outcome[2][1], outcome[2][1]  # nothing computed again
     unmounted = (
-        f"{project.data / 'b'}: a mount point of share (tmpfs) when the last run read its inputs, and not"
+        f"{project.data / 'b'}: a mount point of moved (tmpfs) when the last run read its inputs, and not"
     )
-    assert unmounted in outcome[2][1] and unmounted in outcome[3][1]
-    assert "when the last run read its inputs, other (tmpfs) now" in outcome[4][1], outcome[4][1]
+    assert unmounted in outcome[3][1] and unmounted in outcome[4][1], outcome[3][1]
+    assert "when the last run read its inputs, other (tmpfs) now" in outcome[5][1], outcome[5][1]
     kept = ds.dataset(project.root / "kept", format="parquet").to_table()  # after the refused runs
     assert sorted(kept.column("id").to_pylist()) == list(range(600))
     assert ids_of(project, "ident") == [*range(300), *range(900, 1200)]
-    shutil.rmtree(project.data / "b")  # the share gone for good: its results go
+    shutil.rmtree(project.data / "b")  # (no mount recorded by the --fresh run): its results go
     assert project.cli("run-now", "ident").returncode == 0
     assert ids_of(project, "ident") == list(range(300))
 
 
 def test_a_mount_point_is_checked_as_spelled_where_it_resolves_and_on_a_file(tmp_path: Path) -> None:
-    """Hostile review: a directory symlink on the share leading off it (data/b/day1 -> store)
+    """Hostile reviews: a directory symlink on the share leading off it (data/b/day1 -> store)
     was checked only where it resolves, so data/b, unmounted, was never seen; a file
-    bind-mounted over a placeholder (a container's volume) was not checked at all."""
+    bind-mounted over a placeholder (a container's volume), or a file that is a symlink onto a
+    share, was not checked at all; a mount point an automounter removed was taken as retired."""
     write_ids(tmp_path / "store" / "y.parquet", range(3))
+    write_ids(tmp_path / "share" / "w.parquet", range(3))
     (tmp_path / "data" / "b").mkdir(parents=True)
     (tmp_path / "data" / "b" / "day1").symlink_to(tmp_path / "store")
+    (tmp_path / "data" / "w.parquet").symlink_to(tmp_path / "share" / "w.parquet")
     y, placeholder = tmp_path / "data" / "b" / "day1" / "y.parquet", tmp_path / "data" / "f.parquet"
     placeholder.touch()
-    share = {str(tmp_path / "data" / "b"): "srv:/share (nfs4)", str(placeholder): "a device (ext4)"}
-    assert mounts_above([str(y), str(placeholder)], share | {"/elsewhere": "x (tmpfs)"}) == share
-    assert _unmounted([str(y), str(placeholder)], share, share) == []
-    unmounted = _unmounted([str(y), str(placeholder)], share, {})
-    assert [why.split(":")[0] for why in unmounted] == sorted(share)
-    (tmp_path / "data" / "b" / "day1").unlink()  # both gone with what they were: retired
-    placeholder.unlink()
-    (tmp_path / "data" / "b").rmdir()
-    assert _unmounted([str(y), str(placeholder)], share, {}) == []
+    files = [str(y), str(placeholder), str(tmp_path / "data" / "w.parquet")]
+    places = [tmp_path / "data" / "b", placeholder, tmp_path / "share"]
+    table = {str(place): [(os.stat(place).st_dev, f"srv:/{place.name} (nfs4)")] for place in places}
+    share = {place: what for place, [(_, what)] in table.items()}
+    assert mounts_above(files, table | {"/elsewhere": [(0, "x (tmpfs)")]}) == share
+    assert unmounted(files, share, table) == []
+    assert [why.split(":")[0] for why in unmounted(files, share, {})] == sorted(share)
+    shutil.rmtree(tmp_path / "data")  # as an automounter leaves them: gone is not retired
+    assert [why.split(":")[0] for why in unmounted(files, share, {}) if "and gone now" in why] == [
+        str(tmp_path / "data" / "b"), str(placeholder)
+    ]  # fmt: skip
+
+
+def test_what_is_mounted_on_a_place_is_the_mount_seen_there(tmp_path: Path) -> None:
+    """Hostile review: mountinfo lists a mount hidden under one on its parent, and a mount
+    moved on top keeps its old line: the mount seen is the one whose device the place is on."""
+    seen = os.stat(tmp_path).st_dev
+    assert mounted(str(tmp_path), {str(tmp_path): [(seen + 1, "hidden (tmpfs)")]}) is None
+    assert mounted(str(tmp_path), {str(tmp_path): [(seen, "top (tmpfs)"), (seen + 1, "under (tmpfs)")]}) == (
+        "top (tmpfs)"
+    )
+    assert mounted(str(tmp_path / "gone"), {str(tmp_path / "gone"): [(seen, "top (tmpfs)")]}) is None
 
 
 @pytest.mark.parametrize(
@@ -1170,26 +1191,26 @@ def test_a_file_replaced_by_one_of_its_size_and_mtime_is_changed_input(
 
 def test_a_mount_point_recorded_above_a_symlinked_share_is_checked_where_it_resolves(tmp_path: Path) -> None:
     """data/share -> mnt/share, a mount point (recorded so by the last run), now a bare
-    directory: the share unmounted behind a symlink that still resolves. Removed for good, the
-    mount point's directory gone with it, a share's files' results may go."""
+    directory: the share unmounted behind a symlink that still resolves; or gone, as an
+    automounter leaves it. An input still there, unchanged, is no reason to refuse."""
     mount = tmp_path / "mnt" / "share"
     write_ids(tmp_path / "data" / "local" / "x.parquet", range(3))
     mount.mkdir(parents=True)
     (tmp_path / "data" / "share").symlink_to(mount)
-    gone = str(tmp_path / "data" / "share" / "y.parquet")
-    found = find_inputs(tmp_path, ["data/*/*.parquet"], read={gone}, mounts={str(mount): "srv:/share (nfs4)"})
+    gone = {str(tmp_path / "data" / "share" / "y.parquet"): {(1, 2)}}
+    recorded = {str(mount): "srv:/share (nfs4)"}
+    found = find_inputs(tmp_path, ["data/*/*.parquet"], read=gone, mounts=recorded)
     [why] = found.unreadable
     assert why.startswith(
-        f"{mount}: a mount point of srv:/share (nfs4) when the last run read its inputs, and"
-    ), why
-    assert (
-        find_inputs(tmp_path, ["data/*/*.parquet"], read={gone}, mounts={"/elsewhere": "x (nfs4)"}).unreadable
-        == []
+        f"{mount}: a mount point of srv:/share (nfs4) when the last run read its inputs, and not"
     )
-    retired = tmp_path / "data" / "b"  # a mount point removed with its share: not refused
-    assert find_inputs(
-        tmp_path, ["data/*/*.parquet"], read={f"{retired}/z.parquet"}, mounts={str(retired): "x (nfs4)"}
-    ) == (find_inputs(tmp_path, ["data/*/*.parquet"], read=set()))
+    elsewhere = {"/elsewhere": "x (nfs4)"}
+    assert find_inputs(tmp_path, ["data/*/*.parquet"], read=gone, mounts=elsewhere).unreadable == []
+    x = str(tmp_path / "data" / "local" / "x.parquet")
+    here = {x: {(os.stat(x).st_size, os.stat(x).st_mtime_ns)}}
+    local = {str(tmp_path / "data" / "local"): "srv:/old (nfs4)"}  # now a plain directory
+    assert find_inputs(tmp_path, ["data/*/*.parquet"], read=here, mounts=local).unreadable == []
+    assert find_inputs(tmp_path, ["data/*/*.parquet"], read={x: {(1, 2)}}, mounts=local).unreadable != []
 
 
 def test_a_dotdot_glob_from_a_symlinked_config_directory_still_checks_what_is_gone(tmp_path: Path) -> None:
@@ -1203,7 +1224,7 @@ def test_a_dotdot_glob_from_a_symlinked_config_directory_still_checks_what_is_go
     write_ids(data / "a" / "x.parquet", range(3))
     (data / "b").symlink_to(tmp_path / "unmounted")
     found = find_inputs(
-        tmp_path / "current", ["../../data/*/*.parquet"], read={str(data / "b" / "y.parquet")}
+        tmp_path / "current", ["../../data/*/*.parquet"], read={str(data / "b" / "y.parquet"): set()}
     )
     assert found.files == [str(data / "a" / "x.parquet")]
     assert found.unreadable == [

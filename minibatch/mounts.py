@@ -1,0 +1,108 @@
+"""What is mounted where, and whether the shares earlier inputs came from still are: an
+unmounted share's mount point is a bare directory (or gone, as an automounter leaves it), and
+its files would look removed, their results deleted. Linux (/proc/self/mountinfo) only."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+# (st_dev, "source[root] (type)") of each mount on a mount point, in mountinfo's order
+Table = dict[str, list[tuple[int, str]]]
+
+
+def mount_table() -> Table:
+    """Each mount point but the root, with what is mounted on it: its source (a block device by
+    its filesystem's UUID, as device names change when disks are added), its root within the
+    source, its type. Hidden mounts are listed too: `mounted` tells which one is seen."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text(errors="surrogateescape").splitlines()
+    except OSError:
+        return {}
+    uuids = _uuids()
+    table: Table = {}
+    for line in lines:
+        fields = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), f) for f in line.split()]
+        kind, source = fields[fields.index("-") + 1 :][:2]
+        if source.startswith("/dev/"):
+            source = f"UUID={uuids[source]}" if source in uuids else "a device"
+        device = os.makedev(*(int(number) for number in fields[2].split(":")))
+        root = "" if fields[3] == "/" else fields[3]
+        table.setdefault(fields[4], []).append((device, f"{source}{root} ({kind})"))
+    table.pop("/", None)
+    return table
+
+
+def _uuids() -> dict[str, str]:
+    with_uuid = Path("/dev/disk/by-uuid")
+    try:
+        return {os.path.realpath(link): link.name for link in with_uuid.iterdir()}
+    except OSError:
+        return {}
+
+
+def mounted(place: str, table: Table) -> str | None:
+    """What is seen mounted on `place` now: of the mounts listed there, the one whose device the
+    place is on (one hidden under a mount above it, or under another on the same place, is not)."""
+    if place not in table:
+        return None
+    try:
+        device = os.stat(place).st_dev
+    except OSError:
+        return None
+    seen = [what for dev, what in table[place] if dev == device]
+    return seen[-1] if seen else None
+
+
+def mounts_above(files: Iterable[str], table: Table) -> dict[str, str]:
+    """The mount points above the files (or a file itself, bind-mounted), as spelled and where
+    they resolve, and what is mounted on each."""
+    places = set().union(*_places(files).values())
+    return {place: what for place in sorted(places & table.keys()) if (what := mounted(place, table))}
+
+
+def unmounted(files: Iterable[str], recorded: dict[str, str], table: Table) -> list[str]:
+    """The mount points the last run recorded above the files (earlier inputs gone or changed)
+    that hold something else now: a share unmounted (a bare directory, a file bind mount's
+    placeholder, or gone, as an automounter leaves it), or another filesystem mounted there."""
+    now = {place: mounted(place, table) for place in recorded}
+    changed = {place for place, what in now.items() if what != recorded[place]}
+    hit = {place for places in _places(files).values() for place in places & changed} if changed else set()
+    return [
+        f"{place}: a mount point of {recorded[place]} when the last run read its inputs, "
+        + (
+            f"{now[place]} now"
+            if now[place]
+            else "and gone now"
+            if not os.path.lexists(place)
+            else "and not one now"
+        )
+        + " (a share unmounted? mount it again; if its files now live here, or the share is gone for good, "
+        "`run-now --fresh` computes everything anew)"
+        for place in sorted(hit)
+    ]
+
+
+def _places(files: Iterable[str]) -> dict[str, set[str]]:
+    """Each file, with itself and the directories above it, as spelled and where they resolve
+    (a file that is a symlink: where it leads too)."""
+    above: dict[str, set[str]] = {}
+
+    def up(directory: str) -> set[str]:
+        if directory not in above:
+            above[directory] = set()
+            for way in {directory, os.path.realpath(directory)}:
+                while way != os.path.dirname(way):
+                    above[directory].add(way)
+                    way = os.path.dirname(way)
+        return above[directory]
+
+    places = {}
+    for path in files:
+        places[path] = up(os.path.dirname(path)) | {path}
+        if os.path.islink(path):
+            real = os.path.realpath(path)
+            places[path] |= up(os.path.dirname(real)) | {real}
+    return places
