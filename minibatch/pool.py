@@ -47,7 +47,7 @@ def _context(*extra: str) -> multiprocessing.context.ForkServerContext:
     # pyarrow.compute too: most job functions use it, and it costs each new worker ~80 ms.
     # (The modules count only when the forkserver starts: the first run of a process decides.)
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["minibatch.worker", "pyarrow.compute", *extra])
+    ctx.set_forkserver_preload(["minibatch.server_signals", "minibatch.worker", "pyarrow.compute", *extra])
     return ctx
 
 

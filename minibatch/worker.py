@@ -340,8 +340,7 @@ def worker_main(conn: Connection, memory_cap: int | None, stopping: Any) -> None
 
     Once `stopping` (an Event) is set, tasks still queued here are handed back unstarted.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the coordinator's
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # (stop signals: the forkserver's handlers, inherited; see server_signals)
     if sys.stdout is not None and sys.stderr is not None:  # (None: closed when Python started)
         sys.stdout, sys.stderr = ForgivingStream(sys.stdout, 1), ForgivingStream(sys.stderr, 2)
     _die_with_parent()

@@ -125,20 +125,29 @@ def test_two_concurrent_runs_second_exits_3(project: Project) -> None:
         first.wait()
 
 
-def test_sigterm_finishes_in_flight_chunks_exits_0_and_resumes(project: Project) -> None:
+@pytest.mark.parametrize("to", ["coordinator", "group"])
+def test_sigterm_finishes_in_flight_chunks_exits_0_and_resumes(project: Project, to: str) -> None:
+    """Hostile review: a SIGTERM to the whole process group (`kill -TERM -PGID`, a supervisor
+    that signals every process) killed the workers mid-chunk, each chunk charged an attempt (a
+    dead letter with `retries = 0`, skipped by later runs). Workers leave stopping to the
+    coordinator, as they do Ctrl-C."""
     setup(project, "slow", files=4)
     env = {"MB_SLEEP": "0.1"}
     process = project.start("run-now", "f", env=env)
     wait_for(lambda: len(project.computations()) >= 4, what="chunks to run")
     sent = time.monotonic()
-    process.send_signal(signal.SIGTERM)
+    if to == "group":
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     stop_seconds = time.monotonic() - sent
     assert process.returncode == 0, err
     assert "stopped by a signal" in out and "stop_requested" in err
     assert stop_seconds < 5
     status = json.loads(project.cli("status", "f", "--json").stdout)[0]
-    assert status["status"] == "stopped" and status["chunks_pending"] > 0
+    assert status["status"] == "stopped" and status["chunks_pending"] > 0 and status["chunks_dead"] == 0
+    assert project.manifest_rows("SELECT count(*) FROM attempts WHERE outcome <> 'done'") == [(0,)]
     done_before = status["chunks_done"]
     assert done_before == len(set(project.computations()))  # every started chunk was recorded
     result = project.cli("run-now", "f")  # the resume need not be slow
