@@ -190,7 +190,7 @@ def _ndjson(data: bytes, signature: Signature, first_line: int, declared: bool) 
         try:  # a BOM: where pyarrow takes it, at a chunk's start, and where it does not, alike
             if not isinstance(json.loads(line.decode("utf-8-sig")), dict):
                 raise ValueError("not a JSON object")
-            objects.append((number, line))
+            objects.append((number, line.removeprefix(BOM)))  # (pyarrow takes one only at the start)
         except ValueError as exc:  # (UnicodeDecodeError too)
             bad.append((number, str(exc).splitlines()[0][:200], line.decode("utf-8", "replace")))
     good = _halves(objects, bad, parse)

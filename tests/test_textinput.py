@@ -111,6 +111,21 @@ def test_ndjson_with_a_broken_line(project: Project) -> None:
     assert [(row["_line"], row["_text"]) for row in held] == [(11, lines[10])]
 
 
+def test_ndjson_lines_after_a_bom_mid_chunk_are_read(project: Project) -> None:
+    """Hostile review: two files with a BOM each, joined by `cat`: the line starting with the
+    second BOM was taken on its own and refused with the rest, the whole chunk dead-lettered
+    (its rows skipped by every later run)."""
+    project.data.mkdir()
+    rows = [json.dumps({"id": i, "name": f"n{i}", "amount": i / 2}).encode() for i in range(4)]
+    (project.data / "a.ndjson").write_bytes(
+        b"\xef\xbb\xbf" + b"\n".join(rows[:2]) + b"\n\xef\xbb\xbf" + b"\n".join(rows[2:])
+    )
+    project.write_config(CSV_JOB.replace('format = "csv"', 'format = "ndjson"').replace("*.csv*", "*.ndjson"))
+    result = project.cli("run-now", "t", "-q")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert output(project) == [(i, f"n{i}", i / 2) for i in range(4)]
+
+
 def test_text_settings_are_validated(project: Project) -> None:
     write_csv(project.data / "a.csv", 0, 10)
     project.write_config(
