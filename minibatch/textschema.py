@@ -80,10 +80,9 @@ def _raw_values(sample: bytes, fmt: str, delimiter: str, names: list[str]) -> di
                     if (v := record.get(name)) is not None and not isinstance(v, bool):
                         values[name].append(v)
         return values
-    options = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
     raw = pacsv.read_csv(
         io.BytesIO(sample),
-        parse_options=options,
+        parse_options=_sample_options(delimiter),
         convert_options=pacsv.ConvertOptions(
             column_types={n: pa.string() for n in names}, include_columns=names
         ),
@@ -100,12 +99,31 @@ def _parse(data: bytes, fmt: str, delimiter: str) -> pa.Table:
     if fmt == "ndjson":
         try:
             return pajson.read_json(io.BytesIO(data))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a broken line: infer from the others
-            return pajson.read_json(
-                io.BytesIO(b"\n".join(line for line in data.split(b"\n") if _object(line)))
-            )
-    options = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
-    return pacsv.read_csv(io.BytesIO(data), parse_options=options, convert_options=convert_options(None))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+        # a broken line, or a value of another type than the lines before it had: infer from the
+        # objects up to there (the others are then read as malformed, not the whole file refused)
+        lines = [line for line in data.split(b"\n") if _object(line)]
+        while True:
+            try:
+                return pajson.read_json(io.BytesIO(b"\n".join(lines)))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                if len(lines) <= 1:
+                    raise
+                lines = lines[: len(lines) // 2]
+    return pacsv.read_csv(
+        io.BytesIO(data), parse_options=_sample_options(delimiter), convert_options=convert_options(None)
+    )
+
+
+def _sample_options(delimiter: str) -> Any:
+    """A record with too few or too many fields is passed over: a malformed one, or the last,
+    cut short by the sample's end inside a quoted field that holds newlines."""
+    import pyarrow.csv as pacsv
+
+    return pacsv.ParseOptions(
+        delimiter=delimiter, newlines_in_values=True, invalid_row_handler=lambda _: "skip"
+    )
 
 
 def _object(line: bytes) -> bool:

@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minibatch.textinput import TextFormat, _opens_mid_field, _segments
+from minibatch.textschema import infer
 
 from conftest import Project
 
@@ -354,3 +355,15 @@ def test_a_header_field_with_a_line_break_is_one_header(project: Project, name: 
     assert table.column_names[:3] == names
     assert sorted(table["id"].to_pylist()) == list(range(20_000))
     assert malformed(project) == []
+
+
+def test_inference_passes_over_a_record_the_sample_cut_or_that_is_malformed() -> None:
+    """Hostile review: the first MiB, cut at its last newline, may end inside a quoted field
+    that holds newlines; a valid file was a bad file ("Expected 3 columns, got 2"), as was one
+    with a short record in its first MiB, or an NDJSON value of another type there."""
+    cut = b'id,name,amount\n1,a,1.5\n2,"line one\nline two",2.5\n3,"cut inside\nthe quotes\n'
+    assert infer(cut, "csv", ",") == (("id", "int64"), ("name", "string"), ("amount", "double"))
+    short = b"id,name,amount\n1,a,1.5\n2,short\n3,c,3.5\n"
+    assert infer(short, "csv", ",") == (("id", "int64"), ("name", "string"), ("amount", "double"))
+    drift = b'{"id": 1, "amount": 1.5}\n{"id": 2, "amount": 2.5}\n{"id": 3, "amount": "zz"}\n'
+    assert infer(drift, "ndjson", ",") == (("id", "int64"), ("amount", "double"))
