@@ -38,6 +38,7 @@ class FileMeta:
     signature: tuple[tuple[str, str], ...] = ()  # (name, Arrow type) of each top-level column
     first_row: int = 0  # a text file's: the byte its records start at (see textinput.py)
     lines: tuple[int, ...] = ()  # a text file's: each segment's first line number
+    keyed: bool = False  # NDJSON's: columns are read by name, their order in the file is no matter
 
     @property
     def text(self) -> bool:  # a CSV or NDJSON file: its "row groups" are byte ranges, never split
@@ -170,11 +171,15 @@ def input_signature(files: Sequence[FileMeta], stored: Signature | None) -> Sign
     a tie, that of the first file in sorted order). Never which file a worker read first."""
     if stored:
         return stored
-    counts = Counter(meta.signature for meta in files)
+    counts = Counter(_columns(meta) for meta in files)
     if not counts:
         return None
     most = max(counts.values())
-    return next(meta.signature for meta in files if counts[meta.signature] == most)
+    return next(meta.signature for meta in files if counts[_columns(meta)] == most)
+
+
+def _columns(meta: FileMeta) -> Signature:
+    return tuple(sorted(meta.signature)) if meta.keyed else meta.signature
 
 
 def misfits(meta: FileMeta, signature: Signature, columns: Sequence[str] | None) -> str | None:
@@ -186,7 +191,7 @@ def misfits(meta: FileMeta, signature: Signature, columns: Sequence[str] | None)
     problems += [f"{n} ({want[n]}) missing" for n in known if n not in have]
     if not columns:
         problems += [f"{n} ({t}) unexpected" for n, t in meta.signature if n not in want]
-        if not problems and meta.signature != signature:  # `SELECT *` would give another schema
+        if not problems and _columns(meta) != (tuple(sorted(signature)) if meta.keyed else signature):
             problems.append("the same columns in another order")
     if not problems:
         return None

@@ -94,12 +94,13 @@ def read_text_meta(
         fingerprint = text_fingerprint(handle.fileno(), stat)
         key = hashlib.sha256(json.dumps([path, fingerprint, text_facts(text), segment]).encode()).hexdigest()
         known = _cached(cache / f"{key[:32]}.json") if cache else None
+        keyed = text.format == "ndjson"
         if known is not None:
-            return FileMeta(path, fingerprint, stat.st_size, **known)
+            return FileMeta(path, fingerprint, stat.st_size, **known, keyed=keyed)
         meta = _scan(handle, path, text, segment, head, stat.st_size)
     if cache:
         _store(cache / f"{key[:32]}.json", meta)
-    return replace(meta, fingerprint=fingerprint)
+    return replace(meta, fingerprint=fingerprint, keyed=keyed)
 
 
 def text_fingerprint(fd: int, stat: os.stat_result) -> str:

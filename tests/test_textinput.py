@@ -127,6 +127,23 @@ def test_ndjson_lines_after_a_bom_mid_chunk_are_read(project: Project) -> None:
     assert output(project) == [(i, f"n{i}", i / 2) for i in range(4)]
 
 
+def test_ndjson_files_with_their_keys_in_another_order_are_one_schema(project: Project) -> None:
+    """Hostile review: `{"amount": 2.5, "id": 2}` beside `{"id": 1, "amount": 1.5}` was a bad
+    file ("the same columns in another order"): a JSON object's keys have no order, and each
+    chunk is read by name into the job's schema."""
+    project.data.mkdir()
+    (project.data / "a.ndjson").write_text('{"id": 1, "name": "a", "amount": 1.5}\n')
+    (project.data / "b.ndjson").write_text('{"amount": 2.5, "id": 2, "name": "b"}\n')
+    (project.data / "c.ndjson").write_text('{"name": "c", "amount": 3.5, "id": 3}\n')
+    config = CSV_JOB.replace('format = "csv"', 'format = "ndjson"').replace("*.csv*", "*.ndjson")
+    project.write_config(
+        config.replace('schema = { id = "int64", name = "string", amount = "double" }\n', "")
+    )
+    result = project.cli("run-now", "t", "-q")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert output(project) == [(1, "a", 1.5), (2, "b", 2.5), (3, "c", 3.5)]
+
+
 def test_text_settings_are_validated(project: Project) -> None:
     write_csv(project.data / "a.csv", 0, 10)
     project.write_config(
