@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
+from minibatch.textschema import UNKNOWN
+
 if TYPE_CHECKING:
     import pyarrow.parquet as pq
 
@@ -171,11 +173,16 @@ def input_signature(files: Sequence[FileMeta], stored: Signature | None) -> Sign
     a tie, that of the first file in sorted order). Never which file a worker read first."""
     if stored:
         return stored
-    counts = Counter(_columns(meta) for meta in files)
+    counts = Counter(_columns(meta) for meta in files if not _typeless(meta))
     if not counts:
         return None
     most = max(counts.values())
-    return next(meta.signature for meta in files if counts[_columns(meta)] == most)
+    return next(meta.signature for meta in files if counts[_columns(meta)] == most and not _typeless(meta))
+
+
+def _typeless(meta: FileMeta) -> bool:
+    """A CSV of a header alone: its columns, but no record to type them by (it votes for none)."""
+    return bool(meta.signature) and all(kind == UNKNOWN for _, kind in meta.signature)
 
 
 def _columns(meta: FileMeta) -> Signature:
@@ -187,11 +194,15 @@ def misfits(meta: FileMeta, signature: Signature, columns: Sequence[str] | None)
     have, want = dict(meta.signature), dict(signature)
     names = list(columns) if columns else [name for name, _ in signature]
     known = [n for n in names if n in want]
-    problems = [f"{n} is {have[n]}, expected {want[n]}" for n in known if n in have and have[n] != want[n]]
+    problems = [
+        f"{n} is {have[n]}, expected {want[n]}"
+        for n in known
+        if have.get(n, want[n]) not in (want[n], UNKNOWN)
+    ]
     problems += [f"{n} ({want[n]}) missing" for n in known if n not in have]
     if not columns:
         problems += [f"{n} ({t}) unexpected" for n, t in meta.signature if n not in want]
-        if not problems and _columns(meta) != (tuple(sorted(signature)) if meta.keyed else signature):
+        if not problems and not meta.keyed and [n for n, _ in meta.signature] != [n for n, _ in signature]:
             problems.append("the same columns in another order")
     if not problems:
         return None

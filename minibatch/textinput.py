@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, cast
 
 from minibatch.checking import Checker, choice
 from minibatch.planner import FileMeta, RowGroup
-from minibatch.textschema import Signature, infer, type_or_none
+from minibatch.textschema import UNKNOWN, Signature, infer, type_or_none
 
 SEGMENT = 4 * 2**20  # at most: a quarter of chunk_bytes when that is smaller (segment_size)
 SAMPLE = 2**20
@@ -112,8 +112,12 @@ def text_fingerprint(fd: int, stat: os.stat_result) -> str:
 
 def _scan(handle: BinaryIO, path: str, text: TextFormat, segment: int, head: bytes, size: int) -> FileMeta:
     compression = compression_of(path)
-    sample = _sample(handle, compression)
+    sample, whole = _sample(handle, compression)
     signature = _by_header(sample, text) if text.schema else infer(sample, text.format, text.delimiter)
+    if not whole and all(kind == UNKNOWN for _, kind in signature):
+        raise ValueError(
+            f"no whole record in the first {SAMPLE:,} bytes to infer a schema from: declare `schema`"
+        )
     if compression:
         groups, lines, first = [RowGroup(size, size, 3 * size)], [1], 0
     else:
@@ -190,10 +194,11 @@ def open_stream(handle: BinaryIO, compression: str | None) -> Any:
     )
 
 
-def _sample(handle: BinaryIO, compression: str | None) -> bytes:
+def _sample(handle: BinaryIO, compression: str | None) -> tuple[bytes, bool]:
+    """The first SAMPLE bytes, cut after their last newline; and whether that is the whole file."""
     data: bytes = open_stream(handle, compression).read(SAMPLE)
     cut = data.rfind(b"\n")
-    return data[: cut + 1] if cut >= 0 and len(data) == SAMPLE else data
+    return (data[: cut + 1], False) if cut >= 0 and len(data) == SAMPLE else (data, len(data) < SAMPLE)
 
 
 def _data_start(head: bytes, text: TextFormat) -> tuple[int, int]:
@@ -201,6 +206,8 @@ def _data_start(head: bytes, text: TextFormat) -> tuple[int, int]:
     if text.format != "csv" or not text.header:
         return 0, 0
     end = header_end(head, text.delimiter)
+    if end < 0 and len(head) < 65536:  # the whole file is its header, without a newline: no records
+        return len(head), 1
     if end < 0:
         raise ValueError("no newline in the first 64 KiB: not a CSV file with a header line")
     return end + 1, head.count(b"\n", 0, end) + 1

@@ -12,12 +12,15 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 Signature = tuple[tuple[str, str], ...]  # (column, Arrow type)
+UNKNOWN = "null"  # the type of a column no record of the sample has: it fits any
 
 
 def infer(sample: bytes, fmt: str, delimiter: str) -> Signature:
     if not sample.strip():
         raise ValueError("the file is empty: no rows to infer a schema from")
     table = _parse(sample, fmt, delimiter)
+    if not table.num_rows:  # a CSV's header alone: its columns, of no known type
+        return tuple((name, UNKNOWN) for name in table.column_names)
     found = tuple((f.name, "string" if str(f.type) == "null" else str(f.type)) for f in table.schema)
     for name, kind in found:
         if kind == "binary":
@@ -111,6 +114,7 @@ def _parse(data: bytes, fmt: str, delimiter: str) -> pa.Table:
                 if len(lines) <= 1:
                     raise
                 lines = lines[: len(lines) // 2]
+    data += b"" if data.endswith(b"\n") else b"\n"  # (pyarrow: a header alone without one is "empty")
     return pacsv.read_csv(
         io.BytesIO(data), parse_options=_sample_options(delimiter), convert_options=convert_options(None)
     )

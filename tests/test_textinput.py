@@ -384,3 +384,31 @@ def test_inference_passes_over_a_record_the_sample_cut_or_that_is_malformed() ->
     assert infer(short, "csv", ",") == (("id", "int64"), ("name", "string"), ("amount", "double"))
     drift = b'{"id": 1, "amount": 1.5}\n{"id": 2, "amount": 2.5}\n{"id": 3, "amount": "zz"}\n'
     assert infer(drift, "ndjson", ",") == (("id", "int64"), ("amount", "double"))
+
+
+INFERRED = CSV_JOB.replace('schema = { id = "int64", name = "string", amount = "double" }\n', "")
+
+
+def test_a_csv_of_a_header_alone_has_no_rows_not_a_schema_of_strings(project: Project) -> None:
+    """Hostile review: a header-only CSV (an empty day's export) sorted first decided an
+    all-string schema, and every file with rows was then a bad file; without a final newline
+    it was a bad file itself, a declared schema or not. Its header still has to fit."""
+    project.data.mkdir()
+    (project.data / "b.csv").write_text("id,name,amount\n1,a,1.5\n2,b,2.5\n")
+    for body in ("id,name,amount\n", "id,name,amount"):
+        for job in (INFERRED, CSV_JOB):
+            report = run_csv(project, body.encode(), job)
+            assert report["status"] == "succeeded" and report["bad_files"] == [], (body, job, report)
+            assert output(project) == [(1, "a", 1.5), (2, "b", 2.5)]
+    report = run_csv(project, b"id,other\n", INFERRED)
+    assert "name (string) missing; amount (double) missing" in report["bad_files"][0]["error"], report
+
+
+def test_a_csv_whose_first_record_is_longer_than_the_sample_is_a_bad_file_not_strings(
+    project: Project,
+) -> None:
+    """Hostile review: a first record longer than the sample left inference a header alone:
+    every column was published as a string, exit 0. Without a record there is no schema."""
+    body = b"id,name,amount\n1," + b"x" * (2**20 + 10) + b",1.5\n2,b,2.5\n"
+    report = run_csv(project, body, INFERRED)
+    assert report["status"] == "failed" and "no whole record in the first" in report["bad_files"][0]["error"]
