@@ -2,8 +2,7 @@
 sent to the whole process group (`kill -TERM -PGID`, a supervisor's, a terminal's Ctrl-C) are
 the coordinator's to act on (it lets chunks in flight finish, then kills the workers). The
 server would die of a SIGTERM and take every worker with it (they die with their parent), each
-chunk in flight charged an attempt. Workers inherit these handlers. Handlers, not SIG_IGN:
-they are reset when a job's code starts a program, which keeps the defaults."""
+chunk in flight charged an attempt. (Workers ignore both, for the programs a job runs.)"""
 
 import signal
 

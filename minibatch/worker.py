@@ -340,7 +340,10 @@ def worker_main(conn: Connection, memory_cap: int | None, stopping: Any) -> None
 
     Once `stopping` (an Event) is set, tasks still queued here are handed back unstarted.
     """
-    # (stop signals: the forkserver's handlers, inherited; see server_signals)
+    # Stop signals to the whole process group are the coordinator's (see server_signals), and
+    # ignored, not handled, so that the programs a job runs ignore them too and finish the chunk.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.stdout is not None and sys.stderr is not None:  # (None: closed when Python started)
         sys.stdout, sys.stderr = ForgivingStream(sys.stdout, 1), ForgivingStream(sys.stderr, 2)
     _die_with_parent()

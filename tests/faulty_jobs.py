@@ -7,6 +7,7 @@ The target is `MB_TARGET="file.parquet:row_start"`; every call is logged to MB_C
 import ctypes
 import os
 import signal
+import subprocess
 import time
 
 import pyarrow as pa
@@ -117,6 +118,14 @@ def drift(table, ctx):
 def slow(table, ctx):
     _log(ctx)
     return _ok(table)
+
+
+def program(table, ctx):
+    """Runs a program for MB_SLEEP seconds (a stop signal to the whole process group must let
+    it finish, as it lets the chunk)."""
+    _log(ctx)
+    subprocess.run(["sleep", env("MB_SLEEP", "0")], check=True)
+    return table.append_column("doubled", pc.add(table["value"], table["value"]))
 
 
 def crash_at(table, ctx):

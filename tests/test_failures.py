@@ -125,21 +125,25 @@ def test_two_concurrent_runs_second_exits_3(project: Project) -> None:
         first.wait()
 
 
-@pytest.mark.parametrize("to", ["coordinator", "group"])
-def test_sigterm_finishes_in_flight_chunks_exits_0_and_resumes(project: Project, to: str) -> None:
-    """Hostile review: a SIGTERM to the whole process group (`kill -TERM -PGID`, a supervisor
+@pytest.mark.parametrize(
+    ("to", "signum"), [("coordinator", signal.SIGTERM), ("group", signal.SIGTERM), ("group", signal.SIGINT)]
+)
+def test_sigterm_finishes_in_flight_chunks_exits_0_and_resumes(
+    project: Project, to: str, signum: int
+) -> None:
+    """Hostile reviews: a SIGTERM to the whole process group (`kill -TERM -PGID`, a supervisor
     that signals every process) killed the workers mid-chunk, each chunk charged an attempt (a
-    dead letter with `retries = 0`, skipped by later runs). Workers leave stopping to the
-    coordinator, as they do Ctrl-C."""
-    setup(project, "slow", files=4)
+    dead letter with `retries = 0`, skipped by later runs); the programs a job runs, too, with
+    Ctrl-C as well. Stopping is the coordinator's: chunks in flight, and their programs, finish."""
+    setup(project, "program", files=4)
     env = {"MB_SLEEP": "0.1"}
     process = project.start("run-now", "f", env=env)
     wait_for(lambda: len(project.computations()) >= 4, what="chunks to run")
     sent = time.monotonic()
     if to == "group":
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signum)
     else:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
     out, err = process.communicate(timeout=60)
     stop_seconds = time.monotonic() - sent
     assert process.returncode == 0, err
