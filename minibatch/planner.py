@@ -173,14 +173,14 @@ def input_signature(files: Sequence[FileMeta], stored: Signature | None) -> Sign
     a tie, that of the first file in sorted order). Never which file a worker read first."""
     if stored:
         return stored
-    counts = Counter(_columns(meta) for meta in files if not _typeless(meta))
+    counts = Counter(_columns(meta) for meta in files if not typeless(meta))
     if not counts:
         return None
     most = max(counts.values())
-    return next(meta.signature for meta in files if counts[_columns(meta)] == most and not _typeless(meta))
+    return next(meta.signature for meta in files if counts[_columns(meta)] == most and not typeless(meta))
 
 
-def _typeless(meta: FileMeta) -> bool:
+def typeless(meta: FileMeta) -> bool:
     """A CSV of a header alone: its columns, but no record to type them by (it votes for none)."""
     return bool(meta.signature) and all(kind == UNKNOWN for _, kind in meta.signature)
 

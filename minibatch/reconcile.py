@@ -22,7 +22,7 @@ from minibatch.jobcode import changed_facts
 from minibatch.layout import OutputLayout, part_name, vacant
 from minibatch.ledger import Ledger
 from minibatch.manifest import Manifest
-from minibatch.planner import BadFile, Chunk, FileMeta, Signature, input_signature, misfits
+from minibatch.planner import BadFile, Chunk, FileMeta, Signature, input_signature, misfits, typeless
 from minibatch.records import fingerprint_stat
 from minibatch.results import ResultStore
 from minibatch.states import ChunkStatus, EventKind
@@ -84,7 +84,8 @@ def fit_schema(
     another would make them bad for good. Then the misfits fail every run (`stuck`), not only
     the first: else later runs succeed over them."""
     stored: Signature | None = tuple((n, t) for n, t in json.loads(stored_json)) if stored_json else None
-    stale = bool(stored and files and all(misfits(meta, stored, columns) for meta in files))
+    typed = [meta for meta in files if not typeless(meta)]  # (a CSV's header alone fits any)
+    stale = bool(stored and typed and all(misfits(meta, stored, columns) for meta in typed))
     if stale and (declared or not unreadable):  # a declared `schema` is the schema, whatever else
         stored = None
     kept = stale and stored is not None

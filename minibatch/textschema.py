@@ -105,19 +105,41 @@ def _parse(data: bytes, fmt: str, delimiter: str) -> pa.Table:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
         # a broken line, or a value of another type than the lines before it had: infer from the
-        # objects up to there (the others are then read as malformed, not the whole file refused)
-        lines = [line for line in data.split(b"\n") if _object(line)]
-        while True:
-            try:
-                return pajson.read_json(io.BytesIO(b"\n".join(lines)))
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                if len(lines) <= 1:
-                    raise
-                lines = lines[: len(lines) // 2]
+        # others (those are then read as malformed, not the whole file refused)
+        return pajson.read_json(io.BytesIO(b"\n".join(_consistent(data.split(b"\n")))))
     data += b"" if data.endswith(b"\n") else b"\n"  # (pyarrow: a header alone without one is "empty")
-    return pacsv.read_csv(
-        io.BytesIO(data), parse_options=_sample_options(delimiter), convert_options=convert_options(None)
+    options = convert_options(None)
+    table = pacsv.read_csv(
+        io.BytesIO(data), parse_options=_sample_options(delimiter), convert_options=options
     )
+    if not table.num_rows:  # a header alone, or every record passed over: say why, as pyarrow does
+        strict = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+        pacsv.read_csv(io.BytesIO(data), parse_options=strict, convert_options=options)
+    return table
+
+
+def _consistent(lines: list[bytes]) -> list[bytes]:
+    """The JSON objects whose fields are each of the kind of that field's first value (numbers
+    one kind: integers become doubles)."""
+    kinds: dict[str, str] = {}
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            mine = {key: _json_kind(value) for key, value in record.items() if value is not None}
+            if all(kinds.get(key, kind) == kind for key, kind in mine.items()):
+                kinds.update(mine)
+                kept.append(line)
+    return kept
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    return "number" if isinstance(value, int | float) else type(value).__name__
 
 
 def _sample_options(delimiter: str) -> Any:
@@ -128,13 +150,6 @@ def _sample_options(delimiter: str) -> Any:
     return pacsv.ParseOptions(
         delimiter=delimiter, newlines_in_values=True, invalid_row_handler=lambda _: "skip"
     )
-
-
-def _object(line: bytes) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
 
 
 def convert_options(types: dict[str, Any] | None) -> Any:

@@ -412,3 +412,30 @@ def test_a_csv_whose_first_record_is_longer_than_the_sample_is_a_bad_file_not_st
     body = b"id,name,amount\n1," + b"x" * (2**20 + 10) + b",1.5\n2,b,2.5\n"
     report = run_csv(project, body, INFERRED)
     assert report["status"] == "failed" and "no whole record in the first" in report["bad_files"][0]["error"]
+
+
+def test_inference_keeps_every_record_but_those_of_another_type() -> None:
+    """Hostile review: inference halved an NDJSON sample until it parsed, throwing away good
+    records (a column first seen after the cut was lost, its records malformed); and a CSV whose
+    every sampled record has a field too many got no types (an AssertionError in the worker)."""
+    lines = [{"id": i, "v": i} if i < 7 else {"id": i, "v": i + 0.5, "extra": "e"} for i in range(12)]
+    lines[9]["id"] = "zz"
+    sample = "\n".join(json.dumps(line) for line in lines).encode() + b"\n"
+    assert infer(sample, "ndjson", ",") == (("id", "int64"), ("v", "double"), ("extra", "string"))
+    with pytest.raises(ValueError, match="Expected 2 columns, got 3"):
+        infer(b"id,amount\n1,2.5,\n4,5.5,\n", "csv", ",")
+
+
+def test_a_header_alone_does_not_keep_a_schema_no_file_with_rows_has(project: Project) -> None:
+    """Hostile review: a header-only CSV fits any stored schema, so once the only file with rows
+    was rewritten with another type, the stored schema was never decided again: the file was
+    bad, then skipped by later runs, which succeeded over an empty output."""
+    project.data.mkdir()
+    (project.data / "a.csv").write_text("id,name,amount\n")
+    report = run_csv(project, b"id,name,amount\n1,x,1.5\n", INFERRED, "b.csv")
+    assert report["status"] == "succeeded" and output(project) == [(1, "x", 1.5)]
+    report = run_csv(project, b"id,name,amount\n2,y,text\n", INFERRED, "b.csv")
+    assert report["status"] == "succeeded" and report["bad_files"] == [], report
+    assert ds.dataset(project.out("t"), format="parquet").to_table().to_pylist() == [
+        {"id": 2, "name": "y", "amount": "text"}
+    ]
