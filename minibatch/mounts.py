@@ -15,8 +15,8 @@ Table = dict[str, list[tuple[int, str]]]
 
 def mount_table() -> Table:
     """Each mount point but the root, with what is mounted on it: its source (a block device by
-    its filesystem's UUID, as device names change when disks are added), its root within the
-    source, its type. Hidden mounts are listed too: `mounted` tells which one is seen."""
+    its filesystem's UUID where udev lists it, as device names change when disks are added),
+    its root within the source, its type. Hidden mounts are listed too: `mounted` tells which one is seen."""
     try:
         lines = Path("/proc/self/mountinfo").read_text(errors="surrogateescape").splitlines()
     except OSError:
@@ -26,8 +26,8 @@ def mount_table() -> Table:
     for line in lines:
         fields = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), f) for f in line.split()]
         kind, source = fields[fields.index("-") + 1 :][:2]
-        if source.startswith("/dev/"):
-            source = f"UUID={uuids[source]}" if source in uuids else "a device"
+        if source.startswith("/dev/") and (real := os.path.realpath(source)) in uuids:
+            source = f"UUID={uuids[real]}"  # (/dev/mapper/vg-lv is /dev/dm-3 there)
         device = os.makedev(*(int(number) for number in fields[2].split(":")))
         root = "" if fields[3] == "/" else fields[3]
         table.setdefault(fields[4], []).append((device, f"{source}{root} ({kind})"))
