@@ -121,7 +121,12 @@ def _reduce(
     except ReduceStopped:
         raise
     except Exception as exc:  # the user's SQL: its error ends the run as failed, readably
-        raise OutputFailed(f"reduce_sql failed: {type(exc).__name__}: {exc}") from None
+        why = (
+            ""
+            if parts or empty
+            else " (no chunk has run yet to give the output's columns: no input has rows)"
+        )
+        raise OutputFailed(f"reduce_sql failed: {type(exc).__name__}: {exc}{why}") from None
 
 
 def _publish_reduced(result: pa.Table, layout: OutputLayout, key: str) -> Published | None:

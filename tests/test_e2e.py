@@ -228,6 +228,20 @@ def test_a_deleted_result_file_is_computed_again(project: Project) -> None:
     assert ids_of(project, "ident") == list(range(600))
 
 
+def test_a_reduce_before_any_chunk_ran_says_why_it_cannot(project: Project) -> None:
+    """Hostile review: a reduce job whose every input has no rows, on its first run, failed with
+    DuckDB's `Referenced column "id" not found ... Candidate bindings: "_"`: no chunk had run
+    to give the output's columns. It says so, and runs once one has."""
+    reduce_config(project, "SELECT sum(id) AS s FROM parts")
+    path = project.write_input("a.parquet", 0, 10)
+    pq.write_table(pq.read_table(path).slice(0, 0), path)  # no rows, the columns' types kept
+    result = project.cli("run-now", "totals")
+    assert result.returncode == 1 and "no chunk has run yet to give the output's columns" in result.stdout
+    project.write_input("b.parquet", 10, 10)
+    again = project.cli("run-now", "totals")
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
 def test_a_reduce_job_stopped_mid_run_publishes_nothing(project: Project) -> None:
     reduce_config(project)
     for i in range(3):
