@@ -106,7 +106,9 @@ def _parse(data: bytes, fmt: str, delimiter: str) -> pa.Table:
             pass
         # a broken line, or a value of another type than the lines before it had: infer from the
         # others (those are then read as malformed, not the whole file refused)
-        return pajson.read_json(io.BytesIO(b"\n".join(_consistent(data.split(b"\n")))))
+        if not (objects := _consistent(data.split(b"\n"))):  # (pyarrow: "Empty JSON file")
+            raise ValueError("no JSON object in the sample to infer a schema from")
+        return pajson.read_json(io.BytesIO(b"\n".join(objects)))
     data += b"" if data.endswith(b"\n") else b"\n"  # (pyarrow: a header alone without one is "empty")
     options = convert_options(None)
     table = pacsv.read_csv(

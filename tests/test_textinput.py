@@ -424,6 +424,8 @@ def test_inference_keeps_every_record_but_those_of_another_type() -> None:
     assert infer(sample, "ndjson", ",") == (("id", "int64"), ("v", "double"), ("extra", "string"))
     with pytest.raises(ValueError, match="Expected 2 columns, got 3"):
         infer(b"id,amount\n1,2.5,\n4,5.5,\n", "csv", ",")
+    with pytest.raises(ValueError, match="no JSON object in the sample"):  # (not "Empty JSON file")
+        infer(b'[2, 1]\n{"id": 3, "x": \n', "ndjson", ",")
 
 
 def test_a_header_alone_does_not_keep_a_schema_no_file_with_rows_has(project: Project) -> None:
