@@ -129,7 +129,12 @@ class OutputLayout:
 
     def part_files(self) -> set[str]:
         """The parts minibatch wrote (by name); anything else in the directory is not ours."""
-        return {p.name for p in self.parts.iterdir() if PART_RE.match(p.name) and p.is_file()}
+        return set(self.part_sizes())
+
+    def part_sizes(self) -> dict[str, int]:
+        """The parts minibatch wrote, by name, and their sizes."""
+        with os.scandir(self.parts) as entries:
+            return {e.name: e.stat().st_size for e in entries if PART_RE.match(e.name) and e.is_file()}
 
     def foreign_files(self) -> list[str]:
         """What in the output minibatch did not write, as paths in it (in partitions too): never

@@ -9,6 +9,10 @@ UPDATE runs SET status = $crashed, ended_at = now() WHERE job = $job AND status 
 -- name: chunk_states
 SELECT chunk_id, status, output_file FROM chunks WHERE job = $job;
 
+-- name: part_sizes
+-- The size each result file recorded done was written with.
+SELECT output_file, bytes_out FROM chunks WHERE job = $job AND output_file IS NOT NULL;
+
 -- name: forget_chunks
 DELETE FROM chunks WHERE job = $job AND chunk_id IN (SELECT unnest($ids::VARCHAR[]));
 

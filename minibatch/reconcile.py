@@ -139,12 +139,18 @@ def reconcile(
     """Chunks still to compute, and finished results found on disk (see the module's doc)."""
     job = ledger.record.job
     states = manifest.chunk_states(job)
-    on_disk = store.layout.part_files()
+    sizes = store.layout.part_sizes()
+    on_disk = set(sizes)
+    # a part not of the size it was written (cut short, another's copied over it) is checked
+    # as one found on disk is, by its footer, below
+    written = {row["output_file"]: row["bytes_out"] for row in manifest.named("part_sizes", job=job)}
     planned = {c.chunk_id for c in chunks}
     done = {
         chunk_id: output
         for chunk_id, (status, output) in states.items()
-        if status == ChunkStatus.DONE and chunk_id in planned and (output is None or output in on_disk)
+        if status == ChunkStatus.DONE
+        and chunk_id in planned
+        and (output is None or (output in on_disk and written.get(output, sizes[output]) == sizes[output]))
     }
     dead = {
         chunk_id

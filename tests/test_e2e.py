@@ -228,6 +228,26 @@ def test_a_deleted_result_file_is_computed_again(project: Project) -> None:
     assert ids_of(project, "ident") == list(range(600))
 
 
+def test_a_result_file_truncated_or_replaced_by_another_is_computed_again(project: Project) -> None:
+    """Hostile review: a result recorded done was only looked for, never looked at: one cut
+    short, or overwritten by another chunk's, stayed, and every run exited 0 with rows missing
+    and doubled (or an output DuckDB cannot read, or a traceback). One whose size is not what
+    was recorded is checked as a found one is (its footer), and computed again."""
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 600)
+    project.write_input("b.parquet", 600, 50, row_group=50)
+    assert project.cli("run-now", "ident").returncode == 0
+    parts = sorted(project.out("ident").iterdir(), key=lambda p: p.stat().st_size)
+    small, victim, other = parts[0], parts[1], parts[-1]
+    assert small.stat().st_size != other.stat().st_size
+    other.write_bytes(other.read_bytes()[:-100])  # cut short
+    victim.write_bytes(small.read_bytes())  # another chunk's result
+    again = project.cli("run-now", "ident")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "2 done now" in again.stdout, again.stdout
+    assert ids_of(project, "ident") == list(range(650))
+
+
 def test_a_reduce_before_any_chunk_ran_says_why_it_cannot(project: Project) -> None:
     """Hostile review: a reduce job whose every input has no rows, on its first run, failed with
     DuckDB's `Referenced column "id" not found ... Candidate bindings: "_"`: no chunk had run
