@@ -23,10 +23,12 @@ from datetime import date
 from typing import Any
 
 from minibatch.config import Config, ConfigError, JobConfig
+from minibatch.layout import OutputLayout
 from minibatch.lock import JobLocked, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.params import DATE, schedule_dates
+from minibatch.reconcile import job_definition
 from minibatch.records import new_run_id
 from minibatch.runner import RunOptions, run_job
 from minibatch.signals import StopSignals
@@ -109,11 +111,19 @@ def plan(config: Config, request: BackfillRequest, manifest: Manifest) -> list[D
     days = schedule_dates(schedule, request.first, request.last)
     if request.backwards:
         days.reverse()
-    latest = {row["job"]: row["status"] for row in manifest.named("latest_runs", job=job.name)}
+    latest = {row["job"]: row for row in manifest.named("latest_runs", job=job.name)}
+    current = job_definition(_bind(config, request, days[0]), config.base_dir).key if days else ""
     states = []
     for day in days:
-        key = _bind(config, request, day).key
-        states.append(_decide(day, latest.get(key), request.reprocess))
+        bound = _bind(config, request, day)
+        last = latest.get(bound.key, {})
+        state = _decide(day, last.get("status"), request.reprocess)
+        parts = str(OutputLayout.of(bound).parts)
+        if state.action == "skip" and last.get("definition") not in (None, current):
+            state = DateState(day, "run", reason="definition changed")  # (a run recomputes it anyway)
+        elif state.action == "skip" and last.get("parts_dir") not in (None, parts):
+            state = DateState(day, "run", reason="output moved")
+        states.append(state)
     return states
 
 

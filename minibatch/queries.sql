@@ -174,9 +174,11 @@ SELECT quantile_cont(greatest(peak_rss - start_rss, 0) / size, 0.9) FROM (
 );
 
 -- name: latest_runs
--- The latest run of each parameter set of a job: what a backfill's --reprocess decides on.
-SELECT job, status, run_id FROM runs WHERE starts_with(job, $job || '[')
-QUALIFY row_number() OVER (PARTITION BY job ORDER BY started_at DESC) = 1;
+-- The latest run of each parameter set of a job: what a backfill's --reprocess decides on,
+-- with where it put its results and the definition they are of.
+SELECT runs.job, status, run_id, parts_dir, definition
+FROM runs LEFT JOIN job_state ON job_state.job = runs.job WHERE starts_with(runs.job, $job || '[')
+QUALIFY row_number() OVER (PARTITION BY runs.job ORDER BY started_at DESC) = 1;
 
 -- name: unfinished_backfill
 -- The backfill a new one with the same job, range and parameters continues.

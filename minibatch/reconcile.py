@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from minibatch.events import RunEvents
 from minibatch.inputs import Inputs
-from minibatch.jobcode import changed_facts
+from minibatch.jobcode import changed_facts, definition
 from minibatch.layout import OutputLayout, part_name, vacant
 from minibatch.ledger import Ledger
 from minibatch.manifest import Manifest
@@ -27,6 +27,7 @@ from minibatch.records import fingerprint_stat
 from minibatch.results import ResultStore
 from minibatch.states import ChunkStatus, EventKind
 from minibatch.tasks import TaskResult
+from minibatch.textinput import text_facts
 
 if TYPE_CHECKING:
     from minibatch.config import JobConfig
@@ -37,6 +38,13 @@ class Definition:
     key: str
     facts: dict[str, Any]
     changed: list[str] = field(default_factory=list)  # what changed since the last run, if it did
+
+
+def job_definition(job: JobConfig, base_dir: Path) -> Definition:
+    """What the job's results are of: its code, and beyond it how parts are written (whole where
+    reduce_sql reads them), its checks, its text format."""
+    facts = job.shape.of_parts(job.reduce_sql).facts() | job.checks.facts() | text_facts(job.text)
+    return Definition(*definition(job.process, job.sql, job.columns, job.version, base_dir, facts))
 
 
 def check_definition(

@@ -24,7 +24,6 @@ from minibatch.events import Emitter, Listener, LogListener
 from minibatch.execute import Execution, Executor, open_pool
 from minibatch.hooks import HookListener
 from minibatch.inputs import InputError, Inputs, find_inputs
-from minibatch.jobcode import definition
 from minibatch.layout import OutputLayout, remove_published
 from minibatch.ledger import Ledger
 from minibatch.lock import job_lock
@@ -33,12 +32,12 @@ from minibatch.owner import OutputNotOwned
 from minibatch.params import params_json
 from minibatch.planner import BadFile, FileMeta, InputUnreadable, plan_chunks, scan_inputs
 from minibatch.reconcile import (
-    Definition,
     Reconciled,
     check_definition,
     drop_removed,
     earlier_inputs,
     fit_schema,
+    job_definition,
     reconcile,
     removed_and_changed,
     report_bad_files,
@@ -50,7 +49,7 @@ from minibatch.results import ResultStore
 from minibatch.signals import StopSignals
 from minibatch.states import EventKind, RunStatus
 from minibatch.tasks import JobSpec, Pool
-from minibatch.textinput import read_text_meta, segment_size, text_facts
+from minibatch.textinput import read_text_meta, segment_size
 from minibatch.treemem import TreeMemory
 from minibatch.validate import check_imports
 
@@ -127,10 +126,7 @@ class Run:
         self.config, self.job, self.options, self.signals = config, job, options, signals
         self.manifest = Manifest(manifest_path(config.engine.state_dir))
         self.layout = OutputLayout.of(job)
-        # beyond the code: how parts are written (whole where reduce_sql reads them), checks, text
-        facts = job.shape.of_parts(job.reduce_sql).facts() | job.checks.facts() | text_facts(job.text)
-        self.definition = Definition(*definition(job.process, job.sql, job.columns, job.version,
-                                                 config.base_dir, facts))  # fmt: skip
+        self.definition = job_definition(job, config.base_dir)
         self.started = False  # recorded in the manifest: a crash from here on is the run's
         self.record = RunRecord(
             run_id=options.run_id or new_run_id(), job=job.key, pid=os.getpid(),

@@ -96,6 +96,31 @@ def test_reprocess_decides_per_date_from_its_last_run() -> None:
     assert _decide(day, "succeeded", "all").action == "fresh"
 
 
+def test_a_date_done_under_another_definition_or_output_is_run_again(project: Project) -> None:
+    """Hostile review: a backfill skipped every date whose last run succeeded, also when the
+    job's definition had changed since (its `sql`, `version`, module) or its output had moved:
+    exit 0 with old results beside new ones, or an empty new output. Those dates run again."""
+    ids = write_days(project)
+    project.write_config(DAILY)
+    first = ["--from", DATES[0], "--to", DATES[1]]
+    assert project.cli("backfill", "daily", *first).returncode == 0
+    two = len(project.computations())
+    project.write_config(DAILY + 'version = "2"\n')
+    three = ["--from", DATES[0], "--to", DATES[2]]
+    planned = json.loads(project.cli("backfill", "daily", *three, "--dry-run", "--json").stdout)
+    assert [(d["action"], d["reason"]) for d in planned][:2] == [("run", "definition changed")] * 2, planned
+    assert project.cli("backfill", "daily", *three).returncode == 0
+    assert len(project.computations()) == two * 2 + two // 2  # the two dates twice, the third once
+    project.write_config(DAILY.replace("out/daily/", "out/moved/") + 'version = "2"\n')
+    planned = json.loads(project.cli("backfill", "daily", *first, "--dry-run", "--json").stdout)
+    assert {d["reason"] for d in planned} == {"output moved"}, planned
+    assert project.cli("backfill", "daily", *first).returncode == 0
+    moved = project.root / "out" / "moved" / DATES[0]
+    assert (
+        sorted(pq.read_table(sorted(moved.glob("part-*.parquet"))).column("id").to_pylist()) == ids[DATES[0]]
+    )
+
+
 def test_a_date_cut_short_before_the_backfill_resumes_in_it(project: Project) -> None:
     """Hostile review: a date whose run was killed (a killed backfill restarted with another
     range, a stopped run-now) was `skipped` by `--reprocess none`, and the backfill succeeded
