@@ -97,6 +97,11 @@ def check_request(config: Config, request: BackfillRequest) -> JobConfig:
         )
     if DATE in request.params:
         problems.append("--param date: the backfill gives each run its date")
+    if not problems:  # its parameters, checked as a run's are (not a crash of the backfill later)
+        try:
+            _bind(config, request, request.first)
+        except ConfigError as exc:
+            problems += exc.errors
     if problems:
         raise ConfigError(problems, config.path)
     return job

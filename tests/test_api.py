@@ -268,6 +268,8 @@ def test_a_backfill_over_the_api(project: Project) -> None:
         assert shown["status"] == "succeeded" and [d["date"] for d in shown["dates"]] == days[::-1]
         assert all(d["rows_out"] == 50 and d["run_id"] for d in shown["dates"])
         assert api.call("POST", "/backfills", {**body, "to": "2026-10-01"})[0] == 422
+        # hostile review: parameters were not checked before the 202 (the backfill then crashed)
+        assert api.call("POST", "/backfills", {**body, "params": {"nope": "x"}})[0] == 422
         assert api.call("GET", "/backfills/bf-nope")[0] == 404
     finally:
         assert api.stop() == 0
