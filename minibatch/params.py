@@ -69,8 +69,27 @@ def placeholders(template: str) -> list[str]:
 
 
 def sql_params(sql: str | None) -> list[str]:
-    """The `$name` parameters a query binds (DuckDB's named parameters)."""
-    return list(dict.fromkeys(SQL_PARAM_RE.findall(sql or "")))
+    """The `$name` parameters a query binds (DuckDB's named parameters): not one inside a
+    string literal or a comment, which DuckDB does not see (and it refuses values it does not use)."""
+    text = sql or ""
+    if "$" in text and any(mark in text for mark in ("'", "--", "/*")):
+        text = _code_only(text)
+    return list(dict.fromkeys(SQL_PARAM_RE.findall(text)))
+
+
+def _code_only(sql: str) -> str:
+    """The SQL with its string literals and comments blanked, by DuckDB's own tokenizer."""
+    import duckdb  # noqa: F811 (only for SQL that has some)
+
+    try:
+        tokens = duckdb.tokenize(sql)
+    except duckdb.Error:
+        return sql  # (DuckDB will say what is wrong with it)
+    ends = [start for start, _ in tokens[1:]] + [len(sql)]
+    blank = (duckdb.token_type.string_const, duckdb.token_type.comment)
+    return "".join(
+        " " if kind in blank else sql[start:end] for (start, kind), end in zip(tokens, ends, strict=True)
+    )
 
 
 def sql_values(sql: str | None, values: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from minibatch.params import (
     placeholders,
     render,
     schedule_dates,
+    sql_params,
 )
 from minibatch.schedule import parse_crontab
 
@@ -451,3 +452,12 @@ def test_a_rendered_output_on_another_jobs_output_is_refused_and_deletes_nothing
         assert {p.name: p.read_bytes() for p in (project.root / b_out).iterdir()} == before
     assert project.cli("run-now", "b").returncode == 0  # nothing to do: its output is whole
     assert sorted(pq.read_table(project.root / b_out)["id"].to_pylist()) == list(range(500))
+
+
+def test_a_parameter_inside_a_string_literal_or_a_comment_is_not_bound() -> None:
+    """Hostile review: `SELECT '$date' AS tag` bound `date`, which DuckDB does not see there
+    (a literal), and refused: every chunk dead-lettered by a config `validate` had passed."""
+    sql = "SELECT id, '$date' AS tag, $region AS r FROM chunk -- by $owner\n/* $x */ WHERE d = $day"
+    assert sql_params(sql) == ["region", "day"]
+    assert sql_params("SELECT $date AS d FROM chunk") == ["date"]
+    assert sql_params("SELECT 'it''s $date' AS d") == []
