@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from minibatch.checking import Checker
+from minibatch.params import sql_params
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -108,6 +109,10 @@ def _check_list(c: Checker, key: str, actions: tuple[str, ...]) -> tuple[Check, 
             c.error(where, 'sql must be a boolean SQL expression over the rows, e.g. "amount >= 0"')
         elif action not in actions:
             c.error(where, f"action must be one of {', '.join(actions)}, got {action!r}")
+        elif used := sql_params(sql):  # (DuckDB would refuse every chunk: "Values were not provided")
+            c.error(
+                where, f"sql {sql!r} uses ${used[0]}: checks take no parameters (filter in the job's sql)"
+            )
         elif problem := _syntax_error(sql):
             c.error(where, f"sql {sql!r} does not parse: {problem}")
         else:

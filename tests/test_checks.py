@@ -175,7 +175,8 @@ def test_check_settings_are_validated(project: Project) -> None:
         input = "data/*.parquet"
         output = "out/c"
         sql = "SELECT * FROM chunk"
-        checks = [{ name = "a", sql = "x > 0", action = "shout" }, { name = "a b", sql = "x" }, "nope"]
+        checks = [{ name = "a", sql = "x > 0", action = "shout" }, { name = "a b", sql = "x" }, "nope",
+                  { name = "d", sql = "day = $date" }]
         max_bad_fraction = 2
         output_checks = [{ name = "o", sql = "x > 0" }]
         quarantine = "q"
@@ -190,6 +191,8 @@ def test_check_settings_are_validated(project: Project) -> None:
         "jobs.c.max_bad_fraction: must be between 0 and 1, got 2",
         "jobs.c.output_checks: apply to a reduce job's result",
         'jobs.c.quarantine: no check has action = "quarantine"',
+        # hostile review: it passed, and DuckDB refused every chunk ("Values were not provided")
+        "jobs.c.checks[3]: sql 'day = $date' uses $date: checks take no parameters",
     ):
         assert expected in result.stderr, expected
 
