@@ -4,7 +4,6 @@ and a match that cannot be read as a file (a dangling symlink: an unmounted shar
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import glob
 import itertools
@@ -41,12 +40,8 @@ def input_signature(base_dir: Path, patterns: Iterable[str]) -> tuple[tuple[str,
         paths = expand_inputs(base_dir, patterns)
     except InputError:
         return ()
-    found = []
-    for path in paths:
-        with contextlib.suppress(OSError):  # gone since the glob
-            st = os.stat(path)
-            found.append((path, st.st_size, st.st_mtime_ns))
-    return tuple(found)
+    stamps = {path: _stamp(path) for path in paths}
+    return tuple((path, *stamp) for path, stamp in stamps.items() if stamp)  # (None: gone since the glob)
 
 
 def find_inputs(
@@ -108,6 +103,7 @@ def _spelled(path: str) -> str:
 
 
 def _stamp(path: str) -> tuple[int, int] | None:
+    """The file's (size, mtime_ns), None if it cannot be stat'ed."""
     try:
         st = os.stat(path)
     except OSError:
