@@ -12,6 +12,7 @@ whichever comes second waits (the backfill) or is skipped (the scheduled run).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -157,12 +158,20 @@ def run_backfill(
     stop: StopSignals | None = None,
     on_date: Callable[[Backfill, DateState], None] | None = None,
     backfill_id: str | None = None,
+    lock: contextlib.ExitStack | None = None,
 ) -> Backfill:
-    """Run (or continue) a backfill to its end or a stop. Raises ConfigError, JobLocked."""
+    """Run (or continue) a backfill to its end or a stop (`lock`: its lock, taken by the caller).
+    Raises ConfigError, JobLocked."""
     manifest = Manifest(manifest_path(config.engine.state_dir))
     check_request(config, request)
-    with job_lock(config.engine.state_dir, f"{request.job}.backfill"):
+    name: Callable[[str], None] | None = None
+    if lock is None:
+        lock = contextlib.ExitStack()
+        name = lock.enter_context(job_lock(config.engine.state_dir, f"{request.job}.backfill"))
+    with lock:
         backfill = _start(config, request, manifest, backfill_id)
+        if name is not None:
+            name(backfill.backfill_id)  # what `status` and `cancel` tell it by
         log.info(
             "backfill_started", job=request.job, backfill_id=backfill.backfill_id, resumed=backfill.resumed,
             dates=len(backfill.dates), todo=sum(d.status not in FINISHED for d in backfill.dates),

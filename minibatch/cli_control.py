@@ -104,28 +104,32 @@ def cancel(state: State, run_id: str) -> None:
     if not rows:  # a backfill's id: the backfill as a whole
         rows = manifest.named("backfill", read_only=True, id=run_id)
         lock = f"{rows[0]['job']}.backfill" if rows else None
+    state_dir = state.config.engine.state_dir
     if not rows:
+        if holder_pid(state_dir, DAEMON_LOCK) is not None:  # accepted by the daemon, not begun
+            answer = api_call(state, "POST", f"/runs/{run_id}/cancel")
+            click.echo(f"run {run_id} of {answer['job']}: {answer['status']} (asked the daemon)")
+            return
         _fail(f"no run {run_id!r}")
     run = rows[0]
     # its pid, dead, may be another process's by now: the locks' holders say who runs what
     status = actual_status(state.config, {**run, "job": lock or run["job"]})
     if status != "running":
         _fail(f"run {run_id!r} of {run['job']} is not running (it is {status})")
-    state_dir = state.config.engine.state_dir
-    if holder_pid(state_dir, DAEMON_LOCK) == run["pid"]:  # a run inside the daemon: not a signal to it all
+    # the holder as this PID namespace numbers it (the pid recorded is its own namespace's)
+    pid = holder_pid(state_dir, lock or run["job"])
+    if not pid:
+        _fail(f"run {run_id!r} of {run['job']} runs in a process this PID namespace cannot see "
+              "(another container): cancel it there")  # fmt: skip
+    if holder_pid(state_dir, DAEMON_LOCK) == pid:  # a run inside the daemon: not a signal to it all
         answer = api_call(state, "POST", f"/runs/{run_id}/cancel")
-        click.echo(
-            f"run {run_id} of {answer['job']}: {answer['status']} (asked the daemon, pid {run['pid']})"
-        )
+        click.echo(f"run {run_id} of {answer['job']}: {answer['status']} (asked the daemon, pid {pid})")
         return
-    os.kill(run["pid"], signal.SIGTERM)
+    os.kill(pid, signal.SIGTERM)
     backfill = lock or f"{str(run['job']).partition('[')[0]}.backfill"
-    what = (
-        "its backfill (run the same command again to continue)"
-        if holder_pid(state_dir, backfill) == run["pid"]
-        else "it"
-    )
-    click.echo(f"run {run_id} of {run['job']}: stopping {what} (SIGTERM to process {run['pid']})")
+    mine = holder_pid(state_dir, backfill) == pid
+    what = "its backfill (run the same command again to continue)" if mine else "it"
+    click.echo(f"run {run_id} of {run['job']}: stopping {what} (SIGTERM to process {pid})")
 
 
 @click.command()

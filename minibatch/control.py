@@ -7,6 +7,7 @@ problem+json answer; the logic stays here, importable and testable without HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -25,7 +26,7 @@ from minibatch.backfill import (
     run_backfill,
 )
 from minibatch.config import Config, ConfigError, JobConfig
-from minibatch.lock import JobLocked, holder_pid
+from minibatch.lock import JobLocked, held_by, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest
 from minibatch.params import DATE, logical_date
@@ -122,16 +123,28 @@ class Control:
     def runs(self, job: str | None, limit: int) -> list[dict[str, Any]]:
         if job is not None:
             self._job(job)
-        return [self._shown(row) for row in self.host.manifest.runs(job, limit)]
+        shown = [self._shown(row) for row in self.host.manifest.runs(job, limit)]
+        listed = {run["run_id"] for run in shown}
+        waiting = [  # accepted, not begun (no row yet): the newest
+            self._queued(run_id, active)
+            for run_id, active in self.host.active.items()
+            if active.kind == "run" and job in (None, active.job) and run_id not in listed
+            and not self.host.manifest.named("run_by_id", run_id=run_id)
+        ]  # fmt: skip
+        return (waiting + shown)[:limit]
 
     def run(self, run_id: str) -> dict[str, Any]:
         rows = self.host.manifest.named("run_by_id", run_id=run_id)
         if not rows:
             if (waiting := self.host.active.get(run_id)) is not None:  # accepted, not begun: no row yet
-                params = json.dumps(waiting.params)
-                return run_json({"run_id": run_id, "job": waiting.key, "status": "queued", "params": params})
+                return self._queued(run_id, waiting)
             raise ControlError(404, "Run not found", f"no run {run_id!r}")
         return self._shown(rows[0])
+
+    @staticmethod
+    def _queued(run_id: str, active: Active) -> dict[str, Any]:
+        params = json.dumps(active.params)
+        return run_json({"run_id": run_id, "job": active.key, "status": "queued", "params": params})
 
     def _shown(self, row: dict[str, Any]) -> dict[str, Any]:
         """A run as run_json shows it, `crashed` if its process died running it (a daemon
@@ -164,12 +177,14 @@ class Control:
         with self._claims:  # two requests at once: one is accepted, the other told so
             if self.host.active.running(key):
                 raise ControlError(409, "Already running", f"job {key!r} is running")
-            self._check_free(key, f"job {key!r} is running")
+            lock = self._take(key, run_id, f"job {key!r} is running")
             self.host.active.add(
                 run_id, Active(name, stop, key=key, started=False, params=params)
             )  # cancellable from now on
-        options = RunOptions(params=params, fresh=fresh, retry_dead=retry_dead, run_id=run_id, stop=stop)
-        self.host.submit(self.host.run_in_daemon, name, "api", options)
+        options = RunOptions(
+            params=params, fresh=fresh, retry_dead=retry_dead, run_id=run_id, stop=stop, lock=lock
+        )
+        self._submit(lock, self.host.run_in_daemon, name, "api", options)
         log.info("run_requested", job=name, run_id=run_id, params=params or None)
         return {"run_id": run_id, "job": key, "status": "queued", "url": f"/runs/{run_id}"}
 
@@ -212,15 +227,16 @@ class Control:
             ]
             if running:
                 raise ControlError(409, "Already running", f"a backfill of job {request.job!r} is running")
-            self._check_free(f"{request.job}.backfill", f"a backfill of job {request.job!r} is running")
             found = self.host.manifest.named(
                 "unfinished_backfill", params=json.dumps(request.params, sort_keys=True), **spec
             )
             old = load(self.host.manifest, found[0]["backfill_id"]) if found else None
             backfill_id = old.backfill_id if old and continues(old, request) else new_backfill_id()
+            detail = f"a backfill of job {request.job!r} is running"
+            lock = self._take(f"{request.job}.backfill", backfill_id, detail)
             stop = StopSignals()
             self.host.active.add(backfill_id, Active(request.job, stop, "backfill", started=False))
-        self.host.submit(self._run_backfill, request, backfill_id, stop)
+        self._submit(lock, self._run_backfill, request, backfill_id, stop, lock)
         return {
             "backfill_id": backfill_id,
             "job": request.job,
@@ -234,17 +250,19 @@ class Control:
             raise ControlError(404, "Backfill not found", f"no backfill {backfill_id!r}")
         shown = backfill_json(backfill, self.host.manifest)
         lock = f"{backfill.request.job}.backfill"
-        if shown["status"] == "running" and holder_pid(self.host.config.engine.state_dir, lock) is None:
+        if shown["status"] == "running" and not held_by(self.host.config.engine.state_dir, lock, backfill_id):
             # its process died (a daemon SIGKILLed): the same request continues it
             shown["status"] = RunStatus.CRASHED
             for day in shown["dates"]:
                 day["status"] = RunStatus.CRASHED if day["status"] == "running" else day["status"]
         return shown
 
-    def _run_backfill(self, request: BackfillRequest, backfill_id: str, stop: StopSignals) -> None:
+    def _run_backfill(
+        self, request: BackfillRequest, backfill_id: str, stop: StopSignals, lock: contextlib.ExitStack
+    ) -> None:
         self.host.active.add(backfill_id, Active(request.job, stop, "backfill"))
         try:
-            run_backfill(self.host.config, request, stop, backfill_id=backfill_id)
+            run_backfill(self.host.config, request, stop, backfill_id=backfill_id, lock=lock)
         except JobLocked as exc:
             log.warning(
                 "backfill_skipped_locked", job=request.job, backfill_id=backfill_id, holder_pid=exc.pid
@@ -266,11 +284,28 @@ class Control:
         if self.host.stopping:  # its pool takes no new work: a run queued now would never end
             raise ControlError(503, "Stopping", "the daemon is stopping; it starts no new runs")
 
-    def _check_free(self, lock: str, detail: str) -> None:
-        """Refuse what a process holds the lock of: asked, not taken (taking it, even for a
-        moment, could make a run starting elsewhere at that moment give up)."""
-        if holder_pid(self.host.config.engine.state_dir, lock) is not None:
-            raise ControlError(409, "Already running", detail)
+    def _take(self, lock: str, tag: str, detail: str) -> contextlib.ExitStack:
+        """Take the lock of what is accepted, held until it ends: a run starting elsewhere after
+        the 202 is refused (exit 3), where it used to win the lock and the accepted run was lost."""
+        held = contextlib.ExitStack()
+        try:
+            held.enter_context(job_lock(self.host.config.engine.state_dir, lock, tag=tag))
+        except JobLocked:
+            raise ControlError(409, "Already running", detail) from None
+        return held
+
+    def _submit(self, lock: contextlib.ExitStack, target: Callable[..., object], *args: Any) -> None:
+        """Run `target` in the daemon's pool, and let go of the lock it was accepted with after."""
+
+        def then_release(*args: Any) -> None:
+            with lock:
+                target(*args)
+
+        try:
+            self.host.submit(then_release, *args)
+        except BaseException:
+            lock.close()
+            raise
 
     def _rate_limit(self, name: str) -> None:
         now = time.monotonic()

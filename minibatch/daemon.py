@@ -264,7 +264,8 @@ class Daemon:
                 if waited is not None:  # its row is still in the manifest: a restart keeps it too
                     self.waiting[(name, waited)] = options.params
                 return True
-            self.active.add(options.run_id, Active(name, options.stop, key=key, started=True))
+            active = Active(name, options.stop, key=key, started=True, params=options.params)
+            self.active.add(options.run_id, active)
         if waited is not None:  # (left in the manifest, it only runs again after a restart)
             with contextlib.suppress(Exception):
                 self.manifest.named("unwait_fire", job=name, params=waited)

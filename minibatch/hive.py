@@ -102,6 +102,11 @@ def split_units(table: pa.Table, columns: tuple[str, ...]) -> list[tuple[str, pa
 
     if not columns:
         return [("", table)]
+    if set(table.column_names) <= set(columns):  # its files would have no column (Spark refuses too)
+        raise ValueError(
+            f"the result has only partition_by columns ({', '.join(table.column_names)}): their values "
+            "go in directory names, so its files would hold no column and no row; add a column"
+        )
     if not table.num_rows:
         return []
     missing = [c for c in columns if c not in table.column_names]

@@ -15,6 +15,7 @@ from pathlib import Path
 SLOT_POLL = 0.2  # seconds between looks for a free worker slot
 _HELD: set[str] = set()  # the job locks this process holds
 _HELD_LOCK = threading.Lock()
+TAG_WIDTH = 48
 PROBE_TRIES, PROBE_WAIT = 5, 0.01  # a job lock found taken is tried again: `lock_held` may hold it an instant
 
 
@@ -71,7 +72,10 @@ def lock_path(state_dir: Path, job: str) -> Path:
 
 
 @contextlib.contextmanager
-def job_lock(state_dir: Path, job: str) -> Iterator[None]:
+def job_lock(state_dir: Path, job: str, tag: str = "") -> Iterator[Callable[[str], None]]:
+    """Hold `job`'s lock; its file names the holder's pid and `tag` (the run or backfill id),
+    which the function it yields changes (through the held descriptor: on NFS, closing any
+    other descriptor of the file would drop the lock)."""
     path = lock_path(state_dir, job)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = _open_lock(path)
@@ -86,10 +90,14 @@ def job_lock(state_dir: Path, job: str) -> Iterator[None]:
                 time.sleep(PROBE_WAIT)
         with _HELD_LOCK:
             _HELD.add(str(path))
-        # Overwritten in place, never truncated: ext4 flushes a file truncated and rewritten
-        # at close (auto_da_alloc), some milliseconds per run. The width covers any pid.
-        os.pwrite(fd, f"{os.getpid():<20}\n".encode(), 0)
-        yield
+
+        def name(tag: str) -> None:
+            # Overwritten in place, never truncated: ext4 flushes a file truncated and rewritten
+            # at close (auto_da_alloc), some milliseconds per run. The widths cover any pid and id.
+            os.pwrite(fd, f"{os.getpid():<20}\n{tag[:TAG_WIDTH]:<{TAG_WIDTH}}\n".encode(), 0)
+
+        name(tag)
+        yield name
     finally:
         with _HELD_LOCK:
             _HELD.discard(str(path))
@@ -147,22 +155,18 @@ def _open_lock(path: Path) -> int:
 
 
 def holder_pid(state_dir: Path, job: str) -> int | None:
-    """The pid of the lock's holder, if it is held: the kernel's word (/proc/locks), not only
-    the pid the holder wrote, which outlives it and may be another process's by now."""
+    """The pid of the lock's holder, if it is held (0: by a process this PID namespace cannot
+    see): the kernel's word (/proc/locks), not only the pid the holder wrote, which outlives it
+    and may be another process's by now."""
     path = lock_path(state_dir, job)
     try:
-        holder = _flock_holder(path)
+        return _flock_holder(path)
     except (OSError, ValueError):  # no lock file: no holder; no /proc/locks: the file's word
-        holder = None if not os.path.lexists(path) else 0
-    if holder:
-        return holder
-    if holder is None:
-        return None
+        if not os.path.lexists(path):
+            return None
     try:
-        pid = int(_read_lock(path).strip() or 0)
-    except (OSError, ValueError):
-        return None
-    if not pid:
+        pid = int(_read_lock(path).split()[0])
+    except (OSError, ValueError, IndexError):
         return None
     try:
         os.kill(pid, 0)
@@ -171,6 +175,21 @@ def holder_pid(state_dir: Path, job: str) -> int | None:
     except PermissionError:
         pass
     return pid
+
+
+def held_by(state_dir: Path, job: str, tag: str, pid: int | None = None) -> bool:
+    """Whether the run (or backfill) `tag`, recorded with `pid`, still holds `job`'s lock. The
+    lock file's tag says which run holds it: a pid is another in each PID namespace (a run in a
+    container sharing the state_dir records its own). A file without one (a holder of an older
+    version): the pids, or any holder if no pid is known."""
+    holder = holder_pid(state_dir, job)
+    if holder is None:
+        return False
+    try:
+        written = _read_lock(lock_path(state_dir, job)).decode(errors="replace").split()
+    except OSError:
+        return False
+    return written[1] == tag if len(written) > 1 else pid in (None, holder)
 
 
 def lock_held(state_dir: Path, job: str) -> bool:
@@ -224,6 +243,6 @@ def _read_lock(path: Path) -> bytes:
     """The lock file's contents; not through a symlink, and never blocking on a FIFO put there."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        return os.read(fd, 64)
+        return os.read(fd, 128)
     finally:
         os.close(fd)

@@ -63,6 +63,7 @@ class RunOptions:
     stop: StopSignals | None = None  # the daemon's handle to stop this run from another thread
     params: dict[str, str] = field(default_factory=dict)  # NAME -> VALUE, as given (params.py)
     run_id: str | None = None  # chosen by the caller (the HTTP API answers with it at once)
+    lock: contextlib.ExitStack | None = None  # the job's lock, taken by the caller (the API, as it accepts)
     pool_factory: Callable[[int], Pool] | None = None  # default: the job's executor
     clock: Clock = SYSTEM
 
@@ -87,6 +88,8 @@ def run_job(
 ) -> RunSummary:
     """Run job `name` now, resuming its checkpoint. Raises JobLocked, ConfigError."""
     options = options or RunOptions()
+    run_id = options.run_id or new_run_id()
+    options = replace(options, run_id=run_id)  # its lock names it
     job = config.bound(name, options.params)
     job = replace(
         job, workers=options.workers or job.workers, memory_limit=options.memory_limit or job.memory_limit
@@ -104,7 +107,8 @@ def run_job(
         try:
             local = options.pool_factory is None and job.executor == "local"
             share = shared_workers(config.engine.state_dir, job, config.job(name).workers, local, signals)
-            with job_lock(config.engine.state_dir, job.key), share as job:
+            lock = options.lock or job_lock(config.engine.state_dir, job.key, tag=run_id)
+            with lock, share as job:
                 run = Run(config, job, options, emitter, signals)
                 try:
                     summary = run.execute()

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.crossjob import check_rendered
 from minibatch.layout import OutputLayout
-from minibatch.lock import holder_pid, job_lock
+from minibatch.lock import held_by, job_lock
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.owner import OutputNotOwned
 from minibatch.params import DATE
@@ -82,7 +82,9 @@ def _output(config: Config, name: str, row: dict[str, Any]) -> dict[str, Any]:
 def actual_status(config: Config, row: dict[str, Any]) -> str:
     """A run recorded as running whose process no longer holds the job's lock has crashed,
     unless it ended between the row's read and the lock's (a run records its end, then lets go)."""
-    if row["status"] == RunStatus.RUNNING and holder_pid(config.engine.state_dir, row["job"]) != row["pid"]:
+    if row["status"] == RunStatus.RUNNING and not held_by(
+        config.engine.state_dir, row["job"], row.get("run_id") or row.get("backfill_id", ""), row["pid"]
+    ):
         now = (
             manifest_for(config).named("run_by_id", read_only=True, run_id=row["run_id"])
             if "run_id" in row

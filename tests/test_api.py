@@ -387,13 +387,13 @@ def test_two_triggers_at_once_one_is_accepted_and_a_queued_run_is_found(
 
     project.write_config(SLOW_JOB)
     control = Control(StubDaemon(project))
-    real_check = control._check_free
+    real_take = control._take
 
-    def slow_check(lock: str, detail: str) -> None:
+    def slow_take(lock: str, tag: str, detail: str) -> Any:
         time.sleep(0.2)  # the window between the check and the claim, wide open
-        real_check(lock, detail)
+        return real_take(lock, tag, detail)
 
-    monkeypatch.setattr(control, "_check_free", slow_check)
+    monkeypatch.setattr(control, "_take", slow_take)
     answers: list[Any] = []
 
     def trigger() -> None:
@@ -545,3 +545,51 @@ def test_a_second_sigterm_to_a_daemon_ends_a_hook_in_flight(project: Project) ->
     assert time.monotonic() - began < 30
     failed = api.wait_event("hook_failed")
     assert failed["error"] == "stopped by a second signal"
+
+
+def test_an_accepted_run_holds_its_lock_until_it_ends(project: Project) -> None:
+    """Hostile review: POST answered 202, then a `run-now` started in a shell took the job's
+    lock before the daemon's thread did (it imports the job first): the accepted run was
+    dropped, 404 for good. The API takes the lock as it accepts; the run lets go of it."""
+    from minibatch.config import load_config
+    from minibatch.lock import JobLocked, job_lock, lock_held
+    from minibatch.runner import run_job
+
+    project.write_input("a.parquet", 0, 300)
+    project.write_config(SLOW_JOB)
+    daemon = StubDaemon(project)
+    control = Control(daemon)
+    run_id = control.trigger("slow", {}, fresh=True, retry_dead=False)["run_id"]
+    state = project.root / ".state"
+    with pytest.raises(JobLocked), job_lock(state, "slow"):  # the shell's run-now: exit 3
+        pytest.fail("a run elsewhere took the lock of an accepted run")
+    name, reason, options = daemon.submitted[0]
+    assert (name, reason, options.run_id) == ("slow", "api", run_id)
+    summary = run_job(load_config(project.root / "config.toml"), name, options)
+    assert summary.record.run_id == run_id and summary.record.status == "succeeded"
+    assert not lock_held(state, "slow")
+
+
+def test_a_queued_run_is_listed_with_its_parameters_and_cancelled_from_the_shell(project: Project) -> None:
+    """Hostile review: a run the API accepted, waiting for a worker slot, was left out of GET
+    /runs, showed no parameters, and `minibatch cancel` said "no run"."""
+    for day in ("2026-11-01", "2026-11-02"):
+        (project.root / "landing" / day).mkdir(parents=True)
+        project.write_input(f"../landing/{day}/a.parquet", 0, 600)  # 6 chunks of 0.5 s, one by one
+    api = Api(project, DAILY + 'workers = 1\nchunk_bytes = "3KB"\n', env={"MB_SLEEP": "0.5"})
+    try:
+        first = project.start("run-now", "daily", "--param", "date=2026-11-01", env={"MB_SLEEP": "0.5"})
+        wait_for(lambda: api.call("GET", "/runs?job=daily")[1], what="the shell's run")
+        status, answer, _ = api.call("POST", "/jobs/daily/runs", {"params": {"date": "2026-11-02"}})
+        assert status == 202, answer
+        queued = answer["run_id"]
+        listed = {run["run_id"]: run for run in api.call("GET", "/runs?job=daily")[1]}
+        assert listed[queued]["status"] == "queued", listed
+        assert listed[queued]["params"] == {"date": "2026-11-02"}
+        assert api.call("GET", f"/runs/{queued}")[1]["params"] == {"date": "2026-11-02"}
+        cancel = project.cli("cancel", queued, real=True)
+        assert cancel.returncode == 0 and "asked the daemon" in cancel.stdout, cancel.stderr
+        assert api.run_until(queued, lambda run: run["status"] == "stopped")["status"] == "stopped"
+        assert first.wait(timeout=60) == 0
+    finally:
+        assert api.stop() == 0

@@ -19,7 +19,7 @@ from minibatch.layout import OutputLayout, part_name, write_atomically
 from minibatch.lock import JobLocked, holder_pid, job_lock, lock_path
 from minibatch.userfiles import REDUCED_NAME
 
-from conftest import start_ready
+from conftest import MAP_JOB, Project, start_ready, wait_for
 
 CHUNK_ID = "a1" * 12  # chunk ids are 24 hex digits
 TABLE = pa.table({"id": pa.array(range(50), pa.int64()), "s": pa.array([f"v{i}" for i in range(50)])})
@@ -164,7 +164,7 @@ def test_sigkilled_holder_releases_the_lock_at_once(tmp_path: Path) -> None:
         holder.kill()
         holder.wait()
     # the dead holder's pid is still in the file, but it names no live process
-    assert lock_path(tmp_path, "nightly").read_text().strip() == str(holder.pid)
+    assert lock_path(tmp_path, "nightly").read_text().split()[0] == str(holder.pid)
     assert holder_pid(tmp_path, "nightly") is None
     with job_lock(tmp_path, "nightly"):  # no wait, no stale-lock cleanup needed
         assert holder_pid(tmp_path, "nightly") == os.getpid()
@@ -187,3 +187,37 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path: Path) -> None:
         assert excinfo.value.pid == os.getpid()
     with job_lock(tmp_path, "j"):  # released on exit
         pass
+
+
+def test_a_run_in_another_pid_namespace_is_running_and_cancelled_from_here(project: Project) -> None:
+    """Hostile review: a run in a container sharing the state_dir (another PID namespace)
+    records its own pid (1); `history` and `status` called it crashed while it ran, and
+    `cancel` refused. The lock file names the run that holds it; cancel signals the holder as
+    this namespace numbers it (never the pid the row records)."""
+    import json
+
+    unshare = ["unshare", "--pid", "--fork", "--mount-proc"]
+    try:
+        subprocess.run([*unshare, "true"], capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("no new PID namespace here (unshare needs CAP_SYS_ADMIN)")
+    project.write_config(MAP_JOB)
+    project.write_input("a.parquet", 0, 1000)  # 10 chunks of 0.5 s on 2 workers
+    argv = [*unshare, sys.executable, "-m", "minibatch", "--config", str(project.root / "config.toml")]
+    pipe = subprocess.PIPE
+    run = subprocess.Popen([*argv, "run-now", "ident"], env=project.env({"MB_SLEEP": "0.5"}),
+                           text=True, stdout=pipe, stderr=pipe, start_new_session=True)  # fmt: skip
+    project.started.append(run)
+    history: list[dict[str, object]] = []
+
+    def begun() -> bool:
+        history[:] = json.loads(project.cli("history", "ident", "--json").stdout or "[]")
+        return bool(history)
+
+    wait_for(begun, what="the run's row")
+    assert history[0]["status"] == "running", history
+    cancel = project.cli("cancel", str(history[0]["run_id"]))
+    assert cancel.returncode == 0, cancel.stderr
+    assert f"SIGTERM to process {run.pid}" not in cancel.stdout  # unshare's pid: its child runs
+    assert run.wait(timeout=60) == 0, run.stderr.read() if run.stderr else ""
+    assert json.loads(project.cli("history", "ident", "--json").stdout)[0]["status"] == "stopped"

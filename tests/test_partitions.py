@@ -720,3 +720,21 @@ def test_a_replaced_partition_keeps_its_group_where_its_owner_cannot_be_kept(pro
     again = run()
     assert again.returncode == 0, again.stdout + again.stderr
     assert (os.stat(unit).st_gid, os.stat(unit).st_mode & 0o777) == (5000, 0o770)
+
+
+@pytest.mark.parametrize(
+    "query", ["sql = 'SELECT day FROM chunk'", "reduce_sql = 'SELECT DISTINCT day FROM parts'"]
+)
+def test_a_result_of_only_partition_columns_fails_and_publishes_nothing(project: Project, query: str) -> None:
+    """Hostile review: `SELECT day` partitioned by day published files with no column and no
+    row ("80,000 out", exit 0; DuckDB cannot read them). Its values are only directory names:
+    the chunk (or the reduce) fails, saying so."""
+    write(project, "a.parquet", range(300))
+    body = JOB.replace('partition_by = ["day", "region"]', 'partition_by = ["day"]')
+    project.write_config(
+        body.replace('sql = "SELECT * FROM chunk"', query) if query.startswith("sql") else body + query
+    )
+    result = project.cli("run-now", "p")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "only partition_by columns (day)" in result.stdout + result.stderr
+    assert not list(project.out("p").rglob("*.parquet"))
