@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 ACTIONS = ("warn", "drop", "quarantine", "fail")
+OWN_PLACES = (  # a job's directories (layout.py)
+    ("output", "{}"), ("staging", ".{}.minibatch-staging"), ("parts", ".{}.minibatch-parts"),
+    ("malformed rows", "{}.malformed"),
+)  # fmt: skip
 OUTPUT_ACTIONS = ("warn", "fail")
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 CHECK_COLUMN = "_check"
@@ -84,8 +88,11 @@ def parse_checks(c: Checker, output: Path, base_dir: Path, parameterised: bool =
     quarantine = None
     if any(check.action == "quarantine" for check in rows):
         quarantine = (base_dir / place).resolve() if place else output.with_name(output.name + ".quarantine")
-        if quarantine == output or output in quarantine.parents or quarantine in output.parents:
-            c.error("quarantine", f"{quarantine} overlaps the job's output {output}")
+        for what, name in OWN_PLACES:  # each is emptied of what is not its own: the rows would go
+            mine = output.with_name(name.format(output.name))
+            if mine == quarantine or mine in quarantine.parents or quarantine in mine.parents:
+                c.error("quarantine", f"{quarantine} overlaps the job's {what} {mine}")
+                break
         if place and parameterised:
             c.error(
                 "quarantine", "a job with parameters keeps each set's quarantine beside its output: remove it"

@@ -214,10 +214,11 @@ class OutputLayout:
         manifest in `state_dir`, which has run it: `known`). Its staging directory, which only
         minibatch creates, says it is minibatch's, and the owner file in it whose; otherwise the
         output must be absent, empty, or hold only what minibatch names its files. An output inside
-        another claimed output is refused, and a staging or parts directory that is a symlink."""
+        another claimed output is refused, and a staging, parts or default held-rows directory
+        that is a symlink. Directories of held rows are claimed the same way, by their marks."""
         if problem := self.not_a_directory():
             raise OutputNotOwned(problem)
-        for directory in (self.staging, self.parts):
+        for directory in (self.staging, self.parts, *default_held(self.output)):
             if directory.is_symlink():
                 raise OutputNotOwned(f"{directory} is a symlink; minibatch keeps its own files there")
         for parent in self.output.parents:
@@ -232,7 +233,10 @@ class OutputLayout:
             except FileExistsError:  # made just now by another claim, or a file
                 if not self.staging.is_dir():
                     return  # not a directory: the run fails on it when it prepares
-        take(self.staging, self.output, owner, state_dir, known)
+        take(self.staging / OWNER_NAME, self.output, owner, state_dir, known)
+        for held in self.held:  # another config's quarantine there: each would delete the other's
+            held.mkdir(parents=True, exist_ok=True)
+            take(held / HELD_MARK, held, owner, state_dir, known, self._kind(held))
 
     def not_a_directory(self) -> str | None:
         """Why the output cannot be a directory of parts (a file is in the way), or None."""
@@ -242,13 +246,18 @@ class OutputLayout:
 
     def owner(self) -> str:
         """Whose output this is ("" when no run has said yet)."""
-        return read_owner(self.staging)[0]
+        return read_owner(self.staging / OWNER_NAME)[0]
 
     def check_owner(self, owner: str, state_dir: Path, known: Callable[[], bool] = lambda: True) -> None:
         """Refuse another job's output, and this job's of another state_dir (owner.py)."""
         if self.staging.is_symlink():  # `reset` would empty what it points to
             raise OutputNotOwned(f"{self.staging} is a symlink; minibatch keeps its own files there")
-        check(self.staging, self.output, owner, state_dir, known)
+        check(self.staging / OWNER_NAME, self.output, owner, state_dir, known)
+        for held in self.held_dirs:
+            check(held / HELD_MARK, held, owner, state_dir, known, self._kind(held))
+
+    def _kind(self, held: Path) -> str:
+        return "quarantine" if held == self.quarantine else "malformed-rows directory"
 
     def _check_foreign(self) -> None:
         foreign = self.foreign_files()

@@ -306,3 +306,49 @@ def test_checks_turn_no_python_value_into_arrow(tmp_path: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[0, 1, 2, 3, 4] {'small': 3, 'odd': 4} False"
+
+
+def test_review_a_quarantine_among_minibatchs_own_directories_is_refused(project: Project) -> None:
+    """Third review: a quarantine in the job's own parts or staging directory, or in another
+    job's, passed validate; the parts overwrote its rows, or the next run's cleanup took them."""
+    rows(project, 0, 10)
+    for place, said in (
+        ("out/.c.minibatch-parts", "jobs.c.quarantine: {q} overlaps the job's parts"),
+        ("out/.c.minibatch-staging/q", "jobs.c.quarantine: {q} overlaps the job's staging"),
+        ("out/.a.minibatch-staging/q", "jobs.c.output: {o} overlaps the output of job 'a'"),
+    ):
+        project.write_config(CHECKED.replace("[jobs.c]", f'[jobs.c]\nquarantine = "{place}"') + MAP_PLAIN)
+        result = project.cli("validate")
+        expected = said.format(q=project.root / place, o=project.out("c"))
+        assert result.returncode == 2 and expected in result.stderr, result.stderr
+
+
+def test_review_a_symlinked_or_shared_quarantine_is_refused(project: Project, tmp_path: Path) -> None:
+    """Third review: `<output>.quarantine` as a symlink to another job's output had the
+    quarantine written over that output; two configs naming one quarantine directory each
+    deleted the other's rows."""
+    rows(project, 0, 300)
+    project.write_config(MAP_PLAIN + CHECKED)
+    assert project.cli("run-now", "a", "-q").returncode == 0
+    theirs = sorted(p.read_bytes() for p in project.out("a").glob("*.parquet"))
+    (project.root / "out" / "c.quarantine").symlink_to("a")
+    result = project.cli("run-now", "c")
+    assert result.returncode == 2 and "c.quarantine is a symlink" in result.stderr, result.stderr
+    assert sorted(p.read_bytes() for p in project.out("a").glob("*.parquet")) == theirs
+    (project.root / "out" / "c.quarantine").unlink()
+
+    shared = CHECKED.replace("[jobs.c]", '[jobs.c]\nquarantine = "../rejected"')
+    project.write_config(shared)
+    assert project.cli("run-now", "c", "-q").returncode == 0
+    held = sorted(p.read_bytes() for p in (project.root.parent / "rejected").glob("*.parquet"))
+    assert held
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.toml").write_text((project.root / "config.toml").read_text())
+    (other / "data").symlink_to(project.data)
+    (other / "myjobs").symlink_to(project.root / "myjobs")
+    result = project.cli("--config", str(other / "config.toml"), "run-now", "c")
+    assert result.returncode == 2 and "is the quarantine of c with the state_dir" in result.stderr, (
+        result.stderr
+    )
+    assert sorted(p.read_bytes() for p in (project.root.parent / "rejected").glob("*.parquet")) == held
