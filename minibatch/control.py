@@ -29,7 +29,7 @@ from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.lock import JobLocked, held_by, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest
-from minibatch.params import DATE, logical_date
+from minibatch.params import DATE, logical_date, text
 from minibatch.records import new_run_id
 from minibatch.runner import RunOptions
 from minibatch.signals import StopSignals
@@ -169,9 +169,11 @@ class Control:
         self._job(name)  # 404 for an unknown job
         self._check_not_stopping()
         try:
-            key = self.host.config.bound(name, params).key
+            bound = self.host.config.bound(name, params)
         except ConfigError as exc:
             raise ControlError(422, "Bad parameters", "; ".join(exc.errors)) from None
+        # bound once: its logical date (from now) must not move to the next one while it waits
+        key, params = bound.key, {param: text(value) for param, value in bound.values}
         self._rate_limit(name)
         run_id, stop = new_run_id(), StopSignals()
         with self._claims:  # two requests at once: one is accepted, the other told so

@@ -194,7 +194,7 @@ class OutputLayout:
         remove_published(self.output)
         held_dirs = self.held_dirs
         self.remove_held(set())
-        for held in held_dirs:
+        for held in held_dirs if not keep_claim else []:  # its mark is its claim (another config's)
             (held / HELD_MARK).unlink(missing_ok=True)
             _rmdir_if_empty(held)
         if self.hidden:

@@ -94,7 +94,9 @@ def job_lock(state_dir: Path, job: str, tag: str = "") -> Iterator[Callable[[str
         def name(tag: str) -> None:
             # Overwritten in place, never truncated: ext4 flushes a file truncated and rewritten
             # at close (auto_da_alloc), some milliseconds per run. The widths cover any pid and id.
-            os.pwrite(fd, f"{os.getpid():<20}\n{tag[:TAG_WIDTH]:<{TAG_WIDTH}}\n".encode(), 0)
+            # The pid again after the tag: an older release rewrites only the first line.
+            pid = os.getpid()
+            os.pwrite(fd, f"{pid:<20}\n{f'{tag[:TAG_WIDTH]} {pid}':<{TAG_WIDTH + 21}}\n".encode(), 0)
 
         name(tag)
         yield name
@@ -183,13 +185,15 @@ def held_by(state_dir: Path, job: str, tag: str, pid: int | None = None) -> bool
     container sharing the state_dir records its own). A file without one (a holder of an older
     version): the pids, or any holder if no pid is known."""
     holder = holder_pid(state_dir, job)
-    if holder is None:
+    if holder is None and not lock_held(state_dir, job):  # (a holder in a parent namespace: unlisted)
         return False
     try:
         written = _read_lock(lock_path(state_dir, job)).decode(errors="replace").split()
     except OSError:
         return False
-    return written[1] == tag if len(written) > 1 else pid in (None, holder)
+    if len(written) == 3 and written[0] == written[2]:  # this release's: pid, tag, pid
+        return written[1] == tag
+    return pid in (None, holder)
 
 
 def lock_held(state_dir: Path, job: str) -> bool:

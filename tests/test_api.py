@@ -593,3 +593,15 @@ def test_a_queued_run_is_listed_with_its_parameters_and_cancelled_from_the_shell
         assert first.wait(timeout=60) == 0
     finally:
         assert api.stop() == 0
+
+
+def test_an_accepted_run_keeps_the_logical_date_it_was_accepted_for(project: Project) -> None:
+    """Second review: the API bound a run's parameters (the logical date, from now) and took
+    that key's lock, but the run bound them again when it began: past midnight it ran the next
+    date's key, holding the other's lock (its status `crashed`, and a `run-now` of the same
+    date not refused)."""
+    project.write_config(DAILY + 'schedule = "0 0 * * *"\n')
+    daemon = StubDaemon(project)
+    answer = Control(daemon).trigger("daily", {}, fresh=False, retry_dead=False)
+    options = daemon.submitted[0][2]
+    assert answer["job"] == f"daily[date={options.params['date']}]", (answer, options.params)

@@ -138,7 +138,8 @@ def test_notify_protocol_reload_and_stop(project: Project) -> None:
         rejected = daemon.wait_event("reload_rejected")
         assert any("jobs.bad.bogus: unknown key" in e for e in rejected["errors"])
         assert daemon.process.poll() is None  # the old config keeps running
-        assert daemon.notify.count("RELOADING=1") == 1
+        # (the notification and the log line travel apart: a socket and a pipe)
+        wait_for(lambda: daemon.notify.count("RELOADING=1") == 1, timeout=10, what="RELOADING=1")
 
         (project.root / "config.toml").write_text(good + hourly("c"))
         daemon.process.send_signal(signal.SIGHUP)

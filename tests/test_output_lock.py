@@ -114,6 +114,15 @@ def test_map_layout_writes_parts_into_the_output(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- lock
 
+OLD_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, f"{os.getpid():<20}\\n".encode(), 0)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
 HOLDER = """
 import sys
 from pathlib import Path
@@ -221,3 +230,27 @@ def test_a_run_in_another_pid_namespace_is_running_and_cancelled_from_here(proje
     assert f"SIGTERM to process {run.pid}" not in cancel.stdout  # unshare's pid: its child runs
     assert run.wait(timeout=60) == 0, run.stderr.read() if run.stderr else ""
     assert json.loads(project.cli("history", "ident", "--json").stdout)[0]["status"] == "stopped"
+
+
+def test_who_holds_a_lock_from_a_child_namespace_and_beside_an_older_release(tmp_path: Path) -> None:
+    """Second review: seen from a child PID namespace, /proc/locks lists no holder of a lock
+    held outside it, and a live run was called crashed; and an older release, which rewrites
+    only the pid, left a newer run's tag in the file, so its own live run was called crashed."""
+    from minibatch.lock import held_by
+
+    with job_lock(tmp_path, "j", tag="R1"):
+        assert held_by(tmp_path, "j", "R1") and not held_by(tmp_path, "j", "R0")
+        unshare = ["unshare", "--pid", "--fork", "--mount-proc"]
+        code = "import sys; from pathlib import Path; from minibatch.lock import held_by; "
+        code += "print(held_by(Path(sys.argv[1]), 'j', 'R1'), held_by(Path(sys.argv[1]), 'j', 'R0'))"
+        seen = subprocess.run(
+            [*unshare, sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True
+        )
+        if seen.returncode == 0:  # (no new PID namespace without CAP_SYS_ADMIN)
+            assert seen.stdout.split() == ["True", "False"], seen.stderr
+    holder = start_ready([sys.executable, "-c", OLD_HOLDER, str(lock_path(tmp_path, "j"))], "locked")
+    try:
+        assert held_by(tmp_path, "j", "Rold", holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
