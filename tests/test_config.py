@@ -671,14 +671,14 @@ def _one_job(name: str, output: str, quarantine: str | None, reduce: bool):
 
 
 def _overlap(one, two) -> bool:
-    """The rule, pair by pair, as minibatch checked it before _clashes: the oracle."""
-    mine, theirs = (OutputLayout.of(job) for job in (one, two))
-    pairs = [(mine.output, theirs.output)]
-    mine_held, theirs_held = ([*x.held, *default_held(x.output)] for x in (mine, theirs))
-    pairs += [(mine.output, d) for d in (theirs.staging, theirs.parts, *theirs_held)]
-    pairs += [(theirs.output, d) for d in (mine.staging, mine.parts, *mine_held)]
-    pairs += [(d, e) for d in mine_held for e in theirs_held]
-    return any(a == b or a in b.parents or b in a.parents for a, b in pairs)
+    """The rule, pair by pair: the oracle. Any place of one (output, staging, parts, held rows)
+    nested in any of the other's, either way (a quarantine in another's staging went with its
+    next run: hostile review)."""
+    places = [
+        [x.output, x.staging, x.parts, *x.held, *default_held(x.output)]
+        for x in (OutputLayout.of(job) for job in (one, two))
+    ]
+    return any(a == b or a in b.parents or b in a.parents for a in places[0] for b in places[1])
 
 
 @settings(max_examples=60, deadline=None)
