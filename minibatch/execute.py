@@ -24,7 +24,7 @@ from minibatch.layout import part_name, staged_name
 from minibatch.ledger import Ledger
 from minibatch.planner import Chunk
 from minibatch.records import AttemptRecord
-from minibatch.results import ResultStore, SchemaGate
+from minibatch.results import CONFORM, ResultStore, SchemaGate
 from minibatch.signals import StopSignals
 from minibatch.states import Breaker, ErrorKind, EventKind, Outcome
 from minibatch.tasks import (
@@ -71,7 +71,7 @@ _Done = tuple[_InFlight, TaskResult]
 FAIL_FAST = 2  # chunks failing alike, before any success, that stop a run whose code is broken
 DETERMINISTIC = {  # errors no retry mends
     "TypeError", "NameError", "AttributeError", "SyntaxError", "ImportError", "ModuleNotFoundError",
-    "JobCodeError", "ParserException", "BinderException", "CatalogException", "CheckFailed",
+    "JobCodeError", "ParserException", "BinderException", "CatalogException", "CheckFailed", "PartitionError",
 }  # fmt: skip
 BREAKER_EVENTS = {state: EventKind(f"breaker_{state}") for state in Breaker}
 FIXES = {"InputUnreadable": "make it readable and run again", "CodeChanged": "run again with the new code"}
@@ -211,10 +211,8 @@ class Executor:
         self.budget.reserve(need)
         self.in_flight[task_id] = _InFlight(chunk, attempt, need, self.clock.time())
         name = part_name(chunk.chunk_id)
-        staged = staged_name(name, self.run_id, attempt)
-        self.pool.submit(
-            Task(task_id, chunk, self.spec, self.run_id, attempt, name, staged, self.gate.schema)
-        )
+        staged, schema = staged_name(name, self.run_id, attempt), self.gate.schema
+        self.pool.submit(Task(task_id, chunk, self.spec, self.run_id, attempt, name, staged, schema))
         return task_id
 
     # -- waiting --------------------------------------------------------------------------------
@@ -343,13 +341,16 @@ class Executor:
 
     def _accept(self, item: _InFlight, result: TaskResult) -> None:
         error = self.store.publish(result, item.chunk.chunk_id)
-        if error is not None:
+        if error is None:
+            self._record_attempt(item, Outcome.DONE, result)
+            self.successes += 1
+            self.ledger.done(item.chunk, item.attempt, result, self.budget.in_flight)
+        elif error.type == CONFORM:  # staged before the output schema was known: again, to it
+            self.attempts[item.chunk.chunk_id] = max(item.attempt - 1, 0)  # not charged
+            self.pending.appendleft(item.chunk)
+        else:
             self._breaker_failure(False)
             self._failed(item, error, result)
-            return
-        self._record_attempt(item, Outcome.DONE, result)
-        self.successes += 1
-        self.ledger.done(item.chunk, item.attempt, result, self.budget.in_flight)
 
     def _breaker_failure(self, probe: bool) -> None:
         was = self.breaker.state

@@ -95,6 +95,10 @@ def unit_of(columns: tuple[str, ...], values: list[str | None]) -> str:
     return unit
 
 
+class PartitionError(ValueError):
+    """A result that cannot be partitioned as configured: every chunk's would fail alike."""
+
+
 def split_units(table: pa.Table, columns: tuple[str, ...]) -> list[tuple[str, pa.Table]]:
     """The rows of `table` by unit, in unit order (vectorised: sort, then find the runs)."""
     import pyarrow as pa
@@ -103,7 +107,7 @@ def split_units(table: pa.Table, columns: tuple[str, ...]) -> list[tuple[str, pa
     if not columns:
         return [("", table)]
     if set(table.column_names) <= set(columns):  # its files would have no column (Spark refuses too)
-        raise ValueError(
+        raise PartitionError(
             f"the result has only partition_by columns ({', '.join(table.column_names)}): their values "
             "go in directory names, so its files would hold no column and no row; add a column"
         )
@@ -111,10 +115,10 @@ def split_units(table: pa.Table, columns: tuple[str, ...]) -> list[tuple[str, pa
         return []
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise ValueError(f"partition_by column {missing[0]!r} is not in the result ({table.column_names})")
+        raise PartitionError(f"partition_by column {missing[0]!r} is not in the result {table.column_names}")
     for column in columns:  # DuckDB's names are case-insensitive: its hive read would take them as one
         if twin := [n for n in table.column_names if n != column and n.lower() == column.lower()]:
-            raise ValueError(f"partition_by column {column!r} and the column {twin[0]!r} differ only in case")
+            raise PartitionError(f"partition_by column {column!r} and column {twin[0]!r} differ only in case")
     keys = [_text(table[c]) for c in columns]
     order = pc.sort_indices(
         pa.table({str(i): k for i, k in enumerate(keys)}),
