@@ -14,6 +14,7 @@ Invariants this module owns:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,9 @@ class ResultStore:
         except SchemaMismatch as exc:
             for path in filter(None, (result.staged, result.quarantine_staged, result.malformed_staged)):
                 Path(path).unlink(missing_ok=True)
+            assert self.schema is not None and result.schema is not None
+            if conform_schema(result.schema, self.schema) is not None:  # the worker makes it fit
+                return TaskError(kind=ErrorKind.ERROR, type=CONFORM, message=str(exc), traceback="")
             return TaskError(kind=ErrorKind.ERROR, type="SchemaMismatch", message=str(exc), traceback="")
         staged_in = {
             self.layout.quarantine: result.quarantine_staged,
@@ -178,20 +182,62 @@ def check_schema(got: pa.Schema, expected: pa.Schema) -> None:
     problems += [f"{n} ({t}) unexpected" for n, t in have if n not in wanted]
     problems += [f"{n} appears {got.names.count(n)} times" for n in had if got.names.count(n) > 1]
     detail = "; ".join(problems) or "columns in another order"
+    if any(str(t) == "null" for n, t in want if n in had and had[n] != t):  # every earlier row was null
+        detail += " (only nulls there so far, so no type yet: `run-now --fresh` computes the output again)"
     raise SchemaMismatch(f"result does not match the output schema: {detail}")
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """A result whose all-null columns came out typed `null` (Arrow's guess) gets the output
-    schema's types for them; anything else is left for `check_schema` to judge."""
+    """A result gets the output schema's type for a column where the two differ only as a
+    Parquet file cannot tell (the output's schema is read back from a part: `timestamp[s]`
+    comes back `timestamp[ms]`, `date64` as `date32`), or in the name of UTC (`Etc/UTC` where
+    TZ is unset, `UTC` where it is set); and for all-null columns typed `null` (Arrow's guess).
+    Anything else is left for `check_schema` to judge."""
     import pyarrow as pa
 
     names = set(schema.names)
     for i, field in enumerate(table.schema):
-        if pa.types.is_null(field.type) and field.name in names:
-            target = schema.field(field.name).type
+        target = schema.field(field.name).type if field.name in names else field.type
+        if field.type == target:
+            continue
+        if pa.types.is_null(field.type):
             table = table.set_column(i, field.name, pa.nulls(table.num_rows, target))
+        elif _as_stored(field.type) == _as_stored(target):  # date64 is cut to days, as Parquet does
+            column = table.column(i).cast(target, safe=not pa.types.is_date64(field.type))
+            table = table.set_column(i, field.with_type(target), column)
     return table
+
+
+def conform_schema(got: pa.Schema, expected: pa.Schema) -> pa.Schema | None:
+    """`got` as `conform` makes a result of it, if that is `expected` (else None)."""
+    made = conform(got.empty_table(), expected).schema
+    try:
+        check_schema(made, expected)
+    except SchemaMismatch:
+        return None
+    return made
+
+
+CONFORM = "SchemaConform"  # a result that conform would make fit: computed again, given the schema
+UTC_NAMES = frozenset({"UTC", "Etc/UTC", "Etc/Universal", "Universal", "Etc/Zulu", "Zulu", "UCT", "Etc/UCT"})
+
+
+@functools.lru_cache(maxsize=256)
+def _as_stored(kind: pa.DataType) -> pa.DataType:
+    """`kind` as a Parquet file gives it back (pyarrow's own round trip, asked: not a list of
+    its rules), with any name of UTC as "UTC"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    try:
+        pq.write_table(pa.schema([("c", kind)]).empty_table(), sink)
+        kind = pq.read_schema(pa.BufferReader(sink.getvalue())).field("c").type
+    except (pa.ArrowException, ValueError):  # not a type Parquet holds: writing the part says so
+        return kind
+    if pa.types.is_timestamp(kind) and kind.tz in UTC_NAMES:
+        return pa.timestamp(kind.unit, "UTC")
+    return kind
 
 
 def inspect_part(path: Path, chunk_id: str, definition: str | None) -> int:

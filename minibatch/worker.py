@@ -111,6 +111,7 @@ def run_task(task: Task) -> TaskResult:
     if result is not None and result.num_rows:
         bytes_out, staged = _write(task, result)
     held = checked.quarantined if checked is not None else None
+    held = conform(held, task.schema) if held is not None and task.schema is not None else held
     held_staged = _write(task, held, QUARANTINE_PREFIX)[1] if held is not None else None
     malformed_staged = _write(task, malformed, MALFORMED_PREFIX)[1] if malformed is not None else None
     ended = time.perf_counter()
@@ -197,6 +198,9 @@ def _write(task: Task, result: pa.Table, prefix: str = "") -> tuple[int, str]:
         else f"{task.output_name}.{os.getpid()}.tmp"
     )
     staged = Path(task.job.staging_dir) / name
+    if not all(field.nullable for field in result.schema):  # one part's not-null, another's with nulls
+        nullable = pa.schema([field.with_nullable(True) for field in result.schema])
+        result = result.cast(nullable.with_metadata(result.schema.metadata or {}))
     table = with_provenance(result, task.chunk.chunk_id, task.job.definition, task.job.input_schema)
     return write_durably(table, staged, None if prefix else task.job.shape), str(staged)
 
