@@ -203,7 +203,7 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         if pa.types.is_null(field.type):
             table = table.set_column(i, field.name, pa.nulls(table.num_rows, target))
         elif _as_stored(field.type) == _as_stored(target):  # date64 is cut to days, as Parquet does
-            column = table.column(i).cast(target, safe=not pa.types.is_date64(field.type))
+            column = table.column(i).cast(target, safe="date64" not in str(field.type))
             table = table.set_column(i, field.with_type(target), column)
     return table
 
@@ -235,8 +235,23 @@ def _as_stored(kind: pa.DataType) -> pa.DataType:
         kind = pq.read_schema(pa.BufferReader(sink.getvalue())).field("c").type
     except (pa.ArrowException, ValueError):  # not a type Parquet holds: writing the part says so
         return kind
+    return _utc(kind)
+
+
+def _utc(kind: pa.DataType) -> pa.DataType:
+    """Any name of UTC as "UTC", also inside lists, structs and maps."""
+    import pyarrow as pa
+
     if pa.types.is_timestamp(kind) and kind.tz in UTC_NAMES:
         return pa.timestamp(kind.unit, "UTC")
+    if pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_utc(kind.value_type)))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(_utc(kind.value_type)))
+    if pa.types.is_struct(kind):
+        return pa.struct([field.with_type(_utc(field.type)) for field in kind])
+    if pa.types.is_map(kind):
+        return pa.map_(_utc(kind.key_type), _utc(kind.item_type))
     return kind
 
 

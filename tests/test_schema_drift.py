@@ -15,14 +15,16 @@ import pyarrow as pa
 from myjobs.testenv import get as env
 
 def typed(table, ctx):
-    """Types a Parquet file gives back otherwise: timestamp[s], date64, time32[s]; a zone."""
-    n, ids = table.num_rows, table["id"]
+    """Types a Parquet file gives back otherwise: timestamp[s], date64, time32[s]; a zone; in lists too."""
+    n, ids, zone = table.num_rows, table["id"], env("MB_ZONE", "UTC")
     return pa.table({
         "id": ids,
         "at": pa.array([datetime.datetime(2026, 11, 1, 10)] * n, pa.timestamp("s")),
         "day": pa.array([datetime.date(2026, 11, 1)] * n, pa.date64()),
         "t": pa.array([datetime.time(10, 0, 1)] * n, pa.time32("s")),
-        "z": pa.array([datetime.datetime(2026, 11, 1, 10)] * n, pa.timestamp("us", env("MB_ZONE", "UTC"))),
+        "z": pa.array([datetime.datetime(2026, 11, 1, 10)] * n, pa.timestamp("us", zone)),
+        "zs": pa.array([[datetime.datetime(2026, 11, 1)]] * n, pa.list_(pa.timestamp("us", zone))),
+        "days": pa.array([[20393 * 86400000 + 3600000]] * n, pa.list_(pa.date64())),  # 01:00: cut to the day
     })
 
 def strict(table, ctx):
