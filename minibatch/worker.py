@@ -306,7 +306,10 @@ def _environmental(exc: BaseException) -> bool:
     """The machine's fault, not the chunk's: a full disk, a quota, a read-only filesystem."""
     if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
         return True
-    return any(text in said(exc).lower() for text in ENVIRONMENT_TEXTS)  # Arrow's IO errors
+    # Arrow's IO errors (OSErrors without an errno) and DuckDB's say it in words; the job's own
+    # errors may too (a value quoted), and a full disk that is not would halt every run for good
+    io_error = isinstance(exc, OSError) or type(exc).__name__ == "IOException"
+    return io_error and any(text in said(exc).lower() for text in ENVIRONMENT_TEXTS)
 
 
 def set_memory_cap(limit: int | None) -> None:

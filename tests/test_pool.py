@@ -582,3 +582,18 @@ def test_a_task_whose_import_fails_lets_the_others_in(
         for thread in threads:
             thread.join(5)
         assert outcomes == ["b", "failed", "b"]
+
+
+def test_a_job_error_that_quotes_a_full_disk_is_the_jobs_not_the_machines() -> None:
+    """Hostile review: a job's ValueError quoting a value ("... No space left on device ...")
+    was taken for a full disk: the chunk was never charged, and every run halted for good."""
+    import errno
+
+    from minibatch.states import ErrorKind
+    from minibatch.worker import describe_error
+
+    quoted = ValueError("row 5: unexpected note 'No space left on device' in column n")
+    assert describe_error(quoted).kind == ErrorKind.ERROR
+    arrows = OSError("IOError: No space left on device")  # no errno
+    assert describe_error(arrows).kind == ErrorKind.ENVIRONMENT
+    assert describe_error(OSError(errno.EROFS, "Read-only file system")).kind == ErrorKind.ENVIRONMENT
