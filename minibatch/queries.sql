@@ -26,7 +26,18 @@ DELETE FROM chunks WHERE job = $job AND status = $dead;
 DELETE FROM bad_files WHERE job = $job;
 
 -- name: known_bad_files
-SELECT file, fingerprint FROM bad_files WHERE job = $job;
+-- Known: reported by a run that ended (failed, or succeeded before it turned bad); one found by
+-- a run stopped, crashed or killed (still `running`) is reported again by the next.
+SELECT file, fingerprint FROM bad_files WHERE job = $job
+AND run_id NOT IN (SELECT run_id FROM runs WHERE status IN ('stopped', 'crashed', 'running'));
+
+-- name: take_over_dead
+-- Dead letters of a run that never failed for them (stopped, crashed, or killed while
+-- `running`): this run reports them, and they are its own from now on.
+UPDATE chunks SET run_id = $run_id
+WHERE job = $job AND status = 'dead' AND run_id <> $run_id
+AND run_id IN (SELECT run_id FROM runs WHERE status IN ('stopped', 'crashed', 'running'))
+RETURNING chunk_id;
 
 -- name: record_bad_file
 INSERT OR REPLACE INTO bad_files (job, file, fingerprint, size, error, run_id, seen_at)

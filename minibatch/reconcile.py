@@ -139,6 +139,7 @@ class Reconciled:
     salvaged: list[tuple[Chunk, TaskResult]]
     skipped: int  # dead letters of earlier runs, not retried
     planned: list[Chunk]  # every chunk of the plan
+    inherited: int = 0  # of those, the ones a stopped or crashed run left unreported: this run's
 
 
 def reconcile(
@@ -146,6 +147,7 @@ def reconcile(
 ) -> Reconciled:
     """Chunks still to compute, and finished results found on disk (see the module's doc)."""
     job = ledger.record.job
+    inherited = len(manifest.named("take_over_dead", job=job, run_id=ledger.record.run_id))
     states = manifest.chunk_states(job)
     sizes = store.layout.part_sizes()
     on_disk = set(sizes)
@@ -179,7 +181,7 @@ def reconcile(
     if foreign := store.layout.foreign_files():
         events(EventKind.FOREIGN_FILES_IN_OUTPUT, output=str(store.layout.output), files=foreign[:10])
     todo = [c for c in chunks if c.chunk_id not in dead and c.chunk_id not in ledger.outputs]
-    return Reconciled(todo=todo, salvaged=store.salvage(todo), skipped=len(dead), planned=chunks)
+    return Reconciled(todo, store.salvage(todo), len(dead) - inherited, chunks, inherited)
 
 
 def results_lost(manifest: Manifest, job: JobConfig, layout: OutputLayout, fresh: bool) -> str | None:

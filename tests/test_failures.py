@@ -302,3 +302,27 @@ def test_a_file_still_matched_under_another_name_keeps_its_results(project: Proj
     assert project.manifest_rows("SELECT count(*) FROM chunks")[0][0] >= 15  # nothing was dropped
     assert project.cli("run-now", "ident").returncode == 0
     assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(1500))
+
+
+def test_a_run_stopped_after_a_dead_letter_or_bad_file_leaves_them_to_fail_the_next(
+    project: Project,
+) -> None:
+    """Hostile review: a run that dead-lettered a chunk (or found a new bad file) and was then
+    stopped ended `stopped`, exit 0; the next skipped the dead letter (and knew the bad file)
+    and succeeded, exit 0, on_success and dependents released over the hole: no run ever
+    failed for them. The next run reports them (exit 1), once."""
+    setup(project, "poison", "retries = 0", files=4)
+    (project.data / "bad.parquet").write_bytes(b"not parquet at all")
+    env = {"MB_TARGET": "f0.parquet:0", "MB_FIXED": str(project.root / "fixed"), "MB_SLEEP": "0.3"}
+    process = project.start("run-now", "f", env=env)
+    err = watch_stderr(process)
+    wait_for(lambda: "chunk_dead" in "".join(err), what="the dead letter")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, "".join(err)
+    assert json.loads(project.cli("status", "f", "--json").stdout)[0]["status"] == "stopped"
+    resumed = project.cli("run-now", "f", env={**env, "MB_SLEEP": "0"})
+    assert resumed.returncode == 1, resumed.stdout
+    assert "1 dead-lettered" in resumed.stdout and "bad.parquet" in resumed.stdout + resumed.stderr
+    again = project.cli("run-now", "f", env={**env, "MB_SLEEP": "0"})
+    assert again.returncode == 0 and "1 dead letters skipped" in again.stdout, again.stdout
+    assert ids(project) == list(range(50, 2000))  # all but the dead letter's rows (a 50-row chunk)

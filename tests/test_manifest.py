@@ -149,7 +149,7 @@ def test_start_run_marks_a_left_over_running_run_crashed(path: Path) -> None:
 def test_forget_chunks_only_forgets_the_named_chunks_of_that_job(path: Path) -> None:
     manifest = Manifest(path)
     manifest.commit(run_record("r1"), [chunk("c1"), chunk("c2"), dead("c3")])
-    manifest.commit(run_record("k1", job="k"), [chunk("c1", job="k")])
+    manifest.commit(run_record("k1", job="k", status="failed"), [chunk("c1", job="k")])
     manifest.forget_chunks("j", [])
     assert set(manifest.chunk_states("j")) == {"c1", "c2", "c3"}
     manifest.forget_chunks("j", ["c1", "c3", "not-there"])
@@ -177,7 +177,7 @@ def test_bad_files_recorded_once_per_fingerprint(path: Path) -> None:
 def test_revive_dead_forgets_dead_letters_and_bad_files_of_one_job(path: Path) -> None:
     manifest = Manifest(path)
     manifest.commit(run_record("r1"), [chunk("c1"), dead("c2"), dead("c3")])
-    manifest.commit(run_record("k1", job="k"), [dead("c2", "k")])
+    manifest.commit(run_record("k1", job="k", status="failed"), [dead("c2", "k")])  # it reported them
     bad = BadFile(path="/data/x.parquet", fingerprint="f", size=1, error="e")
     manifest.record_bad_files("j", "r1", [bad])
     manifest.record_bad_files("k", "k1", [bad])
@@ -193,7 +193,7 @@ def test_revive_dead_forgets_dead_letters_and_bad_files_of_one_job(path: Path) -
 def test_reset_forgets_a_jobs_checkpoint_but_keeps_its_history(path: Path) -> None:
     manifest = Manifest(path)
     manifest.commit(run_record("r1", status="succeeded"), [chunk("c1"), dead("c2")])
-    manifest.commit(run_record("k1", job="k"), [chunk("c1", job="k")])
+    manifest.commit(run_record("k1", job="k", status="failed"), [chunk("c1", job="k")])
     bad = BadFile(path="/data/x.parquet", fingerprint="f", size=1, error="e")
     manifest.record_bad_files("j", "r1", [bad])
     manifest.record_bad_files("k", "k1", [bad])
