@@ -31,6 +31,12 @@ DELETE FROM bad_files WHERE job = $job;
 SELECT file, fingerprint FROM bad_files WHERE job = $job
 AND run_id NOT IN (SELECT run_id FROM runs WHERE status IN ('stopped', 'crashed', 'running'));
 
+-- name: failed_before
+-- Of these chunks, those an attempt of an earlier run failed: their files go last, so that a file
+-- whose chunks all fail (tripping the circuit breaker first thing, run after run) starves no other.
+SELECT DISTINCT chunk_id FROM attempts
+WHERE job = $job AND outcome = 'retried' AND chunk_id IN (SELECT unnest($ids::VARCHAR[]));
+
 -- name: take_over_dead
 -- Dead letters of a run that never failed for them (stopped, crashed, or killed while
 -- `running`): this run reports them, and they are its own from now on.

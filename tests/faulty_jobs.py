@@ -88,6 +88,14 @@ def always_fail(table, ctx):
     raise ConnectionError("upstream service unavailable")
 
 
+def bad_file(table, ctx):
+    """Every chunk of the file named MB_BAD_FILE fails."""
+    _log(ctx)
+    if os.path.basename(ctx.file) == env("MB_BAD_FILE"):
+        raise ValueError("this file's rows are all bad")
+    return _ok(table)
+
+
 class Unprintable(Exception):
     def __str__(self):
         raise RuntimeError("no words")

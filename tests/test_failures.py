@@ -326,3 +326,16 @@ def test_a_run_stopped_after_a_dead_letter_or_bad_file_leaves_them_to_fail_the_n
     again = project.cli("run-now", "f", env={**env, "MB_SLEEP": "0"})
     assert again.returncode == 0 and "1 dead letters skipped" in again.stdout, again.stdout
     assert ids(project) == list(range(50, 2000))  # all but the dead letter's rows (a 50-row chunk)
+
+
+def test_a_file_that_trips_the_breaker_every_run_starves_no_other(project: Project) -> None:
+    """Hostile review: a file whose every chunk fails, first in plan order, tripped the circuit
+    breaker before any other file's chunk was admitted, run after run: no progress at all. A
+    file that failed in an earlier run goes last."""
+    setup(project, "bad_file", 'breaker_failures = 3\nbreaker_cooldown = "50ms"', files=3)
+    env = {"MB_BAD_FILE": "f0.parquet"}
+    first = project.cli("run-now", "f", env=env)
+    assert first.returncode == 1 and "circuit breaker opened" in first.stdout, first.stdout
+    second = project.cli("run-now", "f", env=env)
+    assert second.returncode == 1 and "circuit breaker opened" in second.stdout, second.stdout
+    assert ids(project) == list(range(500, 1500))  # every other file's rows
