@@ -28,6 +28,7 @@ from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.metrics import Metrics
 from minibatch.notify import Notifier, status_line
+from minibatch.reconcile import inputs_read
 from minibatch.records import new_run_id
 from minibatch.runner import RunOptions, run_job
 from minibatch.schedule import catch_up, log_skipped, longest_gap, parse_crontab
@@ -174,9 +175,9 @@ class Daemon:
             )  # fmt: skip
         for name, job in self.config.jobs.items():
             if job.watch:
-                if name not in self.seen_inputs:  # the baseline: changes from now on fire
-                    signature = input_signature(self.config.base_dir, job.inputs)
-                    self.seen_inputs[name] = (signature, signature)
+                if name not in self.seen_inputs:  # from what its runs read: what came while none ran fires
+                    read = inputs_read(self.manifest, key_of(self.config, name, {}))
+                    self.seen_inputs[name] = (read, input_signature(self.config.base_dir, job.inputs))
                 self.scheduler.add_job(
                     self._watch, "interval", seconds=job.watch, args=[name], id=f"watch:{name}",
                     coalesce=True, max_instances=1,
@@ -190,7 +191,7 @@ class Daemon:
         signature = input_signature(self.config.base_dir, job.inputs)
         fired_on, last_seen = self.seen_inputs.get(name, (signature, signature))
         self.seen_inputs[name] = (fired_on, signature)
-        settled = signature != fired_on and signature == last_seen  # changed, then the same for an interval
+        settled = set(signature) != set(fired_on) and signature == last_seen  # changed, then the same a while
         if settled and self.fire(name, WATCH_REASON):  # not when a run elsewhere held the lock: again
             self.seen_inputs[name] = (signature, signature)
 

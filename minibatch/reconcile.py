@@ -245,3 +245,10 @@ def earlier_inputs(
     files = {row["file"]: {fingerprint_stat(fp) for fp in row["prints"]} for row in rows}
     mounts = [] if fresh else [json.loads(row["mounts"]) for row in manifest.named("input_mounts", key=key)]
     return files, (mounts or [{}])[0]
+
+
+def inputs_read(manifest: Manifest, key: str | None) -> tuple[tuple[str, int, int], ...]:
+    """What the job's recorded chunks read, as `inputs.input_signature` says it: a daemon's
+    `watch` starts from it, so that files which came while no daemon ran fire too."""
+    files = earlier_inputs(manifest, key, fresh=True)[0] if key is not None else {}
+    return tuple(sorted((path, *stamp) for path, stamps in files.items() for stamp in stamps))

@@ -324,12 +324,34 @@ def test_refuses_a_config_writable_by_others(project: Project) -> None:
     assert "basic.py is writable by group or others" in result.stderr
 
 
+WATCHED = (
+    '[jobs.w]\ninput = "data/*.parquet"\noutput = "out/w"\nprocess = "myjobs.basic:ident"\nwatch = "200ms"\n'
+)
+
+
+def test_watch_fires_for_files_that_came_while_no_daemon_ran(project: Project) -> None:
+    """Hostile review: a watched job took the inputs as its daemon found them at start for its
+    baseline: a file that landed while the daemon was down (a restart, an upgrade) was never
+    processed, until another file changed. Its runs' inputs are the baseline."""
+    project.write_input("a.parquet", 0, 100)
+    config(project, WATCHED)
+    assert project.cli("run-now", "w").returncode == 0
+    project.write_input("b.parquet", 100, 100)  # while no daemon runs
+    daemon = Daemon(project)
+    try:
+        assert daemon.wait_event("run_fired", job="w")["reason"] == "inputs changed"
+        daemon.wait_event("run_finished", job="w")
+    finally:
+        assert daemon.stop() == 0
+    assert sorted(project.output_table("w").column("id").to_pylist()) == list(range(200))
+
+
 def test_watch_runs_the_job_when_inputs_change_and_settle(project: Project) -> None:
     """And a change met by a run elsewhere (`run-now` holding the job's lock) is fired again
     once the lock is free: it was counted as handled, and the new file never processed."""
     project.write_input("a.parquet", 0, 100)
-    config(project, '[jobs.w]\ninput = "data/*.parquet"\noutput = "out/w"\nprocess = "myjobs.basic:ident"\n'
-           'watch = "200ms"\n')  # fmt: skip
+    config(project, WATCHED)
+    assert project.cli("run-now", "w").returncode == 0  # a.parquet read: no change for the daemon
     daemon = Daemon(project)
 
     def finished() -> int:
