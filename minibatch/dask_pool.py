@@ -94,6 +94,7 @@ class DaskPool:
         # Done callbacks and start events arrive on the client's thread; poll() reads them here.
         self._inbox_r, self._inbox_w = Pipe(duplex=False)
         self._inbox_lock = threading.Lock()
+        self._looked = self._workers_seen = time.monotonic()  # when poll last asked, and found some
 
     def has_room(self) -> bool:
         # QUEUE_DEPTH tasks per thread, so a thread finds its next task at the worker instead of
@@ -135,7 +136,20 @@ class DaskPool:
                     events.extend(self._started(*payload))
                 elif payload in self._futures:
                     events.extend(self._collect(payload))
+        if self._futures and time.monotonic() - self._looked > 1.0:
+            self._check_workers()
         return events
+
+    def _check_workers(self) -> None:
+        """A cluster left without a worker (each died, no nanny brought one back) ends the run
+        REPLACE_TIMEOUT later, as a lost scheduler does: its tasks wait in Dask's `no-worker`
+        state, where no timeout sees them, for good."""
+        self._looked = now = time.monotonic()
+        with self._scheduler_calls():
+            if self.client.nthreads():
+                self._workers_seen = now
+            elif now - self._workers_seen > REPLACE_TIMEOUT:
+                raise PoolBroken(f"the Dask cluster at {self.address} has no workers left")
 
     def _started(self, task_id: int, pid: int, at: float) -> list[PoolEvent]:
         if task_id not in self._futures:

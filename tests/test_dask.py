@@ -343,3 +343,32 @@ def test_a_timeout_restart_does_not_charge_the_workers_other_chunks(
     assert result.returncode == 1, result.stderr
     assert "dead letter" in result.stdout and result.stdout.count("dead letter:") == 1
     assert ids(project, "f") == [i for i in range(1200) if not 600 <= i < 650]
+
+
+def test_a_cluster_whose_workers_all_die_for_good_ends_the_run(
+    project: Project, cluster: Callable[..., Cluster]
+) -> None:
+    """Hostile review: every worker killed with nothing to bring one back (no nanny) left the
+    run waiting for good: its tasks sat in Dask's `no-worker` state, which no timeout sees.
+    REPLACE_TIMEOUT (2 s here) later the run ends, as with a lost scheduler."""
+    c = cluster(MB_WORKERS="0")
+    env = project.env(QUIET | {"MB_SLEEP": "0.2"})
+    argv = [sys.executable, "-m", "distributed.cli.dask_worker", c.address, "--no-nanny", "--nthreads", "1"]
+    quiet = subprocess.DEVNULL
+    worker = subprocess.Popen(argv, env=env, stdout=quiet, stderr=quiet, start_new_session=True)
+    project.started.append(worker)
+    c.wait_workers(1)
+    inputs(project)
+    dask_config(project, c)
+    code = "import sys, minibatch.dask_pool as d; d.REPLACE_TIMEOUT = 2.0; sys.argv[0] = 'minibatch'; "
+    code += "from minibatch.cli import entry; entry()"
+    argv = [sys.executable, "-c", code, "--config", str(project.root / "config.toml"), "run-now", "ident"]
+    project.write_env({"MB_SLEEP": "0.2"})
+    pipe = subprocess.PIPE
+    run = subprocess.Popen(argv, env=env, text=True, stdout=pipe, stderr=pipe, start_new_session=True)
+    project.started.append(run)
+    wait_for(lambda: len(project.computations()) >= 1, what="a chunk to start")
+    os.killpg(worker.pid, signal.SIGKILL)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 1, out + err
+    assert "has no workers left" in out + err
