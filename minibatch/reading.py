@@ -80,36 +80,41 @@ def _read_open(chunk: Chunk, handle: Any, cols: list[str] | None) -> pa.Table:
     stat = os.fstat(handle.fileno())
     _check_unchanged(chunk, stat)
     metadata, int96 = _footer(chunk, handle, stat)
-    # Spark's timestamps: read exactly (us), then as the plan's ns only where they fit
-    parquet = pq.ParquetFile(handle, metadata=metadata, coerce_int96_timestamp_unit="us" if int96 else None)
+    parquet = pq.ParquetFile(handle, metadata=metadata)  # Spark's INT96: ns, exact where it fits
+    table = _rows(parquet, chunk, cols, handle.fileno())
+    if int96 := [name for name in int96 if name in table.column_names]:
+        _check_int96(
+            chunk, pq.ParquetFile(handle, metadata=metadata, coerce_int96_timestamp_unit="us"), int96
+        )
+    return table
+
+
+def _rows(parquet: pq.ParquetFile, chunk: Chunk, cols: list[str] | None, fd: int | None) -> pa.Table:
     groups = range(chunk.rg_start, chunk.rg_end)
     group_rows = sum(parquet.metadata.row_group(i).num_rows for i in groups)
     if chunk.row_start == chunk.rg_row_offset and chunk.num_rows == group_rows:
-        table = parquet.read_row_groups(list(groups), columns=cols)
-    elif int96:  # (slicing pages makes a reader of its own, without the unit)
+        return parquet.read_row_groups(list(groups), columns=cols)
+    if fd is None:  # (slicing pages makes a reader of its own, without the INT96 unit)
         arrow = parquet.schema_arrow
-        table = _read_batches(parquet, chunk, cols, pa.schema([arrow.field(c) for c in cols or arrow.names]))
-    else:
-        return _read_slice(parquet, chunk, cols, handle.fileno())
-    return _int96_as_ns(chunk, table, int96) if int96 else table
+        return _read_batches(parquet, chunk, cols, pa.schema([arrow.field(c) for c in cols or arrow.names]))
+    return _read_slice(parquet, chunk, cols, fd)
 
 
-def _int96_as_ns(chunk: Chunk, table: pa.Table, int96: list[str]) -> pa.Table:
-    """pyarrow reads INT96 as timestamp[ns] by default and wraps what lies outside 1677-2262
-    (9999-12-31, a usual "valid to", came out as 1816): a value that does not fit fails."""
+def _check_int96(chunk: Chunk, exact: pq.ParquetFile, int96: list[str]) -> None:
+    """pyarrow reads INT96 as timestamp[ns] and wraps what lies outside 1677-2262 (9999-12-31, a
+    usual "valid to", came out as 1816): read again as microseconds, which hold any, a value
+    that does not fit fails."""
     import pyarrow.compute as pc
 
+    table = _rows(exact, chunk, int96, None)
     for name in int96:
-        if name in table.column_names:
-            try:
-                column = pc.cast(table[name], pa.timestamp("ns"), safe=True)
-            except pa.ArrowInvalid as exc:
-                raise ValueError(
-                    f"{chunk.path}: column {name!r} holds an INT96 timestamp outside 1677-2262, the range of "
-                    f"timestamp[ns] pyarrow reads it as ({exc}); a job with `sql` reads it exactly"
-                ) from None
-            table = table.set_column(table.column_names.index(name), name, column)
-    return table
+        try:
+            pc.cast(table[name], pa.timestamp("ns"), safe=True)
+        except pa.ArrowInvalid as exc:
+            raise ValueError(
+                f"{chunk.path}: column {name!r} holds an INT96 timestamp outside 1677-2262, the range of "
+                f"timestamp[ns] pyarrow reads it as ({exc}); a job with `sql` reads it exactly"
+            ) from None
 
 
 def _footer(chunk: Chunk, handle: Any, stat: os.stat_result) -> tuple[pq.FileMetaData, list[str]]:

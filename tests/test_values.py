@@ -398,3 +398,23 @@ def test_a_bom_before_the_first_ndjson_record_is_read_alike_on_both_paths(projec
     write(project.data / "a.ndjson", b'\xef\xbb\xbf\n{"id": 1}\n{"id": 2}\n')  # a BOM, then a blank line
     summary = run(project)
     assert summary["exit"] == 0 and summary["rows_bad"] == 0 and len(rows(project)) == 2
+
+
+def test_int96_nanoseconds_and_nullability_are_read_as_pyarrow_reads_them(tmp_path: Path) -> None:
+    """Differential fuzzing: INT96 was read as microseconds, then cast to ns: the digits below
+    a microsecond were lost without a word (whole row groups and slices alike), and a
+    required column came back nullable."""
+    from minibatch import reading
+    from minibatch.planner import Chunk, read_file_meta
+
+    path = tmp_path / "spark.parquet"
+    values = pa.array([1_000_000_123, 2_000_000_456, 3_000_000_789, 4_000_000_001], pa.timestamp("ns"))
+    table = pa.Table.from_arrays(
+        [values], schema=pa.schema([pa.field("ts", pa.timestamp("ns"), nullable=False)])
+    )
+    pq.write_table(table, path, use_deprecated_int96_timestamps=True, data_page_size=16)
+    meta = read_file_meta(str(path), None)
+    expected = pq.read_table(path)
+    for start, end in ((0, 4), (1, 3)):  # the row group, and a slice of it
+        got = reading.read_chunk(Chunk(str(path), meta.fingerprint, start, end, 0, 1, 0, 1000), None)
+        assert got.equals(expected.slice(start, end - start)) and got.schema == expected.schema
