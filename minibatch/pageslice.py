@@ -67,25 +67,32 @@ _groups: dict[tuple[str, str, int], Group | None] = {}
 
 def read_rows(
     fd: int, key: tuple[str, str], group: int, a: int, b: int, names: list[str]
-) -> dict[str, pa.ChunkedArray[Any]]:
-    """Columns `names` of rows [a, b) of row group `group`, each one decoded from the pages that
-    hold those rows; a column missing from the result is the caller's to read."""
+) -> tuple[dict[str, pa.ChunkedArray[Any]], list[str]]:
+    """Columns `names` of rows [a, b) of row group `group`, each one decoded from the whole
+    pages that hold those rows (a page cut short would decode in part without a word: a file
+    whose pages hold fewer values than their headers say gave shifted values). A column
+    missing from the result is the caller's to read; the ones listed after it, whose pages
+    did not decode, from the whole group (whose read says what is wrong, if anything is)."""
     layout = _layout(fd, key, group)
     if layout is None or not names:
-        return {}
-    starts: dict[int, list[str]] = {}
+        return {}, []
+    windows: dict[tuple[int, int], list[str]] = {}
     for name in names:
         start = _start(layout, name, a, b)
         if start is not None:
-            starts.setdefault(start, []).append(name)
+            windows.setdefault((start, _stop(layout, name, b)), []).append(name)
     out: dict[str, pa.ChunkedArray[Any]] = {}
-    for start, group_names in starts.items():
+    damaged: list[str] = []
+    for (start, stop), window_names in windows.items():
         try:
-            table = _read_window(fd, layout, start, b, group_names)
-        except (Unusable, thrift.ThriftError, pa.ArrowException, OSError):
-            continue  # the caller's own read says what is wrong, if anything is
-        out.update(zip(group_names, table.slice(a - start).columns, strict=True))
-    return out
+            table = _read_window(fd, layout, start, stop, window_names)
+        except (Unusable, thrift.ThriftError):
+            continue
+        except (pa.ArrowException, OSError):
+            damaged += window_names
+            continue
+        out.update(zip(window_names, table.slice(a - start, b - a).columns, strict=True))
+    return out, damaged
 
 
 def _layout(fd: int, key: tuple[str, str], group: int) -> Group | None:
@@ -226,9 +233,16 @@ def _start(layout: Group, name: str, a: int, b: int) -> int | None:
     return None if start == 0 < a and a > b - a else start
 
 
+def _stop(layout: Group, name: str, b: int) -> int:
+    """The row where the pages of column `name` that hold row b - 1 end (the latest of its leaves)."""
+    return max(
+        leaf.rows[bisect_right(leaf.rows, b - 1)] for leaf in (layout.leaves[i] for i in layout.fields[name])
+    )
+
+
 def _read_window(fd: int, layout: Group, start: int, end: int, names: list[str]) -> pa.Table:
     """Rows [start, end) of the columns `names`, decoded by pyarrow from a file of their pages
-    (`start` a page start of each; pyarrow stops decoding at `end`, inside the last page)."""
+    (`start` a page start of each, `end` a page end of one)."""
     wanted = {i for name in names for i in layout.fields[name]}
     buf = bytearray(b"PAR1")
     row_group = layout.footer[4][1][1][0]

@@ -155,7 +155,10 @@ def _read_slice(parquet: pq.ParquetFile, chunk: Chunk, cols: list[str] | None, f
         return _read_batches(parquet, chunk, cols, schema)
     start = chunk.row_start - chunk.rg_row_offset
     key = (chunk.path, chunk.fingerprint)
-    columns = read_rows(fd, key, chunk.rg_start, start, start + chunk.num_rows, names)
+    columns, damaged = read_rows(fd, key, chunk.rg_start, start, start + chunk.num_rows, names)
+    if damaged:  # pages that did not decode: the whole group's read raises, as it would unsliced
+        whole = parquet.read_row_group(chunk.rg_start, columns=damaged).slice(start, chunk.num_rows)
+        columns.update(zip(damaged, whole.columns, strict=True))
     rest = [name for name in names if name not in columns]
     if rest:
         rest_schema = pa.schema([schema.field(name) for name in rest])

@@ -91,3 +91,25 @@ def test_sql_job_over_corrupt_files_reports_and_survives(project: Project, share
     again = project.cli("run-now", "scan")  # known bad files and dead letters: skipped, exit 0
     assert again.returncode == 0, again.stderr
     assert "0 done now" in again.stdout
+
+
+def test_a_slice_of_a_page_shorter_than_its_header_fails_as_the_whole_read_does(
+    tmp_path: Path, shared_testdata: Path
+) -> None:
+    """Differential fuzzing: ARROW-GH-47662 (a required column whose pages hold fewer values
+    than their headers say) fails a whole read, but a slice decoded only part of its page and
+    gave values shifted into other rows without a word. Slices decode whole pages; a page that
+    does not decode is read with its whole group, which fails as it would unsliced."""
+    import pytest
+
+    from minibatch import reading
+    from minibatch.planner import plan_chunks, read_file_meta
+
+    path = tmp_path / "bad.parquet"
+    shutil.copy(shared_testdata / "ARROW-GH-47662.parquet", path)
+    meta = read_file_meta(str(path), None)
+    chunks = plan_chunks([meta], 64)  # the planner's own slices of its one row group
+    assert len(chunks) > 1
+    for chunk in chunks[:2]:  # those of the short pages (a later page is whole: its rows read well)
+        with pytest.raises(OSError, match="Unexpected end of stream"):
+            reading.read_chunk(chunk, None)

@@ -127,7 +127,7 @@ def test_flat_columns_are_read_from_their_pages_not_from_the_group_start(tmp_pat
     write(table, path, {"write_page_index": index, "max_rows_per_page": 100})
     fd = os.open(path, os.O_RDONLY)
     try:
-        columns = pageslice.read_rows(fd, (str(path), "fp"), 0, 4321, 4400, FLAT)
+        columns, _ = pageslice.read_rows(fd, (str(path), "fp"), 0, 4321, 4400, FLAT)
     finally:
         os.close(fd)
     assert sorted(columns) == sorted(FLAT)
@@ -140,7 +140,7 @@ def test_a_list_column_in_v1_pages_without_an_index_falls_back_and_is_still_exac
     write(table, path, {"max_rows_per_page": 50, "data_page_version": "1.0"})
     fd = os.open(path, os.O_RDONLY)
     try:
-        columns = pageslice.read_rows(fd, (str(path), "fp"), 0, 2500, 2600, ["l", "i"])
+        columns, _ = pageslice.read_rows(fd, (str(path), "fp"), 0, 2500, 2600, ["l", "i"])
     finally:
         os.close(fd)
     assert list(columns) == ["i"]  # the list's v1 pages do not say where rows start
@@ -164,7 +164,7 @@ def test_an_encrypted_or_foreign_file_is_left_to_the_old_reader(tmp_path: Path) 
     path.write_bytes(b"PAR1" + b"\0" * 64 + b"PARE")
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert pageslice.read_rows(fd, (str(path), "fp"), 0, 1, 2, ["a"]) == {}
+        assert pageslice.read_rows(fd, (str(path), "fp"), 0, 1, 2, ["a"]) == ({}, [])
     finally:
         os.close(fd)
 
