@@ -102,6 +102,8 @@ class DaskPool:
         return bool(len(self._futures) < self.size * QUEUE_DEPTH)
 
     def submit(self, task: Task) -> None:
+        if not self._futures:  # idle till now (a breaker's cool-down, a backoff): not workerless
+            self._looked = self._workers_seen = time.monotonic()
         with self._scheduler_calls():
             if self._run_id is None:
                 self._run_id = task.run_id

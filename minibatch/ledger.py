@@ -95,6 +95,16 @@ class Ledger:
             error=f"{error.type}: {error.message}", in_flight=in_flight,
         )  # fmt: skip
 
+    def inherit(self, rows: list[dict[str, Any]]) -> None:
+        """Dead letters a stopped or crashed run left without failing for them (the manifest
+        calls them this run's already): this run names them, and fails for them."""
+        for row in rows:
+            record = ChunkRecord(
+                job=self.record.job, status=ChunkStatus.DEAD, run_id=self.record.run_id, **row
+            )
+            self.record.chunks_dead += 1
+            self.dead.append(record)
+
     def attempt(self, record: AttemptRecord) -> None:
         self._attempts.append(record)
 

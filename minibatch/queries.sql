@@ -32,18 +32,19 @@ SELECT file, fingerprint FROM bad_files WHERE job = $job
 AND run_id NOT IN (SELECT run_id FROM runs WHERE status IN ('stopped', 'crashed', 'running'));
 
 -- name: failed_before
--- Of these chunks, those an attempt of an earlier run failed: their files go last, so that a file
--- whose chunks all fail (tripping the circuit breaker first thing, run after run) starves no other.
+-- Of these chunks (a plan's), those an attempt of an earlier run failed (retried or dead-lettered):
+-- their files go last, so that a file whose chunks all fail (tripping the circuit breaker first
+-- thing, run after run) starves no other.
 SELECT DISTINCT chunk_id FROM attempts
-WHERE job = $job AND outcome = 'retried' AND chunk_id IN (SELECT unnest($ids::VARCHAR[]));
+WHERE job = $job AND outcome IN ('retried', 'dead') AND chunk_id IN (SELECT unnest($ids::VARCHAR[]));
 
 -- name: take_over_dead
 -- Dead letters of a run that never failed for them (stopped, crashed, or killed while
 -- `running`): this run reports them, and they are its own from now on.
 UPDATE chunks SET run_id = $run_id
-WHERE job = $job AND status = 'dead' AND run_id <> $run_id
+WHERE job = $job AND status = 'dead' AND run_id <> $run_id AND chunk_id IN (SELECT unnest($ids::VARCHAR[]))
 AND run_id IN (SELECT run_id FROM runs WHERE status IN ('stopped', 'crashed', 'running'))
-RETURNING chunk_id;
+RETURNING chunk_id, file, fingerprint, row_start, row_end, attempts, error_type, error_message, traceback;
 
 -- name: record_bad_file
 INSERT OR REPLACE INTO bad_files (job, file, fingerprint, size, error, run_id, seen_at)

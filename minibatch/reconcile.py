@@ -139,7 +139,6 @@ class Reconciled:
     salvaged: list[tuple[Chunk, TaskResult]]
     skipped: int  # dead letters of earlier runs, not retried
     planned: list[Chunk]  # every chunk of the plan
-    inherited: int = 0  # of those, the ones a stopped or crashed run left unreported: this run's
 
 
 def reconcile(
@@ -147,7 +146,6 @@ def reconcile(
 ) -> Reconciled:
     """Chunks still to compute, and finished results found on disk (see the module's doc)."""
     job = ledger.record.job
-    inherited = len(manifest.named("take_over_dead", job=job, run_id=ledger.record.run_id))
     states = manifest.chunk_states(job)
     sizes = store.layout.part_sizes()
     on_disk = set(sizes)
@@ -167,6 +165,8 @@ def reconcile(
         for chunk_id, (status, _) in states.items()
         if status == ChunkStatus.DEAD and chunk_id in planned
     }
+    taken = manifest.named("take_over_dead", job=job, run_id=ledger.record.run_id, ids=list(dead))
+    ledger.inherit(taken)
     forget = [chunk_id for chunk_id in states if chunk_id not in done and chunk_id not in dead]
     manifest.forget_chunks(job, forget)
     ledger.reused(done)
@@ -181,11 +181,11 @@ def reconcile(
     if foreign := store.layout.foreign_files():
         events(EventKind.FOREIGN_FILES_IN_OUTPUT, output=str(store.layout.output), files=foreign[:10])
     todo = [c for c in chunks if c.chunk_id not in dead and c.chunk_id not in ledger.outputs]
-    ids = [c.chunk_id for c in todo]
+    ids = [c.chunk_id for c in chunks]
     failed = {r["chunk_id"] for r in manifest.named("failed_before", job=job.partition("[")[0], ids=ids)}
-    files = {c.path for c in todo if c.chunk_id in failed}  # a file's chunks, all (its bad rows spread)
+    files = {c.path for c in chunks if c.chunk_id in failed}  # a file's chunks, all (its bad rows spread)
     todo.sort(key=lambda chunk: chunk.path in files)  # (stable: plan order otherwise)
-    return Reconciled(todo, store.salvage(todo), len(dead) - inherited, chunks, inherited)
+    return Reconciled(todo, store.salvage(todo), len(dead) - len(taken), chunks)  # taken: this run's
 
 
 def results_lost(manifest: Manifest, job: JobConfig, layout: OutputLayout, fresh: bool) -> str | None:
@@ -248,7 +248,12 @@ def earlier_inputs(
 
 
 def inputs_read(manifest: Manifest, key: str | None) -> tuple[tuple[str, int, int], ...]:
-    """What the job's recorded chunks read, as `inputs.input_signature` says it: a daemon's
-    `watch` starts from it, so that files which came while no daemon ran fire too."""
-    files = earlier_inputs(manifest, key, fresh=True)[0] if key is not None else {}
+    """What the job's recorded chunks (and bad files) read, as `inputs.input_signature` says it:
+    a daemon's `watch` starts from it, so that files which came while no daemon ran fire too. A
+    file without rows is recorded nowhere: it fires once at each daemon's start."""
+    if key is None:
+        return ()
+    files = earlier_inputs(manifest, key, fresh=True)[0]
+    for path, fingerprint in manifest.known_bad_files(key):  # read, found bad: no chunk records them
+        files.setdefault(path, set()).add(fingerprint_stat(fingerprint))
     return tuple(sorted((path, *stamp) for path, stamps in files.items() for stamp in stamps))

@@ -266,7 +266,7 @@ class Run:
         self.record.chunks_total = len(chunks)
         work = reconcile(chunks, self.manifest, self.store, self.ledger, self.events)
         self.store.load_schema(self.ledger.outputs.values(), state.get("output_schema"))
-        self.record.chunks_skipped, self.record.chunks_dead = work.skipped, work.inherited  # (fails this one)
+        self.record.chunks_skipped = work.skipped
         self.record.chunks_reused = len(self.ledger.outputs)  # by earlier runs, adopted ones included
         self.events(
             EventKind.RUN_PLANNED, files=len(files), chunks=len(chunks), todo=len(work.todo),

@@ -382,3 +382,20 @@ def test_metrics_port_in_use_is_a_config_error(project: Project) -> None:
     assert result.returncode == 2
     assert "minibatch.metrics_addr: cannot listen on" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_watched_jobs_baseline_holds_its_bad_files(project: Project) -> None:
+    """Second review: a known bad file has no chunk records, so the baseline lacked it and each
+    daemon start fired the job for nothing (and its on_success hook)."""
+    from minibatch.config import load_config
+    from minibatch.inputs import input_signature
+    from minibatch.manifest import Manifest
+    from minibatch.reconcile import inputs_read
+
+    project.write_input("a.parquet", 0, 100)
+    (project.data / "bad.parquet").write_bytes(b"not parquet")
+    config(project, WATCHED)
+    assert project.cli("run-now", "w").returncode == 1  # the new bad file fails it
+    loaded = load_config(project.root / "config.toml")
+    read = inputs_read(Manifest(project.root / ".state" / "manifest.duckdb"), "w")
+    assert set(read) == set(input_signature(loaded.base_dir, loaded.jobs["w"].inputs))

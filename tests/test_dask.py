@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -372,3 +373,33 @@ def test_a_cluster_whose_workers_all_die_for_good_ends_the_run(
     out, err = run.communicate(timeout=60)
     assert run.returncode == 1, out + err
     assert "has no workers left" in out + err
+
+
+def test_a_pool_idle_for_a_while_is_not_taken_for_a_workerless_one(
+    project: Project, cluster: Callable[..., Cluster], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Second review: the time workers were last seen was kept only while tasks were out, so
+    after an idle stretch (a breaker's cool-down, a retry's backoff) longer than
+    REPLACE_TIMEOUT a worker being replaced at the next submit ended a healthy run at once."""
+    from minibatch import dask_pool
+    from minibatch.dask_pool import DaskPool
+
+    c = cluster(MB_WORKERS="0")
+    argv = [sys.executable, "-m", "distributed.cli.dask_worker", c.address, "--no-nanny", "--nthreads", "1"]
+    quiet = subprocess.DEVNULL
+    worker = subprocess.Popen(
+        argv, env=project.env(QUIET), stdout=quiet, stderr=quiet, start_new_session=True
+    )
+    project.started.append(worker)
+    c.wait_workers(1)
+    monkeypatch.setattr(dask_pool, "REPLACE_TIMEOUT", 5.0)
+    pool = DaskPool(c.address, limit=1)
+    try:
+        os.killpg(worker.pid, signal.SIGKILL)  # being replaced, as the pool was idle for long
+        wait_for(lambda: not pool.client.nthreads(), what="the worker to be gone")
+        pool._looked = pool._workers_seen = time.monotonic() - 60
+        pool.submit(types.SimpleNamespace(run_id="r", task_id=1))  # (no worker runs it)
+        pool._looked -= 2  # its once-a-second look is due: the poll asks the cluster
+        assert pool.poll(0.1) == []
+    finally:
+        pool.terminate()

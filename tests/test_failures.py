@@ -304,13 +304,15 @@ def test_a_file_still_matched_under_another_name_keeps_its_results(project: Proj
     assert sorted(project.output_table("ident").column("id").to_pylist()) == list(range(1500))
 
 
+@pytest.mark.parametrize("then", ["unchanged", "fixed"])
 def test_a_run_stopped_after_a_dead_letter_or_bad_file_leaves_them_to_fail_the_next(
-    project: Project,
+    project: Project, then: str
 ) -> None:
     """Hostile review: a run that dead-lettered a chunk (or found a new bad file) and was then
     stopped ended `stopped`, exit 0; the next skipped the dead letter (and knew the bad file)
     and succeeded, exit 0, on_success and dependents released over the hole: no run ever
-    failed for them. The next run reports them (exit 1), once."""
+    failed for them. The next run reports them (exit 1), once, naming them; and not a dead
+    letter its file's rewrite took out of the plan (second review)."""
     setup(project, "poison", "retries = 0", files=4)
     (project.data / "bad.parquet").write_bytes(b"not parquet at all")
     env = {"MB_TARGET": "f0.parquet:0", "MB_FIXED": str(project.root / "fixed"), "MB_SLEEP": "0.3"}
@@ -320,22 +322,34 @@ def test_a_run_stopped_after_a_dead_letter_or_bad_file_leaves_them_to_fail_the_n
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0, "".join(err)
     assert json.loads(project.cli("status", "f", "--json").stdout)[0]["status"] == "stopped"
+    if then == "fixed":
+        (project.data / "bad.parquet").unlink()
+        project.write_input("f0.parquet", 0, 500)  # rewritten: its chunks are new ones
+        project.write_env({**env, "MB_TARGET": ""})
+        resumed = project.cli("run-now", "f", env={**env, "MB_TARGET": "", "MB_SLEEP": "0"})
+        assert resumed.returncode == 0 and "0 dead-lettered, 0 dead letters skipped" in resumed.stdout
+        assert ids(project) == list(range(2000))
+        return
     resumed = project.cli("run-now", "f", env={**env, "MB_SLEEP": "0"})
     assert resumed.returncode == 1, resumed.stdout
     assert "1 dead-lettered" in resumed.stdout and "bad.parquet" in resumed.stdout + resumed.stderr
+    assert "dead letter: " in resumed.stdout and "f0.parquet rows 0-50" in resumed.stdout, resumed.stdout
     again = project.cli("run-now", "f", env={**env, "MB_SLEEP": "0"})
     assert again.returncode == 0 and "1 dead letters skipped" in again.stdout, again.stdout
     assert ids(project) == list(range(50, 2000))  # all but the dead letter's rows (a 50-row chunk)
 
 
-def test_a_file_that_trips_the_breaker_every_run_starves_no_other(project: Project) -> None:
+@pytest.mark.parametrize("retries", [2, 0])
+def test_a_file_that_trips_the_breaker_every_run_starves_no_other(project: Project, retries: int) -> None:
     """Hostile review: a file whose every chunk fails, first in plan order, tripped the circuit
     breaker before any other file's chunk was admitted, run after run: no progress at all. A
-    file that failed in an earlier run goes last."""
-    setup(project, "bad_file", 'breaker_failures = 3\nbreaker_cooldown = "50ms"', files=3)
+    file that failed in an earlier run goes last (also when its chunks went straight to dead
+    letters: second review)."""
+    extra = f'breaker_failures = 3\nbreaker_cooldown = "50ms"\nretries = {retries}'
+    setup(project, "bad_file", extra, files=3, rows=1000)  # 20 chunks a file
     env = {"MB_BAD_FILE": "f0.parquet"}
     first = project.cli("run-now", "f", env=env)
     assert first.returncode == 1 and "circuit breaker opened" in first.stdout, first.stdout
     second = project.cli("run-now", "f", env=env)
-    assert second.returncode == 1 and "circuit breaker opened" in second.stdout, second.stdout
-    assert ids(project) == list(range(500, 1500))  # every other file's rows
+    assert second.returncode == 1, second.stdout  # the bad file fails it (its breaker, or its dead letters)
+    assert ids(project) == list(range(1000, 3000))  # every other file's rows
