@@ -40,6 +40,14 @@ class Unusable(ValueError):
     """The file's pages cannot be cut out safely: read the slice the slow way."""
 
 
+class Damaged(ValueError):
+    """The page headers contradict the footer: the whole group's read says what is wrong (a
+    slice decoded from the group's start would stop before it shows)."""
+
+
+DAMAGED = "damaged"  # a row group's layout, when its pages do not add up
+
+
 @dataclass(frozen=True)
 class Leaf:
     """One leaf column's chunk: its dictionary bytes [start, pages[0]), its data pages at
@@ -62,7 +70,7 @@ class Group:
     num_rows: int
 
 
-_groups: dict[tuple[str, str, int], Group | None] = {}
+_groups: dict[tuple[str, str, int], Group | str | None] = {}
 
 
 def read_rows(
@@ -76,6 +84,8 @@ def read_rows(
     layout = _layout(fd, key, group)
     if layout is None or not names:
         return {}, []
+    if isinstance(layout, str):  # DAMAGED
+        return {}, names
     windows: dict[tuple[int, int], list[str]] = {}
     for name in names:
         start = _start(layout, name, a, b)
@@ -95,14 +105,16 @@ def read_rows(
     return out, damaged
 
 
-def _layout(fd: int, key: tuple[str, str], group: int) -> Group | None:
+def _layout(fd: int, key: tuple[str, str], group: int) -> Group | str | None:
     cache_key = (*key, group)
     if cache_key in _groups:
         return _groups[cache_key]
     if len(_groups) >= 64:
         _groups.clear()
     try:
-        layout: Group | None = _load(fd, group)
+        layout: Group | str | None = _load(fd, group)
+    except Damaged:
+        layout = DAMAGED
     except (Unusable, thrift.ThriftError, KeyError, IndexError, TypeError, ValueError, OSError):
         layout = None
     _groups[cache_key] = layout
@@ -165,7 +177,9 @@ def _leaf(fd: int, chunk: Struct, num_rows: int, repeated: bool) -> Leaf:
     # writer's page index has been wrong (ClickHouse#83876: element indexes as rows), and so
     # has a v2 header's num_rows in a list column (pyarrow < 12, apache/arrow#34086). A whole
     # read ignores both, so trusting them would return other rows than the slice's, silently.
-    pages, rows = _scan(fd, start, end, repeated)
+    pages, rows, total = _scan(fd, start, end, repeated)
+    if total is not None and total != num_rows:
+        raise Damaged(f"its pages' headers hold {total} rows, its row group {num_rows}")
     rows.append(num_rows)
     if not pages or rows[0] != 0 or any(x >= y for x, y in zip(rows, rows[1:], strict=False)):
         raise Unusable("pages do not cover the group's rows in order")
@@ -174,9 +188,9 @@ def _leaf(fd: int, chunk: Struct, num_rows: int, repeated: bool) -> Leaf:
     return Leaf(start, end, tuple(pages), tuple(rows), repeated)
 
 
-def _scan(fd: int, start: int, end: int, repeated: bool) -> tuple[list[int], list[int]]:
-    """Data pages' offsets and first rows from their headers; a repeated column's rows are not
-    placed (its only known page start is its first page)."""
+def _scan(fd: int, start: int, end: int, repeated: bool) -> tuple[list[int], list[int], int | None]:
+    """Data pages' offsets and first rows from their headers, and the rows they hold in all; a
+    repeated column's rows are not placed (its only known page start is its first page)."""
     pages: list[int] = []
     rows: list[int] = []
     pos, row = start, 0
@@ -186,7 +200,7 @@ def _scan(fd: int, start: int, end: int, repeated: bool) -> tuple[list[int], lis
         if kind in (DATA_PAGE, DATA_PAGE_V2):
             count = None if repeated else _page_rows(header)
             if count is None:
-                return ([pos] if not pages else pages[:1]), [0]
+                return ([pos] if not pages else pages[:1]), [0], None
             if len(pages) >= MAX_PAGES:
                 raise Unusable("too many pages to place by their headers")
             pages.append(pos)
@@ -195,7 +209,7 @@ def _scan(fd: int, start: int, end: int, repeated: bool) -> tuple[list[int], lis
         elif pages:
             raise Unusable("a dictionary page after data pages")
         pos += size + header[3][1]
-    return pages, rows
+    return pages, rows, row
 
 
 def _header(fd: int, pos: int, end: int) -> tuple[Struct, int]:
@@ -230,7 +244,9 @@ def _start(layout: Group, name: str, a: int, b: int) -> int | None:
         return None
     starts = set.intersection(*(set(leaf.rows[:-1]) for leaf in leaves))
     start = max((row for row in starts if row <= a), default=0)
-    return None if start == 0 < a and a > b - a else start
+    # (a placed column is decoded to its pages' end even so: stopping inside a page would not
+    # see one cut short; a list's rows are not placed, and its pages end only with the group)
+    return None if start == 0 < a and a > b - a and any(leaf.repeated for leaf in leaves) else start
 
 
 def _stop(layout: Group, name: str, b: int) -> int:

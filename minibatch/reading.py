@@ -82,10 +82,11 @@ def _read_open(chunk: Chunk, handle: Any, cols: list[str] | None) -> pa.Table:
     metadata, int96 = _footer(chunk, handle, stat)
     parquet = pq.ParquetFile(handle, metadata=metadata)  # Spark's INT96: ns, exact where it fits
     table = _rows(parquet, chunk, cols, handle.fileno())
-    if int96 := [name for name in int96 if name in table.column_names]:
-        _check_int96(
-            chunk, pq.ParquetFile(handle, metadata=metadata, coerce_int96_timestamp_unit="us"), int96
+    if top := [n for n in table.column_names if any(leaf == n or leaf.startswith(f"{n}.") for leaf in int96)]:
+        micro = _rows(
+            pq.ParquetFile(handle, metadata=metadata, coerce_int96_timestamp_unit="us"), chunk, top, None
         )
+        _check_int96(chunk, table, micro)
     return table
 
 
@@ -100,21 +101,39 @@ def _rows(parquet: pq.ParquetFile, chunk: Chunk, cols: list[str] | None, fd: int
     return _read_slice(parquet, chunk, cols, fd)
 
 
-def _check_int96(chunk: Chunk, exact: pq.ParquetFile, int96: list[str]) -> None:
+def _check_int96(chunk: Chunk, table: pa.Table, micro: pa.Table) -> None:
     """pyarrow reads INT96 as timestamp[ns] and wraps what lies outside 1677-2262 (9999-12-31, a
-    usual "valid to", came out as 1816): read again as microseconds, which hold any, a value
-    that does not fit fails."""
+    usual "valid to", came out as 1816), at any depth in a struct or list: each value is checked
+    against the same read as microseconds, which hold any (a wrapped one is centuries off)."""
     import pyarrow.compute as pc
 
-    table = _rows(exact, chunk, int96, None)
-    for name in int96:
-        try:
-            pc.cast(table[name], pa.timestamp("ns"), safe=True)
-        except pa.ArrowInvalid as exc:
-            raise ValueError(
-                f"{chunk.path}: column {name!r} holds an INT96 timestamp outside 1677-2262, the range of "
-                f"timestamp[ns] pyarrow reads it as ({exc}); a job with `sql` reads it exactly"
-            ) from None
+    for name in micro.column_names:
+        for ns, us in zip(_timestamps(table[name]), _timestamps(micro[name]), strict=True):
+            if ns.type.unit != "ns" or us.type.unit != "us":  # not INT96: read alike both times
+                continue
+            off = pc.max(
+                pc.abs(pc.subtract(pc.divide(ns.cast(pa.int64()), 1000), us.cast(pa.int64())))
+            ).as_py()
+            if off is not None and off > 1:
+                raise ValueError(
+                    f"{chunk.path}: column {name!r} holds an INT96 timestamp outside 1677-2262, the range of "
+                    "timestamp[ns] pyarrow reads it as; a job with `sql` reads it exactly"
+                )
+
+
+def _timestamps(column: Any) -> Iterator[Any]:
+    """The timestamp arrays in a column, at any depth, in the same order for the same type."""
+    array: Any = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_timestamp(array.type):
+        yield array
+    elif pa.types.is_struct(array.type):
+        for i in range(array.type.num_fields):
+            yield from _timestamps(array.field(i))
+    elif pa.types.is_map(array.type):
+        yield from _timestamps(array.keys)
+        yield from _timestamps(array.items)
+    elif isinstance(array.type, pa.ListType | pa.LargeListType | pa.FixedSizeListType):
+        yield from _timestamps(array.flatten())
 
 
 def _footer(chunk: Chunk, handle: Any, stat: os.stat_result) -> tuple[pq.FileMetaData, list[str]]:

@@ -70,8 +70,10 @@ def _csv(data: bytes, text: TextFormat, signature: Signature, first_line: int, h
 
     wrong: list[tuple[int, str]] = []
     try:  # typed at once: the fast path
-        typed = read({n: arrow_type(kind) for n, kind in signature})
+        typed: pa.Table | None = read({n: arrow_type(kind) for n, kind in signature})
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a value of the wrong type: as text
+        typed = None
+    if typed is None or _infinite(typed):  # ±inf: written so, or too big for its type (the text says)
         short.clear()
         typed, wrong = _typed(read({n: pa.string() for n in names}), signature)
     if not short and not wrong:
@@ -81,6 +83,13 @@ def _csv(data: bytes, text: TextFormat, signature: Signature, first_line: int, h
     bad = [(first_line + records[n - 1][0], why, records[n - 1][1]) for n, why in short.items()]
     bad += [(first_line + kept[index][0], why, kept[index][1]) for index, why in wrong]
     return TextRows(typed, _malformed(bad))
+
+
+def _infinite(table: pa.Table) -> bool:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return any(pa.types.is_floating(c.type) and pc.any(pc.is_inf(c)).as_py() for c in table.columns)
 
 
 def _records(data: bytes, delimiter: str) -> list[tuple[int, str]]:
@@ -136,6 +145,12 @@ def _typed(table: pa.Table, signature: Signature) -> tuple[pa.Table, list[tuple[
             column = pc.if_else(pc.equal(column, pa.scalar("")), pa.scalar(None, pa.string()), column)
         try:
             columns.append(pc.cast(column, target))
+            if pa.types.is_floating(target):  # a finite value too big for the type casts to ±inf
+                too_big = pc.and_(
+                    pc.is_inf(columns[-1]), pc.invert(pc.match_substring_regex(column, INFINITY))
+                )
+                for i in pc.indices_nonzero(pc.fill_null(too_big, False)).to_pylist():
+                    wrong.setdefault(i, f"{name}: {column[i].as_py()!r} is out of the range of {kind}")
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             values = column.to_pylist()
             cast = []
@@ -153,6 +168,7 @@ def _typed(table: pa.Table, signature: Signature) -> tuple[pa.Table, list[tuple[
     return typed, sorted(wrong.items())
 
 
+INFINITY = r"^\s*[+-]?(?i:inf|infinity)\s*$"  # what casts to ±inf as written
 BOM = b"\xef\xbb\xbf"
 BLANK = re.compile(rb"\n[ \t\r\f\v]*(?:\n|\Z)")  # a blank line after the first
 

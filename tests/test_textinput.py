@@ -441,3 +441,15 @@ def test_a_header_alone_does_not_keep_a_schema_no_file_with_rows_has(project: Pr
     assert ds.dataset(project.out("t"), format="parquet").to_table().to_pylist() == [
         {"id": 2, "name": "y", "amount": "text"}
     ]
+
+
+def test_review_a_float_too_big_for_its_declared_type_is_malformed_not_infinite(project: Project) -> None:
+    """Hostile review: with a declared schema, `1e40` as float32 and `1e400` as double were
+    published as inf without a word, where `300` as int8 went to the malformed rows."""
+    job = CSV_JOB.replace('amount = "double"', 'amount = "double", small = "float"')
+    body = "id,name,amount,small\n1,a,1.5,2.5\n2,b,1e400,1\n3,c,1,1e40\n4,d,inf,-Infinity\n"
+    run_csv(project, body.encode(), job)
+    table = ds.dataset(project.out("t"), format="parquet").to_table().sort_by("id")
+    assert table["id"].to_pylist() == [1, 4]  # inf written as inf stays
+    assert table["amount"].to_pylist() == [1.5, float("inf")]
+    assert [line for line, _ in malformed(project)] == [3, 4]

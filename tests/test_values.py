@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import struct
 from pathlib import Path
 
 import duckdb
@@ -418,3 +419,44 @@ def test_int96_nanoseconds_and_nullability_are_read_as_pyarrow_reads_them(tmp_pa
     for start, end in ((0, 4), (1, 3)):  # the row group, and a slice of it
         got = reading.read_chunk(Chunk(str(path), meta.fingerprint, start, end, 0, 1, 0, 1000), None)
         assert got.equals(expected.slice(start, end - start)) and got.schema == expected.schema
+
+
+def test_int96_out_of_range_is_found_in_structs_and_lists_and_at_the_nanosecond(tmp_path: Path) -> None:
+    """Second fuzzing: nested INT96 values were not range-checked (9999-12-31 in a struct came
+    back as 1816), a value 1-192 ns past timestamp[ns]'s end wrapped unseen (the microsecond
+    read cut it back into range), and valid values in its first 808 ns failed."""
+    from minibatch import reading
+    from minibatch.planner import Chunk, read_file_meta
+
+    def read(name: str, table: pa.Table) -> pa.Table:
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(table, path, use_deprecated_int96_timestamps=True)
+        return reading.read_chunk(
+            Chunk(str(path), read_file_meta(str(path), None).fingerprint, 0, 2, 0, 1, 0, 1000), None
+        )
+
+    far = datetime.datetime(9999, 12, 31)
+    us = pa.timestamp("us")
+    for name, column in (
+        ("struct", pa.array([{"t": far}, {"t": None}], pa.struct([("t", us)]))),
+        ("list", pa.array([[far], []], pa.list_(us))),
+    ):
+        with pytest.raises(ValueError, match="outside 1677-2262"):
+            read(name, pa.table({"c": column}))
+    top = 2**63 - 1  # written, then its nanoseconds of the day raised by one in the file's bytes
+    path = tmp_path / "past.parquet"
+    plain = {"compression": "none", "use_dictionary": False, "write_statistics": False}
+    table = pa.table({"t": pa.array([top, 0], pa.timestamp("ns"))})
+    pq.write_table(table, path, use_deprecated_int96_timestamps=True, **plain)
+    raw, day = bytearray(path.read_bytes()), struct.pack("<q", top % (86400 * 10**9))
+    raw[raw.index(day) : raw.index(day) + 8] = struct.pack("<q", top % (86400 * 10**9) + 1)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="outside 1677-2262"):
+        reading.read_chunk(
+            Chunk(str(path), read_file_meta(str(path), None).fingerprint, 0, 2, 0, 1, 0, 1000), None
+        )
+    low = pa.array([-(2**63) + 1, -(2**63) + 807], pa.timestamp("ns"))
+    assert (
+        read("low", pa.table({"t": low}))["t"].cast(pa.int64()).to_pylist()
+        == low.cast(pa.int64()).to_pylist()
+    )
