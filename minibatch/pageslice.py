@@ -96,10 +96,10 @@ def read_rows(
     for (start, stop), window_names in windows.items():
         try:
             table = _read_window(fd, layout, start, stop, window_names)
-        except (Unusable, thrift.ThriftError):
-            continue
-        except (pa.ArrowException, OSError):
+        except (Damaged, pa.ArrowException, OSError):
             damaged += window_names
+            continue
+        except (Unusable, thrift.ThriftError):
             continue
         out.update(zip(window_names, table.slice(a - start, b - a).columns, strict=True))
     return out, damaged
@@ -113,9 +113,9 @@ def _layout(fd: int, key: tuple[str, str], group: int) -> Group | str | None:
         _groups.clear()
     try:
         layout: Group | str | None = _load(fd, group)
-    except Damaged:
-        layout = DAMAGED
-    except (Unusable, thrift.ThriftError, KeyError, IndexError, TypeError, ValueError, OSError):
+    except (Damaged, thrift.ThriftError, KeyError, IndexError, TypeError):  # headers that do not
+        layout = DAMAGED  # parse, lack what every page has, or contradict the footer
+    except (Unusable, ValueError, OSError):
         layout = None
     _groups[cache_key] = layout
     return layout
@@ -182,9 +182,9 @@ def _leaf(fd: int, chunk: Struct, num_rows: int, repeated: bool) -> Leaf:
         raise Damaged(f"its pages' headers hold {total} rows, its row group {num_rows}")
     rows.append(num_rows)
     if not pages or rows[0] != 0 or any(x >= y for x, y in zip(rows, rows[1:], strict=False)):
-        raise Unusable("pages do not cover the group's rows in order")
+        raise Damaged("pages do not cover the group's rows in order")
     if not start <= pages[0] or any(x >= y for x, y in zip(pages, [*pages[1:], end], strict=False)):
-        raise Unusable("pages outside their column chunk")
+        raise Damaged("pages outside their column chunk")
     return Leaf(start, end, tuple(pages), tuple(rows), repeated)
 
 
@@ -207,7 +207,7 @@ def _scan(fd: int, start: int, end: int, repeated: bool) -> tuple[list[int], lis
             rows.append(row)
             row += count
         elif pages:
-            raise Unusable("a dictionary page after data pages")
+            raise Damaged("a dictionary page after data pages")
         pos += size + header[3][1]
     return pages, rows, row
 
@@ -229,7 +229,7 @@ def _page_rows(header: Struct) -> int:
     if header[1][1] == DATA_PAGE_V2:
         v2 = header[8][1]
         if v2[1][1] != v2[3][1]:
-            raise Unusable("a v2 page whose num_rows is not its num_values")
+            raise Damaged("a v2 page whose num_rows is not its num_values")
         return int(v2[3][1])
     return int(header[5][1][1][1])
 
@@ -274,7 +274,7 @@ def _read_window(fd: int, layout: Group, start: int, end: int, names: list[str])
     buf += tail + struct.pack("<I", len(tail)) + b"PAR1"
     table = pq.ParquetFile(pa.BufferReader(bytes(buf))).read_row_group(0, columns=names)
     if table.num_rows != end - start:
-        raise Unusable("the pages held other rows than their headers said")
+        raise Damaged("the pages held other rows than their headers said")
     return table
 
 
@@ -310,7 +310,7 @@ def _count(pages: bytes, expected: int, rows: tuple[int, ...], repeated: bool) -
         if kind in (DATA_PAGE, DATA_PAGE_V2):
             count = None if repeated else _page_rows(header)
             if found >= expected or (count is not None and count != rows[found + 1] - rows[found]):
-                raise Unusable("a page's rows differ from the layout")
+                raise Damaged("a page's rows differ from the layout")
             found += 1
             page = header[8][1] if kind == DATA_PAGE_V2 else header[5][1]
             values += page[1][1]
@@ -318,5 +318,5 @@ def _count(pages: bytes, expected: int, rows: tuple[int, ...], repeated: bool) -
         plain += body - pos + header[2][1]
         pos = body + header[3][1]
     if found != expected or pos != len(pages):
-        raise Unusable("pages do not end where the layout says")
+        raise Damaged("pages do not end where the layout says")
     return values, plain, indexed
