@@ -204,3 +204,26 @@ def test_a_reader_that_stops_early_fails_the_chunk_instead_of_losing_rows(shared
     add up to its row group: the slice is read as the whole group is, and fails as it does."""
     with pytest.raises(ValueError, match="expected length 3 but got length 0"):
         worker.read_chunk(chunk_of(shared_testdata / "ARROW-GH-41317.parquet", 0, 1), None)
+
+
+def test_a_group_whose_page_headers_contradict_its_footer_fails_as_a_whole_read_does(tmp_path: Path) -> None:
+    """Corruption fuzzing: one byte turning a data page's header into a dictionary page's made
+    the layout unusable, and the slice fell back to decoding from the group's start, which
+    stopped early: row 20 (20.0) came back null, no error, where a whole read fails."""
+    path = tmp_path / "flipped.parquet"
+    table = pa.table(
+        {"c": pa.array([float(i) if i % 3 else None for i in range(50)]), "k": pa.array(range(50))}
+    )
+    pq.write_table(table, path, compression="none", use_dictionary=False, max_rows_per_page=7)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        third = pageslice._load(fd, 0).leaves[0].pages[2]
+    finally:
+        os.close(fd)
+    raw = bytearray(path.read_bytes())
+    raw[third + 1] = 0x04  # the page type, zigzag: DATA_PAGE (0) -> DICTIONARY_PAGE (2)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(pa.ArrowInvalid):
+        pq.read_table(path)
+    with pytest.raises(pa.ArrowInvalid):
+        worker.read_chunk(chunk_of(path, 20, 30), None)
