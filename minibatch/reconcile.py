@@ -165,7 +165,9 @@ def reconcile(
         for chunk_id, (status, _) in states.items()
         if status == ChunkStatus.DEAD and chunk_id in planned
     }
-    taken = manifest.named("take_over_dead", job=job, run_id=ledger.record.run_id, ids=list(dead))
+    taken = (
+        manifest.named("take_over_dead", job=job, run_id=ledger.record.run_id, ids=list(dead)) if dead else []
+    )
     ledger.inherit(taken)
     forget = [chunk_id for chunk_id in states if chunk_id not in done and chunk_id not in dead]
     manifest.forget_chunks(job, forget)
