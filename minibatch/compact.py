@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from minibatch.hive import FILE_RE, SOURCES_KEY, units_of
+from minibatch.hive import FILE_RE, SOURCES_KEY, nullable, units_of
 from minibatch.layout import CHUNK_KEY, DEFINITION_KEY, OutputLayout, remove_published
 from minibatch.userfiles import (
     WHOLE_PREFIX,
@@ -296,9 +296,8 @@ class Publisher:
                 groups = list(range(piece.first, piece.first + piece.count))
                 table = pq.ParquetFile(piece.path).read_row_groups(groups)
                 table = table.drop_columns([c for c in table.column_names if c in drop])
-                # parts may differ in nullability only (their inputs' writers did): the file's is nullable
-                schema = pa.schema([f.with_nullable(True) for f in table.schema])
-                table = table.cast(schema).replace_schema_metadata({SOURCES_KEY: json.dumps(tokens).encode()})
+                # parts an older release wrote may differ in nullability: the file's is nullable
+                table = nullable(table).replace_schema_metadata({SOURCES_KEY: json.dumps(tokens).encode()})
                 writer = writer or pq.ParquetWriter(handle, table.schema)
                 pending.append(table)
                 rows += table.num_rows

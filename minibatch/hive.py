@@ -95,6 +95,17 @@ def unit_of(columns: tuple[str, ...], values: list[str | None]) -> str:
     return unit
 
 
+def nullable(table: pa.Table) -> pa.Table:
+    """`table` with every column nullable: parts may differ in nullability only (a not-null
+    field in one chunk's result, nulls in another's), and readers take one part's for all."""
+    import pyarrow as pa
+
+    if all(field.nullable for field in table.schema):
+        return table
+    schema = pa.schema([field.with_nullable(True) for field in table.schema])
+    return table.cast(schema.with_metadata(table.schema.metadata or {}))
+
+
 class PartitionError(ValueError):
     """A result that cannot be partitioned as configured: every chunk's would fail alike."""
 

@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from minibatch.checks import apply_checks
+from minibatch.hive import nullable
 from minibatch.jobcode import forget_package, import_process, source_digest
 from minibatch.layout import MALFORMED_PREFIX, QUARANTINE_PREFIX, staged_name, with_provenance, write_durably
 from minibatch.planner import InputUnreadable
@@ -198,10 +199,7 @@ def _write(task: Task, result: pa.Table, prefix: str = "") -> tuple[int, str]:
         else f"{task.output_name}.{os.getpid()}.tmp"
     )
     staged = Path(task.job.staging_dir) / name
-    if not all(field.nullable for field in result.schema):  # one part's not-null, another's with nulls
-        nullable = pa.schema([field.with_nullable(True) for field in result.schema])
-        result = result.cast(nullable.with_metadata(result.schema.metadata or {}))
-    table = with_provenance(result, task.chunk.chunk_id, task.job.definition, task.job.input_schema)
+    table = with_provenance(nullable(result), task.chunk.chunk_id, task.job.definition, task.job.input_schema)
     return write_durably(table, staged, None if prefix else task.job.shape), str(staged)
 
 
