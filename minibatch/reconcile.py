@@ -183,10 +183,11 @@ def reconcile(
     if foreign := store.layout.foreign_files():
         events(EventKind.FOREIGN_FILES_IN_OUTPUT, output=str(store.layout.output), files=foreign[:10])
     todo = [c for c in chunks if c.chunk_id not in dead and c.chunk_id not in ledger.outputs]
-    ids = [c.chunk_id for c in chunks]
-    failed = {r["chunk_id"] for r in manifest.named("failed_before", job=job.partition("[")[0], ids=ids)}
-    files = {c.path for c in chunks if c.chunk_id in failed}  # a file's chunks, all (its bad rows spread)
-    todo.sort(key=lambda chunk: chunk.path in files)  # (stable: plan order otherwise)
+    if len({c.path for c in todo}) > 1:  # (files to put in an order: not a quiet run's none, or one)
+        ids = [c.chunk_id for c in chunks]
+        failed = {r["chunk_id"] for r in manifest.named("failed_before", job=job.partition("[")[0], ids=ids)}
+        files = {c.path for c in chunks if c.chunk_id in failed}  # a file's chunks, all (bad rows spread)
+        todo.sort(key=lambda chunk: chunk.path in files)  # (stable: plan order otherwise)
     return Reconciled(todo, store.salvage(todo), len(dead) - len(taken), chunks)  # taken: this run's
 
 
