@@ -28,6 +28,8 @@ from minibatch.results import CONFORM, ResultStore, SchemaGate
 from minibatch.signals import StopSignals
 from minibatch.states import Breaker, ErrorKind, EventKind, Outcome
 from minibatch.tasks import (
+    DETERMINISTIC,
+    FIXES,
     Failed,
     Finished,
     JobSpec,
@@ -69,12 +71,7 @@ class _InFlight:
 
 _Done = tuple[_InFlight, TaskResult]
 FAIL_FAST = 2  # chunks failing alike, before any success, that stop a run whose code is broken
-DETERMINISTIC = {  # errors no retry mends
-    "TypeError", "NameError", "AttributeError", "SyntaxError", "ImportError", "ModuleNotFoundError",
-    "JobCodeError", "ParserException", "BinderException", "CatalogException", "CheckFailed", "PartitionError",
-}  # fmt: skip
 BREAKER_EVENTS = {state: EventKind(f"breaker_{state}") for state in Breaker}
-FIXES = {"InputUnreadable": "make it readable and run again", "CodeChanged": "run again with the new code"}
 
 
 @dataclass
@@ -348,6 +345,8 @@ class Executor:
         elif error.type == CONFORM:  # staged before the output schema was known: again, to it
             self.attempts[item.chunk.chunk_id] = max(item.attempt - 1, 0)  # not charged
             self.pending.appendleft(item.chunk)
+        elif error.kind == ErrorKind.ENVIRONMENT:
+            self._halt(item, error)
         else:
             self._breaker_failure(False)
             self._failed(item, error, result)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import itertools
+import json
 import os
 import stat
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -86,9 +87,25 @@ def find_inputs(
         table = mount_table()
         gone = {path: way for path in set(read) - set(files) if (way := _way(path, reach))}
         changed = [path for path in set(read) & set(files) if _stamp(path) not in read[path]]
-        unreadable += _unlistable_dirs(gone) + unmounted([*gone, *changed], mounts or {}, table)
+        unreadable += _unlistable_dirs(gone) + unmounted([*gone, *changed], mounts, table)
         return Inputs(files, missing, sorted(set(unreadable)), mounts_above(files, table))
     return Inputs(files=files, missing=missing, unreadable=sorted(set(unreadable)))
+
+
+def recheck(
+    base_dir: Path, patterns: Iterable[str], removed: Iterable[str], mounts: str | None
+) -> tuple[Inputs, str | None]:
+    """Files removed under a run: what the globs match now, and why the run fails, if it does:
+    a glob matching nothing (an unmount mid-run, not an empty day), or a mount point above a
+    removed file that holds something else than the run found at its start (`mounts`, JSON): a
+    share under a `**` glob unmounted, whose files only looked removed."""
+    now = find_inputs(
+        base_dir, patterns, read=dict.fromkeys(removed, ()), mounts=json.loads(mounts) if mounts else None
+    )
+    if now.missing:
+        globs = ", ".join(repr(p) for p in now.missing)
+        return now, f"input glob {globs} matches no file any more (it vanished during the run)"
+    return now, "; ".join(f"input {why}" for why in now.unreadable) or None
 
 
 def _spelled(path: str) -> str:

@@ -237,6 +237,15 @@ class OutputLayout:
         for held in self.held:  # another config's quarantine there: each would delete the other's
             held.mkdir(parents=True, exist_ok=True)
             take(held / HELD_MARK, held, owner, state_dir, known, self._kind(held))
+        self._one_filesystem()
+
+    def _one_filesystem(self) -> None:  # results are renamed from staging: not onto a mounted volume
+        for place in (self.output, self.parts, *self.held):
+            if place.is_dir() and place.stat().st_dev != self.staging.stat().st_dev:
+                raise OutputNotOwned(
+                    f"{place} is on another filesystem than {self.staging}, where results are staged "
+                    "to be renamed into it (a mount point?): set output to a directory inside it"
+                )
 
     def not_a_directory(self) -> str | None:
         """Why the output cannot be a directory of parts (a file is in the way), or None."""

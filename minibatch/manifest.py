@@ -173,6 +173,8 @@ class Manifest:
 
     def _open(self, duckdb: Any, con: Any, read_only: bool, alias: str) -> None:
         """Attach the file to `con` as its default database, waiting while another process has it."""
+        if self._initialised and not self.path.exists():  # not a new, empty one taken for the record
+            raise ManifestError(f"manifest {self.path} is gone (its state_dir removed while minibatch ran?)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         start, said, delay = time.monotonic(), False, 0.005
         mode = "READ_ONLY" if read_only else "READ_WRITE"

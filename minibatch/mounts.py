@@ -63,15 +63,24 @@ def mounts_above(files: Iterable[str], table: Table) -> dict[str, str]:
     return {place: what for place in sorted(places & table.keys()) if (what := mounted(place, table))}
 
 
-def unmounted(files: Iterable[str], recorded: dict[str, str], table: Table) -> list[str]:
+def unmounted(files: Iterable[str], recorded: dict[str, str] | None, table: Table) -> list[str]:
     """The mount points the last run recorded above the files (earlier inputs gone or changed)
     that hold something else now: a share unmounted (a bare directory, a file bind mount's
-    placeholder, or gone, as an automounter leaves it), or another filesystem mounted there."""
-    now = {place: mounted(place, table) for place in recorded}
-    changed = {place for place, what in now.items() if what != recorded[place]}
-    hit = {place for places in _places(files).values() for place in places & changed} if changed else set()
+    placeholder, or gone, as an automounter leaves it), or another filesystem mounted there;
+    and the directories above them that are mount points now and were not then: a filesystem
+    mounted over one hides its files. `recorded` None: no record (an earlier release's run)."""
+    if recorded is None:
+        return []
+    above = set().union(*_places(files).values())
+    now = {place: mounted(place, table) for place in {*recorded, *(above & table.keys())}}
+    hit = sorted(place for place in above if now.get(place) != recorded.get(place))
+    fresh = "if its files now live here, or the share is gone for good, `run-now --fresh` computes"
+    fresh += " everything anew"
     return [
-        f"{place}: a mount point of {recorded[place]} when the last run read its inputs, "
+        f"{place}: not a mount point when its inputs were last read, {now[place]} now (a filesystem "
+        f"mounted over their directory hides them? unmount it; {fresh})"
+        if place not in recorded
+        else f"{place}: a mount point of {recorded[place]} when its inputs were last read, "
         + (
             f"{now[place]} now"
             if now[place]
@@ -79,9 +88,8 @@ def unmounted(files: Iterable[str], recorded: dict[str, str], table: Table) -> l
             if not os.path.lexists(place)
             else "and not one now"
         )
-        + " (a share unmounted? mount it again; if its files now live here, or the share is gone for good, "
-        "`run-now --fresh` computes everything anew)"
-        for place in sorted(hit)
+        + f" (a share unmounted? mount it again; {fresh})"
+        for place in hit
     ]
 
 

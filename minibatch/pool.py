@@ -27,7 +27,18 @@ from typing import Any
 
 from minibatch.clock import SYSTEM, Clock
 from minibatch.states import ErrorKind
-from minibatch.tasks import Failed, Finished, Lost, PoolEvent, Started, Task, TaskError, TaskResult, said
+from minibatch.tasks import (
+    Failed,
+    Finished,
+    Lost,
+    PoolBroken,
+    PoolEvent,
+    Started,
+    Task,
+    TaskError,
+    TaskResult,
+    said,
+)
 
 QUEUE_DEPTH = 2  # tasks sent ahead per worker, so no worker idles for a round trip
 
@@ -79,7 +90,7 @@ class WorkerPool:
         self._stopping = self._ctx.Event()
         self._slots: list[_Slot] = [self._spawn() for _ in range(size)]
 
-    def _spawn(self) -> _Slot:
+    def _spawn(self, tries: int = 2) -> _Slot:
         from minibatch.worker import worker_main
 
         parent, child = self._ctx.Pipe(duplex=True)
@@ -89,8 +100,16 @@ class WorkerPool:
             daemon=True,
             name="minibatch-worker",
         )
-        process.start()
-        child.close()
+        try:
+            process.start()
+        except (EOFError, OSError) as exc:  # the forkserver died (killed?) as it forked the worker
+            parent.close()
+            if tries > 1:  # once it is reaped, a new one starts
+                time.sleep(0.1)
+                return self._spawn(tries - 1)
+            raise PoolBroken(f"cannot start a worker process (its forkserver failed: {said(exc)})") from exc
+        finally:
+            child.close()
         return _Slot(process=process, conn=parent)
 
     @property

@@ -240,14 +240,14 @@ def removed_and_changed(
 
 def earlier_inputs(
     manifest: Manifest, key: str, fresh: bool
-) -> tuple[dict[str, set[tuple[int, int]]], dict[str, str]]:
+) -> tuple[dict[str, set[tuple[int, int]]], dict[str, str] | None]:
     """The input files of the job's recorded chunks with their (size, mtime_ns), and the mount
-    points above the inputs of its latest run that read them (none for a `fresh` run: it
-    computes their results anew, wherever they come from now)."""
+    points above the inputs of its latest run that read them (None for a `fresh` run: it
+    computes their results anew, wherever they come from now; or where no run recorded them)."""
     rows = manifest.named("input_files", key=key)
     files = {row["file"]: {fingerprint_stat(fp) for fp in row["prints"]} for row in rows}
     mounts = [] if fresh else [json.loads(row["mounts"]) for row in manifest.named("input_mounts", key=key)]
-    return files, (mounts or [{}])[0]
+    return files, (mounts or [None])[0]
 
 
 def inputs_read(manifest: Manifest, key: str | None) -> tuple[tuple[str, int, int], ...]:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from minibatch.layout import CHUNK_KEY, DEFINITION_KEY, HELD_MARK, INPUT_KEY, OutputLayout, part_name, publish
 from minibatch.planner import Chunk
 from minibatch.states import ErrorKind, EventKind
-from minibatch.tasks import SchemaMismatch, TaskError, TaskResult
+from minibatch.tasks import OutputUnwritable, SchemaMismatch, TaskError, TaskResult
 from minibatch.userfiles import fsync_dir
 
 if TYPE_CHECKING:
@@ -68,6 +68,17 @@ class ResultStore:
             if conform_schema(result.schema, self.schema) is not None:  # the worker makes it fit
                 return TaskError(kind=ErrorKind.ERROR, type=CONFORM, message=str(exc), traceback="")
             return TaskError(kind=ErrorKind.ERROR, type="SchemaMismatch", message=str(exc), traceback="")
+        try:
+            self._rename(result, chunk_id)
+        except OSError as exc:  # the output moved, removed, made read-only: the machine's fault
+            for path in filter(None, (result.staged, result.quarantine_staged, result.malformed_staged)):
+                Path(path).unlink(missing_ok=True)
+            place = exc.filename2 or exc.filename  # a rename's target, else what failed
+            return TaskError(kind=ErrorKind.ENVIRONMENT, type="OutputUnwritable",
+                             message=str(OutputUnwritable(place, exc)), traceback="")  # fmt: skip
+        return None
+
+    def _rename(self, result: TaskResult, chunk_id: str) -> None:
         staged_in = {
             self.layout.quarantine: result.quarantine_staged,
             self.layout.malformed: result.malformed_staged,
@@ -80,10 +91,9 @@ class ResultStore:
                 publish(Path(held), directory / part_name(chunk_id))
             else:  # an earlier attempt's or definition's (a check's action changed)
                 (directory / part_name(chunk_id)).unlink(missing_ok=True)
-        if staged is not None:
+        if result.staged is not None:
             assert result.output_file is not None
-            publish(staged, self.layout.parts / result.output_file)
-        return None
+            publish(Path(result.staged), self.layout.parts / result.output_file)
 
     def make_durable(self) -> None:
         """The renames so far survive a power loss: owed before recording them done."""

@@ -23,7 +23,7 @@ from minibatch.crossjob import check_rendered
 from minibatch.events import Emitter, Listener, LogListener
 from minibatch.execute import Execution, Executor, open_pool
 from minibatch.hooks import HookListener
-from minibatch.inputs import InputError, Inputs, find_inputs
+from minibatch.inputs import InputError, Inputs, find_inputs, recheck
 from minibatch.layout import OutputLayout, remove_published
 from minibatch.ledger import Ledger
 from minibatch.lock import job_lock
@@ -313,12 +313,11 @@ class Run:
         changed = out.changed
         if out.removed:
             try:
-                now = find_inputs(self.config.base_dir, self.job.inputs)
+                now, lost = recheck(self.config.base_dir, self.job.inputs, out.removed, self.record.mounts)
             except InputError as exc:
                 return str(exc)
-            if now.missing:  # an unmount mid-run is a failure, not an empty day
-                globs = ", ".join(repr(p) for p in now.missing)
-                return f"input glob {globs} matches no file any more (it vanished during the run)"
+            if lost:
+                return lost
             self.gone, changed = removed_and_changed(out.changed, set(out.removed), planned, now)
             self.removed_chunks = sum(n for path, n in out.removed.items() if path in self.gone)
         if not changed:

@@ -37,6 +37,15 @@ class JobSpec:
     source: str | None = None  # the digest of the `process` module's source the definition counts
 
 
+class OutputUnwritable(Exception):
+    """A result that could not be written to staging or published (the output's directory
+    removed, made read-only, a file size limit, an I/O error): the machine's fault, not the
+    chunk's, whatever the errno."""
+
+    def __init__(self, path: object, exc: OSError) -> None:
+        super().__init__(f"{path}: cannot be written ({exc.strerror or exc})")
+
+
 class CodeChanged(Exception):
     """The job's module is not the source the run's definition counted: it was edited during
     the run. Not the chunk's fault; its result would be labelled with the wrong definition."""
@@ -75,6 +84,17 @@ class TaskResult:
     check_failures: tuple[tuple[str, int], ...] = ()  # check name -> rows that failed it
     quarantine_staged: str | None = None  # the quarantined rows, staged like the result
     malformed_staged: str | None = None  # text records that did not parse, with line numbers
+
+
+DETERMINISTIC = {  # errors no retry mends
+    "TypeError", "NameError", "AttributeError", "SyntaxError", "ImportError", "ModuleNotFoundError",
+    "JobCodeError", "ParserException", "BinderException", "CatalogException", "CheckFailed", "PartitionError",
+}  # fmt: skip
+FIXES = {  # what the user does about an error of the machine's (ErrorKind.ENVIRONMENT)
+    "InputUnreadable": "make it readable and run again",
+    "CodeChanged": "run again with the new code",
+    "OutputUnwritable": "make the output writable (its directory, space, permissions, file size limit)",
+}
 
 
 @dataclass(frozen=True)

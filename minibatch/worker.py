@@ -40,6 +40,7 @@ from minibatch.tasks import (
     InputChanged,
     InputRemoved,
     JobSpec,
+    OutputUnwritable,
     Task,
     TaskError,
     TaskResult,
@@ -200,7 +201,10 @@ def _write(task: Task, result: pa.Table, prefix: str = "") -> tuple[int, str]:
     )
     staged = Path(task.job.staging_dir) / name
     table = with_provenance(nullable(result), task.chunk.chunk_id, task.job.definition, task.job.input_schema)
-    return write_durably(table, staged, None if prefix else task.job.shape), str(staged)
+    try:
+        return write_durably(table, staged, None if prefix else task.job.shape), str(staged)
+    except OSError as exc:  # the result is computed: writing it fails only for the machine
+        raise OutputUnwritable(staged.parent, exc) from exc
 
 
 def _call(job: JobSpec, table: pa.Table, ctx: ChunkContext) -> pa.Table | None:
@@ -286,7 +290,7 @@ def describe_error(exc: BaseException) -> TaskError:
         kind = ErrorKind.INPUT_CHANGED
     elif _out_of_memory(exc):
         kind = ErrorKind.MEMORY
-    elif isinstance(exc, InputUnreadable | CodeChanged) or _environmental(exc):
+    elif isinstance(exc, InputUnreadable | CodeChanged | OutputUnwritable) or _environmental(exc):
         kind = ErrorKind.ENVIRONMENT
     else:
         kind = ErrorKind.ERROR

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -280,3 +281,18 @@ def shared_testdata() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/testdata is absent")
     return path
+
+
+def in_a_mount_namespace() -> list[str] | None:
+    """The argv prefix of a private mount namespace where this user may mount a tmpfs, if any."""
+    for argv in (
+        ["unshare", "-m", "--propagation", "private"],
+        ["unshare", "-rm", "--propagation", "private"],
+    ):
+        probe = "d=$(mktemp -d) && mount -t tmpfs probe $d && umount $d && rmdir $d"
+        if (
+            shutil.which("unshare")
+            and subprocess.run([*argv, "sh", "-c", probe], capture_output=True).returncode == 0
+        ):
+            return argv
+    return None

@@ -159,3 +159,15 @@ def hog_once(table, ctx):
     if hog_now:
         bytearray(64 * 2**30)
     return _ok(table)
+
+
+def gate(table, ctx):
+    """The target says it started (MB_STARTED), then waits for MB_GO: a test changes the world
+    under a running chunk meanwhile."""
+    _log(ctx)
+    if _is_target(ctx):
+        open(env("MB_STARTED"), "w").close()
+        deadline = time.monotonic() + 60
+        while not os.path.exists(env("MB_GO")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return _ok(table)

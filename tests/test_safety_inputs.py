@@ -22,14 +22,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from minibatch.inputs import _way, find_inputs, reach_of
-from minibatch.mounts import mounted, mounts_above, unmounted
+from minibatch.mounts import mount_table, mounted, mounts_above, unmounted
 from minibatch.planner import InputUnreadable, plan_chunks, read_file_meta, scan_inputs
 from minibatch.reading import read_chunk, release_held, sql_on_file
 from minibatch.states import ErrorKind
 from minibatch.tasks import InputChanged, JobSpec
 from minibatch.worker import describe_error
 
-from conftest import MAP_JOB, Project, install_jobs, wait_for
+from conftest import MAP_JOB, Project, in_a_mount_namespace, install_jobs, wait_for
 
 FAST = "retries = 0\nbreaker_failures = 0\n"  # today's failures dead-letter at once, no breaker pause
 MAP = MAP_JOB + FAST
@@ -786,21 +786,6 @@ def test_a_directory_symlink_to_a_share_gone_keeps_its_files_results(project: Pr
     assert ids_of(project, "ident") == list(range(300, 600))
 
 
-def in_a_mount_namespace() -> list[str] | None:
-    """The argv prefix of a private mount namespace where this user may mount a tmpfs, if any."""
-    for argv in (
-        ["unshare", "-m", "--propagation", "private"],
-        ["unshare", "-rm", "--propagation", "private"],
-    ):
-        probe = "d=$(mktemp -d) && mount -t tmpfs probe $d && umount $d && rmdir $d"
-        if (
-            shutil.which("unshare")
-            and subprocess.run([*argv, "sh", "-c", probe], capture_output=True).returncode == 0
-        ):
-            return argv
-    return None
-
-
 @pytest.mark.skipif(in_a_mount_namespace() is None, reason="no mount namespace to mount a tmpfs in")
 def test_a_share_mounted_under_a_glob_unmounted_keeps_its_files_results(project: Project) -> None:
     """Left alone in an earlier session, then fixed: `data/*/*.parquet` with data/b a share's
@@ -844,10 +829,10 @@ def test_a_share_mounted_under_a_glob_unmounted_keeps_its_files_results(project:
     assert [rc for rc, _ in outcome] == ["0", "0", "0", "1", "1", "1", "0"], outcome
     assert "0 done now, 12 already done" in outcome[2][1], outcome[2][1]  # nothing computed again
     unmounted = (
-        f"{project.data / 'b'}: a mount point of moved (tmpfs) when the last run read its inputs, and not"
+        f"{project.data / 'b'}: a mount point of moved (tmpfs) when its inputs were last read, and not"
     )
     assert unmounted in outcome[3][1] and unmounted in outcome[4][1], outcome[3][1]
-    assert "when the last run read its inputs, other (tmpfs) now" in outcome[5][1], outcome[5][1]
+    assert "when its inputs were last read, other (tmpfs) now" in outcome[5][1], outcome[5][1]
     kept = ds.dataset(project.root / "kept", format="parquet").to_table()  # after the refused runs
     assert sorted(kept.column("id").to_pylist()) == list(range(600))
     assert ids_of(project, "ident") == [*range(300), *range(900, 1200)]
@@ -1198,17 +1183,18 @@ def test_a_mount_point_recorded_above_a_symlinked_share_is_checked_where_it_reso
     mount.mkdir(parents=True)
     (tmp_path / "data" / "share").symlink_to(mount)
     gone = {str(tmp_path / "data" / "share" / "y.parquet"): {(1, 2)}}
-    recorded = {str(mount): "srv:/share (nfs4)"}
+    system = mounts_above([str(tmp_path)], mount_table())  # (/tmp on a tmpfs, say) as a run records them
+    recorded = {**system, str(mount): "srv:/share (nfs4)"}
     found = find_inputs(tmp_path, ["data/*/*.parquet"], read=gone, mounts=recorded)
     [why] = found.unreadable
     assert why.startswith(
-        f"{mount}: a mount point of srv:/share (nfs4) when the last run read its inputs, and not"
+        f"{mount}: a mount point of srv:/share (nfs4) when its inputs were last read, and not"
     )
-    elsewhere = {"/elsewhere": "x (nfs4)"}
+    elsewhere = {**system, "/elsewhere": "x (nfs4)"}
     assert find_inputs(tmp_path, ["data/*/*.parquet"], read=gone, mounts=elsewhere).unreadable == []
     x = str(tmp_path / "data" / "local" / "x.parquet")
     here = {x: {(os.stat(x).st_size, os.stat(x).st_mtime_ns)}}
-    local = {str(tmp_path / "data" / "local"): "srv:/old (nfs4)"}  # now a plain directory
+    local = {**system, str(tmp_path / "data" / "local"): "srv:/old (nfs4)"}  # now a plain directory
     assert find_inputs(tmp_path, ["data/*/*.parquet"], read=here, mounts=local).unreadable == []
     assert find_inputs(tmp_path, ["data/*/*.parquet"], read={x: {(1, 2)}}, mounts=local).unreadable != []
 

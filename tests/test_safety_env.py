@@ -1,0 +1,223 @@
+"""The machine failing under a run (a hostile review, session 19; each failed before its fix):
+a result that cannot be written or published is the machine's fault, never a dead letter that
+later runs skip with exit 0; a share unmounted under a `**` glob mid-run is no success; a
+manifest removed mid-run and a forkserver killed while a worker starts end in one line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from minibatch.pool import WorkerPool, warm_up
+from minibatch.tasks import PoolBroken
+
+from conftest import Project, faulty_job, in_a_mount_namespace, wait_for
+
+
+def ids(project: Project) -> list[int]:
+    return sorted(project.output_table("f").column("id").to_pylist())
+
+
+def gated(project: Project, target: str) -> tuple[subprocess.Popen[str], Path]:
+    """A real run whose `target` chunk waits, once started, until the returned file exists."""
+    started, go = project.root / "started", project.root / "go"
+    env = {"MB_TARGET": target, "MB_STARTED": str(started), "MB_GO": str(go)}
+    process = project.start("run-now", "f", env=env)
+    wait_for(lambda: started.exists() or process.poll() is not None, what="the target chunk")
+    assert process.poll() is None, process.communicate()
+    return process, go
+
+
+def test_a_staging_directory_removed_under_a_run_dead_letters_nothing(project: Project) -> None:
+    """A worker that could not write its result (staging removed here; made read-only, or a
+    file size limit, alike) had its chunk charged: dead letters after the retries, and the next
+    run exited 0 without their rows."""
+    project.write_config(faulty_job("gate", "workers = 1"))
+    project.write_input("a.parquet", 0, 300)
+    process, go = gated(project, "a.parquet:100")
+    shutil.rmtree(project.root / "out" / ".f.minibatch-staging")
+    go.touch()
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1, out + err
+    assert "OutputUnwritable" in out and "No such file or directory" in out, out
+    assert project.manifest_rows("SELECT count(*) FROM chunks WHERE status = 'dead'") == [(0,)]
+    assert project.cli("run-now", "f").returncode == 0
+    assert ids(project) == list(range(300))
+
+
+def test_an_output_moved_under_a_run_fails_it_and_names_the_output(project: Project) -> None:
+    """Publishing into an output that had gone (moved, removed, made read-only) ended the run
+    as `crashed`, without a summary, naming a file in staging. (Moved after a result was
+    published, the commit that would record it cannot make it durable: the run ends there,
+    one line naming the output, exit 1.)"""
+    project.write_config(faulty_job("gate", "workers = 1"))
+    project.write_input("a.parquet", 0, 300)
+    process, go = gated(project, "a.parquet:0")
+    parts = project.out("f")
+    parts.rename(parts.with_name("away"))
+    go.touch()
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1, out + err
+    assert f"OutputUnwritable: {parts}/part-" in out and "cannot be written" in out, out + err
+    assert project.manifest_rows("SELECT status FROM runs") == [("failed",)]
+    parts.with_name("away").rename(parts)
+    assert project.cli("run-now", "f").returncode == 0
+    assert ids(project) == list(range(300))
+
+
+@pytest.mark.skipif(in_a_mount_namespace() is None, reason="no mount namespace to mount a tmpfs in")
+def test_a_share_unmounted_under_a_run_is_no_success(project: Project) -> None:
+    """`data/**/*.parquet` with data/b a share: unmounted while the run read a new file on it,
+    the file's chunks looked removed and the run succeeded, with a reduction (or `depends_on`)
+    over some of the share's files and not others."""
+    project.write_config(faulty_job("gate", "workers = 1").replace("data/*.parquet", "data/**/*.parquet"))
+    for place in ("a", "b"):
+        (project.data / place).mkdir(parents=True)
+    project.write_input("a/x.parquet", 0, 300)
+    for name, first in (("y", 300), ("g", 600)):
+        project.write_input(f"{name}.parquet", first, 300).rename(project.root / f"{name}.parquet")
+    run = f"{sys.executable} -m minibatch --config {project.root / 'config.toml'} run-now f"
+    script = f"""
+        cd {project.root}
+        mount -t tmpfs share data/b && cp -p y.parquet data/b/ || exit 9
+        {run} > 1.out 2>&1; echo $? > 1.rc
+        cp -p g.parquet data/b/
+        MB_TARGET=g.parquet:0 MB_STARTED=started MB_GO=go {run} > 2.out 2>&1 &
+        for i in $(seq 6000); do [ -e started ] && break; sleep 0.01; done
+        umount -l data/b; touch go; wait $!; echo $? > 2.rc
+        mount -t tmpfs share data/b && cp -p y.parquet g.parquet data/b/ || exit 9
+        {run} > 3.out 2>&1; echo $? > 3.rc
+    """
+    namespace = in_a_mount_namespace()
+    assert namespace is not None
+    assert subprocess.run([*namespace, "sh", "-c", script], env=project.env(), timeout=300).returncode == 0
+    outcome = [((project.root / f"{i}.rc").read_text().strip(), (project.root / f"{i}.out").read_text())
+               for i in range(1, 4)]  # fmt: skip
+    assert [rc for rc, _ in outcome] == ["0", "1", "0"], outcome
+    unmounted = f"{project.data / 'b'}: a mount point of share (tmpfs) when its inputs were last read"
+    assert unmounted in outcome[1][1], outcome[1][1]
+    assert ids(project) == list(range(900))
+
+
+@pytest.mark.skipif(in_a_mount_namespace() is None, reason="no mount namespace to mount a tmpfs in")
+def test_a_filesystem_mounted_over_an_input_directory_hides_no_results(project: Project) -> None:
+    """Hostile review of the fix above: data/b a plain directory, then a filesystem mounted
+    over it. Its files looked removed and their results were deleted, exit 0 (mid-run: the run
+    succeeded without them). A directory that is a mount point now, and was not when the inputs
+    were last read, is checked as one that was."""
+    project.write_config(faulty_job("gate", "workers = 1").replace("data/*.parquet", "data/*/*.parquet"))
+    for place in ("a", "b"):
+        (project.data / place).mkdir(parents=True)
+    project.write_input("a/x.parquet", 0, 300)
+    project.write_input("b/y.parquet", 300, 300)
+    run = f"{sys.executable} -m minibatch --config {project.root / 'config.toml'} run-now f"
+    script = f"""
+        cd {project.root}
+        {run} > 1.out 2>&1; echo $? > 1.rc
+        mount -t tmpfs over data/b || exit 9
+        {run} > 2.out 2>&1; echo $? > 2.rc
+        umount data/b
+        {run} > 3.out 2>&1; echo $? > 3.rc
+    """
+    namespace = in_a_mount_namespace()
+    assert namespace is not None
+    assert subprocess.run([*namespace, "sh", "-c", script], env=project.env(), timeout=300).returncode == 0
+    outcome = [((project.root / f"{i}.rc").read_text().strip(), (project.root / f"{i}.out").read_text())
+               for i in range(1, 4)]  # fmt: skip
+    assert [rc for rc, _ in outcome] == ["0", "1", "0"], outcome
+    hidden = f"{project.data / 'b'}: not a mount point when its inputs were last read, over (tmpfs) now"
+    assert hidden in outcome[1][1], outcome[1][1]
+    assert "0 done now, 12 already done" in outcome[2][1], outcome[2][1]
+    assert ids(project) == list(range(600))
+
+
+@pytest.mark.skipif(in_a_mount_namespace() is None, reason="no mount namespace to mount a tmpfs in")
+def test_a_volume_mounted_on_the_output_is_a_configuration_error(project: Project) -> None:
+    """Hostile review: with a volume mounted on the output, every publication (a rename from
+    staging, beside the output) failed across filesystems, each run exit 1, and the chunk's
+    quarantined rows were published before its result failed to be."""
+    project.write_config(faulty_job("gate"))
+    project.write_input("a.parquet", 0, 300)
+    run = f"{sys.executable} -m minibatch --config {project.root / 'config.toml'} run-now f"
+    script = f"""
+        cd {project.root} && mkdir -p out/f && mount -t tmpfs volume out/f || exit 9
+        {run} > 1.out 2>&1; echo $? > 1.rc
+    """
+    namespace = in_a_mount_namespace()
+    assert namespace is not None
+    assert subprocess.run([*namespace, "sh", "-c", script], env=project.env(), timeout=300).returncode == 0
+    said = (project.root / "1.out").read_text()
+    assert (project.root / "1.rc").read_text().strip() == "2", said
+    assert (
+        f"{project.out('f')} is on another filesystem than {project.root / 'out' / '.f.minibatch-staging'}"
+        in said
+    )
+    assert project.cli("run-now", "f").returncode == 0  # unmounted: the same directory works
+    assert ids(project) == list(range(300))
+
+
+def test_a_manifest_removed_under_a_run_is_one_line_not_a_new_manifest(project: Project) -> None:
+    """The state_dir removed mid-run: the coordinator created an empty manifest at the next
+    commit, then failed with a DuckDB traceback (`Table with name chunks does not exist!`)."""
+    project.write_config(faulty_job("gate", "workers = 1"))
+    project.write_input("a.parquet", 0, 300)
+    process, go = gated(project, "a.parquet:100")
+    shutil.rmtree(project.root / ".state")
+    go.touch()
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1 and "Traceback" not in err, err
+    assert f"manifest {project.root / '.state' / 'manifest.duckdb'} is gone" in err, err
+    assert not (project.root / ".state" / "manifest.duckdb").exists()
+
+
+def forkserver_pid() -> int:
+    import multiprocessing.forkserver
+
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    assert pid
+    return pid
+
+
+def pending_connections(pid: int) -> int:
+    """Connections waiting on the forkserver's listening socket (`ss`: its Recv-Q)."""
+    import multiprocessing.forkserver
+
+    address = multiprocessing.forkserver._forkserver._forkserver_address  # type: ignore[attr-defined]
+    listed = subprocess.run(["ss", "-xlH", "src", address], capture_output=True, text=True).stdout.split()
+    return int(listed[2]) if len(listed) > 2 else 0
+
+
+@pytest.mark.skipif(not shutil.which("ss"), reason="needs ss to see the forkserver's socket")
+def test_a_forkserver_killed_while_a_worker_starts_breaks_the_pool_not_the_command() -> None:
+    """The forkserver killed while a worker was starting: `EOFError` escaped the pool, and the
+    command ended in click's `Aborted!`, its run `crashed`. A new server is tried once; if the
+    worker still cannot start, the pool is broken (the run fails, the next carries on)."""
+    warm_up(duckdb=False)
+    pid = forkserver_pid()
+    os.kill(pid, signal.SIGSTOP)
+    outcome: list[object] = []
+    starting = threading.Thread(target=lambda: outcome.append(_pool_or_error()))
+    starting.start()
+    try:
+        wait_for(lambda: pending_connections(pid) > 0, what="a worker asking the stopped forkserver")
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    starting.join(60)
+    assert outcome and isinstance(outcome[0], WorkerPool | PoolBroken), outcome
+    if isinstance(outcome[0], WorkerPool):  # a new server started it
+        assert forkserver_pid() != pid
+        outcome[0].terminate()
+
+
+def _pool_or_error() -> object:
+    try:
+        return WorkerPool(1, None)
+    except Exception as exc:  # noqa: BLE001 (the test says which)
+        return exc
