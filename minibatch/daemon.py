@@ -1,10 +1,9 @@
 """`minibatch daemon`: APScheduler fires jobs on their crontabs; systemd supervises it.
 
-Runs go through `run_job`, the same path as `run-now` (the job lock included), in
-APScheduler's thread pool. The scheduler's own loop sends the systemd watchdog pings, so a
-stuck scheduler gets the service restarted. The main thread only waits for signals:
-SIGHUP reloads config.toml, SIGTERM/SIGINT stop gracefully (twice: at once).
-"""
+Runs go through `run_job`, the same path as `run-now` (the job lock included), in APScheduler's thread
+pool. The scheduler's own loop sends the systemd watchdog pings, so a stuck scheduler gets the service
+restarted. The main thread only waits for signals: SIGHUP reloads config.toml, SIGTERM/SIGINT stop
+gracefully (twice: at once); it stops too when its state_dir is gone."""
 
 from __future__ import annotations
 
@@ -18,12 +17,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from minibatch.config import Config, ConfigError, JobConfig, load_config
+from minibatch.config import Config, ConfigError, JobConfig
 from minibatch.control import Active, ActiveRuns, Control, fire_params, key_of
 from minibatch.depends import busy_dependencies, unmet_dependencies
 from minibatch.events import Event, Listener
 from minibatch.inputs import input_signature
-from minibatch.lock import DAEMON_LOCK, JobLocked, job_lock, lock_held
+from minibatch.lock import DAEMON_LOCK, JobLocked, job_lock, lock_held, lock_identity, lock_moved
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest, manifest_path
 from minibatch.metrics import Metrics
@@ -33,7 +32,7 @@ from minibatch.records import new_run_id
 from minibatch.runner import RunOptions, run_job
 from minibatch.schedule import catch_up, log_skipped, longest_gap, parse_crontab
 from minibatch.signals import StopSignals
-from minibatch.validate import check_permissions, load_daemon_config, validate_in_fresh_process
+from minibatch.validate import reload_config
 
 log = get_logger()
 WATCH_REASON = "inputs changed"
@@ -58,6 +57,7 @@ class Daemon:
         self.stopping = False
         self.scheduler: Any = None
         self.seen_inputs: dict[str, tuple[Any, Any]] = {}  # job -> (fired on, last seen) signatures
+        self.lock_file = lock_identity(config.engine.state_dir, DAEMON_LOCK)  # held by run_daemon
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -100,12 +100,15 @@ class Daemon:
         return self._wait_for_signals()
 
     def _wait_for_signals(self) -> int:
-        stopping = 0
+        stopping = gone = 0
         while True:
             self.wake.wait(timeout=60)
             self.wake.clear()
             with self.lock:
                 received, self.pending_signals = self.pending_signals, []
+            if not gone and (gone := lock_moved(self.config.engine.state_dir, DAEMON_LOCK, self.lock_file)):
+                log.error("state_dir_gone", state_dir=str(self.config.engine.state_dir), error="stopping")
+                received.append(signal.SIGTERM)  # systemd starts a daemon anew, on a new state_dir
             for signum in received:
                 if signum == signal.SIGHUP:
                     self.reload()
@@ -117,7 +120,7 @@ class Daemon:
                 if self.api is not None:
                     self.api.stop()
                 log.info("daemon_stopped")
-                return 0
+                return 1 if gone else 0
 
     def _install_signals(self) -> None:
         def handle(signum: int, frame: object) -> None:
@@ -144,9 +147,7 @@ class Daemon:
         """SIGHUP: load config.toml again; an invalid one is logged and the old one kept."""
         self.notifier.reloading()
         try:
-            check_permissions(load_config(self.config_path))  # before any code of the new config runs
-            validate_in_fresh_process(self.config_path)  # job modules already imported here are stale
-            config = load_daemon_config(self.config_path)
+            config = reload_config(self.config_path, self.config.engine.state_dir)
         except ConfigError as exc:
             log.error("reload_rejected", errors=exc.errors)
             self.notifier.ready(status_line(self.active, self.scheduler))

@@ -150,11 +150,11 @@ class OutputLayout:
 
     def remove_other_shape(self) -> None:
         """What an earlier definition of the other kind left: a map job removes the reduced file
-        and the parts directory of when it had `reduce_sql` (a reduce job replaces the map
-        parts in its output when it publishes)."""
+        and the parts directory of when it had `reduce_sql` (a reduce job replaces them)."""
         if self.hidden:
             return
-        self.reduced.unlink(missing_ok=True)  # (published files go when the run succeeds: runner)
+        if os.path.lexists(self.reduced):  # (not unlink(missing_ok): EROFS on a read-only output)
+            self.reduced.unlink()  # (published files go when the run succeeds: runner)
         old_parts = OutputLayout(self.output, reduce=True).parts
         if old_parts.is_dir() and not old_parts.is_symlink():
             for path in old_parts.iterdir():

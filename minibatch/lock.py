@@ -71,6 +71,21 @@ def lock_path(state_dir: Path, job: str) -> Path:
     return state_dir / "locks" / f"{job}.lock"
 
 
+def lock_identity(state_dir: Path, job: str) -> tuple[int, int] | None:
+    """(device, inode) of `job`'s lock file now; None if there is none (its state_dir removed)."""
+    try:
+        found = os.stat(lock_path(state_dir, job))
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def lock_moved(state_dir: Path, job: str, held: tuple[int, int] | None) -> bool:
+    """Whether `job`'s lock file is no longer the one `held` (its state_dir removed or replaced
+    under the holder, whose lock guards nothing then)."""
+    return held is not None and lock_identity(state_dir, job) != held
+
+
 @contextlib.contextmanager
 def job_lock(state_dir: Path, job: str, tag: str = "") -> Iterator[Callable[[str], None]]:
     """Hold `job`'s lock; its file names the holder's pid and `tag` (the run or backfill id),

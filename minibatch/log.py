@@ -37,7 +37,8 @@ class _ToStructlog(logging.Handler):
     reached", say) as structlog lines, JSON with log_format = "json", not plain text."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        get_logger().log(record.levelno, record.getMessage(), logger=record.name)
+        why = {"exc_info": record.exc_info} if record.exc_info else {}  # ("Job ... raised an exception")
+        get_logger().log(record.levelno, record.getMessage(), logger=record.name, **why)
 
 
 def configure_logging(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:

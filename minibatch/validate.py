@@ -179,6 +179,22 @@ def load_daemon_config(path: str | None) -> Config:
     return config
 
 
+def reload_config(path: str | None, state_dir: Path) -> Config:
+    """The daemon's config again (SIGHUP), checked in a fresh process (job modules imported in
+    the daemon are stale). Its state_dir cannot change: the daemon's lock and manifest are the
+    old one's, and a dependent would read the old manifest while its dependency ran on the new."""
+    check_permissions(load_config(path))  # before any code of the new config runs
+    validate_in_fresh_process(path)
+    config = load_daemon_config(path)
+    if config.engine.state_dir != state_dir:
+        raise ConfigError([f"minibatch.state_dir: {config.engine.state_dir} is not {state_dir}, and a "
+                           "reload cannot move the daemon's state: restart it"])  # fmt: skip
+    return config
+
+
+VALIDATE_TIMEOUT = 30.0  # seconds: the daemon waits for it, signals too (systemd stops in 45)
+
+
 def validate_in_fresh_process(config_path: str | None) -> None:
     import subprocess
     import sys
@@ -190,7 +206,11 @@ def validate_in_fresh_process(config_path: str | None) -> None:
         *(["--config", config_path] if config_path else []),
         "validate",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=VALIDATE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise ConfigError([f"checking the config took over {VALIDATE_TIMEOUT:g}s (a job module that hangs "
+                           "when imported?)"]) from None  # fmt: skip
     if result.returncode != 0:
         lines = [line.removeprefix("error: ") for line in result.stderr.splitlines() if line.strip()]
         raise ConfigError(lines or [f"validate exited with status {result.returncode}"])

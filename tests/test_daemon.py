@@ -4,7 +4,9 @@ dependencies, locks, reload on SIGHUP, graceful stop, Prometheus metrics, strict
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -12,7 +14,12 @@ import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
+from minibatch import validate
+from minibatch.config import ConfigError
 from minibatch.lock import job_lock
+from minibatch.log import configure_logging
 from minibatch.manifest import Manifest
 
 from conftest import Project, wait_for, watch_stderr
@@ -399,3 +406,54 @@ def test_a_watched_jobs_baseline_holds_its_bad_files(project: Project) -> None:
     loaded = load_config(project.root / "config.toml")
     read = inputs_read(Manifest(project.root / ".state" / "manifest.duckdb"), "w")
     assert set(read) == set(input_signature(loaded.base_dir, loaded.jobs["w"].inputs))
+
+
+def test_a_reload_keeps_the_state_dir_and_a_state_dir_gone_stops_the_daemon(project: Project) -> None:
+    """Hostile review (session 19): a reload that moved state_dir was taken half-way (runs wrote
+    the new manifest, dependencies were read from the old one: a dependent ran on a failed
+    dependency); with its state_dir removed, a daemon fired into nothing, its log not saying
+    why, and a second daemon could start beside it. Now it stops (exit 1: systemd restarts it)."""
+    project.write_input("a.parquet", 0, 200)
+    config(project, hourly("a"))
+    daemon = Daemon(project)
+    try:
+        daemon.wait_event("daemon_started")
+        good = (project.root / "config.toml").read_text()
+        (project.root / "config.toml").write_text(
+            good.replace('state_dir = ".state"', 'state_dir = ".state2"')
+        )
+        daemon.process.send_signal(signal.SIGHUP)
+        rejected = daemon.wait_event("reload_rejected")
+        assert any(error.startswith("minibatch.state_dir: ") for error in rejected["errors"]), rejected
+        (project.root / "config.toml").write_text(good)
+        shutil.rmtree(project.root / ".state")
+        daemon.process.send_signal(signal.SIGHUP)  # a wake-up (else it looks within a minute)
+        assert daemon.wait_event("state_dir_gone")["state_dir"] == str(project.root / ".state")
+        assert daemon.process.wait(timeout=60) == 1
+    finally:
+        if daemon.process.poll() is None:
+            daemon.stop()
+
+
+def test_a_job_module_that_hangs_when_imported_is_a_rejected_reload(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hostile review (session 19): the reload's check ran 120 s, then its TimeoutExpired took
+    the daemon down with a traceback (and the daemon heard no SIGTERM meanwhile)."""
+    monkeypatch.setattr(validate, "VALIDATE_TIMEOUT", 2.0)
+    (project.root / "myjobs" / "hangs.py").write_text("import time\ntime.sleep(600)\n")
+    config(project, hourly("a").replace("myjobs.basic:ident", "myjobs.hangs:f"))
+    with pytest.raises(ConfigError, match=r"checking the config took over 2s \(a job module that hangs"):
+        validate.validate_in_fresh_process(str(project.root / "config.toml"))
+
+
+def test_a_library_error_logged_with_its_exception_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    """Hostile review (session 19): APScheduler's "Job ... raised an exception" came without the
+    exception: a daemon whose fires all failed never said why."""
+    configure_logging("json")
+    try:
+        raise ValueError("the reason")
+    except ValueError:
+        logging.getLogger("apscheduler.executors.default").exception("Job raised an exception")
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["event"] == "Job raised an exception" and "ValueError: the reason" in line["exception"]

@@ -20,7 +20,7 @@ from minibatch.records import RunRecord
 from minibatch.signals import StopSignals
 from minibatch.states import RunStatus
 
-from conftest import Project
+from conftest import Project, wait_for
 
 JOBS = """
 [jobs.up]
@@ -65,6 +65,8 @@ def test_a_dependency_whose_fire_of_this_minute_has_not_begun_is_waited_for(proj
     dependent checked the manifest before the dependency's run had begun, saw its success of
     the day before and ran beside it on half its output: 'succeeded', a day's rows short, every day."""
     d = daemon(project, schedule="* * * * *")
+    # all in one minute: past its end, the next minute's fire of `up` is the one waited for
+    wait_for(lambda: datetime.now(UTC).second < 50, timeout=15, what="a minute with time left")
     minute = datetime.now(UTC).replace(second=0, microsecond=0)
     record(d.manifest, "u0", "up", time.time() - 70, RunStatus.SUCCEEDED)  # the last minute's success
     d.manifest.record_fire("up", minute - timedelta(seconds=59.96))  # its fire of that minute

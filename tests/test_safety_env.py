@@ -163,6 +163,31 @@ def test_a_volume_mounted_on_the_output_is_a_configuration_error(project: Projec
     assert ids(project) == list(range(300))
 
 
+@pytest.mark.skipif(in_a_mount_namespace() is None, reason="no mount namespace to mount a tmpfs in")
+def test_a_read_only_output_fails_the_run_and_says_so(project: Project) -> None:
+    """Hostile review: a read-only output crashed the run (`Read-only file system:
+    out/f/part-reduced.parquet`, a file there is not: its removal failed first), `crashed`."""
+    project.write_config(faulty_job("gate"))
+    project.write_input("a.parquet", 0, 300)
+    assert project.cli("run-now", "f").returncode == 0
+    project.write_input("b.parquet", 300, 300)
+    run = f"{sys.executable} -m minibatch --config {project.root / 'config.toml'} run-now f"
+    script = f"""
+        cd {project.root} && mount --bind out/f out/f && mount -o remount,bind,ro out/f || exit 9
+        {run} > 1.out 2>&1; echo $? > 1.rc
+    """
+    namespace = in_a_mount_namespace()
+    assert namespace is not None
+    assert subprocess.run([*namespace, "sh", "-c", script], env=project.env(), timeout=300).returncode == 0
+    said = (project.root / "1.out").read_text()
+    assert (project.root / "1.rc").read_text().strip() == "1", said
+    assert f"OutputUnwritable: {project.out('f')}/part-" in said, said  # (a bind mount: EXDEV)
+    statuses = project.manifest_rows("SELECT status FROM runs ORDER BY started_at")
+    assert statuses == [("succeeded",), ("failed",)]
+    assert project.cli("run-now", "f").returncode == 0
+    assert ids(project) == list(range(600))
+
+
 def test_a_manifest_removed_under_a_run_is_one_line_not_a_new_manifest(project: Project) -> None:
     """The state_dir removed mid-run: the coordinator created an empty manifest at the next
     commit, then failed with a DuckDB traceback (`Table with name chunks does not exist!`)."""
