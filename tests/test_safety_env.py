@@ -35,6 +35,24 @@ def gated(project: Project, target: str) -> tuple[subprocess.Popen[str], Path]:
     return process, go
 
 
+NAMESPACE = pytest.mark.skipif(
+    in_a_mount_namespace() is None, reason="no mount namespace to mount a tmpfs in"
+)
+
+
+def in_namespace(project: Project, script: str) -> list[tuple[str, str]]:
+    """`script` run by sh in a private mount namespace, in the project's directory, `$RUN`
+    being `minibatch run-now f`: the exit status and output of each `$RUN > N.out 2>&1; echo
+    $? > N.rc` in it."""
+    namespace = in_a_mount_namespace()
+    assert namespace is not None
+    run = f"{sys.executable} -m minibatch --config {project.root / 'config.toml'} run-now f"
+    body = f"cd {project.root} || exit 9\n" + script.replace("$RUN", run)
+    assert subprocess.run([*namespace, "sh", "-c", body], env=project.env(), timeout=300).returncode == 0
+    ran = sorted(project.root.glob("*.rc"), key=lambda path: int(path.stem))
+    return [(path.read_text().strip(), path.with_suffix(".out").read_text()) for path in ran]
+
+
 def test_a_staging_directory_removed_under_a_run_dead_letters_nothing(project: Project) -> None:
     """A worker that could not write its result (staging removed here; made read-only, or a
     file size limit, alike) had its chunk charged: dead letters after the retries, and the next
@@ -72,7 +90,7 @@ def test_an_output_moved_under_a_run_fails_it_and_names_the_output(project: Proj
     assert ids(project) == list(range(300))
 
 
-@pytest.mark.skipif(in_a_mount_namespace() is None, reason="no mount namespace to mount a tmpfs in")
+@NAMESPACE
 def test_a_share_unmounted_under_a_run_is_no_success(project: Project) -> None:
     """`data/**/*.parquet` with data/b a share: unmounted while the run read a new file on it,
     the file's chunks looked removed and the run succeeded, with a reduction (or `depends_on`)
@@ -83,30 +101,26 @@ def test_a_share_unmounted_under_a_run_is_no_success(project: Project) -> None:
     project.write_input("a/x.parquet", 0, 300)
     for name, first in (("y", 300), ("g", 600)):
         project.write_input(f"{name}.parquet", first, 300).rename(project.root / f"{name}.parquet")
-    run = f"{sys.executable} -m minibatch --config {project.root / 'config.toml'} run-now f"
-    script = f"""
-        cd {project.root}
+    outcome = in_namespace(
+        project,
+        """
         mount -t tmpfs share data/b && cp -p y.parquet data/b/ || exit 9
-        {run} > 1.out 2>&1; echo $? > 1.rc
+        $RUN > 1.out 2>&1; echo $? > 1.rc
         cp -p g.parquet data/b/
-        MB_TARGET=g.parquet:0 MB_STARTED=started MB_GO=go {run} > 2.out 2>&1 &
+        MB_TARGET=g.parquet:0 MB_STARTED=started MB_GO=go $RUN > 2.out 2>&1 &
         for i in $(seq 6000); do [ -e started ] && break; sleep 0.01; done
         umount -l data/b; touch go; wait $!; echo $? > 2.rc
         mount -t tmpfs share data/b && cp -p y.parquet g.parquet data/b/ || exit 9
-        {run} > 3.out 2>&1; echo $? > 3.rc
-    """
-    namespace = in_a_mount_namespace()
-    assert namespace is not None
-    assert subprocess.run([*namespace, "sh", "-c", script], env=project.env(), timeout=300).returncode == 0
-    outcome = [((project.root / f"{i}.rc").read_text().strip(), (project.root / f"{i}.out").read_text())
-               for i in range(1, 4)]  # fmt: skip
+        $RUN > 3.out 2>&1; echo $? > 3.rc
+    """,
+    )
     assert [rc for rc, _ in outcome] == ["0", "1", "0"], outcome
     unmounted = f"{project.data / 'b'}: a mount point of share (tmpfs) when its inputs were last read"
     assert unmounted in outcome[1][1], outcome[1][1]
     assert ids(project) == list(range(900))
 
 
-@pytest.mark.skipif(in_a_mount_namespace() is None, reason="no mount namespace to mount a tmpfs in")
+@NAMESPACE
 def test_a_filesystem_mounted_over_an_input_directory_hides_no_results(project: Project) -> None:
     """Hostile review of the fix above: data/b a plain directory, then a filesystem mounted
     over it. Its files looked removed and their results were deleted, exit 0 (mid-run: the run
@@ -117,20 +131,16 @@ def test_a_filesystem_mounted_over_an_input_directory_hides_no_results(project: 
         (project.data / place).mkdir(parents=True)
     project.write_input("a/x.parquet", 0, 300)
     project.write_input("b/y.parquet", 300, 300)
-    run = f"{sys.executable} -m minibatch --config {project.root / 'config.toml'} run-now f"
-    script = f"""
-        cd {project.root}
-        {run} > 1.out 2>&1; echo $? > 1.rc
+    outcome = in_namespace(
+        project,
+        """
+        $RUN > 1.out 2>&1; echo $? > 1.rc
         mount -t tmpfs over data/b || exit 9
-        {run} > 2.out 2>&1; echo $? > 2.rc
+        $RUN > 2.out 2>&1; echo $? > 2.rc
         umount data/b
-        {run} > 3.out 2>&1; echo $? > 3.rc
-    """
-    namespace = in_a_mount_namespace()
-    assert namespace is not None
-    assert subprocess.run([*namespace, "sh", "-c", script], env=project.env(), timeout=300).returncode == 0
-    outcome = [((project.root / f"{i}.rc").read_text().strip(), (project.root / f"{i}.out").read_text())
-               for i in range(1, 4)]  # fmt: skip
+        $RUN > 3.out 2>&1; echo $? > 3.rc
+    """,
+    )
     assert [rc for rc, _ in outcome] == ["0", "1", "0"], outcome
     hidden = f"{project.data / 'b'}: not a mount point when its inputs were last read, over (tmpfs) now"
     assert hidden in outcome[1][1], outcome[1][1]
@@ -138,23 +148,21 @@ def test_a_filesystem_mounted_over_an_input_directory_hides_no_results(project: 
     assert ids(project) == list(range(600))
 
 
-@pytest.mark.skipif(in_a_mount_namespace() is None, reason="no mount namespace to mount a tmpfs in")
+@NAMESPACE
 def test_a_volume_mounted_on_the_output_is_a_configuration_error(project: Project) -> None:
     """Hostile review: with a volume mounted on the output, every publication (a rename from
     staging, beside the output) failed across filesystems, each run exit 1, and the chunk's
     quarantined rows were published before its result failed to be."""
     project.write_config(faulty_job("gate"))
     project.write_input("a.parquet", 0, 300)
-    run = f"{sys.executable} -m minibatch --config {project.root / 'config.toml'} run-now f"
-    script = f"""
-        cd {project.root} && mkdir -p out/f && mount -t tmpfs volume out/f || exit 9
-        {run} > 1.out 2>&1; echo $? > 1.rc
-    """
-    namespace = in_a_mount_namespace()
-    assert namespace is not None
-    assert subprocess.run([*namespace, "sh", "-c", script], env=project.env(), timeout=300).returncode == 0
-    said = (project.root / "1.out").read_text()
-    assert (project.root / "1.rc").read_text().strip() == "2", said
+    [(code, said)] = in_namespace(
+        project,
+        """
+        mkdir -p out/f && mount -t tmpfs volume out/f || exit 9
+        $RUN > 1.out 2>&1; echo $? > 1.rc
+    """,
+    )
+    assert code == "2", said
     assert (
         f"{project.out('f')} is on another filesystem than {project.root / 'out' / '.f.minibatch-staging'}"
         in said
@@ -163,7 +171,7 @@ def test_a_volume_mounted_on_the_output_is_a_configuration_error(project: Projec
     assert ids(project) == list(range(300))
 
 
-@pytest.mark.skipif(in_a_mount_namespace() is None, reason="no mount namespace to mount a tmpfs in")
+@NAMESPACE
 def test_a_read_only_output_fails_the_run_and_says_so(project: Project) -> None:
     """Hostile review: a read-only output crashed the run (`Read-only file system:
     out/f/part-reduced.parquet`, a file there is not: its removal failed first), `crashed`."""
@@ -171,16 +179,14 @@ def test_a_read_only_output_fails_the_run_and_says_so(project: Project) -> None:
     project.write_input("a.parquet", 0, 300)
     assert project.cli("run-now", "f").returncode == 0
     project.write_input("b.parquet", 300, 300)
-    run = f"{sys.executable} -m minibatch --config {project.root / 'config.toml'} run-now f"
-    script = f"""
-        cd {project.root} && mount --bind out/f out/f && mount -o remount,bind,ro out/f || exit 9
-        {run} > 1.out 2>&1; echo $? > 1.rc
-    """
-    namespace = in_a_mount_namespace()
-    assert namespace is not None
-    assert subprocess.run([*namespace, "sh", "-c", script], env=project.env(), timeout=300).returncode == 0
-    said = (project.root / "1.out").read_text()
-    assert (project.root / "1.rc").read_text().strip() == "1", said
+    [(code, said)] = in_namespace(
+        project,
+        """
+        mount --bind out/f out/f && mount -o remount,bind,ro out/f || exit 9
+        $RUN > 1.out 2>&1; echo $? > 1.rc
+    """,
+    )
+    assert code == "1", said
     assert f"OutputUnwritable: {project.out('f')}/part-" in said, said  # (a bind mount: EXDEV)
     statuses = project.manifest_rows("SELECT status FROM runs ORDER BY started_at")
     assert statuses == [("succeeded",), ("failed",)]
