@@ -88,7 +88,9 @@ def find_inputs(
         gone = {path: way for path in set(read) - set(files) if (way := _way(path, reach))}
         changed = [path for path in set(read) & set(files) if _stamp(path) not in read[path]]
         unreadable += _unlistable_dirs(gone) + unmounted([*gone, *changed], mounts, table)
-        return Inputs(files, missing, sorted(set(unreadable)), mounts_above(files, table))
+        # above earlier inputs too: a run cut short before it forgot a removed one's results
+        # leaves the baseline the next run checks that one against
+        return Inputs(files, missing, sorted(set(unreadable)), mounts_above([*files, *read], table))
     return Inputs(files=files, missing=missing, unreadable=sorted(set(unreadable)))
 
 

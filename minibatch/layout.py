@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from minibatch.hive import FILE_RE, Shape, write_units
+from minibatch.mounts import other_mount
 from minibatch.owner import OWNER_NAME, OutputNotOwned, check, read_owner, take
 from minibatch.userfiles import (
     NOTE_SUFFIX,
@@ -240,12 +241,9 @@ class OutputLayout:
         self._one_filesystem()
 
     def _one_filesystem(self) -> None:  # results are renamed from staging: not onto a mounted volume
-        for place in (self.output, self.parts, *self.held):
-            if place.is_dir() and place.stat().st_dev != self.staging.stat().st_dev:
-                raise OutputNotOwned(
-                    f"{place} is on another filesystem than {self.staging}, where results are staged "
-                    "to be renamed into it (a mount point?): set output to a directory inside it"
-                )
+        if elsewhere := other_mount(self.staging, [self.output, self.parts, *self.held]):
+            why = f"{elsewhere} is on another mount than {self.staging}, where results are staged"
+            raise OutputNotOwned(f"{why} to be renamed into it: set output to a directory inside it")
 
     def not_a_directory(self) -> str | None:
         """Why the output cannot be a directory of parts (a file is in the way), or None."""

@@ -56,6 +56,21 @@ def mounted(place: str, table: Table) -> str | None:
     return seen[-1] if seen else None
 
 
+def other_mount(home: Path, places: Iterable[Path]) -> Path | None:
+    """The first directory of `places` under another mount point than `home`: a rename between
+    them fails (EXDEV), across bind mounts of one filesystem too."""
+    table = mount_table()
+    return next((p for p in places if p.is_dir() and mount_of(p, table) != mount_of(home, table)), None)
+
+
+def mount_of(path: Path | str, table: Table) -> str:
+    """The mount point `path` is under (where it resolves): two paths under different ones
+    cannot be renamed into each other (EXDEV), bind mounts of one filesystem included."""
+    real = os.path.realpath(path)
+    return max((place for place in table if real == place or real.startswith(place.rstrip("/") + "/")),
+               key=len, default="/")  # fmt: skip
+
+
 def mounts_above(files: Iterable[str], table: Table) -> dict[str, str]:
     """The mount points above the files (or a file itself, bind-mounted), as spelled and where
     they resolve, and what is mounted on each."""
@@ -73,7 +88,13 @@ def unmounted(files: Iterable[str], recorded: dict[str, str] | None, table: Tabl
         return []
     above = set().union(*_places(files).values())
     now = {place: mounted(place, table) for place in {*recorded, *(above & table.keys())}}
-    hit = sorted(place for place in above if now.get(place) != recorded.get(place))
+    spelled = {way for path in files for way in _up(path)}  # not where a symlink leads now
+    hit = sorted(
+        place
+        for place in above
+        if now.get(place) != recorded.get(place)
+        and (place in recorded or place in spelled and _own_fs(place))
+    )
     fresh = "if its files now live here, or the share is gone for good, `run-now --fresh` computes"
     fresh += " everything anew"
     return [
@@ -91,6 +112,22 @@ def unmounted(files: Iterable[str], recorded: dict[str, str] | None, table: Tabl
         + f" (a share unmounted? mount it again; {fresh})"
         for place in hit
     ]
+
+
+def _up(path: str) -> list[str]:
+    ways = [path]
+    while ways[-1] != os.path.dirname(ways[-1]):
+        ways.append(os.path.dirname(ways[-1]))
+    return ways
+
+
+def _own_fs(place: str) -> bool:
+    """Another filesystem than its parent's (not a bind mount within that one: systemd's
+    ReadWritePaths= binds a directory onto itself in the service's view only)."""
+    try:
+        return os.stat(place).st_dev != os.stat(os.path.dirname(place)).st_dev
+    except OSError:
+        return False
 
 
 def _places(files: Iterable[str]) -> dict[str, set[str]]:

@@ -247,7 +247,7 @@ def earlier_inputs(
     rows = manifest.named("input_files", key=key)
     files = {row["file"]: {fingerprint_stat(fp) for fp in row["prints"]} for row in rows}
     mounts = [] if fresh else [json.loads(row["mounts"]) for row in manifest.named("input_mounts", key=key)]
-    return files, (mounts or [None])[0]
+    return files, next((m for m in mounts if isinstance(m, dict)), None)  # (a list: a pre-release's)
 
 
 def inputs_read(manifest: Manifest, key: str | None) -> tuple[tuple[str, int, int], ...]:

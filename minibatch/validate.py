@@ -186,7 +186,7 @@ def reload_config(path: str | None, state_dir: Path) -> Config:
     check_permissions(load_config(path))  # before any code of the new config runs
     validate_in_fresh_process(path)
     config = load_daemon_config(path)
-    if config.engine.state_dir != state_dir:
+    if config.engine.state_dir.resolve() != state_dir.resolve():  # (respelled: the same place)
         raise ConfigError([f"minibatch.state_dir: {config.engine.state_dir} is not {state_dir}, and a "
                            "reload cannot move the daemon's state: restart it"])  # fmt: skip
     return config

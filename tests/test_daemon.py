@@ -457,3 +457,14 @@ def test_a_library_error_logged_with_its_exception_says_why(capsys: pytest.Captu
         logging.getLogger("apscheduler.executors.default").exception("Job raised an exception")
     line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert line["event"] == "Job raised an exception" and "ValueError: the reason" in line["exception"]
+
+
+def test_a_reload_with_the_state_dir_spelled_otherwise_moves_nothing(project: Project) -> None:
+    """Hostile review of the state_dir rule: the same directory spelled another way (through a
+    symlink, absolute for relative) was a rejected reload."""
+    config(project, hourly("a"))
+    (project.root.parent / "link").symlink_to(project.root)
+    reloaded = validate.reload_config(
+        str(project.root / "config.toml"), project.root.parent / "link" / ".state"
+    )
+    assert reloaded.engine.state_dir.resolve() == (project.root / ".state").resolve()
