@@ -67,8 +67,8 @@ def mount_of(path: Path | str, table: Table) -> str:
     """The mount point `path` is under (where it resolves): two paths under different ones
     cannot be renamed into each other (EXDEV), bind mounts of one filesystem included."""
     real = os.path.realpath(path)
-    return max((place for place in table if real == place or real.startswith(place.rstrip("/") + "/")),
-               key=len, default="/")  # fmt: skip
+    above = [place for place in table if real == place or real.startswith(place.rstrip("/") + "/")]
+    return max((place for place in above if mounted(place, table)), key=len, default="/")  # not hidden
 
 
 def mounts_above(files: Iterable[str], table: Table) -> dict[str, str]:
@@ -88,12 +88,10 @@ def unmounted(files: Iterable[str], recorded: dict[str, str] | None, table: Tabl
         return []
     above = set().union(*_places(files).values())
     now = {place: mounted(place, table) for place in {*recorded, *(above & table.keys())}}
-    spelled = {way for path in files for way in _up(path)}  # not where a symlink leads now
     hit = sorted(
         place
         for place in above
-        if now.get(place) != recorded.get(place)
-        and (place in recorded or place in spelled and _own_fs(place))
+        if now.get(place) != recorded.get(place) and (place in recorded or own_fs(place))
     )
     fresh = "if its files now live here, or the share is gone for good, `run-now --fresh` computes"
     fresh += " everything anew"
@@ -114,14 +112,7 @@ def unmounted(files: Iterable[str], recorded: dict[str, str] | None, table: Tabl
     ]
 
 
-def _up(path: str) -> list[str]:
-    ways = [path]
-    while ways[-1] != os.path.dirname(ways[-1]):
-        ways.append(os.path.dirname(ways[-1]))
-    return ways
-
-
-def _own_fs(place: str) -> bool:
+def own_fs(place: str) -> bool:
     """Another filesystem than its parent's (not a bind mount within that one: systemd's
     ReadWritePaths= binds a directory onto itself in the service's view only)."""
     try:

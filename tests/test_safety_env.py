@@ -41,13 +41,13 @@ NAMESPACE = pytest.mark.skipif(
 )
 
 
-def in_namespace(project: Project, script: str) -> list[tuple[str, str]]:
+def in_namespace(project: Project, script: str, root: Path | None = None) -> list[tuple[str, str]]:
     """`script` run by sh in a private mount namespace, in the project's directory, `$RUN`
-    being `minibatch run-now f`: the exit status and output of each `$RUN > N.out 2>&1; echo
-    $? > N.rc` in it."""
+    being `minibatch run-now f` (its config spelled under `root`): the exit status and output
+    of each `$RUN > N.out 2>&1; echo $? > N.rc` in it."""
     namespace = in_a_mount_namespace()
     assert namespace is not None
-    run = f"{sys.executable} -m minibatch --config {project.root / 'config.toml'} run-now f"
+    run = f"{sys.executable} -m minibatch --config {(root or project.root) / 'config.toml'} run-now f"
     body = f"cd {project.root} || exit 9\n" + script.replace("$RUN", run)
     assert subprocess.run([*namespace, "sh", "-c", body], env=project.env(), timeout=300).returncode == 0
     ran = sorted(project.root.glob("*.rc"), key=lambda path: int(path.stem))
@@ -126,22 +126,22 @@ def test_a_filesystem_mounted_over_an_input_directory_hides_no_results(project: 
     """Hostile review of the fix above: data/b a plain directory, then a filesystem mounted
     over it. Its files looked removed and their results were deleted, exit 0 (mid-run: the run
     succeeded without them). A directory that is a mount point now, and was not when the inputs
-    were last read, is checked as one that was."""
+    were last read, is checked as one that was; also where the paths run through a symlink
+    (the project reached as /srv/minibatch -> /data/minibatch; the review of that fix)."""
     project.write_config(faulty_job("gate", "workers = 1").replace("data/*.parquet", "data/*/*.parquet"))
     for place in ("a", "b"):
         (project.data / place).mkdir(parents=True)
     project.write_input("a/x.parquet", 0, 300)
     project.write_input("b/y.parquet", 300, 300)
-    outcome = in_namespace(
-        project,
-        """
+    (project.root.parent / "link").symlink_to(project.root)
+    script = """
         $RUN > 1.out 2>&1; echo $? > 1.rc
         mount -t tmpfs over data/b || exit 9
         $RUN > 2.out 2>&1; echo $? > 2.rc
         umount data/b
         $RUN > 3.out 2>&1; echo $? > 3.rc
-    """,
-    )
+    """
+    outcome = in_namespace(project, script, root=project.root.parent / "link")
     assert [rc for rc, _ in outcome] == ["0", "1", "0"], outcome
     hidden = f"{project.data / 'b'}: not a mount point when its inputs were last read, over (tmpfs) now"
     assert hidden in outcome[1][1], outcome[1][1]
@@ -179,15 +179,32 @@ def test_a_volume_mounted_on_the_output_is_a_configuration_error(project: Projec
 
 
 @NAMESPACE
+def test_a_mount_out_of_sight_is_not_the_outputs(project: Project) -> None:
+    """Review of the mount comparison: a volume mounted on out/ over one on out/f (hidden
+    now) had out/f taken for another mount than its staging directory: exit 2 from the
+    second run on."""
+    project.write_config(faulty_job("gate"))
+    project.write_input("a.parquet", 0, 300)
+    script = """
+        mkdir -p out/f && mount -t tmpfs hidden out/f && mount -t tmpfs volume out || exit 9
+        $RUN > 1.out 2>&1; echo $? > 1.rc
+        $RUN > 2.out 2>&1; echo $? > 2.rc
+    """
+    outcome = in_namespace(project, script)
+    assert [code for code, _ in outcome] == ["0", "0"], outcome
+
+
 @NAMESPACE
 def test_a_directory_bound_onto_itself_is_no_mount_over_its_inputs(project: Project) -> None:
     """Hostile review of the mount-over rule: systemd's ReadWritePaths= binds the project onto
     itself in the service's view only; a run there after one from a shell, with an input
-    removed, was refused as if a filesystem had been mounted over the inputs."""
+    removed, was refused as if a filesystem had been mounted over the inputs; and a run from a
+    shell after one there, as if a share had been unmounted."""
     project.write_config(faulty_job("gate").replace("data/*.parquet", "data/*/*.parquet"))
     for place in ("a", "b"):
         (project.data / place).mkdir(parents=True)
     project.write_input("a/x.parquet", 0, 300)
+    project.write_input("a/w.parquet", 600, 300)
     project.write_input("b/y.parquet", 300, 300)
     assert project.cli("run-now", "f").returncode == 0
     (project.data / "b" / "y.parquet").unlink()
@@ -199,7 +216,10 @@ def test_a_directory_bound_onto_itself_is_no_mount_over_its_inputs(project: Proj
     """,
     )
     assert code == "0", said
-    assert ids(project) == list(range(300))
+    assert ids(project) == [*range(300), *range(600, 900)]
+    (project.data / "a" / "x.parquet").unlink()
+    assert project.cli("run-now", "f").returncode == 0  # the bind seen by the run above only
+    assert ids(project) == list(range(600, 900))
 
 
 @NAMESPACE
@@ -224,6 +244,7 @@ def test_a_run_records_the_mounts_above_earlier_inputs_too(project: Project) -> 
     assert code == "0" and json.loads(said) == {str(project.data / "vol"): "vol (tmpfs)"}, said
 
 
+@NAMESPACE
 def test_a_read_only_output_fails_the_run_and_says_so(project: Project) -> None:
     """Hostile review: a read-only output crashed the run (`Read-only file system:
     out/f/part-reduced.parquet`, a file there is not: its removal failed first), `crashed`."""
