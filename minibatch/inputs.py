@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minibatch.mounts import mount_table, mounts_above, own_fs, unmounted
+from minibatch.mounts import hides, mount_table, mounts_above, unmounted
 
 
 class InputError(Exception):
@@ -90,7 +90,7 @@ def find_inputs(
         unreadable += _unlistable_dirs(gone) + unmounted([*gone, *changed], mounts, table)
         # above earlier inputs too: a run cut short before it forgot a removed one's results
         # leaves the baseline the next run checks that one against
-        seen = {place: what for place, what in mounts_above([*files, *read], table).items() if own_fs(place)}
+        seen = {place: what for place, what in mounts_above([*files, *read], table).items() if hides(place)}
         return Inputs(files, missing, sorted(set(unreadable)), seen)
     return Inputs(files=files, missing=missing, unreadable=sorted(set(unreadable)))
 

@@ -91,7 +91,7 @@ def unmounted(files: Iterable[str], recorded: dict[str, str] | None, table: Tabl
     hit = sorted(
         place
         for place in above
-        if now.get(place) != recorded.get(place) and (place in recorded or own_fs(place))
+        if now.get(place) != recorded.get(place) and (place in recorded or hides(place))
     )
     fresh = "if its files now live here, or the share is gone for good, `run-now --fresh` computes"
     fresh += " everything anew"
@@ -112,13 +112,39 @@ def unmounted(files: Iterable[str], recorded: dict[str, str] | None, table: Tabl
     ]
 
 
-def own_fs(place: str) -> bool:
-    """Another filesystem than its parent's (not a bind mount within that one: systemd's
-    ReadWritePaths= binds a directory onto itself in the service's view only)."""
+def hides(place: str) -> bool:
+    """Whether the mount seen on `place` shows something else than its parent's filesystem
+    would there: another filesystem, or a bind of another directory (not one of the place onto
+    itself, as systemd's ReadWritePaths= makes in the service's view only)."""
     try:
-        return os.stat(place).st_dev != os.stat(os.path.dirname(place)).st_dev
+        device, above = os.stat(place).st_dev, os.stat(os.path.dirname(place)).st_dev
     except OSError:
         return False
+    if device != above:
+        return True
+    roots = _roots()
+    real = os.path.realpath(place)
+    here = [root for dev, root in roots.get(real, []) if dev == device]
+    parents = [p for p in roots if p != real and (real.startswith(p.rstrip("/") + "/"))]
+    seen = [(p, root) for p in sorted(parents, key=len) for dev, root in roots[p] if dev == above]
+    if not here or not seen:
+        return False
+    point, root = seen[-1]
+    return here[-1] != os.path.normpath(os.path.join(root, os.path.relpath(real, point)))
+
+
+def _roots() -> dict[str, list[tuple[int, str]]]:
+    """Each mount point ("/" too) with (device, root within its filesystem) of the mounts on it."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text(errors="surrogateescape").splitlines()
+    except OSError:
+        return {}
+    roots: dict[str, list[tuple[int, str]]] = {}
+    for line in lines:
+        fields = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), f) for f in line.split()[:5]]
+        device = os.makedev(*(int(number) for number in fields[2].split(":")))
+        roots.setdefault(fields[4], []).append((device, fields[3]))
+    return roots
 
 
 def _places(files: Iterable[str]) -> dict[str, set[str]]:

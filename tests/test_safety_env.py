@@ -179,6 +179,36 @@ def test_a_volume_mounted_on_the_output_is_a_configuration_error(project: Projec
 
 
 @NAMESPACE
+def test_a_bind_of_another_directory_over_inputs_hides_no_results(project: Project) -> None:
+    """Review of the same-filesystem rule: a bind mount of another directory of the same disk
+    (systemd's BindPaths=, `docker -v`) over an input directory was neither recorded nor
+    counted: a run with it after one without (or the other way round) deleted the hidden
+    files' results, exit 0. A bind of a directory onto itself hides nothing and is not counted."""
+    project.write_config(faulty_job("gate").replace("data/*.parquet", "data/*/*.parquet"))
+    for place in ("data/a", "data/b", "empty", "incoming"):
+        (project.root / place).mkdir(parents=True)
+    project.write_input("a/x.parquet", 0, 300)
+    project.write_input("b/y.parquet", 300, 300)
+    project.write_input("z.parquet", 600, 300).rename(project.root / "incoming" / "z.parquet")
+    script = """
+        $RUN > 1.out 2>&1; echo $? > 1.rc
+        mount --bind empty data/b || exit 9
+        $RUN > 2.out 2>&1; echo $? > 2.rc
+        umount data/b && rm data/b/y.parquet || exit 9
+        $RUN > 3.out 2>&1; echo $? > 3.rc
+        mount --bind incoming data/b || exit 9
+        $RUN > 4.out 2>&1; echo $? > 4.rc
+    """
+    outcome = in_namespace(project, script)
+    assert [code for code, _ in outcome] == ["0", "1", "0", "0"], outcome
+    assert f"{project.data / 'b'}: not a mount point when its inputs were last read" in outcome[1][1]
+    assert ids(project) == [*range(300), *range(600, 900)]
+    refused = project.cli("run-now", "f")  # the bind gone: z looks removed
+    assert refused.returncode == 1 and "when its inputs were last read, and not one now" in refused.stdout
+    assert ids(project) == [*range(300), *range(600, 900)]
+
+
+@NAMESPACE
 def test_a_mount_out_of_sight_is_not_the_outputs(project: Project) -> None:
     """Review of the mount comparison: a volume mounted on out/ over one on out/f (hidden
     now) had out/f taken for another mount than its staging directory: exit 2 from the
