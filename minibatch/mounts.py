@@ -17,14 +17,9 @@ def mount_table() -> Table:
     """Each mount point but the root, with what is mounted on it: its source (a block device by
     its filesystem's UUID where udev lists it, as device names change when disks are added),
     its root within the source, its type. Hidden mounts are listed too: `mounted` tells which one is seen."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text(errors="surrogateescape").splitlines()
-    except OSError:
-        return {}
     uuids = _uuids()
     table: Table = {}
-    for line in lines:
-        fields = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), f) for f in line.split()]
+    for fields in _mountinfo():
         kind, source = fields[fields.index("-") + 1 :][:2]
         if source.startswith("/dev/") and (real := os.path.realpath(source)) in uuids:
             source = f"UUID={uuids[real]}"  # (/dev/mapper/vg-lv is /dev/dm-3 there)
@@ -33,6 +28,15 @@ def mount_table() -> Table:
         table.setdefault(fields[4], []).append((device, f"{source}{root} ({kind})"))
     table.pop("/", None)
     return table
+
+
+def _mountinfo() -> list[list[str]]:
+    """Linux's /proc/self/mountinfo, a list of fields per mount, octal escapes (`\\040`) undone."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text(errors="surrogateescape").splitlines()
+    except OSError:
+        return []
+    return [[re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), f) for f in line.split()] for line in lines]
 
 
 def _uuids() -> dict[str, str]:
@@ -135,13 +139,8 @@ def hides(place: str) -> bool:
 
 def _roots() -> dict[str, list[tuple[int, str]]]:
     """Each mount point ("/" too) with (device, root within its filesystem) of the mounts on it."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text(errors="surrogateescape").splitlines()
-    except OSError:
-        return {}
     roots: dict[str, list[tuple[int, str]]] = {}
-    for line in lines:
-        fields = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), f) for f in line.split()[:5]]
+    for fields in _mountinfo():
         device = os.makedev(*(int(number) for number in fields[2].split(":")))
         roots.setdefault(fields[4], []).append((device, fields[3]))
     return roots
