@@ -393,6 +393,6 @@ class Executor:
             started_at=started.at if started else None, ended_at=ended, outcome=how,
             reserved_bytes=item.reserved, chunk_bytes=item.chunk.nbytes, chunk_size=item.chunk.size,
         )  # fmt: skip
-        if started is not None:
-            self.out.busy_seconds += max(0.0, ended - started.at)
+        if started is not None:  # (a result waits for the output's schema after its worker is done)
+            self.out.busy_seconds += result.seconds if result is not None else max(0.0, ended - started.at)
         self.ledger.attempt(record.measured(result, err))

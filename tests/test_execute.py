@@ -279,3 +279,32 @@ def test_the_memory_model_learns_from_chunks_past_each_workers_first() -> None:
     model.learn(1, big.nbytes, 100, 100 + LEARN_FROM)
     assert model.factor == 5.0  # it only rises within a run
     assert MemoryModel(learned=0.3).factor == 1.0 and MemoryModel(learned=7.5).factor == 7.5
+
+
+def test_a_result_waiting_for_the_output_schema_is_not_busy_time(
+    make: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """CI flake, then found: results wait, staged, until the chunk first in plan order decides
+    the output's schema; that wait (here f0's retry backoff) counted as their workers' busy
+    time, and utilisation came out above 100 %."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "out").mkdir()
+
+    def staged(task: Task) -> TaskResult:
+        if task.chunk.path.endswith("f0.parquet") and task.attempt == 1:
+            raise RuntimeError("flaky service said no")
+        table = pa.table({"v": [1]})
+        path = tmp_path / f"{task.chunk.chunk_id}.{task.attempt}.tmp"
+        pq.write_table(table, path)
+        return TaskResult(
+            rows_in=1, rows_out=1, bytes_in=10, bytes_out=path.stat().st_size,
+            output_file=f"part-{task.chunk.chunk_id}.parquet", seconds=0.5, schema=table.schema,
+            staged=str(path),
+        )  # fmt: skip
+
+    h = make(staged, retry_backoff=30.0)
+    out = h.run(chunks(4))
+    assert out.error is None and h.ledger.record.chunks_done == 4
+    assert out.busy_seconds == pytest.approx(4 * 0.5), out.busy_seconds
