@@ -62,8 +62,7 @@ class ResultStore:
             if staged and self.schema is not None and result.schema is not None:
                 check_schema(result.schema, self.schema)
         except SchemaMismatch as exc:
-            for path in filter(None, (result.staged, result.quarantine_staged, result.malformed_staged)):
-                Path(path).unlink(missing_ok=True)
+            _discard(result)
             assert self.schema is not None and result.schema is not None
             if conform_schema(result.schema, self.schema) is not None:  # the worker makes it fit
                 return TaskError(kind=ErrorKind.ERROR, type=CONFORM, message=str(exc), traceback="")
@@ -71,8 +70,7 @@ class ResultStore:
         try:
             self._rename(result, chunk_id)
         except OSError as exc:  # the output moved, removed, made read-only: the machine's fault
-            for path in filter(None, (result.staged, result.quarantine_staged, result.malformed_staged)):
-                Path(path).unlink(missing_ok=True)
+            _discard(result)
             place = exc.filename2 or exc.filename  # a rename's target, else what failed
             return TaskError(kind=ErrorKind.ENVIRONMENT, type="OutputUnwritable",
                              message=str(OutputUnwritable(place, exc)), traceback="")  # fmt: skip
@@ -361,3 +359,9 @@ def _has_null_type(schema: pa.Schema) -> bool:
     import pyarrow as pa
 
     return any(pa.types.is_null(field.type) for field in schema)
+
+
+def _discard(result: TaskResult) -> None:
+    """Remove what a worker staged for a result that is not published."""
+    for path in filter(None, (result.staged, result.quarantine_staged, result.malformed_staged)):
+        Path(path).unlink(missing_ok=True)
