@@ -91,7 +91,7 @@ def escape(value: str | None) -> str:
 def unit_of(columns: tuple[str, ...], values: list[str | None]) -> str:
     unit = "/".join(f"{column}={escape(value)}" for column, value in zip(columns, values, strict=True))
     if any(len(part) > 255 for part in unit.split("/")):
-        raise ValueError(f"partition directory too long for a file system: {unit[:80]}...")
+        raise PartitionError(f"partition directory too long for a file system: {unit[:80]}...")
     return unit
 
 
@@ -128,6 +128,8 @@ def split_units(table: pa.Table, columns: tuple[str, ...]) -> list[tuple[str, pa
     if missing:
         raise PartitionError(f"partition_by column {missing[0]!r} is not in the result {table.column_names}")
     for column in columns:  # DuckDB's names are case-insensitive: its hive read would take them as one
+        if pa.types.is_nested(kind := table.schema.field(column).type):
+            raise PartitionError(f"partition_by column {column!r} is {kind}: a directory name holds one value")
         if twin := [n for n in table.column_names if n != column and n.lower() == column.lower()]:
             raise PartitionError(f"partition_by column {column!r} and column {twin[0]!r} differ only in case")
     keys = [_text(table[c]) for c in columns]

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from minibatch.checks import check_output
+from minibatch.hive import PartitionError
 from minibatch.compact import Published, PublishError, publish_parts, read_slices
 from minibatch.layout import OutputLayout, remove_published, with_provenance, write_atomically, write_durably
 from minibatch.params import in_utc, sql_values
 from minibatch.states import EventKind
+from minibatch.tasks import said
 from minibatch.userfiles import PART_RE, fsync_dir
 
 if TYPE_CHECKING:
@@ -68,7 +70,7 @@ def publish_if_needed(
         else:
             result = _reduce(sql, parts, empty, job, stop)
             _check_result(result, job, _previous_rows(then, layout), events)
-            units = _publish_reduced(result, layout, key)
+            units = _publish_result(result, layout, key)
             rows = str(result.num_rows)
             events(EventKind.REDUCE_DONE, parts=len(parts), rows=result.num_rows)
     except PublishError as exc:  # a unit it may not replace (a user's file in its place)
@@ -127,6 +129,19 @@ def _reduce(
             else " (no chunk has run yet to give the output's columns: no input has rows)"
         )
         raise OutputFailed(f"reduce_sql failed: {type(exc).__name__}: {exc}{why}") from None
+
+
+def _publish_result(result: pa.Table, layout: OutputLayout, key: str) -> Published | None:
+    """_publish_reduced; a result partition_by cannot lay out, or an output that cannot be
+    written, fails the run readably (what was published before stays)."""
+    import pyarrow as pa
+
+    try:
+        return _publish_reduced(result, layout, key)
+    except (PartitionError, pa.ArrowException) as exc:  # a list column's values as directory names...
+        raise OutputFailed(f"reduce_sql's result not published: {type(exc).__name__}: {said(exc)}") from None
+    except OSError as exc:
+        raise OutputFailed(f"output not published: {said(exc)}", EventKind.PUBLISH_FAILED) from None
 
 
 def _publish_reduced(result: pa.Table, layout: OutputLayout, key: str) -> Published | None:

@@ -386,6 +386,35 @@ def test_a_reduce_partitioned_by_a_column_only_its_result_has(project: Project) 
     ]
 
 
+@pytest.mark.parametrize(
+    ("reduce_sql", "partition_by", "says"),
+    [
+        ("SELECT count(*) AS n FROM parts", "day", "partition_by column 'day' is not in the result"),
+        ("SELECT id, [id] AS l FROM parts", "l", "partition_by column 'l' is list<l: int64>"),
+        ("SELECT id, repeat('e', 300) AS k FROM parts", "k", "partition directory too long"),
+    ],
+    ids=["missing", "list", "too-long"],
+)
+def test_a_reduction_that_cannot_be_partitioned_fails_the_run_readably(
+    project: Project, reduce_sql: str, partition_by: str, says: str
+) -> None:
+    """Hostile review: these escaped the run as a traceback, the run left `crashed`; what was
+    published before stays as it was."""
+    write(project, "a.parquet", range(0, 300), days=2, regions=["eu", "us"])
+    good = JOB.replace('sql = "SELECT * FROM chunk"', 'sql = "SELECT * FROM chunk"\nreduce_sql = "FROM parts"')
+    project.write_config(good.replace('["day", "region"]', '["day"]'))
+    assert project.cli("run-now", "p", "-q").returncode == 0
+    before = {p: p.read_bytes() for p in project.out("p").rglob("*") if p.is_file()}
+    project.write_config(
+        good.replace('"FROM parts"', json.dumps(reduce_sql)).replace('["day", "region"]', f'["{partition_by}"]')
+    )
+    result = project.cli("run-now", "p", "-q")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and says in result.stderr, result.stderr
+    assert project.manifest_rows("SELECT status FROM runs ORDER BY started_at DESC LIMIT 1") == [("failed",)]
+    assert {p: p.read_bytes() for p in project.out("p").rglob("*") if p.is_file()} == before
+
+
 def test_right_sized_output_follows_its_input_down_to_no_rows(project: Project) -> None:
     """Without partition_by the output is one unit: when no chunk has rows any more, its
     published files go too (they were left, holding rows the new definition drops)."""
