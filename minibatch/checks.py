@@ -56,11 +56,20 @@ class Checks:
         """These checks for a parameter set whose output is `output`: its own quarantine."""
         if self.quarantine is None:
             return self
-        return replace(self, quarantine=output.with_name(output.name + ".quarantine"))
+        return replace(self, quarantine=default_quarantine(output))
 
-    def facts(self) -> dict[str, Any]:
-        """What a chunk's result depends on: the checks decide which rows it keeps."""
-        return {"checks": [[c.name, c.sql, c.action] for c in self.rows]} if self.rows else {}
+    def facts(self, output: Path) -> dict[str, Any]:
+        """What a chunk's result depends on: the checks decide which rows it keeps, and a
+        quarantine set elsewhere than beside `output` where the rest go (moved, every chunk's
+        go there anew; beside the output, they follow it as its parts do)."""
+        facts: dict[str, Any] = {"checks": [[c.name, c.sql, c.action] for c in self.rows]} if self.rows else {}
+        if self.quarantine is not None and self.quarantine != default_quarantine(output):
+            facts["quarantine"] = str(self.quarantine)
+        return facts
+
+
+def default_quarantine(output: Path) -> Path:
+    return output.with_name(output.name + ".quarantine")
 
 
 @dataclass
@@ -87,7 +96,7 @@ def parse_checks(c: Checker, output: Path, base_dir: Path, parameterised: bool =
     place = c.get("quarantine", str)
     quarantine = None
     if any(check.action == "quarantine" for check in rows):
-        quarantine = (base_dir / place).resolve() if place else output.with_name(output.name + ".quarantine")
+        quarantine = (base_dir / place).resolve() if place else default_quarantine(output)
         for what, name in OWN_PLACES:  # each is emptied of what is not its own: the rows would go
             mine = output.with_name(name.format(output.name))
             if mine == quarantine or mine in quarantine.parents or quarantine in mine.parents:

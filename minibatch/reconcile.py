@@ -43,7 +43,7 @@ class Definition:
 def job_definition(job: JobConfig, base_dir: Path) -> Definition:
     """What the job's results are of: its code, and beyond it how parts are written (whole where
     reduce_sql reads them), its checks, its text format."""
-    facts = job.shape.of_parts(job.reduce_sql).facts() | job.checks.facts() | text_facts(job.text)
+    facts = job.shape.of_parts(job.reduce_sql).facts() | job.checks.facts(job.output) | text_facts(job.text)
     return Definition(*definition(job.process, job.sql, job.columns, job.version, base_dir, facts))
 
 

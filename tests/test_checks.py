@@ -228,6 +228,26 @@ def test_review_a_check_whose_action_changed_leaves_no_stale_quarantine(project:
     assert sorted(kept) == [i for i in range(300) if i % 97 != 5]
 
 
+def test_review_a_moved_quarantine_holds_every_quarantined_row_once(project: Project) -> None:
+    """Hostile review: `quarantine = "q2"` set on a job that had run recomputed nothing: q2
+    held only the rows of chunks computed after, the old directory the rest; moved back, q2 kept
+    rows of inputs since rewritten beside their new versions in the default directory."""
+    rows(project, 0, 300)
+    project.write_config(CHECKED)
+    assert project.cli("run-now", "c", "-q").returncode == 0
+    default, moved = project.root / "out" / "c.quarantine", project.root / "q2"
+    expected = [i for i in range(300) if i % 97 >= 90]
+    project.write_config(CHECKED.replace("[jobs.c]", '[jobs.c]\nquarantine = "q2"'))
+    assert project.cli("run-now", "c", "-q").returncode == 0
+    assert sorted(ds.dataset(moved, format="parquet").to_table()["id"].to_pylist()) == expected
+    assert not list(default.glob("*.parquet"))  # minibatch's own default directory: emptied
+    rows(project, 0, 250)  # rewritten: its rows 250.. are gone
+    project.write_config(CHECKED)
+    assert project.cli("run-now", "c", "-q").returncode == 0
+    held = ds.dataset(default, format="parquet").to_table()["id"].to_pylist()
+    assert sorted(held) == [i for i in range(250) if i % 97 >= 90]
+
+
 def test_review_quarantine_paths_and_check_sql_are_refused_up_front(project: Project) -> None:
     rows(project, 0, 10)
     other = """
