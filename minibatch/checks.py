@@ -194,8 +194,11 @@ def _evaluate(table: pa.Table, checks: tuple[Check, ...]) -> list[Any]:
         raise ValueError(AGGREGATE) from None
     finally:
         con.close()
-    if verdicts.num_rows != table.num_rows:
-        raise ValueError(AGGREGATE)
+    if verdicts.num_rows != table.num_rows:  # unnest(): rows of its own, not a verdict on each
+        raise ValueError(
+            f"a check is one condition on each row: its checks gave {verdicts.num_rows} verdicts for "
+            f"{table.num_rows} rows (a set-returning function such as unnest, or an aggregate?)"
+        )
     return [verdicts.column(i).combine_chunks() for i in range(len(checks))]
 
 

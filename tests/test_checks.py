@@ -213,6 +213,16 @@ def test_review_a_window_check_judges_each_row_by_its_own_values() -> None:
     ]
 
 
+def test_review_a_check_that_unnests_is_refused_for_what_it_is() -> None:
+    """Hostile review: refused, but as "not an aggregate", which it is not."""
+    import pyarrow as pa
+
+    from minibatch.checks import Check, apply_checks
+
+    with pytest.raises(ValueError, match=r"gave 6 verdicts for 3 rows \(a set-returning function such as unnest"):
+        apply_checks(pa.table({"v": [1, 5, 9]}), (Check("big", "unnest([v, 20]) > 3", "drop"),))
+
+
 def test_review_a_check_whose_action_changed_leaves_no_stale_quarantine(project: Project) -> None:
     """Hostile review: rows stayed in the quarantine after the check stopped quarantining them,
     and were in the output too."""
