@@ -62,7 +62,9 @@ class Checks:
         """What a chunk's result depends on: the checks decide which rows it keeps, and a
         quarantine set elsewhere than beside `output` where the rest go (moved, every chunk's
         go there anew; beside the output, they follow it as its parts do)."""
-        facts: dict[str, Any] = {"checks": [[c.name, c.sql, c.action] for c in self.rows]} if self.rows else {}
+        facts: dict[str, Any] = {}
+        if self.rows:
+            facts["checks"] = [[c.name, c.sql, c.action] for c in self.rows]
         if self.quarantine is not None and self.quarantine != default_quarantine(output):
             facts["quarantine"] = str(self.quarantine)
         return facts

@@ -129,7 +129,7 @@ def split_units(table: pa.Table, columns: tuple[str, ...]) -> list[tuple[str, pa
         raise PartitionError(f"partition_by column {missing[0]!r} is not in the result {table.column_names}")
     for column in columns:  # DuckDB's names are case-insensitive: its hive read would take them as one
         if pa.types.is_nested(kind := table.schema.field(column).type):
-            raise PartitionError(f"partition_by column {column!r} is {kind}: a directory name holds one value")
+            raise PartitionError(f"partition_by column {column!r} is {kind}: a directory names one value")
         if twin := [n for n in table.column_names if n != column and n.lower() == column.lower()]:
             raise PartitionError(f"partition_by column {column!r} and column {twin[0]!r} differ only in case")
     keys = [_text(table[c]) for c in columns]

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from minibatch.checks import check_output
-from minibatch.hive import PartitionError
 from minibatch.compact import Published, PublishError, publish_parts, read_slices
+from minibatch.hive import PartitionError
 from minibatch.layout import OutputLayout, remove_published, with_provenance, write_atomically, write_durably
 from minibatch.params import in_utc, sql_values
 from minibatch.states import EventKind

@@ -401,13 +401,14 @@ def test_a_reduction_that_cannot_be_partitioned_fails_the_run_readably(
     """Hostile review: these escaped the run as a traceback, the run left `crashed`; what was
     published before stays as it was."""
     write(project, "a.parquet", range(0, 300), days=2, regions=["eu", "us"])
-    good = JOB.replace('sql = "SELECT * FROM chunk"', 'sql = "SELECT * FROM chunk"\nreduce_sql = "FROM parts"')
-    project.write_config(good.replace('["day", "region"]', '["day"]'))
+    good = JOB.replace(
+        'sql = "SELECT * FROM chunk"', 'sql = "SELECT * FROM chunk"\nreduce_sql = "FROM parts"'
+    )
+    good = good.replace('["day", "region"]', "[{}]")
+    project.write_config(good.format('"day"'))
     assert project.cli("run-now", "p", "-q").returncode == 0
     before = {p: p.read_bytes() for p in project.out("p").rglob("*") if p.is_file()}
-    project.write_config(
-        good.replace('"FROM parts"', json.dumps(reduce_sql)).replace('["day", "region"]', f'["{partition_by}"]')
-    )
+    project.write_config(good.replace('"FROM parts"', json.dumps(reduce_sql)).format(f'"{partition_by}"'))
     result = project.cli("run-now", "p", "-q")
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr and says in result.stderr, result.stderr
