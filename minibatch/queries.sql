@@ -13,6 +13,15 @@ SELECT chunk_id, status, output_file FROM chunks WHERE job = $job;
 -- The size each result file recorded done was written with.
 SELECT output_file, bytes_out FROM chunks WHERE job = $job AND output_file IS NOT NULL;
 
+-- name: unverify_parts
+INSERT OR IGNORE INTO unverified_parts SELECT DISTINCT job FROM chunks WHERE output_file IS NOT NULL;
+
+-- name: unverified_parts
+SELECT job FROM unverified_parts WHERE job = $job;
+
+-- name: verified_parts
+DELETE FROM unverified_parts WHERE job = $job;
+
 -- name: forget_chunks
 DELETE FROM chunks WHERE job = $job AND chunk_id IN (SELECT unnest($ids::VARCHAR[]));
 

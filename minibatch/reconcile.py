@@ -153,12 +153,16 @@ def reconcile(
     # as one found on disk is, by its footer, below
     written = {row["output_file"]: row["bytes_out"] for row in manifest.named("part_sizes", job=job)}
     planned = {c.chunk_id for c in chunks}
+    unverified = bool(manifest.named("unverified_parts", job=job))  # restored: checked by footer, once
     done = {
         chunk_id: output
         for chunk_id, (status, output) in states.items()
         if status == ChunkStatus.DONE
         and chunk_id in planned
-        and (output is None or (output in on_disk and written.get(output, sizes[output]) == sizes[output]))
+        and (
+            output is None
+            or (not unverified and output in on_disk and written.get(output, sizes[output]) == sizes[output])
+        )
     }
     dead = {
         chunk_id
@@ -171,6 +175,8 @@ def reconcile(
     ledger.inherit(taken)
     forget = [chunk_id for chunk_id in states if chunk_id not in done and chunk_id not in dead]
     manifest.forget_chunks(job, forget)
+    if unverified:  # (forgotten first: a crash between leaves them to be footer-checked anyway)
+        manifest.named("verified_parts", job=job)
     ledger.reused(done)
     orphans = [c for c in chunks if c.chunk_id not in done.keys() | dead and part_name(c.chunk_id) in on_disk]
     for part in store.adopt(orphans):

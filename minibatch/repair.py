@@ -58,13 +58,19 @@ def restore(config: Config, copy: Path) -> Path:
         if not copy.is_file():
             raise ManifestError(f"{copy} is not a manifest backup: no such file")
         # Checked as a copy: opening the backup itself would add this release's tables to it.
+        wal = staged.with_name(staged.name + ".wal")
         shutil.copyfile(copy, staged)
-        problem = _not_a_manifest(staged) or _problem(staged)
-        if problem is not None:
-            for leftover in (staged, staged.with_name(staged.name + ".wal")):
+        try:
+            if (problem := _not_a_manifest(staged) or _problem(staged)) is not None:
+                raise ManifestError(f"{copy} is not a manifest backup: {problem}")
+            identities = _identities(staged)
+            Manifest(staged).named("unverify_parts")  # outputs may hold what runs after the backup wrote
+            if wal.exists():  # not checkpointed (a full disk?): the mark is not in the file
+                raise ManifestError(f"{copy} not restored: its copy could not be written whole; try again")
+        except BaseException:
+            for leftover in (staged, wal):
                 leftover.unlink(missing_ok=True)
-            raise ManifestError(f"{copy} is not a manifest backup: {problem}")
-        identities = _identities(staged)
+            raise
         aside = _set_aside(path, "replaced") if path.exists() else path
         os.replace(staged, path)
         if identities:  # the outputs' owner files name the backed-up state_dir by them (owner.py);

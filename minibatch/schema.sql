@@ -171,6 +171,12 @@ CREATE TABLE IF NOT EXISTS job_state (
     updated_at       TIMESTAMPTZ
 );
 
+-- Jobs whose results on disk a restored manifest may not describe (another definition's,
+-- computed after the backup): the next run checks each part's footer before it counts as done.
+CREATE TABLE IF NOT EXISTS unverified_parts (
+    job            VARCHAR PRIMARY KEY
+);
+
 -- Rows that failed each row-level check, per run (a row counts once for each check it fails).
 CREATE TABLE IF NOT EXISTS check_counts (
     job            VARCHAR NOT NULL,
