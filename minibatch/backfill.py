@@ -125,7 +125,9 @@ def plan(config: Config, request: BackfillRequest, manifest: Manifest) -> list[D
         last = latest.get(bound.key, {})
         state = _decide(day, last.get("status"), request.reprocess)
         parts = str(OutputLayout.of(bound).parts)
-        if state.action == "skip" and last.get("definition") not in (None, current):
+        if state.action == "skip" and last["status"] == RunStatus.SUCCEEDED and last["definition"] is None:
+            state = DateState(day, "run", reason="checkpoint forgotten")  # `reset` since (a run records one)
+        elif state.action == "skip" and last.get("definition") not in (None, current):
             state = DateState(day, "run", reason="definition changed")  # (a run recomputes it anyway)
         elif state.action == "skip" and last.get("parts_dir") not in (None, parts):
             state = DateState(day, "run", reason="output moved")

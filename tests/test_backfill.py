@@ -121,6 +121,20 @@ def test_a_date_done_under_another_definition_or_output_is_run_again(project: Pr
     )
 
 
+def test_a_date_reset_since_it_succeeded_is_run_again(project: Project) -> None:
+    """Hostile review: `reset --param date=...` forgot the date's checkpoint and removed its
+    output, but its last run still said succeeded: the next backfill skipped it, exit 0."""
+    ids = write_days(project)
+    project.write_config(DAILY)
+    dates = ["--from", DATES[0], "--to", DATES[2]]
+    assert project.cli("backfill", "daily", *dates).returncode == 0
+    assert project.cli("reset", "daily", "--param", f"date={DATES[1]}", "--yes").returncode == 0
+    planned = json.loads(project.cli("backfill", "daily", *dates, "--dry-run", "--json").stdout)
+    assert [d["action"] for d in planned] == ["skip", "run", "skip"], planned
+    assert project.cli("backfill", "daily", *dates).returncode == 0
+    assert [output_ids(project, day) for day in DATES[:3]] == [ids[day] for day in DATES[:3]]
+
+
 def test_a_date_cut_short_before_the_backfill_resumes_in_it(project: Project) -> None:
     """Hostile review: a date whose run was killed (a killed backfill restarted with another
     range, a stopped run-now) was `skipped` by `--reprocess none`, and the backfill succeeded
