@@ -59,7 +59,7 @@ def find_inputs(
     so is a directory on the way to one read before that the globs could list but do not, and a
     mount point (`mounts`, as the last run found them) holding something else now above one of
     those, or above one whose (size, mtime) is not what it was (`read`'s values)."""
-    by_real: dict[str, str] = {}
+    by_real: dict[object, str] = {}
     missing: list[str] = []
     unreadable: list[str] = []
     reach: list[tuple[tuple[str, ...], tuple[str, ...]]] = []  # (literal base, glob parts) of each pattern
@@ -80,7 +80,7 @@ def find_inputs(
             real = os.path.realpath(path)
             if any(real.startswith(fence) for fence in fences):
                 raise InputError(f"input glob {pattern!r} reaches the job's own output: {path} is {real}")
-            by_real.setdefault(real, path)
+            by_real.setdefault(_identity(path, real), path)
     files = sorted(by_real.values())
     if read is not None:
         unreadable += [f"{path}: cannot be read ({why})" for path in files if (why := _unopenable(path))]
@@ -218,6 +218,16 @@ def _listed(parts: tuple[str, ...], pattern: tuple[str, ...], depth: int = 0) ->
         return None
     rest = _listed(parts[1:], pattern[1:], depth + 1)
     return None if rest is None else ((depth,) if magic else ()) + rest
+
+
+def _identity(path: str, real: str) -> object:
+    """One file's key under each of its names: its real path, or its inode for a file with
+    hard links (only then: a file system that makes inode numbers up keeps each file apart)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return real
+    return (info.st_dev, info.st_ino) if info.st_nlink > 1 and info.st_ino else real
 
 
 def _kind(path: str) -> str:

@@ -153,6 +153,16 @@ def test_second_path_to_the_same_files_gives_each_row_once(project: Project) -> 
     assert ids_of(project, "ident") == list(range(400))
 
 
+def test_a_file_under_two_names_by_a_hard_link_is_one_input(tmp_path: Path) -> None:
+    """Hostile review: a hard link (`cp -l`, `ln`) was two inputs, its rows published twice."""
+    (tmp_path / "data").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "data" / f"{name}.csv").write_text("id\n1\n")
+    os.link(tmp_path / "data" / "a.csv", tmp_path / "data" / "a-copy.csv")
+    found = find_inputs(tmp_path, ["data/*.csv"]).files
+    assert [Path(p).name for p in found] == ["a-copy.csv", "b.csv"]  # the first name, in sorted order
+
+
 def test_input_glob_reaching_the_own_output_through_a_symlink_is_refused(project: Project) -> None:
     project.write_config("""
     [jobs.ident]
