@@ -179,8 +179,9 @@ def _ndjson(data: bytes, signature: Signature, first_line: int, declared: bool) 
 
     schema = pa.schema([(name, arrow_type(kind)) for name, kind in signature])
     # timestamps as text, then cast by CSV's rules: pyarrow's JSON reader turns an offset into a
-    # zone-less column into UTC, and takes a zone-less time for a zoned column as UTC
-    as_read = pa.schema([f.with_type(pa.string()) if pa.types.is_timestamp(f.type) else f for f in schema])
+    # zone-less column into UTC, and takes a zone-less time for a zoned column as UTC; it reads
+    # no date or time of day from a string at all (every record was malformed)
+    as_read = pa.schema([f.with_type(pa.string()) if _as_text(f.type) else f for f in schema])
     # a field an inferred schema does not have (first seen after the sample) makes its record
     # malformed, not dropped; a declared schema may name some fields only (skipping nested ones)
     options = pajson.ParseOptions(
@@ -190,7 +191,7 @@ def _ndjson(data: bytes, signature: Signature, first_line: int, declared: bool) 
     def parse(lines: bytes) -> pa.Table:
         table = pajson.read_json(io.BytesIO(lines), parse_options=options)
         table.validate(full=True)  # strings' UTF-8
-        return table.cast(schema)
+        return _cast(table, schema)
 
     bare = b"null" in data and re.search(rb"(?m)^\s*null\s*$", data)  # pyarrow: a row of NULLs
     try:
@@ -213,6 +214,37 @@ def _ndjson(data: bytes, signature: Signature, first_line: int, declared: bool) 
     return TextRows(
         parse(b"\n".join(line for _, line in good)) if good else schema.empty_table(), _malformed(bad)
     )
+
+
+def _as_text(kind: pa.DataType) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_timestamp(kind) or pa.types.is_date(kind) or pa.types.is_time(kind))
+
+
+def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """The JSON reader's table in the schema's types. A time of day comes by way of a timestamp
+    on 1970-01-01 (pyarrow casts no string to a time). A number too big for its float type,
+    which the reader made ±inf (JSON writes no infinity), fails as CSV's does: ArrowInvalid."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = []
+    for field in schema:
+        column: Any = table[field.name]
+        if pa.types.is_time(field.type) and pa.types.is_string(column.type):
+            if pc.any(pc.invert(pc.fill_null(pc.match_substring_regex(column, TIME_OF_DAY), True))).as_py():
+                raise pa.ArrowInvalid(f"{field.name}: a value that is not {field.type}")
+            stamp = pc.binary_join_element_wise(pa.scalar("1970-01-01T"), column, "")
+            column = pc.cast(stamp, pa.timestamp(field.type.unit))
+        column = pc.cast(column, field.type)
+        if pa.types.is_floating(field.type) and pc.any(pc.is_inf(column)).as_py():
+            raise pa.ArrowInvalid(f"{field.name}: a number out of the range of {field.type}")
+        columns.append(column)
+    return pa.table(columns, schema=schema)
+
+
+TIME_OF_DAY = r"^\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?$"
 
 
 def _one_row_a_line(table: pa.Table, data: bytes) -> bool:

@@ -126,6 +126,7 @@ def _consistent(lines: list[bytes]) -> list[bytes]:
     kinds: dict[str, str] = {}
     kept = []
     for line in lines:
+        line = line.removeprefix(b"\xef\xbb\xbf")  # files with a BOM each, joined: pyarrow takes none mid-way
         try:
             record = json.loads(line)
         except ValueError:
