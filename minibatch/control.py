@@ -69,11 +69,13 @@ class Active:
 
 
 class ActiveRuns:
-    """Runs and backfills in flight in the daemon, by id: what cancel and a daemon stop reach."""
+    """Runs and backfills in flight in the daemon, by id: what cancel and a daemon stop reach.
+    `ended` is called as one leaves: a stopping daemon exits when the last has."""
 
-    def __init__(self) -> None:
+    def __init__(self, ended: Callable[[], object] = lambda: None) -> None:
         self._lock = threading.Lock()
         self._items: dict[str, Active] = {}
+        self._ended = ended
 
     def add(self, item_id: str, item: Active) -> None:
         with self._lock:
@@ -82,6 +84,7 @@ class ActiveRuns:
     def remove(self, item_id: str) -> None:
         with self._lock:
             self._items.pop(item_id, None)
+        self._ended()
 
     def get(self, item_id: str) -> Active | None:
         with self._lock:

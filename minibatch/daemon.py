@@ -46,13 +46,13 @@ class Daemon:
         self.notifier = notifier or Notifier.from_env()
         self.metrics = Metrics()
         self.manifest = Manifest(manifest_path(config.engine.state_dir))
-        self.active = ActiveRuns()  # run and backfill id -> its job and stop handle
+        self.wake = threading.Event()
+        self.active = ActiveRuns(self.wake.set)  # run and backfill id -> its job and stop handle
         self.control = Control(self)
         self.api: Any = None  # api.ApiServer
         self.waiting: dict[tuple[str, str], dict[str, str]] = {}  # fires waiting for dependencies
         self.firing: Counter[str] = Counter()  # jobs whose fire (and its run) is under way
         self.lock = threading.Lock()
-        self.wake = threading.Event()
         self.pending_signals: list[int] = []
         self.stopping = False
         self.scheduler: Any = None
@@ -284,9 +284,8 @@ class Daemon:
         except Exception:  # a broken run must not take the daemon down
             log.exception("run_crashed", job=name)
         finally:
-            self.active.remove(options.run_id)
+            self.active.remove(options.run_id)  # (wakes a stopping daemon's wait)
             self._refresh_metrics()
-            self.wake.set()
             self._release_waiting()
         return True
 

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -276,6 +277,28 @@ def test_a_backfill_over_the_api(project: Project) -> None:
     for n, day in enumerate(days):
         table = pq.read_table(project.root / "out/daily" / day)
         assert sorted(table.column("id").to_pylist()) == list(range(n * 100, n * 100 + 50))
+
+
+def test_a_daemon_stopped_during_an_api_backfill_exits_as_soon_as_it_has_stopped(project: Project) -> None:
+    """Hostile review: the daemon saw the stopped backfill only at its next 60 s poll, so
+    systemd (TimeoutStopSec=45) SIGKILLed it at every stop during a backfill."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for day in ("2026-11-01", "2026-11-02"):
+        (project.root / "landing" / day).mkdir(parents=True)
+        table = pa.table({"id": range(400), "value": range(400)})
+        pq.write_table(table, project.root / "landing" / day / "a.parquet", row_group_size=100)
+    api = Api(project, DAILY + 'chunk_bytes = "3KB"\n', env={"MB_SLEEP": "0.2"})
+    try:
+        body = {"job": "daily", "from": "2026-11-01", "to": "2026-11-02"}
+        assert api.call("POST", "/backfills", body)[0] == 202
+        wait_for(lambda: len(project.computations()) >= 1, what="a chunk under way")
+    finally:
+        api.process.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        assert api.process.wait(timeout=60) == 0
+    assert time.monotonic() - stopped_at < 15
 
 
 def test_a_run_cancelled_as_soon_as_it_is_accepted_stops(project: Project) -> None:
