@@ -8,6 +8,7 @@ import re
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -113,6 +114,15 @@ def timezone_name(c: Checker, default: str) -> str:
         c.error("timezone", f"unknown time zone {name!r} (expected an IANA name like 'Europe/Berlin')")
         return default
     return str(name)
+
+
+def state_dir_in(c: Checker, base_dir: Path) -> Path:
+    """state_dir, where DuckDB must open the manifest: a '?' in its path starts the file's
+    options to DuckDB (the manifest's write-ahead log went elsewhere)."""
+    place = base_dir / str(c.get("state_dir", str, ".minibatch"))
+    if "?" in str(place):
+        c.error("state_dir", f"{place}: DuckDB cannot keep its manifest on a path with '?'; choose another")
+    return place
 
 
 def choice(c: Checker, key: str, choices: tuple[str, ...], default: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from minibatch.breaker import BreakerSettings
-from minibatch.checking import Checker, Hook, choice, parse_hook, positive_size, timezone_name
+from minibatch.checking import Checker, Hook, choice, parse_hook, positive_size, state_dir_in, timezone_name
 from minibatch.checks import Checks, parse_checks
 from minibatch.crossjob import check_dependencies, check_outputs_apart
 from minibatch.hive import Shape, parse_shape
@@ -218,14 +218,12 @@ def _table(raw: dict[str, Any], key: str, errors: list[str]) -> dict[str, Any]:
 def _engine(table: dict[str, Any], base_dir: Path, errors: list[str]) -> EngineConfig:
     c = Checker(table, "minibatch", errors)
     c.unknown_keys(ENGINE_KEYS)
-    log_format = c.get("log_format", str, "console")
-    if log_format not in ("console", "json"):
-        c.error("log_format", f'expected "console" or "json", got {log_format!r}')
+    log_format = choice(c, "log_format", ("console", "json"), "console")
     log_level = c.get("log_level", str, "info").lower()
     if log_level not in LOG_LEVELS:
         c.error("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     return EngineConfig(
-        state_dir=base_dir / c.get("state_dir", str, ".minibatch"),
+        state_dir=state_dir_in(c, base_dir),
         workers=c.positive_int("workers", default_workers(), MAX_WORKERS),
         memory_limit=positive_size(c, "memory_limit", 2**30),
         timezone=timezone_name(c, "UTC"),

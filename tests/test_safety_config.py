@@ -152,6 +152,22 @@ def test_absurd_memory_limit_is_a_config_error(project: Project, level: str) -> 
         assert "Traceback" not in said(result), command
 
 
+def test_a_state_dir_path_duckdb_cannot_hold_is_a_config_error(project: Project) -> None:
+    """Hostile review: with a `?` in its path (DuckDB reads what follows as the file's options)
+    the manifest's WAL went elsewhere: every run failed, `repair` set the manifest aside and
+    failed alike, read commands printed tracebacks, `backup` copied an empty manifest."""
+    project.write_config(MAP_JOB)
+    config = project.root / "config.toml"
+    config.write_text(config.read_text().replace('state_dir = ".state"', 'state_dir = "st?ate"'))
+    project.write_input("a.parquet", 0, 100)
+    for command in (["validate"], ["run-now", "ident"], ["status"], ["history"]):
+        result = project.cli(*command)
+        assert result.returncode == 2, (command, said(result))
+        assert "minibatch.state_dir: " in result.stderr and "'?'" in result.stderr, (command, said(result))
+        assert "Traceback" not in said(result), command
+    assert not (project.root / "st?ate").exists()
+
+
 def test_config_that_is_not_utf8_is_a_config_error(project: Project) -> None:
     config = project.root / "config.toml"
     config.write_bytes(b"\xff\xfe[minibatch]\n")
