@@ -181,8 +181,9 @@ def input_signature(files: Sequence[FileMeta], stored: Signature | None) -> Sign
 
 
 def typeless(meta: FileMeta) -> bool:
-    """A CSV of a header alone: its columns, but no record to type them by (it votes for none)."""
-    return bool(meta.signature) and all(kind == UNKNOWN for _, kind in meta.signature)
+    """A CSV of a header alone: its columns, but no record to type them by (it votes for none);
+    an empty text file, without even those."""
+    return all(kind == UNKNOWN for _, kind in meta.signature)
 
 
 def _columns(meta: FileMeta) -> Signature:
@@ -191,6 +192,8 @@ def _columns(meta: FileMeta) -> Signature:
 
 def misfits(meta: FileMeta, signature: Signature, columns: Sequence[str] | None) -> str | None:
     """Why a file does not fit the job's input schema (only `columns` count when given), or None."""
+    if not meta.signature:  # an empty text file
+        return None
     have, want = dict(meta.signature), dict(signature)
     names = list(columns) if columns else [name for name, _ in signature]
     known = [n for n in names if n in want]

@@ -411,6 +411,27 @@ def test_a_header_field_with_a_line_break_is_one_header(project: Project, name: 
     assert malformed(project) == []
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["declared", "inferred"])
+@pytest.mark.parametrize("fmt", ["csv", "ndjson"])
+def test_review_an_empty_file_has_no_rows(project: Project, fmt: str, declared: bool) -> None:
+    """Hostile review: a 0-byte export (an empty day) failed the run as a bad file (`the file is
+    empty`, `Empty CSV file`), where a CSV of a header alone has no rows."""
+    job = NDJSON_JOB if fmt == "ndjson" else CSV_JOB.replace("*.csv*", "*.csv")
+    if not declared:
+        job = job.replace('schema = { id = "int64", name = "string", amount = "double" }\n', "")
+    rows = [{"id": i, "name": f"n{i}", "amount": i / 2} for i in range(3)]
+    project.data.mkdir()
+    (project.data / f"b.{fmt}").write_bytes(b"")
+    (project.data / f"c.{fmt}.gz").write_bytes(gzip.compress(b""))
+    if fmt == "csv":
+        body = "id,name,amount\n" + "".join(f"{r['id']},{r['name']},{r['amount']}\n" for r in rows)
+    else:
+        body = "".join(json.dumps(r) + "\n" for r in rows)
+    report = run_csv(project, body.encode(), job.replace(f"*.{fmt}", f"*.{fmt}*"), f"a.{fmt}")
+    assert report["status"] == "succeeded", report
+    assert output(project) == [(r["id"], r["name"], r["amount"]) for r in rows]
+
+
 def test_inference_passes_over_a_record_the_sample_cut_or_that_is_malformed() -> None:
     """Hostile review: the first MiB, cut at its last newline, may end inside a quoted field
     that holds newlines; a valid file was a bad file ("Expected 3 columns, got 2"), as was one
