@@ -243,9 +243,9 @@ def advise(state: State, job: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("dest", type=click.Path(path_type=pathlib.Path))
+@click.argument("dest", type=click.Path())
 @click.pass_obj
-def backup(state: State, dest: pathlib.Path) -> None:
+def backup(state: State, dest: str) -> None:
     """Copy the manifest to DEST (a file, or a directory to put a dated copy in), consistently,
     also while the daemon runs. `minibatch restore` puts a copy back."""
     from minibatch.repair import backup as backup_manifest

@@ -151,12 +151,16 @@ def _all_job_locks(config: Config) -> Iterator[None]:
         yield
 
 
-def backup(config: Config, dest: Path) -> Path:
+def backup(config: Config, dest: Path | str) -> Path:
     """A consistent copy of the manifest, taken while the daemon runs: DuckDB copies every table
     in one transaction while this process holds the file (a run's next commit waits for it).
-    Written beside `dest` and renamed into place; never over an existing file."""
+    Written beside `dest` and renamed into place; never over an existing file. `dest` ending in
+    a slash names a directory, which must be there (not made: a backup disk not mounted)."""
     import duckdb
 
+    if str(dest).endswith("/") and not Path(dest).is_dir():
+        raise FileNotFoundError(2, "no such directory", str(dest))
+    dest = Path(dest)
     source = manifest_path(config.engine.state_dir)
     target = dest / f"manifest-{time.strftime('%Y%m%dT%H%M%S')}.duckdb" if dest.is_dir() else dest
     if target.exists():

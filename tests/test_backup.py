@@ -124,6 +124,11 @@ def test_backup_never_overwrites(project: Project) -> None:
     assert project.cli("backup", str(target)).returncode == 0
     again = project.cli("backup", str(target))
     assert again.returncode == 1 and "will not overwrite" in again.stderr
+    # hostile review: `backup DIR/` with DIR absent wrote a file DIR, and every later night failed
+    nightly = project.root / "nightly"
+    result = project.cli("backup", f"{nightly}/")
+    assert result.returncode == 1 and f"no such directory: {nightly}/" in result.stderr, result.stderr
+    assert not nightly.exists()
 
 
 def test_restore_takes_only_a_manifest_and_leaves_the_file_it_is_given_as_it_was(project: Project) -> None:
