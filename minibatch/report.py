@@ -85,6 +85,8 @@ def report_run(state_dir: Path, job: str, run_id: str | None, output: str | None
     path = Path(output) if output else default_report_path(state_dir, job, run["run_id"])
     if output and path.exists() and not _is_report(path):  # `-o data/a.parquet`: a typo, not a wish
         raise ReportError(f"{path} exists and is not a minibatch report: not writing over it")
+    if output and not path.parent.is_dir():  # a typo too: only the state_dir's own are made
+        raise ReportError(f"{path.parent}: no such directory")
     return write_report(manifest, job, path, run["run_id"])
 
 

@@ -218,6 +218,10 @@ def test_report_writes_over_a_report_but_not_over_another_file(runs: Runs) -> No
         refused = runs.project.cli("report", "rep", "-o", str(root / name))
         assert refused.returncode == 2 and "is not a minibatch report" in refused.stderr, refused.stderr
         assert (root / name).read_bytes() == before
+    # hostile review: a mistyped directory was made (`-o /nonexist/x.html` made /nonexist)
+    typo = runs.project.cli("report", "rep", "-o", str(root / "reprots" / "x.html"))
+    assert typo.returncode == 2 and f"{root / 'reprots'}: no such directory" in typo.stderr, typo.stderr
+    assert not (root / "reprots").exists()
 
 
 def test_a_killed_run_renders_without_an_end(project: Project) -> None:
