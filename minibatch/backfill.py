@@ -118,6 +118,7 @@ def plan(config: Config, request: BackfillRequest, manifest: Manifest) -> list[D
     if request.backwards:
         days.reverse()
     latest = {row["job"]: row for row in manifest.named("latest_runs", job=job.name)}
+    restored = {row["job"] for row in manifest.named("all_unverified_parts")}
     current = job_definition(_bind(config, request, days[0]), config.base_dir).key if days else ""
     states = []
     for day in days:
@@ -127,6 +128,8 @@ def plan(config: Config, request: BackfillRequest, manifest: Manifest) -> list[D
         parts = str(OutputLayout.of(bound).parts)
         if state.action == "skip" and last["status"] == RunStatus.SUCCEEDED and last["definition"] is None:
             state = DateState(day, "run", reason="checkpoint forgotten")  # `reset` since (a run records one)
+        elif state.action == "skip" and bound.key in restored:  # its run checks each part's footer
+            state = DateState(day, "run", reason="restored from a backup")
         elif state.action == "skip" and last.get("definition") not in (None, current):
             state = DateState(day, "run", reason="definition changed")  # (a run recomputes it anyway)
         elif state.action == "skip" and last.get("parts_dir") not in (None, parts):

@@ -14,7 +14,13 @@ SELECT chunk_id, status, output_file FROM chunks WHERE job = $job;
 SELECT output_file, bytes_out FROM chunks WHERE job = $job AND output_file IS NOT NULL;
 
 -- name: unverify_parts
+-- (and what each published reduction was built from: the parts may be the backup's, the
+-- published result another definition's; its rows stay, for output_rows_change)
 INSERT OR IGNORE INTO unverified_parts SELECT DISTINCT job FROM chunks WHERE output_file IS NOT NULL;
+UPDATE reduce_state SET parts_key = 'restored' || substr(parts_key, strpos(parts_key, '#'));
+
+-- name: all_unverified_parts
+SELECT job FROM unverified_parts;
 
 -- name: unverified_parts
 SELECT job FROM unverified_parts WHERE job = $job;

@@ -135,6 +135,28 @@ def test_a_date_reset_since_it_succeeded_is_run_again(project: Project) -> None:
     assert [output_ids(project, day) for day in DATES[:3]] == [ids[day] for day in DATES[:3]]
 
 
+def test_a_backfill_after_a_restore_runs_the_dates_whose_results_are_unverified(project: Project) -> None:
+    """Review: after restore and a rolled-back definition, `run-now` footer-checked a date's
+    parts, but a backfill skipped every date as succeeded: another definition's rows, exit 0."""
+    write_days(project)
+    job = DAILY.replace('process = "myjobs.basic:ident"', 'sql = "SELECT id, value FROM chunk"')
+    project.write_config(job)
+    dates = ["--from", DATES[0], "--to", DATES[1]]
+    assert project.cli("backfill", "daily", *dates).returncode == 0
+    (project.root / "backups").mkdir()
+    copy = project.cli("backup", str(project.root / "backups")).stdout.strip()
+    project.write_config(job.replace("SELECT id, value", "SELECT id, value + 1000 AS value"))
+    assert project.cli("backfill", "daily", *dates, "--reprocess", "all").returncode == 0
+    assert project.cli("restore", copy).returncode == 0
+    project.write_config(job)
+    planned = json.loads(project.cli("backfill", "daily", *dates, "--dry-run", "--json").stdout)
+    assert [d["action"] for d in planned] == ["run", "run"], planned
+    assert project.cli("backfill", "daily", *dates).returncode == 0
+    for day in DATES[:2]:
+        table = pq.read_table(sorted((project.root / "out" / "daily" / day).glob("part-*.parquet")))
+        assert max(table["value"].to_pylist()) < 7, day
+
+
 def test_a_date_cut_short_before_the_backfill_resumes_in_it(project: Project) -> None:
     """Hostile review: a date whose run was killed (a killed backfill restarted with another
     range, a stopped run-now) was `skipped` by `--reprocess none`, and the backfill succeeded

@@ -70,6 +70,24 @@ def test_after_a_restore_results_of_another_definition_are_computed_again(projec
     assert json.loads(again.stdout)["chunks_reused"] == 16, again.stdout
 
 
+def test_after_a_restore_a_reduction_of_another_definition_is_published_again(project: Project) -> None:
+    """Review of the fix above: the parts were the backup's, so they passed their footer check,
+    and the reduction recorded matched: the result of the reduce_sql used after the backup
+    stayed published, exit 0."""
+    job = MAP_JOB.replace('process = "myjobs.basic:ident"', 'sql = "FROM chunk"\nreduce_sql = "{}"')
+    project.write_input("f.parquet", 0, 400)
+    project.write_config(job.format("SELECT (sum(value) + 0)::BIGINT AS s FROM parts"))
+    assert project.cli("run-now", "ident", "-q").returncode == 0
+    (project.root / "backups").mkdir()
+    copy = project.cli("backup", str(project.root / "backups")).stdout.strip()
+    project.write_config(job.format("SELECT (sum(value) + 1000)::BIGINT AS s FROM parts"))
+    assert project.cli("run-now", "ident", "-q").returncode == 0
+    assert project.cli("restore", copy).returncode == 0
+    project.write_config(job.format("SELECT (sum(value) + 0)::BIGINT AS s FROM parts"))
+    assert project.cli("run-now", "ident", "-q").returncode == 0
+    assert project.output_table("ident")["s"].to_pylist() == [sum(i % 97 for i in range(400))]
+
+
 def test_a_state_dir_lost_with_its_manifest_gets_its_outputs_back(project: Project) -> None:
     """Hostile review: after the README's disaster recovery (the state_dir's disk lost, then
     `restore` of a backup, or no backup at all) every job was refused its own output: the new
