@@ -144,7 +144,7 @@ def _typed(table: pa.Table, signature: Signature) -> tuple[pa.Table, list[tuple[
         if not pa.types.is_string(target):  # (unquoted empty fields are NULL already)
             column = pc.if_else(pc.equal(column, pa.scalar("")), pa.scalar(None, pa.string()), column)
         try:
-            columns.append(pc.cast(column, target))
+            columns.append(from_text(column, target))
             if pa.types.is_floating(target):  # a finite value too big for the type casts to ±inf
                 too_big = pc.and_(
                     pc.is_inf(columns[-1]), pc.invert(pc.match_substring_regex(column, INFINITY))
@@ -156,7 +156,7 @@ def _typed(table: pa.Table, signature: Signature) -> tuple[pa.Table, list[tuple[
             cast = []
             for i, value in enumerate(values):
                 try:
-                    cast.append(pa.scalar(value, pa.string()).cast(target).as_py())
+                    cast.append(from_text(pa.array([value], pa.string()), target)[0].as_py())
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                     wrong.setdefault(i, f"{name}: {value!r} is not {kind}")
                     cast.append(None)
@@ -223,8 +223,8 @@ def _as_text(kind: pa.DataType) -> bool:
 
 
 def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """The JSON reader's table in the schema's types. A time of day comes by way of a timestamp
-    on 1970-01-01 (pyarrow casts no string to a time). A number too big for its float type,
+    """The JSON reader's table in the schema's types (dates and times read as text: `from_text`).
+    A number too big for its float type,
     which the reader made ±inf (JSON writes no infinity), fails as CSV's does: ArrowInvalid."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -232,16 +232,29 @@ def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
     columns = []
     for field in schema:
         column: Any = table[field.name]
-        if pa.types.is_time(field.type) and pa.types.is_string(column.type):
-            if pc.any(pc.invert(pc.fill_null(pc.match_substring_regex(column, TIME_OF_DAY), True))).as_py():
-                raise pa.ArrowInvalid(f"{field.name}: a value that is not {field.type}")
-            stamp = pc.binary_join_element_wise(pa.scalar("1970-01-01T"), column, "")
-            column = pc.cast(stamp, pa.timestamp(field.type.unit))
+        try:  # (a record's line is found by halving the block: say which field)
+            column = from_text(column, field.type) if pa.types.is_string(column.type) else column
+        except pa.ArrowInvalid as exc:
+            raise pa.ArrowInvalid(f"{field.name}: {exc}") from None
         column = pc.cast(column, field.type)
         if pa.types.is_floating(field.type) and pc.any(pc.is_inf(column)).as_py():
             raise pa.ArrowInvalid(f"{field.name}: a number out of the range of {field.type}")
         columns.append(column)
     return pa.table(columns, schema=schema)
+
+
+def from_text(column: Any, target: pa.DataType) -> Any:
+    """Strings cast to `target`; a time of day by way of a timestamp on 1970-01-01 (pyarrow casts
+    no string to a time). Raises ArrowInvalid for a value that is not one."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_time(target):
+        if pc.any(pc.invert(pc.fill_null(pc.match_substring_regex(column, TIME_OF_DAY), True))).as_py():
+            raise pa.ArrowInvalid(f"a value that is not {target}")
+        stamp = pc.binary_join_element_wise(pa.scalar("1970-01-01T"), column, "")
+        column = pc.cast(stamp, pa.timestamp(target.unit))
+    return pc.cast(column, target)
 
 
 TIME_OF_DAY = r"^\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?$"

@@ -154,6 +154,16 @@ def test_review_ndjson_dates_and_times_of_a_declared_schema_are_read(project: Pr
     assert [line for line, _ in malformed(project)] == [2]  # no such day
 
 
+def test_review_a_csv_time_that_is_not_one_leaves_the_other_records_be(project: Project) -> None:
+    """Review: one bad time of day in a CSV sent every record of its chunk to the malformed rows
+    (pyarrow casts no string to a time, so each record's value was tried, and failed)."""
+    job = CSV_JOB.replace('amount = "double"', 'at = "time64[us]"')
+    run_csv(project, b"id,name,at\n1,a,10:00:00\n2,b,24:00:00\n3,c,11:00:00.25\n4,d,zz\n", job)
+    table = ds.dataset(project.out("t"), format="parquet").to_table().sort_by("id")
+    assert table["at"].to_pylist() == [datetime.time(10), datetime.time(11, 0, 0, 250000)]
+    assert [line for line, _ in malformed(project)] == [3, 5]
+
+
 def test_review_ndjson_joined_with_a_bom_each_infers_its_schema(project: Project) -> None:
     """Hostile review: inference kept the lines that start with a BOM for pyarrow, which takes
     one only at the start: the file was a bad file, skipped by later runs, exit 0."""
