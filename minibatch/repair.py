@@ -12,6 +12,7 @@ again) and the daemon's last fire times.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import shutil
@@ -160,6 +161,8 @@ def backup(config: Config, dest: Path | str) -> Path:
 
     if str(dest).endswith("/") and not Path(dest).is_dir():
         raise FileNotFoundError(2, "no such directory", str(dest))
+    if "?" in str(Path(dest).resolve()):  # DuckDB takes what follows for options: the copy went elsewhere
+        raise OSError(errno.EINVAL, "DuckDB cannot write a database on a path with '?'", str(dest))
     dest = Path(dest)
     source = manifest_path(config.engine.state_dir)
     target = dest / f"manifest-{time.strftime('%Y%m%dT%H%M%S')}.duckdb" if dest.is_dir() else dest

@@ -113,7 +113,8 @@ def text_fingerprint(fd: int, stat: os.stat_result) -> str:
 def _scan(handle: BinaryIO, path: str, text: TextFormat, segment: int, head: bytes, size: int) -> FileMeta:
     compression = compression_of(path)
     sample, whole = _sample(handle, compression)
-    if whole and not sample.strip():  # an empty day's export: no column, no row (it fits any schema)
+    # an empty day's export (a BOM alone, as Excel writes it): no column, no row: it fits any schema
+    if whole and not sample.removeprefix(b"\xef\xbb\xbf").strip():
         return FileMeta(path, "", size, (), (), 0, ())
     signature = _by_header(sample, text) if text.schema else infer(sample, text.format, text.delimiter)
     if not whole and all(kind == UNKNOWN for _, kind in signature):

@@ -147,6 +147,10 @@ def test_backup_never_overwrites(project: Project) -> None:
     result = project.cli("backup", f"{nightly}/")
     assert result.returncode == 1 and f"no such directory: {nightly}/" in result.stderr, result.stderr
     assert not nightly.exists()
+    (project.root / "bk?x").mkdir()  # review: DuckDB took what followed '?' for options
+    result = project.cli("backup", f"{project.root / 'bk?x'}/")
+    assert result.returncode == 1 and "on a path with '?'" in result.stderr, result.stderr
+    assert "repair" not in result.stderr and not list((project.root / "bk?x").iterdir())
 
 
 def test_restore_takes_only_a_manifest_and_leaves_the_file_it_is_given_as_it_was(project: Project) -> None:

@@ -433,6 +433,7 @@ def test_review_an_empty_file_has_no_rows(project: Project, fmt: str, declared: 
     project.data.mkdir()
     (project.data / f"b.{fmt}").write_bytes(b"")
     (project.data / f"c.{fmt}.gz").write_bytes(gzip.compress(b""))
+    (project.data / f"d.{fmt}").write_bytes(b"\xef\xbb\xbf\r\n")  # Excel's export of no rows: a BOM
     if fmt == "csv":
         body = "id,name,amount\n" + "".join(f"{r['id']},{r['name']},{r['amount']}\n" for r in rows)
     else:
