@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, cast
 
 from minibatch.checking import Checker, choice
 from minibatch.planner import FileMeta, RowGroup
-from minibatch.textschema import UNKNOWN, Signature, infer, type_or_none
+from minibatch.textschema import BOM, UNKNOWN, Signature, infer, type_or_none
 
 SEGMENT = 4 * 2**20  # at most: a quarter of chunk_bytes when that is smaller (segment_size)
 SAMPLE = 2**20
@@ -114,7 +114,7 @@ def _scan(handle: BinaryIO, path: str, text: TextFormat, segment: int, head: byt
     compression = compression_of(path)
     sample, whole = _sample(handle, compression)
     # an empty day's export (a BOM alone, as Excel writes it): no column, no row: it fits any schema
-    if whole and not sample.removeprefix(b"\xef\xbb\xbf").strip():
+    if whole and not sample.removeprefix(BOM).strip():
         return FileMeta(path, "", size, (), (), 0, ())
     signature = _by_header(sample, text) if text.schema else infer(sample, text.format, text.delimiter)
     if not whole and all(kind == UNKNOWN for _, kind in signature):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from minibatch.planner import Chunk
 from minibatch.textinput import TextFormat, compression_of, decompress, header_end
-from minibatch.textschema import Signature, arrow_type, convert_options
+from minibatch.textschema import BOM, Signature, arrow_type, convert_options
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -169,7 +169,6 @@ def _typed(table: pa.Table, signature: Signature) -> tuple[pa.Table, list[tuple[
 
 
 INFINITY = r"^\s*[+-]?(?i:inf|infinity)\s*$"  # what casts to ±inf as written
-BOM = b"\xef\xbb\xbf"
 BLANK = re.compile(rb"\n[ \t\r\f\v]*(?:\n|\Z)")  # a blank line after the first
 
 
@@ -224,8 +223,8 @@ def _as_text(kind: pa.DataType) -> bool:
 
 def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """The JSON reader's table in the schema's types (dates and times read as text: `from_text`).
-    A number too big for its float type,
-    which the reader made ±inf (JSON writes no infinity), fails as CSV's does: ArrowInvalid."""
+    A number too big for its float type, which the reader made ±inf (JSON writes no infinity),
+    fails as CSV's does: ArrowInvalid."""
     import pyarrow as pa
     import pyarrow.compute as pc
 

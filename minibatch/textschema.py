@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 Signature = tuple[tuple[str, str], ...]  # (column, Arrow type)
 UNKNOWN = "null"  # the type of a column no record of the sample has: it fits any
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark: not data, wherever a file (or a joined one) has it
 
 
 def infer(sample: bytes, fmt: str, delimiter: str) -> Signature:
@@ -126,7 +127,7 @@ def _consistent(lines: list[bytes]) -> list[bytes]:
     kinds: dict[str, str] = {}
     kept = []
     for line in lines:
-        line = line.removeprefix(b"\xef\xbb\xbf")  # files with a BOM each, joined: pyarrow takes none mid-way
+        line = line.removeprefix(BOM)  # files with a BOM each, joined: pyarrow takes none mid-way
         try:
             record = json.loads(line)
         except ValueError:
