@@ -16,7 +16,8 @@ SELECT output_file, bytes_out FROM chunks WHERE job = $job AND output_file IS NO
 -- name: unverify_parts
 -- (and what each published reduction was built from: the parts may be the backup's, the
 -- published result another definition's; its rows stay, for output_rows_change)
-INSERT OR IGNORE INTO unverified_parts SELECT DISTINCT job FROM chunks WHERE output_file IS NOT NULL;
+-- Every job with a run or a chunk: one whose chunks had no rows (or no inputs) may have rows now.
+INSERT OR IGNORE INTO unverified_parts SELECT job FROM chunks UNION SELECT job FROM runs;
 UPDATE reduce_state SET parts_key = 'restored' || substr(parts_key, strpos(parts_key, '#'));
 
 -- name: all_unverified_parts

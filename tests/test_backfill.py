@@ -157,6 +157,31 @@ def test_a_backfill_after_a_restore_runs_the_dates_whose_results_are_unverified(
         assert max(table["value"].to_pylist()) < 7, day
 
 
+def test_a_backfill_after_a_restore_runs_the_dates_whose_backed_up_results_had_no_rows(
+    project: Project,
+) -> None:
+    """Review: a date whose backed-up chunks had no rows was not marked by `restore`, and the
+    backfill skipped it: another definition's rows stayed, exit 0."""
+    write_days(project)
+    job = DAILY.replace(
+        'process = "myjobs.basic:ident"', 'sql = "SELECT id, value FROM chunk WHERE value > 1000"'
+    )
+    project.write_config(job)
+    dates = ["--from", DATES[0], "--to", DATES[1]]
+    assert project.cli("backfill", "daily", *dates).returncode == 0
+    (project.root / "backups").mkdir()
+    copy = project.cli("backup", str(project.root / "backups")).stdout.strip()
+    project.write_config(job.replace(" WHERE value > 1000", ""))
+    assert project.cli("backfill", "daily", *dates, "--reprocess", "all").returncode == 0
+    assert output_ids(project, DATES[0])
+    assert project.cli("restore", copy).returncode == 0
+    project.write_config(job)
+    planned = json.loads(project.cli("backfill", "daily", *dates, "--dry-run", "--json").stdout)
+    assert [d["action"] for d in planned] == ["run", "run"], planned
+    assert project.cli("backfill", "daily", *dates).returncode == 0
+    assert output_ids(project, DATES[0]) == output_ids(project, DATES[1]) == []
+
+
 def test_a_date_cut_short_before_the_backfill_resumes_in_it(project: Project) -> None:
     """Hostile review: a date whose run was killed (a killed backfill restarted with another
     range, a stopped run-now) was `skipped` by `--reprocess none`, and the backfill succeeded
