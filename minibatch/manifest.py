@@ -201,8 +201,11 @@ class Manifest:
     def start_run(self, run: RunRecord) -> None:
         with self.connect() as con:
             params = {"job": run.job, "crashed": RunStatus.CRASHED, "running": RunStatus.RUNNING}
+            con.execute("BEGIN")
             con.execute(Q["mark_crashed"], params)
             _insert(con, "runs", RUN_COLUMNS, [run])
+            con.execute(Q["sequence_run"], {"run_id": run.run_id})
+            con.execute("COMMIT")
 
     def commit(
         self, run: RunRecord, chunks: Sequence[ChunkRecord], attempts: Sequence[AttemptRecord] = ()

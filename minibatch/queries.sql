@@ -2,6 +2,11 @@
 -- Parameters only: nothing from a job name or a file name is ever pasted into SQL.
 -- Statuses are bound as parameters from minibatch/states.py.
 
+-- name: sequence_run
+-- Runs are ordered by when they were recorded, not by their clock times: a clock set back (NTP,
+-- a restored VM) must not make a run the latest that is not (runs of older releases: no seq).
+UPDATE runs SET seq = (SELECT coalesce(max(seq), 0) + 1 FROM runs) WHERE run_id = $run_id;
+
 -- name: mark_crashed
 -- A run still `running` when the next one of its job starts has crashed.
 UPDATE runs SET status = $crashed, ended_at = now() WHERE job = $job AND status = $running;
@@ -108,7 +113,7 @@ SELECT job, last_fire_at FROM schedule_state;
 -- name: unfinished_runs
 -- Jobs (not parameter sets) whose latest run neither succeeded nor failed.
 SELECT job, status FROM (
-    SELECT job, status, row_number() OVER (PARTITION BY job ORDER BY started_at DESC) AS latest FROM runs
+    SELECT job, status, row_number() OVER (PARTITION BY job ORDER BY seq DESC NULLS LAST, started_at DESC) AS latest FROM runs
 ) WHERE latest = 1 AND NOT contains(job, '[') AND status NOT IN (SELECT unnest($done::VARCHAR[]));
 
 -- name: waiting_fires
@@ -131,7 +136,7 @@ WITH mine AS (
     SELECT max(started_at) AS since FROM runs
     WHERE (job = $job OR starts_with(job, $job || '[')) AND status IN (SELECT unnest($finished::VARCHAR[]))
 ),
-latest AS (SELECT job, status, ended_at FROM runs QUALIFY row_number() OVER (PARTITION BY job ORDER BY started_at DESC) = 1)
+latest AS (SELECT job, status, ended_at FROM runs QUALIFY row_number() OVER (PARTITION BY job ORDER BY seq DESC NULLS LAST, started_at DESC) = 1)
 SELECT dep, EXISTS (
     SELECT 1 FROM latest
     WHERE (latest.job = dep OR starts_with(latest.job, dep || '[')) AND latest.status = $succeeded
@@ -145,7 +150,7 @@ FROM unnest($deps::VARCHAR[]) AS deps(dep), mine;
 WITH latest AS (
     SELECT *, split_part(job, '[', 1) AS job_name FROM runs
     WHERE $job IS NULL OR (job = $job OR starts_with(job, $job || '['))
-    QUALIFY row_number() OVER (PARTITION BY job_name ORDER BY started_at DESC) = 1
+    QUALIFY row_number() OVER (PARTITION BY job_name ORDER BY seq DESC NULLS LAST, started_at DESC) = 1
 ), totals AS (
     SELECT job,
            count(*) FILTER (WHERE status = $done) AS done_total,
@@ -170,17 +175,17 @@ ORDER BY job;
 
 -- name: runs
 -- A job's runs include those of its parameter sets (job `daily[date=2026-11-01]`).
-SELECT * FROM runs WHERE $job IS NULL OR (job = $job OR starts_with(job, $job || '[')) ORDER BY started_at DESC LIMIT $limit;
+SELECT * FROM runs WHERE $job IS NULL OR (job = $job OR starts_with(job, $job || '[')) ORDER BY seq DESC NULLS LAST, started_at DESC LIMIT $limit;
 
 -- name: run
 SELECT * FROM runs WHERE (job = $job OR starts_with(job, $job || '[')) AND ($run_id IS NULL OR run_id = $run_id)
-ORDER BY started_at DESC LIMIT 1;
+ORDER BY seq DESC NULLS LAST, started_at DESC LIMIT 1;
 
 -- name: run_with_work
 -- The latest run of a job that did something: computed or dead-lettered chunks, or failed.
 SELECT * FROM runs
 WHERE job = $job AND (chunks_done > 0 OR chunks_dead > 0 OR status <> $succeeded)
-ORDER BY started_at DESC LIMIT 1;
+ORDER BY seq DESC NULLS LAST, started_at DESC LIMIT 1;
 
 -- name: attempts
 SELECT * FROM attempts WHERE run_id = $run_id ORDER BY admitted_at, chunk_id, attempt;
@@ -192,7 +197,7 @@ FROM chunks WHERE job = $job AND status = $dead ORDER BY file, row_start;
 -- name: is_current
 -- Whether the file has this release's schema (its newest column).
 SELECT 1 FROM duckdb_columns()
-WHERE database_name = current_database() AND table_name = 'runs' AND column_name = 'mounts';
+WHERE database_name = current_database() AND table_name = 'runs' AND column_name = 'seq';
 
 -- name: memory_per_byte
 -- What a job's recent attempts grew (peak minus start RSS) per byte of their estimated size
@@ -212,7 +217,7 @@ SELECT quantile_cont(greatest(peak_rss - start_rss, 0) / size, 0.9) FROM (
 -- with where it put its results and the definition they are of.
 SELECT runs.job, status, run_id, parts_dir, definition
 FROM runs LEFT JOIN job_state ON job_state.job = runs.job WHERE starts_with(runs.job, $job || '[')
-QUALIFY row_number() OVER (PARTITION BY runs.job ORDER BY started_at DESC) = 1;
+QUALIFY row_number() OVER (PARTITION BY runs.job ORDER BY seq DESC NULLS LAST, started_at DESC) = 1;
 
 -- name: unfinished_backfill
 -- The backfill a new one with the same job, range and parameters continues.
@@ -276,7 +281,7 @@ SELECT * FROM runs WHERE run_id = $run_id;
 -- where the latest run that could write put its results (a refused run records no place).
 SELECT (SELECT count(*) FROM chunks WHERE job = $key AND status = $done AND output_file IS NOT NULL) AS n,
        (SELECT parts_dir FROM runs WHERE job = $key AND parts_dir IS NOT NULL
-        ORDER BY started_at DESC LIMIT 1) AS parts_dir;
+        ORDER BY seq DESC NULLS LAST, started_at DESC LIMIT 1) AS parts_dir;
 
 -- name: has_run
 SELECT 1 FROM runs WHERE job = $key LIMIT 1;
@@ -287,11 +292,11 @@ SELECT file, list(DISTINCT fingerprint) AS prints FROM chunks WHERE job = $key G
 
 -- name: input_mounts
 -- The mount points above the inputs of the latest run that read them (a refused run records none).
-SELECT mounts FROM runs WHERE job = $key AND mounts IS NOT NULL ORDER BY started_at DESC LIMIT 1;
+SELECT mounts FROM runs WHERE job = $key AND mounts IS NOT NULL ORDER BY seq DESC NULLS LAST, started_at DESC LIMIT 1;
 
 -- name: succeeded_run
 -- The parameter set's latest run succeeded (not one running now, failed or stopped).
-SELECT 1 FROM (SELECT status FROM runs WHERE job = $key ORDER BY started_at DESC LIMIT 1)
+SELECT 1 FROM (SELECT status FROM runs WHERE job = $key ORDER BY seq DESC NULLS LAST, started_at DESC LIMIT 1)
 WHERE status = $succeeded;
 
 -- name: record_check

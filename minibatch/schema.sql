@@ -105,6 +105,7 @@ ALTER TABLE attempts ADD COLUMN IF NOT EXISTS chunk_size BIGINT;  -- estimated s
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS params VARCHAR;         -- JSON {name: value}; job is job[k=v]
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS parts_dir VARCHAR;      -- where its chunk results go
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS mounts VARCHAR;         -- JSON: mount points above its inputs
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS seq BIGINT;            -- the order runs were recorded in
 
 -- Backfills (backfill.py): one row each, and one per logical date it covers.
 CREATE TABLE IF NOT EXISTS backfills (

@@ -182,6 +182,36 @@ def test_a_backfill_after_a_restore_runs_the_dates_whose_backed_up_results_had_n
     assert output_ids(project, DATES[0]) == output_ids(project, DATES[1]) == []
 
 
+def test_a_run_recorded_while_the_clock_was_set_back_is_still_the_latest(project: Project) -> None:
+    """Review: runs were ordered by their start time. A date's failed run, made while the clock
+    was a day behind (NTP, a restored VM), sorted before its earlier success: `status` showed
+    it succeeded, and `backfill --reprocess failed` skipped it, exit 0, its rows missing."""
+    write_days(project)
+    project.write_config(DAILY)
+    dates = ["--from", DATES[0], "--to", DATES[0]]
+    assert project.cli("backfill", "daily", *dates).returncode == 0
+    failing = DAILY.replace("myjobs.basic:ident", "myjobs.faulty:always_fail") + "retries = 0\n"
+    project.write_config(failing)
+    assert project.cli("run-now", "daily", "--param", f"date={DATES[0]}", "-q").returncode == 1
+    key = f"daily[date={DATES[0]}]"
+    manifest = Manifest(project.root / ".state" / "manifest.duckdb", deadline=10)
+    with manifest.connect() as con:  # the failed run, as a clock a day behind recorded it
+        con.execute(
+            "UPDATE runs SET started_at = started_at - INTERVAL 1 DAY, ended_at = ended_at - INTERVAL 1 DAY "
+            "WHERE job = ? AND status = 'failed'",
+            [key],
+        )
+    project.write_config(DAILY)
+    status = json.loads(project.cli("status", "daily", "--json").stdout)
+    assert [job["status"] for job in status] == ["failed"], status
+    planned = json.loads(
+        project.cli("backfill", "daily", *dates, "--reprocess", "failed", "--dry-run", "--json").stdout
+    )
+    assert [d["action"] for d in planned] == ["run"], planned
+    history = project.cli("history", "daily", "--json")
+    assert [run["status"] for run in json.loads(history.stdout)] == ["failed", "succeeded"]
+
+
 def test_a_date_cut_short_before_the_backfill_resumes_in_it(project: Project) -> None:
     """Hostile review: a date whose run was killed (a killed backfill restarted with another
     range, a stopped run-now) was `skipped` by `--reprocess none`, and the backfill succeeded

@@ -377,6 +377,7 @@ def test_a_reader_adds_this_releases_columns_to_an_older_manifest_once(path: Pat
         ("runs", "params"),
         ("runs", "parts_dir"),
         ("runs", "mounts"),
+        ("runs", "seq"),
     )
     for table, column in dropped:
         con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
