@@ -295,8 +295,8 @@ class _HeldInput:
                 _check_unchanged(chunk, stat)
                 _check_footer(chunk, handle, stat)
                 self.release()
-                if self.files >= FILES_PER_CONNECTION:
-                    self.con.close()
+                if self.files >= FILES_PER_CONNECTION or self.next_fd >= _open_files_limit():
+                    self.con.close()  # (a number at the limit is EINVAL, not a file unreadable)
                     self.con, self.next_fd, self.files = _sql_connection(), 3, 0
                 self.fd = fcntl.fcntl(handle.fileno(), fcntl.F_DUPFD_CLOEXEC, self.next_fd)
                 self.next_fd, self.key, self.files = self.fd + 1, key, self.files + 1
@@ -306,6 +306,13 @@ class _HeldInput:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd, self.key = -1, ("", "", 0, 0, 0)
+
+
+def _open_files_limit() -> int:
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 2**31 - 1
 
 
 def _sql_connection() -> duckdb.DuckDBPyConnection:

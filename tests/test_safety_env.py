@@ -355,3 +355,21 @@ def _pool_or_error() -> object:
         return WorkerPool(1, None)
     except Exception as exc:  # noqa: BLE001 (the test says which)
         return exc
+
+
+def test_a_low_open_files_limit_is_not_blamed_on_an_input(project: Project) -> None:
+    """Hostile review: under `ulimit -n 26` a SQL job's worker asked for a descriptor number
+    above the limit (each file is held under a number above all its DuckDB has seen): EINVAL,
+    and the run failed blaming a readable input ("cannot be read (Invalid argument)")."""
+    import resource
+
+    for i in range(60):
+        project.write_input(f"f{i:03d}.parquet", i * 10, 10)
+    project.write_config('[jobs.j]\ninput = "data/*.parquet"\noutput = "out/j"\nsql = "SELECT * FROM chunk"')
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (26, 26))
+
+    result = project.cli("run-now", "j", "-q", preexec_fn=limited)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(project.output_table("j")["id"].to_pylist()) == list(range(600))
