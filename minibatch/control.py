@@ -26,6 +26,7 @@ from minibatch.backfill import (
     run_backfill,
 )
 from minibatch.config import Config, ConfigError, JobConfig
+from minibatch.events import Event, Listener
 from minibatch.lock import JobLocked, held_by, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest
@@ -97,6 +98,18 @@ class ActiveRuns:
     def running(self, key: str, but: str | None = None) -> bool:
         """A run (not a backfill, nor hooks after one) of checkpoint `key` is in flight, other than `but`."""
         return any(a.key == key and a.kind == "run" and i != but for i, a in self.items())
+
+
+class RunEnded(Listener):
+    """Marks a run ended as it ends, before its hooks fire: a hook may trigger the job again over
+    the API (the job's lock is already free), and a stopping daemon still waits for its hooks."""
+
+    def __init__(self, active: ActiveRuns, run_id: str | None) -> None:
+        self.active, self.run_id = active, run_id
+
+    def run_ended(self, event: Event) -> None:
+        if self.run_id is not None and (entry := self.active.get(self.run_id)) is not None:
+            entry.kind = "hooks"
 
 
 class Control:

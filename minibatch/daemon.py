@@ -18,9 +18,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from minibatch.config import Config, ConfigError, JobConfig
-from minibatch.control import Active, ActiveRuns, Control, fire_params, key_of
+from minibatch.control import Active, ActiveRuns, Control, RunEnded, fire_params, key_of
 from minibatch.depends import busy_dependencies, unmet_dependencies
-from minibatch.events import Event, Listener
 from minibatch.inputs import input_signature
 from minibatch.lock import DAEMON_LOCK, JobLocked, job_lock, lock_held, lock_identity, lock_moved
 from minibatch.log import get_logger
@@ -83,6 +82,7 @@ class Daemon:
         self._schedule_jobs()
         self.restore_waiting()
         catch_up(self.manifest, self.config.jobs, self.scheduler, self.fire)
+        self.submit(self._release_waiting)  # the fires it left whose dependencies are met: now
         self.scheduler.add_job(  # runs and retries from the shell change these too
             self._refresh_metrics, "interval", seconds=METRICS_REFRESH, id="minibatch-metrics",
             executor="watchdog", args=[True],
@@ -223,14 +223,19 @@ class Daemon:
             log.info("run_skipped_paused", job=job.name, reason=reason)
             return True
         params = fire_params(job, now)  # the logical date is the fire's, not the run's
-        if missing := self._unmet(job, params, now):
-            fired = json.dumps(params, sort_keys=True)
-            self.manifest.named("wait_fire", job=job.name, params=fired, at=now)  # kept across restarts
-            with self.lock:  # each parameter set (each date) waits on its own
-                self.waiting[(job.name, fired)] = params
-            log.info("waiting_for_dependencies", job=job.name, waiting_for=missing, **params)
-            return True
-        return self.run_in_daemon(job.name, reason, RunOptions(params=params))
+        missing = self._unmet(job, params, now)
+        if not (missing or params):  # the job's next fire (or a restart's resume) runs all it missed
+            return self.run_in_daemon(job.name, reason, RunOptions(params=params))
+        # A date is kept until its run ends (waiting for dependencies, for worker slots, running):
+        # its next fire is another date, so a restart after a death here runs or resumes it.
+        fired = json.dumps(params, sort_keys=True)
+        self.manifest.named("wait_fire", job=job.name, params=fired, at=now)
+        if not missing:
+            return self.run_in_daemon(job.name, reason, RunOptions(params=params), waited=fired)
+        with self.lock:  # each parameter set (each date) waits on its own
+            self.waiting[(job.name, fired)] = params
+        log.info("waiting_for_dependencies", job=job.name, waiting_for=missing, **params)
+        return True
 
     def skipped(self, event: Any) -> None:
         """A fire APScheduler skipped: said, and recorded as fired (no dependent waits for it)."""
@@ -251,7 +256,8 @@ class Daemon:
         self, name: str, reason: str, options: RunOptions | None = None, waited: str | None = None
     ) -> bool:
         """One run in this thread (the scheduler's pool): fired, triggered over HTTP, or released
-        from waiting (`waited`: it waits on if it cannot start, and stops waiting once it does)."""
+        from waiting (`waited`, a fire kept in the manifest: it waits on if it cannot start, and
+        is kept until its run ends, unless the daemon's stop stopped it)."""
         options = options or RunOptions()
         options.run_id, options.stop = options.run_id or new_run_id(), options.stop or StopSignals()
         if waited is not None and not self._still_met(name, waited, options.params):
@@ -268,22 +274,25 @@ class Daemon:
                 return True
             active = Active(name, options.stop, key=key, started=True, params=options.params)
             self.active.add(options.run_id, active)
-        if waited is not None:  # (left in the manifest, it only runs again after a restart)
-            with contextlib.suppress(Exception):
-                self.manifest.named("unwait_fire", job=name, params=waited)
+        done = True  # the fire is over: a restart does not run it again
         try:
             log.info("run_fired", job=name, reason=reason, run_id=options.run_id)
-            run_job(self.config, name, options, [self.metrics, _Ended(self.active, options.run_id)])
+            listeners = [self.metrics, RunEnded(self.active, options.run_id)]
+            summary = run_job(self.config, name, options, listeners)
+            done = not (summary.stopped and self.stopping)  # stopped by the daemon's stop: resumed
         except JobLocked as exc:
             log.warning("run_skipped_locked", job=name, run_id=options.run_id, holder_pid=exc.pid)
+            done = False
             if waited is not None:  # a run elsewhere holds the lock: waits on for it to end
-                self.manifest.named("wait_fire", job=name, params=waited, at=datetime.now(UTC))
                 with self.lock:
                     self.waiting[(name, waited)] = options.params
             return False
         except Exception:  # a broken run must not take the daemon down
             log.exception("run_crashed", job=name)
         finally:
+            if waited is not None and done:
+                with contextlib.suppress(Exception):  # (left in the manifest, a restart runs it again)
+                    self.manifest.named("unwait_fire", job=name, params=waited)
             self.active.remove(options.run_id)  # (wakes a stopping daemon's wait)
             self._refresh_metrics()
             self._release_waiting()
@@ -384,15 +393,3 @@ def run_daemon(config: Config, config_path: str | None) -> int:
     One daemon per state_dir: two would fire every job twice (JobLocked: exit 3)."""
     with job_lock(config.engine.state_dir, DAEMON_LOCK):
         return Daemon(config, config_path).run()
-
-
-class _Ended(Listener):
-    """Marks a run ended as it ends, before its hooks fire: a hook may trigger the job again over
-    the API (the job's lock is already free), and a stopping daemon still waits for its hooks."""
-
-    def __init__(self, active: ActiveRuns, run_id: str | None) -> None:
-        self.active, self.run_id = active, run_id
-
-    def run_ended(self, event: Event) -> None:
-        if self.run_id is not None and (entry := self.active.get(self.run_id)) is not None:
-            entry.kind = "hooks"
