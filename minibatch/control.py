@@ -31,7 +31,7 @@ from minibatch.lock import JobLocked, held_by, job_lock
 from minibatch.log import get_logger
 from minibatch.manifest import Manifest
 from minibatch.params import DATE, logical_date, text
-from minibatch.records import new_run_id
+from minibatch.records import RunRecord, new_run_id
 from minibatch.runner import RunOptions
 from minibatch.signals import StopSignals
 from minibatch.states import RunStatus
@@ -364,3 +364,17 @@ def fire_params(job: JobConfig, now: datetime) -> dict[str, str]:
     from minibatch.schedule import parse_crontab
 
     return {DATE: logical_date(parse_crontab(job.schedule, job.timezone), now).isoformat()}
+
+
+def record_refused(
+    manifest: Manifest, run_id: str, key: str, params: dict[str, str], exc: ConfigError
+) -> bool:
+    """A run refused before it began (its job module broken since the last reload), recorded
+    failed for history, the API and the alerts to see; False if it began (recorded crashed)."""
+    log.error("run_refused", job=key, run_id=run_id, errors=exc.errors)
+    if manifest.named("run_by_id", run_id=run_id):
+        return False
+    record = RunRecord.refused(run_id, key, params, "; ".join(exc.errors))
+    manifest.start_run(record)
+    manifest.commit(record, [])
+    return True

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from minibatch.config import Config, ConfigError, JobConfig
-from minibatch.control import Active, ActiveRuns, Control, RunEnded, fire_params, key_of
+from minibatch.control import Active, ActiveRuns, Control, RunEnded, fire_params, key_of, record_refused
 from minibatch.depends import busy_dependencies, unmet_dependencies
 from minibatch.inputs import input_signature
 from minibatch.lock import DAEMON_LOCK, JobLocked, job_lock, lock_held, lock_identity, lock_moved
@@ -31,6 +31,7 @@ from minibatch.records import new_run_id
 from minibatch.runner import RunOptions, run_job
 from minibatch.schedule import catch_up, log_skipped, longest_gap, parse_crontab
 from minibatch.signals import StopSignals
+from minibatch.states import RunStatus
 from minibatch.validate import reload_config
 
 log = get_logger()
@@ -287,6 +288,9 @@ class Daemon:
                 with self.lock:
                     self.waiting[(name, waited)] = options.params
             return False
+        except ConfigError as exc:  # refused before it began: a job module broken since the reload
+            if record_refused(self.manifest, options.run_id, key or name, options.params, exc):
+                self.metrics.runs.labels(name, RunStatus.FAILED).inc()
         except Exception:  # a broken run must not take the daemon down
             log.exception("run_crashed", job=name)
         finally:

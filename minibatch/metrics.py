@@ -90,6 +90,13 @@ class Metrics(Listener):
         if status == RunStatus.SUCCEEDED:
             self.last_success.labels(job).set(time.time())
 
+    def run_ended(self, event: Event) -> None:
+        record = event.data.get("record")
+        if record is not None and record.status == RunStatus.CRASHED:  # broke: no run_finished
+            self.running.labels(event.job).set(0)
+            self.in_flight.labels(event.job).set(0)
+            self.runs.labels(event.job, record.status).inc()
+
     def load_state(self, status: list[dict[str, Any]]) -> None:
         """Series that outlive the daemon, from the manifest (`Manifest.status()` rows)."""
         for row in status:  # a job with parameters: its latest parameter set's

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -74,6 +76,15 @@ class RunRecord:
     settings: str | None = None  # JSON
     parts_dir: str | None = None  # where its chunk results go (the output, or beside it)
     mounts: str | None = None  # JSON: the mount points above its inputs (a refused run: None)
+
+    @classmethod
+    def refused(cls, run_id: str, job: str, params: dict[str, str], error: str) -> RunRecord:
+        """A run refused before it began, as the daemon records it (a shell is told at once)."""
+        now = time.time()
+        return cls(
+            run_id=run_id, job=job, pid=os.getpid(), started_at=now, ended_at=now, status=RunStatus.FAILED,
+            error=error, params=json.dumps(params) if params else None,
+        )  # fmt: skip
 
 
 @dataclass

@@ -402,3 +402,35 @@ def test_a_released_fire_whose_second_check_fails_waits_on(project: Project) -> 
     d.submit = lambda target, *args: target(*args)  # type: ignore[method-assign]
     d._refresh_metrics(release=True)
     assert statuses(d, "down") == ["succeeded"]
+
+
+def test_a_run_refused_for_a_broken_job_module_is_recorded_failed_and_counted(project: Project) -> None:
+    """Review: a job module broken by a deploy after the daemon started: each fire died before
+    it was recorded, a traceback in the journal only. History, the API and the failed-runs
+    alert saw nothing (no run row, minibatch_runs_total{status="failed"} stayed 0)."""
+    d = daemon(project)
+    (project.root / "myjobs" / "basic.py").write_text("raise RuntimeError('half-deployed')\n")
+    d.fire("up")
+    [run] = d.manifest.runs("up")
+    assert run["status"] == RunStatus.FAILED
+    assert "jobs.up.process" in run["error"] and "half-deployed" in run["error"]
+    assert d.metrics.registry.get_sample_value("minibatch_runs_total", {"job": "up", "status": "failed"}) == 1
+
+
+def test_a_crashed_run_is_counted_and_no_longer_running_in_the_metrics() -> None:
+    """Review: a run that broke after it began emits run_ended, not run_finished: the metrics
+    never counted it, and minibatch_running stayed 1."""
+    from minibatch.events import Emitter
+    from minibatch.metrics import Metrics
+    from minibatch.states import EventKind
+
+    metrics = Metrics()
+    events = Emitter([metrics]).bind("up", "r1")
+    events(EventKind.RUN_STARTED, workers=1, memory_limit=1 << 20)
+    record = RunRecord(
+        run_id="r1", job="up", pid=os.getpid(), started_at=time.time(), status=RunStatus.CRASHED
+    )
+    events(EventKind.RUN_ENDED, record=record)
+    sample = metrics.registry.get_sample_value
+    assert sample("minibatch_running", {"job": "up"}) == 0
+    assert sample("minibatch_runs_total", {"job": "up", "status": "crashed"}) == 1
