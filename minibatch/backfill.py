@@ -24,6 +24,7 @@ from datetime import date
 from typing import Any
 
 from minibatch.config import Config, ConfigError, JobConfig
+from minibatch.events import Listener
 from minibatch.layout import OutputLayout
 from minibatch.lock import JobLocked, job_lock
 from minibatch.log import get_logger
@@ -164,9 +165,10 @@ def run_backfill(
     on_date: Callable[[Backfill, DateState], None] | None = None,
     backfill_id: str | None = None,
     lock: contextlib.ExitStack | None = None,
+    listeners: list[Listener] | None = None,
 ) -> Backfill:
-    """Run (or continue) a backfill to its end or a stop (`lock`: its lock, taken by the caller).
-    Raises ConfigError, JobLocked."""
+    """Run (or continue) a backfill to its end or a stop (`lock`: its lock, taken by the caller;
+    `listeners`: its dates' runs', the daemon's metrics). Raises ConfigError, JobLocked."""
     manifest = Manifest(manifest_path(config.engine.state_dir))
     check_request(config, request)
     name: Callable[[str], None] | None = None
@@ -181,7 +183,7 @@ def run_backfill(
             "backfill_started", job=request.job, backfill_id=backfill.backfill_id, resumed=backfill.resumed,
             dates=len(backfill.dates), todo=sum(d.status not in FINISHED for d in backfill.dates),
         )  # fmt: skip
-        _Driver(config, backfill, manifest, stop or StopSignals(), on_date).run()
+        _Driver(config, backfill, manifest, stop or StopSignals(), on_date, listeners or []).run()
         manifest.named("end_backfill", id=backfill.backfill_id, status=backfill.status)
         log.info(
             "backfill_finished", job=request.job, backfill_id=backfill.backfill_id, status=backfill.status
@@ -259,9 +261,10 @@ class _Driver:
 
     def __init__(
         self, config: Config, backfill: Backfill, manifest: Manifest, stop: StopSignals,
-        on_date: Callable[[Backfill, DateState], None] | None,
+        on_date: Callable[[Backfill, DateState], None] | None, listeners: list[Listener],
     ) -> None:  # fmt: skip
         self.config, self.backfill, self.manifest, self.stop = config, backfill, manifest, stop
+        self.listeners = listeners
         self.on_date = on_date or (lambda backfill, state: None)
         self.active: dict[date, StopSignals] = {}
         job = config.job(backfill.request.job)
@@ -316,7 +319,7 @@ class _Driver:
         self._record(state, "running", options.run_id)
         self.active[state.day] = stop
         try:
-            summary = run_job(self.config, request.job, options)
+            summary = run_job(self.config, request.job, options, self.listeners)
         except JobLocked:
             self._record(state, "pending", None)
             return False

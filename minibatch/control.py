@@ -54,6 +54,8 @@ class Host(Protocol):
     active: ActiveRuns
     stopping: bool
 
+    @property
+    def metrics(self) -> Listener: ...  # what the daemon serves on /metrics
     def submit(self, target: Callable[..., object], *args: Any) -> None: ...
     def next_fire(self, job: str) -> datetime | None: ...
     def run_in_daemon(self, name: str, reason: str, options: RunOptions) -> bool: ...
@@ -280,7 +282,14 @@ class Control:
     ) -> None:
         self.host.active.add(backfill_id, Active(request.job, stop, "backfill"))
         try:
-            run_backfill(self.host.config, request, stop, backfill_id=backfill_id, lock=lock)
+            run_backfill(
+                self.host.config,
+                request,
+                stop,
+                backfill_id=backfill_id,
+                lock=lock,
+                listeners=[self.host.metrics],
+            )
         except JobLocked as exc:
             log.warning(
                 "backfill_skipped_locked", job=request.job, backfill_id=backfill_id, holder_pid=exc.pid

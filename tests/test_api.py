@@ -344,10 +344,12 @@ class StubDaemon:
     def __init__(self, project: Project) -> None:
         from minibatch.config import load_config
         from minibatch.control import ActiveRuns
+        from minibatch.metrics import Metrics
 
         self.config = load_config(project.root / "config.toml")
         self.manifest = Manifest(project.root / ".state" / "manifest.duckdb")
         self.active, self.stopping, self.submitted = ActiveRuns(), False, []
+        self.metrics = Metrics()
 
     def submit(self, target: Any, *args: Any) -> None:
         self.submitted.append(args)
@@ -628,3 +630,23 @@ def test_an_accepted_run_keeps_the_logical_date_it_was_accepted_for(project: Pro
     answer = Control(daemon).trigger("daily", {}, fresh=False, retry_dead=False)
     options = daemon.submitted[0][2]
     assert answer["job"] == f"daily[date={options.params['date']}]", (answer, options.params)
+
+
+def test_a_backfill_started_over_http_is_seen_by_the_daemons_metrics(project: Project) -> None:
+    """Review: the dates of a backfill run in the daemon were never counted in
+    minibatch_runs_total (its runs had no metrics listener): a failing backfill alerted nobody."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from minibatch.backfill import BackfillRequest
+
+    for day in ("2026-11-01", "2026-11-02"):
+        (project.root / "landing" / day).mkdir(parents=True)
+        pq.write_table(pa.table({"id": [1], "value": [1]}), project.root / "landing" / day / "a.parquet")
+    project.write_config(DAILY)
+    daemon = StubDaemon(project)
+    daemon.submit = lambda target, *args: target(*args)  # type: ignore[method-assign]
+    first, last = datetime(2026, 11, 1).date(), datetime(2026, 11, 2).date()
+    Control(daemon).backfill(BackfillRequest("daily", first, last))
+    sample = daemon.metrics.registry.get_sample_value
+    assert sample("minibatch_runs_total", {"job": "daily", "status": "succeeded"}) == 2
