@@ -39,6 +39,7 @@ from minibatch.states import RunStatus
 log = get_logger()
 REPROCESS = ("none", "failed", "all")
 MAX_PARALLEL = 10**6  # runs at once (more than the dates: as many as the dates); an INTEGER in the manifest
+MAX_DAYS = 36525  # a century: a typo'd year would plan millions of dates (seconds of CPU per 20,000)
 FIRST_SCHEDULED = date(1970, 1, 2)  # APScheduler's cron clamps earlier fire times to the epoch
 LOCK_POLL = 1.0  # seconds between looks at a date's lock held by another run
 FINISHED = ("succeeded", "skipped")
@@ -81,21 +82,14 @@ class Backfill:
 def check_request(config: Config, request: BackfillRequest) -> JobConfig:
     """The job, or ConfigError naming what is wrong with the request."""
     job = config.job(request.job)
-    problems = []
+    problems = _range_problems(job, request)
     if DATE not in job.params:
         problems.append(f"job {job.name!r} has no {{date}} parameter: nothing to backfill by date")
-    if request.first > request.last:
-        problems.append(f"--from {request.first} is after --to {request.last}")
     if request.reprocess not in REPROCESS:
         problems.append(f"--reprocess: expected one of {', '.join(REPROCESS)}, got {request.reprocess!r}")
     if not 1 <= request.max_parallel <= MAX_PARALLEL:
         problems.append(
             f"--max-parallel must be from 1 to at most {MAX_PARALLEL}, got {request.max_parallel}"
-        )
-    if job.schedule and request.first < FIRST_SCHEDULED:  # the cron calendar would start there, silently
-        problems.append(
-            f"--from {request.first}: before 1970, where a schedule's fire times start; for those "
-            "dates use a copy of the job without a schedule"
         )
     if DATE in request.params:
         problems.append("--param date: the backfill gives each run its date")
@@ -107,6 +101,24 @@ def check_request(config: Config, request: BackfillRequest) -> JobConfig:
     if problems:
         raise ConfigError(problems, config.path)
     return job
+
+
+def _range_problems(job: JobConfig, request: BackfillRequest) -> list[str]:
+    first, last = request.first, request.last
+    if first > last:
+        return [f"--from {first} is after --to {last}"]
+    problems = []
+    if (days := (last - first).days + 1) > MAX_DAYS:
+        problems.append(
+            f"--from {first} --to {last} is {days} days; "
+            f"at most {MAX_DAYS} (a century) in one backfill: split it"
+        )
+    if job.schedule and first < FIRST_SCHEDULED:  # the cron calendar would start there, silently
+        problems.append(
+            f"--from {first}: before 1970, where a schedule's fire times start; for those "
+            "dates use a copy of the job without a schedule"
+        )
+    return problems
 
 
 def plan(config: Config, request: BackfillRequest, manifest: Manifest) -> list[DateState]:
