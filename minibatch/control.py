@@ -33,7 +33,7 @@ from minibatch.manifest import Manifest
 from minibatch.params import DATE, logical_date, text
 from minibatch.records import RunRecord, new_run_id
 from minibatch.runner import RunOptions
-from minibatch.signals import StopSignals
+from minibatch.signals import CANCELLED, StopSignals
 from minibatch.states import RunStatus
 
 log = get_logger()
@@ -224,7 +224,7 @@ class Control:
                 raise ControlError(
                     409, "Run not running here", f"run {run_id!r} is {status}, not running in this daemon"
                 )  # else a date of a backfill here: the backfill stops, as its process would on SIGTERM
-        active.stop.request()
+        active.stop.request(CANCELLED)
         log.info("run_cancel_requested", job=active.job, run_id=run_id)
         return {"run_id": run_id, "job": active.job, "status": "stopping"}
 

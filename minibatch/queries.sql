@@ -111,10 +111,11 @@ INSERT OR REPLACE INTO reduce_state (job, parts_key, reduced_at) VALUES ($job, $
 SELECT job, last_fire_at FROM schedule_state;
 
 -- name: unfinished_runs
--- Jobs (not parameter sets) whose latest run neither succeeded nor failed.
+-- Jobs (not parameter sets) whose latest run neither succeeded nor failed nor was cancelled.
 SELECT job, status FROM (
-    SELECT job, status, row_number() OVER (PARTITION BY job ORDER BY seq DESC NULLS LAST, started_at DESC) AS latest FROM runs
-) WHERE latest = 1 AND NOT contains(job, '[') AND status NOT IN (SELECT unnest($done::VARCHAR[]));
+    SELECT job, status, error, row_number() OVER (PARTITION BY job ORDER BY seq DESC NULLS LAST, started_at DESC) AS latest FROM runs
+) WHERE latest = 1 AND NOT contains(job, '[') AND status NOT IN (SELECT unnest($done::VARCHAR[]))
+    AND error IS DISTINCT FROM 'cancelled';
 
 -- name: waiting_fires
 SELECT job, params FROM waiting_fires ORDER BY fired_at;

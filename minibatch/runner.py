@@ -46,7 +46,7 @@ from minibatch.reconcile import (
 from minibatch.records import ChunkRecord, RunRecord, new_run_id
 from minibatch.reduce import OutputFailed, ReduceStopped, publish_if_needed
 from minibatch.results import ResultStore
-from minibatch.signals import StopSignals
+from minibatch.signals import CANCELLED, StopSignals
 from minibatch.states import EventKind, RunStatus
 from minibatch.tasks import JobSpec, Pool
 from minibatch.textinput import read_text_meta, segment_size
@@ -354,6 +354,8 @@ class Run:
         elif record.status == RunStatus.SUCCEEDED:  # partitions of before: after the parts are in
             remove_published(self.layout.output)
         record.ended_at = self.options.clock.time()
+        if record.status == RunStatus.STOPPED and self.signals.last == CANCELLED:
+            record.error = CANCELLED  # a daemon's start leaves it stopped: its next fire resumes it
         wall = max(record.ended_at - record.started_at, 1e-9)
         record.utilisation = record.busy_seconds / (max(record.workers, 1) * wall)
         record.rows_per_second, record.mb_per_second = record.rows_in / wall, record.bytes_in / 1e6 / wall

@@ -9,6 +9,8 @@ import socket
 import threading
 from types import FrameType, TracebackType
 
+CANCELLED = "cancelled"  # the reason of a stop asked by `cancel`: recorded as the run's error
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -41,10 +43,10 @@ class StopSignals:
     def immediate(self) -> bool:
         return self.count >= 2
 
-    def request(self) -> None:
+    def request(self, reason: str = "daemon stop") -> None:
         """Ask for a stop from code (the daemon stopping a run in a thread): like a signal."""
         self.count += 1
-        self.last = self.last or "daemon stop"
+        self.last = self.last or reason
         with contextlib.suppress(OSError):
             self._writer.send(b"\0")
 

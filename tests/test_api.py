@@ -301,6 +301,28 @@ def test_a_daemon_stopped_during_an_api_backfill_exits_as_soon_as_it_has_stopped
     assert time.monotonic() - stopped_at < 15
 
 
+def test_a_run_cancelled_over_http_is_not_resumed_by_the_next_daemon_start(project: Project) -> None:
+    """Review: an operator cancelled a run; the deploy's restart resumed it at once. Its next
+    fire (or a trigger) resumes it; the restart leaves it stopped."""
+    project.write_input("f0.parquet", 0, 1000)
+    api = Api(project, SLOW_JOB, env={"MB_SLEEP": "0.15"})  # 10 chunks
+    try:
+        run_id = api.call("POST", "/jobs/slow/runs", {})[1]["run_id"]
+        wait_for(lambda: len(project.computations()) >= 1, what="a chunk to finish")
+        assert api.call("POST", f"/runs/{run_id}/cancel")[0] == 202
+        stopped = api.run_until(run_id, lambda run: run["status"] not in ("queued", "running"))
+        assert stopped["status"] == "stopped" and stopped["error"] == "cancelled", stopped
+    finally:
+        assert api.stop() == 0
+    api.start()
+    try:
+        api.wait_event("daemon_started")  # after the start's catch-up and resumes
+        assert not [e for e in api.events() if e["event"] in ("resuming", "run_fired")], api.events()
+    finally:
+        assert api.stop() == 0
+    assert project.manifest_rows("SELECT run_id, status FROM runs") == [(run_id, "stopped")]
+
+
 def test_a_run_cancelled_as_soon_as_it_is_accepted_stops(project: Project) -> None:
     project.write_input("a.parquet", 0, 1000)
     api = Api(project, SLOW_JOB, env={"MB_SLEEP": "0.05"})
