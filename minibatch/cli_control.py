@@ -154,7 +154,7 @@ def _set_paused(state: State, job: str, paused: bool) -> None:
     from minibatch.status import manifest_for
 
     state.config.job(job)
-    manifest_for(state.config).named("pause" if paused else "unpause", job=job)
+    manifest_for(state.config).set_paused(job, paused)
 
 
 def api_call(state: State, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -230,7 +230,7 @@ class Control:
 
     def pause(self, name: str, paused: bool) -> dict[str, Any]:
         self._job(name)
-        self.host.manifest.named("pause" if paused else "unpause", job=name)
+        self.host.manifest.set_paused(name, paused)
         log.info("job_paused" if paused else "job_resumed", job=name)
         return self.job(name)
 

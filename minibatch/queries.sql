@@ -271,6 +271,9 @@ SELECT job, paused_at FROM paused_jobs;
 -- name: pause
 INSERT OR IGNORE INTO paused_jobs (job, paused_at) VALUES ($job, now());
 
+-- name: fired_if_paused
+INSERT OR REPLACE INTO schedule_state (job, last_fire_at) SELECT job, $at FROM paused_jobs WHERE job = $job;
+
 -- name: unpause
 DELETE FROM paused_jobs WHERE job = $job;
 

@@ -178,10 +178,18 @@ def test_pause_persists_across_a_restart_and_skips_fires(project: Project) -> No
     finally:
         assert api.stop() == 0
     assert project.manifest_rows("SELECT count(*) FROM runs") == [(0,)]
+    state.record_fire("slow", datetime.now(UTC) - timedelta(hours=3))
     paused = project.cli("pause", "slow")  # the CLI, without the daemon
     assert paused.returncode == 0 and project.manifest_rows("SELECT job FROM paused_jobs") == [("slow",)]
     assert project.cli("resume", "slow").returncode == 0
     assert project.manifest_rows("SELECT count(*) FROM paused_jobs") == [(0,)]
+    api.start()  # review: the fires missed while it was paused (the daemon down) were caught up
+    try:
+        api.wait_event("daemon_started")
+        assert not [e for e in api.events() if e["event"] in ("catching_up", "run_fired")], api.events()
+    finally:
+        assert api.stop() == 0
+    assert project.manifest_rows("SELECT count(*) FROM runs") == [(0,)]
 
 
 def test_a_non_loopback_bind_needs_the_token(project: Project) -> None:
