@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException
 
 from minibatch.backfill import BackfillRequest
@@ -76,8 +76,8 @@ class Job(BaseModel):
 class TriggerBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     params: dict[str, str] = Field(default_factory=dict, examples=[{"date": "2026-11-01"}])
-    fresh: bool = False
-    retry_dead: bool = False
+    fresh: StrictBool = False  # not "yes" or 1: a typo'd body must not start a fresh run
+    retry_dead: StrictBool = False
 
 
 class Accepted(BaseModel):
@@ -101,7 +101,7 @@ class BackfillBody(BaseModel):
     params: dict[str, str] = Field(default_factory=dict)
     reprocess: Literal["none", "failed", "all"] = "none"
     max_parallel: int = Field(1, ge=1, le=64)
-    backwards: bool = False
+    backwards: StrictBool = False
 
 
 class BackfillAccepted(BaseModel):

@@ -115,7 +115,7 @@ def _range_problems(job: JobConfig, request: BackfillRequest) -> list[str]:
         )
     if job.schedule and first < FIRST_SCHEDULED:  # the cron calendar would start there, silently
         problems.append(
-            f"--from {first}: before 1970, where a schedule's fire times start; for those "
+            f"--from {first}: before {FIRST_SCHEDULED}, where a schedule's fire times start; for those "
             "dates use a copy of the job without a schedule"
         )
     return problems

@@ -152,6 +152,7 @@ def test_trigger_watch_conflict_cancel_and_exactly_once(project: Project) -> Non
         assert [r["run_id"] for r in listed] == [second, first]
         assert api.call("GET", "/runs/nope")[0] == 404
         assert api.call("POST", "/jobs/slow/runs", {"bogus": 1})[0] == 422  # typed bodies
+        assert api.call("POST", "/jobs/slow/runs", {"fresh": "yes"})[0] == 422  # review: was a fresh run
     finally:
         assert api.stop() == 0
 

@@ -268,7 +268,7 @@ def test_dates_a_schedule_cannot_give_and_absurd_parallelism_are_usage_errors(pr
     (the cron calendar starts in 1970); --max-parallel 3000000000 was a traceback."""
     project.write_config(DAILY + 'schedule = "30 0 * * *"\n')
     for args, message in [
-        (["--from", "1960-01-01", "--to", "1960-01-03"], "--from 1960-01-01: before 1970"),
+        (["--from", "1960-01-01", "--to", "1960-01-03"], "--from 1960-01-01: before 1970-01-02"),
         (["--from", "2026-11-01", "--to", "2026-11-02", "--max-parallel", "3000000000"], "1<=x<=1000000"),
         # review: a typo'd year planned 2.5 million dates holding the GIL, the daemon's API froze
         (["--from", "2026-01-01", "--to", "9026-01-01"], "is 2556698 days; at most 36525 (a century)"),
