@@ -151,10 +151,11 @@ def resume(state: State, job: str) -> None:
 
 
 def _set_paused(state: State, job: str, paused: bool) -> None:
+    from minibatch.control import set_paused
     from minibatch.status import manifest_for
 
     state.config.job(job)
-    manifest_for(state.config).set_paused(job, paused)
+    set_paused(manifest_for(state.config), job, paused)
 
 
 def api_call(state: State, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from minibatch.backfill import (
@@ -230,7 +230,7 @@ class Control:
 
     def pause(self, name: str, paused: bool) -> dict[str, Any]:
         self._job(name)
-        self.host.manifest.set_paused(name, paused)
+        set_paused(self.host.manifest, name, paused)
         log.info("job_paused" if paused else "job_resumed", job=name)
         return self.job(name)
 
@@ -345,6 +345,14 @@ class Control:
                 )
                 raise ControlError(429, "Too many triggers", detail, {"Retry-After": str(wait)})
             self._triggers[name] = [*recent, now]
+
+
+def set_paused(manifest: Manifest, job: str, paused: bool) -> None:
+    """Pause or resume a job's schedule. A resumed job's fires missed while it was paused count
+    as fired now: a daemon's start (it may have been down all along) does not catch them up."""
+    if not paused:
+        manifest.named("fired_if_paused", job=job, at=datetime.now(UTC))
+    manifest.named("pause" if paused else "unpause", job=job)
 
 
 def run_json(row: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -296,17 +296,6 @@ class Manifest:
 
     def record_fire(self, job: str, at: datetime) -> None:
         self.named("record_fire", job=job, at=at)
-
-    def set_paused(self, job: str, paused: bool) -> None:
-        """Pause or resume a job's schedule. A resumed job's fires missed while it was paused
-        are not caught up by a daemon's start (it may have been down all along): they are as
-        fired, now."""
-        with self.connect() as con:
-            if paused:
-                con.execute(Q["pause"], {"job": job})
-            else:
-                con.execute(Q["fired_if_paused"], {"job": job, "at": datetime.now(UTC)})
-                con.execute(Q["unpause"], {"job": job})
 
     def status(self, job: str | None = None) -> list[dict[str, Any]]:
         """The latest run of each job (or of one), with its manifest-wide chunk counts."""

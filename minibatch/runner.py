@@ -2,8 +2,7 @@
 
 `run_job` is the entry point of `run-now`, `retry`, the daemon and the importable API: it
 takes the job's lock, runs it, records a run that broke as `crashed` while still holding the
-lock, and emits `run_ended` after releasing it (hooks listen for that).
-"""
+lock, and emits `run_ended` after releasing it (hooks listen for that)."""
 
 from __future__ import annotations
 
