@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from minibatch.admission import MemoryBudget, MemoryModel, backoff, worker_memory_cap
+from minibatch.admission import MemoryBudget, MemoryModel, backoff, frees_at_once, worker_memory_cap
 from minibatch.breaker import CircuitBreaker
 from minibatch.clock import SYSTEM, Clock
 from minibatch.events import RunEvents
@@ -57,7 +57,7 @@ def open_pool(job: JobConfig, todo: int) -> Pool:
         return DaskPool(job.dask_scheduler, limit=todo)
     from minibatch.pool import WorkerPool
 
-    return WorkerPool(min(job.workers, todo), worker_memory_cap(job))
+    return WorkerPool(min(job.workers, todo), worker_memory_cap(job), frees_at_once(job))
 
 
 @dataclass

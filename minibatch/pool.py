@@ -58,7 +58,8 @@ def _context(*extra: str) -> multiprocessing.context.ForkServerContext:
     # pyarrow.compute too: most job functions use it, and it costs each new worker ~80 ms.
     # (The modules count only when the forkserver starts: the first run of a process decides.)
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["minibatch.server_signals", "minibatch.worker", "pyarrow.compute", *extra])
+    preload = ["minibatch.allocator", "minibatch.server_signals", "minibatch.worker", "pyarrow.compute"]
+    ctx.set_forkserver_preload([*preload, *extra])
     return ctx
 
 
@@ -83,9 +84,9 @@ def warm_up(duckdb: bool = True) -> None:
 
 
 class WorkerPool:
-    def __init__(self, size: int, memory_cap: int | None) -> None:
+    def __init__(self, size: int, memory_cap: int | None, free_at_once: bool = False) -> None:
         self.size = size
-        self.memory_cap = memory_cap
+        self.memory_cap, self.free_at_once = memory_cap, free_at_once
         self._ctx = _context()
         self._stopping = self._ctx.Event()
         self._slots: list[_Slot] = [self._spawn() for _ in range(size)]
@@ -96,7 +97,7 @@ class WorkerPool:
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=worker_main,
-            args=(child, self.memory_cap, self._stopping),
+            args=(child, self.memory_cap, self._stopping, self.free_at_once),
             daemon=True,
             name="minibatch-worker",
         )

@@ -1,4 +1,4 @@
-"""Imported first by the forkserver (its preload), and never by the coordinator: stop signals
+"""Imported by the forkserver (its preload, after allocator), and never by the coordinator: stop signals
 sent to the whole process group (`kill -TERM -PGID`, a supervisor's, a terminal's Ctrl-C) are
 the coordinator's to act on (it lets chunks in flight finish, then kills the workers). The
 server would die of a SIGTERM and take every worker with it (they die with their parent), each

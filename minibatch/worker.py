@@ -65,6 +65,7 @@ class ChunkContext:
 
 EXIT_ORPHANED = 70  # a worker whose coordinator died
 RELEASE_AFTER = 8 * 2**20  # chunk bytes from which a worker returns Arrow's freed memory at once
+LAZY_FREE_MS = 1000  # jemalloc's decay of freed pages (measured: 200 ms held as much as 1 s)
 
 _functions: dict[str, tuple[Any, str | None, int | None]] = {}  # key -> (func, file, mtime)
 _loaded: dict[str, str] = {}  # a top-level package in sys.modules -> the directory it came from
@@ -344,7 +345,17 @@ def _die_with_coordinator() -> None:
     threading.Thread(target=watch, args=(parent.sentinel,), daemon=True, name="lifeline").start()
 
 
-def worker_main(conn: Connection, memory_cap: int | None, stopping: Any) -> None:
+def _memory_pool(free_at_once: bool) -> pa.MemoryPool:
+    """Arrow's pool (jemalloc: see allocator.py). Freed pages go back to the OS at once when the
+    budget is tight (admission.frees_at_once), else after a second: then the next chunk reuses
+    them (map_light 18% faster than with mimalloc, Arrow's default; at once, 6%)."""
+    pool = pa.default_memory_pool()
+    if pool.backend_name == "jemalloc":
+        pa.jemalloc_set_decay_ms(0 if free_at_once else LAZY_FREE_MS)
+    return pool
+
+
+def worker_main(conn: Connection, memory_cap: int | None, stopping: Any, free_at_once: bool = False) -> None:
     """Serve tasks from the coordinator until it closes the pipe.
 
     Once `stopping` (an Event) is set, tasks still queued here are handed back unstarted.
@@ -358,7 +369,7 @@ def worker_main(conn: Connection, memory_cap: int | None, stopping: Any) -> None
     _die_with_parent()
     _die_with_coordinator()
     set_memory_cap(memory_cap)
-    pool = pa.default_memory_pool()
+    pool = _memory_pool(free_at_once)
     while True:
         try:
             task: Task | None = conn.recv()
