@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minibatch.admission import MemoryBudget
+from minibatch.admission import MemoryBudget, frees_at_once
+from minibatch.config import JobConfig
 from minibatch.layout import publish, staged_name
 from minibatch.planner import Chunk, plan_chunks, read_file_meta
 from minibatch.pool import WorkerPool
@@ -348,6 +349,17 @@ def test_memory_budget_oversized_chunk_runs_alone() -> None:
     assert not budget.fits(1)  # ... but alone
     budget.release(10_000)
     assert budget.fits(1) and budget.peak == 10_000
+
+
+def test_workers_free_pages_at_once_only_under_a_tight_budget(tmp_path: Path) -> None:
+    def job(**settings: object) -> JobConfig:
+        return JobConfig(name="j", inputs=(), output=tmp_path, sql="x", **settings)  # type: ignore[arg-type]
+
+    MiB = 2**20
+    assert frees_at_once(job(workers=2, memory_limit=24 * MiB, chunk_bytes=8 * MiB))  # the budget tests'
+    assert frees_at_once(job(workers=2, memory_limit=1023 * MiB, chunk_bytes=64 * MiB))
+    assert not frees_at_once(job(workers=2, memory_limit=1024 * MiB, chunk_bytes=64 * MiB))  # 8 chunks each
+    assert not frees_at_once(job(workers=1, memory_limit=2**30, chunk_bytes=64 * MiB))  # the defaults
 
 
 # ---------------------------------------------------------------- inside a worker
