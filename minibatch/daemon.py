@@ -30,7 +30,7 @@ from minibatch.reconcile import inputs_read
 from minibatch.records import new_run_id
 from minibatch.runner import RunOptions, run_job
 from minibatch.schedule import catch_up, log_skipped, longest_gap, parse_crontab
-from minibatch.signals import StopSignals
+from minibatch.signals import CANCELLED, StopSignals
 from minibatch.states import RunStatus
 from minibatch.validate import reload_config
 
@@ -280,7 +280,7 @@ class Daemon:
             log.info("run_fired", job=name, reason=reason, run_id=options.run_id)
             listeners = [self.metrics, RunEnded(self.active, options.run_id)]
             summary = run_job(self.config, name, options, listeners)
-            done = not (summary.stopped and self.stopping)  # stopped by the daemon's stop: resumed
+            done = not (summary.stopped and self.stopping and options.stop.last != CANCELLED)  # else resumed
         except JobLocked as exc:
             log.warning("run_skipped_locked", job=name, run_id=options.run_id, holder_pid=exc.pid)
             done = False

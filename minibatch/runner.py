@@ -354,7 +354,7 @@ class Run:
             remove_published(self.layout.output)
         record.ended_at = self.options.clock.time()
         if record.status == RunStatus.STOPPED and self.signals.last == CANCELLED:
-            record.error = CANCELLED  # a daemon's start leaves it stopped: its next fire resumes it
+            record.error = f"{CANCELLED}: {record.error}" if record.error else CANCELLED  # kept at start
         wall = max(record.ended_at - record.started_at, 1e-9)
         record.utilisation = record.busy_seconds / (max(record.workers, 1) * wall)
         record.rows_per_second, record.mb_per_second = record.rows_in / wall, record.bytes_in / 1e6 / wall

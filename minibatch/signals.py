@@ -46,7 +46,7 @@ class StopSignals:
     def request(self, reason: str = "daemon stop") -> None:
         """Ask for a stop from code (the daemon stopping a run in a thread): like a signal."""
         self.count += 1
-        self.last = self.last or reason
+        self.last = reason if reason == CANCELLED else self.last or reason  # a cancel is kept
         with contextlib.suppress(OSError):
             self._writer.send(b"\0")
 

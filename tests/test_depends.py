@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from minibatch.control import Active
 from minibatch.daemon import Daemon
 from minibatch.manifest import Manifest
 from minibatch.records import RunRecord
-from minibatch.signals import StopSignals
+from minibatch.runner import RunOptions
+from minibatch.signals import CANCELLED, StopSignals
 from minibatch.states import RunStatus
 
 from conftest import Project, wait_for
@@ -434,3 +436,30 @@ def test_a_crashed_run_is_counted_and_no_longer_running_in_the_metrics() -> None
     sample = metrics.registry.get_sample_value
     assert sample("minibatch_running", {"job": "up"}) == 0
     assert sample("minibatch_runs_total", {"job": "up", "status": "crashed"}) == 1
+
+
+def test_a_cancel_outranks_the_daemons_stop_that_comes_before_or_after_it(project: Project) -> None:
+    """Hostile review: a date cancelled while the daemon stopped (its chunks finishing) stayed in
+    waiting_fires, and the restart ran it again; the other way round the cancel was forgotten."""
+    d = daemon(project)
+    dated = JOBS.format(schedule="0 2 * * *", up="", down="").replace('out/up"', 'out/up/{date}"')
+    project.write_config(dated)
+    d.config = load_config(project.root / "config.toml")
+    first = StopSignals()
+    first.request()  # the daemon's stop, then the cancel
+    first.request(CANCELLED)
+    assert first.last == CANCELLED
+
+    class DaemonStopsDuringTheRun(StopSignals):
+        @property
+        def requested(self) -> bool:
+            d.stopping = True  # the daemon's SIGTERM arrives while the cancelled run winds down
+            return super().requested
+
+    stop = DaemonStopsDuringTheRun()
+    stop.request(CANCELLED)
+    fired = json.dumps({"date": "2026-11-27"})
+    d.manifest.named("wait_fire", job="up", params=fired, at=datetime.now(UTC))
+    d.run_in_daemon("up", "schedule", RunOptions(params={"date": "2026-11-27"}, stop=stop), waited=fired)
+    assert d.stopping and statuses(d, "up") == ["stopped"]
+    assert d.manifest.named("waiting_fires") == []  # a restart does not run it again
