@@ -51,26 +51,28 @@ class _Slot:
     started_at: float | None = None  # monotonic time the head of the queue started
 
 
-def _context(*extra: str) -> multiprocessing.context.ForkServerContext:
+def _context(duckdb: bool = False, free_at_once: bool = False) -> multiprocessing.context.ForkServerContext:
     # Forking a process whose pyarrow/DuckDB threads are running is unsafe, and forked children
     # inherit descriptors such as the job lock; the forkserver is a clean process that
     # imports the heavy modules once and forks workers from there.
     # pyarrow.compute too: most job functions use it, and it costs each new worker ~80 ms.
     # (The modules count only when the forkserver starts: the first run of a process decides.)
     ctx = multiprocessing.get_context("forkserver")
-    preload = ["minibatch.allocator", "minibatch.server_signals", "minibatch.worker", "pyarrow.compute"]
-    ctx.set_forkserver_preload([*preload, *extra])
+    preload = ["minibatch.allocator", *(["minibatch.allocator_at_once"] if free_at_once else [])]
+    preload += ["minibatch.server_signals", "minibatch.worker", "pyarrow.compute"]
+    ctx.set_forkserver_preload([*preload, *(["duckdb"] if duckdb else [])])
     return ctx
 
 
-def warm_up(duckdb: bool = True) -> None:
+def warm_up(duckdb: bool = True, free_at_once: bool = False) -> None:
     """Start the forkserver now (it imports pyarrow, and DuckDB for a job whose workers run
     SQL, meanwhile) so that the first workers fork from a ready server instead of waiting for
     those imports. Without `duckdb` a job's workers never import it (~0.13 s of the server's
-    start, on the way to the first chunk), and one that does imports it itself."""
+    start, on the way to the first chunk), and one that does imports it itself. `free_at_once`:
+    see allocator_at_once (the first run of a process decides, as for the modules)."""
     import multiprocessing.forkserver
 
-    _context(*(["duckdb"] if duckdb else []))
+    _context(duckdb, free_at_once)
     if threading.current_thread() is not threading.main_thread():  # (signals are the main thread's)
         multiprocessing.forkserver.ensure_running()
         return

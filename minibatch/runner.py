@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-from minibatch.admission import LEARN_FROM, MEMORY_FACTOR, MemoryModel, shared_workers
+from minibatch.admission import LEARN_FROM, MEMORY_FACTOR, MemoryModel, frees_at_once, shared_workers
 from minibatch.checks import record_counts, too_many_bad
 from minibatch.clock import SYSTEM, Clock
 from minibatch.config import Config, ConfigError, JobConfig
@@ -96,7 +96,7 @@ def run_job(
     if options.pool_factory is None and job.executor == "local":
         from minibatch.pool import warm_up
 
-        warm_up(duckdb=job.sql is not None or bool(job.checks.rows))  # imports while we plan
+        warm_up(job.sql is not None or bool(job.checks.rows), frees_at_once(job))  # imports while we plan
     check_imports(config, [name])
     # the bar stops before the last log line; hooks fire after both
     emitter = Emitter([*(listeners or []), LogListener(), HookListener(config, job, options.stop)])
