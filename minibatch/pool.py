@@ -89,7 +89,7 @@ class WorkerPool:
     def __init__(self, size: int, memory_cap: int | None, free_at_once: bool = False) -> None:
         self.size = size
         self.memory_cap, self.free_at_once = memory_cap, free_at_once
-        self._ctx = _context()
+        self._ctx = _context(free_at_once=free_at_once)  # (for a forkserver started anew mid-run)
         self._stopping = self._ctx.Event()
         self._slots: list[_Slot] = [self._spawn() for _ in range(size)]
 

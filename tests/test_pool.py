@@ -362,6 +362,20 @@ def test_workers_free_pages_at_once_only_under_a_tight_budget(tmp_path: Path) ->
     assert not frees_at_once(job(workers=1, memory_limit=2**30, chunk_bytes=64 * MiB))  # the defaults
 
 
+def test_a_forkserver_started_by_a_tight_pool_frees_at_once() -> None:
+    """Review: a pool reset the server's preload to the default, so a server started anew
+    mid-run (the old one died) gave the rest of a tight run's workers the lazy allocator."""
+    script = (
+        "import multiprocessing.forkserver as server\n"
+        "from minibatch.pool import WorkerPool\n"
+        "pool = WorkerPool(1, None, free_at_once=True)\n"
+        "print('minibatch.allocator_at_once' in server._forkserver._preload_modules)\n"
+        "pool.terminate()\n"
+    )
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert found.stdout.strip() == "True", found.stderr
+
+
 # ---------------------------------------------------------------- inside a worker
 
 
