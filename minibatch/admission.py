@@ -73,9 +73,9 @@ class MemoryModel:
 
 
 def frees_at_once(job: JobConfig) -> bool:
-    """Whether workers hand freed pages back to the OS at once, not after a second: slower (a
-    CPU-bound UDF by ~7%), but after a chunk a worker's allocator holds about its working set,
-    3-9 x chunk_bytes, which a share of memory_limit under HOLD_CHUNKS chunks cannot spare."""
+    """Whether workers hand freed pages back to the OS at once, not after a second: slower (the
+    bench's map_light by ~24%), but a worker's allocator holds about a chunk's working set, 3-9 x
+    chunk_bytes, which a share of memory_limit under HOLD_CHUNKS chunks cannot spare."""
     return job.memory_limit < HOLD_CHUNKS * job.chunk_bytes * job.workers
 
 

@@ -65,7 +65,7 @@ class ChunkContext:
 
 EXIT_ORPHANED = 70  # a worker whose coordinator died
 RELEASE_AFTER = 8 * 2**20  # chunk bytes from which a worker returns Arrow's freed memory at once
-LAZY_FREE_MS = 1000  # jemalloc's decay of freed pages (measured: 200 ms held as much as 1 s)
+LAZY_FREE_MS = 1000  # jemalloc's decay of freed pages, Arrow's own (measured: 200 ms held as much)
 
 _functions: dict[str, tuple[Any, str | None, int | None]] = {}  # key -> (func, file, mtime)
 _loaded: dict[str, str] = {}  # a top-level package in sys.modules -> the directory it came from
