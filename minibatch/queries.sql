@@ -115,7 +115,7 @@ SELECT job, last_fire_at FROM schedule_state;
 SELECT job, status FROM (
     SELECT job, status, error, row_number() OVER (PARTITION BY job ORDER BY seq DESC NULLS LAST, started_at DESC) AS latest FROM runs
 ) WHERE latest = 1 AND NOT contains(job, '[') AND status NOT IN (SELECT unnest($done::VARCHAR[]))
-    AND NOT starts_with(coalesce(error, ''), 'cancelled');
+    AND NOT starts_with(coalesce(error, ''), $cancelled);
 
 -- name: waiting_fires
 SELECT job, params FROM waiting_fires ORDER BY fired_at;

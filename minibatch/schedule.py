@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 from apscheduler.triggers.base import BaseTrigger
 
 from minibatch.log import get_logger
+from minibatch.signals import CANCELLED
 from minibatch.states import RunStatus
 
 if TYPE_CHECKING:
@@ -205,7 +206,8 @@ def catch_up(
             log.info("missed_runs_skipped", job=name, missed_since=missed.isoformat())
             manifest.record_fire(name, now)
     queued = {job.id for job in scheduler.get_jobs()}
-    for row in manifest.named("unfinished_runs", done=[RunStatus.SUCCEEDED, RunStatus.FAILED]):
+    done = [RunStatus.SUCCEEDED, RunStatus.FAILED]
+    for row in manifest.named("unfinished_runs", done=done, cancelled=CANCELLED):
         job = jobs.get(row["job"])
         if job and (job.schedule or job.watch) and f"{job.name}-catch-up" not in queued:
             log.info("resuming", job=job.name, last_status=row["status"])
