@@ -142,7 +142,7 @@ class Executor:
             pool = self.pool = self.pool_factory(len(self.pending) + len(self.retry_at))
             self.out.workers = pool.size
             if self.memory is not None:
-                self.memory.start()  # the idle baseline: workers started, no chunk yet
+                self.memory.start()  # the idle baseline: a worker started, no chunk yet
             try:
                 while self._work_left():
                     self._admit()
@@ -209,7 +209,9 @@ class Executor:
         self.in_flight[task_id] = _InFlight(chunk, attempt, need, self.clock.time())
         name = part_name(chunk.chunk_id)
         staged, schema = staged_name(name, self.run_id, attempt), self.gate.schema
-        self.pool.submit(Task(task_id, chunk, self.spec, self.run_id, attempt, name, staged, schema))
+        pid = self.pool.submit(Task(task_id, chunk, self.spec, self.run_id, attempt, name, staged, schema))
+        if pid is not None and self.memory is not None:
+            self.memory.started(pid)
         return task_id
 
     # -- waiting --------------------------------------------------------------------------------
@@ -245,10 +247,8 @@ class Executor:
 
     def _kill_overdue(self) -> None:
         for handle in self.pool.overdue(self.job.timeout, self.clock.monotonic()):
-            error = TaskError(
-                kind=ErrorKind.TIMEOUT, type="ChunkTimeout",
-                message=f"chunk attempt exceeded timeout of {self.job.timeout:g}s", traceback="",
-            )  # fmt: skip
+            why = f"chunk attempt exceeded timeout of {self.job.timeout:g}s"
+            error = TaskError(kind=ErrorKind.TIMEOUT, type="ChunkTimeout", message=why, traceback="")
             for event in self.pool.kill(handle, error):
                 self._handle(event)
 

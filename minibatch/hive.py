@@ -168,7 +168,7 @@ def _text(column: Any) -> Any:
     return pc.if_else(null, pa.scalar(None, pa.string()), text)
 
 
-def write_units(table: pa.Table, shape: Shape, handle: BinaryIO) -> None:
+def write_units(table: pa.Table, shape: Shape, handle: BinaryIO, **options: Any) -> None:
     """A part grouped by unit: each unit's rows in row groups of its own, and the footer's
     UNITS_KEY saying which."""
     import pyarrow.parquet as pq
@@ -186,7 +186,7 @@ def write_units(table: pa.Table, shape: Shape, handle: BinaryIO) -> None:
     metadata = dict(table.schema.metadata or {})
     metadata[UNITS_KEY] = json.dumps(units).encode()
     schema = table.schema.with_metadata(metadata)
-    with pq.ParquetWriter(handle, schema) as writer:
+    with pq.ParquetWriter(handle, schema, **options) as writer:
         for _, rows in slices:
             writer.write_table(rows.replace_schema_metadata(metadata), row_group_size=size)
     _check_units(writer.writer.metadata, units, [rows.num_rows for _, rows in slices])

@@ -303,17 +303,18 @@ def write_atomically(table: pa.Table, target: Path, staging: Path) -> int:
     return size
 
 
-def write_durably(table: pa.Table, path: Path, shape: Shape | None = None) -> int:
+def write_durably(table: pa.Table, path: Path, shape: Shape | None = None, **options: Any) -> int:
     """Write and fsync a Parquet file (removed again if writing fails); returns its size. With
-    a `shape` that publishes, its row groups are grouped by unit (hive.write_units)."""
+    a `shape` that publishes, its row groups are grouped by unit (hive.write_units). `options`:
+    the Parquet writer's."""
     import pyarrow.parquet as pq
 
     try:
         with open(path, "wb") as handle:
             if shape is not None and shape.published:
-                write_units(table, shape, handle)
+                write_units(table, shape, handle, **options)
             else:
-                pq.write_table(table, handle)
+                pq.write_table(table, handle, **options)
             handle.flush()
             os.fsync(handle.fileno())
             return handle.tell()

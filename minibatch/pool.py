@@ -91,7 +91,9 @@ class WorkerPool:
         self.memory_cap, self.free_at_once = memory_cap, free_at_once
         self._ctx = _context(free_at_once=free_at_once)  # (for a forkserver started anew mid-run)
         self._stopping = self._ctx.Event()
-        self._slots: list[_Slot] = [self._spawn() for _ in range(size)]
+        # One worker now, the others when a task finds every started one busy: one that the budget
+        # never lets run a chunk beside another would only hold memory.
+        self._slots: list[_Slot] = [self._spawn()]
 
     def _spawn(self, tries: int = 2) -> _Slot:
         from minibatch.worker import worker_main
@@ -120,14 +122,21 @@ class WorkerPool:
         return not any(slot.queue for slot in self._slots)
 
     def has_room(self) -> bool:
-        return any(len(slot.queue) < QUEUE_DEPTH for slot in self._slots)
+        return len(self._slots) < self.size or any(len(slot.queue) < QUEUE_DEPTH for slot in self._slots)
 
-    def submit(self, task: Task) -> None:
+    def submit(self, task: Task) -> int | None:
+        """Queue `task` with the least busy worker, first starting one if every worker is busy
+        and the pool may have more; returns the pid of a worker started for it."""
+        started = None
+        if len(self._slots) < self.size and all(slot.queue for slot in self._slots):
+            self._slots.append(self._spawn())
+            started = self._slots[-1].process.pid
         slot = min(self._slots, key=lambda s: len(s.queue))
         slot.queue.append(task.task_id)
         # If the worker died, its sentinel reports it and the task comes back as Lost.
         with contextlib.suppress(OSError):
             slot.conn.send(task)
+        return started
 
     def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[PoolEvent]:
         """Wait for messages or deaths (or a ready object in `extra`); return what happened."""

@@ -47,7 +47,7 @@ from minibatch.reduce import OutputFailed, ReduceStopped, publish_if_needed
 from minibatch.results import ResultStore
 from minibatch.signals import CANCELLED, StopSignals
 from minibatch.states import EventKind, RunStatus
-from minibatch.tasks import JobSpec, Pool
+from minibatch.tasks import JobSpec, Pool, dictionary_limit
 from minibatch.textinput import read_text_meta, segment_size
 from minibatch.treemem import TreeMemory
 from minibatch.validate import check_imports
@@ -230,9 +230,8 @@ class Run:
     # -- planning -------------------------------------------------------------------------------
 
     def _scan(self, paths: list[str]) -> tuple[list[FileMeta], list[BadFile]] | None:
-        text = self.job.text
+        text, cache = self.job.text, self.config.engine.state_dir / "text-plans"
         segment = segment_size(self.job.chunk_bytes)
-        cache = self.config.engine.state_dir / "text-plans"
         read = (lambda path: read_text_meta(path, text, segment, cache)) if text else None
         try:
             scanned = scan_inputs(paths, self.job.columns, stop=lambda: self.signals.requested, read=read)
@@ -283,6 +282,7 @@ class Run:
             source=self.definition.facts.get("source"), input_schema=self.input_schema,
             params=self.job.values, checks=self.job.checks.rows, text=self.job.text,
             shape=self.job.shape.of_parts(self.job.reduce_sql),
+            dictionary_limit=dictionary_limit(self.job.memory_limit, self.job.workers),
         )  # fmt: skip
         # the local pool's processes are this one's children: measure them (Dask's are remote)
         local = self.options.pool_factory is None and self.job.executor == "local"
@@ -290,7 +290,7 @@ class Run:
             self.job, spec, self.record.run_id, store=self.store, ledger=self.ledger, events=self.events,
             signals=self.signals, pool_factory=self.options.pool_factory or partial(open_pool, self.job),
             clock=self.options.clock, memory=TreeMemory() if local else None,
-            model=MemoryModel(self.memory_per_byte),
+            model=MemoryModel(self.memory_per_byte, spec.dictionary_limit),
         )  # fmt: skip
         out = executor.run(work.todo, work.salvaged)
         self.record.workers = out.workers  # fewer when chunks are few

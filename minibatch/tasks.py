@@ -16,6 +16,16 @@ from minibatch.textinput import TextFormat
 if TYPE_CHECKING:
     import pyarrow as pa
 
+ARROW_DICTIONARY_LIMIT = 2**20  # bytes: the Parquet writer's default dictionary page limit
+
+
+def dictionary_limit(memory_limit: int, workers: int) -> int:
+    """The dictionary page limit a worker writes its parts with. Dictionary-encoding a column of
+    many distinct values holds ~32 x the limit until it falls back to plain pages (measured:
+    +32 MiB for an int64 column at Arrow's 1 MiB, +3.7 MiB at 64 KiB), so it is 1/64 of a
+    worker's share of memory_limit, from 64 KiB up to Arrow's 1 MiB (a share of 64 MiB)."""
+    return min(ARROW_DICTIONARY_LIMIT, max(64 * 1024, memory_limit // max(workers, 1) // 64))
+
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -35,6 +45,7 @@ class JobSpec:
     checks: tuple[Check, ...] = ()  # on each chunk's result rows (checks.py)
     text: TextFormat | None = None  # CSV or NDJSON input (textinput.py)
     source: str | None = None  # the digest of the `process` module's source the definition counts
+    dictionary_limit: int = ARROW_DICTIONARY_LIMIT  # the Parquet writer's, for the parts
 
 
 class OutputUnwritable(Exception):
@@ -175,7 +186,7 @@ class Pool(Protocol):
     size: int
 
     def has_room(self) -> bool: ...
-    def submit(self, task: Task) -> None: ...
+    def submit(self, task: Task) -> int | None: ...  # the pid of a process started for it, if any
     def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[PoolEvent]: ...
     def overdue(self, timeout: float, now: float | None = None) -> list[int]: ...
     def kill(self, handle: int, error: TaskError) -> list[PoolEvent]: ...

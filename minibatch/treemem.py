@@ -55,13 +55,14 @@ class TreeMemory:
         self.root = root or os.getpid()
         self.interval = interval
         self.available = os.path.exists(f"/proc/{self.root}/statm")
-        self.idle = 0  # the tree's memory when sampling started
+        self.idle = 0  # the tree's memory when sampling started, and each worker's as it started
         self.current = 0  # above idle, at the last sample
         self.peak = 0  # above idle, the most seen
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pids: list[int] = []
         self._walked = -RESCAN
+        self._lock = threading.Lock()  # a worker's start, and the sampler's sums, one at a time
 
     def start(self) -> None:
         if not self.available or self._thread is not None:
@@ -77,13 +78,25 @@ class TreeMemory:
             self._thread = None
             self.sample()
 
+    def started(self, pid: int) -> None:
+        """A worker started mid-run (the pool starts them as work arrives): what it holds as it
+        starts is idle, as for a worker started before the baseline. (A worker replacing a dead
+        one is not: it counts in full, seen within a second.)"""
+        if self._thread is None:
+            return
+        with self._lock:
+            self.idle += anonymous(pid)
+            if pid not in self._pids:
+                self._pids.append(pid)
+
     def sample(self) -> int:
-        now = time.monotonic()
-        if now - self._walked >= RESCAN:  # a new worker is seen within a second
-            self._pids, self._walked = tree(self.root), now
-        self.current = max(0, sum(anonymous(pid) for pid in self._pids) - self.idle)
-        self.peak = max(self.peak, self.current)
-        return self.current
+        with self._lock:
+            now = time.monotonic()
+            if now - self._walked >= RESCAN:  # a new worker is seen within a second
+                self._pids, self._walked = tree(self.root), now
+            self.current = max(0, sum(anonymous(pid) for pid in self._pids) - self.idle)
+            self.peak = max(self.peak, self.current)
+            return self.current
 
     def _sample_until_stopped(self) -> None:
         while not self._stop.wait(self.interval):

@@ -202,8 +202,10 @@ def _write(task: Task, result: pa.Table, prefix: str = "") -> tuple[int, str]:
     )
     staged = Path(task.job.staging_dir) / name
     table = with_provenance(nullable(result), task.chunk.chunk_id, task.job.definition, task.job.input_schema)
+    shape = None if prefix else task.job.shape
     try:
-        return write_durably(table, staged, None if prefix else task.job.shape), str(staged)
+        size = write_durably(table, staged, shape, dictionary_pagesize_limit=task.job.dictionary_limit)
+        return size, str(staged)
     except OSError as exc:  # the result is computed: writing it fails only for the machine
         raise OutputUnwritable(staged.parent, exc) from exc
 

@@ -2,13 +2,10 @@
 above idle (the summed anonymous PSS of the coordinator, the forkserver and the workers,
 sampled from outside every 20 ms), against `memory_limit`.
 
-Idle is the peak of the same tree on a tiny input (one 100-row file: the workers started, one
-of them ran a chunk), measured once for the three shapes. A worker's start-up on its first
-chunk (thread pools, library state: ~10-15 MiB of PSS) counts as above idle for the other,
-as it does in the run's own measure. The issue asks for at most 1.25 x the budget, 1.5 x at the
-very worst; a shape that does not meet 1.5 x yet is asserted at the bound it meets and its
-1.5 x check is an expected failure (not strict: the wide shape is within a few MiB of it on
-some runs, and the bound it meets is the check that guards against a regression)."""
+Idle is the peak of the same tree on a tiny input (one 100-row file: one worker started, and
+ran a chunk), measured once for the three shapes. A second worker, and its start-up on its
+first chunk, count as above idle, as they do in the run's own measure. The issue asks for at
+most 1.25 x the budget, 1.5 x at the very worst: the test holds every shape to 1.5 x."""
 
 from __future__ import annotations
 
@@ -33,10 +30,6 @@ output = "out/job"
 process = "myjobs.basic:same"
 {settings}
 """
-
-
-class OverBudget(AssertionError):
-    """The tree held more than 1.5 x memory_limit above idle (the only failure an xfail accepts)."""
 
 
 def random_int64(rows: int) -> pa.Array:
@@ -120,38 +113,20 @@ def idle(tmp_path_factory: pytest.TempPathFactory) -> int:
     return peak
 
 
-def over(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(raises=OverBudget, strict=False, reason=reason)
-
-
-# (settings, data, the bound each shape meets now, in budgets above idle). Measured with
-# jemalloc freeing at once in every arena: wide 1.34-1.47 x, dictionary 0.65-0.87 x, huge group
-# 2.2-3.6 x (in its new arenas only: 1.5-1.8, 0.7-1.0, 5.5-6.1 x; with mimalloc, Arrow's default:
-# wide 2.1-3.0 x, dictionary 1.8-2.4 x, huge group 11-15 x).
+# (settings, data). Measured (2026-12-02, 3 runs each, tree above idle / budget): wide 0.55-0.82,
+# dictionary 0.64-0.78, huge group 0.94-1.20. Before the parts' dictionary limit, the write's
+# share of first-run estimates and starting workers as work arrives: 1.34-1.55, 0.42-0.87 and
+# 1.9-3.6 (with mimalloc, Arrow's default: 2.1-3.0, 1.8-2.4 and 11-15).
 SHAPES = [
-    pytest.param(
-        'chunk_bytes = "8MiB"\nmemory_limit = "24MiB"', wide, 2.0, id="wide",
-        marks=over(
-            "a job's first run (factor 2) admits two 4.8 MiB chunks at once (9.6 MiB reserved each) and "
-            "each worker grows 20-25 MiB: the Parquet write peaks at +14 MiB outside Arrow's pool, and "
-            "a worker's first chunk, left out of learning, grows it 37 MiB RSS"
-        ),
-    ),
-    pytest.param('memory_limit = "24MiB"', dictionary, 1.5, id="dictionary"),
-    pytest.param(
-        'chunk_bytes = "2MiB"\nmemory_limit = "8MiB"', huge_group, 5.0, id="huge-group",
-        marks=over(
-            "2 MiB slices run one at a time (learned factor ~16), yet the busy worker holds 20-30 MiB "
-            "above its idle (Arrow's pool peaks at 10 MiB): each write of a 2 MiB table peaks at "
-            "+17-25 MiB"
-        ),
-    ),
-]  # fmt: skip
+    pytest.param('chunk_bytes = "8MiB"\nmemory_limit = "24MiB"', wide, id="wide"),
+    pytest.param('memory_limit = "24MiB"', dictionary, id="dictionary"),
+    pytest.param('chunk_bytes = "2MiB"\nmemory_limit = "8MiB"', huge_group, id="huge-group"),
+]
 
 
-@pytest.mark.parametrize(("settings", "make_data", "meets"), SHAPES)
+@pytest.mark.parametrize(("settings", "make_data"), SHAPES)
 def test_the_tree_stays_near_the_budget_above_idle(
-    project: Project, idle: int, settings: str, make_data, meets: float
+    project: Project, idle: int, settings: str, make_data
 ) -> None:
     peak, _, (ours, ours_idle, limit) = measure(project, settings, make_data)
     above = peak - idle
@@ -159,9 +134,7 @@ def test_the_tree_stays_near_the_budget_above_idle(
         f"external {peak / MiB:.1f} MiB, {above / MiB:.1f} above an idle {idle / MiB:.1f} = "
         f"{above / limit:.2f} x the budget; measured by the run {ours / MiB:.1f} above {ours_idle / MiB:.1f}"
     )
-    assert above <= meets * limit
-    if above > 1.5 * limit:
-        raise OverBudget(f"{above / MiB:.1f} MiB above idle: {above / limit:.2f} x {limit / MiB:.0f} MiB")
+    assert above <= 1.5 * limit  # the issue's bound at the very worst (its target: 1.25)
 
 
 POOL_NAME = """

@@ -103,3 +103,38 @@ def test_a_lower_budget_splits_done_chunks_and_the_output_keeps_each_row_once(pr
     assert project.manifest_rows("SELECT count(*) FROM chunks")[0][0] >= 3
     assert sorted(project.output_table("ident")["id"].to_pylist()) == list(range(20_000))
     assert len(list(project.out("ident").glob("*.parquet"))) >= 3
+
+
+def _dictionary_pages(path: Path) -> list[int]:
+    """Bytes of each row group's dictionary page in the first column (0 where there is none)."""
+    meta = pq.ParquetFile(path).metadata
+    pages = []
+    for group in range(meta.num_row_groups):
+        column = meta.row_group(group).column(0)
+        start = column.dictionary_page_offset
+        pages.append(column.data_page_offset - start if start is not None else 0)
+    return pages
+
+
+def test_a_tight_budget_writes_parts_with_dictionary_pages_its_workers_can_hold(project: Project) -> None:
+    """Dictionary-encoding a column of many distinct values holds ~32 x Arrow's dictionary page
+    limit until it falls back to plain pages (measured: +32 MiB at the default 1 MiB, for one
+    int64 column of a 1.5 MiB part; +3.7 MiB at 64 KiB). A worker whose share of the budget is
+    4 MiB writes with the smaller limit; a roomy budget keeps Arrow's (smaller files)."""
+    (project.root / "myjobs" / "basic.py").write_text(
+        (project.root / "myjobs" / "basic.py").read_text() + "\n\ndef same(table, ctx):\n    return table\n"
+    )
+    project.data.mkdir(exist_ok=True)
+    ids = [i * 2_654_435_761 % 2**61 for i in range(200_000)]  # distinct, and snappy cannot shrink them
+    pq.write_table(pa.table({"id": pa.array(ids, pa.int64())}), project.data / "ids.parquet")
+    job = DICT_JOB.replace('chunk_bytes = "200KB"\n', "")
+    pages = {}
+    for limit in ("1GiB", "8MiB"):  # 2 workers: 512 MiB and 4 MiB each
+        project.write_config(job.format(limit=limit))
+        result = project.cli("run-now", "ident", "--fresh", "-q")
+        assert result.returncode == 0, result.stderr
+        assert project.output_table("ident")["id"].to_pylist() == ids
+        (part,) = project.out("ident").glob("*.parquet")
+        pages[limit] = _dictionary_pages(part)
+    assert max(pages["1GiB"]) > 2**19, pages  # Arrow's 1 MiB: 131,072 int64 values before it gives up
+    assert 0 < max(pages["8MiB"]) <= 64 * 1024 + 1024, pages

@@ -190,6 +190,27 @@ def test_tasks_finish_and_write_their_results(env: dict[str, Path]) -> None:
     assert list(env["staging"].iterdir()) == []
 
 
+def test_a_worker_starts_only_when_every_started_one_is_busy(env: dict[str, Path]) -> None:
+    """A worker holds memory before its first chunk: a pool starts one, and another only when a
+    task finds every started worker busy (a run whose budget admits one chunk at a time never
+    starts a second). `submit` names the worker it started, for the run's idle baseline."""
+    chunks = group_chunks(env["input"])
+    job = spec(env)
+    pool = WorkerPool(2, memory_cap=None)
+    try:
+        assert pool.submit(task(0, chunks[0], job, DOUBLED)) is None  # the first worker's
+        final, first = collect(pool, {0})
+        assert pool.submit(task(1, chunks[1], job, DOUBLED)) is None  # it is free again
+        started = pool.submit(task(2, chunks[2], job, DOUBLED))  # it is busy: a second starts
+        assert started is not None and started != first[0].pid
+        assert pool.submit(task(3, chunks[0], job, DOUBLED)) is None  # two at most
+        more, later = collect(pool, {1, 2, 3})
+    finally:
+        pool.terminate()
+    assert all(isinstance(event, Finished) for event in [*final.values(), *more.values()])
+    assert {s.pid for s in [*first, *later]} == {first[0].pid, started}
+
+
 def test_without_a_known_schema_the_result_is_staged_not_published(env: dict[str, Path]) -> None:
     chunk = group_chunks(env["input"])[0]
     pool = WorkerPool(1, memory_cap=None)
