@@ -56,10 +56,12 @@ class MemoryModel:
     Manifest.memory_per_byte), and from this run's chunks as they finish.
     It only rises within a run. A worker's first chunk is not counted: it also pays the
     worker's start-up (imports, library pages).
-    Until a factor is learned, writing the result counts too: dictionary-encoding a column of
-    many distinct values holds up to WRITE_HOLDS x `dictionary_limit` (tasks.dictionary_limit),
-    and no more than ~the chunk's size below that (measured: a 1.9 MiB slice of 3 columns grew
-    its worker 4.4-6.4 MiB with a 64 KiB limit, where the factor alone says 3.7)."""
+    Until a factor is learned from earlier runs, writing the result counts too: dictionary-
+    encoding a column of many distinct values holds up to WRITE_HOLDS x `dictionary_limit`
+    (tasks.dictionary_limit), and no more than ~the chunk's size below that (measured: a 1.9 MiB
+    slice of 3 columns grew its worker 4.4-6.4 MiB with a 64 KiB limit, where the factor alone
+    says 3.7). For the whole run: dropping it once a chunk grew less let a first run start a
+    second worker, whose start-up no estimate counts (wide data: 1.4 x the budget, not 0.8 x)."""
 
     def __init__(self, learned: float | None = None, dictionary_limit: int = 0) -> None:
         self.factor = MEMORY_FACTOR if learned is None else max(1.0, learned)

@@ -86,7 +86,7 @@ class Execution:
     busy_seconds: float = 0.0  # summed over attempts, for the run's worker utilisation
     peak_in_flight: int = 0  # the most budget bytes reserved at once
     peak_memory: int | None = None  # measured: the most the process tree held above idle
-    idle_memory: int | None = None  # measured: what the tree held before the first chunk
+    idle_memory: int | None = None  # measured: the tree before the first chunk, and workers started later
 
 
 class Executor:
@@ -140,7 +140,6 @@ class Executor:
     def _loop(self) -> None:
         try:
             pool = self.pool = self.pool_factory(len(self.pending) + len(self.retry_at))
-            self.out.workers = pool.size
             if self.memory is not None:
                 self.memory.start()  # the idle baseline: a worker started, no chunk yet
             try:
@@ -148,6 +147,7 @@ class Executor:
                     self._admit()
                     self._step()
             finally:
+                self.out.workers = pool.size  # the workers it started
                 pool.terminate()  # idle now, or stopping at once: nothing left to wait for
                 self._stop_measuring()
         except PoolBroken as exc:  # chunks in flight are not recorded: the next run does them
@@ -209,9 +209,11 @@ class Executor:
         self.in_flight[task_id] = _InFlight(chunk, attempt, need, self.clock.time())
         name = part_name(chunk.chunk_id)
         staged, schema = staged_name(name, self.run_id, attempt), self.gate.schema
-        pid = self.pool.submit(Task(task_id, chunk, self.spec, self.run_id, attempt, name, staged, schema))
-        if pid is not None and self.memory is not None:
-            self.memory.started(pid)
+        task = Task(task_id, chunk, self.spec, self.run_id, attempt, name, staged, schema)
+        if self.memory is not None:
+            self.memory.starting(lambda: self.pool.submit(task))
+        else:
+            self.pool.submit(task)
         return task_id
 
     # -- waiting --------------------------------------------------------------------------------
@@ -311,11 +313,10 @@ class Executor:
         return len(chunks) >= FAIL_FAST
 
     def _input_changed(self, item: _InFlight, error: TaskError) -> None:
-        path = item.chunk.path
         if error.kind == ErrorKind.INPUT_REMOVED:
-            self.out.removed[path] = self.out.removed.get(path, 0) + 1
+            self.out.removed[item.chunk.path] = self.out.removed.get(item.chunk.path, 0) + 1
         else:
-            self.out.changed.add(path)
+            self.out.changed.add(item.chunk.path)
         self._record_attempt(item, Outcome.INPUT_CHANGED, err=error)
         self.events(EventKind.CHUNK_INPUT_CHANGED, chunk=item.chunk.chunk_id, error=error.message)
         self._accept_all(self.gate.resolve(item.chunk.chunk_id))

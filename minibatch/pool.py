@@ -87,7 +87,7 @@ def warm_up(duckdb: bool = True, free_at_once: bool = False) -> None:
 
 class WorkerPool:
     def __init__(self, size: int, memory_cap: int | None, free_at_once: bool = False) -> None:
-        self.size = size
+        self.most = size
         self.memory_cap, self.free_at_once = memory_cap, free_at_once
         self._ctx = _context(free_at_once=free_at_once)  # (for a forkserver started anew mid-run)
         self._stopping = self._ctx.Event()
@@ -118,19 +118,26 @@ class WorkerPool:
         return _Slot(process=process, conn=parent)
 
     @property
+    def size(self) -> int:
+        return len(self._slots)
+
+    @property
     def idle(self) -> bool:
         return not any(slot.queue for slot in self._slots)
 
     def has_room(self) -> bool:
-        return len(self._slots) < self.size or any(len(slot.queue) < QUEUE_DEPTH for slot in self._slots)
+        return len(self._slots) < self.most or any(len(slot.queue) < QUEUE_DEPTH for slot in self._slots)
 
     def submit(self, task: Task) -> int | None:
         """Queue `task` with the least busy worker, first starting one if every worker is busy
         and the pool may have more; returns the pid of a worker started for it."""
         started = None
-        if len(self._slots) < self.size and all(slot.queue for slot in self._slots):
-            self._slots.append(self._spawn())
-            started = self._slots[-1].process.pid
+        if len(self._slots) < self.most and all(slot.queue for slot in self._slots):
+            try:
+                self._slots.append(self._spawn())
+                started = self._slots[-1].process.pid
+            except PoolBroken:  # (twice: see _spawn) the run goes on with the workers it has
+                self.most = len(self._slots)
         slot = min(self._slots, key=lambda s: len(s.queue))
         slot.queue.append(task.task_id)
         # If the worker died, its sentinel reports it and the task comes back as Lost.

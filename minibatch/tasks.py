@@ -183,8 +183,8 @@ class Pool(Protocol):
     """What the executor drives: `pool.WorkerPool`, `pool.InlinePool` or `dask_pool.DaskPool`.
     A handle names what `overdue` found and `kill` stops: a slot, or a task on Dask."""
 
-    size: int
-
+    @property
+    def size(self) -> int: ...  # the workers (or cluster threads) it has
     def has_room(self) -> bool: ...
     def submit(self, task: Task) -> int | None: ...  # the pid of a process started for it, if any
     def poll(self, timeout: float | None, extra: Iterable[Any] = ()) -> list[PoolEvent]: ...

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from minibatch.units import format_size
@@ -78,15 +79,15 @@ class TreeMemory:
             self._thread = None
             self.sample()
 
-    def started(self, pid: int) -> None:
-        """A worker started mid-run (the pool starts them as work arrives): what it holds as it
-        starts is idle, as for a worker started before the baseline. (A worker replacing a dead
-        one is not: it counts in full, seen within a second.)"""
-        if self._thread is None:
-            return
+    def starting(self, start: Callable[[], int | None]) -> None:
+        """Call `start`, which may start a worker (the pool starts them as work arrives) and
+        return its pid, with the sampler held off: what the worker holds as it starts is idle,
+        as for a worker started before the baseline, and no sample counts it before. (A worker
+        replacing a dead one is not: it counts in full, seen within a second.)"""
         with self._lock:
-            self.idle += anonymous(pid)
-            if pid not in self._pids:
+            pid = start()
+            if pid is not None and self._thread is not None:
+                self.idle += anonymous(pid)
                 self._pids.append(pid)
 
     def sample(self) -> int:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -27,11 +28,13 @@ from minibatch.tasks import (
     InputChanged,
     JobSpec,
     Lost,
+    PoolBroken,
     SchemaMismatch,
     Started,
     Task,
     TaskError,
 )
+from minibatch.treemem import RESCAN, TreeMemory
 from minibatch.worker import read_chunk
 
 from conftest import wait_for
@@ -200,6 +203,7 @@ def test_a_worker_starts_only_when_every_started_one_is_busy(env: dict[str, Path
     try:
         assert pool.submit(task(0, chunks[0], job, DOUBLED)) is None  # the first worker's
         final, first = collect(pool, {0})
+        assert pool.size == 1  # what a run records as the workers it started
         assert pool.submit(task(1, chunks[1], job, DOUBLED)) is None  # it is free again
         started = pool.submit(task(2, chunks[2], job, DOUBLED))  # it is busy: a second starts
         assert started is not None and started != first[0].pid
@@ -209,6 +213,66 @@ def test_a_worker_starts_only_when_every_started_one_is_busy(env: dict[str, Path
         pool.terminate()
     assert all(isinstance(event, Finished) for event in [*final.values(), *more.values()])
     assert {s.pid for s in [*first, *later]} == {first[0].pid, started}
+
+
+def test_a_worker_started_mid_run_counts_as_idle_not_as_a_peak(env: dict[str, Path], monkeypatch) -> None:
+    """The run's sampler walks the tree once a second: a walk that saw a worker the pool had just
+    started, before the run took in what it holds as idle, counted its ~25 MiB as a peak (a
+    review's finding). The sampler now waits until the worker is counted as idle."""
+    chunks = group_chunks(env["input"])
+    job = spec(env)
+    pool = WorkerPool(2, memory_cap=None)
+    memory = TreeMemory(interval=3600)  # no samples but the test's
+    memory.start()
+    spawn, seen = pool._spawn, []
+
+    def spawn_then_sample() -> object:
+        slot = spawn()
+        memory._walked = -RESCAN  # a walk is due
+        sampler = threading.Thread(target=lambda: seen.append(memory.sample()))
+        sampler.start()
+        sampler.join(0.2)  # (it waits for the start to be counted)
+        return slot
+
+    try:
+        memory.starting(lambda: pool.submit(task(0, chunks[0], job, DOUBLED)))
+        first, _ = collect(pool, {0})  # the first worker's start-up on its first chunk, done
+        memory._walked = -RESCAN
+        before = memory.sample()
+        monkeypatch.setattr(pool, "_spawn", spawn_then_sample)
+        memory.starting(lambda: pool.submit(task(1, chunks[1], job, DOUBLED)))  # on the first
+        memory.starting(lambda: pool.submit(task(2, chunks[2], job, DOUBLED)))  # the first is busy
+        wait_for(lambda: bool(seen), timeout=10)
+        final, _ = collect(pool, {1, 2})
+    finally:
+        memory.stop()
+        pool.terminate()
+    assert all(isinstance(event, Finished) for event in [*first.values(), *final.values()])
+    assert pool.size == 2 and seen[0] - before < 8 * 2**20, (before, seen)
+
+
+def test_a_worker_that_cannot_start_mid_run_leaves_the_run_its_workers(
+    env: dict[str, Path], monkeypatch
+) -> None:
+    """A forkserver that fails twice as the pool starts its second worker: the tasks run on
+    the first, instead of the run failing with its chunks cut short (a review's finding)."""
+    chunks = group_chunks(env["input"])
+    job = spec(env)
+    pool = WorkerPool(2, memory_cap=None)
+
+    def broken(tries: int = 2) -> object:
+        raise PoolBroken("cannot start a worker process (its forkserver failed: test)")
+
+    monkeypatch.setattr(pool, "_spawn", broken)
+    try:
+        assert pool.submit(task(0, chunks[0], job, DOUBLED)) is None
+        assert pool.submit(task(1, chunks[1], job, DOUBLED)) is None  # queued with the first
+        assert not pool.has_room() or pool.size == 1
+        final, started = collect(pool, {0, 1})
+    finally:
+        pool.terminate()
+    assert all(isinstance(event, Finished) for event in final.values())
+    assert len({s.pid for s in started}) == 1 and pool.size == 1
 
 
 def test_without_a_known_schema_the_result_is_staged_not_published(env: dict[str, Path]) -> None:
