@@ -248,6 +248,8 @@ class Measured:
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
+    def starting(self, start: Callable[[], int | None]) -> None:
+        start()
 
 
 @pytest.mark.parametrize("over", [False, True])
