@@ -9,6 +9,10 @@ group as one chunk, `old` = every slice decoded from the group's start (the read
 issue 13, kept as reading._read_batches, validated like read_chunk), `new` = reading.read_chunk of
 every slice (pageslice). Each new slice is checked to equal the group's rows exactly. Prints medians of wall
 and of CPU seconds (the machine may be shared: CPU time is the steadier measure).
+
+Then end to end, what the issue measured ("the run takes 2.2 x the unsliced run"): `minibatch
+run-now` of an identity job over the file without a page index, with chunk_bytes = 2 MiB and as
+one chunk, `--workers` processes (default 2), the two alternating; medians of the wall time.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +34,17 @@ from minibatch import pageslice, reading
 from minibatch.planner import Chunk, plan_chunks, read_file_meta
 
 CHUNK_BYTES = 2 * 2**20
+E2E = """[minibatch]
+workers = {workers}
+memory_limit = "4GiB"
+log_level = "warning"
+
+[jobs.job]
+input = "{input}"
+output = "out"
+process = "slicejobs:same"
+chunk_bytes = "{chunk}"
+"""
 
 
 def make_table(rows: int) -> pa.Table:
@@ -85,6 +102,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2_450_000)
     parser.add_argument("--threads", type=int, default=0, help="Arrow CPU threads (0: Arrow's default)")
     parser.add_argument("--data", type=Path, default=Path("bench/.data/slices"))
+    parser.add_argument("--workers", type=int, default=2, help="worker processes end to end")
     args = parser.parse_args()
     if args.threads:
         pa.set_cpu_count(args.threads)
@@ -106,6 +124,31 @@ def main() -> None:
             ratios = ", ".join(f"{n}/whole {med[n] / med['whole']:.2f}" for n in methods if n != "whole")
             times = ", ".join(f"{n} {med[n]:.3f}" for n in methods)
             print(f"  {label} s, median of {args.runs}, arrow threads {pa.cpu_count()}: {times}; {ratios}")
+    runs = end_to_end(path, args.runs, args.workers)
+    print(
+        f"end to end, `minibatch run-now` with {args.workers} workers, median of {args.runs}: sliced "
+        f"{runs['sliced']:.3f} s, one chunk {runs['whole']:.3f} s; "
+        f"sliced/whole {runs['sliced'] / runs['whole']:.2f}"
+    )
+
+
+def end_to_end(path: Path, runs: int, workers: int) -> dict[str, float]:
+    """Median wall seconds of the real command over `path`: in 2 MiB slices, and as one chunk."""
+    configs = {}
+    for name, chunk in (("sliced", "2MiB"), ("whole", "1GiB")):
+        work = path.parent.with_name(f"{path.parent.name}-e2e") / name
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "slicejobs.py").write_text("def same(table, ctx):\n    return table\n")
+        (work / "config.toml").write_text(E2E.format(workers=workers, input=path.absolute(), chunk=chunk))
+        configs[name] = work / "config.toml"
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for run in range(runs):
+        for name in list(configs)[:: 1 if run % 2 == 0 else -1]:
+            command = [sys.executable, "-m", "minibatch", "--config", str(configs[name]), "run-now", "job"]
+            started = time.perf_counter()
+            subprocess.run([*command, "--fresh", "--quiet"], check=True, stdout=subprocess.DEVNULL)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(
