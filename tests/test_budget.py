@@ -5,7 +5,9 @@ sampled from outside every 20 ms), against `memory_limit`.
 Idle is the peak of the same tree on a tiny input (one 100-row file: one worker started, and
 ran a chunk), measured once for the three shapes. A second worker, and its start-up on its
 first chunk, count as above idle, as they do in the run's own measure. The issue asks for at
-most 1.25 x the budget, 1.5 x at the very worst: the test holds every shape to 1.5 x."""
+most 1.25 x the budget, 1.5 x at the very worst: the test holds every shape to 1.5 x, on a
+job's first run (a later run of the wide job, with a learned factor, is not held: README,
+"Memory: estimated, then measured")."""
 
 from __future__ import annotations
 
