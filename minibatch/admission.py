@@ -61,15 +61,20 @@ class MemoryModel:
     (tasks.dictionary_limit), and no more than ~the chunk's size below that (measured: a 1.9 MiB
     slice of 3 columns grew its worker 4.4-6.4 MiB with a 64 KiB limit, where the factor alone
     says 3.7). For the whole run: dropping it once a chunk grew less let a first run start a
-    second worker, whose start-up no estimate counts (wide data: 1.4 x the budget, not 0.8 x)."""
+    second worker, whose start-up no estimate counted (wide data: 1.4 x the budget, not 0.8 x).
+    `startup`: what a worker's first attempt grew beyond its chunk, learned like the factor;
+    admitting a chunk that starts a worker reserves it too (estimate(chunk, starts=True))."""
 
-    def __init__(self, learned: float | None = None, dictionary_limit: int = 0) -> None:
+    def __init__(self, learned: float | None = None, dictionary_limit: int = 0, startup: int = 0) -> None:
         self.factor = MEMORY_FACTOR if learned is None else max(1.0, learned)
         self.write = WRITE_HOLDS * dictionary_limit if learned is None else 0
+        self.startup = startup
         self._workers: set[int] = set()
 
-    def estimate(self, chunk: Chunk) -> int:
-        return memory_estimate(chunk, self.factor) + min(chunk.size, self.write)
+    def estimate(self, chunk: Chunk, starts: bool = False) -> int:
+        """Bytes to reserve for `chunk`; `starts`: a worker starts for it."""
+        write = min(chunk.size, self.write)
+        return memory_estimate(chunk, self.factor) + write + (self.startup if starts else 0)
 
     def learn(self, pid: int | None, size: int, start_rss: int | None, peak_rss: int | None) -> None:
         """What an attempt at a chunk of `size` (Chunk.size) grew its worker by."""

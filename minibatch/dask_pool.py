@@ -101,6 +101,9 @@ class DaskPool:
         # waiting for a round trip through the scheduler; the memory budget still bounds them.
         return bool(len(self._futures) < self.size * QUEUE_DEPTH)
 
+    def would_start(self) -> bool:
+        return False  # the cluster's workers are its own
+
     def submit(self, task: Task) -> None:
         if not self._futures:  # idle till now (a breaker's cool-down, a backoff): not workerless
             self._looked = self._workers_seen = time.monotonic()

@@ -189,7 +189,7 @@ class Executor:
             self.pending.appendleft(heapq.heappop(self.retry_at)[2])
         while self.pending and self.pool.has_room():
             chunk = self.pending[0]
-            need = self.model.estimate(chunk)
+            need = self.model.estimate(chunk, starts=self.pool.would_start())
             if not self.budget.fits(need) or self._measured_over() or not self.breaker.allow(now):
                 break
             self.pending.popleft()

@@ -281,10 +281,11 @@ class Manifest:
             row = con.execute(Q["reduce_key"], {"job": job}).fetchone()
         return str(row[0]) if row else None
 
-    def memory_per_byte(self, job: str, min_bytes: int) -> float | None:
+    def learned_memory(self, job: str, min_bytes: int) -> tuple[float | None, int]:
         with self.connect() as con:
-            row = con.execute(Q["memory_per_byte"], {"job": job, "min_bytes": min_bytes}).fetchone()
-        return float(row[0]) if row and row[0] is not None else None
+            row = con.execute(Q["learned_memory"], {"job": job, "min_bytes": min_bytes}).fetchone()
+        factor, startup = row or (None, 0)  # (always a row: aggregates)
+        return (None if factor is None else float(factor)), int(startup or 0)
 
     def record_reduce(self, job: str, key: str) -> None:
         self.named("record_reduce", job=job, key=key)

@@ -128,11 +128,14 @@ class WorkerPool:
     def has_room(self) -> bool:
         return len(self._slots) < self.most or any(len(slot.queue) < QUEUE_DEPTH for slot in self._slots)
 
+    def would_start(self) -> bool:
+        return len(self._slots) < self.most and all(slot.queue for slot in self._slots)
+
     def submit(self, task: Task) -> int | None:
         """Queue `task` with the least busy worker, first starting one if every worker is busy
         and the pool may have more; returns the pid of a worker started for it."""
         started = None
-        if len(self._slots) < self.most and all(slot.queue for slot in self._slots):
+        if self.would_start():
             try:
                 self._slots.append(self._spawn())
                 started = self._slots[-1].process.pid
@@ -263,6 +266,9 @@ class InlinePool:
 
     def has_room(self) -> bool:
         return len(self.queue) + len(self.hung) < self.size * QUEUE_DEPTH
+
+    def would_start(self) -> bool:
+        return False
 
     def submit(self, task: Task) -> None:
         self.queue.append(task)

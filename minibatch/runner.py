@@ -144,7 +144,7 @@ class Run:
         self.gone: set[str] = set()  # input files removed under the run: their results go too
         self.input_schema: str | None = None  # JSON, decided at planning
         self.reduced_key: str | None = None  # what the output is the reduction of, at start
-        self.memory_per_byte: float | None = None  # learned from earlier runs' attempts
+        self.learned: tuple[float | None, int] = (None, 0)  # per byte, a worker's start-up: earlier runs
 
     def record_crash(self, exc: Exception) -> None:
         if isinstance(exc, ConfigError) and not self.started:  # refused before it began: no run
@@ -244,7 +244,7 @@ class Run:
     def _plan(self, files: list[FileMeta], bad: list[BadFile], state: dict[str, Any]) -> Reconciled:
         work = self._reconcile(files, bad, state)
         if work.todo:  # what chunks of this job grew in earlier runs, for their estimates
-            self.memory_per_byte = self.manifest.memory_per_byte(self.job.name, LEARN_FROM)
+            self.learned = self.manifest.learned_memory(self.job.name, LEARN_FROM)
         self.ledger.flush()  # the plan's totals, and any adopted chunks, are visible to `status` now
         return work
 
@@ -290,7 +290,7 @@ class Run:
             self.job, spec, self.record.run_id, store=self.store, ledger=self.ledger, events=self.events,
             signals=self.signals, pool_factory=self.options.pool_factory or partial(open_pool, self.job),
             clock=self.options.clock, memory=TreeMemory() if local else None,
-            model=MemoryModel(self.memory_per_byte, spec.dictionary_limit),
+            model=MemoryModel(self.learned[0], spec.dictionary_limit, self.learned[1]),
         )  # fmt: skip
         out = executor.run(work.todo, work.salvaged)
         self.record.workers = out.workers  # fewer when chunks are few

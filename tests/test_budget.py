@@ -79,15 +79,18 @@ def tiny(data: Path) -> int:
     return 100
 
 
-def measure(project: Project, settings: str, make_data) -> tuple[int, int, tuple]:
-    """Run the job as a real process under the external sampler: (its peak anonymous PSS, rows
-    in the output, the run's own peak_memory, idle_memory, memory_limit)."""
+def measure(project: Project, settings: str, make_data, before: int = 0) -> tuple[int, int, tuple]:
+    """Run the job as a real process under the external sampler, after `before` runs of it
+    unmeasured: (its peak anonymous PSS, rows in the output, the run's own peak_memory,
+    idle_memory, memory_limit, workers)."""
     basic = project.root / "myjobs" / "basic.py"
     if "def same(" not in basic.read_text():
         basic.write_text(basic.read_text() + SAME)
     project.data.mkdir(exist_ok=True)
     rows = make_data(project.data)
     project.write_config(JOB.format(settings=settings))
+    for _ in range(before):  # what the job learns from its attempts
+        assert project.cli("run-now", "job", "--fresh", real=True).returncode == 0
     run = project.start("run-now", "job", "--fresh")
     sampler = PssSampler(run.pid)
     sampler.start()
@@ -98,7 +101,8 @@ def measure(project: Project, settings: str, make_data) -> tuple[int, int, tuple
         sampler.join()
     assert run.returncode == 0, err
     assert project.output_table("job").num_rows == rows
-    (measured,) = project.manifest_rows("SELECT peak_memory, idle_memory, memory_limit FROM runs")
+    last = "SELECT peak_memory, idle_memory, memory_limit, workers FROM runs ORDER BY seq DESC LIMIT 1"
+    (measured,) = project.manifest_rows(last)
     return max(sampler.samples), rows, measured
 
 
@@ -124,19 +128,31 @@ SHAPES = [
     pytest.param('memory_limit = "24MiB"', dictionary, id="dictionary"),
     pytest.param('chunk_bytes = "2MiB"\nmemory_limit = "8MiB"', huge_group, id="huge-group"),
 ]
+WIDE = SHAPES[0].values[0]
 
 
 @pytest.mark.parametrize(("settings", "make_data"), SHAPES)
 def test_the_tree_stays_near_the_budget_above_idle(
     project: Project, idle: int, settings: str, make_data
 ) -> None:
-    peak, _, (ours, ours_idle, limit) = measure(project, settings, make_data)
+    peak, _, (ours, ours_idle, limit, _) = measure(project, settings, make_data)
     above = peak - idle
     print(
         f"external {peak / MiB:.1f} MiB, {above / MiB:.1f} above an idle {idle / MiB:.1f} = "
         f"{above / limit:.2f} x the budget; measured by the run {ours / MiB:.1f} above {ours_idle / MiB:.1f}"
     )
     assert above <= 1.5 * limit  # the issue's bound at the very worst (its target: 1.25)
+
+
+def test_a_later_run_counts_a_second_workers_start_up(project: Project, idle: int) -> None:
+    """A later run of the wide job, with the factor its first run learned (~2.4 per byte), found
+    two chunks within 24 MiB and started a second worker, whose start-up (~10 MiB on its first
+    chunk) no estimate counted: 1.3-1.7 x the budget. Admission now reserves a start-up learned
+    from workers' first attempts when a chunk would start a worker."""
+    peak, _, (ours, ours_idle, limit, workers) = measure(project, WIDE, wide, before=1)
+    above = peak - idle
+    print(f"later run: {above / MiB:.1f} above idle = {above / limit:.2f} x the budget, {workers} worker(s)")
+    assert above <= 1.5 * limit
 
 
 POOL_NAME = """

@@ -281,6 +281,11 @@ def test_the_memory_model_learns_from_chunks_past_each_workers_first() -> None:
     model.learn(1, big.nbytes, 100, 100 + LEARN_FROM)
     assert model.factor == 5.0  # it only rises within a run
     assert MemoryModel(learned=0.3).factor == 1.0 and MemoryModel(learned=7.5).factor == 7.5
+    # what writing may hold counts until a factor is learned; a worker's start-up when one starts
+    unknown, learned = MemoryModel(None, 64 * 1024, 10), MemoryModel(2.0, 64 * 1024, 10)
+    assert unknown.estimate(big) == 8 * LEARN_FROM + 32 * 64 * 1024
+    assert learned.estimate(big) == 8 * LEARN_FROM
+    assert learned.estimate(big, starts=True) == 8 * LEARN_FROM + 10
 
 
 def test_a_result_waiting_for_the_output_schema_is_not_busy_time(

@@ -204,7 +204,8 @@ def test_a_worker_starts_only_when_every_started_one_is_busy(env: dict[str, Path
         assert pool.submit(task(0, chunks[0], job, DOUBLED)) is None  # the first worker's
         final, first = collect(pool, {0})
         assert pool.size == 1  # what a run records as the workers it started
-        assert pool.submit(task(1, chunks[1], job, DOUBLED)) is None  # it is free again
+        assert not pool.would_start() and pool.submit(task(1, chunks[1], job, DOUBLED)) is None  # free again
+        assert pool.would_start()  # what admission reserves a worker's start-up for
         started = pool.submit(task(2, chunks[2], job, DOUBLED))  # it is busy: a second starts
         assert started is not None and started != first[0].pid
         assert pool.submit(task(3, chunks[0], job, DOUBLED)) is None  # two at most
