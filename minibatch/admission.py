@@ -53,7 +53,7 @@ class MemoryModel:
     """Bytes of working memory per byte of a chunk's size in Arrow (Chunk.size, the planner's
     estimate). What the job's own code holds beside its input is unknown, so the factor is
     learned: from earlier runs of the job (`learned`: what their attempts grew, see
-    Manifest.memory_per_byte), and from this run's chunks as they finish.
+    Manifest.learned_memory), and from this run's chunks as they finish.
     It only rises within a run. A worker's first chunk is not counted: it also pays the
     worker's start-up (imports, library pages).
     Until a factor is learned from earlier runs, writing the result counts too: dictionary-

@@ -5,9 +5,8 @@ sampled from outside every 20 ms), against `memory_limit`.
 Idle is the peak of the same tree on a tiny input (one 100-row file: one worker started, and
 ran a chunk), measured once for the three shapes. A second worker, and its start-up on its
 first chunk, count as above idle, as they do in the run's own measure. The issue asks for at
-most 1.25 x the budget, 1.5 x at the very worst: the test holds every shape to 1.5 x, on a
-job's first run (a later run of the wide job, with a learned factor, is not held: README,
-"Memory: estimated, then measured")."""
+most 1.25 x the budget, 1.5 x at the very worst: the tests hold every shape to 1.5 x on a
+job's first run, and the wide shape on a later one, with what its first run learned."""
 
 from __future__ import annotations
 
@@ -153,6 +152,7 @@ def test_a_later_run_counts_a_second_workers_start_up(project: Project, idle: in
     above = peak - idle
     print(f"later run: {above / MiB:.1f} above idle = {above / limit:.2f} x the budget, {workers} worker(s)")
     assert above <= 1.5 * limit
+    assert workers == 1  # two chunks and a second worker's start-up do not fit (without it: 1.4-1.7 x)
 
 
 POOL_NAME = """
