@@ -394,3 +394,30 @@ def test_a_reader_adds_this_releases_columns_to_an_older_manifest_once(path: Pat
         path, "SELECT count(*) FROM duckdb_columns() WHERE table_name = 'runs' AND column_name = 'params'"
     ) == [(1,)]
     assert query(path, "SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE 'backfill%'") == [(2,)]
+
+
+def test_learned_memory_counts_a_workers_real_first_attempt(path: Path) -> None:
+    """Per byte: what later attempts grew; a worker's start-up: what its first attempt grew beyond
+    its chunk at that factor. A worker's first attempt that failed is still its first (a review
+    found the second then counted as first, and the start-up came out too low)."""
+    from minibatch.records import AttemptRecord
+    from minibatch.states import Outcome
+
+    MiB = 2**20
+
+    def attempt(n: int, pid: int, grew: int, outcome: Outcome = Outcome.DONE) -> AttemptRecord:
+        return AttemptRecord(
+            job="j", run_id="r1", chunk_id=f"c{pid}-{n}", attempt=1, label="", slot=0, pid=pid,
+            admitted_at=T0 + n, started_at=T0 + n, ended_at=T0 + n + 0.5, outcome=outcome,
+            reserved_bytes=0, peak_rss=100 * MiB + grew, start_rss=100 * MiB, chunk_size=4 * MiB,
+        )  # fmt: skip
+
+    m = Manifest(path)
+    assert m.learned_memory("j", 2**20) == (None, 0)  # nothing learned yet
+    attempts = [attempt(1, 7, 30 * MiB), attempt(2, 7, 8 * MiB), attempt(3, 7, 8 * MiB)]
+    attempts += [attempt(1, 8, 0, Outcome.RETRIED), attempt(2, 8, 8 * MiB), attempt(3, 8, 8 * MiB)]
+    m.start_run(run_record("r1"))
+    m.commit(run_record("r1", status="succeeded"), [], attempts)
+    factor, startup = m.learned_memory("j", 2**20)
+    assert factor == 2.0  # 8 MiB for 4 MiB chunks
+    assert startup == 22 * MiB  # pid 7's first: 30 - 2 x 4; pid 8's first failed and does not count
