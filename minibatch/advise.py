@@ -58,6 +58,7 @@ class Measured:
     memory_per_byte: float | None  # p90 of that per planned byte, chunks of >= LEARN_FROM
     peak_memory: int | None  # the latest run's tree, measured above idle
     idle_memory: int | None
+    configured: int = 0  # the workers the run could have started (it starts them as work arrives)
 
     @property
     def fixed(self) -> float:
@@ -147,6 +148,7 @@ def measure(run: dict[str, Any], attempts: list[list[dict[str, Any]]]) -> Measur
         workers=workers,
         chunk_bytes=_setting(run, "chunk_bytes"),
         memory_limit=int(run["memory_limit"] or 0),
+        configured=_setting(run, "workers"),
         chunks=len(latest),
         input_bytes=sum(a["chunk_bytes"] or 0 for a in latest),
         chunk_seconds=statistics.median(c for c, _ in costs),
@@ -243,7 +245,7 @@ def recommend(m: Measured, machine: Machine) -> list[Advice]:
 
 
 def _workers(m: Measured, machine: Machine) -> Advice:
-    cores, cpu, now = machine.cores, m.cpu, m.workers
+    cores, cpu, now = machine.cores, m.cpu, max(m.workers, m.configured)
     if not cpu:
         return Advice("workers", now, now, "these runs measured no CPU time (an older release)")
     ideal = max(1, min(round(cores / cpu), IO_WORKERS_PER_CORE * cores, m.chunks))

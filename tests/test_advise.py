@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from minibatch.advise import Machine, Measured, _read_limit, measure, recommend
@@ -245,6 +247,19 @@ def test_advice_on_a_budget_too_low_lets_chunks_run_side_by_side(jobs: Project) 
     after = run(jobs)
     assert before["utilisation"] * before["workers"] < 1.6 < 2 < after["utilisation"] * after["workers"]
     assert span(jobs, after) < 0.75 * span(jobs, before), (span(jobs, before), span(jobs, after))
+
+
+def test_the_workers_advised_from_are_the_configured_not_the_started(jobs: Project) -> None:
+    """A run whose budget lets one chunk run at a time starts one worker of its two: advise said
+    "workers 1 -> 2", the setting it already had (a review's finding)."""
+    jobs.data.mkdir(exist_ok=True)
+    ids = pa.array(range(3 * 160_000), pa.int64())  # 3 row groups of 1.2 MiB: big enough to learn from
+    pq.write_table(pa.table({"id": ids}), jobs.data / "a.parquet", row_group_size=160_000)
+    configure(jobs, process="hold", workers=2, chunk_bytes="2MB", memory_limit="32MiB")
+    run(jobs)  # learns that a chunk holds 24 MiB
+    assert run(jobs)["workers"] == 1
+    current = json.loads(jobs.cli("advise", "a", "--json").stdout)["advice"][0]
+    assert current["setting"] == "workers" and current["current"] == 2
 
 
 def test_the_cli_prints_reasons_and_config_lines_and_refuses_without_history(jobs: Project) -> None:
