@@ -63,7 +63,7 @@ class MemoryModel:
     says 3.7). For the whole run: dropping it once a chunk grew less let a first run start a
     second worker, whose start-up no estimate counted (wide data: 1.4 x the budget, not 0.8 x).
     `startup`: what a worker's first attempt grew beyond its chunk, learned like the factor;
-    admitting a chunk that starts a worker reserves it too (estimate(chunk, starts=True))."""
+    each worker started holds it in the budget for the run (MemoryBudget.hold)."""
 
     def __init__(self, learned: float | None = None, dictionary_limit: int = 0, startup: int = 0) -> None:
         self.factor = MEMORY_FACTOR if learned is None else max(1.0, learned)
@@ -71,10 +71,9 @@ class MemoryModel:
         self.startup = startup
         self._workers: set[int] = set()
 
-    def estimate(self, chunk: Chunk, starts: bool = False) -> int:
-        """Bytes to reserve for `chunk`; `starts`: a worker starts for it."""
-        write = min(chunk.size, self.write)
-        return memory_estimate(chunk, self.factor) + write + (self.startup if starts else 0)
+    def estimate(self, chunk: Chunk) -> int:
+        """Bytes to reserve for `chunk` while it runs."""
+        return memory_estimate(chunk, self.factor) + min(chunk.size, self.write)
 
     def learn(self, pid: int | None, size: int, start_rss: int | None, peak_rss: int | None) -> None:
         """What an attempt at a chunk of `size` (Chunk.size) grew its worker by."""
@@ -100,19 +99,28 @@ def worker_memory_cap(job: JobConfig) -> int:
 
 
 class MemoryBudget:
-    """Admission: reserve a chunk's estimated bytes before submit, release when it completes."""
+    """Admission: reserve a chunk's estimated bytes before submit, release when it completes.
+    A worker's start-up is held for the run: what a worker grows as it starts, it keeps (a
+    review's job whose workers kept 150 MiB each: two under a 250 MiB budget, 1.3-1.4 x it when
+    only a worker's first chunk reserved it). One chunk is admitted whenever none runs."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.in_flight = 0
+        self.in_flight = 0  # bytes reserved: chunks running and workers' start-ups
+        self.chunks = 0
         self.peak = 0
 
     def fits(self, nbytes: int) -> bool:
-        return self.in_flight == 0 or self.in_flight + nbytes <= self.limit
+        return self.chunks == 0 or self.in_flight + nbytes <= self.limit
 
-    def reserve(self, nbytes: int) -> None:
+    def hold(self, nbytes: int) -> None:
         self.in_flight += nbytes
         self.peak = max(self.peak, self.in_flight)
 
+    def reserve(self, nbytes: int) -> None:
+        self.chunks += 1
+        self.hold(nbytes)
+
     def release(self, nbytes: int) -> None:
+        self.chunks -= 1
         self.in_flight -= nbytes

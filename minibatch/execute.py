@@ -142,6 +142,7 @@ class Executor:
             pool = self.pool = self.pool_factory(len(self.pending) + len(self.retry_at))
             if self.memory is not None:
                 self.memory.start()  # the idle baseline: a worker started, no chunk yet
+                self.budget.hold(self.model.startup * pool.size)
             try:
                 while self._work_left():
                     self._admit()
@@ -189,17 +190,17 @@ class Executor:
             self.pending.appendleft(heapq.heappop(self.retry_at)[2])
         while self.pending and self.pool.has_room():
             chunk = self.pending[0]
-            need = self.model.estimate(chunk, starts=self.pool.would_start())
-            if not self.budget.fits(need) or self._measured_over() or not self.breaker.allow(now):
+            need, startup = self.model.estimate(chunk), self.model.startup if self.pool.would_start() else 0
+            if not self.budget.fits(need + startup) or self._measured_over() or not self.breaker.allow(now):
                 break
             self.pending.popleft()
+            self.budget.hold(startup)
             task_id = self._submit(chunk, need)
             if self.breaker.state == Breaker.HALF_OPEN:
                 self.probe = task_id
 
     def _measured_over(self) -> bool:
-        # Measured over the budget: admit nothing, whatever the estimates say (but one chunk
-        # when none is in flight, or the run would stall).
+        # Measured over the budget: admit nothing, whatever the estimates say (but one chunk when none runs)
         return self.memory is not None and bool(self.in_flight) and self.memory.current > self.budget.limit
 
     def _submit(self, chunk: Chunk, need: int) -> int:
@@ -210,10 +211,7 @@ class Executor:
         name = part_name(chunk.chunk_id)
         staged, schema = staged_name(name, self.run_id, attempt), self.gate.schema
         task = Task(task_id, chunk, self.spec, self.run_id, attempt, name, staged, schema)
-        if self.memory is not None:
-            self.memory.starting(lambda: self.pool.submit(task))
-        else:
-            self.pool.submit(task)
+        self.memory.starting(lambda: self.pool.submit(task)) if self.memory else self.pool.submit(task)
         return task_id
 
     # -- waiting --------------------------------------------------------------------------------

@@ -202,23 +202,24 @@ WHERE database_name = current_database() AND table_name = 'runs' AND column_name
 
 -- name: learned_memory
 -- What a job's recent attempts grew (peak minus start RSS) per byte of their estimated size
--- in Arrow (older attempts: of the footer's size), at the 90th percentile, each worker's first
--- attempt of a run left out (it pays the worker's start-up); and that start-up: what the first
--- attempts grew beyond their chunk at that factor, at the 90th percentile.
+-- in Arrow (older attempts: of the footer's size), at the 90th percentile, from chunks of
+-- $min_bytes and more, each worker's first attempt of a run left out (it pays the worker's
+-- start-up); and that start-up: what the first attempts, of any size, grew beyond their chunk
+-- at that factor, at the 90th percentile.
 -- (A worker's attempts are numbered before any is left out: its first may have failed, or been small.)
 WITH attempt AS (
     SELECT greatest(peak_rss - start_rss, 0) AS grew, size, nth, ended_at FROM (
         SELECT *, coalesce(chunk_size, chunk_bytes) AS size,
             row_number() OVER (PARTITION BY run_id, pid ORDER BY started_at) AS nth
         FROM attempts WHERE job = $job
-    ) WHERE outcome = 'done' AND size >= $min_bytes AND start_rss IS NOT NULL AND peak_rss IS NOT NULL
+    ) WHERE outcome = 'done' AND start_rss IS NOT NULL AND peak_rss IS NOT NULL
 ), per_byte AS (
     SELECT quantile_cont(grew / size, 0.9) AS factor FROM (
-        SELECT grew, size FROM attempt WHERE nth > 1 ORDER BY ended_at DESC LIMIT 200
+        SELECT grew, size FROM attempt WHERE nth > 1 AND size >= $min_bytes ORDER BY ended_at DESC LIMIT 200
     )
 )
 SELECT factor, (
-    SELECT quantile_cont(greatest(grew - factor * size, 0), 0.9) FROM (
+    SELECT quantile_cont(greatest(grew - coalesce(factor, 0) * size, 0), 0.9) FROM (
         SELECT grew, size FROM attempt WHERE nth = 1 ORDER BY ended_at DESC LIMIT 50
     )
 ) AS startup FROM per_byte;

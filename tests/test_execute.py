@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from minibatch.admission import LEARN_FROM, MemoryModel, memory_estimate
+from minibatch.admission import LEARN_FROM, MemoryBudget, MemoryModel, memory_estimate
 from minibatch.breaker import BreakerSettings
 from minibatch.config import JobConfig
 from minibatch.events import Emitter, Event, Listener
@@ -281,11 +281,20 @@ def test_the_memory_model_learns_from_chunks_past_each_workers_first() -> None:
     model.learn(1, big.nbytes, 100, 100 + LEARN_FROM)
     assert model.factor == 5.0  # it only rises within a run
     assert MemoryModel(learned=0.3).factor == 1.0 and MemoryModel(learned=7.5).factor == 7.5
-    # what writing may hold counts until a factor is learned; a worker's start-up when one starts
+    # what writing may hold counts until a factor is learned
     unknown, learned = MemoryModel(None, 64 * 1024, 10), MemoryModel(2.0, 64 * 1024, 10)
     assert unknown.estimate(big) == 8 * LEARN_FROM + 32 * 64 * 1024
     assert learned.estimate(big) == 8 * LEARN_FROM
-    assert learned.estimate(big, starts=True) == 8 * LEARN_FROM + 10
+
+
+def test_a_workers_start_up_is_held_for_the_run() -> None:
+    budget = MemoryBudget(100)
+    budget.hold(120)  # a start-up above the whole budget: one chunk still runs at a time
+    assert budget.fits(50)
+    budget.reserve(50)
+    assert not budget.fits(1)
+    budget.release(50)
+    assert budget.fits(50) and budget.in_flight == 120 and budget.peak == 170
 
 
 def test_a_result_waiting_for_the_output_schema_is_not_busy_time(

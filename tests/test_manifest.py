@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -405,9 +406,9 @@ def test_learned_memory_counts_a_workers_real_first_attempt(path: Path) -> None:
 
     MiB = 2**20
 
-    def attempt(n: int, pid: int, grew: int, outcome: Outcome = Outcome.DONE) -> AttemptRecord:
+    def attempt(n: int, pid: int, grew: int, outcome: Outcome = Outcome.DONE, job="j") -> AttemptRecord:
         return AttemptRecord(
-            job="j", run_id="r1", chunk_id=f"c{pid}-{n}", attempt=1, label="", slot=0, pid=pid,
+            job=job, run_id="r1", chunk_id=f"c{pid}-{n}", attempt=1, label="", slot=0, pid=pid,
             admitted_at=T0 + n, started_at=T0 + n, ended_at=T0 + n + 0.5, outcome=outcome,
             reserved_bytes=0, peak_rss=100 * MiB + grew, start_rss=100 * MiB, chunk_size=4 * MiB,
         )  # fmt: skip
@@ -421,3 +422,8 @@ def test_learned_memory_counts_a_workers_real_first_attempt(path: Path) -> None:
     factor, startup = m.learned_memory("j", 2**20)
     assert factor == 2.0  # 8 MiB for 4 MiB chunks
     assert startup == 22 * MiB  # pid 7's first: 30 - 2 x 4; pid 8's first failed and does not count
+    # Chunks too small to learn a factor from still say what a worker takes on as it starts
+    # (a job of 1 KiB chunks learned no start-up, and its later runs started workers it kept).
+    small = [replace(attempt(n, 9, grew, job="k"), chunk_size=1024) for n, grew in [(1, 70 * MiB), (2, 0)]]
+    m.commit(run_record("r1", status="succeeded"), [], small)
+    assert m.learned_memory("k", 2**20) == (None, 70 * MiB)
