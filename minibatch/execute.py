@@ -194,8 +194,7 @@ class Executor:
             if not self.budget.fits(need + startup) or self._measured_over() or not self.breaker.allow(now):
                 break
             self.pending.popleft()
-            self.budget.hold(startup)
-            task_id = self._submit(chunk, need)
+            task_id = self._submit(chunk, need, startup)
             if self.breaker.state == Breaker.HALF_OPEN:
                 self.probe = task_id
 
@@ -203,7 +202,7 @@ class Executor:
         # Measured over the budget: admit nothing, whatever the estimates say (but one chunk when none runs)
         return self.memory is not None and bool(self.in_flight) and self.memory.current > self.budget.limit
 
-    def _submit(self, chunk: Chunk, need: int) -> int:
+    def _submit(self, chunk: Chunk, need: int, startup: int) -> int:
         attempt = self.attempts.get(chunk.chunk_id, 0) + 1
         task_id = next(self.ids)
         self.budget.reserve(need)
@@ -211,7 +210,9 @@ class Executor:
         name = part_name(chunk.chunk_id)
         staged, schema = staged_name(name, self.run_id, attempt), self.gate.schema
         task = Task(task_id, chunk, self.spec, self.run_id, attempt, name, staged, schema)
-        self.memory.starting(lambda: self.pool.submit(task)) if self.memory else self.pool.submit(task)
+        pid = self.memory.starting(lambda: self.pool.submit(task)) if self.memory else self.pool.submit(task)
+        if pid is not None:  # a worker started for it (none if starting one failed: PoolBroken)
+            self.budget.hold(startup)
         return task_id
 
     # -- waiting --------------------------------------------------------------------------------

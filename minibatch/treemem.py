@@ -79,7 +79,7 @@ class TreeMemory:
             self._thread = None
             self.sample()
 
-    def starting(self, start: Callable[[], int | None]) -> None:
+    def starting(self, start: Callable[[], int | None]) -> int | None:
         """Call `start`, which may start a worker (the pool starts them as work arrives) and
         return its pid, with the sampler held off: what the worker holds as it starts is idle,
         as for a worker started before the baseline, and no sample counts it before. (A worker
@@ -89,6 +89,7 @@ class TreeMemory:
             if pid is not None and self._thread is not None:
                 self.idle += anonymous(pid)
                 self._pids.append(pid)
+            return pid
 
     def sample(self) -> int:
         with self._lock:

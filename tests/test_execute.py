@@ -9,6 +9,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,7 +87,11 @@ class Harness:
 @pytest.fixture
 def make(tmp_path: Path) -> Callable[..., Harness]:
     def build(
-        run: Callable[[Task], TaskResult | TaskError], memory: object = None, **settings: object
+        run: Callable[[Task], TaskResult | TaskError],
+        memory: object = None,
+        pool: type[InlinePool] = InlinePool,
+        model: MemoryModel | None = None,
+        **settings: object,
     ) -> Harness:
         defaults: dict[str, object] = {
             "retries": 2,
@@ -110,8 +115,8 @@ def make(tmp_path: Path) -> Callable[..., Harness]:
         spec = JobSpec("j", None, "x", None, str(tmp_path), str(tmp_path), str(tmp_path))
         executor = Executor(
             job, spec, "r1", store=store, ledger=ledger, events=events, signals=signals,
-            pool_factory=lambda n: InlinePool(min(job.workers, n), counted, clock), clock=clock,
-            rng=random.Random(7), memory=memory,  # type: ignore[arg-type]
+            pool_factory=lambda n: pool(min(job.workers, n), counted, clock), clock=clock,
+            rng=random.Random(7), memory=memory, model=model,  # type: ignore[arg-type]
         )  # fmt: skip
         return Harness(executor, ledger, clock, signals, recorder, calls)
 
@@ -285,6 +290,39 @@ def test_the_memory_model_learns_from_chunks_past_each_workers_first() -> None:
     unknown, learned = MemoryModel(None, 64 * 1024, 10), MemoryModel(2.0, 64 * 1024, 10)
     assert unknown.estimate(big) == 8 * LEARN_FROM + 32 * 64 * 1024
     assert learned.estimate(big) == 8 * LEARN_FROM
+
+
+class Starting(InlinePool):
+    """Starts a worker (a made-up pid) for each of its first `size` tasks, as WorkerPool starts
+    them as work arrives; `broken`: starting one fails (PoolBroken, which submit swallows)."""
+
+    broken = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = 0
+
+    def would_start(self) -> bool:
+        return self.started < self.size
+
+    def submit(self, task: Task) -> int | None:  # type: ignore[override]
+        super().submit(task)
+        if self.started >= self.size or self.broken:
+            return None
+        self.started += 1
+        return 1000 + self.started
+
+
+class Broken(Starting):
+    broken = True
+
+
+@pytest.mark.parametrize(("pool", "held"), [(Starting, 3 * 100), (Broken, 0)])
+def test_each_worker_started_holds_its_start_up(make: Callable[..., Harness], pool: type, held: int) -> None:
+    h = make(ok, pool=pool, model=MemoryModel(2.0, 0, startup=100), workers=3)
+    h.run(chunks(6))
+    assert h.ledger.record.chunks_done == 6
+    assert h.executor.budget.in_flight == held  # the chunks' released, a started worker's start-up held
 
 
 def test_a_workers_start_up_is_held_for_the_run() -> None:

@@ -427,3 +427,8 @@ def test_learned_memory_counts_a_workers_real_first_attempt(path: Path) -> None:
     small = [replace(attempt(n, 9, grew, job="k"), chunk_size=1024) for n, grew in [(1, 70 * MiB), (2, 0)]]
     m.commit(run_record("r1", status="succeeded"), [], small)
     assert m.learned_memory("k", 2**20) == (None, 70 * MiB)
+    # ... but no more than a recent run measured above idle per worker: an attempt's RSS counts
+    # library pages a first chunk maps (shared, file-backed), which the tree measure does not
+    m.start_run(run_record("r2", job="k"))
+    m.commit(run_record("r2", job="k", status="succeeded", peak_memory=40 * MiB, workers=2), [], [])
+    assert m.learned_memory("k", 2**20) == (None, 20 * MiB)
