@@ -205,9 +205,9 @@ WHERE database_name = current_database() AND table_name = 'runs' AND column_name
 -- in Arrow (older attempts: of the footer's size), at the 90th percentile, from chunks of
 -- $min_bytes and more, each worker's first attempt of a run left out (it pays the worker's
 -- start-up); and that start-up: what the first attempts, of any size, grew beyond their chunk
--- at that factor, at the 90th percentile, and no more than the most a recent run's tree measured
--- above idle per worker (an attempt's RSS counts the library pages a first chunk maps, shared and
--- file-backed: a review's SQL job of 38 KiB chunks learned 53 MiB a worker, measured 8 at most).
+-- at that factor, at the 90th percentile, and no more than the most a recent run that did work
+-- measured above idle per worker (an attempt's RSS counts the library pages a first chunk maps,
+-- shared and file-backed: a review's SQL job of 38 KiB chunks learned 53 MiB a worker, measured 8).
 -- (A worker's attempts are numbered before any is left out: its first may have failed, or been small.)
 WITH attempt AS (
     SELECT greatest(peak_rss - start_rss, 0) AS grew, size, nth, ended_at FROM (
@@ -219,17 +219,19 @@ WITH attempt AS (
     SELECT quantile_cont(grew / size, 0.9) AS factor FROM (
         SELECT grew, size FROM attempt WHERE nth > 1 AND size >= $min_bytes ORDER BY ended_at DESC LIMIT 200
     )
-)
-SELECT factor, least((
-    SELECT quantile_cont(greatest(grew - coalesce(factor, 0) * size, 0), 0.9) FROM (
+), first AS (
+    SELECT quantile_cont(greatest(grew - coalesce(factor, 0) * size, 0), 0.9) AS startup FROM (
         SELECT grew, size FROM attempt WHERE nth = 1 ORDER BY ended_at DESC LIMIT 50
-    )
-), (
-    SELECT max(peak_memory // greatest(workers, 1)) FROM (
-        SELECT peak_memory, workers FROM runs WHERE job = $job AND peak_memory IS NOT NULL
+    ), per_byte
+), measured AS (  -- runs that did work, of any parameters (their key is job[k=v])
+    SELECT max(peak_memory // greatest(workers, 1)) AS per_worker FROM (
+        SELECT peak_memory, workers FROM runs
+        WHERE (job = $job OR starts_with(job, $job || '[')) AND peak_memory IS NOT NULL AND chunks_done > 0
         ORDER BY seq DESC LIMIT 5
     )
-)) AS startup FROM per_byte;
+)
+SELECT factor, CASE WHEN startup IS NOT NULL THEN least(startup, coalesce(per_worker, startup)) END AS startup
+FROM per_byte, first, measured;  -- (least() skips NULLs: no start-up learned stays none)
 
 -- name: latest_runs
 -- The latest run of each parameter set of a job: what a backfill's --reprocess decides on,

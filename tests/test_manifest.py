@@ -429,6 +429,14 @@ def test_learned_memory_counts_a_workers_real_first_attempt(path: Path) -> None:
     assert m.learned_memory("k", 2**20) == (None, 70 * MiB)
     # ... but no more than a recent run measured above idle per worker: an attempt's RSS counts
     # library pages a first chunk maps (shared, file-backed), which the tree measure does not
-    m.start_run(run_record("r2", job="k"))
-    m.commit(run_record("r2", job="k", status="succeeded", peak_memory=40 * MiB, workers=2), [], [])
+    # (runs of the job's parameter sets count: their key is job[k=v]; runs that did no work don't)
+    m.start_run(run_record("r2", job="k[date=2026-01-01]"))
+    done = {"status": "succeeded", "chunks_done": 3, "peak_memory": 40 * MiB, "workers": 2}
+    m.commit(run_record("r2", job="k[date=2026-01-01]", **done), [], [])
+    m.start_run(run_record("r3", job="k"))
+    m.commit(run_record("r3", job="k", **(done | {"chunks_done": 0, "peak_memory": 1024})), [], [])
     assert m.learned_memory("k", 2**20) == (None, 20 * MiB)
+    assert m.learned_memory("nothing-learned", 2**20) == (None, 0)  # a cap is no start-up
+    m.start_run(run_record("r4", job="nothing-learned"))
+    m.commit(run_record("r4", job="nothing-learned", **done), [], [])
+    assert m.learned_memory("nothing-learned", 2**20) == (None, 0)
