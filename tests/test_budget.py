@@ -201,8 +201,8 @@ def test_each_started_worker_keeps_its_start_up_reserved(project: Project, idle:
 def test_library_pages_a_first_chunk_maps_are_no_start_up(project: Project) -> None:
     """A review: a SQL job's workers map DuckDB's library on their first chunk, 53 MiB of RSS
     that is file-backed and shared; learned as a start-up and held for each worker, it left
-    later runs of a 38 KiB-chunk job under 64 MiB on one worker (peak 8-14 MiB). Attempts
-    measure anonymous memory, as the tree is measured."""
+    later runs of a 38 KiB-chunk job under 64 MiB on one worker (peak 8-14 MiB). The learned
+    start-up is capped by what recent runs' trees measured above idle per worker."""
     project.data.mkdir(exist_ok=True)
     for f in range(8):
         ids = pa.array(range(f * 2000, (f + 1) * 2000), pa.int64())
