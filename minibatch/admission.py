@@ -17,12 +17,16 @@ from minibatch.units import MAX_SIZE
 if TYPE_CHECKING:
     from minibatch.config import JobConfig
     from minibatch.signals import StopSignals
+    from minibatch.treemem import TreeMemory
 
 BACKOFF_CAP = 60.0
 MEMORY_FACTOR = 2.0  # working memory of a chunk ~ its uncompressed input + its result
 WRITE_HOLDS = 32  # x its dictionary page limit: what the Parquet writer may hold for one column
 HOLD_CHUNKS = 8  # a worker's share of memory_limit, in chunks, from which freed pages may wait
 LEARN_FROM = 1 << 20  # smaller chunks say more about a worker's fixed costs than about bytes
+# Room kept for a start-up not learned yet (a job's first run): measured 8-18 MiB for a job of
+# pyarrow alone (tests/test_budget.py), more for one that imports its own libraries.
+STARTUP_GUESS = 32 << 20
 
 
 @contextlib.contextmanager
@@ -63,25 +67,54 @@ class MemoryModel:
     says 3.7). For the whole run: dropping it once a chunk grew less let a first run start a
     second worker, whose start-up no estimate counted (wide data: 1.4 x the budget, not 0.8 x).
     `startup`: what a worker's first attempt grew beyond its chunk, learned like the factor;
-    each worker started holds it in the budget for the run (MemoryBudget.hold)."""
+    each worker started holds it in the budget for the run (MemoryBudget.hold). A first run,
+    which knows none, learns it from its first chunk to finish, and until then starts another
+    worker only with room for STARTUP_GUESS (without: 1.3-1.6 x the budget on a huge row group)."""
 
-    def __init__(self, learned: float | None = None, dictionary_limit: int = 0, startup: int = 0) -> None:
+    def __init__(
+        self, learned: float | None = None, dictionary_limit: int = 0, startup: int | None = None
+    ) -> None:
         self.factor = MEMORY_FACTOR if learned is None else max(1.0, learned)
         self.write = WRITE_HOLDS * dictionary_limit if learned is None else 0
-        self.startup = startup
+        self.startup = startup  # None: not learned yet
+        self.started = 0  # workers started in this run
         self._workers: set[int] = set()
 
     def estimate(self, chunk: Chunk) -> int:
         """Bytes to reserve for `chunk` while it runs."""
         return memory_estimate(chunk, self.factor) + min(chunk.size, self.write)
 
-    def learn(self, pid: int | None, size: int, start_rss: int | None, peak_rss: int | None) -> None:
-        """What an attempt at a chunk of `size` (Chunk.size) grew its worker by."""
+    def room_to_start(self) -> int:
+        """What a chunk that starts a worker needs beside its own estimate."""
+        return STARTUP_GUESS if self.startup is None else self.startup
+
+    def start(self, workers: int) -> int:
+        """`workers` started: the start-up to hold for them (none while it is unknown)."""
+        self.started += workers
+        return workers * (self.startup or 0)
+
+    def learn(
+        self, pid: int | None, size: int, start_rss: int | None, peak_rss: int | None,
+        memory: TreeMemory | None = None,
+    ) -> int:  # fmt: skip
+        """What an attempt at a chunk of `size` (Chunk.size) grew its worker by. Returns the
+        start-up to hold from now: when this is the run's first attempt to tell it, for every
+        worker started, each no more than the tree's peak above idle per worker (`memory`, if
+        measured): an attempt's RSS counts the library pages a first chunk maps."""
         first = pid not in self._workers
         self._workers.add(pid or 0)
-        if first or size < LEARN_FROM or start_rss is None or peak_rss is None:
-            return
-        self.factor = max(self.factor, (peak_rss - start_rss) / size)
+        if start_rss is None or peak_rss is None:
+            return 0
+        if first:
+            if self.startup is not None:
+                return 0
+            tree = memory.sampled_peak() if memory is not None else None
+            grew = max(0, int(peak_rss - start_rss - self.factor * size))
+            self.startup = grew if tree is None else min(grew, tree // max(self.started, 1))
+            return self.started * self.startup
+        if size >= LEARN_FROM:
+            self.factor = max(self.factor, (peak_rss - start_rss) / size)
+        return 0
 
 
 def frees_at_once(job: JobConfig) -> bool:

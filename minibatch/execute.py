@@ -142,7 +142,7 @@ class Executor:
             pool = self.pool = self.pool_factory(len(self.pending) + len(self.retry_at))
             if self.memory is not None:
                 self.memory.start()  # the idle baseline: a worker started, no chunk yet
-                self.budget.hold(self.model.startup * pool.size)
+                self.budget.hold(self.model.start(pool.size))
             try:
                 while self._work_left():
                     self._admit()
@@ -190,11 +190,12 @@ class Executor:
             self.pending.appendleft(heapq.heappop(self.retry_at)[2])
         while self.pending and self.pool.has_room():
             chunk = self.pending[0]
-            need, startup = self.model.estimate(chunk), self.model.startup if self.pool.would_start() else 0
-            if not self.budget.fits(need + startup) or self._measured_over() or not self.breaker.allow(now):
+            need = self.model.estimate(chunk)
+            room = need + (self.model.room_to_start() if self.pool.would_start() else 0)
+            if not self.budget.fits(room) or self._measured_over() or not self.breaker.allow(now):
                 break
             self.pending.popleft()
-            task_id = self._submit(chunk, need, startup)
+            task_id = self._submit(chunk, need)
             if self.breaker.state == Breaker.HALF_OPEN:
                 self.probe = task_id
 
@@ -202,7 +203,7 @@ class Executor:
         # Measured over the budget: admit nothing, whatever the estimates say (but one chunk when none runs)
         return self.memory is not None and bool(self.in_flight) and self.memory.current > self.budget.limit
 
-    def _submit(self, chunk: Chunk, need: int, startup: int) -> int:
+    def _submit(self, chunk: Chunk, need: int) -> int:
         attempt = self.attempts.get(chunk.chunk_id, 0) + 1
         task_id = next(self.ids)
         self.budget.reserve(need)
@@ -212,7 +213,7 @@ class Executor:
         task = Task(task_id, chunk, self.spec, self.run_id, attempt, name, staged, schema)
         pid = self.memory.starting(lambda: self.pool.submit(task)) if self.memory else self.pool.submit(task)
         if pid is not None:  # a worker started for it (none if starting one failed: PoolBroken)
-            self.budget.hold(startup)
+            self.budget.hold(self.model.start(1))
         return task_id
 
     # -- waiting --------------------------------------------------------------------------------
@@ -301,10 +302,9 @@ class Executor:
             self.events(EventKind.RUN_HALTED, error=why, in_flight=len(self.in_flight))
 
     def _code_is_broken(self, item: _InFlight, error: TaskError) -> bool:
-        """The first chunks all fail with one error that no retry can mend (a TypeError, a SQL
-        binder error): the job's code is broken, and trying every chunk only burns time. The
-        chunk is dead-lettered and the run stops; had the data been the cause, the next run
-        skips that chunk and goes on."""
+        """The first chunks all fail with one error no retry mends (a TypeError, a SQL binder
+        error): the job's code is broken, and trying every chunk burns time. The chunk is dead-
+        lettered and the run stops; had the data been the cause, the next run skips it."""
         if self.successes or error.type not in DETERMINISTIC:
             return False
         chunks = self.same_error.setdefault((error.type, error.message), set())
@@ -325,7 +325,8 @@ class Executor:
         self.attempts[item.chunk.chunk_id] = item.attempt
         self.breaker.record(True, self.clock.monotonic(), probe)
         pid = item.started.pid if item.started else None
-        self.model.learn(pid, item.chunk.size, result.start_rss, result.peak_rss)
+        learned = self.model.learn(pid, item.chunk.size, result.start_rss, result.peak_rss, self.memory)
+        self.budget.hold(learned)  # a start-up, once this run learns it
         if result.staged is None and result.schema is not None and self.store.empty_schema is None:
             self.store.empty_schema = result.schema
         rows_schema = result.schema if result.staged is not None else None

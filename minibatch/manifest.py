@@ -281,11 +281,11 @@ class Manifest:
             row = con.execute(Q["reduce_key"], {"job": job}).fetchone()
         return str(row[0]) if row else None
 
-    def learned_memory(self, job: str, min_bytes: int) -> tuple[float | None, int]:
+    def learned_memory(self, job: str, min_bytes: int) -> tuple[float | None, int | None]:
         with self.connect() as con:
             row = con.execute(Q["learned_memory"], {"job": job, "min_bytes": min_bytes}).fetchone()
-        factor, startup = row or (None, 0)  # (always a row: aggregates)
-        return (None if factor is None else float(factor)), int(startup or 0)
+        factor, startup = row or (None, None)  # (always a row: aggregates)
+        return (None if factor is None else float(factor)), (None if startup is None else int(startup))
 
     def record_reduce(self, job: str, key: str) -> None:
         self.named("record_reduce", job=job, key=key)

@@ -144,7 +144,7 @@ class Run:
         self.gone: set[str] = set()  # input files removed under the run: their results go too
         self.input_schema: str | None = None  # JSON, decided at planning
         self.reduced_key: str | None = None  # what the output is the reduction of, at start
-        self.learned: tuple[float | None, int] = (None, 0)  # per byte, a worker's start-up: earlier runs
+        self.learned: tuple[float | None, int | None] = (None, None)  # per byte, a start-up: earlier runs
 
     def record_crash(self, exc: Exception) -> None:
         if isinstance(exc, ConfigError) and not self.started:  # refused before it began: no run

@@ -100,6 +100,13 @@ class TreeMemory:
             self.peak = max(self.peak, self.current)
             return self.current
 
+    def sampled_peak(self) -> int | None:
+        """The peak above idle, with a sample taken now (None where nothing is measured)."""
+        if not self.available:
+            return None
+        self.sample()
+        return self.peak
+
     def _sample_until_stopped(self) -> None:
         while not self._stop.wait(self.interval):
             self.sample()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -253,8 +253,11 @@ class Measured:
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
-    def starting(self, start: Callable[[], int | None]) -> None:
-        start()
+    def sampled_peak(self) -> int:
+        return self.peak
+
+    def starting(self, start: Callable[[], int | None]) -> int | None:
+        return start()
 
 
 @pytest.mark.parametrize("over", [False, True])
@@ -293,36 +296,74 @@ def test_the_memory_model_learns_from_chunks_past_each_workers_first() -> None:
 
 
 class Starting(InlinePool):
-    """Starts a worker (a made-up pid) for each of its first `size` tasks, as WorkerPool starts
-    them as work arrives; `broken`: starting one fails (PoolBroken, which submit swallows)."""
+    """As WorkerPool: one worker at first, another (a made-up pid) for a task that finds each
+    started one with a task queued, up to `size`; `broken`: starting one fails (PoolBroken,
+    which submit swallows)."""
 
     broken = False
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.started = 0
+    def __init__(self, size: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(size, *args, **kwargs)
+        self.most, self.size = size, 1
 
     def would_start(self) -> bool:
-        return self.started < self.size
+        return self.size < self.most and len(self.queue) >= self.size
 
     def submit(self, task: Task) -> int | None:  # type: ignore[override]
+        starts = self.would_start() and not self.broken
         super().submit(task)
-        if self.started >= self.size or self.broken:
+        if not starts:
             return None
-        self.started += 1
-        return 1000 + self.started
+        self.size += 1
+        return 1000 + self.size
 
 
 class Broken(Starting):
     broken = True
 
 
-@pytest.mark.parametrize(("pool", "held"), [(Starting, 3 * 100), (Broken, 0)])
+@pytest.mark.parametrize(("pool", "held"), [(Starting, 3 * 100), (Broken, 100)])
 def test_each_worker_started_holds_its_start_up(make: Callable[..., Harness], pool: type, held: int) -> None:
-    h = make(ok, pool=pool, model=MemoryModel(2.0, 0, startup=100), workers=3)
+    h = make(ok, pool=pool, model=MemoryModel(2.0, 0, startup=100), workers=3, memory=Measured())
     h.run(chunks(6))
     assert h.ledger.record.chunks_done == 6
     assert h.executor.budget.in_flight == held  # the chunks' released, a started worker's start-up held
+
+
+def test_a_first_run_starts_a_second_worker_once_a_first_chunk_told_its_start_up(
+    make: Callable[..., Harness],
+) -> None:
+    """A job's first run knew no start-up and counted none: under 16 MiB, 2 MiB slices of a huge
+    row group started a second worker at once, whose ~10 MiB start-up took the tree to 1.3-1.6 x
+    the budget (a later run, which knew it, kept one worker: 0.8 x). Until a first chunk has
+    finished, a chunk that would start a worker needs room for a guessed start-up; then the
+    start-up that chunk's worker grew beyond it is held for every worker started."""
+    workers_at_run: list[int] = []
+
+    def grew(task: Task) -> TaskResult:  # each worker's first chunk grows it 300 beyond the chunk
+        workers_at_run.append(h.executor.pool.size)
+        return replace(ok(task), start_rss=0, peak_rss=200 + 300)
+
+    measured = Measured(peak=400)  # the tree above idle: more than the start-up (no cap)
+    h = make(grew, pool=Starting, model=MemoryModel(2.0, 0), workers=3, memory_limit=1000, memory=measured)
+    h.run(chunks(4, nbytes=100))  # 200 a chunk at that factor
+    assert h.ledger.record.chunks_done == 4
+    assert workers_at_run[0] == 1  # the second worker waited for the first chunk's start-up
+    assert max(workers_at_run) == 2  # 300 + 200 + 300 + 200 fit in 1000; a third worker does not
+    assert h.executor.model.startup == 300 and h.executor.budget.in_flight == 2 * 300
+
+
+def test_a_start_up_learned_in_a_run_is_capped_by_the_tree_measured(make: Callable[..., Harness]) -> None:
+    """An attempt's RSS counts library pages its first chunk maps (shared, file-backed), which
+    the tree's anonymous memory does not: a learned start-up is capped by the tree measured."""
+
+    def grew(task: Task) -> TaskResult:
+        return replace(ok(task), start_rss=0, peak_rss=200 + 300)
+
+    measured = Measured(peak=50)
+    h = make(grew, pool=Starting, model=MemoryModel(2.0, 0), workers=3, memory_limit=1000, memory=measured)
+    h.run(chunks(4, nbytes=100))
+    assert h.executor.model.startup == 50
 
 
 def test_a_workers_start_up_is_held_for_the_run() -> None:

@@ -414,7 +414,7 @@ def test_learned_memory_counts_a_workers_real_first_attempt(path: Path) -> None:
         )  # fmt: skip
 
     m = Manifest(path)
-    assert m.learned_memory("j", 2**20) == (None, 0)  # nothing learned yet
+    assert m.learned_memory("j", 2**20) == (None, None)  # nothing learned yet (a first run learns it)
     attempts = [attempt(1, 7, 30 * MiB), attempt(2, 7, 8 * MiB), attempt(3, 7, 8 * MiB)]
     attempts += [attempt(1, 8, 0, Outcome.RETRIED), attempt(2, 8, 8 * MiB), attempt(3, 8, 8 * MiB)]
     m.start_run(run_record("r1"))
@@ -436,7 +436,7 @@ def test_learned_memory_counts_a_workers_real_first_attempt(path: Path) -> None:
     m.start_run(run_record("r3", job="k"))
     m.commit(run_record("r3", job="k", **(done | {"chunks_done": 0, "peak_memory": 1024})), [], [])
     assert m.learned_memory("k", 2**20) == (None, 20 * MiB)
-    assert m.learned_memory("nothing-learned", 2**20) == (None, 0)  # a cap is no start-up
+    assert m.learned_memory("nothing-learned", 2**20) == (None, None)  # a cap is no start-up
     m.start_run(run_record("r4", job="nothing-learned"))
     m.commit(run_record("r4", job="nothing-learned", **done), [], [])
-    assert m.learned_memory("nothing-learned", 2**20) == (None, 0)
+    assert m.learned_memory("nothing-learned", 2**20) == (None, None)
