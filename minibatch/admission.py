@@ -23,6 +23,7 @@ BACKOFF_CAP = 60.0
 MEMORY_FACTOR = 2.0  # working memory of a chunk ~ its uncompressed input + its result
 WRITE_HOLDS = 32  # x its dictionary page limit: what the Parquet writer may hold for one column
 HOLD_CHUNKS = 8  # a worker's share of memory_limit, in chunks, from which freed pages may wait
+SMALL_SHARE = 64 << 20  # a worker's share of memory_limit up to which freed pages never wait
 LEARN_FROM = 1 << 20  # smaller chunks say more about a worker's fixed costs than about bytes
 # Room kept for a start-up not learned yet (a job's first run): measured 8-18 MiB for a job of
 # pyarrow alone (tests/test_budget.py), more for one that imports its own libraries.
@@ -120,8 +121,10 @@ class MemoryModel:
 def frees_at_once(job: JobConfig) -> bool:
     """Whether workers hand freed pages back to the OS at once, not after a second: slower (the
     bench's map_light by ~24%), but a worker's allocator holds about a chunk's working set, 3-9 x
-    chunk_bytes, which a share of memory_limit under HOLD_CHUNKS chunks cannot spare."""
-    return job.memory_limit < HOLD_CHUNKS * job.chunk_bytes * job.workers
+    chunk_bytes, which a share of memory_limit under HOLD_CHUNKS chunks cannot spare; nor can a
+    share of up to SMALL_SHARE what its first Parquet write leaves (up to half of it:
+    tasks.dictionary_limit; 2 MiB slices on one worker under 16 MiB: 1.8 x it, not 0.6 x)."""
+    return job.memory_limit < job.workers * max(HOLD_CHUNKS * job.chunk_bytes, SMALL_SHARE + 1)
 
 
 def worker_memory_cap(job: JobConfig) -> int:

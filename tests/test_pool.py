@@ -446,6 +446,10 @@ def test_workers_free_pages_at_once_only_under_a_tight_budget(tmp_path: Path) ->
     assert frees_at_once(job(workers=2, memory_limit=1023 * MiB, chunk_bytes=64 * MiB))
     assert not frees_at_once(job(workers=2, memory_limit=1024 * MiB, chunk_bytes=64 * MiB))  # 8 chunks each
     assert not frees_at_once(job(workers=1, memory_limit=2**30, chunk_bytes=64 * MiB))  # the defaults
+    # a share of up to 64 MiB cannot spare what a first write leaves, however small the chunks
+    assert frees_at_once(job(workers=1, memory_limit=16 * MiB, chunk_bytes=2 * MiB))  # test_budget's
+    assert frees_at_once(job(workers=2, memory_limit=128 * MiB, chunk_bytes=1 * MiB))
+    assert not frees_at_once(job(workers=2, memory_limit=130 * MiB, chunk_bytes=1 * MiB))
 
 
 def test_a_forkserver_started_by_a_tight_pool_frees_at_once() -> None:
