@@ -50,10 +50,6 @@ def backoff(attempt: int, base: float, cap: float = BACKOFF_CAP, rng: random.Ran
     return (rng or random).uniform(0, min(cap, base * 2 ** min(attempt - 1, 64)))
 
 
-def memory_estimate(chunk: Chunk, factor: float = MEMORY_FACTOR) -> int:
-    return int(chunk.size * factor)
-
-
 class MemoryModel:
     """Bytes of working memory per byte of a chunk's size in Arrow (Chunk.size, the planner's
     estimate). What the job's own code holds beside its input is unknown, so the factor is
@@ -67,10 +63,11 @@ class MemoryModel:
     slice of 3 columns grew its worker 4.4-6.4 MiB with a 64 KiB limit, where the factor alone
     says 3.7). For the whole run: dropping it once a chunk grew less let a first run start a
     second worker, whose start-up no estimate counted (wide data: 1.4 x the budget, not 0.8 x).
-    `startup`: what a worker's first attempt grew beyond its chunk, learned like the factor;
+    `startup`: what a worker's first attempt grew beyond its chunk, learned from earlier runs;
     each worker started holds it in the budget for the run (MemoryBudget.hold). A first run,
-    which knows none, learns it from its first chunk to finish, and until then starts another
-    worker only with room for STARTUP_GUESS (without: 1.3-1.6 x the budget on a huge row group)."""
+    which knows none, starts another worker only with room for STARTUP_GUESS until a first
+    chunk has finished (without: 1.3-1.6 x the budget on a huge row group), then learns it from
+    its own first chunks, less as its factor rises (see `learn`)."""
 
     def __init__(
         self, learned: float | None = None, dictionary_limit: int = 0, startup: int | None = None
@@ -80,10 +77,16 @@ class MemoryModel:
         self.startup = startup  # None: not learned yet
         self.started = 0  # workers started in this run
         self._workers: set[int] = set()
+        self._firsts: list[tuple[int, int]] | None = [] if startup is None else None  # (grew, size)
+        self._cap: int | None = None  # the tree measured above idle per worker, when learning
+        self._held = 0  # start-up held for the workers started
 
     def estimate(self, chunk: Chunk) -> int:
         """Bytes to reserve for `chunk` while it runs."""
-        return memory_estimate(chunk, self.factor) + min(chunk.size, self.write)
+        return self._working(chunk.size)
+
+    def _working(self, size: int) -> int:
+        return int(size * self.factor) + min(size, self.write)
 
     def room_to_start(self) -> int:
         """What a chunk that starts a worker needs beside its own estimate."""
@@ -92,30 +95,41 @@ class MemoryModel:
     def start(self, workers: int) -> int:
         """`workers` started: the start-up to hold for them (none while it is unknown)."""
         self.started += workers
-        return workers * (self.startup or 0)
+        return self._hold()
+
+    def _hold(self) -> int:
+        """What to hold beyond what is held (less than nothing once a risen factor says more of
+        the first chunks' growth was theirs, not the workers')."""
+        held, self._held = self._held, self.started * (self.startup or 0)
+        return self._held - held
 
     def learn(
         self, pid: int | None, size: int, start_rss: int | None, peak_rss: int | None,
         memory: TreeMemory | None = None,
     ) -> int:  # fmt: skip
         """What an attempt at a chunk of `size` (Chunk.size) grew its worker by. Returns the
-        start-up to hold from now: when this is the run's first attempt to tell it, for every
-        worker started, each no more than the tree's peak above idle per worker (`memory`, if
-        measured): an attempt's RSS counts the library pages a first chunk maps."""
+        start-up to hold from now: a first run learns it as the most its workers' first chunks
+        grew beyond their estimate at the factor learned so far, for every worker started, each
+        no more than the tree's peak above idle per worker (`memory`, if measured) when a first
+        chunk ended: an attempt's RSS counts the library pages a first chunk maps."""
         first = pid not in self._workers
         self._workers.add(pid or 0)
         if start_rss is None or peak_rss is None:
             return 0
+        grew = peak_rss - start_rss
+        if not first and size >= LEARN_FROM:
+            self.factor = max(self.factor, grew / size)
+        if self._firsts is None:
+            return 0
         if first:
-            if self.startup is not None:
-                return 0
+            self._firsts.append((grew, size))
             tree = memory.sampled_peak() if memory is not None else None
-            grew = max(0, int(peak_rss - start_rss - self.factor * size))
-            self.startup = grew if tree is None else min(grew, tree // max(self.started, 1))
-            return self.started * self.startup
-        if size >= LEARN_FROM:
-            self.factor = max(self.factor, (peak_rss - start_rss) / size)
-        return 0
+            self._cap = None if tree is None else tree // max(self.started, 1)
+        if not self._firsts:
+            return 0
+        startup = max(max(0, g - self._working(n)) for g, n in self._firsts)
+        self.startup = startup if self._cap is None else min(startup, self._cap)
+        return self._hold()
 
 
 def frees_at_once(job: JobConfig) -> bool:

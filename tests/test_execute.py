@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from minibatch.admission import LEARN_FROM, MemoryBudget, MemoryModel, memory_estimate
+from minibatch.admission import LEARN_FROM, STARTUP_GUESS, MemoryBudget, MemoryModel
 from minibatch.breaker import BreakerSettings
 from minibatch.config import JobConfig
 from minibatch.events import Emitter, Event, Listener
@@ -201,7 +201,7 @@ def test_admission_keeps_the_estimates_in_flight_within_the_budget(make: Callabl
         return ok(task)
 
     size = 1000
-    h = make(measure, workers=4, memory_limit=2 * memory_estimate(chunks(1, size)[0]))
+    h = make(measure, workers=4, memory_limit=2 * MemoryModel().estimate(chunks(1, size)[0]))
     h.run(chunks(8, size))
     assert h.ledger.record.chunks_done == 8
     assert max(seen) <= h.executor.budget.limit and h.executor.budget.peak <= h.executor.budget.limit
@@ -210,7 +210,7 @@ def test_admission_keeps_the_estimates_in_flight_within_the_budget(make: Callabl
 def test_a_chunk_bigger_than_the_budget_runs_alone(make: Callable[..., Harness]) -> None:
     h = make(ok, memory_limit=10)
     out = h.run(chunks(3, nbytes=1000))
-    assert h.ledger.record.chunks_done == 3 and out.peak_in_flight == memory_estimate(chunks(1)[0])
+    assert h.ledger.record.chunks_done == 3 and out.peak_in_flight == MemoryModel().estimate(chunks(1)[0])
 
 
 def test_a_stop_lets_in_flight_chunks_finish_and_leaves_the_rest_uncharged(
@@ -353,6 +353,26 @@ def test_a_first_run_starts_a_second_worker_once_a_first_chunk_told_its_start_up
     assert h.executor.model.startup == 300 and h.executor.budget.in_flight == 2 * 300
 
 
+def test_a_first_runs_start_up_is_what_first_chunks_grew_beyond_later_ones() -> None:
+    """A review: a first run learned the start-up at the default factor (2), so a job of ~4 per
+    byte took the rest of its chunks' growth for start-up and held it for each worker for the
+    run (33 MiB chunks: 77 MiB a worker where its later runs learned 14; nearly serial under
+    400 MiB). A factor learned later in the run gives that back; each worker started holds it."""
+    MiB, size = 2**20, 4 * LEARN_FROM
+    model = MemoryModel(None, 0)
+    assert model.start(2) == 0 and model.room_to_start() == STARTUP_GUESS  # unknown: none held yet
+    held = model.learn(1, size, 0, 4 * size + 20 * MiB)  # a worker's first chunk
+    assert held == 2 * (2 * size + 20 * MiB)  # at the default factor, for both workers started
+    held += model.learn(1, size, 0, 4 * size)  # its second: the factor is 4
+    assert model.factor == 4.0 and model.startup == 20 * MiB and held == 2 * 20 * MiB
+    held += model.learn(2, size, 0, 4 * size + 30 * MiB)  # the other's first: the most of them
+    assert model.startup == 30 * MiB and held == 2 * 30 * MiB
+    held += model.start(1)
+    assert held == 3 * 30 * MiB
+    known = MemoryModel(None, 0, startup=5 * MiB)  # learned from earlier runs: kept as it is
+    assert known.start(1) == 5 * MiB and known.learn(1, size, 0, 9 * size) == 0 and known.startup == 5 * MiB
+
+
 def test_a_start_up_learned_in_a_run_is_capped_by_the_tree_measured(make: Callable[..., Harness]) -> None:
     """An attempt's RSS counts library pages its first chunk maps (shared, file-backed), which
     the tree's anonymous memory does not: a learned start-up is capped by the tree measured."""
@@ -360,8 +380,9 @@ def test_a_start_up_learned_in_a_run_is_capped_by_the_tree_measured(make: Callab
     def grew(task: Task) -> TaskResult:
         return replace(ok(task), start_rss=0, peak_rss=200 + 300)
 
-    measured = Measured(peak=50)
+    measured = Measured(peak=100)
     h = make(grew, pool=Starting, model=MemoryModel(2.0, 0), workers=3, memory_limit=1000, memory=measured)
+    h.executor.model.start(1)  # a second worker already started: the tree's peak is two workers'
     h.run(chunks(4, nbytes=100))
     assert h.executor.model.startup == 50
 
