@@ -130,7 +130,7 @@ def run_task(task: Task) -> TaskResult:
         read_seconds=read - started,
         compute_seconds=computed - read,
         write_seconds=ended - computed,
-        peak_rss=_peak_rss(),
+        peak_rss=_peak_rss(start_rss),
         start_rss=start_rss,
         cpu_seconds=time.process_time() - cpu,
         queued_seconds=_queued() - queued,
@@ -166,12 +166,13 @@ def _queued() -> float:
         return 0.0
 
 
-def _peak_rss() -> int | None:
+def _peak_rss(start: int | None) -> int | None:
+    # No less than its start: Linux 6.2+ counts RSS per CPU, and two reads differ by ~160 KiB
     try:
         with open("/proc/self/status", "rb") as f:
             for line in f:
                 if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1]) * 1024
+                    return max(int(line.split()[1]) * 1024, start or 0)
     except OSError:
         pass
     return None
@@ -325,12 +326,10 @@ def set_memory_cap(limit: int | None) -> None:
 
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this worker when the process that forked it dies."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _die_with_coordinator() -> None:
