@@ -65,9 +65,9 @@ class MemoryModel:
     second worker, whose start-up no estimate counted (wide data: 1.4 x the budget, not 0.8 x).
     `startup`: what a worker's first attempt grew beyond its chunk, learned from earlier runs;
     each worker started holds it in the budget for the run (MemoryBudget.hold). A first run,
-    which knows none, starts another worker only with room for STARTUP_GUESS until a first
-    chunk has finished (without: 1.3-1.6 x the budget on a huge row group), then learns it from
-    its own first chunks, less as its factor rises (see `learn`)."""
+    which knows none, holds STARTUP_GUESS for each worker started until a first chunk has
+    finished (without: 1.3-1.6 x the budget on a huge row group), then learns it from its own
+    first chunks, less as its factor rises (see `learn`)."""
 
     def __init__(
         self, learned: float | None = None, dictionary_limit: int = 0, startup: int | None = None
@@ -93,14 +93,14 @@ class MemoryModel:
         return STARTUP_GUESS if self.startup is None else self.startup
 
     def start(self, workers: int) -> int:
-        """`workers` started: the start-up to hold for them (none while it is unknown)."""
+        """`workers` started: the start-up to hold for them (the guess while it is unknown)."""
         self.started += workers
         return self._hold()
 
     def _hold(self) -> int:
-        """What to hold beyond what is held (less than nothing once a risen factor says more of
-        the first chunks' growth was theirs, not the workers')."""
-        held, self._held = self._held, self.started * (self.startup or 0)
+        """What to hold beyond what is held (less than nothing once a start-up is learned below
+        the guess, or a risen factor says more of the first chunks' growth was theirs)."""
+        held, self._held = self._held, self.started * self.room_to_start()
         return self._held - held
 
     def learn(

@@ -271,7 +271,7 @@ def test_a_tree_measured_over_the_budget_admits_one_chunk_at_a_time(
         return ok(task)
 
     memory = Measured(current=2000 if over else 0)
-    h = make(measure, memory=memory, workers=4, memory_limit=1000)
+    h = make(measure, memory=memory, workers=4, memory_limit=1000, model=MemoryModel(startup=0))
     out = h.run(chunks(8, nbytes=10))  # estimates far below the budget: only the measure limits
     assert h.ledger.record.chunks_done == 8 and out.idle_memory == 100
     assert max(seen) == (1 if over else 8)
@@ -353,6 +353,24 @@ def test_a_first_run_starts_a_second_worker_once_a_first_chunk_told_its_start_up
     assert h.executor.model.startup == 300 and h.executor.budget.in_flight == 2 * 300
 
 
+def test_a_start_up_not_learned_yet_is_held_as_a_guess_for_each_worker_started(
+    make: Callable[..., Harness],
+) -> None:
+    """A review: the guess was only checked for the worker about to start, so one admission
+    pass, before any chunk had finished, started four workers in 100 MiB (6 MiB chunks)."""
+    MiB, workers_at_run = 2**20, []
+
+    def run(task: Task) -> TaskResult:
+        workers_at_run.append(h.executor.pool.size)
+        return ok(task)  # no RSS said: nothing learned
+
+    model = MemoryModel(2.0, 0)
+    h = make(run, pool=Starting, model=model, workers=4, memory_limit=100 * MiB, memory=Measured())
+    h.run(chunks(8, nbytes=3 * MiB))
+    assert h.ledger.record.chunks_done == 8
+    assert max(workers_at_run) == 2  # 32 + 6 + 6 + 32 fit in 100 MiB, a third 38 more does not
+
+
 def test_a_first_runs_start_up_is_what_first_chunks_grew_beyond_later_ones() -> None:
     """A review: a first run learned the start-up at the default factor (2), so a job of ~4 per
     byte took the rest of its chunks' growth for start-up and held it for each worker for the
@@ -360,8 +378,9 @@ def test_a_first_runs_start_up_is_what_first_chunks_grew_beyond_later_ones() -> 
     400 MiB). A factor learned later in the run gives that back; each worker started holds it."""
     MiB, size = 2**20, 4 * LEARN_FROM
     model = MemoryModel(None, 0)
-    assert model.start(2) == 0 and model.room_to_start() == STARTUP_GUESS  # unknown: none held yet
-    held = model.learn(1, size, 0, 4 * size + 20 * MiB)  # a worker's first chunk
+    held = model.start(2)
+    assert held == 2 * STARTUP_GUESS and model.room_to_start() == STARTUP_GUESS  # unknown: a guess
+    held += model.learn(1, size, 0, 4 * size + 20 * MiB)  # a worker's first chunk
     assert held == 2 * (2 * size + 20 * MiB)  # at the default factor, for both workers started
     held += model.learn(1, size, 0, 4 * size)  # its second: the factor is 4
     assert model.factor == 4.0 and model.startup == 20 * MiB and held == 2 * 20 * MiB
