@@ -122,7 +122,7 @@ def idle(tmp_path_factory: pytest.TempPathFactory) -> int:
 
 # (settings, data). Measured (2026-12-02, session 26, 3 runs each, tree above idle / budget):
 # wide 0.74-1.18, dictionary 0.51-0.61, huge group 0.58-0.66 under 16 MiB; beside two busy loops
-# 0.60-0.85, 0.75-0.84 and 0.70-0.98. The huge group's budget is 16 MiB: under CPU contention the
+# 0.60-1.22, 0.50-0.84 and 0.70-1.17 (6 runs). The huge group's budget is 16 MiB: under CPU contention the
 # coordinator's DuckDB commits grow it 5-18 MiB, the whole of an 8 MiB budget (0.95-2.2 x). Under
 # 16 MiB a first run started a second worker at once, its start-up unknown: 0.94-1.6 x (CI: 1.59),
 # until a first run learned it from its first chunk (MemoryModel). On one worker (configured):
