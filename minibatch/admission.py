@@ -65,9 +65,9 @@ class MemoryModel:
     second worker, whose start-up no estimate counted (wide data: 1.4 x the budget, not 0.8 x).
     `startup`: what a worker's first attempt grew beyond its chunk, learned from earlier runs;
     each worker started holds it in the budget for the run (MemoryBudget.hold). A first run,
-    which knows none, holds STARTUP_GUESS for each worker started until a first chunk has
-    finished (without: 1.3-1.6 x the budget on a huge row group), then learns it from its own
-    first chunks, less as its factor rises (see `learn`)."""
+    which knows none, holds STARTUP_GUESS for each worker started after the first until a first
+    chunk has finished (without: 1.3-1.6 x the budget on a huge row group), then learns it from
+    its own first chunks, less as its factor rises (see `learn`)."""
 
     def __init__(
         self, learned: float | None = None, dictionary_limit: int = 0, startup: int | None = None
@@ -99,9 +99,18 @@ class MemoryModel:
 
     def _hold(self) -> int:
         """What to hold beyond what is held (less than nothing once a start-up is learned below
-        the guess, or a risen factor says more of the first chunks' growth was theirs)."""
-        held, self._held = self._held, self.started * self.room_to_start()
+        the guess, or a risen factor says more of the first chunks' growth was theirs). The
+        guess is held for each worker but the first, whose start-up its first chunk shows (held
+        for it too, two long chunks of a first run in 64 MiB ran one after the other)."""
+        held = self._held
+        guessed = max(self.started - 1, 0) * STARTUP_GUESS
+        self._held = guessed if self.startup is None else self.started * self.startup
         return self._held - held
+
+    def failed(self, pid: int) -> None:
+        """An attempt on worker `pid` failed: a first one is still its first (the next, imports
+        done, would show no start-up)."""
+        self._workers.add(pid)
 
     def learn(
         self, pid: int | None, size: int, start_rss: int | None, peak_rss: int | None,

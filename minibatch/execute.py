@@ -150,7 +150,9 @@ class Executor:
             finally:
                 self.out.workers = pool.size  # the workers it started
                 pool.terminate()  # idle now, or stopping at once: nothing left to wait for
-                self._stop_measuring()
+                if self.memory is not None and self.memory.available:
+                    self.memory.stop()
+                    self.out.peak_memory, self.out.idle_memory = self.memory.peak, self.memory.idle
         except PoolBroken as exc:  # chunks in flight are not recorded: the next run does them
             self.out.error = f"{exc}; {len(self.in_flight) + len(self.pending)} chunks left to do"
             return
@@ -164,11 +166,6 @@ class Executor:
                 f"circuit breaker opened ({self.breaker.reason}) and the trial chunk after the "
                 f"{self.job.breaker.cooldown:g}s cool-down failed too; {untried} chunks left pending"
             )
-
-    def _stop_measuring(self) -> None:
-        if self.memory is not None and self.memory.available:
-            self.memory.stop()
-            self.out.peak_memory, self.out.idle_memory = self.memory.peak, self.memory.idle
 
     def _work_left(self) -> bool:
         if self.signals.immediate or self._grace_over():
@@ -274,6 +271,8 @@ class Executor:
         if isinstance(event, Finished):
             self._finished(item, event.result, probe)
             return
+        if isinstance(event, Failed) and item.started:
+            self.model.failed(item.started.pid)
         if isinstance(event, Lost):
             self.pending.appendleft(item.chunk)
         elif event.error.kind in (ErrorKind.INPUT_CHANGED, ErrorKind.INPUT_REMOVED):
