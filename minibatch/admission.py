@@ -130,7 +130,7 @@ class MemoryModel:
             self.factor = max(self.factor, grew / size)
         if self._firsts is None:
             return 0
-        if first:
+        if first and pid is not None:  # (no pid: whose first it was is unknown)
             self._firsts.append((grew, size))
             tree = memory.sampled_peak() if memory is not None else None
             self._cap = None if tree is None else tree // max(self.started, 1)

@@ -420,6 +420,15 @@ def test_a_workers_first_attempt_that_failed_is_still_its_first() -> None:
     assert model.learn(1, 100, 0, 200) == 0 and model.startup is None
 
 
+def test_an_attempt_of_no_known_worker_teaches_no_start_up() -> None:
+    """A result that came before its start event (Dask) has no pid: each was taken for a first
+    attempt, and kept, so a long run rescanned a list growing by one a chunk."""
+    model = MemoryModel(2.0, 0)
+    for _ in range(3):
+        assert model.learn(None, 100, 0, 10**6) == 0
+    assert model.startup is None
+
+
 def test_the_executor_counts_a_failed_attempt_as_its_workers(make: Callable[..., Harness]) -> None:
     def fails_first(task: Task) -> TaskResult | TaskError:
         if task.attempt == 1 and task.chunk.path.endswith("f0.parquet"):
