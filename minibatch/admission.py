@@ -102,9 +102,8 @@ class MemoryModel:
         the guess, or a risen factor says more of the first chunks' growth was theirs). The
         guess is held for each worker but the first, whose start-up its first chunk shows (held
         for it too, two long chunks of a first run in 64 MiB ran one after the other)."""
-        held = self._held
-        guessed = max(self.started - 1, 0) * STARTUP_GUESS
-        self._held = guessed if self.startup is None else self.started * self.startup
+        held, workers = self._held, self.started if self.startup is not None else max(self.started - 1, 0)
+        self._held = workers * self.room_to_start()
         return self._held - held
 
     def failed(self, pid: int) -> None:
