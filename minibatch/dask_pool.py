@@ -104,6 +104,9 @@ class DaskPool:
     def would_start(self) -> bool:
         return False  # the cluster's workers are its own
 
+    def pids(self) -> list[int]:
+        return []  # (remote)
+
     def submit(self, task: Task) -> None:
         if not self._futures:  # idle till now (a breaker's cool-down, a backoff): not workerless
             self._looked = self._workers_seen = time.monotonic()

@@ -141,7 +141,7 @@ class Executor:
         try:
             pool = self.pool = self.pool_factory(len(self.pending) + len(self.retry_at))
             if self.memory is not None:
-                self.memory.start()  # the idle baseline: a worker started, no chunk yet
+                self.memory.start(pool.pids)  # the idle baseline: a worker started, no chunk yet
                 self.budget.hold(self.model.start(pool.size))
             try:
                 while self._work_left():

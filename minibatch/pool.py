@@ -121,6 +121,9 @@ class WorkerPool:
     def size(self) -> int:
         return len(self._slots)
 
+    def pids(self) -> list[int]:
+        return [pid for slot in self._slots if (pid := slot.process.pid) is not None]
+
     @property
     def idle(self) -> bool:
         return not any(slot.queue for slot in self._slots)
@@ -269,6 +272,9 @@ class InlinePool:
 
     def would_start(self) -> bool:
         return False
+
+    def pids(self) -> list[int]:
+        return []
 
     def submit(self, task: Task) -> None:
         self.queue.append(task)

@@ -185,6 +185,7 @@ class Pool(Protocol):
 
     @property
     def size(self) -> int: ...  # the workers (or cluster threads) it has
+    def pids(self) -> list[int]: ...  # its worker processes on this machine
     def has_room(self) -> bool: ...
     def would_start(self) -> bool: ...  # whether the next submit starts a worker
     def submit(self, task: Task) -> int | None: ...  # the pid of a process started for it, if any

@@ -5,6 +5,7 @@ Each process counts its resident anonymous memory (resident minus file-backed an
 from /proc/PID/statm): the heap, Arrow's buffers, DuckDB's. That is what grows with the data,
 and reading it costs microseconds; the PSS of /proc/PID/smaps_rollup costs ~2 ms a process.
 Where /proc is missing (not Linux) nothing is measured and nothing is gated on it.
+Runs in one process (the daemon's) share its forkserver: each counts only its own workers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from minibatch.units import format_size
@@ -22,18 +23,27 @@ RESCAN = 1.0  # seconds between walks of the tree (a walk costs ~0.5 ms, a sampl
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def tree(root: int) -> list[int]:
-    """`root` and its descendants, as /proc lists them now."""
+def tree(root: int, keep: Callable[[int, int], bool] | None = None) -> list[int]:
+    """`root` and its descendants, as /proc lists them now; without each child (and what is
+    below it) for which `keep(parent, child)` is false."""
     pids, todo = [], [root]
     while todo:
         pid = todo.pop()
         pids.append(pid)
         try:
             for task in os.listdir(f"/proc/{pid}/task"):
-                todo.extend(int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+                children = (int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+                todo.extend(c for c in children if keep is None or keep(pid, c))
         except OSError:
             continue  # it ended meanwhile
     return pids
+
+
+def parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def anonymous(pid: int) -> int:
@@ -43,10 +53,6 @@ def anonymous(pid: int) -> int:
     except OSError:
         return 0
     return (int(fields[1]) - int(fields[2])) * PAGE
-
-
-def tree_memory(root: int) -> int:
-    return sum(anonymous(pid) for pid in tree(root))
 
 
 class TreeMemory:
@@ -64,11 +70,17 @@ class TreeMemory:
         self._pids: list[int] = []
         self._walked = -RESCAN
         self._lock = threading.Lock()  # a worker's start, and the sampler's sums, one at a time
+        self._workers: Callable[[], Iterable[int]] = list
+        self._servers: set[int] = set()  # the parents of this run's workers (the forkserver)
 
-    def start(self) -> None:
+    def start(self, workers: Callable[[], Iterable[int]] = list) -> None:
+        """`workers`: the pids of the run's worker processes now. Other processes started by the
+        same servers are other runs' (a daemon runs several jobs at once): they are not counted."""
         if not self.available or self._thread is not None:
             return
-        self.idle = tree_memory(self.root)
+        self._workers = workers
+        self._pids, self._walked = self._walk(), time.monotonic()
+        self.idle = sum(anonymous(pid) for pid in self._pids)
         self._thread = threading.Thread(target=self._sample_until_stopped, name="mb-memory", daemon=True)
         self._thread.start()
 
@@ -95,7 +107,7 @@ class TreeMemory:
         with self._lock:
             now = time.monotonic()
             if now - self._walked >= RESCAN:  # a new worker is seen within a second
-                self._pids, self._walked = tree(self.root), now
+                self._pids, self._walked = self._walk(), now
             self.current = max(0, sum(anonymous(pid) for pid in self._pids) - self.idle)
             self.peak = max(self.peak, self.current)
             return self.current
@@ -106,6 +118,11 @@ class TreeMemory:
             return None
         self.sample()
         return self.peak
+
+    def _walk(self) -> list[int]:
+        own = set(self._workers())
+        self._servers.update(p for p in map(parent, own) if p is not None)
+        return tree(self.root, lambda above, pid: above not in self._servers or pid in own)
 
     def _sample_until_stopped(self) -> None:
         while not self._stop.wait(self.interval):

@@ -681,3 +681,86 @@ def test_a_backfill_started_over_http_is_seen_by_the_daemons_metrics(project: Pr
     Control(daemon).backfill(BackfillRequest("daily", first, last))
     sample = daemon.metrics.registry.get_sample_value
     assert sample("minibatch_runs_total", {"job": "daily", "status": "succeeded"}) == 2
+
+
+MEMORY_JOBS = """
+[jobs.hog]
+input = "hogdata/*.parquet"
+output = "out/hog"
+process = "myjobs.mem:hog"
+workers = 1
+memory_limit = "1GiB"
+
+[jobs.small]
+input = "data/*.parquet"
+output = "out/small"
+process = "myjobs.mem:small"
+workers = 1
+memory_limit = "64MiB"
+chunk_bytes = "3KB"
+"""
+MEMORY_MODULE = """
+import os
+import time
+from pathlib import Path
+
+HELD = []
+
+
+def _wait(name):
+    deadline = time.monotonic() + 60
+    while not (Path(os.environ["MB_MARKS"]) / name).exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {name}")
+        time.sleep(0.01)
+
+
+def _mark(name):
+    (Path(os.environ["MB_MARKS"]) / name).touch()
+
+
+def hog(table, ctx):
+    _wait("small_started")
+    HELD.append(b"x" * (160 << 20))  # written, so resident
+    _mark("hog_holds")
+    _wait("release")
+    return table
+
+
+def small(table, ctx):
+    _mark("small_started")
+    _wait("hog_holds")
+    return table
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="Linux /proc")
+def test_a_daemons_run_measures_its_own_workers_not_another_jobs(project: Project) -> None:
+    """Runs of different jobs in one daemon share its process tree: a run's measured peak (and
+    its admission, its over-budget warning) counted another job's workers. A run of 64 MiB
+    beside one whose worker holds 160 MiB said it had been over its budget."""
+    marks = project.root / "marks"
+    marks.mkdir()
+    (project.root / "hogdata").mkdir()
+    (project.root / "myjobs" / "mem.py").write_text(MEMORY_MODULE)
+    project.write_input("../hogdata/h.parquet", 0, 100)
+    project.write_input("a.parquet", 0, 600)  # several chunks of 3 KB
+    api = Api(project, MEMORY_JOBS, env={"MB_MARKS": str(marks)})
+    try:
+        hog = api.call("POST", "/jobs/hog/runs", {})[1]["run_id"]
+        api.run_until(hog, lambda run: run["status"] == "running")
+        small = api.call("POST", "/jobs/small/runs", {})[1]["run_id"]
+        finished = api.run_until(small, lambda run: run["status"] not in ("queued", "running"))
+        (marks / "release").touch()
+        api.run_until(hog, lambda run: run["status"] not in ("queued", "running"))
+    finally:
+        (marks / "release").touch()
+        api.stop()
+    assert finished["status"] == "succeeded"
+    peaks = dict(project.manifest_rows("SELECT job, peak_memory FROM runs"))
+    print(f"measured peaks above idle: {peaks}")
+    assert peaks["hog"] >= 150 << 20, peaks  # its own worker's 160 MiB
+    assert peaks["small"] < 64 << 20, peaks
+    over = [e for e in api.events() if e["event"] == "memory_over_budget"]
+    assert [e["job"] for e in over] == [], over
+    assert sorted(project.output_table("small")["id"].to_pylist()) == list(range(600))
