@@ -121,7 +121,8 @@ class TreeMemory:
 
     def _walk(self) -> list[int]:
         own = set(self._workers())
-        self._servers.update(p for p in map(parent, own) if p is not None)
+        # (a worker whose server died is re-parented: to this process, where it is PID 1 or a subreaper)
+        self._servers.update(p for p in map(parent, own) if p is not None and p != self.root)
         return tree(self.root, lambda above, pid: above not in self._servers or pid in own)
 
     def _sample_until_stopped(self) -> None:

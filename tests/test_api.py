@@ -720,6 +720,7 @@ def _mark(name):
 
 
 def hog(table, ctx):
+    _mark("hog_started")
     _wait("small_started")
     HELD.append(b"x" * (160 << 20))  # written, so resident
     _mark("hog_holds")
@@ -748,7 +749,7 @@ def test_a_daemons_run_measures_its_own_workers_not_another_jobs(project: Projec
     api = Api(project, MEMORY_JOBS, env={"MB_MARKS": str(marks)})
     try:
         hog = api.call("POST", "/jobs/hog/runs", {})[1]["run_id"]
-        api.run_until(hog, lambda run: run["status"] == "running")
+        wait_for(lambda: (marks / "hog_started").exists(), what="hog's worker")
         small = api.call("POST", "/jobs/small/runs", {})[1]["run_id"]
         finished = api.run_until(small, lambda run: run["status"] not in ("queued", "running"))
         (marks / "release").touch()

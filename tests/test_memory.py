@@ -4,6 +4,8 @@ what the summary, history and logs say about it (issue 13)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minibatch.treemem import tree
+from minibatch.treemem import TreeMemory, tree
 
 from conftest import Project
 
@@ -138,3 +140,30 @@ def test_a_tight_budget_writes_parts_with_dictionary_pages_its_workers_can_hold(
         pages[limit] = _dictionary_pages(part)
     assert max(pages["1GiB"]) > 2**19, pages  # Arrow's 1 MiB: 131,072 int64 values before it gives up
     assert 0 < max(pages["8MiB"]) <= 64 * 1024 + 1024, pages
+
+
+def test_a_worker_reparented_to_the_coordinator_does_not_hide_its_other_children() -> None:
+    """Hostile review: a worker whose forkserver died is re-parented to the coordinator where that
+    is PID 1 or a subreaper (a container without --init). Its parent was then taken for the
+    server of other runs' workers, and every other child left out: the new forkserver, the
+    workers started on it. Here the run's worker is this process's child, as such an orphan."""
+    code = "import sys; sys.stdin.readline(); held = b'x' * (50 << 20); print('held', flush=True); input()"
+    worker, other = (
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    )
+    memory = TreeMemory()
+    try:
+        memory.start(lambda: [worker.pid])
+        assert other.stdin is not None and other.stdout is not None
+        other.stdin.write("go\n")
+        other.stdin.flush()
+        assert other.stdout.readline() == "held\n"
+        assert (memory.sampled_peak() or 0) >= 45 << 20
+    finally:
+        memory.stop()
+        for child in (worker, other):
+            child.kill()
+            child.wait()
