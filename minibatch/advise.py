@@ -59,6 +59,7 @@ class Measured:
     peak_memory: int | None  # the latest run's tree, measured above idle
     idle_memory: int | None
     configured: int = 0  # the workers the run could have started (it starts them as work arrives)
+    startup: int = 0  # what a worker keeps from its first chunk on, as admission learned it
 
     @property
     def fixed(self) -> float:
@@ -120,7 +121,7 @@ def advise_job(manifest: Manifest, job: str, machine: Machine | None = None) -> 
     attempts = [manifest.attempts(r["run_id"]) for r in runs[:RUNS]]
     if not runs or not _ran(attempts[0]):
         raise NoHistory(f"no run of {job} has finished a chunk yet: run it first (minibatch run-now {job})")
-    measured = measure(runs[0], attempts)
+    measured = replace(measure(runs[0], attempts), startup=manifest.learned_memory(job, LEARN_FROM)[1] or 0)
     machine = machine or this_machine()
     advice = recommend(measured, machine)
     return {
@@ -307,9 +308,12 @@ def _per_byte(m: Measured) -> float:
 def _chunk_need(m: Measured, chunk: int) -> int:
     """A worker's share of the tree for chunks of `chunk` bytes: what a chunk grew it by or
     the latest run's measured peak per worker (warm-up and the coordinator's share included),
-    whichever is more, plus the measured (or assumed) bytes per byte of what a chunk gains."""
+    plus the measured (or assumed) bytes per byte of what a chunk gains; or its start-up and
+    its chunk, as admission holds them (a run of one worker measured less than two hold each),
+    whichever is more."""
     measured = max(m.chunk_memory, (m.peak_memory or 0) // max(m.workers, 1))
-    return int(measured + _per_byte(m) * max(0, chunk - m.chunk_bytes))
+    held = m.startup + _per_byte(m) * chunk
+    return int(max(measured + _per_byte(m) * max(0, chunk - m.chunk_bytes), held))
 
 
 def _usable(m: Measured, machine: Machine) -> int:
@@ -328,6 +332,8 @@ def _memory_limit(m: Measured, machine: Machine, workers: int, chunk: int) -> Ad
     usable = _usable(m, machine)
     peak = f"; the latest run peaked at {format_size(m.peak_memory)}" if m.peak_memory is not None else ""
     grew = f"a chunk grew its worker by {format_size(m.chunk_memory)} (p90)"
+    if m.startup:
+        grew = f"a worker keeps {format_size(m.startup)} from its first chunk on, {grew}"
     if m.memory_limit < need:
         advice = min(_round_up(need), _nice(usable, cap=usable))
         why = (

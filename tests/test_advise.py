@@ -88,6 +88,20 @@ def test_a_budget_too_low_for_the_workers_is_raised_and_one_above_the_machine_lo
     assert high == 8 * 2**30  # 80 % of 16 GiB less the idle tree, rounded down
 
 
+def test_a_budget_holds_each_workers_start_up_beside_its_chunk() -> None:
+    """A run of one worker (its budget let no more) measured 68 MiB above idle, and advise said
+    2 x 68 MiB x 1.25 = 176 MiB for two: with that budget the next run ran two workers and
+    measured 210 MiB (a worker keeps its start-up, 68-85 MiB where pyarrow imports pandas, and
+    grows ~20 MiB more with each chunk), then the one after learned the start-up and ran one
+    worker. The start-up a worker holds, learned as admission learns it, counts beside a chunk."""
+    one = replace(BASE, workers=1, configured=2, memory_limit=30 * MiB, chunk_bytes=8 * MiB,
+                  chunk_memory=20 * MiB, memory_per_byte=2.5, peak_memory=68 * MiB, busy=0.95)  # fmt: skip
+    assert advice(one)["memory_limit"] == 176 * MiB  # 2 x 68 MiB x 1.25 = 170 MiB
+    held = advice(replace(one, startup=85 * MiB))["memory_limit"]
+    assert held >= 2 * (85 + 2.5 * 8) * MiB * 1.25, held / MiB  # 262.5 MiB
+    assert advice(replace(one, startup=85 * MiB, memory_limit=held))["memory_limit"] == held  # keep
+
+
 def test_cgroup_limits_are_read_as_the_kernel_writes_them(tmp_path: Path) -> None:
     for text, value in (
         ("max\n", None),
