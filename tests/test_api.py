@@ -765,3 +765,56 @@ def test_a_daemons_run_measures_its_own_workers_not_another_jobs(project: Projec
     over = [e for e in api.events() if e["event"] == "memory_over_budget"]
     assert [e["job"] for e in over] == [], over
     assert sorted(project.output_table("small")["id"].to_pylist()) == list(range(600))
+
+
+ALLOCATOR_JOBS = """
+[jobs.roomy]
+input = "data/*.parquet"
+output = "out/roomy"
+process = "myjobs.alloc:conf"
+workers = 1
+memory_limit = "4GiB"
+
+[jobs.tight]
+input = "data/*.parquet"
+output = "out/tight"
+process = "myjobs.alloc:conf"
+workers = 1
+memory_limit = "16MiB"
+chunk_bytes = "2MiB"
+"""
+ALLOCATOR_MODULE = """
+import os
+
+import pyarrow as pa
+
+
+def conf(table, ctx):
+    setting = os.environ.get("JE_ARROW_MALLOC_CONF", "lazy")
+    return table.append_column("conf", pa.array([setting] * table.num_rows, pa.string()))
+"""
+
+
+def test_a_daemons_runs_get_the_allocator_their_budget_needs_one_after_another(project: Project) -> None:
+    """Whether workers hand freed pages back at once is set as the forkserver starts, and the
+    daemon's first run started it: a tight job's runs after a roomy one's kept freed pages a
+    second (the huge row group on one worker: 1.29-1.37 x its budget, not 0.76-0.88 x), and a
+    roomy job's after a tight one's paid for freeing at once. Between runs the server is
+    started anew when the next run needs the other setting."""
+    (project.root / "myjobs" / "alloc.py").write_text(ALLOCATOR_MODULE)
+    project.write_input("a.parquet", 0, 100)
+    api = Api(project, ALLOCATOR_JOBS)
+    seen = []
+    try:
+        for job, body in (("roomy", {}), ("tight", {}), ("roomy", {"fresh": True})):
+            run_id = api.call("POST", f"/jobs/{job}/runs", body)[1]["run_id"]
+            done = api.run_until(run_id, lambda run: run["status"] not in ("queued", "running"))
+            assert done["status"] == "succeeded", done
+            seen.append((job, set(project.output_table(job)["conf"].to_pylist())))
+    finally:
+        api.stop()
+    assert seen == [
+        ("roomy", {"lazy"}),
+        ("tight", {"dirty_decay_ms:0,muzzy_decay_ms:0"}),
+        ("roomy", {"lazy"}),
+    ]
