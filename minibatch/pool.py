@@ -64,41 +64,25 @@ def _context(duckdb: bool = False, free_at_once: bool = False) -> multiprocessin
     return ctx
 
 
-class _Server:
-    """This process's forkserver: how its workers free memory (None: not started by warm_up),
-    and the WorkerPools using it; `lock` around its start or replacement and that count."""
-
-    lock = threading.Lock()
-    frees_at_once: bool | None = None
-    pools = 0
-
-
 def warm_up(duckdb: bool = True, free_at_once: bool = False) -> None:
     """Start the forkserver now (it imports pyarrow, and DuckDB for a job whose workers run
     SQL, meanwhile) so that the first workers fork from a ready server instead of waiting for
     those imports. Without `duckdb` a job's workers never import it (~0.13 s of the server's
-    start, on the way to the first chunk), and one that does imports it itself (the first run
-    of a process decides). `free_at_once`: see allocator_at_once, which only a server's start
-    sets: a server of the other setting that no pool uses is replaced (the daemon's runs, one
-    after another; runs side by side share the first's)."""
+    start, on the way to the first chunk), and one that does imports it itself. `free_at_once`:
+    see allocator_at_once (the first run of a process decides, as for the modules)."""
     import multiprocessing.forkserver
 
-    with _Server.lock:
-        _context(duckdb, free_at_once)
-        if _Server.frees_at_once != free_at_once and not _Server.pools:
-            if _Server.frees_at_once is not None:  # (none of its workers is left)
-                multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
-            _Server.frees_at_once = free_at_once
-        if threading.current_thread() is not threading.main_thread():  # (signals are the main thread's)
-            multiprocessing.forkserver.ensure_running()
-            return
-        # A terminal's Ctrl-C goes to the whole process group: the server, importing its modules,
-        # printed a KeyboardInterrupt traceback. It starts ignoring SIGINT, as it would after them.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            multiprocessing.forkserver.ensure_running()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    _context(duckdb, free_at_once)
+    if threading.current_thread() is not threading.main_thread():  # (signals are the main thread's)
+        multiprocessing.forkserver.ensure_running()
+        return
+    # A terminal's Ctrl-C goes to the whole process group: the server, importing its modules,
+    # printed a KeyboardInterrupt traceback. It starts ignoring SIGINT, as it would after them.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class WorkerPool:
@@ -107,16 +91,9 @@ class WorkerPool:
         self.memory_cap, self.free_at_once = memory_cap, free_at_once
         self._ctx = _context(free_at_once=free_at_once)  # (for a forkserver started anew mid-run)
         self._stopping = self._ctx.Event()
-        with _Server.lock:
-            _Server.pools += 1
-        self._open = True
-        try:
-            # One worker now, the others when a task finds every started one busy: one that the
-            # budget never lets run a chunk beside another would only hold memory.
-            self._slots: list[_Slot] = [self._spawn()]
-        except BaseException:
-            self._close()
-            raise
+        # One worker now, the others when a task finds every started one busy: one that the budget
+        # never lets run a chunk beside another would only hold memory.
+        self._slots: list[_Slot] = [self._spawn()]
 
     def _spawn(self, tries: int = 2) -> _Slot:
         from minibatch.worker import worker_main
@@ -257,12 +234,6 @@ class WorkerPool:
                 slot.process.kill()
             slot.process.join()
             slot.conn.close()
-        self._close()
-
-    def _close(self) -> None:
-        with _Server.lock:
-            _Server.pools -= self._open
-            self._open = False
 
 
 def _death(process: BaseProcess) -> TaskError:
