@@ -121,7 +121,9 @@ def advise_job(manifest: Manifest, job: str, machine: Machine | None = None) -> 
     attempts = [manifest.attempts(r["run_id"]) for r in runs[:RUNS]]
     if not runs or not _ran(attempts[0]):
         raise NoHistory(f"no run of {job} has finished a chunk yet: run it first (minibatch run-now {job})")
-    measured = replace(measure(runs[0], attempts), startup=manifest.learned_memory(job, LEARN_FROM)[1] or 0)
+    factor, startup = manifest.learned_memory(job, LEARN_FROM)
+    # (no factor: no later chunk showed what a chunk grew, so the start-up learned holds it too)
+    measured = replace(measure(runs[0], attempts), startup=startup or 0 if factor is not None else 0)
     machine = machine or this_machine()
     advice = recommend(measured, machine)
     return {

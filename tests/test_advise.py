@@ -276,6 +276,20 @@ def test_the_workers_advised_from_are_the_configured_not_the_started(jobs: Proje
     assert current["setting"] == "workers" and current["current"] == 2
 
 
+def test_a_start_up_counts_only_beside_what_later_chunks_grew(jobs: Project) -> None:
+    """A review: where each worker ran one chunk, the start-up learned is that chunk's whole
+    growth, and advise counted the chunk again beside it (a run that peaked at 107 MiB was told
+    320 MiB for the same two workers)."""
+    jobs.data.mkdir(exist_ok=True)
+    ids = pa.array(range(2 * 160_000), pa.int64())  # 2 row groups of 1.2 MiB: one chunk a worker
+    pq.write_table(pa.table({"id": ids}), jobs.data / "a.parquet", row_group_size=160_000)
+    configure(jobs, process="hold", workers=2, chunk_bytes="2MB", memory_limit="1GiB")
+    assert run(jobs)["workers"] == 2
+    result = jobs.cli("advise", "a", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["measured"]["startup"] == 0
+
+
 def test_the_cli_prints_reasons_and_config_lines_and_refuses_without_history(jobs: Project) -> None:
     jobs.write_input("a.parquet", 0, 1_000, row_group=100)
     configure(jobs, process="ident", workers=2, chunk_bytes="64MiB", memory_limit="1KiB")
