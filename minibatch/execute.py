@@ -140,10 +140,10 @@ class Executor:
     def _loop(self) -> None:
         try:
             pool = self.pool = self.pool_factory(len(self.pending) + len(self.retry_at))
-            if self.memory is not None:
-                self.memory.start(pool.pids)  # the idle baseline: a worker started, no chunk yet
-                self.budget.hold(self.model.start(pool.size))
             try:
+                if self.memory is not None:
+                    self.memory.start(pool.pids)  # the idle baseline: a worker started, no chunk yet
+                    self.budget.hold(self.model.start(pool.size))
                 while self._work_left():
                     self._admit()
                     self._step()

@@ -260,6 +260,28 @@ class Measured:
         return start()
 
 
+class Terminated(InlinePool):
+    terminated = 0
+
+    def terminate(self) -> None:
+        Terminated.terminated += 1
+        super().terminate()
+
+
+class Unmeasurable(Measured):
+    def start(self, workers: Callable[[], list[int]] = list) -> None:
+        raise RuntimeError("no /proc after all")
+
+
+def test_the_pool_is_stopped_when_measuring_it_fails_to_start(make: Callable[..., Harness]) -> None:
+    """A review: starting to measure the tree came before the `try` whose `finally` stops the
+    pool, so an error there left its workers running."""
+    h = make(ok, memory=Unmeasurable(), pool=Terminated)
+    with pytest.raises(RuntimeError, match="no /proc"):
+        h.run(chunks(2, nbytes=10))
+    assert Terminated.terminated == 1
+
+
 @pytest.mark.parametrize("over", [False, True])
 def test_a_tree_measured_over_the_budget_admits_one_chunk_at_a_time(
     make: Callable[..., Harness], over: bool
