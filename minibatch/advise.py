@@ -123,7 +123,7 @@ def advise_job(manifest: Manifest, job: str, machine: Machine | None = None) -> 
         raise NoHistory(f"no run of {job} has finished a chunk yet: run it first (minibatch run-now {job})")
     factor, startup = manifest.learned_memory(job, LEARN_FROM)
     # (no factor: no later chunk showed what a chunk grew, so the start-up learned holds it too)
-    measured = replace(measure(runs[0], attempts), startup=startup or 0 if factor is not None else 0)
+    measured = replace(measure(runs[0], attempts), startup=(startup or 0) if factor is not None else 0)
     machine = machine or this_machine()
     advice = recommend(measured, machine)
     return {
